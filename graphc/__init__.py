@@ -1,0 +1,31 @@
+"""graphc: a computational-graph compiler for convolutional networks.
+
+    import graphc as gc
+    g = gc.Graph("net"); x = g.input("x", (None, 1, 28, 28)) ...; g.output(loss)
+    exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
+"""
+from graphc.errors import (BackendError, CheckpointError, DataError, DTypeError, FeedError, GradError,  # noqa: F401
+                           GraphError, ShapeError)
+from graphc.graph import Graph, Value  # noqa: F401
+from graphc.compiler import compile  # noqa: F401
+from graphc import optim  # noqa: F401
+
+__version__ = "0.1.0"
+
+
+def grad(graph, wrt=None, loss=None):
+    """The backward graph (a Graph) with outputs "grad/<name>" for each value in wrt (default: params)."""
+    from graphc.passes.autodiff import grad as _grad
+    return _grad(graph, wrt=wrt, loss=loss)
+
+
+def __getattr__(name):   # heavier pieces load on first use
+    import importlib
+    lazy = {"gradcheck": ("graphc.gradcheck", "gradcheck"), "summary": ("graphc.summary", "summary"),
+            "render": ("graphc.render", "render"), "models": ("graphc.models", None),
+            "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None)}
+    if name in lazy:
+        mod, attr = lazy[name]
+        m = importlib.import_module(mod)
+        return getattr(m, attr) if attr else m
+    raise AttributeError(f"module 'graphc' has no attribute {name!r}")

@@ -31,3 +31,11 @@ class BackendError(GraphError):
 
 class GradError(GraphError):
     """Differentiation failed: a non-scalar loss, an op with no gradient rule, or a failed gradient check."""
+
+
+class FeedShapeError(FeedError, ShapeError):
+    """A fed array whose shape does not match the input's declared shape."""
+
+
+class FeedDTypeError(FeedError, DTypeError):
+    """A fed array whose dtype the input cannot take."""

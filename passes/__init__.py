@@ -1,0 +1,1 @@
+"""Graph -> graph passes, one concern per file (installed as graphc.passes)."""

@@ -1,0 +1,39 @@
+"""The reference backend: interprets any graph with the op table's numpy semantics. The oracle."""
+from graphc import ops as optable
+from graphc import shapes
+from graphc.executable import Executable, RunContext
+
+
+class ReferenceExecutable(Executable):
+    backend = "reference"
+
+    def __init__(self, graph, dtype=None, pipeline=None):
+        super().__init__(graph, dtype, pipeline)
+        self.schedule = getattr(graph, "schedule", None) or graph.topo()
+        self.consts = {n: self._cast(graph.nx.nodes[n]["attrs"]["value"], graph.nx.nodes[n]["dtype"])
+                       for n in self.schedule if graph.nx.nodes[n]["op"] == "const"}
+
+    def _execute(self, feeds, env, training, want):
+        nodes = self.graph.nx.nodes
+        ctx = RunContext(env, training, self.step_count)
+        vals = {}
+        for name in self.schedule:
+            nd = nodes[name]
+            op = nd["op"]
+            if op == "input":
+                vals[name] = feeds[name]
+            elif op == "param":
+                vals[name] = self.state[name]
+            elif op == "const":
+                vals[name] = self.consts[name]
+            else:
+                ctx.out_shape = shapes.resolve(nd["shape"], env)
+                out = optable.OPS[op].ref([vals[i] for i in nd["inputs"]], nd["attrs"], ctx)
+                if out.dtype != self.dtype and out.dtype.kind == "f":
+                    out = out.astype(self.dtype)
+                vals[name] = out
+        return vals
+
+
+def lower(graph, dtype=None, pipeline=None, **options):
+    return ReferenceExecutable(graph, dtype, pipeline)

@@ -1,0 +1,34 @@
+"""compile(): graph -> (training graph) -> pass pipeline -> backend executable."""
+from __future__ import annotations
+
+from graphc.errors import BackendError, GraphError
+from graphc.pipeline import Pipeline
+
+BACKENDS = ("reference", "numba", "cuda")
+
+
+def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, **flags):
+    """Compiles `graph` for `backend` ("reference", "numba", "cuda").
+
+    optimizer: a gc.optim optimizer -> a training executable (`exe.step(feeds)` runs forward, backward
+    and update and returns the loss). dtype: override the float dtype (e.g. "float64").
+    flags: switch passes on/off, e.g. fuse=False; see `exe.pipeline`."""
+    from graphc.graph import Graph
+    if not isinstance(graph, Graph):
+        raise GraphError(f"compile() takes a graphc.Graph, got {type(graph).__name__}")
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if dtype is not None and str(dtype) not in ("float32", "float64"):
+        raise GraphError(f"dtype must be float32 or float64, got {dtype!r}")
+    options = {k: flags.pop(k) for k in list(flags) if k in ("threads", "strategy", "verbose")}
+    pipeline = Pipeline(backend, **flags)
+    from graphc.passes.check import check
+    check(graph)
+    g = graph
+    if optimizer is not None:
+        from graphc.passes.training import training_graph
+        g = training_graph(graph, optimizer, loss)
+    g = pipeline(g)
+    import importlib
+    mod = importlib.import_module(f"graphc.backends.{backend}")
+    return mod.lower(g, dtype=dtype, pipeline=pipeline, **options)

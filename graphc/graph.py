@@ -1,0 +1,446 @@
+"""The graph IR and the define API.
+
+A `Graph` is a networkx.DiGraph whose vertices are op nodes; each node produces one typed value
+(shape, dtype) of the same name, so "node" and "value" are the same key. Node attributes:
+
+    op       the op-table name ("conv", "add", "param", ...)
+    inputs   ordered tuple of input value names (an edge u -> v exists for each)
+    attrs    op attributes (stride, pads, axes, ...)
+    shape    output shape; a str dim is symbolic (the batch dim, bound when the graph runs)
+    dtype    "float32", "float64" or "int64"
+    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer)
+    rule     for backward/update nodes: the gate rule that made it ("mul:swap", "conv:dW", ...)
+
+Edges into backward nodes carry the same ``rule`` attribute, so renderers can label gradient edges.
+"""
+from __future__ import annotations
+
+import contextlib
+import numbers
+
+import networkx as nx
+import numpy as np
+
+from graphc import ops as optable
+from graphc import shapes
+from graphc.errors import DTypeError, GraphError, ShapeError
+from graphc.init import initial_value
+
+DTYPES = ("float32", "float64", "int64", "int32")
+
+
+class Value:
+    """A handle on a node's output value: knows its graph, name, shape and dtype."""
+    __slots__ = ("graph", "name")
+
+    def __init__(self, graph, name):
+        self.graph = graph
+        self.name = name
+
+    @property
+    def shape(self):
+        return self.graph.nx.nodes[self.name]["shape"]
+
+    @property
+    def dtype(self):
+        return self.graph.nx.nodes[self.name]["dtype"]
+
+    @property
+    def op(self):
+        return self.graph.nx.nodes[self.name]["op"]
+
+    def __repr__(self):
+        return f"<Value {self.name}: {self.op} {shapes.fmt(self.shape)} {self.dtype}>"
+
+    # arithmetic sugar: x + y, x * y, x - y, -x, x / y, x @ y
+    def __add__(self, o): return self.graph.add(self, o)
+    def __radd__(self, o): return self.graph.add(o, self)
+    def __mul__(self, o): return self.graph.mul(self, o)
+    def __rmul__(self, o): return self.graph.mul(o, self)
+    def __sub__(self, o): return self.graph.sub(self, o)
+    def __rsub__(self, o): return self.graph.sub(o, self)
+    def __truediv__(self, o): return self.graph.div(self, o)
+    def __rtruediv__(self, o): return self.graph.div(o, self)
+    def __neg__(self): return self.graph.neg(self)
+    def __matmul__(self, o): return self.graph.matmul(self, o)
+
+
+class Node:
+    """Read-only view of a node, handed to shape and gradient rules."""
+
+    def __init__(self, graph, name, op=None, inputs=None, attrs=None):
+        self.graph, self.name = graph, name
+        data = graph.nx.nodes[name] if name in graph.nx else {}
+        self.op = op if op is not None else data["op"]
+        self.attrs = attrs if attrs is not None else data["attrs"]
+        names = inputs if inputs is not None else data["inputs"]
+        self.inputs = [Value(graph, n) for n in names]
+
+    @property
+    def out(self):
+        return Value(self.graph, self.name)
+
+    def fail(self, cls, message, fix=""):
+        ins = ", ".join(f"{v.name}{shapes.fmt(v.shape)}" for v in self.inputs)
+        text = f"node {self.name!r} ({self.op}"
+        text += f" of {ins})" if ins else ")"
+        text += f": {message}"
+        if fix:
+            text += f". Fix: {fix}"
+        raise cls(text)
+
+
+class Graph:
+    """A computational graph of gate ops. Build it with the methods below, then `graphc.compile` it."""
+
+    def __init__(self, name="graph", seed=0, dtype="float32"):
+        if dtype not in ("float32", "float64"):
+            raise DTypeError(f"graph dtype must be float32 or float64, got {dtype!r}")
+        self.name = name
+        self.seed = seed
+        self.dtype = dtype
+        self.nx = nx.DiGraph(name=name)
+        self.outputs: list[str] = []
+        self.params: dict[str, np.ndarray] = {}       # initial values of param/state nodes
+        self.updates: dict[str, str] = {}             # state name -> name of its new value (training graphs)
+        self.loss: str | None = None                  # the loss output of a training graph
+        self._counts: dict[str, int] = {}
+        self._role = "forward"
+        self._rule = None
+        self._scalars: dict = {}
+        self._order = 0                               # creation counter: a deterministic topological order
+
+    # ------------------------------------------------------------------ bookkeeping
+    def __contains__(self, name):
+        return name in self.nx
+
+    def __getitem__(self, name) -> Value:
+        if name not in self.nx:
+            raise GraphError(f"graph {self.name!r} has no value named {name!r}")
+        return Value(self, name)
+
+    def __len__(self):
+        return self.nx.number_of_nodes()
+
+    def __repr__(self):
+        return f"<Graph {self.name}: {len(self)} nodes, outputs {self.outputs}>"
+
+    def node(self, name) -> Node:
+        return Node(self, name)
+
+    def values(self):
+        return [Value(self, n) for n in self.nx.nodes]
+
+    def topo(self) -> list[str]:
+        """Node names in a deterministic topological order (inputs before users)."""
+        return list(nx.lexicographical_topological_sort(self.nx, key=lambda n: self.nx.nodes[n]["order"]))
+
+    def op_nodes(self, op):
+        return [n for n, d in self.nx.nodes(data=True) if d["op"] == op]
+
+    @property
+    def inputs(self):
+        return [n for n, d in self.nx.nodes(data=True) if d["op"] == "input"]
+
+    @property
+    def param_names(self):
+        return [n for n, d in self.nx.nodes(data=True) if d["op"] == "param" and d["attrs"].get("trainable", True)]
+
+    @property
+    def state_names(self):
+        return [n for n, d in self.nx.nodes(data=True) if d["op"] == "param"]
+
+    def fresh_name(self, base):
+        k = self._counts.get(base, 0)
+        while True:
+            k += 1
+            name = f"{base}{k}"
+            if name not in self.nx:
+                self._counts[base] = k
+                return name
+
+    @contextlib.contextmanager
+    def rule(self, rule):
+        """Tag every node made inside with the gate rule that made it (for rendering)."""
+        old = self._rule
+        self._rule = rule
+        try:
+            yield
+        finally:
+            self._rule = old
+
+    @contextlib.contextmanager
+    def role(self, role):
+        old = self._role
+        self._role = role
+        try:
+            yield
+        finally:
+            self._role = old
+
+    def _value(self, v, like=None) -> Value:
+        if isinstance(v, Value):
+            if v.graph is not self:
+                raise GraphError(f"value {v.name!r} belongs to graph {v.graph.name!r}, not {self.name!r}")
+            return v
+        if isinstance(v, str):
+            return self[v]
+        if isinstance(v, (numbers.Number, np.ndarray, list, tuple)):
+            arr = np.asarray(v)
+            if arr.ndim == 0:
+                return self.scalar(float(arr))
+            return self.const(arr)
+        raise GraphError(f"cannot use {type(v).__name__} {v!r} as a graph value")
+
+    def add_node(self, op, inputs=(), attrs=None, name=None, shape=None, dtype=None) -> Value:
+        """Adds one op node after checking it against the op's shape and dtype rule."""
+        opdef = optable.get(op)
+        attrs = dict(attrs or {})
+        in_vals = [self._value(v) for v in inputs]
+        if name is None:
+            name = self.fresh_name(op)
+        elif not isinstance(name, str) or not name:
+            raise GraphError(f"node names must be non-empty strings, got {name!r}")
+        elif name in self.nx:
+            raise GraphError(f"name {name!r} is already used in graph {self.name!r} "
+                             f"(by a {self.nx.nodes[name]['op']} node); names must be unique")
+        view = Node(self, name, op, [v.name for v in in_vals], attrs)
+        if shape is None:
+            shape, dtype = opdef.infer(view, [(v.shape, v.dtype) for v in in_vals])
+        self.nx.add_node(name, op=op, inputs=tuple(v.name for v in in_vals), attrs=attrs,
+                         shape=tuple(shape), dtype=dtype, role=self._role, rule=self._rule,
+                         order=self._order)
+        self._order += 1
+        for v in in_vals:
+            self.nx.add_edge(v.name, name, rule=self._rule if self._role != "forward" else None)
+        return Value(self, name)
+
+    # ------------------------------------------------------------------ sources
+    def input(self, name, shape, dtype="float32") -> Value:
+        """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs."""
+        if dtype not in DTYPES:
+            raise DTypeError(f"input {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
+        shape = tuple("N" if d is None else d for d in shape)
+        for d in shape:
+            if not (isinstance(d, str) or (isinstance(d, int) and d > 0)):
+                raise ShapeError(f"input {name!r}: dims must be positive ints or None (batch), got {shape}")
+        return self.add_node("input", (), {"shape": shape, "dtype": dtype}, name=name)
+
+    def param(self, name, shape=None, init="he", value=None, trainable=True, scale=None, dtype=None) -> Value:
+        """A parameter with an initialiser (zeros, ones, constant, uniform, normal, he, glorot, torch)
+        or a given value. trainable=False makes it graph state (optimizer moments, step count)."""
+        dtype = dtype or self.dtype
+        if value is not None:
+            arr = np.array(value, dtype=dtype)
+            if shape is not None and tuple(shape) != arr.shape:
+                raise ShapeError(f"param {name!r}: value has shape {arr.shape} but shape={tuple(shape)} was given")
+        else:
+            if shape is None:
+                raise ShapeError(f"param {name!r} needs a shape or a value")
+            arr = initial_value(name, tuple(shape), dtype, init, self.seed, scale)
+        v = self.add_node("param", (), {"shape": arr.shape, "dtype": dtype, "trainable": trainable,
+                                        "init": "value" if value is not None else init}, name=name)
+        self.params[name] = arr
+        return v
+
+    def const(self, value, name=None, dtype=None) -> Value:
+        arr = np.asarray(value)
+        if dtype is None:
+            dtype = str(arr.dtype) if arr.dtype.kind in "iu" else self.dtype
+        arr = arr.astype(dtype)
+        return self.add_node("const", (), {"shape": arr.shape, "dtype": dtype, "value": arr}, name=name)
+
+    def scalar(self, x, dtype=None) -> Value:
+        """A float scalar constant, shared within the graph."""
+        key = (float(x), dtype or self.dtype, self._role)
+        if key not in self._scalars or self._scalars[key] not in self.nx or key[0] != key[0]:
+            base = f"c{float(x):g}".replace("-", "m")
+            self._scalars[key] = self.const(np.asarray(float(x), dtype=key[1]), name=self.fresh_name(base + "_")).name
+        return Value(self, self._scalars[key])
+
+    def output(self, *values, name=None) -> None:
+        """Marks values as outputs; `exe.run` returns them by value name."""
+        for v in values:
+            v = self._value(v)
+            if v.name not in self.outputs:
+                self.outputs.append(v.name)
+
+    # ------------------------------------------------------------------ the gates
+    def add(self, a, b, name=None): return self.add_node("add", (a, b), name=name)
+    def mul(self, a, b, name=None): return self.add_node("mul", (a, b), name=name)
+    def copy(self, x, name=None): return self.add_node("copy", (x,), name=name)
+    def max(self, a, b, name=None): return self.add_node("max", (a, b), name=name)
+    def relu(self, x, name=None): return self.add_node("relu", (x,), name=name)
+    def sub(self, a, b, name=None): return self.add_node("sub", (a, b), name=name)
+    def neg(self, x, name=None): return self.add_node("neg", (x,), name=name)
+    def div(self, a, b, name=None): return self.add_node("div", (a, b), name=name)
+    def exp(self, x, name=None): return self.add_node("exp", (x,), name=name)
+    def log(self, x, name=None): return self.add_node("log", (x,), name=name)
+    def sqrt(self, x, name=None): return self.add_node("sqrt", (x,), name=name)
+    def sigmoid(self, x, name=None): return self.add_node("sigmoid", (x,), name=name)
+    def tanh(self, x, name=None): return self.add_node("tanh", (x,), name=name)
+    def identity(self, x, name=None): return self.add_node("identity", (x,), name=name)
+    def gt(self, a, b, name=None): return self.add_node("gt", (a, b), name=name)
+
+    # ------------------------------------------------------------------ linear algebra, conv, pool
+    def matmul(self, a, b, trans_a=False, trans_b=False, name=None):
+        return self.add_node("matmul", (a, b), {"trans_a": trans_a, "trans_b": trans_b}, name=name)
+
+    def dense(self, x, w, b=None, name=None):
+        """x @ w.T + b with w shaped (out, in), like torch.nn.Linear."""
+        y = self.matmul(x, w, trans_b=True, name=None if b is not None else name)
+        return self.add(y, b, name=name) if b is not None else y
+
+    def conv(self, x, w, b=None, stride=1, pad=0, name=None, pads=None):
+        """2-D convolution. pad: int, (ph, pw), (top, bottom, left, right), 'valid' or 'same'."""
+        x, w = self._value(x), self._value(w)
+        st = shapes.pair(stride, "stride")
+        if pads is None:
+            if len(x.shape) != 4 or len(w.shape) != 4:
+                raise ShapeError(f"conv {name or ''}: input {shapes.fmt(x.shape)} and filters "
+                                 f"{shapes.fmt(w.shape)} must both be 4-D (NCHW input, KCHW filters)")
+            pads = shapes.conv_pads(pad, x.shape[2:], w.shape[2:], st)
+        ins = (x, w) if b is None else (x, w, b)
+        return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads)}, name=name)
+
+    def conv_dx(self, dy, w, stride, pads, in_hw, name=None):
+        return self.add_node("conv_dx", (dy, w), {"stride": tuple(stride), "pads": tuple(pads),
+                                                  "in_hw": tuple(in_hw)}, name=name)
+
+    def conv_dw(self, x, dy, stride, pads, k_hw, name=None):
+        return self.add_node("conv_dw", (x, dy), {"stride": tuple(stride), "pads": tuple(pads),
+                                                  "k_hw": tuple(k_hw)}, name=name)
+
+    def _pool_attrs(self, size, stride):
+        size = shapes.pair(size, "pool size")
+        return {"size": size, "stride": shapes.pair(stride, "pool stride") if stride is not None else size}
+
+    def maxpool(self, x, size=2, stride=None, name=None):
+        return self.add_node("maxpool", (x,), self._pool_attrs(size, stride), name=name)
+
+    def avgpool(self, x, size=2, stride=None, name=None):
+        return self.add_node("avgpool", (x,), self._pool_attrs(size, stride), name=name)
+
+    def global_avgpool(self, x, name=None):
+        return self.add_node("global_avgpool", (x,), name=name)
+
+    def maxpool_route(self, x, dy, size, stride, name=None):
+        return self.add_node("maxpool_route", (x, dy), self._pool_attrs(size, stride), name=name)
+
+    def maxpool_gather(self, x, g, size, stride, name=None):
+        return self.add_node("maxpool_gather", (x, g), self._pool_attrs(size, stride), name=name)
+
+    def avgpool_spread(self, dy, size, stride, in_hw, name=None):
+        attrs = self._pool_attrs(size, stride)
+        attrs["in_hw"] = tuple(in_hw)
+        return self.add_node("avgpool_spread", (dy,), attrs, name=name)
+
+    def global_avgpool_spread(self, dy, like, name=None):
+        return self.add_node("global_avgpool_spread", (dy, like), name=name)
+
+    # ------------------------------------------------------------------ reductions and shapes
+    def _axes(self, x, axes):
+        from graphc.ops.reduce import norm_axes
+        return norm_axes(axes, len(self._value(x).shape))
+
+    def sum(self, x, axes=None, keepdims=False, name=None):
+        return self.add_node("sum", (x,), {"axes": self._axes(x, axes), "keepdims": keepdims}, name=name)
+
+    def mean(self, x, axes=None, keepdims=False, name=None):
+        return self.add_node("mean", (x,), {"axes": self._axes(x, axes), "keepdims": keepdims}, name=name)
+
+    def broadcast_like(self, dy, like, axes, keepdims, mean=False, name=None):
+        return self.add_node("broadcast_like", (dy, like), {"axes": tuple(axes), "keepdims": keepdims,
+                                                            "mean": mean}, name=name)
+
+    def sum_to(self, x, like, name=None): return self.add_node("sum_to", (x, like), name=name)
+    def expand_like(self, x, like, name=None): return self.add_node("expand_like", (x, like), name=name)
+
+    def reshape(self, x, shape, name=None):
+        shape = tuple("N" if d is None else d for d in shape)
+        return self.add_node("reshape", (x,), {"shape": shape}, name=name)
+
+    def reshape_like(self, x, like, name=None): return self.add_node("reshape_like", (x, like), name=name)
+
+    def flatten(self, x, name=None):
+        """(N, ...) -> (N, prod(...)), keeping the batch dim."""
+        s = self._value(x).shape
+        return self.reshape(x, (s[0], -1), name=name)
+
+    def transpose(self, x, axes=None, name=None):
+        nd = len(self._value(x).shape)
+        axes = tuple(reversed(range(nd))) if axes is None else tuple(axes)
+        return self.add_node("transpose", (x,), {"axes": axes}, name=name)
+
+    def concat(self, values, axis=1, name=None):
+        values = list(values)
+        if not values:
+            raise GraphError("concat needs at least one value")
+        axis %= len(self._value(values[0]).shape)
+        return self.add_node("concat", values, {"axis": axis}, name=name)
+
+    def slice(self, x, axis, start, stop, name=None):
+        return self.add_node("slice", (x,), {"axis": axis, "start": start, "stop": stop}, name=name)
+
+    def unslice(self, g, like, axis, start, name=None):
+        return self.add_node("unslice", (g, like), {"axis": axis, "start": start}, name=name)
+
+    # ------------------------------------------------------------------ softmax and losses
+    def softmax(self, x, axis=-1, name=None):
+        axis %= len(self._value(x).shape)
+        return self.add_node("softmax", (x,), {"axis": axis}, name=name)
+
+    def softmax_cross_entropy(self, logits, labels, name=None):
+        """Mean over the batch of -sum(y log softmax(logits)); labels int (N,) or one-hot (N, K)."""
+        return self.add_node("softmax_cross_entropy", (logits, labels), name=name)
+
+    def softmax_ce_grad(self, logits, labels, dy, name=None):
+        return self.add_node("softmax_ce_grad", (logits, labels, dy), name=name)
+
+    def cross_entropy(self, probs, labels, name=None):
+        return self.add_node("cross_entropy", (probs, labels), name=name)
+
+    def cross_entropy_grad(self, probs, labels, dy, name=None):
+        return self.add_node("cross_entropy_grad", (probs, labels, dy), name=name)
+
+    def mse(self, pred, target, name=None): return self.add_node("mse", (pred, target), name=name)
+    def mse_grad(self, a, b, dy, name=None): return self.add_node("mse_grad", (a, b, dy), name=name)
+
+    def bce_with_sigmoid(self, logits, targets, name=None):
+        return self.add_node("bce_with_sigmoid", (logits, targets), name=name)
+
+    def bce_grad(self, z, t, dy, name=None): return self.add_node("bce_grad", (z, t, dy), name=name)
+
+    def dropout(self, x, rate=0.5, seed=None, name=None):
+        """Inverted dropout: identity at inference; in training a seeded mask (a node of its own)."""
+        if not 0.0 <= rate < 1.0:
+            raise GraphError(f"dropout rate must be in [0, 1), got {rate}")
+        seed = self.seed if seed is None else seed
+        mask = self.add_node("dropout_mask", (x,), {"rate": float(rate), "seed": int(seed)},
+                             name=None if name is None else name + ".mask")
+        return self.mul(x, mask, name=name)
+
+    def l2_penalty(self, weights, lam, name=None):
+        """lam / 2 * sum of squared weights (seeds/004's regulariser); add it to a loss."""
+        terms = [self.sum(self.mul(w, w)) for w in weights]
+        total = terms[0]
+        for t in terms[1:]:
+            total = self.add(total, t)
+        return self.mul(self.scalar(lam / 2.0), total, name=name)
+
+    # ------------------------------------------------------------------ copying
+    def clone(self, name=None) -> "Graph":
+        """A structural copy (shares nothing mutable with the original)."""
+        g = Graph.__new__(Graph)
+        g.__dict__.update(self.__dict__)
+        g.name = name or self.name
+        g.nx = self.nx.copy()
+        for n in g.nx.nodes:
+            g.nx.nodes[n]["attrs"] = dict(g.nx.nodes[n]["attrs"])
+        g.outputs = list(self.outputs)
+        g.params = {k: v.copy() for k, v in self.params.items()}
+        g.updates = dict(self.updates)
+        g._counts = dict(self._counts)
+        g._scalars = dict(self._scalars)
+        g.__dict__.pop("schedule", None)
+        return g

@@ -1,0 +1,147 @@
+"""softmax and the losses. Losses are means over the batch (seeds' mini-batch definition).
+
+The softmax + cross-entropy pair has its own op whose gradient collapses to (O - y) / m (seeds/000);
+`softmax` followed by `cross_entropy` gives the same gradient through the generic rules (tested).
+"""
+import numpy as np
+
+from graphc import shapes
+from graphc.errors import DTypeError, ShapeError
+from graphc.ops import OpDef, register
+from graphc.ops.elementwise import _float_dtype, _sigmoid
+
+
+def softmax_ref(x, axis=-1):
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def _softmax_grad(g, node, dy):
+    y, axis = node.out, node.attrs["axis"]
+    with g.rule("softmax:jacobian"):      # dx = y * (dy - sum(dy * y))
+        return [g.mul(y, g.sub(dy, g.sum(g.mul(dy, y), axes=axis, keepdims=True)))]
+
+
+register(OpDef("softmax", lambda node, t: (t[0][0], _float_dtype(node, t)),
+               lambda ins, a, ctx: softmax_ref(ins[0], a["axis"]), _softmax_grad,
+               flops=lambda i, o, a: 4 * int(np.prod(o)), doc="softmax along an axis"))
+
+
+def labels_matrix(labels, k, dtype):
+    """Integer labels (N,) or one-hot / soft labels (N, K) -> (N, K) float."""
+    if labels.ndim == 2:
+        return labels.astype(dtype, copy=False)
+    out = np.zeros((labels.shape[0], k), dtype)
+    out[np.arange(labels.shape[0]), labels] = 1
+    return out
+
+
+def _class_loss_infer(node, in_types):
+    (sx, dt), (sl, ldt) = in_types[:2]
+    if len(sx) != 2:
+        node.fail(ShapeError, f"expects (batch, classes) scores, got {shapes.fmt(sx)}", "flatten/dense first")
+    if len(sl) == 1:
+        if not ldt.startswith("int"):
+            node.fail(DTypeError, f"1-D labels must be integer class ids, got {ldt}",
+                      "declare labels with dtype='int64', or feed one-hot (batch, classes) floats")
+        if sl[0] != sx[0]:
+            node.fail(ShapeError, f"labels {shapes.fmt(sl)} and scores {shapes.fmt(sx)} disagree on the batch", "")
+    elif tuple(sl) != tuple(sx):
+        node.fail(ShapeError, f"one-hot labels {shapes.fmt(sl)} must match scores {shapes.fmt(sx)}", "")
+    return (), _float_dtype(node, in_types[:1])
+
+
+def _sce_ref(inputs, attrs, ctx):
+    z, labels = inputs
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = labels_matrix(labels, z.shape[1], z.dtype)
+    return np.asarray(-(y * logp).sum() / z.shape[0], z.dtype)
+
+
+def _sce_grad(g, node, dy):
+    z, labels = node.inputs
+    with g.rule("softmax-ce:(O-y)/m"):
+        return [g.softmax_ce_grad(z, labels, dy), None]
+
+
+def _sce_grad_ref(inputs, attrs, ctx):
+    z, labels, dy = inputs
+    y = labels_matrix(labels, z.shape[1], z.dtype)
+    return ((softmax_ref(z, 1) - y) * (dy / z.shape[0])).astype(z.dtype)
+
+
+register(OpDef("softmax_cross_entropy", _class_loss_infer, _sce_ref, _sce_grad,
+               flops=lambda i, o, a: 5 * int(np.prod(i[0])),
+               doc="mean over the batch of -sum(y log softmax(z)); labels int (N,) or one-hot (N, K)"))
+register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_ref,
+               flops=lambda i, o, a: 5 * int(np.prod(o)), doc="(softmax(z) - y) / m * dy: the collapsed rule"))
+
+
+def _ce_ref(inputs, attrs, ctx):
+    p, labels = inputs
+    y = labels_matrix(labels, p.shape[1], p.dtype)
+    return np.asarray(-(y * np.log(p)).sum() / p.shape[0], p.dtype)
+
+
+def _ce_grad_ref(inputs, attrs, ctx):
+    p, labels, dy = inputs
+    y = labels_matrix(labels, p.shape[1], p.dtype)
+    return (-(y / p) * (dy / p.shape[0])).astype(p.dtype)
+
+
+register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
+               lambda g, n, dy: [_with(g, "ce:-y/p", lambda: g.cross_entropy_grad(n.inputs[0], n.inputs[1], dy)), None],
+               doc="mean over the batch of -sum(y log p) for probabilities p"))
+register(OpDef("cross_entropy_grad", lambda node, t: (t[0][0], t[0][1]), _ce_grad_ref,
+               doc="-y / p / m * dy"))
+
+
+def _with(g, rule, fn):
+    with g.rule(rule):
+        return fn()
+
+
+def _pair_infer(node, in_types):
+    (sa, _), (sb, _) = in_types[:2]
+    if tuple(sa) != tuple(sb):
+        node.fail(ShapeError, f"prediction {shapes.fmt(sa)} and target {shapes.fmt(sb)} must have the same shape", "")
+    return (), _float_dtype(node, in_types[:2])
+
+
+def _mse_grad_ref(inputs, attrs, ctx):
+    a, b, dy = inputs
+    return (2.0 * (a - b) * (dy / a.size)).astype(a.dtype)
+
+
+def _mse_grad(g, node, dy):
+    a, b = node.inputs
+    with g.rule("mse:2(p-t)/n"):
+        da = g.mse_grad(a, b, dy)
+        return [da, g.neg(da)]
+
+
+register(OpDef("mse", _pair_infer, lambda ins, a, ctx: np.asarray(np.mean((ins[0] - ins[1]) ** 2), ins[0].dtype),
+               _mse_grad, doc="mean squared error over all elements"))
+register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]), _mse_grad_ref, doc="2 (p - t) / n * dy"))
+
+
+def _bce_ref(inputs, attrs, ctx):
+    z, t = inputs
+    return np.asarray(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))), z.dtype)
+
+
+def _bce_grad_ref(inputs, attrs, ctx):
+    z, t, dy = inputs
+    return ((_sigmoid(z) - t) * (dy / z.size)).astype(z.dtype)
+
+
+def _bce_grad(g, node, dy):
+    z, t = node.inputs
+    with g.rule("bce:(sigmoid(z)-t)/n"):
+        return [g.bce_grad(z, t, dy), None]
+
+
+register(OpDef("bce_with_sigmoid", _pair_infer, _bce_ref, _bce_grad,
+               doc="binary cross-entropy of sigmoid(z) against targets t, mean over all elements (seeds/002)"))
+register(OpDef("bce_grad", lambda node, t: (t[0][0], t[0][1]), _bce_grad_ref, doc="(sigmoid(z) - t) / n * dy"))

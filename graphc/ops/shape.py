@@ -1,0 +1,122 @@
+"""Shape ops: reshape, flatten, transpose, concat and slice. They move values without arithmetic."""
+import numpy as np
+
+from graphc import shapes
+from graphc.errors import ShapeError
+from graphc.ops import OpDef, register
+
+
+def _reshape_infer(node, in_types):
+    s, dt = in_types[0]
+    target = list(node.attrs["shape"])
+    known = shapes.numel(s)
+    if target.count(-1) > 1:
+        node.fail(ShapeError, f"reshape target {tuple(target)} has more than one -1", "give all dims but one")
+    sym_in = [d for d in s if isinstance(d, str)]
+    sym_out = [d for d in target if isinstance(d, str)]
+    if sorted(sym_in) != sorted(sym_out):
+        node.fail(ShapeError, f"reshape {shapes.fmt(s)} -> {tuple(target)} must keep the symbolic dims {sym_in}",
+                  "keep the batch dim: e.g. (N, -1), or use g.flatten")
+    static_in = shapes.numel([d for d in s if isinstance(d, int)])
+    static_out = shapes.numel([d for d in target if isinstance(d, int) and d != -1])
+    if -1 in target:
+        if static_out == 0 or static_in % static_out:
+            node.fail(ShapeError, f"cannot reshape {shapes.fmt(s)} to {tuple(target)}", "")
+        target[target.index(-1)] = static_in // static_out
+    elif static_in != static_out:
+        node.fail(ShapeError, f"cannot reshape {shapes.fmt(s)} ({known or static_in} elements) to "
+                  f"{tuple(target)}", "the element counts must match")
+    return tuple(target), dt
+
+
+def _reshape_ref(inputs, attrs, ctx):
+    return inputs[0].reshape(ctx.out_shape)
+
+
+def _reshape_grad(g, node, dy):
+    with g.rule("reshape:undo"):
+        return [g.reshape_like(dy, node.inputs[0])]
+
+
+register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)"))
+register(OpDef("reshape_like", lambda node, t: (t[1][0], t[0][1]),
+               lambda ins, a, ctx: ins[0].reshape(ins[1].shape),
+               lambda g, n, d: [g.reshape_like(d, n.inputs[0]), None], doc="reshape to the shape of `like`"))
+
+
+def _transpose_infer(node, in_types):
+    s, dt = in_types[0]
+    axes = node.attrs["axes"]
+    if sorted(axes) != list(range(len(s))):
+        node.fail(ShapeError, f"axes {axes} are not a permutation of {len(s)} dims", "")
+    return tuple(s[a] for a in axes), dt
+
+
+def _transpose_grad(g, node, dy):
+    inv = tuple(int(i) for i in np.argsort(node.attrs["axes"]))
+    with g.rule("transpose:undo"):
+        return [g.transpose(dy, inv)]
+
+
+register(OpDef("transpose", _transpose_infer, lambda ins, a, ctx: np.ascontiguousarray(np.transpose(ins[0], a["axes"])),
+               _transpose_grad, doc="permute axes"))
+
+
+def _concat_infer(node, in_types):
+    axis = node.attrs["axis"]
+    first = in_types[0][0]
+    for s, _ in in_types[1:]:
+        if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != axis):
+            node.fail(ShapeError, "concat inputs must agree on every dim but the concat axis: " +
+                      ", ".join(shapes.fmt(s) for s, _ in in_types), "")
+    if any(isinstance(s[axis], str) for s, _ in in_types):
+        node.fail(ShapeError, "cannot concat along the symbolic batch dim", "concat along channels (axis=1)")
+    out = list(first)
+    out[axis] = sum(s[axis] for s, _ in in_types)
+    dts = {dt for _, dt in in_types}
+    return tuple(out), "float64" if "float64" in dts else dts.pop()
+
+
+def _concat_grad(g, node, dy):
+    axis, start, out = node.attrs["axis"], 0, []
+    with g.rule("concat:split"):
+        for x in node.inputs:
+            out.append(g.slice(dy, axis=axis, start=start, stop=start + x.shape[axis]))
+            start += x.shape[axis]
+    return out
+
+
+register(OpDef("concat", _concat_infer, lambda ins, a, ctx: np.concatenate(ins, axis=a["axis"]), _concat_grad,
+               doc="concatenate along an axis (channels for Inception blocks)"))
+
+
+def _slice_infer(node, in_types):
+    s, dt = in_types[0]
+    a = node.attrs
+    out = list(s)
+    out[a["axis"]] = a["stop"] - a["start"]
+    return tuple(out), dt
+
+
+def _slice_ref(inputs, attrs, ctx):
+    idx = [slice(None)] * inputs[0].ndim
+    idx[attrs["axis"]] = slice(attrs["start"], attrs["stop"])
+    return np.ascontiguousarray(inputs[0][tuple(idx)])
+
+
+def _unslice_ref(inputs, attrs, ctx):
+    g, like = inputs
+    out = np.zeros(like.shape, g.dtype)
+    idx = [slice(None)] * g.ndim
+    idx[attrs["axis"]] = slice(attrs["start"], attrs["start"] + g.shape[attrs["axis"]])
+    out[tuple(idx)] = g
+    return out
+
+
+register(OpDef("slice", _slice_infer, _slice_ref,
+               lambda g, n, d: [g.unslice(d, n.inputs[0], axis=n.attrs["axis"], start=n.attrs["start"])],
+               doc="x[start:stop] along one axis"))
+register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
+               lambda g, n, d: [g.slice(d, axis=n.attrs["axis"], start=n.attrs["start"],
+                                        stop=n.attrs["start"] + n.inputs[0].shape[n.attrs["axis"]]), None],
+               doc="places g into zeros shaped like `like` (slice's gradient)"))

@@ -1,0 +1,82 @@
+"""Shape helpers shared by the op table: symbolic batch dims, broadcasting, conv and pool output sizes.
+
+A dim is an int or a str (a symbolic dim such as the batch dim ``"N"``, bound when the graph runs).
+"""
+from __future__ import annotations
+
+import math
+
+from graphc.errors import ShapeError
+
+
+def fmt(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def is_static(shape) -> bool:
+    return all(isinstance(d, int) for d in shape)
+
+
+def numel(shape, env=None):
+    """Number of elements; symbolic dims are looked up in env (or the result is None)."""
+    n = 1
+    for d in shape:
+        if isinstance(d, str):
+            if env is None or d not in env:
+                return None
+            d = env[d]
+        n *= d
+    return n
+
+
+def resolve(shape, env) -> tuple:
+    return tuple(env[d] if isinstance(d, str) else d for d in shape)
+
+
+def broadcast(node, *shapes):
+    """numpy broadcasting over possibly-symbolic shapes; a symbolic dim meets only itself or 1."""
+    nd = max(len(s) for s in shapes)
+    out = []
+    for i in range(nd):
+        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0}
+        dims.discard(1)
+        if len(dims) > 1:
+            node.fail(ShapeError, "cannot broadcast shapes " + " and ".join(fmt(s) for s in shapes),
+                      "numpy broadcasting needs each trailing dim equal or 1; reshape one operand")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def pair(v, what="value"):
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return tuple(v)
+    raise ShapeError(f"{what} must be an int or a pair of ints, got {v!r}")
+
+
+def conv_pads(pad, in_hw, k_hw, stride):
+    """Normalise a padding spec to (top, bottom, left, right).
+
+    int or (ph, pw): symmetric; 'valid': none; 'same': output = ceil(in / stride), the extra row/column
+    going to the bottom/right as Keras/TensorFlow do (so even kernels work).
+    """
+    if isinstance(pad, str):
+        if pad == "valid":
+            return (0, 0, 0, 0)
+        if pad == "same":
+            out = []
+            for n, k, s in zip(in_hw, k_hw, stride):
+                total = max((math.ceil(n / s) - 1) * s + k - n, 0)
+                out += [total // 2, total - total // 2]
+            return tuple(out)
+        raise ShapeError(f"padding must be an int, a pair, a 4-tuple, 'valid' or 'same', got {pad!r}")
+    if isinstance(pad, (tuple, list)) and len(pad) == 4:
+        return tuple(int(p) for p in pad)
+    ph, pw = pair(pad, "padding")
+    return (ph, ph, pw, pw)
+
+
+def window_out(n, k, s, p_total=0):
+    """Output length of a sliding window: floor((n + P - k) / s) + 1 (conv: (W - F + 2P)/S + 1)."""
+    return (n + p_total - k) // s + 1
