@@ -21,8 +21,8 @@ def grad(graph, wrt=None, loss=None):
 
 def __getattr__(name):   # heavier pieces load on first use
     import importlib
-    lazy = {"gradcheck": ("graphc.gradcheck", "gradcheck"), "summary": ("graphc.summary", "summary"),
-            "render": ("graphc.render", "render"), "models": ("graphc.models", None),
+    lazy = {"gradcheck": ("graphc.gradient_check", "gradcheck"), "summary": ("graphc.summarize", "summary"),
+            "render": ("graphc.rendering", "render"), "models": ("graphc.models", None),
             "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None)}
     if name in lazy:
         mod, attr = lazy[name]

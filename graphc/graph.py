@@ -24,9 +24,49 @@ import numpy as np
 from graphc import ops as optable
 from graphc import shapes
 from graphc.errors import DTypeError, GraphError, ShapeError
-from graphc.init import initial_value
+from graphc.init import INITS, initial_value
 
 DTYPES = ("float32", "float64", "int64", "int32")
+
+
+class _Lazy:
+    """An initialiser not yet run: big models (VGG16: 138M weights) can be checked and summarised
+    without allocating their parameters."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+class ParamStore(dict):
+    """name -> initial value; values are materialised on first access."""
+
+    def __getitem__(self, k):
+        v = dict.__getitem__(self, k)
+        if isinstance(v, _Lazy):
+            v = v.fn()
+            dict.__setitem__(self, k, v)
+        return v
+
+    def get(self, k, default=None):
+        return self[k] if k in self else default
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def copy(self):
+        c = ParamStore()
+        for k in self:
+            v = dict.__getitem__(self, k)
+            dict.__setitem__(c, k, v if isinstance(v, _Lazy) else v.copy())
+        return c
+
+    def shape(self, k):
+        v = dict.__getitem__(self, k)
+        return None if isinstance(v, _Lazy) else v.shape
 
 
 class Value:
@@ -101,7 +141,7 @@ class Graph:
         self.dtype = dtype
         self.nx = nx.DiGraph(name=name)
         self.outputs: list[str] = []
-        self.params: dict[str, np.ndarray] = {}       # initial values of param/state nodes
+        self.params = ParamStore()                    # initial values of param/state nodes
         self.updates: dict[str, str] = {}             # state name -> name of its new value (training graphs)
         self.loss: str | None = None                  # the loss output of a training graph
         self._counts: dict[str, int] = {}
@@ -237,9 +277,16 @@ class Graph:
         else:
             if shape is None:
                 raise ShapeError(f"param {name!r} needs a shape or a value")
-            arr = initial_value(name, tuple(shape), dtype, init, self.seed, scale)
-        v = self.add_node("param", (), {"shape": arr.shape, "dtype": dtype, "trainable": trainable,
-                                        "init": "value" if value is not None else init}, name=name)
+            shape = tuple(int(d) for d in shape)
+            if any(d <= 0 for d in shape):
+                raise ShapeError(f"param {name!r}: dims must be positive ints, got {shape}")
+            seed = self.seed
+            arr = _Lazy(lambda: initial_value(name, shape, dtype, init, seed, scale))
+            if init not in INITS:
+                arr.fn()          # raises the unknown-init error now, at definition
+        v = self.add_node("param", (), {"shape": tuple(shape if value is None else arr.shape), "dtype": dtype,
+                                        "trainable": trainable, "init": "value" if value is not None else init},
+                          name=name)
         self.params[name] = arr
         return v
 
@@ -288,7 +335,7 @@ class Graph:
 
     def dense(self, x, w, b=None, name=None):
         """x @ w.T + b with w shaped (out, in), like torch.nn.Linear."""
-        y = self.matmul(x, w, trans_b=True, name=None if b is not None else name)
+        y = self.matmul(x, w, trans_b=True, name=(f"{name}.matmul" if name else None) if b is not None else name)
         return self.add(y, b, name=name) if b is not None else y
 
     def conv(self, x, w, b=None, stride=1, pad=0, name=None, pads=None):
@@ -315,7 +362,10 @@ class Graph:
         size = shapes.pair(size, "pool size")
         return {"size": size, "stride": shapes.pair(stride, "pool stride") if stride is not None else size}
 
-    def maxpool(self, x, size=2, stride=None, name=None):
+    def maxpool(self, x, size=2, stride=None, pad=0, name=None):
+        """Max pooling; pad > 0 pads with -inf first (so padding never wins), as Inception's 3x3/1 pool."""
+        if pad:
+            x = self.pad2d(x, pad, value=-np.inf)
         return self.add_node("maxpool", (x,), self._pool_attrs(size, stride), name=name)
 
     def avgpool(self, x, size=2, stride=None, name=None):
@@ -385,6 +435,15 @@ class Graph:
     def unslice(self, g, like, axis, start, name=None):
         return self.add_node("unslice", (g, like), {"axis": axis, "start": start}, name=name)
 
+    def pad2d(self, x, pads, value=0.0, name=None):
+        """Pads H and W by (top, bottom, left, right) (an int pads all four) with a constant."""
+        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
+        return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value)}, name=name)
+
+    def crop2d(self, x, pads, name=None):
+        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
+        return self.add_node("crop2d", (x,), {"pads": pads}, name=name)
+
     # ------------------------------------------------------------------ softmax and losses
     def softmax(self, x, axis=-1, name=None):
         axis %= len(self._value(x).shape)
@@ -438,7 +497,7 @@ class Graph:
         for n in g.nx.nodes:
             g.nx.nodes[n]["attrs"] = dict(g.nx.nodes[n]["attrs"])
         g.outputs = list(self.outputs)
-        g.params = {k: v.copy() for k, v in self.params.items()}
+        g.params = self.params.copy()
         g.updates = dict(self.updates)
         g._counts = dict(self._counts)
         g._scalars = dict(self._scalars)

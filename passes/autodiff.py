@@ -9,7 +9,7 @@ import numpy as np
 from graphc import ops as optable
 from graphc.errors import GradError, GraphError
 from graphc.graph import Value
-from passes.copies import insert_copies, relevant_nodes
+from graphc.passes.copies import insert_copies, relevant_nodes
 
 
 def _pick_loss(graph, loss):

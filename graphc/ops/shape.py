@@ -120,3 +120,41 @@ register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
                lambda g, n, d: [g.slice(d, axis=n.attrs["axis"], start=n.attrs["start"],
                                         stop=n.attrs["start"] + n.inputs[0].shape[n.attrs["axis"]]), None],
                doc="places g into zeros shaped like `like` (slice's gradient)"))
+
+
+def _pad_infer(node, in_types):
+    s, dt = in_types[0]
+    t, b, l, r = node.attrs["pads"]
+    if len(s) != 4:
+        node.fail(ShapeError, f"pad2d takes NCHW input, got {shapes.fmt(s)}", "")
+    return (s[0], s[1], s[2] + t + b, s[3] + l + r), dt
+
+
+def _pad_ref(inputs, attrs, ctx):
+    t, b, l, r = attrs["pads"]
+    return np.pad(inputs[0], ((0, 0), (0, 0), (t, b), (l, r)), constant_values=attrs["value"])
+
+
+def _crop_infer(node, in_types):
+    s, dt = in_types[0]
+    t, b, l, r = node.attrs["pads"]
+    return (s[0], s[1], s[2] - t - b, s[3] - l - r), dt
+
+
+def _crop_ref(inputs, attrs, ctx):
+    t, b, l, r = attrs["pads"]
+    x = inputs[0]
+    return np.ascontiguousarray(x[:, :, t:x.shape[2] - b, l:x.shape[3] - r])
+
+
+register(OpDef("pad2d", _pad_infer, _pad_ref,
+               lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"]))],
+               doc="pads H and W with a constant (-inf before a padded max pool)"))
+register(OpDef("crop2d", _crop_infer, _crop_ref,
+               lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0))],
+               doc="removes a border from H and W (pad2d's gradient)"))
+
+
+def _rule(g, rule, fn):
+    with g.rule(rule):
+        return fn()
