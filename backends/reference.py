@@ -1,4 +1,6 @@
 """The reference backend: interprets any graph with the op table's numpy semantics. The oracle."""
+import networkx as nx
+
 from graphc import ops as optable
 from graphc import shapes
 from graphc.executable import Executable, RunContext
@@ -12,12 +14,23 @@ class ReferenceExecutable(Executable):
         self.schedule = getattr(graph, "schedule", None) or graph.topo()
         self.consts = {n: self._cast(graph.nx.nodes[n]["attrs"]["value"], graph.nx.nodes[n]["dtype"])
                        for n in self.schedule if graph.nx.nodes[n]["op"] == "const"}
+        self._plans = {}
+
+    def _needed(self, want):
+        """The schedule restricted to what `want` depends on (a training graph's run() skips backward)."""
+        key = tuple(want)
+        if key not in self._plans:
+            need = set(want)
+            for w in want:
+                need |= nx.ancestors(self.graph.nx, w)
+            self._plans[key] = [n for n in self.schedule if n in need]
+        return self._plans[key]
 
     def _execute(self, feeds, env, training, want):
         nodes = self.graph.nx.nodes
         ctx = RunContext(env, training, self.step_count)
         vals = {}
-        for name in self.schedule:
+        for name in self._needed(want):
             nd = nodes[name]
             op = nd["op"]
             if op == "input":

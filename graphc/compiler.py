@@ -7,11 +7,13 @@ from graphc.pipeline import Pipeline
 BACKENDS = ("reference", "numba", "cuda")
 
 
-def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, **flags):
+def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, keep=(), **flags):
     """Compiles `graph` for `backend` ("reference", "numba", "cuda").
 
     optimizer: a gc.optim optimizer -> a training executable (`exe.step(feeds)` runs forward, backward
     and update and returns the loss). dtype: override the float dtype (e.g. "float64").
+    keep: names of values that must stay fetchable with exe.run(feeds, outputs=[...]) although passes
+    would fuse or remove them (e.g. keep=["logits"] on a training executable).
     flags: switch passes on/off, e.g. fuse=False; see `exe.pipeline`."""
     from graphc.graph import Graph
     if not isinstance(graph, Graph):
@@ -28,6 +30,12 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, *
     if optimizer is not None:
         from graphc.passes.training import training_graph
         g = training_graph(graph, optimizer, loss)
+    for k in keep:
+        if k not in g:
+            raise GraphError(f"keep={k!r}: no such value in graph {graph.name!r}")
+    if keep:
+        g = g.clone()
+        g.keep |= set(keep)
     g = pipeline(g)
     import importlib
     mod = importlib.import_module(f"graphc.backends.{backend}")

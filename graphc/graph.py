@@ -144,6 +144,7 @@ class Graph:
         self.params = ParamStore()                    # initial values of param/state nodes
         self.updates: dict[str, str] = {}             # state name -> name of its new value (training graphs)
         self.loss: str | None = None                  # the loss output of a training graph
+        self.keep: set[str] = set()                   # values passes must keep fetchable (compile(keep=...))
         self._counts: dict[str, int] = {}
         self._role = "forward"
         self._rule = None
@@ -305,7 +306,7 @@ class Graph:
             self._scalars[key] = self.const(np.asarray(float(x), dtype=key[1]), name=self.fresh_name(base + "_")).name
         return Value(self, self._scalars[key])
 
-    def output(self, *values, name=None) -> None:
+    def output(self, *values) -> None:
         """Marks values as outputs; `exe.run` returns them by value name."""
         for v in values:
             v = self._value(v)
@@ -499,6 +500,7 @@ class Graph:
         g.outputs = list(self.outputs)
         g.params = self.params.copy()
         g.updates = dict(self.updates)
+        g.keep = set(self.keep)
         g._counts = dict(self._counts)
         g._scalars = dict(self._scalars)
         g.__dict__.pop("schedule", None)

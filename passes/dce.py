@@ -3,7 +3,7 @@ import networkx as nx
 
 
 def dce(graph):
-    keep = set(graph.outputs) | set(graph.updates.values()) | set(graph.updates)
+    keep = set(graph.outputs) | set(graph.updates.values()) | set(graph.updates) | set(graph.keep)
     if graph.loss:
         keep.add(graph.loss)
     live = set(keep)
