@@ -98,6 +98,9 @@ def grad(graph, wrt=None, loss=None, keep_outputs=False):
 
         outs = list(graph.outputs) if keep_outputs else []
         for w in wrt:
+            if f"grad/{w}" in g.nx:   # differentiating a graph gc.grad made: its own "grad/w" is now an inner value
+                old = _rename(g, f"grad/{w}", g.fresh_name(f"grad/{w}."))
+                outs = [old if o == f"grad/{w}" else o for o in outs]
             with g.rule("grad"):
                 if w in final:
                     gw = g.identity(final[w], name=f"grad/{w}")
@@ -107,3 +110,19 @@ def grad(graph, wrt=None, loss=None, keep_outputs=False):
             outs.append(gw.name)
     g.outputs = outs
     return g
+
+
+def _rename(g, old, new):
+    """Renames value `old` to `new` in g (edges, users' input lists, outputs, loss); returns new."""
+    import networkx as nx
+    nx.relabel_nodes(g.nx, {old: new}, copy=False)
+    for u in g.nx.successors(new):
+        d = g.nx.nodes[u]
+        d["inputs"] = tuple(new if i == old else i for i in d["inputs"])
+    g.outputs = [new if o == old else o for o in g.outputs]
+    if g.loss == old:
+        g.loss = new
+    for n, d in g.nx.nodes(data=True):
+        if d.get("grad_of") == old:
+            d["grad_of"] = new
+    return new

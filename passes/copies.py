@@ -18,7 +18,9 @@ def insert_copies(graph, relevant=None):
         uses = sum(g.nx.nodes[u]["inputs"].count(name) for u in users)
         if uses < 2:
             continue
-        cp = g.copy(g[name], name=f"{name}.copy")
+        # a graph made by gc.grad already holds "<name>.copy" nodes; differentiating it again needs fresh ones
+        cp_name = f"{name}.copy" if f"{name}.copy" not in g.nx else g.fresh_name(f"{name}.copy")
+        cp = g.copy(g[name], name=cp_name)
         for u in users:
             ud = g.nx.nodes[u]
             ud["inputs"] = tuple(cp.name if i == name else i for i in ud["inputs"])
