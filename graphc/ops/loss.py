@@ -74,7 +74,30 @@ def _sce_grad_ref(inputs, attrs, ctx):
 register(OpDef("softmax_cross_entropy", _class_loss_infer, _sce_ref, _sce_grad,
                flops=lambda i, o, a: 5 * int(np.prod(i[0])),
                doc="mean over the batch of -sum(y log softmax(z)); labels int (N,) or one-hot (N, K)"))
-register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_ref,
+
+
+def _per_element(g, dy, like, scale=1.0):
+    """dy / like.size (times scale), broadcast to like's shape: the 1/m or 1/n of a mean-loss gradient,
+    bound when the graph runs (the batch dim is symbolic)."""
+    c = g.broadcast_like(dy, like, axes=tuple(range(len(like.shape))), keepdims=False, mean=True)
+    return c if scale == 1.0 else g.mul(c, g.scalar(scale))
+
+
+def _d_dy(g, node, dgrad, op):
+    """Gradient of a loss-gradient op w.r.t. its upstream dy (a scalar): sum(dgrad * op(..., dy=1))."""
+    return g.sum(g.mul(dgrad, getattr(g, op)(*node.inputs[:2], g.scalar(1.0))))
+
+
+def _sce_grad_grad(g, node, dgrad):
+    z, labels, dy = node.inputs
+    with g.rule("softmax-ce-grad:jacobian"):    # d/dz of (softmax(z) - y) * dy/m: softmax's Jacobian
+        h = g.mul(dgrad, _per_element(g, dy, z, float(z.shape[1])))
+        p = g.softmax(z, axis=1)
+        dz = g.mul(p, g.sub(h, g.sum(g.mul(h, p), axes=1, keepdims=True)))
+        return [dz, None, _d_dy(g, node, dgrad, "softmax_ce_grad")]
+
+
+register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_ref, _sce_grad_grad,
                flops=lambda i, o, a: 5 * int(np.prod(o)), doc="(softmax(z) - y) / m * dy: the collapsed rule"))
 
 
@@ -93,7 +116,15 @@ def _ce_grad_ref(inputs, attrs, ctx):
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
                lambda g, n, dy: [_with(g, "ce:-y/p", lambda: g.cross_entropy_grad(n.inputs[0], n.inputs[1], dy)), None],
                doc="mean over the batch of -sum(y log p) for probabilities p"))
-register(OpDef("cross_entropy_grad", lambda node, t: (t[0][0], t[0][1]), _ce_grad_ref,
+
+
+def _ce_grad_grad(g, node, dgrad):
+    p = node.inputs[0]
+    with g.rule("ce-grad:local"):     # d/dp of -y/p * dy/m = -(out)/p
+        return [g.mul(dgrad, g.neg(g.div(node.out, p))), None, _d_dy(g, node, dgrad, "cross_entropy_grad")]
+
+
+register(OpDef("cross_entropy_grad", lambda node, t: (t[0][0], t[0][1]), _ce_grad_ref, _ce_grad_grad,
                doc="-y / p / m * dy"))
 
 
@@ -123,7 +154,17 @@ def _mse_grad(g, node, dy):
 
 register(OpDef("mse", _pair_infer, lambda ins, a, ctx: np.asarray(np.mean((ins[0] - ins[1]) ** 2), ins[0].dtype),
                _mse_grad, doc="mean squared error over all elements"))
-register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]), _mse_grad_ref, doc="2 (p - t) / n * dy"))
+
+
+def _mse_grad_grad(g, node, dgrad):
+    a, b, dy = node.inputs
+    with g.rule("mse-grad:local"):
+        da = g.mul(dgrad, _per_element(g, dy, a, 2.0))
+        return [da, g.neg(da), _d_dy(g, node, dgrad, "mse_grad")]
+
+
+register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]), _mse_grad_ref, _mse_grad_grad,
+               doc="2 (p - t) / n * dy"))
 
 
 def _bce_ref(inputs, attrs, ctx):
@@ -144,4 +185,15 @@ def _bce_grad(g, node, dy):
 
 register(OpDef("bce_with_sigmoid", _pair_infer, _bce_ref, _bce_grad,
                doc="binary cross-entropy of sigmoid(z) against targets t, mean over all elements (seeds/002)"))
-register(OpDef("bce_grad", lambda node, t: (t[0][0], t[0][1]), _bce_grad_ref, doc="(sigmoid(z) - t) / n * dy"))
+
+
+def _bce_grad_grad(g, node, dgrad):
+    z, t, dy = node.inputs
+    with g.rule("bce-grad:local"):
+        gc_ = g.mul(dgrad, _per_element(g, dy, z))
+        s = g.sigmoid(z)
+        return [g.mul(gc_, g.mul(s, g.sub(g.scalar(1.0), s))), g.neg(gc_), _d_dy(g, node, dgrad, "bce_grad")]
+
+
+register(OpDef("bce_grad", lambda node, t: (t[0][0], t[0][1]), _bce_grad_ref, _bce_grad_grad,
+               doc="(sigmoid(z) - t) / n * dy"))
