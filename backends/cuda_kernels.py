@@ -687,10 +687,13 @@ def _mk_avgpool_bwd(nbt):
 
 
 def _mk_reduce_keep_mid(nbt):
-    """x viewed as (A, B, C): out[s, b] = scale * sum over (a, c) in slice s of x[a, b, c]."""
+    """x viewed as (A, B, C): out[s, b] = scale * sum over (a, c) in slice s of x[a, b, c].
+
+    1-D blocks of a power-of-two size <= RED_BLOCK (sized to the work by the launcher)."""
     def reduce_keep_mid(x, out, A, B, C, S, scale):
         sm = cuda.shared.array(RED_BLOCK, nbt)
         t = cuda.threadIdx.x
+        nt = cuda.blockDim.x
         s = cuda.blockIdx.y
         AC = A * C
         chunk = (AC + S - 1) // S
@@ -698,12 +701,12 @@ def _mk_reduce_keep_mid(nbt):
         hi = min(AC, lo + chunk)
         for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             acc = nbt(0)
-            for e in range(lo + t, hi, RED_BLOCK):
+            for e in range(lo + t, hi, nt):
                 a = e // C
                 acc += x[(a * B + b) * C + (e - a * C)]
             sm[t] = acc
             cuda.syncthreads()
-            h = RED_BLOCK // 2
+            h = nt // 2
             while h > 0:
                 if t < h:
                     sm[t] += sm[t + h]
@@ -716,40 +719,27 @@ def _mk_reduce_keep_mid(nbt):
 
 
 def _mk_reduce_mid(nbt):
-    """x viewed as (A, B, C): out[a, c] = scale * sum_b x[a, b, c]; block = 32 columns x 8 b-lanes."""
+    """x viewed as (A, B, C): out[a, c] = scale * sum_b x[a, b, c]; block = (<=32 columns) x (<=8 b-lanes)."""
     def reduce_mid(x, out, A, B, C, scale):
         sm = cuda.shared.array((8, 33), nbt)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
-        c = cuda.blockIdx.x * 32 + tx
+        bdy = cuda.blockDim.y
+        c = cuda.blockIdx.x * cuda.blockDim.x + tx
         for a in range(cuda.blockIdx.y, A, cuda.gridDim.y):
             acc = nbt(0)
             if c < C:
-                for b in range(ty, B, 8):
+                for b in range(ty, B, bdy):
                     acc += x[(a * B + b) * C + c]
             sm[ty, tx] = acc
             cuda.syncthreads()
             if ty == 0 and c < C:
                 s = sm[0, tx]
-                for j in range(1, 8):
+                for j in range(1, bdy):
                     s += sm[j, tx]
                 out[a * C + c] = s * scale
             cuda.syncthreads()
     return reduce_mid
-
-
-def _row_reduce(sm, ty, tx, is_max):
-    """Tree reduction of sm[ty, 0:32] into sm[ty, 0] (all threads of the block must call it)."""
-    h = 16
-    while h > 0:
-        if tx < h:
-            if is_max:
-                if sm[ty, tx + h] > sm[ty, tx]:
-                    sm[ty, tx] = sm[ty, tx + h]
-            else:
-                sm[ty, tx] += sm[ty, tx + h]
-        cuda.syncthreads()
-        h //= 2
 
 
 def _mk_softmax_family(which):
@@ -847,7 +837,7 @@ _FACTORIES = {
 # implicit GEMM launcher
 # =======================================================================================================
 
-def _igemm(name, asrc, bsrc, bias, out, M, P, R, dims=(0,) * 11, flags=0, allow_split=True):
+def _igemm(name, asrc, bsrc, bias, out, M, P, R, dims=(0,) * 13, flags=0, allow_split=True):
     """Launch the implicit-GEMM kernel; out (flat) must be allocated; zeroed here when split-K is used."""
     c = _load_cuda()
     gx, gy = _cdiv(P, BN), _cdiv(M, BM)
@@ -859,7 +849,7 @@ def _igemm(name, asrc, bsrc, bias, out, M, P, R, dims=(0,) * 11, flags=0, allow_
         blocks = gx * gy
         if blocks < target:
             splits = max(1, min(_cdiv(target, blocks), _cdiv(R, BK * 8), 65535))
-    r_chunk = _cdiv(_cdiv(R, splits), BK) * BK
+    r_chunk = max(BK, _cdiv(_cdiv(R, splits), BK) * BK)
     splits = max(1, _cdiv(R, r_chunk))
     if splits > 1:
         flags |= _F_ATOMIC
@@ -1090,14 +1080,9 @@ def matmul(a, b, trans_a=False, trans_b=False, bias=None):
     out = _empty((M, P), dt)
     if M * P == 0:
         return out
-    if R == 0:
-        _fill(out, 0)
-        if bias is None:
-            return out
     flags = (_F_TA if trans_a else 0) | (_F_TB if trans_b else 0) | (
         (_F_BIAS | _F_BIAS_COL) if bias is not None else 0)
-    _igemm("igemm_mm", _flat(a), _flat(b), None if bias is None else _flat(bias), _flat(out), M, P, max(R, 0),
-           flags=flags)
+    _igemm("igemm_mm", _flat(a), _flat(b), None if bias is None else _flat(bias), _flat(out), M, P, R, flags=flags)
     return out
 
 
@@ -1114,7 +1099,8 @@ def _reduce_keep_mid(xf, A, B, C, dt, scale=1.0):
         S = max(1, min(_cdiv(target, B), _cdiv(AC, 8 * RED_BLOCK), 65535))
     out = _empty((S * B,), dt)
     k = _kernel("reduce_keep_mid", dt)
-    k[(max(1, min(B, 1 << 20)), S), RED_BLOCK](xf, out, A, B, C, S, dt.type(scale if S == 1 else 1.0))
+    block = max(32, _p2(_cdiv(AC, S), RED_BLOCK))
+    k[(max(1, min(B, 1 << 20)), S), block](xf, out, A, B, C, S, dt.type(scale if S == 1 else 1.0))
     if S == 1:
         return out
     return _reduce_mid(out, 1, S, B, dt, scale)
@@ -1126,7 +1112,9 @@ def _reduce_mid(xf, A, B, C, dt, scale=1.0):
     if B == 0:
         return _fill(out, 0)
     k = _kernel("reduce_mid", dt)
-    k[(_cdiv(C, 32), max(1, min(A, 65535))), (32, 8)](xf, out, A, B, C, dt.type(scale))
+    bx = _p2(C, 32)
+    by = _p2(B, 8)
+    k[(_cdiv(C, bx), max(1, min(A, 65535))), (bx, by)](xf, out, A, B, C, dt.type(scale))
     return out
 
 
@@ -1493,7 +1481,7 @@ def _ptx_signatures(dtype):
     A = lambda t: T.Array(t, 1, "C")  # noqa: E731
     fa, ia = A(f), A(i32)
     sigs = [("fill", (fa, f, i64))]
-    g = (fa, fa, fa, fa) + (i64,) * 4 + (i64,) * 11 + (i64,)
+    g = (fa, fa, fa, fa) + (i64,) * 4 + (i64,) * 13 + (i64,)
     sigs += [(nm, g) for nm in ("igemm_fwd", "igemm_dx", "igemm_dw", "igemm_mm")]
     sigs += [("conv_relu_pool", (fa, fa, fa, fa, ia) + (i64,) * 21)]
     sigs += [("route_scatter", (fa, ia, fa, i64, i64, i64))]
