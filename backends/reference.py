@@ -42,7 +42,8 @@ class ReferenceExecutable(Executable):
             else:
                 ctx.out_shape = shapes.resolve(nd["shape"], env)
                 out = optable.OPS[op].ref([vals[i] for i in nd["inputs"]], nd["attrs"], ctx)
-                if out.dtype != self.dtype and out.dtype.kind == "f":
+                if not isinstance(out, tuple) and out.dtype != self.dtype and out.dtype.kind == "f":
+                    # (a fused node with several results gives a tuple; its getitem nodes read it)
                     out = out.astype(self.dtype)
                 vals[name] = out
         return vals

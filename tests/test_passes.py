@@ -1,0 +1,200 @@
+"""Every pass leaves the reference interpreter's outputs unchanged (forward and training graphs), keeps
+protected names, and the fusion pass finds the patterns it promises."""
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import models
+from graphc.backends.reference import ReferenceExecutable
+from graphc.passes.cse import cse
+from graphc.passes.dce import dce
+from graphc.passes.fold import fold_constants
+from graphc.passes.fuse import fuse
+from graphc.passes.memory import build_plan, plan_memory
+from graphc.passes.schedule import schedule
+from graphc.passes.simplify import simplify
+from graphc.passes.training import training_graph
+
+PASSES = [simplify, fold_constants, cse, dce, fuse, schedule, plan_memory]
+
+
+def _feeds(g, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    f = {}
+    for name in g.inputs:
+        shape, dt = g.nx.nodes[name]["shape"], g.nx.nodes[name]["dtype"]
+        s = tuple(n if isinstance(d, str) else d for d in shape)
+        f[name] = rng.integers(0, 2, s) if dt.startswith("int") else rng.standard_normal(s).astype(dt)
+    return f
+
+
+def _want(g):
+    return ([g.loss] + list(g.updates.values())) if g.updates else list(g.outputs)
+
+
+def _run(g, feeds, want, dtype=None):
+    exe = ReferenceExecutable(g, dtype=dtype)
+    fd, env = exe.check_feeds(feeds)
+    vals = exe._execute(fd, env, True, want)
+    return {w: vals[w] for w in want}
+
+
+def _check_chain(g, passes=PASSES, dtype="float64"):
+    feeds = _feeds(g)
+    want = _want(g)
+    base = _run(g, feeds, want, dtype)
+    h = g
+    for p in passes:
+        h = p(h)
+        for w in want:
+            assert w in h.nx, f"{p.__name__} removed protected value {w!r}"
+        got = _run(h, feeds, want, dtype)
+        for w in want:
+            np.testing.assert_allclose(got[w], base[w], rtol=1e-9, atol=1e-12, err_msg=f"{p.__name__}: {w}")
+    return h
+
+
+def _graph(name, train, opt=None):
+    g = models.load(name)
+    return training_graph(g, opt or gc.optim.SGD(0.1, momentum=0.9)) if train else g
+
+
+MODELS = ["seed_cnn", "mlp", "lenet5", "mnist_convnet", "resnet_block", "inception_block"]
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("name", MODELS)
+def test_passes_keep_reference_outputs(name, train):
+    _check_chain(_graph(name, train))
+
+
+def test_passes_with_adam_and_weight_decay():
+    _check_chain(training_graph(models.lenet5(), gc.optim.Adam(1e-3)))
+    _check_chain(training_graph(models.mlp(), gc.optim.SGD(0.1, weight_decay=1e-4)))
+
+
+def _ops(g):
+    return [g.nx.nodes[n]["op"] for n in g.nx]
+
+
+def _patterns(g):
+    return sorted(g.nx.nodes[n]["attrs"]["pattern"] for n in g.nx if g.nx.nodes[n]["op"] == "fused")
+
+
+def test_simplify_rules():
+    g = gc.Graph("s", dtype="float64")
+    x = g.input("x", (None, 4), dtype="float64")
+    a = g.mul(x, g.scalar(1.0))
+    b = g.add(g.scalar(0.0), a)
+    c = g.neg(g.neg(g.identity(g.copy(b))))
+    d = g.reshape(g.reshape(c, (None, 2, 2)), (None, 4))
+    e = g.transpose(g.transpose(g.reshape(d, (None, 2, 2)), (0, 2, 1)), (0, 2, 1))
+    y = g.sub(e, g.scalar(0.0), name="y")
+    g.output(y)
+    h = _check_chain(g, [simplify, dce])
+    assert set(_ops(h)) <= {"input", "reshape", "const"}, _ops(h)
+    assert "y" in h.nx and h.outputs == ["y"]
+
+
+def test_simplify_keeps_protected_names():
+    g = gc.Graph("p", dtype="float64")
+    x = g.input("x", (None, 3), dtype="float64")
+    y = g.identity(g.exp(x), name="y")          # output: exp moves into the node named y
+    z = g.mul(y, g.scalar(1.0), name="z")       # output reading another output: stays
+    g.output(y, z)
+    h = _check_chain(g, [simplify, dce])
+    assert h.nx.nodes["y"]["op"] == "exp" and "z" in h.nx
+
+
+def test_fold_and_cse():
+    g = gc.Graph("f", dtype="float64")
+    x = g.input("x", (None, 3), dtype="float64")
+    k = g.exp(g.const(np.array([1.0, 2.0, 3.0])))          # folds
+    a = g.mul(x, k)
+    b = g.mul(k, x)                                         # same as a (commutative)
+    g.output(g.add(a, b, name="out"))
+    h = _check_chain(g, [fold_constants, cse, dce])
+    assert _ops(h).count("mul") == 1 and "exp" not in _ops(h)
+
+
+def test_fuse_patterns_lenet_training():
+    h = _check_chain(_graph("lenet5", True, gc.optim.SGD(0.1)), [simplify, fold_constants, cse, dce, fuse])
+    pats = _patterns(h)
+    assert pats.count("conv_relu_maxpool") == 2 and pats.count("route_relu") == 2
+    # the backward needs no full-resolution forward value: no maxpool_route, no relu/conv nodes left
+    assert not {"maxpool_route", "relu", "conv", "maxpool"} & set(_ops(h))
+    fwd = [n for n in h.nx if h.nx.nodes[n]["op"] == "fused"
+           and h.nx.nodes[n]["attrs"]["pattern"] == "conv_relu_maxpool"]
+    for f in fwd:
+        body = h.nx.nodes[f]["attrs"]["body"]
+        assert [b["op"] for b in body] == ["conv", "relu", "maxpool", "maxpool_argmax"]
+        assert len(h.nx.nodes[f]["attrs"]["results"]) == 2
+    # every update is one elementwise group
+    for u in h.updates.values():
+        assert h.nx.nodes[u]["op"] in ("fused", "getitem")
+
+
+def test_fuse_inference_single_result_keeps_names():
+    h = _check_chain(models.mnist_convnet(loss=False), [simplify, dce, fuse])
+    assert _patterns(h) == ["conv_relu_maxpool", "conv_relu_maxpool"]
+    assert "pool1" in h.nx and h.nx.nodes["pool1"]["op"] == "fused"
+    assert "getitem" not in _ops(h)
+
+
+def test_fuse_conv_relu_when_relu_is_read_elsewhere():
+    g = gc.Graph("cr", dtype="float64")
+    x = g.input("x", (None, 2, 6, 6), dtype="float64")
+    w = g.param("w", (3, 2, 3, 3))
+    r = g.relu(g.conv(x, w, g.param("b", (3,), init="normal"), pad=1), name="r")
+    p = g.maxpool(r, 2, name="p")
+    g.output(p, g.sum(r, name="s"))             # r read by another node: pool cannot join
+    h = _check_chain(g, [fuse])
+    assert _patterns(h) == ["conv_relu"]
+
+
+def test_fuse_elementwise_never_makes_cycles():
+    g = gc.Graph("cyc", dtype="float64")
+    x = g.input("x", (None, 4), dtype="float64")
+    a = g.exp(x)
+    m = g.matmul(a, g.param("w", (4, 4)))       # a -> matmul -> b: a and b must not fuse across it
+    b = g.add(a, m)
+    g.output(g.relu(b, name="out"))
+    h = _check_chain(g, [fuse, schedule])
+    h.topo()
+
+
+def test_fuse_protects_outputs_inside_groups():
+    g = gc.Graph("prot", dtype="float64")
+    x = g.input("x", (None, 4), dtype="float64")
+    a = g.exp(x, name="a")
+    b = g.mul(a, g.scalar(2.0), name="b")
+    g.output(g.add(b, x, name="c"), a)
+    h = _check_chain(g, [fuse])
+    assert "a" in h.nx and h.nx.nodes["a"]["op"] == "getitem"
+
+
+def test_memory_plan_reuses_and_updates_in_place():
+    g = plan_memory(schedule(fuse(dce(cse(fold_constants(simplify(_graph("lenet5", True, gc.optim.SGD(0.1)))))))))
+    plan = g.memory_plan
+    st = plan.stats({"N": 64})
+    assert st["planned"] < st["unplanned"] and st["slots"] < st["values"]
+    assert set(plan.inplace.values()) == set(g.param_names)
+    # no two values live at the same time share a slot
+    prog = plan.program
+    for a, sa in plan.slot_of.items():
+        for b, sb in plan.slot_of.items():
+            if a < b and sa == sb:
+                la = plan.last_use.get(a, plan.def_idx[a])
+                lb = plan.last_use.get(b, plan.def_idx[b])
+                assert la < plan.def_idx[b] or lb < plan.def_idx[a], (a, b)
+    # a run that only wants the loss updates nothing in place
+    run_plan = build_plan(g, [g.loss])
+    assert not run_plan.inplace and len(run_plan.program) < len(prog)
+
+
+def test_pipeline_prints_and_switches():
+    from graphc.pipeline import Pipeline
+    p = Pipeline("numba", fuse=False)
+    text = str(p)
+    assert "fuse" in text and "off" in text
+    assert "fuse" not in p.enabled and "memory" in p.enabled
