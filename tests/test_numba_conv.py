@@ -1,0 +1,408 @@
+"""Tests of graphc.backends.numba_conv against straightforward numpy references.
+
+Shapes are tiny and few: every distinct shape compiles a generated kernel (about a second each).
+"""
+
+import importlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_module():
+    """graphc.backends.numba_conv, installed or straight from this checkout (the pyproject maps
+    graphc.backends to backends/; without an install that package is assembled here, under the same
+    module names, so Numba's cache entries match either way)."""
+    try:
+        return importlib.import_module("graphc.backends.numba_conv")
+    except ImportError:
+        pass
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import graphc
+    spec = importlib.util.spec_from_file_location(
+        "graphc.backends", ROOT / "backends" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "backends")])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["graphc.backends"] = pkg
+    spec.loader.exec_module(pkg)
+    graphc.backends = pkg
+    return importlib.import_module("graphc.backends.numba_conv")
+
+
+nc = _load_module()
+
+TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
+STRATS = ("direct", "im2col")
+
+
+# --------------------------------------------------------------------------------------------------
+# numpy references
+# --------------------------------------------------------------------------------------------------
+
+def pad4(x, pads):
+    t, b, l, r = pads
+    return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+
+
+def conv_ref(x, w, b, s, pads):
+    """im2col + matmul in float64."""
+    xp = pad4(x.astype(np.float64), pads)
+    N, C, Hp, Wp = xp.shape
+    K, _, KH, KW = w.shape
+    Ho, Wo = (Hp - KH) // s + 1, (Wp - KW) // s + 1
+    cols = np.empty((N, C, KH, KW, Ho, Wo))
+    for kh in range(KH):
+        for kw in range(KW):
+            cols[:, :, kh, kw] = xp[:, :, kh:kh + s * (Ho - 1) + 1:s, kw:kw + s * (Wo - 1) + 1:s]
+    y = np.einsum("kq,nqp->nkp", w.reshape(K, -1).astype(np.float64), cols.reshape(N, C * KH * KW, Ho * Wo))
+    y = y.reshape(N, K, Ho, Wo)
+    if b is not None:
+        y = y + b.astype(np.float64)[None, :, None, None]
+    return y
+
+
+def maxpool_ref(x, size, stride):
+    """Max pool with route = flat in-plane index of the first max in row-major order."""
+    N, C, H, W = x.shape
+    Hq, Wq = (H - size) // stride + 1, (W - size) // stride + 1
+    y = np.empty((N, C, Hq, Wq), x.dtype)
+    route = np.empty((N, C, Hq, Wq), np.int64)
+    for n in range(N):
+        for c in range(C):
+            for i in range(Hq):
+                for j in range(Wq):
+                    win = x[n, c, i * stride:i * stride + size, j * stride:j * stride + size]
+                    a = int(np.argmax(win))            # first max in row-major order
+                    di, dj = divmod(a, size)
+                    y[n, c, i, j] = win[di, dj]
+                    route[n, c, i, j] = (i * stride + di) * W + j * stride + dj
+    return y, route
+
+
+def scatter_ref(dy, route, hw, mask=None):
+    N, C = dy.shape[:2]
+    H, W = hw
+    dx = np.zeros((N, C, H * W), np.float64)
+    for n in range(N):
+        for c in range(C):
+            for r, g in zip(route[n, c].ravel(), dy[n, c].ravel()):
+                if r >= 0:
+                    dx[n, c, r] += g
+    dx = dx.reshape(N, C, H, W)
+    return dx if mask is None else dx * mask
+
+
+def dx_ref(dy, w, s, pads, hw):
+    N, K, Ho, Wo = dy.shape
+    _, C, KH, KW = w.shape
+    t, b, l, r = pads
+    H, W = hw
+    dxp = np.zeros((N, C, H + t + b, W + l + r))
+    for i in range(Ho):
+        for j in range(Wo):
+            for kh in range(KH):
+                for kw in range(KW):
+                    dxp[:, :, i * s + kh, j * s + kw] += dy[:, :, i, j].astype(np.float64) @ w[:, :, kh, kw]
+    return dxp[:, :, t:t + H, l:l + W]
+
+
+def dw_ref(x, dy, s, pads, khw):
+    xp = pad4(x.astype(np.float64), pads)
+    N, K, Ho, Wo = dy.shape
+    KH, KW = khw
+    C = x.shape[1]
+    dw = np.zeros((K, C, KH, KW))
+    for kh in range(KH):
+        for kw in range(KW):
+            patch = xp[:, :, kh:kh + s * (Ho - 1) + 1:s, kw:kw + s * (Wo - 1) + 1:s]
+            dw[:, :, kh, kw] = np.einsum("nkij,ncij->kc", dy.astype(np.float64), patch)
+    return dw
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def close(a, b, dtype):
+    np.testing.assert_allclose(a, b, **TOL[dtype])
+
+
+# Conv cases: (N, C, K, H, W, KH, KW, stride, pads).  Few distinct shapes on purpose.
+CASES = {
+    "3x3_asym_pad_Kodd": (2, 3, 5, 7, 6, 3, 3, 1, (1, 0, 2, 1)),
+    "even_4x2_stride2": (2, 3, 5, 9, 8, 4, 2, 2, (1, 2, 0, 1)),
+    "C1_5x5_pad2": (3, 1, 4, 10, 10, 5, 5, 1, (2, 2, 2, 2)),
+    "1x1": (2, 4, 3, 5, 5, 1, 1, 1, (0, 0, 0, 0)),
+    "batch1_stride2_3x3": (1, 2, 3, 7, 7, 3, 3, 2, (1, 1, 1, 1)),
+}
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(1234)
+
+
+# --------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_conv2d_forward_float32(case, strategy, rng):
+    N, C, K, H, W, KH, KW, s, pads = CASES[case]
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, KH, KW), np.float32, 0.5)
+    b = rand(rng, (K,), np.float32)
+    y = nc.conv2d(x, w, b, s, pads, strategy=strategy)
+    assert y.dtype == np.float32
+    close(y, conv_ref(x, w, b, s, pads), np.float32)
+    yr = nc.conv2d(x, w, None, s, pads, relu=True, strategy=strategy)
+    close(yr, np.maximum(conv_ref(x, w, None, s, pads), 0), np.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_conv2d_forward_float64(strategy, rng):
+    N, C, K, H, W, KH, KW, s, pads = CASES["3x3_asym_pad_Kodd"]
+    x = rand(rng, (N, C, H, W), np.float64)
+    w = rand(rng, (K, C, KH, KW), np.float64)
+    b = rand(rng, (K,), np.float64)
+    y = nc.conv2d(x, w, b, s, pads, strategy=strategy)
+    assert y.dtype == np.float64
+    close(y, conv_ref(x, w, b, s, pads), np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# fused conv + relu + max pool
+# --------------------------------------------------------------------------------------------------
+
+FUSED = {
+    # conv output 7x6 -> pool 2/2 floors to 3x3 (last row and column dropped)
+    "pool2_floor": ("3x3_asym_pad_Kodd", 2, 2),
+    # overlapping windows: pool 3 stride 2
+    "pool3s2_overlap": ("3x3_asym_pad_Kodd", 3, 2),
+    "C1_pool2": ("C1_5x5_pad2", 2, 2),
+}
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("fcase", list(FUSED))
+def test_fused_matches_unfused(fcase, strategy, rng):
+    case, ps, pst = FUSED[fcase]
+    N, C, K, H, W, KH, KW, s, pads = CASES[case]
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, KH, KW), np.float32, 0.5)
+    b = rand(rng, (K,), np.float32)
+    y, route = nc.conv2d_relu_maxpool(x, w, b, s, pads, ps, pst, save_route=True, strategy=strategy)
+    z = conv_ref(x, w, b, s, pads)
+    a = np.maximum(z, 0)
+    yr, rr = maxpool_ref(a, ps, pst)
+    close(y, yr, np.float32)
+    assert route.dtype == np.int32 and route.shape == y.shape
+    # route: -1 exactly where the window max is <= 0; elsewhere the argmax of the pre-activation
+    assert np.array_equal(route < 0, yr <= 0)
+    pos = route >= 0
+    assert np.array_equal(route[pos], rr[pos])
+    # without the route: same values
+    y2 = nc.conv2d_relu_maxpool(x, w, b, s, pads, ps, pst, strategy=strategy)
+    close(y2, yr, np.float32)
+    # backward through the route == relu mask * unfused max-pool backward
+    dy = rand(rng, y.shape, np.float32)
+    dz = nc.maxpool_route_backward(dy, route, z.shape[2:])
+    expect = scatter_ref(dy, rr, z.shape[2:], mask=(z > 0))
+    close(dz, expect, np.float32)
+
+
+def test_fused_route_relu_kills_and_ties(rng):
+    """All-negative windows route nothing; ties go to the first position in row-major order."""
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    x[0, 0] = [[1, 3, -1, -2],
+               [3, 2, -3, -1],
+               [0, 0, 5, 5],
+               [0, 0, 5, 5]]
+    w = np.ones((2, 1, 1, 1), np.float32)
+    w[1] = -1
+    b = np.zeros(2, np.float32)
+    for strategy in STRATS:
+        y, route = nc.conv2d_relu_maxpool(x, w, b, 1, (0, 0, 0, 0), 2, 2, save_route=True,
+                                          strategy=strategy)
+        assert route[0, 0].tolist() == [[1, -1], [-1, 10]]          # zeros window (max 0): -1
+        assert y[0, 0].tolist() == [[3, 0], [0, 5]]
+        # channel 1 is -x: only the top-right window has a positive max (3 at row 1, column 2)
+        assert route[0, 1].tolist() == [[-1, 6], [-1, -1]]
+        assert y[0, 1].tolist() == [[0, 3], [0, 0]]
+
+
+# --------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------
+
+BWD_CASES = ["3x3_asym_pad_Kodd", "even_4x2_stride2", "C1_5x5_pad2", "batch1_stride2_3x3"]
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("case", BWD_CASES)
+def test_conv2d_dx_dw_float32(case, strategy, rng):
+    N, C, K, H, W, KH, KW, s, pads = CASES[case]
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, KH, KW), np.float32, 0.5)
+    Ho, Wo = conv_ref(x, w, None, s, pads).shape[2:]
+    dy = rand(rng, (N, K, Ho, Wo), np.float32)
+    dx = nc.conv2d_dx(dy, w, s, pads, (H, W), strategy=strategy)
+    assert dx.shape == x.shape and dx.dtype == np.float32
+    close(dx, dx_ref(dy, w, s, pads, (H, W)), np.float32)
+    dw = nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy=strategy)
+    assert dw.shape == w.shape and dw.dtype == np.float32
+    close(dw, dw_ref(x, dy, s, pads, (KH, KW)), np.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_conv2d_dx_dw_float64(strategy, rng):
+    N, C, K, H, W, KH, KW, s, pads = CASES["even_4x2_stride2"]
+    x = rand(rng, (N, C, H, W), np.float64)
+    w = rand(rng, (K, C, KH, KW), np.float64)
+    Ho, Wo = conv_ref(x, w, None, s, pads).shape[2:]
+    dy = rand(rng, (N, K, Ho, Wo), np.float64)
+    close(nc.conv2d_dx(dy, w, s, pads, (H, W), strategy=strategy), dx_ref(dy, w, s, pads, (H, W)), np.float64)
+    close(nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy=strategy), dw_ref(x, dy, s, pads, (KH, KW)),
+          np.float64)
+
+
+def test_conv2d_db(rng):
+    dy = rand(rng, (3, 4, 5, 6), np.float32)
+    db = nc.conv2d_db(dy)
+    assert db.dtype == np.float32 and db.shape == (4,)
+    close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)), np.float32)
+    close(nc.conv2d_db(dy.astype(np.float64)), dy.astype(np.float64).sum(axis=(0, 2, 3)), np.float64)
+
+
+@pytest.mark.parametrize("strategy", STRATS)
+def test_finite_differences_float64(strategy, rng):
+    """dL/dX and dL/dW of L = sum(conv(x, w) * g) against central differences."""
+    N, C, K, H, W, KH, KW, s, pads = CASES["even_4x2_stride2"]
+    x = rand(rng, (N, C, H, W), np.float64)
+    w = rand(rng, (K, C, KH, KW), np.float64)
+    g = rand(rng, nc.conv2d(x, w, None, s, pads, strategy=strategy).shape, np.float64)
+
+    def loss(xx, ww):
+        return float(np.sum(nc.conv2d(xx, ww, None, s, pads, strategy=strategy) * g))
+
+    dx = nc.conv2d_dx(g, w, s, pads, (H, W), strategy=strategy)
+    dw = nc.conv2d_dw(x, g, s, pads, (KH, KW), strategy=strategy)
+    eps = 1e-6
+    for arr, grad, which in ((x, dx, "x"), (w, dw, "w")):
+        idx = [tuple(int(v) for v in np.unravel_index(i, arr.shape))
+               for i in rng.choice(arr.size, size=12, replace=False)]
+        for ix in idx:
+            p, m = arr.copy(), arr.copy()
+            p[ix] += eps
+            m[ix] -= eps
+            num = (loss(p, w) - loss(m, w)) / (2 * eps) if which == "x" else \
+                  (loss(x, p) - loss(x, m)) / (2 * eps)
+            assert abs(num - grad[ix]) < 1e-6 * max(1.0, abs(num)), (which, ix, num, grad[ix])
+
+
+# --------------------------------------------------------------------------------------------------
+# pooling
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2)])
+def test_maxpool2d(size, stride, dtype, rng):
+    x = rand(rng, (2, 3, 7, 6), dtype)
+    x[0, 0, :3, :3] = 1.5                         # ties across (overlapping) windows
+    x[1, 2] = np.round(x[1, 2])                   # many ties
+    y, route = nc.maxpool2d(x, size, stride, save_route=True)
+    yr, rr = maxpool_ref(x, size, stride)
+    close(y, yr, dtype)
+    assert np.array_equal(route, rr)
+    close(nc.maxpool2d(x, size, stride), yr, dtype)
+    dy = rand(rng, y.shape, dtype)
+    close(nc.maxpool2d_backward(dy, route, (7, 6)), scatter_ref(dy, rr, (7, 6)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2)])
+def test_avgpool2d(size, stride, dtype, rng):
+    x = rand(rng, (2, 3, 7, 6), dtype)
+    Hq, Wq = (7 - size) // stride + 1, (6 - size) // stride + 1
+    yr = np.zeros((2, 3, Hq, Wq))
+    for di in range(size):
+        for dj in range(size):
+            yr += x[:, :, di:di + stride * (Hq - 1) + 1:stride, dj:dj + stride * (Wq - 1) + 1:stride]
+    close(nc.avgpool2d(x, size, stride), yr / size ** 2, dtype)
+    dy = rand(rng, (2, 3, Hq, Wq), dtype)
+    dxr = np.zeros((2, 3, 7, 6))
+    for i in range(Hq):
+        for j in range(Wq):
+            dxr[:, :, i * stride:i * stride + size, j * stride:j * stride + size] += \
+                dy[:, :, i:i + 1, j:j + 1] / size ** 2
+    close(nc.avgpool2d_backward(dy, size, stride, (7, 6)), dxr, dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# strategy choice, caching, errors
+# --------------------------------------------------------------------------------------------------
+
+def test_choose_strategy_is_remembered(rng):
+    case = CASES["3x3_asym_pad_Kodd"]
+    N, C, K, H, W, KH, KW, s, pads = case
+    env = os.environ.pop("GRAPHC_CONV_STRATEGY", None)
+    try:
+        got = nc.choose_conv_strategy((N, C, H, W), (K, C, KH, KW), s, pads, np.float32)
+        assert got in nc.STRATEGIES
+        data = json.loads((Path(nc.kernel_cache_dir()) / "conv_strategy.json").read_text())
+        entries = [v for k, v in data.items() if k.startswith("conv2d|x2x3x7x6|w5x3x3x3|")]
+        assert entries and entries[0]["strategy"] == got
+        nc._CHOICES.clear()                                          # next answer from the file
+        assert nc.choose_conv_strategy((N, C, H, W), (K, C, KH, KW), s, pads, np.float32) == got
+        x = rand(rng, (N, C, H, W), np.float32)
+        w = rand(rng, (K, C, KH, KW), np.float32)
+        close(nc.conv2d(x, w, None, s, pads), conv_ref(x, w, None, s, pads), np.float32)
+    finally:
+        if env is not None:
+            os.environ["GRAPHC_CONV_STRATEGY"] = env
+
+
+def test_generated_kernels_are_cached_on_disk():
+    x = np.ones((2, 3, 7, 6), np.float32)
+    nc.conv2d(x, np.ones((5, 3, 3, 3), np.float32), None, 1, (1, 0, 2, 1), strategy="direct")
+    d = Path(nc.kernel_cache_dir())
+    files = list(d.glob("graphc_kernel_*.py"))
+    assert files, "no generated kernel files"
+    assert list((d / "__pycache__").glob("graphc_kernel_*.nbi")), "no Numba cache index"
+    # a fresh process finds the machine code on disk: generation and compilation both skipped
+    code = (
+        "import sys, numpy as np\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from test_numba_conv import nc\n"
+        "x = np.ones((2, 3, 7, 6), np.float32); w = np.ones((5, 3, 3, 3), np.float32)\n"
+        "nc.conv2d(x, w, None, 1, (1, 0, 2, 1), strategy='direct')\n"
+        "k = list(nc._KERNELS.values())[0]\n"
+        "print(sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    hits, misses = (int(v) for v in out.stdout.split()[-2:])
+    assert hits >= 1 and misses == 0, out.stdout
+
+
+def test_errors():
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    with pytest.raises(nc.BackendError):
+        nc.conv2d(x, np.zeros((3, 4, 3, 3), np.float32), None, 1, (0, 0, 0, 0), strategy="direct")
+    with pytest.raises(nc.BackendError):
+        nc.conv2d(x.astype(np.int32), np.zeros((3, 2, 3, 3)), None, 1, (0, 0, 0, 0), strategy="direct")
+    with pytest.raises(nc.BackendError):
+        nc.conv2d(x, np.zeros((3, 2, 3, 3), np.float32), None, 1, (0, 0, 0, 0), strategy="winograd")
+    with pytest.raises(nc.BackendError):
+        nc.maxpool2d(x, 6, 1)
