@@ -4,6 +4,7 @@ simplified, fused and compiled like any graph.
 
     gc.grad(graph, wrt=None)  ->  Graph whose outputs are "grad/<name>" for each value in wrt
 """
+import networkx as nx
 import numpy as np
 
 from graphc import ops as optable
@@ -109,6 +110,13 @@ def grad(graph, wrt=None, loss=None, keep_outputs=False):
             g.nx.nodes[gw.name]["grad_of"] = w
             outs.append(gw.name)
     g.outputs = outs
+    # gate rules build gradients for every input; drop those nothing asked for (e.g. dL/dX of the
+    # first conv when only parameters are wanted), so the printed/rendered graph shows only what's used
+    live = set(outs)
+    for o in outs:
+        live |= nx.ancestors(g.nx, o)
+    g.nx.remove_nodes_from([n for n, d in list(g.nx.nodes(data=True))
+                            if d["role"] == "backward" and n not in live])
     return g
 
 

@@ -94,13 +94,14 @@ def test_lenet_backward_counts_colours_and_rules(lenet, lenet_grad):
     assert st["nodes"] == len(b.nx)
     assert st["edges"] == b.nx.number_of_edges()
     assert st["colours"] == {FORWARD_COLOR: n_fwd, BACKWARD_COLOR: n_grad, SAVED_COLOR: n_saved}
-    # ... and the numbers checked by hand once: 28 forward + 45 backward nodes; 27 forward edges,
-    # 47 gradient edges between backward nodes, 22 forward values read by gradient rules
-    assert (st["nodes"], st["edges"]) == (73, 96)
-    assert (n_fwd, n_grad, n_saved) == (27, 47, 22)
+    # ... and the numbers checked by hand once: 28 forward + 44 backward nodes; 27 forward edges,
+    # 46 gradient edges between backward nodes, 21 forward values read by gradient rules
+    # (no dL/dx for the input image: only parameter gradients are asked for)
+    assert (st["nodes"], st["edges"]) == (72, 94)
+    assert (n_fwd, n_grad, n_saved) == (27, 46, 21)
     # every red edge carries its rule, and the rule is the graph's
     red = [e for e in edge_lines(src) if f'color="{BACKWARD_COLOR}"' in e]
-    assert len(red) == 47 and all("label=" in e for e in red)
+    assert len(red) == 46 and all("label=" in e for e in red)
     assert set(st["edge_labels"]) >= LENET_RULES
     rules = {(u, v): d["rule"] for u, v, d in b.nx.edges(data=True)}
     for e in red:       # mirror layout: drawn head -> tail with dir=back
@@ -130,7 +131,7 @@ def test_layouts(lenet):
     only = gc.render(lenet, layout="backward-only")
     st = dot_stats(only)
     assert FORWARD_COLOR not in st["colours"]                # no forward edges
-    assert st["colours"][BACKWARD_COLOR] == 47
+    assert st["colours"][BACKWARD_COLOR] == 46
     assert "graphc-ghost" in only                            # forward values read, drawn as ghosts
     with pytest.raises(GraphError, match="layout"):
         gc.render(lenet, backward=True, layout="sideways")
