@@ -89,7 +89,7 @@ def test_model_from_a_file(capsys, tmp_path):
 def test_render_writes_files(capsys, tmp_path):
     out_file = tmp_path / "seed.dot"
     rc, out, _ = run(capsys, "render", "seed_cnn", "--backward", "--values", "-o", str(out_file))
-    assert rc == 0 and out.startswith(f"wrote {out_file} (44 nodes, 56 edges")
+    assert rc == 0 and out.startswith(f"wrote {out_file} (43 nodes, 54 edges")
     text = out_file.read_text()
     assert "0.2539" in text and "0.5077" in text and "dir=back" in text
     rc, _, _ = run(capsys, "render", "lenet5", "--format", "json", "-o", str(tmp_path / "l.json"))
