@@ -50,7 +50,7 @@ __all__ = [
     "cuda_status", "require_cuda", "is_simulator", "to_device", "to_host", "device_zeros", "host",
     "conv2d", "conv2d_relu_maxpool", "maxpool_route_backward", "conv2d_dx", "conv2d_dw", "conv2d_db",
     "maxpool2d", "maxpool2d_backward", "avgpool2d", "avgpool2d_backward", "matmul",
-    "sum", "softmax", "softmax_xent", "softmax_xent_grad", "elementwise_kernel", "ElementwiseKernel",
+    "reduce_sum", "softmax", "softmax_xent", "softmax_xent_grad", "elementwise_kernel", "ElementwiseKernel",
     "compile_ptx_all",
 ]
 
@@ -67,6 +67,7 @@ TM, TN = 4, 4                   # per-thread micro-tile
 GDX, GDY = BN // TN, BM // TM   # 16 x 16 threads
 GNT = GDX * GDY                 # 256
 SPAD = 4                        # shared-memory row padding (bank conflicts on the tile stores)
+BMP, BNP = BM + SPAD, BN + SPAD  # padded shared rows (shared-array shapes must be plain constants)
 FUSE_FSM = 1024                 # fused conv-pool: filter elements per channel slot in shared memory
 FUSE_KZ = 4                     # fused conv-pool: output channels per block (block z) at most
 FUSE_MAXWIN = 16                # fused conv-pool: pool-window positions kept per thread at most
@@ -355,8 +356,8 @@ def _mk_igemm(mode):
 
         def igemm(asrc, bsrc, bias, out, M, P, R, r_chunk,
                   N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl, flags):
-            As = cuda.shared.array((BK, BM + SPAD), nbt)
-            Bs = cuda.shared.array((BK, BN + SPAD), nbt)
+            As = cuda.shared.array((BK, BMP), nbt)
+            Bs = cuda.shared.array((BK, BNP), nbt)
             acc = cuda.local.array((TM, TN), nbt)
             ra = cuda.local.array(TM, nbt)
             rb = cuda.local.array(TN, nbt)
@@ -366,7 +367,9 @@ def _mk_igemm(mode):
             m0 = cuda.blockIdx.y * BM
             p0 = cuda.blockIdx.x * BN
             r_begin = cuda.blockIdx.z * r_chunk
-            r_end = min(R, r_begin + r_chunk)
+            r_end = r_begin + r_chunk
+            if r_end > R:
+                r_end = R
             zero = nbt(0)
             for i in range(TM):
                 for j in range(TN):
@@ -549,7 +552,9 @@ def _mk_conv_relu_pool(nbt):
             for wi in range(NWIN):
                 acc[wi] = zero
             for c0 in range(0, C, cc):
-                cn = min(cc, C - c0)
+                cn = C - c0
+                if cn > cc:
+                    cn = cc
                 chunk = cn * KHKW
                 # all threads stage the filter slices [k, c0:c0+cn] of the block's channels
                 for e in range(t, bdz * chunk, nt):
@@ -673,10 +678,19 @@ def _mk_avgpool_bwd(nbt):
             q = i // W
             ih = q % H
             nc = q // H
-            oh_lo = max(0, (ih - PH + sh) // sh)
-            oh_hi = min(Ho - 1, ih // sh)
-            ow_lo = max(0, (iw - PW + sw) // sw)
-            ow_hi = min(Wo - 1, iw // sw)
+            # windows covering ih: oh*sh <= ih < oh*sh + PH  (builtin min/max avoided: see _EwRewrite)
+            oh_lo = (ih - PH + sh) // sh
+            if oh_lo < 0:
+                oh_lo = 0
+            oh_hi = ih // sh
+            if oh_hi > Ho - 1:
+                oh_hi = Ho - 1
+            ow_lo = (iw - PW + sw) // sw
+            if ow_lo < 0:
+                ow_lo = 0
+            ow_hi = iw // sw
+            if ow_hi > Wo - 1:
+                ow_hi = Wo - 1
             s = nbt(0)
             for oh in range(oh_lo, oh_hi + 1):
                 rb = (nc * Ho + oh) * Wo
@@ -698,7 +712,9 @@ def _mk_reduce_keep_mid(nbt):
         AC = A * C
         chunk = (AC + S - 1) // S
         lo = s * chunk
-        hi = min(AC, lo + chunk)
+        hi = lo + chunk
+        if hi > AC:
+            hi = AC
         for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
             acc = nbt(0)
             for e in range(lo + t, hi, nt):
@@ -839,7 +855,8 @@ _FACTORIES = {
 
 def _igemm(name, asrc, bsrc, bias, out, M, P, R, dims=(0,) * 13, flags=0, allow_split=True):
     """Launch the implicit-GEMM kernel; out (flat) must be allocated; zeroed here when split-K is used."""
-    c = _load_cuda()
+    if M * P == 0:
+        return out
     gx, gy = _cdiv(P, BN), _cdiv(M, BM)
     if gy > 65535:
         raise BackendError(f"implicit GEMM: {M} output rows exceed the grid limit")
@@ -933,9 +950,10 @@ def conv2d_relu_maxpool(x, w, b=None, stride=1, pads=0, pool_size=2, pool_stride
             return y
         route = elementwise_kernel("a1 if a0 > 0 else -1", 2)(yr, rt, dtype=np.int32)
         return y, route
-    c = _load_cuda()
     y = _empty((N, K, Hp, Wp), dt)
     route = _empty((N, K, Hp, Wp), np.int32) if save_route else _dummy(np.int32)
+    if y.size == 0:
+        return (y, route) if save_route else y
     cc = max(1, min(C, FUSE_FSM // KHKW))
     bx = _p2(Wp, 16)
     by = _p2(Hp, 16)
@@ -983,6 +1001,8 @@ def maxpool2d(x, size=2, stride=None, save_route=False):
     y = _empty((N, C, Ho, Wo), dt)
     route = _empty((N, C, Ho, Wo), np.int32) if save_route else _dummy(np.int32)
     n = y.size
+    if n == 0:
+        return (y, route) if save_route else y
     _kernel("maxpool", dt)[_grid1d(n), EW_BLOCK](_flat(x), _flat(y), _flat(route), N * C, H, W, Ho, Wo,
                                                 PH, PW, sh, sw, 1 if save_route else 0)
     return (y, route) if save_route else y
@@ -1004,6 +1024,8 @@ def avgpool2d(x, size=2, stride=None):
     if Ho < 1 or Wo < 1:
         raise BackendError(f"avgpool2d: window {PH}x{PW} larger than the input {H}x{W}")
     y = _empty((N, C, Ho, Wo), dt)
+    if y.size == 0:
+        return y
     _kernel("avgpool", dt)[_grid1d(y.size), EW_BLOCK](_flat(x), _flat(y), N * C, H, W, Ho, Wo, PH, PW, sh, sw,
                                                      dt.type(1.0 / (PH * PW)))
     return y
@@ -1021,6 +1043,8 @@ def avgpool2d_backward(dy, size, stride, in_hw):
         raise BackendError(f"avgpool2d_backward: dy {Ho}x{Wo} does not fit input {H}x{W}, window {PH}x{PW}, "
                            f"stride {(sh, sw)}")
     dx = _empty((N, C, H, W), dt)
+    if dx.size == 0:
+        return dx
     _kernel("avgpool_bwd", dt)[_grid1d(dx.size), EW_BLOCK](_flat(dy), _flat(dx), N * C, H, W, Ho, Wo, PH, PW,
                                                           sh, sw, dt.type(1.0 / (PH * PW)))
     return dx
@@ -1062,7 +1086,7 @@ def conv2d_dw(x, dy, stride, pads, k_hw):
 
 def conv2d_db(dy):
     """dL/db (K,) = sum of dy over (N, H, W)."""
-    return sum(dy, axes=(0, 2, 3))
+    return reduce_sum(dy, axes=(0, 2, 3))
 
 
 def matmul(a, b, trans_a=False, trans_b=False, bias=None):
@@ -1118,8 +1142,9 @@ def _reduce_mid(xf, A, B, C, dt, scale=1.0):
     return out
 
 
-def sum(x, axes=None, keepdims=False, scale=1.0):  # noqa: A001 - mirrors numpy's name on purpose
+def reduce_sum(x, axes=None, keepdims=False, scale=1.0):
     """Sum over ``axes`` (None: all); any axis set works, e.g. all, (0,) of 2-D, (0, 2, 3) of 4-D.
+    Also available as ``sum`` (left out of ``__all__`` so that ``import *`` does not shadow the builtin).
 
     ``scale`` multiplies the result (``scale=1/n`` gives a mean).  All axes give a 0-d device array.
     Deterministic (no atomics): per-block tree reductions, then a second pass when the work was split.
@@ -1143,6 +1168,9 @@ def sum(x, axes=None, keepdims=False, scale=1.0):  # noqa: A001 - mirrors numpy'
         return out.reshape(final_shape) if final_shape else out.reshape(())
     res = _sum_flat(xf, shape, red, dt, scale)
     return res.reshape(final_shape) if final_shape else res.reshape(())
+
+
+sum = reduce_sum  # noqa: A001
 
 
 def _sum_flat(xf, shape, red, dt, scale):
@@ -1309,6 +1337,16 @@ class _EwRewrite(ast.NodeTransformer):
             c, a, b = node.args
             return ast.IfExp(test=self._test(c), body=self.visit(a), orelse=self.visit(b))
         args = [self.visit(a) for a in node.args]
+        if fn in ("min", "max"):
+            # Python's min/max as conditionals: numba's builtin min/max are overloads that the built-in
+            # numba.cuda can only compile with a GPU present (no compile_ptx without a driver)
+            if len(args) < 2:
+                self._fail(f"{fn} takes at least 2 arguments")
+            res = args[0]
+            for nxt in args[1:]:
+                op = ast.Gt() if fn == "max" else ast.Lt()
+                res = ast.IfExp(test=ast.Compare(left=nxt, ops=[op], comparators=[res]), body=nxt, orelse=res)
+            return self._T(res)
         target = _EW_FUNCS[fn]
         if "." in target:
             mod, attr = target.split(".")
@@ -1497,16 +1535,19 @@ def _ptx_signatures(dtype):
     return out
 
 
-def compile_ptx_all(cc=(9, 0), dtype=np.float32, elementwise=()):
-    """Compile every kernel (and the given elementwise kernels: ``(exprs, n_inputs[, n_scalars])``) to PTX
-    for compute capability ``cc`` with ``cuda.compile_ptx``; returns {name: ptx}.  Needs numba-cuda with
-    NVVM (pip install 'graphc[cuda]'), not a GPU; raises BackendError under the simulator."""
+def compile_ptx_all(cc=(9, 0), dtype=np.float32, elementwise=(), names=None):
+    """Compile every kernel (or those in ``names``) and the given elementwise kernels
+    (``(exprs, n_inputs[, n_scalars])``) to PTX for compute capability ``cc`` with ``cuda.compile_ptx``;
+    returns {name: ptx}.  Needs NVVM (numba-cuda's pip CUDA toolkit, pip install 'graphc[cuda]', or a
+    CUDA toolkit on the system), not a GPU; raises BackendError under the simulator."""
     c = _load_cuda()
     if _is_sim_module(c) or not hasattr(c, "compile_ptx"):
         raise BackendError("compile_ptx_all needs the real numba.cuda target, not the simulator")
     from numba import types as T
     res = {}
     for nm, fn, sig in _ptx_signatures(dtype):
+        if names is not None and nm not in names:
+            continue
         ptx, _ = c.compile_ptx(fn, sig, cc=cc)
         res[nm] = ptx
     f = _nbtype(dtype)
