@@ -24,8 +24,9 @@ def insert_copies(graph, relevant=None):
         for u in users:
             ud = g.nx.nodes[u]
             ud["inputs"] = tuple(cp.name if i == name else i for i in ud["inputs"])
+            rule = g.nx.edges[name, u].get("rule")     # an edge into a backward node keeps its rule
             g.nx.remove_edge(name, u)
-            g.nx.add_edge(cp.name, u, rule=None)
+            g.nx.add_edge(cp.name, u, rule=rule)
         # keep the copy right after its source in the deterministic order
         g.nx.nodes[cp.name]["order"] = d["order"] + 0.5
     return g
