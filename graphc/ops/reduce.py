@@ -77,9 +77,14 @@ def sum_to_ref(x, shape):
 
 register(OpDef("sum_to", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: sum_to_ref(ins[0], ins[1].shape),
-               lambda g, n, d: [g.expand_like(d, n.inputs[0]), None],
+               lambda g, n, d: [_rule(g, "sum_to:expand", lambda: g.expand_like(d, n.inputs[0])), None],
                doc="sums a broadcast result back to the shape of `like` (add:distribute over broadcasting)"))
 register(OpDef("expand_like", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(ins[0], ins[1].shape).copy(),
-               lambda g, n, d: [g.sum_to(d, n.inputs[0]), None],
+               lambda g, n, d: [_rule(g, "expand:sum_to", lambda: g.sum_to(d, n.inputs[0])), None],
                doc="broadcasts to the shape of `like`"))
+
+
+def _rule(g, rule, fn):
+    with g.rule(rule):
+        return fn()

@@ -41,7 +41,8 @@ def _reshape_grad(g, node, dy):
 register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)"))
 register(OpDef("reshape_like", lambda node, t: (t[1][0], t[0][1]),
                lambda ins, a, ctx: ins[0].reshape(ins[1].shape),
-               lambda g, n, d: [g.reshape_like(d, n.inputs[0]), None], doc="reshape to the shape of `like`"))
+               lambda g, n, d: [_rule(g, "reshape:undo", lambda: g.reshape_like(d, n.inputs[0])), None],
+               doc="reshape to the shape of `like`"))
 
 
 def _transpose_infer(node, in_types):
@@ -114,11 +115,13 @@ def _unslice_ref(inputs, attrs, ctx):
 
 
 register(OpDef("slice", _slice_infer, _slice_ref,
-               lambda g, n, d: [g.unslice(d, n.inputs[0], axis=n.attrs["axis"], start=n.attrs["start"])],
+               lambda g, n, d: [_rule(g, "slice:unslice",
+                                      lambda: g.unslice(d, n.inputs[0], axis=n.attrs["axis"], start=n.attrs["start"]))],
                doc="x[start:stop] along one axis"))
 register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
-               lambda g, n, d: [g.slice(d, axis=n.attrs["axis"], start=n.attrs["start"],
-                                        stop=n.attrs["start"] + n.inputs[0].shape[n.attrs["axis"]]), None],
+               lambda g, n, d: [_rule(g, "unslice:slice", lambda: g.slice(
+                   d, axis=n.attrs["axis"], start=n.attrs["start"],
+                   stop=n.attrs["start"] + n.inputs[0].shape[n.attrs["axis"]])), None],
                doc="places g into zeros shaped like `like` (slice's gradient)"))
 
 
