@@ -62,7 +62,17 @@ def _sce_ref(inputs, attrs, ctx):
 def _sce_grad(g, node, dy):
     z, labels = node.inputs
     with g.rule("softmax-ce:(O-y)/m"):
-        return [g.softmax_ce_grad(z, labels, dy), None]
+        dz = g.softmax_ce_grad(z, labels, dy)
+    return [dz, _soft_label_grad(g, labels, lambda: g.log(g.softmax(z, axis=1)), dy, z)]
+
+
+def _soft_label_grad(g, labels, log_p, dy, like):
+    """d/dy of -sum(y log p)/m for float (one-hot or soft) labels that are graph values: -log(p)/m * dy.
+    Integer class ids have no gradient."""
+    if not labels.dtype.startswith("float"):
+        return None
+    with g.rule("ce:-log(p)/m"):
+        return g.neg(g.mul(log_p(), _per_element(g, dy, like, float(like.shape[1]))))
 
 
 def _sce_grad_ref(inputs, attrs, ctx):
@@ -94,7 +104,9 @@ def _sce_grad_grad(g, node, dgrad):
         h = g.mul(dgrad, _per_element(g, dy, z, float(z.shape[1])))
         p = g.softmax(z, axis=1)
         dz = g.mul(p, g.sub(h, g.sum(g.mul(h, p), axes=1, keepdims=True)))
-        return [dz, None, _d_dy(g, node, dgrad, "softmax_ce_grad")]
+        dl = g.neg(g.mul(dgrad, _per_element(g, dy, z, float(z.shape[1])))) \
+            if labels.dtype.startswith("float") else None
+        return [dz, dl, _d_dy(g, node, dgrad, "softmax_ce_grad")]
 
 
 register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_ref, _sce_grad_grad,
@@ -114,14 +126,17 @@ def _ce_grad_ref(inputs, attrs, ctx):
 
 
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
-               lambda g, n, dy: [_with(g, "ce:-y/p", lambda: g.cross_entropy_grad(n.inputs[0], n.inputs[1], dy)), None],
+               lambda g, n, dy: [_with(g, "ce:-y/p", lambda: g.cross_entropy_grad(n.inputs[0], n.inputs[1], dy)),
+                                 _soft_label_grad(g, n.inputs[1], lambda: g.log(n.inputs[0]), dy, n.inputs[0])],
                doc="mean over the batch of -sum(y log p) for probabilities p"))
 
 
 def _ce_grad_grad(g, node, dgrad):
-    p = node.inputs[0]
-    with g.rule("ce-grad:local"):     # d/dp of -y/p * dy/m = -(out)/p
-        return [g.mul(dgrad, g.neg(g.div(node.out, p))), None, _d_dy(g, node, dgrad, "cross_entropy_grad")]
+    p, labels, dy = node.inputs
+    with g.rule("ce-grad:local"):     # d/dp of -y/p * dy/m = -(out)/p;  d/dy = -1/p * dy/m
+        dl = g.neg(g.mul(g.div(dgrad, p), _per_element(g, dy, p, float(p.shape[1])))) \
+            if labels.dtype.startswith("float") else None
+        return [g.mul(dgrad, g.neg(g.div(node.out, p))), dl, _d_dy(g, node, dgrad, "cross_entropy_grad")]
 
 
 register(OpDef("cross_entropy_grad", lambda node, t: (t[0][0], t[0][1]), _ce_grad_ref, _ce_grad_grad,
@@ -180,7 +195,10 @@ def _bce_grad_ref(inputs, attrs, ctx):
 def _bce_grad(g, node, dy):
     z, t = node.inputs
     with g.rule("bce:(sigmoid(z)-t)/n"):
-        return [g.bce_grad(z, t, dy), None]
+        dz = g.bce_grad(z, t, dy)
+    with g.rule("bce:-z/n"):           # the targets are float graph values: d/dt = -z/n
+        dt = g.neg(g.mul(z, _per_element(g, dy, z)))
+    return [dz, dt]
 
 
 register(OpDef("bce_with_sigmoid", _pair_infer, _bce_ref, _bce_grad,
