@@ -1,0 +1,188 @@
+"""Checkpoints: every parameter and optimizer state of an executable in one ``.npz``, plus metadata.
+
+    save_checkpoint("run.npz", exe, {"model": "lenet5", "epoch": 3, ...})
+    meta = load_checkpoint("run.npz", exe)          # shape-checked; raises CheckpointError on mismatch
+
+File layout: one array per entry of ``exe.state_dict()`` under its own name (``"c1.w"``,
+``"optim/m/c1.w"``, ``"optim/lr"``, ``"__step__"``) and the metadata as a JSON string under
+``"__meta__"`` (``format``, ``version``, ``state_names``, and whatever the caller put in: model name,
+epoch, step, seed, optimizer config, data spec, graph fingerprint...). Loads with
+``allow_pickle=False``: a checkpoint never runs code.
+
+Writes are atomic: the file is written to a temporary file in the same directory, flushed and
+fsync'ed, then ``os.replace``-d over the destination. An interrupted or failed write leaves the
+previous checkpoint (or nothing) in place, never a half-written file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from graphc.errors import CheckpointError
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "graph_fingerprint", "FORMAT", "VERSION"]
+
+FORMAT = "graphc-checkpoint"
+VERSION = 1
+META_KEY = "__meta__"
+STEP_KEY = "__step__"
+
+
+def graph_fingerprint(graph) -> str:
+    """A short structural hash of a (forward) graph: every node's name, op, shape, dtype, inputs and
+    attributes (constant values excluded), in a deterministic order. Two graphs built by the same
+    code with the same hyper-parameters have the same fingerprint whatever their weights or seed."""
+    nodes = graph.nx.nodes
+    rows = []
+    for n in graph.topo():
+        d = nodes[n]
+        if d.get("role", "forward") != "forward" or n.startswith("optim/"):
+            continue
+        attrs = {k: v for k, v in d["attrs"].items() if k not in ("value", "seed", "init")}
+        rows.append([n, d["op"], list(d["shape"]), d["dtype"], list(d["inputs"]), attrs])
+    text = json.dumps(rows, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_npz(fileobj, arrays: dict) -> None:
+    """Writes the arrays as an uncompressed .npz into an open binary file (a seam for tests)."""
+    np.savez(fileobj, **arrays)
+
+
+def save_checkpoint(path, exe, meta=None) -> Path:
+    """Writes ``exe.state_dict()`` (every parameter, optimizer state and the step counter) and ``meta``
+    (a JSON-serialisable dict) to ``path`` atomically. Returns the path written."""
+    path = Path(path)
+    meta = dict(meta or {})
+    state = exe.state_dict()
+    bad = [k for k in state if k == META_KEY]
+    if bad:
+        raise CheckpointError(f"the graph has a value named {META_KEY!r}, which checkpoints reserve")
+    meta.setdefault("step", int(state.get(STEP_KEY, 0)))
+    meta.update(format=FORMAT, version=VERSION,
+                state_names=sorted(k for k in state if k != STEP_KEY),
+                dtype=str(getattr(exe, "dtype", "")))
+    try:
+        meta_text = json.dumps(meta, sort_keys=True)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
+    arrays = {k: np.asarray(v) for k, v in state.items()}
+    arrays[META_KEY] = np.array(meta_text)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise CheckpointError(f"{path}: cannot save a checkpoint, directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_npz(f, arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:        # KeyboardInterrupt included: never leave the temp file behind
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return path
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """Reads a checkpoint file into (arrays by name, metadata); CheckpointError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+        raise CheckpointError(f"{path}: not a readable graphc checkpoint (corrupt or truncated file: {e})") from None
+    if not isinstance(arrays, dict) or META_KEY not in arrays:
+        raise CheckpointError(f"{path}: not a graphc checkpoint (no {META_KEY!r} entry)")
+    try:
+        meta = json.loads(str(arrays.pop(META_KEY)))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a graphc checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
+    if int(meta.get("version", 0)) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta['version']} is newer than this graphc "
+                              f"reads ({VERSION}); upgrade graphc")
+    names = meta.get("state_names")
+    if names is not None:
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise CheckpointError(f"{path}: corrupt checkpoint, its index lists {missing[:5]} but the file "
+                                  "does not hold them")
+    return arrays, meta
+
+
+def _describe(meta) -> str:
+    parts = []
+    if meta.get("model"):
+        parts.append(f"model {meta['model']!r}")
+    opt = meta.get("optimizer")
+    if isinstance(opt, dict) and opt.get("name"):
+        parts.append(f"optimizer {opt['name']!r}")
+    return " with ".join(parts) if parts else "another graph"
+
+
+def load_checkpoint(path, exe, fingerprint=None, model=None) -> dict:
+    """Loads a checkpoint into ``exe`` (parameters, optimizer state, step counter) and returns its metadata.
+
+    Checked before anything is changed, each failure a CheckpointError naming the problem: a file that
+    is missing, corrupt or not a checkpoint; a ``fingerprint`` (see ``graph_fingerprint``) or ``model``
+    name other than the one recorded; values the graph has and the file lacks (or the reverse, e.g.
+    optimizer state of another optimizer); arrays of the wrong shape."""
+    path = Path(path)
+    arrays, meta = read_checkpoint(path)
+    if model is not None and meta.get("model") is not None and meta["model"] != model:
+        raise CheckpointError(f"{path}: checkpoint was written for model {meta['model']!r}, not {model!r}")
+    if fingerprint is not None and meta.get("fingerprint") is not None and meta["fingerprint"] != fingerprint:
+        raise CheckpointError(f"{path}: checkpoint was written for a different graph structure "
+                              f"({_describe(meta)}, fingerprint {meta['fingerprint']}; this graph's is "
+                              f"{fingerprint}): same model name but other layers or sizes?")
+    state = exe.state
+    missing = [n for n in state if n not in arrays]
+    extra = [n for n in arrays if n not in state and n != STEP_KEY]
+    if missing or extra:
+        lines = [f"{path}: checkpoint ({_describe(meta)}) does not match this executable"]
+        if missing:
+            lines.append(f"  missing from the checkpoint: {', '.join(missing[:8])}"
+                         + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""))
+        if extra:
+            lines.append(f"  in the checkpoint but not in the graph: {', '.join(extra[:8])}"
+                         + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
+        if any(n.startswith("optim/") for n in missing + extra):
+            lines.append("  (optimizer state differs: resume with the optimizer the checkpoint was trained with)")
+        raise CheckpointError("\n".join(lines))
+    wrong = [(n, tuple(arrays[n].shape), tuple(np.shape(state[n]))) for n in state
+             if tuple(arrays[n].shape) != tuple(np.shape(state[n]))]
+    if wrong:
+        raise CheckpointError(f"{path}: checkpoint ({_describe(meta)}) has arrays of the wrong shape: "
+                              + "; ".join(f"{n}: checkpoint {a}, graph {b}" for n, a, b in wrong[:8]))
+    bad = [n for n in state if arrays[n].dtype.kind not in "fiub"]
+    if bad:
+        raise CheckpointError(f"{path}: checkpoint arrays {bad[:5]} are not numeric")
+    exe.load_state_dict(arrays)
+    return meta
