@@ -19,7 +19,9 @@ Launch configuration (chosen for a real GPU such as an H100 with 132 SMs; the si
 same results):
 
 * Convolutions (forward, dx, dw) and matmul are one *implicit-GEMM* kernel: a 64x64 output tile per
-  block of 16x16 threads, each thread a 4x4 register micro-tile, the reduction walked in steps of 8 with
+  block of 16x16 threads, each thread a 4x4 register micro-tile (16x64 / 32x64 tiles with 1x4 / 2x4
+  micro-tiles when there are at most 16 / 32 output rows, e.g. a first conv layer with 6 filters),
+  the reduction walked in steps of 8 with
   the A tile (filters) and the B tile (input patches gathered on the fly: no im2col buffer) staged in
   shared memory (padded against bank conflicts).  The grid is 3-D: x over output columns (pixels),
   y over output rows (channels), z over *split-K* slices, used when the output alone gives too few blocks
@@ -341,7 +343,7 @@ def _mk_fill(nbt):
     return fill_k
 
 
-def _mk_igemm(mode):
+def _mk_igemm(mode, tm):
     """Implicit GEMM  out[m, p] = sum_r A[m, r] * B[r, p]  for the conv forward / dx / dw and matmul.
 
     FWD: A = w (K x CRS), B = input patches gathered from x, out = y (N, K, Ho, Wo)    [m=k, p=(n,oh,ow)]
@@ -349,29 +351,34 @@ def _mk_igemm(mode):
     DW : A = dy (K x NHoWo), B = input patches^T, out = dw (K, C, KH, KW)              [m=k, p=(c,kh,kw)]
     MM : A = a or a^T, B = b or b^T, out = c (M x P)
     All arrays are passed flat; split-K slices (grid z) accumulate with atomics into a zeroed out.
+    ``tm`` (1, 2 or 4) rows per thread: block tiles of 16*tm rows, so that layers with few output
+    channels (K <= 16 or 32) do not waste three quarters of a 64-row tile.
     """
+    bm = GDY * tm                 # block rows
+    bmp = bm + SPAD
+    a_elems = bm * BK
     def factory(nbt):
-        A_LOADS = (BM * BK) // GNT
+        A_LOADS = (a_elems + GNT - 1) // GNT
         B_LOADS = (BK * BN) // GNT
 
         def igemm(asrc, bsrc, bias, out, M, P, R, r_chunk,
                   N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl, flags):
-            As = cuda.shared.array((BK, BMP), nbt)
+            As = cuda.shared.array((BK, bmp), nbt)
             Bs = cuda.shared.array((BK, BNP), nbt)
-            acc = cuda.local.array((TM, TN), nbt)
-            ra = cuda.local.array(TM, nbt)
+            acc = cuda.local.array((tm, TN), nbt)
+            ra = cuda.local.array(tm, nbt)
             rb = cuda.local.array(TN, nbt)
             tx = cuda.threadIdx.x
             ty = cuda.threadIdx.y
             t = ty * GDX + tx
-            m0 = cuda.blockIdx.y * BM
+            m0 = cuda.blockIdx.y * bm
             p0 = cuda.blockIdx.x * BN
             r_begin = cuda.blockIdx.z * r_chunk
             r_end = r_begin + r_chunk
             if r_end > R:
                 r_end = R
             zero = nbt(0)
-            for i in range(TM):
+            for i in range(tm):
                 for j in range(TN):
                     acc[i, j] = zero
             KHKW = KH * KW
@@ -393,12 +400,14 @@ def _mk_igemm(mode):
                 # ---- A tile: As[kk, mm] = A[m0+mm, r0+kk]
                 for l in range(A_LOADS):
                     e = t + l * GNT
+                    if e >= a_elems:
+                        continue
                     if a_kfast:
                         kk = e % BK
                         mm = e // BK
                     else:
-                        mm = e % BM
-                        kk = e // BM
+                        mm = e % bm
+                        kk = e // bm
                     m = m0 + mm
                     r = r0 + kk
                     v = zero
@@ -480,11 +489,11 @@ def _mk_igemm(mode):
                     Bs[kk, pp] = v
                 cuda.syncthreads()
                 for kk in range(BK):
-                    for i in range(TM):
+                    for i in range(tm):
                         ra[i] = As[kk, ty + i * GDY]
                     for j in range(TN):
                         rb[j] = Bs[kk, tx + j * GDX]
-                    for i in range(TM):
+                    for i in range(tm):
                         for j in range(TN):
                             acc[i, j] += ra[i] * rb[j]
                 cuda.syncthreads()
@@ -493,7 +502,7 @@ def _mk_igemm(mode):
             relu = (flags & 2) != 0
             atomic = (flags & 4) != 0
             bias_col = (flags & 32) != 0
-            for i in range(TM):
+            for i in range(tm):
                 m = m0 + ty + i * GDY
                 if m < M:
                     bm_ = zero
@@ -832,10 +841,8 @@ def _mk_softmax_family(which):
 
 _FACTORIES = {
     "fill": _mk_fill,
-    "igemm_fwd": _mk_igemm(_FWD),
-    "igemm_dx": _mk_igemm(_DX),
-    "igemm_dw": _mk_igemm(_DW),
-    "igemm_mm": _mk_igemm(_MM),
+    **{f"igemm_{nm}{'' if tm == 4 else f'_t{tm}'}": _mk_igemm(md, tm)
+       for nm, md in (("fwd", _FWD), ("dx", _DX), ("dw", _DW), ("mm", _MM)) for tm in (4, 2, 1)},
     "conv_relu_pool": _mk_conv_relu_pool,
     "route_scatter": _mk_route_scatter,
     "maxpool": _mk_maxpool,
@@ -857,7 +864,10 @@ def _igemm(name, asrc, bsrc, bias, out, M, P, R, dims=(0,) * 13, flags=0, allow_
     """Launch the implicit-GEMM kernel; out (flat) must be allocated; zeroed here when split-K is used."""
     if M * P == 0:
         return out
-    gx, gy = _cdiv(P, BN), _cdiv(M, BM)
+    tm = 1 if M <= GDY else (2 if M <= 2 * GDY else TM)   # rows per thread: block tile of 16, 32 or 64 rows
+    if tm != TM:
+        name = f"{name}_t{tm}"
+    gx, gy = _cdiv(P, BN), _cdiv(M, GDY * tm)
     if gy > 65535:
         raise BackendError(f"implicit GEMM: {M} output rows exceed the grid limit")
     splits = 1
@@ -1090,7 +1100,8 @@ def conv2d_db(dy):
 
 
 def matmul(a, b, trans_a=False, trans_b=False, bias=None):
-    """op(a) @ op(b) (+ bias per column): the shared-memory tiled GEMM (64x64 tiles, 4x4 per thread)."""
+    """op(a) @ op(b) (+ bias per column): the shared-memory tiled GEMM (64x64 tiles, 4x4 per thread;
+    narrower tiles when op(a) has at most 32 rows); split-K over the inner size when the output is small."""
     _check_shape(a, 2, "matmul a")
     _check_shape(b, 2, "matmul b")
     dt = _fdtype(a, b, bias)
@@ -1520,7 +1531,7 @@ def _ptx_signatures(dtype):
     fa, ia = A(f), A(i32)
     sigs = [("fill", (fa, f, i64))]
     g = (fa, fa, fa, fa) + (i64,) * 4 + (i64,) * 13 + (i64,)
-    sigs += [(nm, g) for nm in ("igemm_fwd", "igemm_dx", "igemm_dw", "igemm_mm")]
+    sigs += [(nm, g) for nm in _FACTORIES if nm.startswith("igemm_")]
     sigs += [("conv_relu_pool", (fa, fa, fa, fa, ia) + (i64,) * 21)]
     sigs += [("route_scatter", (fa, ia, fa, i64, i64, i64))]
     sigs += [("maxpool", (fa, fa, ia) + (i64,) * 10)]
