@@ -1,0 +1,438 @@
+"""The numba backend's own @njit kernels (everything but the convolutions, which live in numba_conv.py).
+
+All kernels write into preallocated outputs (the memory plan's buffers) and are compiled with
+``cache=True``, so a second process loads machine code from Numba's disk cache. Kernels whose work
+grows with the batch come in a parallel (prange over batch x channels) and a serial variant: on this
+2-core machine a parallel region costs ~10-25 us to start, more than a small kernel's whole run, so the
+backend picks the serial one below PARALLEL_MIN elements. Reductions accumulate in float64.
+
+Conventions match the reference semantics: max-pool ties go to the first maximum in row-major window
+order; routes are flat in-plane indices ``i*W + j`` (int32), -1 = no gradient.
+
+The conv placeholders at the end (``conv_*_fallback``) are used only when backends/numba_conv.py (the
+fast conv kernels) is missing or lacks a function: im2col + one BLAS matrix product, correct but slow.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+PARALLEL_MIN = 1 << 16
+_FM = {"nsz", "arcp", "contract", "afn", "reassoc"}     # fastmath without nnan/ninf: NaN and inf keep IEEE meaning
+
+
+# --------------------------------------------------------------------------------------------- pooling
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def maxpool_k(x, y, route, kh, kw, sh, sw, save, relu_route):
+    """y = max over each window; with save, route = flat index of the first max in x's plane
+    (relu_route: -1 where that max is <= 0)."""
+    N, C, H, W = x.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for i in range(Ho):
+            for j in range(Wo):
+                r0 = i * sh
+                c0 = j * sw
+                best = x[n, c, r0, c0]
+                bi = r0 * W + c0
+                for a in range(kh):
+                    for b in range(kw):
+                        v = x[n, c, r0 + a, c0 + b]
+                        if v > best or (v != v and best == best):
+                            best = v
+                            bi = (r0 + a) * W + c0 + b
+                y[n, c, i, j] = best
+                if save:
+                    route[n, c, i, j] = -1 if (relu_route and not best > 0) else bi
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def maxpool_route_k(x, dy, dx, kh, kw, sh, sw):
+    """dx = each window's dy added at its (first) max in x (overlapping windows accumulate)."""
+    N, C, H, W = x.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for p in range(H):
+            for q in range(W):
+                dx[n, c, p, q] = 0.0
+        for i in range(Ho):
+            for j in range(Wo):
+                r0 = i * sh
+                c0 = j * sw
+                best = x[n, c, r0, c0]
+                bp = r0
+                bq = c0
+                for a in range(kh):
+                    for b in range(kw):
+                        v = x[n, c, r0 + a, c0 + b]
+                        if v > best:
+                            best = v
+                            bp = r0 + a
+                            bq = c0 + b
+                dx[n, c, bp, bq] += dy[n, c, i, j]
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def route_scatter_k(dy, route, dx, db, want_db):
+    """dx (N, C, H, W) = dy added at the routed positions (route -1: dropped); with want_db also
+    db[c] = sum of the routed dy (= sum of dx over N, H, W: the conv bias gradient), in one pass.
+    Parallel over channels, so each task owns its dx planes and its db entry."""
+    N, C = dy.shape[0], dy.shape[1]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    W = dx.shape[3]
+    for c in prange(C):
+        acc = 0.0
+        for n in range(N):
+            plane = dx[n, c]
+            for p in range(dx.shape[2]):
+                for q in range(W):
+                    plane[p, q] = 0.0
+            for i in range(Ho):
+                for j in range(Wo):
+                    r = route[n, c, i, j]
+                    if r >= 0:
+                        v = dy[n, c, i, j]
+                        p = r // W
+                        plane[p, r - p * W] += v
+                        acc += v
+        if want_db:
+            db[c] = acc
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def avgpool_k(x, y, kh, kw, sh, sw):
+    N, C = x.shape[0], x.shape[1]
+    Ho, Wo = y.shape[2], y.shape[3]
+    inv = 1.0 / (kh * kw)
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for i in range(Ho):
+            for j in range(Wo):
+                s = 0.0
+                for a in range(kh):
+                    for b in range(kw):
+                        s += x[n, c, i * sh + a, j * sw + b]
+                y[n, c, i, j] = s * inv
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def avgpool_spread_k(dy, dx, kh, kw, sh, sw):
+    N, C = dy.shape[0], dy.shape[1]
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    inv = 1.0 / (kh * kw)
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for p in range(dx.shape[2]):
+            for q in range(dx.shape[3]):
+                dx[n, c, p, q] = 0.0
+        for i in range(Ho):
+            for j in range(Wo):
+                v = dy[n, c, i, j] * inv
+                for a in range(kh):
+                    for b in range(kw):
+                        dx[n, c, i * sh + a, j * sw + b] += v
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def gap_k(x3, y2):
+    """y (N, C) = mean of each (H*W) plane of x3 (N, C, H*W)."""
+    N, C, P = x3.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        s = 0.0
+        for p in range(P):
+            s += x3[n, c, p]
+        y2[n, c] = s / P
+
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def gap_spread_k(dy2, dx3):
+    N, C, P = dx3.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        v = dy2[n, c] / P
+        for p in range(P):
+            dx3[n, c, p] = v
+
+
+# ------------------------------------------------------------------------------------------ reductions
+
+@njit(parallel=True, fastmath=_FM, cache=True, nogil=True)
+def sum4_par(x, out, scale):
+    """out (K0, K1) = scale * sum over r0, r1 of x (R0, K0, R1, K1): every reduction over any set of
+    axes, after merging adjacent axes of the same kind, fits this form. Parallel over K0."""
+    R0, K0, R1, K1 = x.shape
+    for k0 in prange(K0):
+        acc = np.zeros(K1, np.float64)
+        for r0 in range(R0):
+            for r1 in range(R1):
+                for k1 in range(K1):
+                    acc[k1] += x[r0, k0, r1, k1]
+        for k1 in range(K1):
+            out[k0, k1] = acc[k1] * scale
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def sum4_ser(x, out, scale):
+    R0, K0, R1, K1 = x.shape
+    acc = np.zeros(K1, np.float64)
+    for k0 in range(K0):
+        acc[:] = 0.0
+        for r0 in range(R0):
+            for r1 in range(R1):
+                for k1 in range(K1):
+                    acc[k1] += x[r0, k0, r1, k1]
+        for k1 in range(K1):
+            out[k0, k1] = acc[k1] * scale
+
+
+# ------------------------------------------------------------------------------------ softmax and losses
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def softmax_rows_k(x, y):
+    M, K = x.shape
+    for i in range(M):
+        m = x[i, 0]
+        for k in range(1, K):
+            if x[i, k] > m:
+                m = x[i, k]
+        s = 0.0
+        for k in range(K):
+            e = math.exp(x[i, k] - m)
+            y[i, k] = e
+            s += e
+        inv = 1.0 / s
+        for k in range(K):
+            y[i, k] = y[i, k] * inv
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def sce_int_k(z, labels, out):
+    """mean over rows of -log softmax(z)[label]"""
+    M, K = z.shape
+    tot = 0.0
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(K):
+            s += math.exp(z[i, k] - m)
+        tot += (m + math.log(s)) - z[i, labels[i]]
+    out[0] = tot / M
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def sce_dense_k(z, y, out):
+    M, K = z.shape
+    tot = 0.0
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(K):
+            s += math.exp(z[i, k] - m)
+        lse = m + math.log(s)
+        for k in range(K):
+            tot -= y[i, k] * (z[i, k] - lse)
+    out[0] = tot / M
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def sce_grad_int_k(z, labels, dy, out):
+    """(softmax(z) - onehot) * dy / M"""
+    M, K = z.shape
+    scale = dy[0] / M
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(K):
+            e = math.exp(z[i, k] - m)
+            out[i, k] = e
+            s += e
+        inv = 1.0 / s
+        for k in range(K):
+            out[i, k] = out[i, k] * inv * scale
+        out[i, labels[i]] -= scale
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def sce_grad_dense_k(z, y, dy, out):
+    M, K = z.shape
+    scale = dy[0] / M
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, K):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(K):
+            e = math.exp(z[i, k] - m)
+            out[i, k] = e
+            s += e
+        inv = 1.0 / s
+        for k in range(K):
+            out[i, k] = (out[i, k] * inv - y[i, k]) * scale
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def ce_int_k(p, labels, out):
+    M = p.shape[0]
+    tot = 0.0
+    for i in range(M):
+        tot -= math.log(p[i, labels[i]])
+    out[0] = tot / M
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def ce_dense_k(p, y, out):
+    M, K = p.shape
+    tot = 0.0
+    for i in range(M):
+        for k in range(K):
+            if y[i, k] != 0:
+                tot -= y[i, k] * math.log(p[i, k])
+    out[0] = tot / M
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def ce_grad_int_k(p, labels, dy, out):
+    M, K = p.shape
+    scale = dy[0] / M
+    for i in range(M):
+        for k in range(K):
+            out[i, k] = 0.0
+        out[i, labels[i]] = -scale / p[i, labels[i]]
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def ce_grad_dense_k(p, y, dy, out):
+    M, K = p.shape
+    scale = dy[0] / M
+    for i in range(M):
+        for k in range(K):
+            out[i, k] = -(y[i, k] / p[i, k]) * scale
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def mse_k(a, b, out):
+    s = 0.0
+    for i in range(a.size):
+        d = a[i] - b[i]
+        s += d * d
+    out[0] = s / a.size
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def mse_grad_k(a, b, dy, out):
+    scale = 2.0 * dy[0] / a.size
+    for i in range(a.size):
+        out[i] = (a[i] - b[i]) * scale
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def bce_k(z, t, out):
+    s = 0.0
+    for i in range(z.size):
+        v = z[i]
+        s += max(v, 0.0) - v * t[i] + math.log1p(math.exp(-abs(v)))
+    out[0] = s / z.size
+
+
+@njit(fastmath=_FM, cache=True, nogil=True)
+def bce_grad_k(z, t, dy, out):
+    scale = dy[0] / z.size
+    for i in range(z.size):
+        sg = 0.5 * (math.tanh(0.5 * z[i]) + 1.0)
+        out[i] = (sg - t[i]) * scale
+
+
+# ------------------------------------------------------------------- conv placeholders (slow, correct)
+
+@njit(parallel=True, cache=True, nogil=True)
+def _im2col_k(xp, cols, kh, kw, sh, sw, Ho, Wo):
+    """cols (N, C*kh*kw, Ho*Wo) from the padded input xp."""
+    N, C = xp.shape[0], xp.shape[1]
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for a in range(kh):
+            for b in range(kw):
+                row = (c * kh + a) * kw + b
+                for i in range(Ho):
+                    for j in range(Wo):
+                        cols[n, row, i * Wo + j] = xp[n, c, i * sh + a, j * sw + b]
+
+
+def _pad(x, pads):
+    t, b, l, r = pads
+    if not any(pads):
+        return np.ascontiguousarray(x)
+    return np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+
+
+def conv2d_fallback(x, w, b, stride, pads, relu=False):
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    sh, sw = stride
+    Ho = (H + pads[0] + pads[1] - kh) // sh + 1
+    Wo = (W + pads[2] + pads[3] - kw) // sw + 1
+    cols = np.empty((N, C * kh * kw, Ho * Wo), x.dtype)
+    _im2col_k(_pad(x, pads), cols, kh, kw, sh, sw, Ho, Wo)
+    y = np.matmul(w.reshape(K, -1), cols).reshape(N, K, Ho, Wo)
+    if b is not None:
+        y += b.reshape(1, K, 1, 1)
+    if relu:
+        np.maximum(y, 0, out=y)
+    return y
+
+
+def conv2d_relu_maxpool_fallback(x, w, b, stride, pads, pool_size, pool_stride, save_route=False):
+    z = conv2d_fallback(x, w, b, stride, pads, relu=False)
+    N, K, Ho, Wo = z.shape
+    ps, pst = pool_size, pool_stride
+    Hq, Wq = (Ho - ps) // pst + 1, (Wo - ps) // pst + 1
+    y = np.empty((N, K, Hq, Wq), x.dtype)
+    route = np.empty((N, K, Hq, Wq), np.int32)
+    maxpool_k(z, y, route, ps, ps, pst, pst, True, True)
+    np.maximum(y, 0, out=y)
+    return (y, route) if save_route else y
+
+
+def maxpool_route_backward_fallback(dy, route, conv_out_hw):
+    dz = np.empty(dy.shape[:2] + tuple(conv_out_hw), dy.dtype)
+    route_scatter_k(dy, route, dz, np.empty(1, dy.dtype), False)
+    return dz
+
+
+def conv2d_dx_fallback(dy, w, stride, pads, in_hw):
+    from graphc.ops.conv import conv_dx_ref
+    return np.ascontiguousarray(conv_dx_ref(dy, w, tuple(stride), tuple(pads), tuple(in_hw)))
+
+
+def conv2d_dw_fallback(x, dy, stride, pads, k_hw):
+    N, C = x.shape[:2]
+    K = dy.shape[1]
+    kh, kw = k_hw
+    Ho, Wo = dy.shape[2:]
+    cols = np.empty((N, C * kh * kw, Ho * Wo), x.dtype)
+    _im2col_k(_pad(x, pads), cols, kh, kw, stride[0], stride[1], Ho, Wo)
+    dw = np.zeros((K, C * kh * kw), x.dtype)
+    for n in range(N):
+        dw += dy[n].reshape(K, -1) @ cols[n].T
+    return dw.reshape(K, C, kh, kw)
