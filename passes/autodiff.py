@@ -59,6 +59,7 @@ def grad(graph, wrt=None, loss=None, keep_outputs=False):
     g.loss = loss
     forward = g.topo()
     relevant = relevant_nodes(g, wrt, loss)
+    existing = set(g.nx.nodes)   # a graph made by gc.grad already holds backward nodes other values read
 
     contributions = {}
     with g.role("backward"), g.rule("seed"):
@@ -116,7 +117,7 @@ def grad(graph, wrt=None, loss=None, keep_outputs=False):
     for o in outs:
         live |= nx.ancestors(g.nx, o)
     g.nx.remove_nodes_from([n for n, d in list(g.nx.nodes(data=True))
-                            if d["role"] == "backward" and n not in live])
+                            if d["role"] == "backward" and n not in live and n not in existing])
     return g
 
 
