@@ -686,6 +686,19 @@ def test_second_use_of_grad_on_its_own_output(kind):
     np.testing.assert_allclose(gc.compile(g2, keep=renamed).run(feeds, outputs=renamed)[renamed[0]], first)
 
 
+def test_second_use_when_the_new_loss_reads_a_gradient_independent_of_wrt():
+    # r also reads grad/c, which does not depend on w: the second pass must keep the first pass's nodes
+    g = gc.Graph("two", dtype="float64")
+    x = g.input("x", (None, 3))
+    w, c = g.param("w", value=[1.0, 2.0, 3.0]), g.param("c", value=[0.5, 0.5, 0.5])
+    g.output(g.add(g.sum(g.mul(g.mul(w, w), x)), g.sum(g.mul(c, x)), name="loss"))
+    gg = gc.grad(g)
+    gg.output(gg.add(gg.sum(gg.mul(gg["grad/w"], gg["grad/w"])), gg.sum(gg.mul(gg["grad/c"], gg["grad/c"])), name="r"))
+    g2 = gc.grad(gg, wrt=["w"], loss="r")
+    # grad/w = 2 w sum_n x = 4 w (x = ones, batch 2); r = 16 sum(w^2) + const; dr/dw = 32 w
+    np.testing.assert_allclose(gc.compile(g2).run({"x": np.ones((2, 3))})["grad/w"], [32.0, 64.0, 96.0])
+
+
 # ================================================================== dropout in training
 def test_dropout_gradient_uses_the_same_mask_as_the_forward():
     g = gc.Graph("drop", dtype="float64")
