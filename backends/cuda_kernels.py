@@ -42,7 +42,6 @@ from __future__ import annotations
 import ast
 import math
 import os
-import sys
 
 import numpy as np
 
@@ -147,19 +146,27 @@ def cuda_status():
 
 def require_cuda():
     """Raise ``BackendError`` unless CUDA (a GPU or the simulator) can run here; returns numba.cuda."""
-    ok, reason = cuda_status()
-    if not ok:
-        raise BackendError(f"{INSTALL_HINT}. Here: {reason.split(';')[0]}")
-    return _load_cuda()
+    return _load_cuda(check=True)
 
 
-def _load_cuda():
-    global cuda
+_USABLE = False
+
+
+def _load_cuda(check=True):
+    """numba.cuda, bound to the module global ``cuda``; with ``check`` (every launch path) a BackendError
+    with the fix when neither a GPU nor the simulator can run (checked once per process).  PTX
+    compilation passes check=False: it needs no GPU."""
+    global cuda, _USABLE
     if cuda is None:
         try:
             cuda = _import_cuda()
         except Exception as e:
             raise BackendError(f"{INSTALL_HINT}. Here: numba.cuda cannot be imported ({e})") from e
+    if check and not _USABLE:
+        ok, reason = cuda_status()
+        if not ok:
+            raise BackendError(f"{INSTALL_HINT}. Here: {reason.split(';')[0]}")
+        _USABLE = True
     return cuda
 
 
@@ -942,7 +949,7 @@ def conv2d_relu_maxpool(x, w, b=None, stride=1, pads=0, pool_size=2, pool_stride
     _check_shape(x, 4, "conv2d_relu_maxpool x")
     _check_shape(w, 4, "conv2d_relu_maxpool w")
     dt = _fdtype(x, w, b)
-    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = g = _conv_geom(x.shape, w.shape, stride, pads)
+    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = _conv_geom(x.shape, w.shape, stride, pads)
     PH, PW = _pair(pool_size, "pool_size")
     psh, psw = _pair(pool_stride if pool_stride is not None else pool_size, "pool_stride")
     Hp, Wp = (Ho - PH) // psh + 1, (Wo - PW) // psw + 1
@@ -1285,16 +1292,19 @@ _EW_CACHE: dict = {}
 class _EwRewrite(ast.NodeTransformer):
     """Checks the names of an elementwise expression and keeps its arithmetic in the kernel's dtype:
     numeric literals become _T(literal), comparisons used as values become 1/0 of the dtype,
-    where(c, x, y) becomes (x if c else y)."""
+    where(c, x, y) becomes (x if c else y).  With cast=False (kernels of an integer dtype) literals and
+    function results are left as they are (int32(0.5) would be 0)."""
 
-    def __init__(self, n_inputs, n_scalars, n_prev_outputs, src):
+    def __init__(self, n_inputs, n_scalars, n_prev_outputs, src, cast=True):
         self.n_inputs, self.n_scalars, self.n_prev, self.src = n_inputs, n_scalars, n_prev_outputs, src
+        self.cast = cast
 
     def _fail(self, msg):
         raise BackendError(f"elementwise expression {self.src!r}: {msg}")
 
-    @staticmethod
-    def _T(node):
+    def _T(self, node):
+        if not self.cast:
+            return node
         return ast.Call(func=ast.Name(id="_T", ctx=ast.Load()), args=[node], keywords=[])
 
     def _as_value(self, test):
@@ -1396,14 +1406,14 @@ class _EwRewrite(ast.NodeTransformer):
         self._fail(f"{type(node).__name__} is not allowed in an elementwise expression")
 
 
-def _ew_source(exprs, n_inputs, n_scalars):
+def _ew_source(exprs, n_inputs, n_scalars, cast=True):
     lines = []
     for k, src in enumerate(exprs):
         try:
             tree = ast.parse(src.strip(), mode="eval")
         except SyntaxError as e:
             raise BackendError(f"elementwise expression {src!r} does not parse: {e}") from e
-        tree = _EwRewrite(n_inputs, n_scalars, k, src).visit(tree)
+        tree = _EwRewrite(n_inputs, n_scalars, k, src, cast).visit(tree)
         lines.append(f"        _vo{k} = _T({ast.unparse(tree.body)})")
     ins = ", ".join(f"_in{i}" for i in range(n_inputs))
     outs = ", ".join(f"_out{k}" for k in range(len(exprs)))
@@ -1430,13 +1440,19 @@ class ElementwiseKernel:
 
     def __init__(self, exprs, n_inputs, n_scalars):
         self.exprs, self.n_inputs, self.n_scalars = exprs, n_inputs, n_scalars
-        self.source = _ew_source(exprs, n_inputs, n_scalars)
+        self.source = _ew_source(exprs, n_inputs, n_scalars)               # float kernels
+        self._int_source = None                                          # integer kernels, on demand
         self._jitted = {}
 
     def pyfunc(self, dtype):
         """The plain Python kernel function for outputs of ``dtype`` (what gets jitted / compiled to PTX)."""
-        ns = {"cuda": _load_cuda(), "math": math, "_T": _nbtype(dtype)}
-        exec(compile(self.source, f"<graphc elementwise {self.exprs!r}>", "exec"), ns)  # noqa: S102
+        ns = {"cuda": _load_cuda(check=False), "math": math, "_T": _nbtype(dtype)}
+        src = self.source
+        if np.dtype(dtype).kind != "f":
+            if self._int_source is None:
+                self._int_source = _ew_source(self.exprs, self.n_inputs, self.n_scalars, cast=False)
+            src = self._int_source
+        exec(compile(src, f"<graphc elementwise {self.exprs!r}>", "exec"), ns)  # noqa: S102
         return ns["_ew_kernel"]
 
     def _get(self, dtype):
@@ -1551,7 +1567,7 @@ def compile_ptx_all(cc=(9, 0), dtype=np.float32, elementwise=(), names=None):
     (``(exprs, n_inputs[, n_scalars])``) to PTX for compute capability ``cc`` with ``cuda.compile_ptx``;
     returns {name: ptx}.  Needs NVVM (numba-cuda's pip CUDA toolkit, pip install 'graphc[cuda]', or a
     CUDA toolkit on the system), not a GPU; raises BackendError under the simulator."""
-    c = _load_cuda()
+    c = _load_cuda(check=False)
     if _is_sim_module(c) or not hasattr(c, "compile_ptx"):
         raise BackendError("compile_ptx_all needs the real numba.cuda target, not the simulator")
     from numba import types as T

@@ -108,8 +108,14 @@ try:
     ck.require_cuda()
 except Exception as e:
     err = [type(e).__name__, str(e)]
+import numpy as np
+launch_err = None
+try:
+    ck.host.conv2d(np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 3, 3), np.float32))
+except Exception as e:
+    launch_err = type(e).__name__
 print(json.dumps({"imported_early": imported_early, "ok": ok, "reason": reason, "err": err,
-                  "sim": ck.is_simulator()}))
+                  "sim": ck.is_simulator(), "launch_err": launch_err}))
 """
 
 
@@ -125,8 +131,9 @@ def test_cuda_status_without_simulator():
     assert st["imported_early"] is False          # importing the module does not import numba.cuda
     assert st["sim"] is False
     if st["ok"]:
-        assert st["err"] is None and "GPU" in st["reason"]
+        assert st["err"] is None and "GPU" in st["reason"] and st["launch_err"] is None
     else:
+        assert st["launch_err"] == "BackendError"       # a kernel call fails with the same clear error
         assert st["err"][0] == "BackendError"
         assert "NUMBA_ENABLE_CUDASIM=1" in st["err"][1] and "pip install 'graphc[cuda]'" in st["err"][1]
         assert "NVIDIA GPU" in st["err"][1]
@@ -135,7 +142,7 @@ def test_cuda_status_without_simulator():
 
 def test_cuda_status_with_simulator():
     st = _status_child(sim=True)
-    assert st["ok"] is True and st["sim"] is True and st["err"] is None
+    assert st["ok"] is True and st["sim"] is True and st["err"] is None and st["launch_err"] is None
     assert "simulator" in st["reason"].lower()
 
 
@@ -606,6 +613,8 @@ def test_elementwise_kernels():
                                rtol=1e-12, atol=1e-12)
     mask = ck.elementwise_kernel("a0 > 0 and not a1 < 0", 2)(ck.to_device(a), ck.to_device(g), dtype=np.int32)
     np.testing.assert_array_equal(ck.to_host(mask), ((a > 0) & ~(g < 0)).astype(np.int32))
+    half = ck.elementwise_kernel("a0 * 0.5 + 0.5", 1)(ck.to_device(np.arange(6, dtype=np.int32)))
+    np.testing.assert_array_equal(ck.to_host(half), [0, 1, 1, 2, 2, 3])   # int kernel: float math, truncating store
     for bad in ("a0 + b", "a2 * 2", "import os", "a0.real", "o0 + 1", "__import__('os')"):
         with pytest.raises(BackendError):
             ck.elementwise_kernel(bad, 2)(ck.to_device(a), ck.to_device(g))
