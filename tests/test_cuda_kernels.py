@@ -20,6 +20,7 @@ Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
 """
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
@@ -83,16 +84,50 @@ def _child_env(sim):
 # drivers (parent process)
 # =========================================================================================================
 
-def test_kernels_in_cuda_simulator():
+_CHILDREN: dict = {}
+
+
+@atexit.register
+def _reap_children():
+    for proc in _CHILDREN.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _child(name, cmd, sim):
+    """Start (once) a child process; the simulator child and the PTX child run side by side."""
+    if name not in _CHILDREN:
+        _CHILDREN[name] = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(sim), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    return _CHILDREN[name]
+
+
+def _ptx_child():
+    return _child("ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False)
+
+
+def _wait(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"child timed out after {timeout} s:\n{(out + err)[-4000:]}")
+    return proc.returncode, out, err
+
+
+def test_kernels_in_cuda_simulator(request):
     if RUN_HERE:
         pytest.skip(f"kernel tests ran in this process ({HERE_REASON.split(';')[0]})")
-    r = subprocess.run([sys.executable, "-m", "pytest", THIS, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                        "-k", "not test_kernels_in_cuda_simulator and not ptx and not cuda_status"],
-                       cwd=ROOT, env=_child_env(True), capture_output=True, text=True, timeout=600)
-    tail = (r.stdout + r.stderr)[-8000:]
-    assert r.returncode == 0, f"simulator child failed (rc={r.returncode}):\n{tail}"
-    m = re.search(r"(\d+) passed", r.stdout)
-    assert m and int(m.group(1)) >= 20 and "skipped" not in r.stdout and "failed" not in r.stdout, tail
+    if any(getattr(it, "name", "") == "test_every_kernel_compiles_to_ptx" for it in request.session.items):
+        _ptx_child()     # compile PTX meanwhile: the simulator child leaves a core idle much of the time
+    proc = _child("sim", [sys.executable, "-m", "pytest", THIS, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                          "-k", "not test_kernels_in_cuda_simulator and not ptx and not cuda_status"], sim=True)
+    rc, out, err = _wait(proc, 600)
+    tail = (out + err)[-8000:]
+    assert rc == 0, f"simulator child failed (rc={rc}):\n{tail}"
+    m = re.search(r"(\d+) passed", out)
+    assert m and int(m.group(1)) >= 20 and "skipped" not in out and "failed" not in out, tail
 
 
 _STATUS_SCRIPT = r"""
@@ -201,10 +236,9 @@ print(json.dumps({"seconds": time.time() - t, "ptxas": ptxas, "res": out}))
 
 
 def test_every_kernel_compiles_to_ptx():
-    r = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, ROOT], cwd=ROOT, env=_child_env(False),
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rc, out, err = _wait(_ptx_child(), 900)
+    assert rc == 0, (out + err)[-4000:]
+    rep = json.loads(out.strip().splitlines()[-1])
     if "skip" in rep:
         pytest.skip(f"cuda.compile_ptx is not available here (needs numba-cuda with NVVM: "
                     f"pip install 'numba-cuda[cu13]'): {rep['skip']}")
