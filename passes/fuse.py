@@ -196,7 +196,7 @@ def _fuse_conv_pool(g, c, r, p, chain):
     # the backward chain: dz = route_scatter(dy, route) (+ db = sum(dz)) in one node
     dy = data(g, R)["inputs"][1]
     dM = data(g, M)
-    body = {M: ("route_scatter", {"in_hw": conv_hw}, (dy, route), tuple(dM["shape"]), dM["dtype"])}
+    body = {M: ("route_scatter", dict(pool_attrs, in_hw=conv_hw), (dy, route), tuple(dM["shape"]), dM["dtype"])}
     members = [R, G, M]
     results = [M]
     if S is not None:

@@ -154,5 +154,7 @@ def _scatter_infer(node, in_types):
 register(OpDef("route_scatter", _scatter_infer,
                lambda ins, a, ctx: route_scatter_ref(ins[0], ins[1], a["in_hw"]), differentiable=False,
                flops=lambda i, o, a: int(np.prod(i[0])),
-               doc="max-pool backward from a saved route: dy added at each window's max (-1: dropped)",
-               attrs={"in_hw": (0, 0)}))
+               doc="max-pool backward from a saved route: dy added at each window's max (-1: dropped); "
+                   "size/stride (optional) describe the pool, so kernels can write non-overlapping windows "
+                   "without a zeroing pass",
+               attrs={"in_hw": (0, 0), "size": None, "stride": None}))

@@ -1,0 +1,533 @@
+"""Compiled-kernel benchmarking: `run_bench(model, ...)` (what `graphc bench MODEL` calls).
+
+What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:function":
+
+- the whole step (inference run, or training step = forward + backward + update), median of `repeats`
+  after warm-up;
+- a per-kernel table from the executable's profiling run (every kernel call timed on its own): name,
+  the ops fused into it, shapes, median ms, GFLOP/s, share of the step;
+- compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
+  pointed at a new temporary directory) and warm (a second fresh process on the caches the first one
+  filled): compile() plus binding and compiling/loading every kernel for the batch size;
+- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
+  fraction of it;
+- peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
+  process (PERF_NOTES.md: torch and Numba in one process stall each other), running the same graph
+  translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
+  same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
+  absent, never fatal.
+
+Returns a dict (also written to json_path) with at least: model, backend, batch, mode, step_ms,
+compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms}}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DEFAULT_BATCH = 64
+LR = 0.01
+PEERS = {"torch": "torch_eager", "torch_eager": "torch_eager", "torch_compile": "torch_compile",
+         "jax": "jax_jit", "jax_jit": "jax_jit"}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _load(model):
+    from graphc import models
+    return models.load(model)
+
+
+def _num_classes(g):
+    for n in g.nx.nodes:
+        d = g.nx.nodes[n]
+        if d["op"] in ("softmax_cross_entropy", "cross_entropy"):
+            return int(g.nx.nodes[d["inputs"][0]]["shape"][-1])
+    return 2
+
+
+def make_feeds(g, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    k = _num_classes(g)
+    feeds = {}
+    for name in g.inputs:
+        shape, dt = g.nx.nodes[name]["shape"], g.nx.nodes[name]["dtype"]
+        s = tuple(batch if isinstance(d, str) else d for d in shape)
+        if dt.startswith("int"):
+            feeds[name] = rng.integers(0, k, s).astype(dt)
+        else:
+            feeds[name] = rng.standard_normal(s).astype(np.float32)
+    return feeds
+
+
+def _median_ms(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def sgemm_gflops(n=1024, repeats=5):
+    """numpy (BLAS) float32 matmul GFLOP/s at n x n, all BLAS threads: the roofline."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    c = np.empty_like(a)
+    np.matmul(a, b, out=c)
+    ms = _median_ms(lambda: np.matmul(a, b, out=c), repeats, 1)
+    return 2.0 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def _compile(g, backend, train, fuse):
+    import graphc as gc
+    opt = gc.optim.SGD(LR) if train else None
+    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse)
+
+
+def _step_fn(exe, feeds, train):
+    return (lambda: exe.step(feeds)) if train else (lambda: exe.run(feeds))
+
+
+# ------------------------------------------------------------------------ compile time (subprocess)
+
+def _probe_main(argv):
+    """Child process: compile + bind/compile every kernel for one batch; prints JSON timings."""
+    model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
+    import graphc  # noqa: F401   (imports are not compile time)
+    import numba  # noqa: F401
+    g = _load(model)
+    feeds = make_feeds(g, batch)
+    t0 = time.perf_counter()
+    exe = _compile(g, backend, train, fuse)
+    t1 = time.perf_counter()
+    if hasattr(exe, "precompile"):
+        exe.precompile(batch, train=train, feeds=feeds)
+    else:
+        _step_fn(exe, feeds, train)()
+    t2 = time.perf_counter()
+    print("GRAPHC_PROBE " + json.dumps({"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0}))
+
+
+def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
+    cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0"]
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, "timed out"
+    for line in p.stdout.splitlines():
+        if line.startswith("GRAPHC_PROBE "):
+            return json.loads(line[len("GRAPHC_PROBE "):]), None
+    return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+def compile_times(model, backend, batch, train, fuse):
+    """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
+    tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
+    env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
+    try:
+        cold, err = _run_probe(model, backend, batch, train, fuse, env)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env) if cold else (None, err))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
+    if cold:
+        out["cold_detail"] = cold
+    if warm:
+        out["warm_detail"] = warm
+    if err or err2:
+        out["error"] = err or err2
+    return out
+
+
+# ------------------------------------------------------------------------------------ peers (torch)
+
+def _torch_forward_factory(g, torch, batch):
+    """The graph translated op by op into torch calls (forward only; autograd gives the backward)."""
+    F = torch.nn.functional
+    nodes = g.nx.nodes
+    order = [n for n in g.topo()]
+    params = {}
+    for n in g.state_names:
+        params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
+                                 requires_grad=bool(nodes[n]["attrs"].get("trainable", True)))
+    consts = {n: torch.tensor(np.asarray(nodes[n]["attrs"]["value"]).astype(
+        np.float32 if np.asarray(nodes[n]["attrs"]["value"]).dtype.kind == "f" else np.int64))
+        for n in order if nodes[n]["op"] == "const"}
+    users = {n: list(g.nx.successors(n)) for n in order}
+    # patterns torch users would write: dense = F.linear, dropout = F.dropout
+    dropout_of = {}          # mul node -> (x, rate)
+    skip = set()
+    for n in order:
+        d = nodes[n]
+        if d["op"] == "mul":
+            a, b = d["inputs"]
+            for x, m in ((a, b), (b, a)):
+                dm = nodes[m]
+                if dm["op"] == "dropout_mask" and dm["inputs"][0] == x and users[m] == [n]:
+                    dropout_of[n] = (x, dm["attrs"]["rate"])
+                    skip.add(m)
+    linear_of = {}           # add node -> (x, w, b)
+    for n in order:
+        d = nodes[n]
+        if d["op"] == "add":
+            a, b = d["inputs"]
+            da = nodes[a]
+            if (da["op"] == "matmul" and da["attrs"].get("trans_b") and not da["attrs"].get("trans_a")
+                    and len(nodes[b]["shape"]) == 1 and users[a] == [n]):
+                linear_of[n] = (da["inputs"][0], da["inputs"][1], b)
+                skip.add(a)
+
+    def resolve(shape):
+        return tuple(batch if isinstance(s, str) else s for s in shape)
+
+    def forward(feeds, training=True):
+        v = {}
+        for n in order:
+            if n in skip:
+                continue
+            d = nodes[n]
+            op, a = d["op"], d["attrs"]
+            ins = [v[i] for i in d["inputs"] if i in v]     # (fused-pattern branches read v directly)
+            if op == "input":
+                r = feeds[n]
+            elif op == "param":
+                r = params[n]
+            elif op == "const":
+                r = consts[n]
+            elif n in linear_of:
+                x, w, b = linear_of[n]
+                r = F.linear(v[x], v[w], v[b])
+            elif n in dropout_of:
+                x, rate = dropout_of[n]
+                r = F.dropout(v[x], rate, training=training)
+            elif op == "conv":
+                t, bo, l, rr = a["pads"]
+                x = ins[0] if (t == bo and l == rr) else F.pad(ins[0], (l, rr, t, bo))
+                pad = (t, l) if (t == bo and l == rr) else 0
+                r = F.conv2d(x, ins[1], ins[2] if len(ins) == 3 else None, stride=tuple(a["stride"]), padding=pad)
+            elif op == "relu":
+                r = F.relu(ins[0])
+            elif op == "maxpool":
+                r = F.max_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))
+            elif op == "avgpool":
+                r = F.avg_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))
+            elif op == "global_avgpool":
+                r = ins[0].mean(dim=(2, 3))
+            elif op == "matmul":
+                x, w = ins
+                r = (x.t() if a.get("trans_a") else x) @ (w.t() if a.get("trans_b") else w)
+            elif op in ("add", "sub", "mul", "div"):
+                r = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op](*ins)
+            elif op == "max":
+                r = torch.maximum(*ins)
+            elif op in ("neg", "exp", "log", "sqrt", "sigmoid", "tanh"):
+                r = getattr(torch, op)(ins[0])
+            elif op in ("identity", "copy"):
+                r = ins[0]
+            elif op == "reshape":
+                r = ins[0].reshape(resolve(a["shape"]))
+            elif op == "transpose":
+                r = ins[0].permute(*a["axes"])
+            elif op == "concat":
+                r = torch.cat(ins, dim=a["axis"])
+            elif op == "slice":
+                r = ins[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])
+            elif op == "pad2d":
+                t, bo, l, rr = a["pads"]
+                r = F.pad(ins[0], (l, rr, t, bo), value=a["value"])
+            elif op == "sum":
+                r = ins[0].sum(dim=tuple(a["axes"]), keepdim=a["keepdims"]) if a["axes"] else ins[0]
+            elif op == "mean":
+                r = ins[0].mean(dim=tuple(a["axes"]), keepdim=a["keepdims"]) if a["axes"] else ins[0]
+            elif op == "softmax":
+                r = F.softmax(ins[0], dim=a["axis"])
+            elif op == "softmax_cross_entropy":
+                z, y = ins
+                r = F.cross_entropy(z, y) if y.dim() == 1 else -(y * F.log_softmax(z, 1)).sum() / z.shape[0]
+            elif op == "mse":
+                r = F.mse_loss(*ins)
+            elif op == "bce_with_sigmoid":
+                r = F.binary_cross_entropy_with_logits(*ins)
+            elif op == "dropout_mask":
+                x = ins[0]
+                rate = a["rate"]
+                r = ((torch.rand_like(x) >= rate).to(x.dtype) / (1 - rate)) if training and rate else torch.ones_like(x)
+            else:
+                raise NotImplementedError(f"torch peer: op {op!r}")
+            v[n] = r
+        return v
+
+    return forward, params
+
+
+def _peer_main(argv):
+    """Child process: time one peer on the model; prints JSON."""
+    peer, model, batch, train, repeats = argv[0], argv[1], int(argv[2]), argv[3] == "1", int(argv[4])
+    g = _load(model)
+    feeds_np = make_feeds(g, batch)
+    out = {}
+    if peer in ("torch_eager", "torch_compile"):
+        try:
+            import torch
+        except ImportError as e:
+            print("GRAPHC_PEER " + json.dumps({"absent": f"torch not installed ({e})"}))
+            return
+        feeds = {k: torch.from_numpy(v) for k, v in feeds_np.items()}
+        forward, params = _torch_forward_factory(g, torch, batch)
+        loss_name = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), g.outputs[0])
+        trainable = [p for n, p in params.items() if p.requires_grad]
+        opt = torch.optim.SGD(trainable, lr=LR) if train else None
+        with torch.no_grad():          # the same model: its loss on these feeds, without dropout
+            r0 = forward(feeds, False)
+            if loss_name in r0:
+                out["loss_eval"] = float(r0[loss_name])
+        fwd = forward
+        t0 = time.perf_counter()
+        if peer == "torch_compile":
+            fwd = torch.compile(forward)
+
+        if train:
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = fwd(feeds, True)[loss_name]
+                loss.backward()
+                opt.step()
+        else:
+            outs = list(g.outputs)
+
+            def step():
+                with torch.no_grad():
+                    r = fwd(feeds, False)
+                    return [r[o] for o in outs]
+        step()
+        out["compile_s"] = time.perf_counter() - t0
+        out["step_ms"] = _median_ms(step, repeats, 3)
+        out["version"] = torch.__version__
+        out["threads"] = torch.get_num_threads()
+    elif peer == "jax_jit":
+        try:
+            import jax  # noqa: F401
+        except ImportError as e:
+            print("GRAPHC_PEER " + json.dumps({"absent": f"jax not installed ({e})"}))
+            return
+        print("GRAPHC_PEER " + json.dumps({"absent": "jax peer not implemented for graph translation"}))
+        return
+    print("GRAPHC_PEER " + json.dumps(out))
+
+
+def run_peer(peer, model, batch, train, repeats, timeout=900):
+    cmd = [sys.executable, "-c", "import sys; from graphc.bench import _peer_main; _peer_main(sys.argv[1:])",
+           peer, model, str(batch), "1" if train else "0", str(repeats)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out"}
+    for line in p.stdout.splitlines():
+        if line.startswith("GRAPHC_PEER "):
+            return json.loads(line[len("GRAPHC_PEER "):])
+    return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+def _fmt_shapes(sh):
+    ins = ",".join("x".join(str(d) for d in s) or "()" for s in sh["in"])
+    return f"{ins} -> {'x'.join(str(d) for d in sh['out']) or '()'}"
+
+
+def _profile_generic(exe, feeds, train, repeats):
+    """Per-node timing for executables without a profile() (the reference backend)."""
+    from graphc import ops as optable
+    from graphc import shapes
+    from graphc.executable import RunContext
+    g = exe.graph
+    feeds_c, env = exe.check_feeds(feeds)
+    want = ([g.loss] + list(g.updates.values())) if train else list(exe.outputs)
+    sched = exe._needed(want) if hasattr(exe, "_needed") else exe.schedule
+    times = {}
+    for _ in range(repeats):
+        ctx = RunContext(env, train, 0)
+        vals = {}
+        for n in sched:
+            d = g.nx.nodes[n]
+            if d["op"] == "input":
+                vals[n] = feeds_c[n]
+                continue
+            if d["op"] == "param":
+                vals[n] = exe.state[n]
+                continue
+            if d["op"] == "const":
+                vals[n] = exe.consts[n]
+                continue
+            ctx.out_shape = shapes.resolve(d["shape"], env)
+            t0 = time.perf_counter()
+            vals[n] = optable.OPS[d["op"]].ref([vals[i] for i in d["inputs"]], d["attrs"], ctx)
+            times.setdefault(n, []).append(time.perf_counter() - t0)
+    rows = []
+    for n in sched:
+        if n not in times:
+            continue
+        d = g.nx.nodes[n]
+        ins = [shapes.resolve(g.nx.nodes[i]["shape"], env) for i in d["inputs"]]
+        out = shapes.resolve(d["shape"], env)
+        fl = optable.OPS[d["op"]].flops
+        try:
+            flops = int(fl(ins, out, d["attrs"])) if fl else 0
+        except Exception:
+            flops = 0
+        ops = [b["op"] for b in d["attrs"]["body"]] if d["op"] == "fused" else [d["op"]]
+        kind = d["attrs"]["pattern"] if d["op"] == "fused" else d["op"]
+        rows.append({"name": n, "kind": kind, "ops": ops, "shapes": {"in": ins, "out": out}, "flops": flops,
+                     "ms": 1e3 * float(np.median(times[n])), "fallback": False})
+    return rows
+
+
+def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
+    """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
+    (and optionally writes to json_path) the results dict described in the module doc."""
+    out = out or sys.stdout
+    batch = int(batch or DEFAULT_BATCH)
+    compare = [c for c in (compare or ()) if c]
+    repeats = int(repeats or (20 if batch >= 16 else 100))
+    mode = "train" if train else "infer"
+    g = _load(model)
+    if train and not any(g.nx.nodes[o]["shape"] == () for o in g.outputs):
+        from graphc.errors import GraphError
+        raise GraphError(f"model {model!r} has no scalar loss output to train")
+    feeds = make_feeds(g, batch)
+
+    t0 = time.perf_counter()
+    exe = _compile(g, backend, train, fuse)
+    lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if hasattr(exe, "precompile"):
+        exe.precompile(batch, train=train, feeds=feeds)
+    first_s = time.perf_counter() - t0
+    step_ms = _median_ms(_step_fn(exe, feeds, train), repeats, warmup)
+    if hasattr(exe, "profile"):
+        rows = exe.profile(feeds, train=train, repeats=max(5, repeats // 2), warmup=1)
+    else:
+        rows = _profile_generic(exe, feeds, train, max(3, min(repeats, 10)))
+    roof = sgemm_gflops() if roofline else None
+    kernels = []
+    for r in rows:
+        gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
+        k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
+             "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
+             "fallback": r.get("fallback", False)}
+        if roof and "conv" in r["kind"]:
+            k["roofline_fraction"] = gfl / roof
+        kernels.append(k)
+    ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
+    ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
+
+    peers = {}
+    if compare:
+        lname = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), None)
+        if lname is not None:
+            import graphc as gc
+            ref_loss = float(gc.compile(g).run(feeds, outputs=[lname])[lname])
+    for c in compare:
+        key = PEERS.get(c, c)
+        if key not in ("torch_eager", "torch_compile", "jax_jit"):
+            peers[c] = {"error": f"unknown peer {c!r}; choose from torch, torch_compile, jax"}
+            continue
+        res = run_peer(key, model, batch, train, repeats)
+        if "step_ms" in res and step_ms:
+            res["ratio"] = step_ms / res["step_ms"]       # graphc time / peer time (< 1: graphc faster)
+        if "loss_eval" in res and lname is not None:
+            res["same_model"] = bool(abs(res["loss_eval"] - ref_loss) <= 1e-3 * max(1.0, abs(ref_loss)))
+        peers[key] = res
+    result = {
+        "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
+        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof,
+        "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
+        "compare": peers,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
+                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else ""),
+    }
+    if hasattr(exe, "conv_module"):
+        result["conv_kernels"] = exe.conv_module
+    plan = getattr(exe.graph, "memory_plan", None)
+    if plan is not None:
+        result["memory"] = plan.stats({"N": batch}, exe.dtype.itemsize)
+    if not quiet:
+        print(report(result), file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return result
+
+
+def report(r):
+    lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
+             f"fuse={'on' if r['fuse'] else 'off'}"]
+    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'share':>6s}")
+    for k in r["kernels"]:
+        ops = "+".join(k["ops"])
+        extra = ""
+        if "roofline_fraction" in k:
+            extra = f"  {100 * k['roofline_fraction']:.0f}% of SGEMM"
+        if k.get("fallback"):
+            extra += "  (fallback)"
+        lines.append(f"{k['name'][:34]:34s} {ops[:34]:34s} {k['shapes'][:38]:38s} {k['ms']:8.3f} "
+                     f"{k['gflops']:8.1f} {100 * k['share']:5.1f}%{extra}")
+    lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
+                 f"{r['step_ms']:.3f} ms")
+    c = r["compile_s"]
+    fmt = (lambda v: f"{v:.2f} s" if isinstance(v, (int, float)) else "n/a")
+    lines.append(f"compile: cold {fmt(c.get('cold'))}, warm {fmt(c.get('warm'))} (fresh processes; "
+                 f"this process: compile {c['this_process']['compile_s']:.2f} s + first step "
+                 f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
+    if r.get("roofline_gflops"):
+        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
+    if r.get("memory"):
+        m = r["memory"]
+        lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
+                     f"{m['planned'] / 1e6:.1f} MB planned vs {m['unplanned'] / 1e6:.1f} MB unplanned, "
+                     f"{m['inplace_updates']} in-place updates")
+    for peer, res in r["compare"].items():
+        if "step_ms" in res:
+            same = {True: ", same loss as graphc", False: ", LOSS DIFFERS from graphc"}.get(res.get("same_model"), "")
+            lines.append(f"{peer}: {res['step_ms']:.3f} ms  -> graphc/peer = {res['ratio']:.2f}x{same}"
+                         + (f"  (torch {res.get('version')}, {res.get('threads')} threads)" if "version" in res else ""))
+        else:
+            lines.append(f"{peer}: {res.get('absent') or res.get('error')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m graphc.bench")
+    p.add_argument("model")
+    p.add_argument("--backend", default="numba")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--train", action="store_true")
+    p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--compare", default="")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--no-compile-times", action="store_true")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
+              compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
+              measure_compile=not a.no_compile_times)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
