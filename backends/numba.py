@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 
+import numba
 import numpy as np
 
 from graphc import ops as optable
@@ -355,7 +356,7 @@ class NumbaExecutable(Executable):
     backend = "numba"
 
     def __init__(self, graph, dtype=None, pipeline=None, blas_threads=1, parallel_min=K.PARALLEL_MIN,
-                 verbose=False, **options):
+                 threads="auto", verbose=False, **options):
         t0 = time.perf_counter()
         super().__init__(graph, dtype, pipeline)
         if self.dtype not in (np.float32, np.float64):
@@ -365,6 +366,7 @@ class NumbaExecutable(Executable):
                                                          graph.nx.nodes[n]["dtype"]))
                        for n in self.schedule if graph.nx.nodes[n]["op"] == "const"}
         self.parallel_min = parallel_min
+        self.threads = threads
         self.verbose = verbose
         self.options = options
         self._blas = _Blas(blas_threads)
@@ -669,6 +671,45 @@ class NumbaExecutable(Executable):
         return step
 
     # ------------------------------------------------------------------ running
+    def _run_steps(self, b, threads):
+        prev = numba.get_num_threads()
+        if threads != prev:
+            numba.set_num_threads(threads)
+        try:
+            with self._blas:
+                for _, f in b.steps:
+                    f()
+        finally:
+            if threads != prev:
+                numba.set_num_threads(prev)
+
+    def _choose_threads(self, b):
+        """(Called on a state snapshot.) threads="auto": time the bound program with all Numba threads and with one, keep the faster.
+        On a quiet 2-core machine two threads win on big batches; on a loaded, shared one an OpenMP
+        region waiting for a descheduled worker made a batch-128 training step 2.6x slower than one
+        thread (176 ms vs 68 ms measured), and batch-1 kernels 50x slower. Programs slower than
+        0.5 s a run keep all threads (timing them would cost too much)."""
+        maxt = numba.config.NUMBA_NUM_THREADS
+        if self.threads != "auto":
+            return max(1, min(int(self.threads), maxt))
+        if maxt == 1:
+            return 1
+        t0 = time.perf_counter()
+        self._run_steps(b, maxt)
+        if time.perf_counter() - t0 > 0.5:
+            return maxt
+        times = {}
+        for n in (maxt, 1, maxt, 1):
+            self._run_steps(b, n)
+            ts = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                self._run_steps(b, n)
+                ts.append(time.perf_counter() - t0)
+            times.setdefault(n, []).extend(ts)
+        b.thread_times = {n: 1e3 * float(np.median(v)) for n, v in times.items()}
+        return min(b.thread_times, key=b.thread_times.get)
+
     def _execute(self, feeds, env, training, want, inplace=False):
         b = self._binding(env, want, inplace)
         self._sync_state()
@@ -677,12 +718,15 @@ class NumbaExecutable(Executable):
             R[i] = np.ascontiguousarray(feeds[name])
         ctx = self._ctx
         ctx.env, ctx.training, ctx.step = env, training, self.step_count
-        t0 = time.perf_counter() if b.first_run_s is None else None
-        with self._blas:
-            for _, f in b.steps:
-                f()
-        if t0 is not None:
-            b.first_run_s = time.perf_counter() - t0
+        if b.first_run_s is None:
+            # the first run compiles (or loads from the disk cache) every kernel; then the thread count
+            # is chosen; both on a snapshot of the state, so the real run below starts from it
+            with self._state_saved():
+                t0 = time.perf_counter()
+                self._run_steps(b, numba.get_num_threads())
+                b.first_run_s = time.perf_counter() - t0
+                b.threads = self._choose_threads(b) if b.steps else 1
+        self._run_steps(b, b.threads)
         return b
 
     def run(self, feeds, outputs=None, training=False, check_finite=False):
@@ -755,14 +799,19 @@ class NumbaExecutable(Executable):
         times = {}
         with self._state_saved():
             b = self._execute(feeds_c, env, train, want, inplace=train)     # binds, feeds, compiles
-            for r in range(warmup + repeats):
-                with self._blas:
-                    for name, f in b.steps:
-                        t0 = time.perf_counter()
-                        f()
-                        dt = time.perf_counter() - t0
-                        if r >= warmup:
-                            times.setdefault(name, []).append(dt)
+            prev = numba.get_num_threads()
+            numba.set_num_threads(b.threads)
+            try:
+                for r in range(warmup + repeats):
+                    with self._blas:
+                        for name, f in b.steps:
+                            t0 = time.perf_counter()
+                            f()
+                            dt = time.perf_counter() - t0
+                            if r >= warmup:
+                                times.setdefault(name, []).append(dt)
+            finally:
+                numba.set_num_threads(prev)
         rows = []
         for name, f in b.steps:
             rows.append(dict(self.describe_kernel(name, env), ms=1e3 * float(np.median(times[name])),
@@ -1195,6 +1244,5 @@ def lower(graph, dtype=None, pipeline=None, **options):
     """graph (after the pipeline) -> NumbaExecutable. options: blas_threads (default 1; None leaves BLAS
     alone), parallel_min (elements above which elementwise/reduction kernels run in parallel),
     verbose."""
-    options.pop("threads", None)
     options.pop("strategy", None)
     return NumbaExecutable(graph, dtype=dtype, pipeline=pipeline, **options)
