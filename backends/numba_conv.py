@@ -114,9 +114,17 @@ def _write_once(path: str, text: str) -> None:
 _KERNELS: dict = {}
 
 
-def _load_kernel(src: str):
+def _codegen_tag(predicate: bool) -> str:
+    return (f"# codegen: force-vector-width f32={_forced_vector_width(np.float32)} "
+            f"f64={_forced_vector_width(np.float64)}, predicate-tail={int(bool(predicate))}\n")
+
+
+def _load_kernel(src: str, predicate: bool = True):
     """Import (writing it first if needed) the generated module whose text is ``src``; return its
-    ``kernel`` dispatcher."""
+    ``kernel`` dispatcher.  The LLVM options it will be compiled with are written into the text
+    (so into the file name): Numba's cache cannot see them, and machine code compiled under other
+    options must not be picked up."""
+    src = _codegen_tag(predicate) + src
     name = "graphc_kernel_" + hashlib.sha256(src.encode()).hexdigest()[:24]
     k = _KERNELS.get(name)
     if k is not None:
@@ -137,6 +145,7 @@ def _load_kernel(src: str):
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
         k = mod.kernel
+        k._graphc_predicate = bool(predicate)
         _KERNELS[name] = k
         return k
 
@@ -171,10 +180,13 @@ def _forced_vector_width(dtype) -> int:
 
 
 @contextlib.contextmanager
-def _codegen_options(width: int):
+def _codegen_options(width: int, predicate: bool = True):
     """Force LLVM's loop-vectoriser width while a generated kernel compiles (process-wide LLVM
-    option, restored afterwards).  LLVM prints 'loop not vectorized' remarks for every loop it
-    cannot vectorise when a width is forced; they are dropped by pointing fd 2 at /dev/null."""
+    options, restored afterwards).  With ``predicate`` the remainder of a vector loop runs as one
+    masked iteration instead of a scalar loop (the pooling epilogues have rows of 5 to 14
+    elements); the long reductions of dL/dW are faster without.  LLVM prints 'loop not vectorized'
+    remarks for every loop it cannot vectorise when a width is forced; they are dropped by
+    pointing fd 2 at /dev/null."""
     if not width:
         yield
         return
@@ -190,25 +202,55 @@ def _codegen_options(width: int):
     except OSError:  # pragma: no cover
         saved = None
     llvm.set_option("", f"-force-vector-width={int(width)}")
+    if predicate:
+        llvm.set_option("", "-prefer-predicate-over-epilogue=predicate-else-scalar-epilogue")
     try:
         yield
     finally:
         llvm.set_option("", "-force-vector-width=0")
+        if predicate:
+            llvm.set_option("", "-prefer-predicate-over-epilogue=scalar-epilogue")
         if saved is not None:
             os.dup2(saved, 2)
             os.close(saved)
 
 
 def _run_generated(kern, args, dtype):
-    """Call a generated kernel, compiling it first (under the wide-vector option) when no machine
+    """Call a generated kernel, compiling it first (under the wide-vector options) when no machine
     code for these argument types is loaded yet; Numba's disk cache answers when it can."""
     sig = tuple(numba.typeof(a) for a in args)
     if sig not in kern.overloads:
         with _LOCK:
             if sig not in kern.overloads:
-                with _codegen_options(_forced_vector_width(dtype)):
+                with _codegen_options(_forced_vector_width(dtype), kern._graphc_predicate):
                     kern.compile(sig)
     return kern(*args)
+
+
+_TLS = threading.local()
+
+
+def _scratch(tag, shape, dtype):
+    """A work array private to this module, kept per thread and reused from call to call.
+
+    Fresh large numpy arrays come from mmap (glibc hands every allocation above its threshold
+    straight back to the kernel on free), so each call would pay a page fault per 4 KiB touched --
+    about 1.4 us each on this VM, milliseconds per layer.  Never returned to callers."""
+    bufs = getattr(_TLS, "bufs", None)
+    if bufs is None:
+        bufs = _TLS.bufs = {}
+    key = (tag, tuple(shape), np.dtype(dtype).str)
+    a = bufs.get(key)
+    if a is None:
+        if len(bufs) > 64:
+            bufs.clear()
+        a = bufs[key] = np.empty(shape, dtype)
+    return a
+
+
+def clear_scratch() -> None:
+    """Free the work arrays this thread keeps between calls."""
+    _TLS.bufs = {}
 
 
 # ==================================================================================================
@@ -342,12 +384,16 @@ def _epi_store_t(z, b, y, relu):
         k = t - n * K
         bk = b[k]
         src = z[k]
-        for i in range(Ho):
-            for j in range(Wo):
-                v = src[n * P + i * Wo + j] + bk
-                if relu and not v > 0:
-                    v = 0.0 if v == v else v
-                y[n, k, i, j] = v
+        yk = y[n, k]
+        if relu:
+            for i in range(Ho):
+                for j in range(Wo):
+                    v = src[n * P + i * Wo + j] + bk
+                    yk[i, j] = 0.0 if v < 0 else v          # NaN passes, like PyTorch
+        else:
+            for i in range(Ho):
+                for j in range(Wo):
+                    yk[i, j] = src[n * P + i * Wo + j] + bk
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -569,6 +615,7 @@ class _FwdPlan:
             rows, cols = Ho, Wo
         VL = _vec_len(dtype)
         self.PL = _gen.round_up((rows - 1) * Wp + cols, VL)
+        self.UL = (self.Hq - 1) * Wp + self.Wq if epi == "pool" else 1
         maxoff = (KH - 1) * Wp + KW - 1
         self.Lx = _gen.round_up(max(Hp * Wp, self.PL + maxoff), VL)
 
@@ -592,11 +639,25 @@ class _FwdPlan:
         return bb
 
 
+_PLANS: dict = {}
+
+
+def _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0) -> _FwdPlan:
+    """The (memoised) plan of a direct forward call, its kernel loaded."""
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst)
+        plan.kern = _load_kernel(plan.source())
+        _PLANS[key] = plan
+    return plan
+
+
 def _direct_planes(xb, plan: _FwdPlan, w1, b, relu=False, save_route=False):
     """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx)."""
     N = xb.shape[0]
     dtype = xb.dtype
-    kern = _load_kernel(plan.source())
+    kern = plan.kern
     if plan.epi == "pool":
         y = np.empty((N, plan.K, plan.Hq, plan.Wq), dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
@@ -604,7 +665,11 @@ def _direct_planes(xb, plan: _FwdPlan, w1, b, relu=False, save_route=False):
         y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    _run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype)
+    nt = numba.config.NUMBA_NUM_THREADS          # numba.get_thread_id() is below this
+    acc = _scratch("fwd_acc", (nt, plan.KB, plan.PL), dtype)
+    pm = _scratch("fwd_pm", (nt, plan.UL), dtype)
+    pt = _scratch("fwd_pt", (nt, plan.UL), np.int32)
+    _run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc, pm, pt), dtype)
     return y, route
 
 
@@ -640,8 +705,8 @@ def _direct_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=
         x1, w1, p1 = x, w, pads
     top, bottom, left, right = p1
     Hp, Wp = x1.shape[2] + top + bottom, x1.shape[3] + left + right
-    plan = _FwdPlan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
-    xb = np.empty((N, x1.shape[1], plan.Lx), x.dtype)
+    plan = _fwd_plan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
+    xb = _scratch("fwd_x", (N, x1.shape[1], plan.Lx), x.dtype)
     _place(x1, xb, Hp, Wp, 1, top, left)
     return _direct_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
 
@@ -655,8 +720,8 @@ def _direct_dx(dy, w, stride, pads, in_hw):
     top, _, left, _ = pads
     Hb, Wb = H + KH - 1, W + KW - 1
     wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    plan = _FwdPlan(C, K, KH, KW, Hb, Wb, H, W, dy.dtype, "store")
-    buf = np.empty((N, K, plan.Lx), dy.dtype)
+    plan = _fwd_plan(C, K, KH, KW, Hb, Wb, H, W, dy.dtype, "store")
+    buf = _scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
     _place(dy, buf, Hb, Wb, stride, KH - 1 - top, KW - 1 - left)
     dx, _ = _direct_planes(buf, plan, wf, None)
     return dx
@@ -680,6 +745,19 @@ def _dw_blocks(K, T):
     return min(K, 4)
 
 
+_DW_KERNELS: dict = {}
+
+
+def _dw_kernel(kind, **geom):
+    key = (kind,) + tuple(sorted(geom.items()))
+    k = _DW_KERNELS.get(key)
+    if k is None:
+        gen = _gen.gen_conv_dw_narrow if kind == "narrow" else _gen.gen_conv_dw_wide
+        # long reductions: a masked remainder iteration is slower than a scalar one here
+        k = _DW_KERNELS[key] = _load_kernel(gen(**geom), predicate=False)
+    return k
+
+
 def _direct_dw_s1(x, dy, pads, KH, KW):
     """dL/dW of a stride-1 correlation (x unpadded, pads applied here)."""
     N, C, H, W = x.shape
@@ -693,23 +771,23 @@ def _direct_dw_s1(x, dy, pads, KH, KW):
     NKB = -(-K // KB)
     if C == 1 or (C * KW * Hp * Wo < K * Ho * Wp and Ho * Wo >= 256):
         # narrow: dy read where it lies; KW shifted copies of the (small) input
-        xs = np.empty((N, C, KW, Hp * Wo), dtype)
+        xs = _scratch("dw_xs", (N, C, KW, Hp * Wo), dtype)
         _shift_copies(x, xs, Hp, Wo, top, left)
-        src = _gen.gen_conv_dw_narrow(C=C, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo)
+        kern = _dw_kernel("narrow", C=C, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo)
         part = np.empty((N, NKB * KB, C, T), dtype)
-        _run_generated(_load_kernel(src), (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype)
+        _run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype)
     else:
         VL = _vec_len(dtype)
         Lx = _gen.round_up(Hp * Wp, VL)
         tail = _gen.round_up((KH - 1) * Wp + KW - 1, VL)
         G = _dw_groups(N, Lx, NKB)
-        xf = np.empty((C, N * Lx + tail), dtype)
+        xf = _scratch("dw_x", (C, N * Lx + tail), dtype)
         _place_t(x, xf, Hp, Wp, Lx, top, left)
-        dyf = np.empty((NKB * KB, N * Lx), dtype)
+        dyf = _scratch("dw_dy", (NKB * KB, N * Lx), dtype)
         _place_t(dy, dyf, Hp, Wp, Lx, 0, 0)
-        src = _gen.gen_conv_dw_wide(C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, G=G)
+        kern = _dw_kernel("wide", C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, G=G)
         part = np.empty((-(-N // G), NKB * KB, C, T), dtype)
-        _run_generated(_load_kernel(src), (xf, dyf, part, N, zero), dtype)
+        _run_generated(kern, (xf, dyf, part, N, zero), dtype)
     dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
     return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=dtype)
 
@@ -739,10 +817,10 @@ def _im2col_cols(x, KH, KW, stride, pads, Ho, Wo):
     if pads == (0, 0, 0, 0):
         xp = x
     else:
-        xb = np.empty((N, C, Hp * Wp), x.dtype)
+        xb = _scratch("i2c_x", (N, C, Hp * Wp), x.dtype)
         _place(x, xb, Hp, Wp, 1, top, left)
         xp = xb.reshape(N, C, Hp, Wp)
-    cols = np.empty((C * KH * KW, N * Ho * Wo), x.dtype)
+    cols = _scratch("i2c_cols", (C * KH * KW, N * Ho * Wo), x.dtype)
     _im2col(xp, cols, KH, KW, stride, Ho, Wo)
     return cols
 
@@ -783,7 +861,12 @@ def _im2col_dx(dy, w, stride, pads, in_hw):
     H, W = in_hw
     top, bottom, left, right = pads
     dcols = w.reshape(K, -1).T @ _dy_matrix(dy)                     # (C*KH*KW, N*Ho*Wo)
-    dxp = np.empty((N, C, H + top + bottom, W + left + right), dy.dtype)
+    shape = (N, C, H + top + bottom, W + left + right)
+    if pads == (0, 0, 0, 0):
+        dxp = np.empty(shape, dy.dtype)                  # returned as it is
+        _col2im(dcols, dxp, KH, KW, stride, Ho, Wo)
+        return dxp
+    dxp = _scratch("i2c_dx", shape, dy.dtype)
     _col2im(dcols, dxp, KH, KW, stride, Ho, Wo)
     return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
 

@@ -1,0 +1,154 @@
+"""Benchmark of the numba backend's convolution kernels (graphc.backends.numba_conv).
+
+For the conv layers of the MNIST models (mnist_convnet, LeNet-5): median milliseconds, GFLOP/s
+(2*N*K*C*KH*KW*Ho*Wo per call, the same count for forward, dL/dX and dL/dW), the fraction of the
+SGEMM roof (numpy matmul 1024x1024 float32, measured in the same run, before and after), for both
+strategies, plus the one choose_conv_strategy picks.  "first" is the first call in this process:
+generation + compilation with an empty kernel cache, a disk-cache load with a warm one.
+
+    python examples/bench_conv_kernels.py                  # all layers, 2 threads
+    python examples/bench_conv_kernels.py --only mnist2 --repeats 30
+    GRAPHC_CACHE_DIR=$(mktemp -d) python examples/bench_conv_kernels.py   # cold compile times
+
+Run nothing else meanwhile: this machine's figures move +-30 % with other load; compare ratios
+taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_numba_conv():
+    try:
+        return importlib.import_module("graphc.backends.numba_conv")
+    except ImportError:
+        pass
+    # running from a checkout that is not installed: assemble graphc.backends from backends/
+    sys.path.insert(0, str(ROOT))
+    import graphc
+    spec = importlib.util.spec_from_file_location(
+        "graphc.backends", ROOT / "backends" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "backends")])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["graphc.backends"] = pkg
+    spec.loader.exec_module(pkg)
+    graphc.backends = pkg
+    return importlib.import_module("graphc.backends.numba_conv")
+
+
+# name: (N, C, K, H, W, KH, KW, stride, pads, pool)
+LAYERS = {
+    "mnist2": (128, 32, 64, 13, 13, 3, 3, 1, (0, 0, 0, 0), (2, 2)),   # mnist_convnet conv2 (+pool)
+    "mnist1": (128, 1, 32, 28, 28, 3, 3, 1, (0, 0, 0, 0), (2, 2)),    # mnist_convnet conv1 (+pool)
+    "lenet1": (64, 1, 6, 28, 28, 5, 5, 1, (2, 2, 2, 2), (2, 2)),      # LeNet-5 C1 (+pool)
+    "lenet2": (64, 6, 16, 14, 14, 5, 5, 1, (0, 0, 0, 0), (2, 2)),     # LeNet-5 C3 (+pool)
+    "mnist2_b1": (1, 32, 64, 13, 13, 3, 3, 1, (0, 0, 0, 0), (2, 2)),  # batch-1 inference
+}
+OPS = ("fused", "fwd", "dx", "dw")
+
+
+def median_ms(fn, repeats, min_time=0.0):
+    ts = []
+    t_end = time.perf_counter() + min_time
+    while len(ts) < repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(ts))
+
+
+def sgemm_gflops(n=1024, repeats=15):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    for _ in range(3):
+        a @ b
+    ms = median_ms(lambda: a @ b, repeats)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="*", choices=list(LAYERS), help="layers to run")
+    ap.add_argument("--ops", nargs="*", choices=OPS, default=list(OPS))
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=None, help="numba threads (default: all)")
+    args = ap.parse_args(argv)
+
+    nc = load_numba_conv()
+    import numba
+    if args.threads:
+        numba.set_num_threads(args.threads)
+    print(f"numba {numba.__version__}, numpy {np.__version__}, {numba.get_num_threads()} threads, "
+          f"kernel cache {nc.kernel_cache_dir()}")
+    roof0 = sgemm_gflops()
+    print(f"SGEMM roof (numpy matmul 1024^2 float32): {roof0:.1f} GFLOP/s")
+    rows = []
+    rng = np.random.default_rng(0)
+    for name in args.only or list(LAYERS):
+        N, C, K, H, W, KH, KW, s, pads, (ps, pst) = LAYERS[name]
+        x = rng.standard_normal((N, C, H, W), dtype=np.float32)
+        w = (rng.standard_normal((K, C, KH, KW)) * 0.2).astype(np.float32)
+        b = (rng.standard_normal(K) * 0.1).astype(np.float32)
+        Ho, Wo = (H + pads[0] + pads[1] - KH) // s + 1, (W + pads[2] + pads[3] - KW) // s + 1
+        dy = rng.standard_normal((N, K, Ho, Wo), dtype=np.float32)
+        flop = 2.0 * N * K * C * KH * KW * Ho * Wo
+        for op in args.ops:
+            if op == "dx" and C == 1 and name != "lenet1":
+                continue           # the input gradient of the first layer is not needed in training
+            calls = {
+                "fused": lambda st: nc.conv2d_relu_maxpool(x, w, b, s, pads, ps, pst, save_route=True,
+                                                           strategy=st),
+                "fwd": lambda st: nc.conv2d(x, w, b, s, pads, relu=True, strategy=st),
+                "dx": lambda st: nc.conv2d_dx(dy, w, s, pads, (H, W), strategy=st),
+                "dw": lambda st: nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy=st),
+            }
+            fn = calls[op]
+            res = {}
+            for st in nc.STRATEGIES:
+                t0 = time.perf_counter()
+                fn(st)
+                first = time.perf_counter() - t0
+                ms = median_ms(lambda: fn(st), args.repeats, min_time=0.2)
+                res[st] = (ms, first)
+            opname = {"fused": "conv2d_relu_maxpool", "fwd": "conv2d", "dx": "conv2d_dx",
+                      "dw": "conv2d_dw"}[op]
+            t0 = time.perf_counter()
+            chosen = nc.choose_conv_strategy(x.shape, w.shape, s, pads, np.float32, op=opname,
+                                             pool=(ps, pst) if op == "fused" else None)
+            choose_s = time.perf_counter() - t0
+            rows.append((name, op, flop, res, chosen, choose_s))
+            d, i = res["direct"], res["im2col"]
+            print(f"{name:10s} {op:5s} direct {d[0]:8.3f} ms {flop / d[0] / 1e6:6.1f} GF/s (first {d[1]:5.2f} s)"
+                  f" | im2col {i[0]:8.3f} ms {flop / i[0] / 1e6:6.1f} GF/s (first {i[1]:5.2f} s)"
+                  f" | chosen {chosen} ({choose_s:.2f} s)", flush=True)
+    roof1 = sgemm_gflops()
+    roof = 0.5 * (roof0 + roof1)
+    print(f"SGEMM roof after: {roof1:.1f} GFLOP/s; using the mean {roof:.1f}")
+    print()
+    print("| layer | op | shape | MFLOP | direct ms | direct GF/s | im2col ms | im2col GF/s | chosen | "
+          "chosen % of SGEMM |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, op, flop, res, chosen, _ in rows:
+        N, C, K, H, W, KH, KW, s, pads, pool = LAYERS[name]
+        shape = f"N{N} C{C}->K{K} {H}x{W} {KH}x{KW} s{s} p{pads[0]}"
+        if op == "fused":
+            shape += f" pool{pool[0]}/{pool[1]}"
+        g = {st: flop / res[st][0] / 1e6 for st in res}
+        print(f"| {name} | {op} | {shape} | {flop / 1e6:.1f} | {res['direct'][0]:.3f} | {g['direct']:.1f} | "
+              f"{res['im2col'][0]:.3f} | {g['im2col']:.1f} | {chosen} | {100 * g[chosen] / roof:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
