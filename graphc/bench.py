@@ -316,6 +316,11 @@ def _peer_main(argv):
         out["step_ms"] = _median_ms(step, repeats, 3)
         out["version"] = torch.__version__
         out["threads"] = torch.get_num_threads()
+        if out["threads"] > 1 and peer == "torch_eager":
+            # for context (graphc picks its thread count by measurement): torch on one thread
+            torch.set_num_threads(1)
+            out["step_ms_1thread"] = _median_ms(step, repeats, 3)
+            torch.set_num_threads(out["threads"])
     elif peer == "jax_jit":
         try:
             import jax  # noqa: F401
@@ -462,6 +467,12 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     }
     if hasattr(exe, "conv_module"):
         result["conv_kernels"] = exe.conv_module
+    b = next(iter(getattr(exe, "_bindings", {}).values()), None)
+    if b is not None:
+        result["threads"] = {"used": getattr(b, "threads", None),
+                             "measured_ms": getattr(b, "thread_times", None)}
+    if hasattr(os, "getloadavg"):
+        result["machine"]["loadavg"] = os.getloadavg()
     plan = getattr(exe.graph, "memory_plan", None)
     if plan is not None:
         result["memory"] = plan.stats({"N": batch}, exe.dtype.itemsize)
@@ -495,6 +506,10 @@ def report(r):
                  f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
     if r.get("roofline_gflops"):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
+    if r.get("threads"):
+        t = r["threads"]
+        lines.append(f"threads: {t['used']} (measured ms per run: {t['measured_ms']}); load average "
+                     f"{r['machine'].get('loadavg')}")
     if r.get("memory"):
         m = r["memory"]
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
@@ -505,6 +520,9 @@ def report(r):
             same = {True: ", same loss as graphc", False: ", LOSS DIFFERS from graphc"}.get(res.get("same_model"), "")
             lines.append(f"{peer}: {res['step_ms']:.3f} ms  -> graphc/peer = {res['ratio']:.2f}x{same}"
                          + (f"  (torch {res.get('version')}, {res.get('threads')} threads)" if "version" in res else ""))
+            if res.get("step_ms_1thread"):
+                lines.append(f"{peer} on 1 thread: {res['step_ms_1thread']:.3f} ms  -> graphc/peer = "
+                             f"{r['step_ms'] / res['step_ms_1thread']:.2f}x")
         else:
             lines.append(f"{peer}: {res.get('absent') or res.get('error')}")
     return "\n".join(lines)
