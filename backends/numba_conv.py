@@ -257,34 +257,60 @@ def clear_scratch() -> None:
 # generic (not generated) kernels
 # ==================================================================================================
 
+@njit(cache=True, nogil=True)
+def _fill_plane(out, off, end, img, Hd, Wd, s, pt, pl):
+    """out[off:end] = zeros with the (Hd x Wd, rows Wd wide, flat) plane at its start holding
+    img[i, j] at row i*s+pt, column j*s+pl (entries falling outside are dropped).  Every element is
+    written once, each row as zeros + one contiguous copy + zeros when s == 1."""
+    h, w = img.shape
+    if s == 1:
+        j0 = max(0, -pl)
+        j1 = min(w, Wd - pl)
+        for r in range(Hd):
+            base = off + r * Wd
+            i = r - pt
+            if 0 <= i < h and j1 > j0:
+                for q in range(base, base + j0 + pl):
+                    out[q] = 0
+                src = img[i]
+                for j in range(j0, j1):
+                    out[base + pl + j] = src[j]
+                for q in range(base + j1 + pl, base + Wd):
+                    out[q] = 0
+            else:
+                for q in range(base, base + Wd):
+                    out[q] = 0
+    else:
+        for q in range(off, off + Hd * Wd):
+            out[q] = 0
+        for i in range(h):
+            r = i * s + pt
+            if 0 <= r < Hd:
+                for j in range(w):
+                    col = j * s + pl
+                    if 0 <= col < Wd:
+                        out[off + r * Wd + col] = img[i, j]
+    for q in range(off + Hd * Wd, end):
+        out[q] = 0
+
+
 @njit(parallel=True, cache=True, nogil=True)
 def _place(src, dst, Hd, Wd, s, pt, pl):
     """dst (N, C', L): plane (n, c) becomes a zero (Hd x Wd, rows Wd wide, flat) plane followed by
     zeros up to L, with src[n, c, i, j] at row i*s+pt, column j*s+pl (entries falling outside are
     dropped).  Channels c >= src.shape[1] stay all zero."""
-    N, C, h, w = src.shape
+    N, C = src.shape[0], src.shape[1]
     Cd = dst.shape[1]
     L = dst.shape[2]
     for t in prange(N * Cd):
         n = t // Cd
         c = t - n * Cd
         plane = dst[n, c]
-        for q in range(L):
-            plane[q] = 0
         if c < C:
-            for i in range(h):
-                r = i * s + pt
-                if r < 0 or r >= Hd:
-                    continue
-                base = r * Wd
-                if s == 1 and pl >= 0 and pl + w <= Wd:
-                    for j in range(w):
-                        plane[base + pl + j] = src[n, c, i, j]
-                else:
-                    for j in range(w):
-                        col = j * s + pl
-                        if 0 <= col < Wd:
-                            plane[base + col] = src[n, c, i, j]
+            _fill_plane(plane, 0, L, src[n, c], Hd, Wd, s, pt, pl)
+        else:
+            for q in range(L):
+                plane[q] = 0
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -292,7 +318,7 @@ def _place_t(src, dst, Hd, Wd, L, pt, pl):
     """Channel-major placement for the dL/dW kernels: dst (C', N*L + tail); the (Hd x Wd) plane of
     image n, channel c starts at dst[c, n*L] and holds src[n, c, i, j] at row i+pt, column j+pl;
     everything else (borders, the rest of L, the tail, channels c >= src.shape[1]) is zero."""
-    N, C, h, w = src.shape
+    N, C = src.shape[0], src.shape[1]
     Cd = dst.shape[0]
     tot = dst.shape[1]
     for t in prange(Cd * N):
@@ -300,18 +326,11 @@ def _place_t(src, dst, Hd, Wd, L, pt, pl):
         n = t - c * N
         row = dst[c]
         end = (n + 1) * L if n < N - 1 else tot
-        for q in range(n * L, end):
-            row[q] = 0
         if c < C:
-            for i in range(h):
-                r = i + pt
-                if r < 0 or r >= Hd:
-                    continue
-                base = n * L + r * Wd
-                for j in range(w):
-                    col = j + pl
-                    if 0 <= col < Wd:
-                        row[base + col] = src[n, c, i, j]
+            _fill_plane(row, n * L, end, src[n, c], Hd, Wd, 1, pt, pl)
+        else:
+            for q in range(n * L, end):
+                row[q] = 0
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -605,7 +624,6 @@ class _FwdPlan:
         self.epi, self.ps, self.pst = epi, ps, pst
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
-        self.NKB = -(-K // self.KB)
         if epi == "pool":
             self.Hq, self.Wq = _pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
             rows = (self.Hq - 1) * pst + ps
@@ -615,9 +633,9 @@ class _FwdPlan:
             rows, cols = Ho, Wo
         VL = _vec_len(dtype)
         self.PL = _gen.round_up((rows - 1) * Wp + cols, VL)
-        self.UL = (self.Hq - 1) * Wp + self.Wq if epi == "pool" else 1
         maxoff = (KH - 1) * Wp + KW - 1
         self.Lx = _gen.round_up(max(Hp * Wp, self.PL + maxoff), VL)
+        self.NKB = -(-K // self.KB)
 
     def source(self):
         return _gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
@@ -625,7 +643,7 @@ class _FwdPlan:
                                  ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq)
 
     def weights(self, w):
-        """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero channels padding the last block."""
+        """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
         K, C, KH, KW = w.shape
         Kp = self.NKB * self.KB
         wp = w if Kp == K else np.concatenate([w, np.zeros((Kp - K, C, KH, KW), w.dtype)])
@@ -667,9 +685,7 @@ def _direct_planes(xb, plan: _FwdPlan, w1, b, relu=False, save_route=False):
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
     nt = numba.config.NUMBA_NUM_THREADS          # numba.get_thread_id() is below this
     acc = _scratch("fwd_acc", (nt, plan.KB, plan.PL), dtype)
-    pm = _scratch("fwd_pm", (nt, plan.UL), dtype)
-    pt = _scratch("fwd_pt", (nt, plan.UL), np.int32)
-    _run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc, pm, pt), dtype)
+    _run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc), dtype)
     return y, route
 
 

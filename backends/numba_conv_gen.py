@@ -50,17 +50,20 @@ def _taps(KH: int, KW: int, Wp: int):
 
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
-                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, pool_wide: bool = False) -> str:
+                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0) -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
-    inside a channel), bias ``b (NKB*KB,)``.
+    inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
 
-    One prange task per (image, block of KB output channels).  The KB accumulators are wide vectors
-    of PL elements (PL >= the wide length the epilogue reads, a multiple of the SIMD width); the
-    input-channel loop runs CB channels per pass of the vector loop.
+    One prange task per (image, block of KB output channels).  The KB accumulators are wide
+    vectors of PL elements (PL >= the wide length the epilogue reads, a multiple of the SIMD
+    width); each pass of the vector loop runs KB output channels times CB input channels with the
+    KB*CB*KH*KW weights in scalars.  (Taking the input channels in L1-sized chunks for several
+    blocks at once was measured: no faster, the taps' overlapping reads hit L1 anyway.)
 
-    ``kernel(x, wt, b, y, route, flag, acc, pm, pt)``; ``flag`` (bool, at run time so one compiled kernel
-    serves both uses) means "apply ReLU" for epi "store" and "save the route" for epi "pool".
+    ``kernel(x, wt, b, y, route, flag, acc)``: acc (threads, KB, PL) is scratch per worker
+    thread (numba.get_thread_id() indexes it); ``flag`` (bool, at run time so one compiled kernel serves
+    both uses) means "apply ReLU" for epi "store" and "save the route" for epi "pool".
 
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
@@ -72,139 +75,107 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     L = []
     a = L.append
     a(HEADER)
-    a(f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)")
-    a("def task(x, wt, b, y, route, n, kb, flag, acc, pm, pt):")
-    a("    if True:")
-    a(f"        k0 = kb * {KB}")
-    for q in range(KB):
-        a(f"        a{q} = acc[{q}]")
 
-    def block(c_expr: str, cb: int, first: bool, indent: str):
-        # loads of the weights into scalars, then the vector loop over the wide plane
+    def block(c_expr: str, cb: int, first: bool, ind: str):
+        """weights of channels c_expr .. c_expr+cb-1 into scalars, then the vector loop."""
         for u in range(cb):
-            a(f"{indent}xc{u} = x[n, {c_expr} + {u}]")
-            a(f"{indent}wv{u} = wt[kb, {c_expr} + {u}]")
+            a(f"{ind}xc{u} = x[n, {c_expr} + {u}]")
+            a(f"{ind}wv{u} = wt[kb, {c_expr} + {u}]")
         for u in range(cb):
             for q in range(KB):
                 for (t, _, _, _) in taps:
-                    a(f"{indent}w{u}_{q}_{t} = wv{u}[{q * T + t}]")
-        a(f"{indent}for p in range({PL}):")
+                    a(f"{ind}w{u}_{q}_{t} = wv{u}[{q * T + t}]")
+        a(f"{ind}for p in range({PL}):")
         for u in range(cb):
             for (t, _, _, off) in taps:
-                a(f"{indent}    x{u}_{t} = xc{u}[p + {off}]")
+                a(f"{ind}    x{u}_{t} = xc{u}[p + {off}]")
         for q in range(KB):
             terms = " + ".join(f"w{u}_{q}_{t} * x{u}_{t}" for u in range(cb) for (t, _, _, _) in taps)
-            if first:
-                a(f"{indent}    a{q}[p] = {terms}")
-            else:
-                a(f"{indent}    a{q}[p] += {terms}")
+            a(f"{ind}    a{q}[p] {'=' if first else '+='} {terms}")
 
-    # first CB channels initialise the accumulators (no zeroing pass)
-    c_full = (C // CB) * CB
-    cb0 = CB if C >= CB else C
-    block("0", cb0, True, "        ")
-    start = cb0
-    if c_full > start:
-        a(f"        for c in range({start}, {c_full}, {CB}):")
-        block("c", CB, False, "            ")
-        start = c_full
-    if C > start:
-        a(f"        for c in range({start}, {C}):")
-        block("c", 1, False, "            ")
+    def channel_loops(lo: str, hi: int, ind: str):
+        """loops over input channels [lo, hi) in steps of CB, then singles."""
+        if CB > 1:
+            a(f"{ind}cfull = {lo} + (({hi}) - ({lo})) // {CB} * {CB}")
+            a(f"{ind}for c in range({lo}, cfull, {CB}):")
+            block("c", CB, False, ind + "    ")
+            a(f"{ind}for c in range(cfull, {hi}):")
+            block("c", 1, False, ind + "    ")
+        else:
+            a(f"{ind}for c in range({lo}, {hi}):")
+            block("c", 1, False, ind + "    ")
 
-    # epilogue
-    for q in range(KB):
-        a(f"        k = k0 + {q}")
-        a(f"        if k < {K}:")
-        a("            bq = b[k]")
+    def epilogue(q: int, ind: str):
+        a(f"{ind}k = k0 + {q}")
+        a(f"{ind}if k < {K}:")
+        ind2 = ind + "    "
+        a(f"{ind2}bq = b[k]")
+        a(f"{ind2}yk = y[n, k]")
         if epi == "store":
             # branch-free so that LLVM vectorises it; ReLU keeps NaN (like PyTorch)
-            a("            yk = y[n, k]")
-            a("            if flag:")
-            a(f"                for i in range({Ho}):")
-            a(f"                    for j in range({Wo}):")
-            a(f"                        v = a{q}[i * {Wp} + j] + bq")
-            a("                        yk[i, j] = 0.0 if v < 0 else v")
-            a("            else:")
-            a(f"                for i in range({Ho}):")
-            a(f"                    for j in range({Wo}):")
-            a(f"                        yk[i, j] = a{q}[i * {Wp} + j] + bq")
-        elif epi == "pool" and pool_wide:
-            # Pass 1, vectorised along the wide rows: window u = i*Wp + j starts at acc[pst*u], so
-            # its max (taps unrolled into compare/selects, the first max in row-major order wins)
-            # and the conv-plane offset of that tap are computed for all u in one long loop.
-            # Pass 2 copies the Hq x Wq real windows out, turning offsets into flat indices.
-            UL = (Hq - 1) * Wp + Wq
-            a(f"            for u in range({UL}):")
-            a(f"                o = {pst} * u")
-            first = True
-            for di in range(ps):
-                for dj in range(ps):
-                    src = f"a{q}[o + {di * Wp + dj}] + bq"
-                    if first:
-                        a(f"                m = {src}")
-                        a("                t = 0")
-                        first = False
-                    else:
-                        a(f"                v = {src}")
-                        a(f"                t = {di * Wo + dj} if v > m else t")
-                        a("                m = v if v > m else m")
-            a("                pm[u] = m")
-            a("                pt[u] = t")
-            a("            yk = y[n, k]")
-            a("            if flag:")
-            a("                rk = route[n, k]")
-            a(f"                for i in range({Hq}):")
-            a(f"                    for j in range({Wq}):")
-            a(f"                        m = pm[i * {Wp} + j]")
-            a("                        yk[i, j] = 0.0 if m <= 0 else m")
-            a(f"                        rk[i, j] = (i * {pst * Wo} + j * {pst} + pt[i * {Wp} + j]) if m > 0 else -1")
-            a("            else:")
-            a(f"                for i in range({Hq}):")
-            a(f"                    for j in range({Wq}):")
-            a(f"                        m = pm[i * {Wp} + j]")
-            a("                        yk[i, j] = 0.0 if m <= 0 else m")
+            a(f"{ind2}if flag:")
+            a(f"{ind2}    for i in range({Ho}):")
+            a(f"{ind2}        for j in range({Wo}):")
+            a(f"{ind2}            v = a{q}[i * {Wp} + j] + bq")
+            a(f"{ind2}            yk[i, j] = 0.0 if v < 0 else v")
+            a(f"{ind2}else:")
+            a(f"{ind2}    for i in range({Ho}):")
+            a(f"{ind2}        for j in range({Wo}):")
+            a(f"{ind2}            yk[i, j] = a{q}[i * {Wp} + j] + bq")
         elif epi == "pool":
-            # window taps unrolled into compare/selects (first max in row-major order wins), so
-            # the loop over pooled columns vectorises
-            a("            yk = y[n, k]")
+            # window taps unrolled into compare/selects (the first max in row-major order wins),
+            # so the loop over pooled columns vectorises (one masked iteration for short rows)
             for with_route in (True, False):
-                a("            if flag:" if with_route else "            else:")
-                a("                rk = route[n, k]" if with_route else "                pass")
-                a(f"                for i in range({Hq}):")
-                a(f"                    r0 = i * {pst}")
-                a(f"                    for j in range({Wq}):")
-                a(f"                        c0 = j * {pst}")
+                a(f"{ind2}if flag:" if with_route else f"{ind2}else:")
+                i3 = ind2 + "    "
+                if with_route:
+                    a(f"{i3}rk = route[n, k]")
+                a(f"{i3}for i in range({Hq}):")
+                a(f"{i3}    r0 = i * {pst}")
+                a(f"{i3}    for j in range({Wq}):")
+                a(f"{i3}        c0 = j * {pst}")
                 first = True
                 for di in range(ps):
                     for dj in range(ps):
                         src = f"a{q}[(r0 + {di}) * {Wp} + c0 + {dj}] + bq"
                         idx = f"(r0 + {di}) * {Wo} + c0 + {dj}"
                         if first:
-                            a(f"                        m = {src}")
+                            a(f"{i3}        m = {src}")
                             if with_route:
-                                a(f"                        mi = {idx}")
+                                a(f"{i3}        mi = {idx}")
                             first = False
                         else:
-                            a(f"                        v = {src}")
+                            a(f"{i3}        v = {src}")
                             if with_route:
-                                a(f"                        mi = {idx} if v > m else mi")
-                            a("                        m = v if v > m else m")
-                a("                        yk[i, j] = 0.0 if m <= 0 else m")
+                                a(f"{i3}        mi = {idx} if v > m else mi")
+                            a(f"{i3}        m = v if v > m else m")
+                a(f"{i3}        yk[i, j] = 0.0 if m <= 0 else m")
                 if with_route:
-                    a("                        rk[i, j] = mi if m > 0 else -1")
+                    a(f"{i3}        rk[i, j] = mi if m > 0 else -1")
         else:  # pragma: no cover - programming error
             raise ValueError(epi)
+
+    a(f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)")
+    a("def task(x, wt, b, y, route, n, g, flag, acc):")
+    a("    kb = g")
+    a(f"    k0 = kb * {KB}")
+    for q in range(KB):
+        a(f"    a{q} = acc[{q}]")
+    # the first CB channels initialise the accumulators (no zeroing pass)
+    cb0 = min(CB, C)
+    block("0", cb0, True, "    ")
+    if C > cb0:
+        channel_loops(str(cb0), C, "    ")
+    for q in range(KB):
+        epilogue(q, "    ")
     a("")
     a("")
-    # acc (threads, KB, PL), pm (threads, UL), pt (threads, UL): scratch of each worker thread,
-    # passed in by the caller (numba.get_num_threads() inside would make the kernel uncachable)
     a("@njit(parallel=True, cache=True, nogil=True)")
-    a("def kernel(x, wt, b, y, route, flag, acc, pm, pt):")
+    a("def kernel(x, wt, b, y, route, flag, acc):")
     a(f"    for t in prange(x.shape[0] * {NKB}):")
     a(f"        n = t // {NKB}")
     a("        i = numba.get_thread_id()")
-    a(f"        task(x, wt, b, y, route, n, t - n * {NKB}, flag, acc[i], pm[i], pt[i])")
+    a(f"        task(x, wt, b, y, route, n, t - n * {NKB}, flag, acc[i])")
     return "\n".join(L) + "\n"
 
 
