@@ -339,6 +339,8 @@ class _Bound:
         self.copy_back = []      # (state name, value index) for updates not done in place
         self.bind_s = 0.0
         self.first_run_s = None
+        self.threads = None
+        self.thread_times = {}
 
 
 def _aligned_empty(nbytes, align=64):
@@ -714,20 +716,22 @@ class NumbaExecutable(Executable):
             return max(1, min(int(self.threads), maxt))
         if maxt == 1:
             return 1
+        self._run_steps(b, 1)                # compiles what a one-thread run needs (conv strategies)
         t0 = time.perf_counter()
-        self._run_steps(b, maxt)
+        self._run_steps(b, 1)
         if time.perf_counter() - t0 > 0.5:
             return maxt
-        times = {}
-        for n in (maxt, 1, maxt, 1):
-            self._run_steps(b, n)
-            ts = []
-            for _ in range(3):
+        times = {maxt: [], 1: []}
+        for rnd in range(3):
+            for n in (maxt, 1):
                 t0 = time.perf_counter()
                 self._run_steps(b, n)
-                ts.append(time.perf_counter() - t0)
-            times.setdefault(n, []).extend(ts)
-        b.thread_times = {n: 1e3 * float(np.median(v)) for n, v in times.items()}
+                times[n].append(time.perf_counter() - t0)
+            if rnd >= 1:
+                a, c = min(times[maxt]), min(times[1])
+                if max(a, c) > 1.3 * min(a, c):
+                    break                    # clear winner: stop early (tuning is part of compile time)
+        b.thread_times = {n: 1e3 * float(min(v)) for n, v in times.items()}
         return min(b.thread_times, key=b.thread_times.get)
 
     def _execute(self, feeds, env, training, want, inplace=False):
