@@ -354,100 +354,108 @@ def _shift_copies(src, dst, Hp, Wo, pt, pl):
                         plane[r * Wo + j] = 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _im2col(xp, cols, KH, KW, s, Ho, Wo):
-    """cols (C*KH*KW, N*Ho*Wo) from padded xp (N, C, Hp, Wp)."""
-    N, C = xp.shape[0], xp.shape[1]
-    P = Ho * Wo
-    for r in prange(C * KH * KW):
-        c = r // (KH * KW)
-        t = r - c * (KH * KW)
-        kh = t // KW
-        kw = t - kh * KW
-        row = cols[r]
-        for n in range(N):
-            for i in range(Ho):
-                base = n * P + i * Wo
-                ii = i * s + kh
-                for j in range(Wo):
-                    row[base + j] = xp[n, c, ii, j * s + kw]
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def _col2im(dcols, dxp, KH, KW, s, Ho, Wo):
-    """dxp (N, C, Hp, Wp) = sum of the columns dcols (C*KH*KW, N*Ho*Wo) at their positions."""
-    N, C = dxp.shape[0], dxp.shape[1]
-    P = Ho * Wo
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        plane = dxp[n, c]
-        plane[:, :] = 0
+@njit(cache=True, nogil=True)
+def _cols_of(xp, cols, KH, KW, s, Ho, Wo):
+    """cols (C*KH*KW, Ho*Wo) of one padded image xp (C, Hp, Wp)."""
+    C = xp.shape[0]
+    for c in range(C):
         for kh in range(KH):
             for kw in range(KW):
-                row = dcols[(c * KH + kh) * KW + kw]
+                row = cols[(c * KH + kh) * KW + kw]
                 for i in range(Ho):
-                    base = n * P + i * Wo
-                    ii = i * s + kh
-                    for j in range(Wo):
-                        plane[ii, j * s + kw] += row[base + j]
+                    src = xp[c, i * s + kh]
+                    if s == 1:
+                        for j in range(Wo):
+                            row[i * Wo + j] = src[j + kw]
+                    else:
+                        for j in range(Wo):
+                            row[i * Wo + j] = src[j * s + kw]
+
+
+@njit(cache=True, nogil=True)
+def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
+    """bias + ReLU + max pool of one conv-output plane z (Ho*Wo,) into yk (Hq, Wq); route as in
+    conv2d_relu_maxpool (flat index of the window's first max, -1 when it is <= 0)."""
+    Hq, Wq = yk.shape
+    for i in range(Hq):
+        for j in range(Wq):
+            r0 = i * pst
+            c0 = j * pst
+            m = z[r0 * Wo + c0] + bk
+            mi = r0 * Wo + c0
+            for di in range(ps):
+                for dj in range(ps):
+                    v = z[(r0 + di) * Wo + c0 + dj] + bk
+                    if v > m:
+                        m = v
+                        mi = (r0 + di) * Wo + c0 + dj
+            yk[i, j] = 0.0 if m <= 0 else m
+            if save:
+                rk[i, j] = mi if m > 0 else -1
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _epi_store_t(z, b, y, relu):
-    """y (N, K, Ho, Wo) from the GEMM output z (K, N*Ho*Wo) plus bias (then ReLU)."""
-    N, K, Ho, Wo = y.shape
+def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst):
+    """im2col + GEMM forward, one image per task: cols[thread] (C*KH*KW, Ho*Wo) is built from the
+    padded image xp[n] (C, Hp, Wp), multiplied by wm (K, C*KH*KW) (BLAS; keep it to one thread
+    around this call), and the epilogue writes y[n] straight from the product.
+    epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool (route when flag)."""
+    N = xp.shape[0]
+    K = wm.shape[0]
     P = Ho * Wo
-    for t in prange(N * K):
-        n = t // K
-        k = t - n * K
-        bk = b[k]
-        src = z[k]
-        yk = y[n, k]
-        if relu:
-            for i in range(Ho):
-                for j in range(Wo):
-                    v = src[n * P + i * Wo + j] + bk
-                    yk[i, j] = 0.0 if v < 0 else v          # NaN passes, like PyTorch
-        else:
-            for i in range(Ho):
-                for j in range(Wo):
-                    yk[i, j] = src[n * P + i * Wo + j] + bk
+    for n in prange(N):
+        cl = cols[numba.get_thread_id()]
+        _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
+        z = np.dot(wm, cl)                                   # (K, Ho*Wo)
+        for k in range(K):
+            bk = b[k]
+            zk = z[k]
+            if epi == 0:
+                yk = y[n, k].reshape(P)
+                if flag:
+                    for q in range(P):
+                        v = zk[q] + bk
+                        yk[q] = 0.0 if v < 0 else v
+                else:
+                    for q in range(P):
+                        yk[q] = zk[q] + bk
+            else:
+                _pool_epilogue(zk, bk, y[n, k], route[n, k], Wo, ps, pst, flag)
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _epi_pool_t(z, b, y, route, Wo, ps, pst, save):
-    """Fused bias + ReLU + max pool on the GEMM output z (K, N*Ho*Wo); route as in
-    conv2d_relu_maxpool (flat conv-plane index of the window's first max, -1 when it is <= 0)."""
-    N, K, Hq, Wq = y.shape
-    P = z.shape[1] // N
-    for t in prange(N * K):
-        n = t // K
-        k = t - n * K
-        bk = b[k]
-        src = z[k]
-        for i in range(Hq):
-            for j in range(Wq):
-                r0 = i * pst
-                c0 = j * pst
-                m = src[n * P + r0 * Wo + c0] + bk
-                mi = r0
-                mj = c0
-                for di in range(ps):
-                    for dj in range(ps):
-                        v = src[n * P + (r0 + di) * Wo + c0 + dj] + bk
-                        if v > m:
-                            m = v
-                            mi = r0 + di
-                            mj = c0 + dj
-                if m > 0:
-                    y[n, k, i, j] = m
-                    if save:
-                        route[n, k, i, j] = mi * Wo + mj
-                else:
-                    y[n, k, i, j] = 0.0 if m == m else m
-                    if save:
-                        route[n, k, i, j] = -1
+def _i2c_dx(dy, wmt, dxp, KH, KW, s):
+    """dL/dX by GEMM + col2im, one image per task: dcols = wmt (C*KH*KW, K) @ dy[n] (K, Ho*Wo),
+    summed into the padded gradient plane dxp[n] (C, Hp, Wp)."""
+    N, K, Ho, Wo = dy.shape
+    C = dxp.shape[1]
+    for n in prange(N):
+        dcols = np.dot(wmt, dy[n].reshape(K, Ho * Wo))
+        plane = dxp[n]
+        plane[:, :, :] = 0
+        for c in range(C):
+            for kh in range(KH):
+                for kw in range(KW):
+                    row = dcols[(c * KH + kh) * KW + kw]
+                    for i in range(Ho):
+                        dst = plane[c, i * s + kh]
+                        for j in range(Wo):
+                            dst[j * s + kw] += row[i * Wo + j]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _i2c_dw(xp, dy, part, cols, KH, KW, s):
+    """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g of
+    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis."""
+    N, K, Ho, Wo = dy.shape
+    G = part.shape[0]
+    for g in prange(G):
+        cl = cols[numba.get_thread_id()]
+        acc = part[g]
+        acc[:, :] = 0
+        for n in range(g, N, G):
+            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
+            acc += np.dot(dy[n].reshape(K, Ho * Wo), cl.T)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -613,7 +621,9 @@ def _pick_blocks(K: int, C: int, T: int):
         return min(K, 4), min(C, 4)
     if T <= 4:
         return min(K, 4), 1
-    return min(K, 2), 1
+    if T <= 9:
+        return min(K, 2), 1            # 18 weights in registers: measured best for 3x3
+    return (min(K, 2) if C == 1 else 1), 1   # 5x5: 25 weights per output channel already
 
 
 class _FwdPlan:
@@ -826,49 +836,69 @@ def _direct_dw(x, dy, stride, pads, k_hw):
 # im2col strategy
 # ==================================================================================================
 
-def _im2col_cols(x, KH, KW, stride, pads, Ho, Wo):
+_TPC = None
+
+
+@contextlib.contextmanager
+def _blas_single_thread():
+    """OpenBLAS limited to one thread while Numba's workers call it (two thread pools on two cores
+    fight: PERF_NOTES measured 2.4-2.9x slower steps)."""
+    global _TPC
+    try:
+        if _TPC is None:
+            from threadpoolctl import ThreadpoolController
+            _TPC = ThreadpoolController()
+        ctx = _TPC.limit(limits=1, user_api="blas")
+    except Exception:  # pragma: no cover - threadpoolctl missing or failing: run as is
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def _i2c_compiled(fn, args):
+    """First call of an im2col kernel for these types: compile it (it loads scipy's BLAS), then
+    forget the controller so that it sees that BLAS too."""
+    global _TPC
+    sig = tuple(numba.typeof(a) for a in args)
+    if sig not in fn.overloads:
+        with _LOCK:
+            fn.compile(sig)
+        _TPC = None
+
+
+def _padded_images(x, pads, tag):
     N, C, H, W = x.shape
     top, bottom, left, right = pads
-    Hp, Wp = H + top + bottom, W + left + right
     if pads == (0, 0, 0, 0):
-        xp = x
-    else:
-        xb = _scratch("i2c_x", (N, C, Hp * Wp), x.dtype)
-        _place(x, xb, Hp, Wp, 1, top, left)
-        xp = xb.reshape(N, C, Hp, Wp)
-    cols = _scratch("i2c_cols", (C * KH * KW, N * Ho * Wo), x.dtype)
-    _im2col(xp, cols, KH, KW, stride, Ho, Wo)
-    return cols
-
-
-def _im2col_gemm(x, w, stride, pads):
-    N, C, H, W = x.shape
-    K, _, KH, KW = w.shape
-    Ho, Wo = _out_hw(H, W, KH, KW, stride, pads)
-    cols = _im2col_cols(x, KH, KW, stride, pads, Ho, Wo)
-    z = w.reshape(K, -1) @ cols                                   # (K, N*Ho*Wo)
-    return z, Ho, Wo
+        return x
+    Hp, Wp = H + top + bottom, W + left + right
+    xb = _scratch(tag, (N, C, Hp * Wp), x.dtype)
+    _place(x, xb, Hp, Wp, 1, top, left)
+    return xb.reshape(N, C, Hp, Wp)
 
 
 def _im2col_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False):
-    N = x.shape[0]
-    K = w.shape[0]
-    z, Ho, Wo = _im2col_gemm(x, w, stride, pads)
+    N, C, H, W = x.shape
+    K, _, KH, KW = w.shape
+    Ho, Wo = _out_hw(H, W, KH, KW, stride, pads)
+    xp = _padded_images(x, pads, "i2c_x")
+    cols = _scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
     bb = b if b is not None else np.zeros(K, x.dtype)
     if epi == "pool":
         Hq, Wq = _pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
         y = np.empty((N, K, Hq, Wq), x.dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
-        _epi_pool_t(z, bb, y, route, Wo, ps, pst, save_route)
-        return y, route
-    y = np.empty((N, K, Ho, Wo), x.dtype)
-    _epi_store_t(z, bb, y, relu)
-    return y, None
-
-
-def _dy_matrix(dy):
-    N, K, Ho, Wo = dy.shape
-    return np.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(K, N * Ho * Wo)
+        args = (xp, w.reshape(K, -1), bb, y, route, cols, KH, KW, stride, Ho, Wo, 1, bool(save_route),
+                ps, pst)
+    else:
+        y = np.empty((N, K, Ho, Wo), x.dtype)
+        route = None
+        args = (xp, w.reshape(K, -1), bb, y, np.empty((1, 1, 1, 1), np.int32), cols, KH, KW, stride,
+                Ho, Wo, 0, bool(relu), 0, 0)
+    _i2c_compiled(_i2c_fwd, args)
+    with _blas_single_thread():
+        _i2c_fwd(*args)
+    return y, route
 
 
 def _im2col_dx(dy, w, stride, pads, in_hw):
@@ -876,14 +906,14 @@ def _im2col_dx(dy, w, stride, pads, in_hw):
     _, C, KH, KW = w.shape
     H, W = in_hw
     top, bottom, left, right = pads
-    dcols = w.reshape(K, -1).T @ _dy_matrix(dy)                     # (C*KH*KW, N*Ho*Wo)
     shape = (N, C, H + top + bottom, W + left + right)
+    dxp = np.empty(shape, dy.dtype) if pads == (0, 0, 0, 0) else _scratch("i2c_dx", shape, dy.dtype)
+    args = (dy, np.ascontiguousarray(w.reshape(K, -1).T), dxp, KH, KW, stride)
+    _i2c_compiled(_i2c_dx, args)
+    with _blas_single_thread():
+        _i2c_dx(*args)
     if pads == (0, 0, 0, 0):
-        dxp = np.empty(shape, dy.dtype)                  # returned as it is
-        _col2im(dcols, dxp, KH, KW, stride, Ho, Wo)
         return dxp
-    dxp = _scratch("i2c_dx", shape, dy.dtype)
-    _col2im(dcols, dxp, KH, KW, stride, Ho, Wo)
     return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
 
 
@@ -891,9 +921,16 @@ def _im2col_dw(x, dy, stride, pads, k_hw):
     N, K, Ho, Wo = dy.shape
     C = x.shape[1]
     KH, KW = k_hw
-    cols = _im2col_cols(x, KH, KW, stride, pads, Ho, Wo)
-    dw = _dy_matrix(dy) @ cols.T
-    return np.ascontiguousarray(dw.reshape(K, C, KH, KW))
+    xp = _padded_images(x, pads, "i2c_x")
+    nt = numba.config.NUMBA_NUM_THREADS
+    cols = _scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
+    part = np.empty((max(1, min(N, numba.get_num_threads())), K, C * KH * KW), x.dtype)
+    args = (xp, dy, part, cols, KH, KW, stride)
+    _i2c_compiled(_i2c_dw, args)
+    with _blas_single_thread():
+        _i2c_dw(*args)
+    dw = part.sum(axis=0, dtype=np.float64) if part.shape[0] > 1 else part[0]
+    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=x.dtype)
 
 
 # ==================================================================================================
