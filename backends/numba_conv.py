@@ -146,6 +146,7 @@ def _load_kernel(src: str, predicate: bool = True):
         spec.loader.exec_module(mod)
         k = mod.kernel
         k._graphc_predicate = bool(predicate)
+        k._graphc_ready = set()
         _KERNELS[name] = k
         return k
 
@@ -217,13 +218,21 @@ def _codegen_options(width: int, predicate: bool = True):
 
 def _run_generated(kern, args, dtype):
     """Call a generated kernel, compiling it first (under the wide-vector options) when no machine
-    code for these argument types is loaded yet; Numba's disk cache answers when it can."""
-    sig = tuple(numba.typeof(a) for a in args)
-    if sig not in kern.overloads:
-        with _LOCK:
-            if sig not in kern.overloads:
-                with _codegen_options(_forced_vector_width(dtype), kern._graphc_predicate):
-                    kern.compile(sig)
+    code for these argument types is loaded yet; Numba's disk cache answers when it can.
+
+    The arguments are this module's own C-contiguous work arrays (plus flags), so their types
+    follow from the dtype; after the first call the type check is skipped (a caller's read-only
+    or unaligned array would make Numba compile one more specialisation, without the options)."""
+    key = np.dtype(dtype).char
+    ready = kern._graphc_ready
+    if key not in ready:
+        sig = tuple(numba.typeof(a) for a in args)
+        if sig not in kern.overloads:
+            with _LOCK:
+                if sig not in kern.overloads:
+                    with _codegen_options(_forced_vector_width(dtype), kern._graphc_predicate):
+                        kern.compile(sig)
+        ready.add(key)
     return kern(*args)
 
 
@@ -256,6 +265,9 @@ def clear_scratch() -> None:
 # ==================================================================================================
 # generic (not generated) kernels
 # ==================================================================================================
+
+_SERIAL_BELOW = 1 << 16       # elements: smaller placements run on the calling thread
+
 
 @njit(cache=True, nogil=True)
 def _fill_plane(out, off, end, img, Hd, Wd, s, pt, pl):
@@ -302,15 +314,27 @@ def _place(src, dst, Hd, Wd, s, pt, pl):
     N, C = src.shape[0], src.shape[1]
     Cd = dst.shape[1]
     L = dst.shape[2]
-    for t in prange(N * Cd):
-        n = t // Cd
-        c = t - n * Cd
-        plane = dst[n, c]
-        if c < C:
-            _fill_plane(plane, 0, L, src[n, c], Hd, Wd, s, pt, pl)
-        else:
-            for q in range(L):
-                plane[q] = 0
+    if N * Cd * L < _SERIAL_BELOW:            # a parallel launch costs more than the copy
+        for t in range(N * Cd):
+            _place_one(src, dst, t, Hd, Wd, s, pt, pl)
+    else:
+        for t in prange(N * Cd):
+            _place_one(src, dst, t, Hd, Wd, s, pt, pl)
+
+
+@njit(cache=True, nogil=True)
+def _place_one(src, dst, t, Hd, Wd, s, pt, pl):
+    C = src.shape[1]
+    Cd = dst.shape[1]
+    L = dst.shape[2]
+    n = t // Cd
+    c = t - n * Cd
+    plane = dst[n, c]
+    if c < C:
+        _fill_plane(plane, 0, L, src[n, c], Hd, Wd, s, pt, pl)
+    else:
+        for q in range(L):
+            plane[q] = 0
 
 
 @njit(parallel=True, cache=True, nogil=True)

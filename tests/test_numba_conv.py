@@ -171,7 +171,8 @@ def test_conv2d_forward_float32(case, strategy, rng):
 
 @pytest.mark.parametrize("strategy", STRATS)
 def test_conv2d_forward_float64(strategy, rng):
-    N, C, K, H, W, KH, KW, s, pads = CASES["3x3_asym_pad_Kodd"]
+    # the same shape as the other float64 tests: every float64 kernel compiles once
+    N, C, K, H, W, KH, KW, s, pads = CASES["even_4x2_stride2"]
     x = rand(rng, (N, C, H, W), np.float64)
     w = rand(rng, (K, C, KH, KW), np.float64)
     b = rand(rng, (K,), np.float64)
