@@ -408,6 +408,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     compare = [c for c in (compare or ()) if c]
     repeats = int(repeats or (20 if batch >= 16 else 100))
     mode = "train" if train else "infer"
+    if backend == "cuda":
+        _require_gpu()
     g = _load(model)
     if train and not any(g.nx.nodes[o]["shape"] == () for o in g.outputs):
         from graphc.errors import GraphError
@@ -528,6 +530,20 @@ def report(r):
     return "\n".join(lines)
 
 
+def _require_gpu():
+    """backend="cuda" is benchmarked on a real GPU only: a one-line BackendError saying why not (no GPU or
+    driver, with the fix; or the CUDA simulator, whose timings mean nothing)."""
+    from graphc.backends import cuda_kernels as ck
+    from graphc.errors import BackendError
+    ok, why = ck.cuda_status()
+    if not ok:
+        raise BackendError("graphc bench --backend cuda needs an NVIDIA GPU with a CUDA driver (and "
+                           f"pip install 'graphc[cuda]'); here: {why.split(';')[0]}")
+    if ck.is_simulator():
+        raise BackendError("graphc bench --backend cuda times a real GPU, but the CUDA simulator is on "
+                           "(NUMBA_ENABLE_CUDASIM=1): its timings mean nothing; unset it on a machine with a GPU")
+
+
 def main(argv=None):
     import argparse
     p = argparse.ArgumentParser(prog="python -m graphc.bench")
@@ -541,9 +557,14 @@ def main(argv=None):
     p.add_argument("--no-compile-times", action="store_true")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
-              compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
-              measure_compile=not a.no_compile_times)
+    from graphc.errors import GraphError
+    try:
+        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
+                  compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
+                  measure_compile=not a.no_compile_times)
+    except GraphError as e:                      # BackendError among them: one line, no traceback
+        print(f"graphc bench: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 
