@@ -43,10 +43,6 @@ def toy(seed=0, width=4, dropout=0.5):
     return g
 
 
-def quiet(lines):
-    return lines.append
-
-
 def run(model, ds, **kw):
     lines = []
     kw.setdefault("backend", "reference")
@@ -308,3 +304,15 @@ def test_bad_models_and_arguments(tiny):
         run("resnet_block", tiny)
     with pytest.raises(gc.DataError):
         run("mlp", "cifar10")
+
+
+def test_seed_example_matches_the_course(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "examples" / "seed_example.py"
+    spec = importlib.util.spec_from_file_location("seed_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main() == 0
+    out = capsys.readouterr().out
+    assert "every value matches the course" in out and " NO" not in out
