@@ -43,9 +43,10 @@ reference implementation, run on the host):
     maxpool_gather, softmax on a      fallback
       non-last axis, any other op
 
-Compile times: ``exe.compile_times`` holds ``lower_s`` (building the executable, which loads or
-generates the elementwise kernels) and, per bound batch size, ``bind_s`` and ``first_run_s`` (the
-first call compiles — or loads from Numba's disk cache — every kernel it meets). ``exe.precompile(batch)``
+Compile times: ``exe.compile_times`` holds ``lower_s`` (building the executable) and, per binding
+(batch size and wanted values), ``bind_s`` (memory, kernel sources generated or found on disk) and
+``first_run_s`` (the first call compiles — or loads from Numba's disk cache — every kernel it meets),
+and the thread count chosen (``threads="auto"``: measured, see _choose_threads). ``exe.precompile(batch)``
 binds and runs once on zero feeds without changing any state, so compile time can be measured apart
 from running.
 """
@@ -394,9 +395,19 @@ class NumbaExecutable(Executable):
         self._bindings = {}
         self._ctx = RunContext({}, False, 0)
         self._bound_state = {}
-        self.compile_times = {"lower_s": 0.0, "bindings": {}}
+        self._lower_s = 0.0
         self.conv_module = "numba_conv" if _conv is not None else f"placeholders ({_CONV_ERROR})"
-        self.compile_times["lower_s"] = time.perf_counter() - t0
+        self._lower_s = time.perf_counter() - t0
+
+    @property
+    def compile_times(self):
+        """{"lower_s": building the executable, "bindings": [{batch env, want, bind_s, first_run_s
+        (compiling or loading every kernel), threads, thread_ms}]} for every binding made so far."""
+        rows = []
+        for (env, want, inplace), b in self._bindings.items():
+            rows.append({"env": dict(env), "step": inplace, "outputs": list(want), "bind_s": b.bind_s,
+                         "first_run_s": b.first_run_s, "threads": b.threads, "thread_ms": dict(b.thread_times)})
+        return {"lower_s": self._lower_s, "bindings": rows}
 
     # ------------------------------------------------------------------ state identity
     def _sync_state(self):
@@ -431,7 +442,6 @@ class NumbaExecutable(Executable):
             b = self._bind(env, want, inplace)
             b.bind_s = time.perf_counter() - t0
             self._bindings[key] = b
-            self.compile_times["bindings"][key] = b
         return b
 
     def _bind(self, env, want, inplace):
