@@ -1,0 +1,544 @@
+"""Differential tests of the cuda backend (backends/cuda.py) against the reference backend, in Numba's
+CUDA simulator: every op family (forward and, through gc.grad, backward), every fused pattern
+(conv_relu_maxpool forward + route backward, conv_relu, elementwise chains, optimizer updates), a tiny
+conv net's forward and training steps (SGD with momentum, Adam; fusion on and off), seed_cnn's SGD step
+against SEED_NOTES, device residency of parameters and optimizer state, and the clear error on a machine
+with neither a GPU nor the simulator.
+
+How the simulator is switched on (as tests/test_cuda_kernels.py does): numba reads NUMBA_ENABLE_CUDASIM
+when numba.cuda is first imported, and other test files import numba in the main pytest process, so
+this module never sets it in-process. When CUDA can run here (the simulator was on before numba.cuda was
+imported, or a GPU exists) the tests run in this process; otherwise the driver tests re-run this file in
+two child ``python -m pytest`` processes with NUMBA_ENABLE_CUDASIM=1 (the "sim_a" and "sim_b" halves,
+side by side), and the in-process tests skip. The no-GPU test and the PTX check run in children without
+the simulator.
+
+Shapes are tiny (batch 2, 6x6 images, 1-3 channels): the simulator runs every CUDA thread as a Python
+thread (a training step of the tiny conv net takes about 3 s).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import models
+from graphc.backends import cuda_kernels as ck
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+THIS = os.path.abspath(__file__)
+RTOL, ATOL = 2e-4, 2e-5
+
+
+def _decide_here():
+    if "numba.cuda" in sys.modules or os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0") \
+            or os.path.exists("/dev/nvidiactl"):
+        return ck.cuda_status()
+    return False, "no GPU and the simulator is off in this process"
+
+
+RUN_HERE, HERE_REASON = _decide_here()
+needs_cuda = pytest.mark.skipif(not RUN_HERE, reason=f"{HERE_REASON}: these tests run in the simulator "
+                                                     "children started by test_backend_in_cuda_simulator")
+
+
+# ============================================================================ drivers (parent process)
+
+def _child_env(sim):
+    env = dict(os.environ)
+    env.pop("NUMBA_ENABLE_CUDASIM", None)
+    if sim:
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+_CHILDREN: dict = {}
+
+
+@atexit.register
+def _reap_children():
+    for proc in _CHILDREN.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _child(name, cmd, sim):
+    if name not in _CHILDREN:
+        _CHILDREN[name] = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(sim), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    return _CHILDREN[name]
+
+
+def _sim_child(half):
+    return _child(half, [sys.executable, "-m", "pytest", THIS, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
+                         "-k", f"{half} and not in_cuda_simulator"], sim=True)
+
+
+def _ptx_child():
+    return _child("ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False)
+
+
+def _wait(proc, timeout):
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"child timed out after {timeout} s:\n{(out + err)[-4000:]}")
+    return proc.returncode, out, err
+
+
+@pytest.mark.parametrize("half", ["sim_a", "sim_b"])
+def test_backend_in_cuda_simulator(request, half):
+    if RUN_HERE:
+        pytest.skip(f"the backend tests ran in this process ({HERE_REASON.split(';')[0]})")
+    # start every child at once: they run side by side
+    for h in ("sim_a", "sim_b"):
+        _sim_child(h)
+    if any("ptx" in getattr(it, "name", "") for it in request.session.items):
+        _ptx_child()
+    rc, out, err = _wait(_sim_child(half), 600)
+    tail = (out + err)[-8000:]
+    assert rc == 0, f"simulator child {half} failed (rc={rc}):\n{tail}"
+    m = re.search(r"(\d+) passed", out)
+    expected = sum(1 for name in re.findall(r"^def (test_\w+)", open(THIS).read(), re.M) if half in name)
+    assert m and int(m.group(1)) == expected and "skipped" not in out and "failed" not in out, tail
+
+
+_NO_GPU_SCRIPT = r"""
+import json, sys
+import numpy as np
+import graphc as gc
+from graphc.errors import BackendError
+g = gc.Graph("g")
+x = g.input("x", (None, 3))
+g.output(g.relu(x))
+try:
+    gc.compile(g, backend="cuda")
+    res = {"raised": None}
+except BackendError as e:
+    res = {"raised": "BackendError", "msg": str(e)}
+except Exception as e:
+    res = {"raised": type(e).__name__, "msg": str(e)}
+from graphc.backends import cuda_kernels as ck
+try:
+    ck.require_cuda()
+    res["require"] = None
+except BackendError as e:
+    res["require"] = str(e)
+print(json.dumps(res))
+"""
+
+
+def test_cuda_backend_without_gpu_or_simulator_raises_clear_error():
+    r = subprocess.run([sys.executable, "-c", _NO_GPU_SCRIPT], cwd=ROOT, env=_child_env(False),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    if res["raised"] is None:
+        pytest.skip("a CUDA GPU is usable here: nothing to refuse")
+    assert res["raised"] == "BackendError", res
+    assert res["msg"] == res["require"], res                # the message of cuda_kernels.require_cuda()
+    assert "NUMBA_ENABLE_CUDASIM=1" in res["msg"] and "pip install 'graphc[cuda]'" in res["msg"], res
+
+
+def test_bench_cuda_without_gpu_says_why_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "graphc.cli", "bench", "seed_cnn", "--backend", "cuda"], cwd=ROOT,
+                       env=_child_env(False), capture_output=True, text=True, timeout=120)
+    if r.returncode == 0:
+        pytest.skip("a CUDA GPU is usable here: the benchmark ran")
+    err = r.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "cuda" in err.lower() and ("GPU" in err or "simulator" in err), err
+
+
+_PTX_SCRIPT = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+try:
+    from numba import cuda
+    def _probe(a):
+        a[0] = 1.0
+    cuda.compile_ptx(_probe, "void(float32[::1])", cc=(9, 0))
+except Exception as e:
+    print(json.dumps({"skip": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}))
+    sys.exit(0)
+import graphc as gc
+from graphc.pipeline import Pipeline
+from graphc.passes.training import training_graph
+from graphc.backends import cuda as cb
+sys.path.insert(0, sys.argv[1] + "/tests")
+from test_cuda_backend import tiny_convnet, losses_graph
+F64 = re.compile(r"^\s*(add|sub|mul|fma\.rn|div\.rn|cvt\.f64\.f32|cvt\.rn\.f64)\S*\.f64\b", re.M)
+out = {}
+for name, g, opt in (("convnet_adam", tiny_convnet(), gc.optim.Adam(0.01)),
+                     ("convnet_sgd", tiny_convnet(), gc.optim.SGD(0.1, momentum=0.9)),
+                     ("losses", losses_graph()[0], None)):
+    gg = training_graph(g, opt) if opt is not None else g
+    for fuse in (True, False):
+        piped = Pipeline("cuda", fuse=fuse)(gg)
+        for k, ptx in cb.compile_ptx_group_kernels(piped, {"N": 2}).items():
+            out[f"{name}/{fuse}/{k}"] = {"entry": ".entry" in ptx, "sm_90": ".target sm_90" in ptx,
+                                         "f64": len(F64.findall(ptx))}
+print(json.dumps(out))
+"""
+
+
+def test_generated_kernels_compile_to_ptx():
+    rc, out, err = _wait(_ptx_child(), 600)
+    assert rc == 0, (out + err)[-4000:]
+    rep = json.loads(out.strip().splitlines()[-1])
+    if "skip" in rep:
+        pytest.skip(f"cuda.compile_ptx is not available here (needs NVVM): {rep['skip']}")
+    assert len(rep) >= 20, sorted(rep)
+    assert any(k.endswith("cuda.py:copy") for k in rep)
+    for k, info in rep.items():
+        assert info["entry"] and info["sm_90"], (k, info)
+        assert info["f64"] == 0, (k, info)        # float32 kernels do float32 arithmetic only
+
+
+# ================================================================================ graphs and helpers
+
+def tiny_convnet(seed=0):
+    """conv(1->2, 3x3, pad 1) relu maxpool 2 [conv_relu_maxpool] -> conv(2->3, 3x3, pad 1) relu [conv_relu]
+    -> flatten -> dense 4 -> softmax cross-entropy; 6x6 images."""
+    g = gc.Graph("tiny_convnet", seed=seed)
+    x = g.input("x", (None, 1, 6, 6))
+    y = g.input("y", (None,), "int64")
+    h = g.maxpool(g.relu(g.conv(x, g.param("c1.w", (2, 1, 3, 3)), g.param("c1.b", (2,), init="normal"), pad=1)), 2)
+    h = g.relu(g.conv(h, g.param("c2.w", (3, 2, 3, 3)), g.param("c2.b", (3,), init="normal"), pad=1))
+    logits = g.dense(g.flatten(h), g.param("d.w", (4, 27)), g.param("d.b", (4,), init="normal"), name="logits")
+    g.output(g.softmax_cross_entropy(logits, y, name="loss"))
+    return g
+
+
+def losses_graph():
+    g = gc.Graph("losses")
+    z = g.input("z", (None, 5))
+    lab = g.input("lab", (None,), "int64")
+    oh = g.input("oh", (None, 5))
+    t = g.input("t", (None, 5))
+    u = g.input("u", (None, 3, 4))
+    p = g.softmax(z, axis=1, name="p")
+    terms = [g.softmax_cross_entropy(z, lab, name="sce_int"), g.softmax_cross_entropy(z, oh, name="sce_dense"),
+             g.cross_entropy(p, lab, name="ce_int"), g.cross_entropy(p, oh, name="ce_dense"),
+             g.mse(z, t, name="mse"), g.bce_with_sigmoid(z, t, name="bce")]
+    sm1 = g.softmax(u, axis=1, name="sm_axis1")
+    c = g.const(np.random.default_rng(3).standard_normal((3, 4)))
+    terms.append(g.sum(g.mul(sm1, c)))
+    total = terms[0]
+    for tt in terms[1:]:
+        total = g.add(total, tt)
+    g.output(*[tt.name for tt in terms[:6]], "sm_axis1", g.identity(total, name="total"))
+    rng = np.random.default_rng(0)
+    labels = np.array([1, 4])
+    feeds = {"z": rng.standard_normal((2, 5)).astype(np.float32), "lab": labels,
+             "oh": np.eye(5, dtype=np.float32)[[2, 0]], "t": rng.uniform(0.1, 0.9, (2, 5)).astype(np.float32),
+             "u": rng.standard_normal((2, 3, 4)).astype(np.float32)}
+    return g, feeds
+
+
+def _feeds(g, n=2, seed=0, positive=()):
+    rng = np.random.default_rng(seed)
+    f = {}
+    for name in g.inputs:
+        shape, dt = g.nx.nodes[name]["shape"], g.nx.nodes[name]["dtype"]
+        s = tuple(n if isinstance(d, str) else d for d in shape)
+        if dt.startswith("int"):
+            f[name] = rng.integers(0, 3, s)
+        else:
+            v = rng.standard_normal(s)
+            f[name] = (np.abs(v) + 0.5 if name in positive else v).astype(np.float32)
+    return f
+
+
+def _close(a, b, what, rtol=RTOL, atol=ATOL):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol,
+                               err_msg=what)
+
+
+def check_run(g, feeds, fuse=(True, False), outputs=None, training=False, fallbacks=()):
+    ref = gc.compile(g).run(feeds, outputs=outputs, training=training)
+    exes = []
+    for fz in fuse:
+        exe = gc.compile(g, backend="cuda", fuse=fz)
+        got = exe.run(feeds, outputs=outputs, training=training)
+        assert set(got) == set(ref)
+        for k in ref:
+            _close(got[k], ref[k], f"{g.name} fuse={fz}: {k}")
+        assert exe.fallbacks() == sorted(fallbacks), exe.fallbacks()     # everything else on the device
+        exes.append(exe)
+    return exes
+
+
+def with_grads(g, outs, wrt, seed=1):
+    """g plus the loss sum_k sum(out_k * c_k) (c_k fixed random constants) and its gradients."""
+    rng = np.random.default_rng(seed)
+    total = None
+    for o in outs:
+        shape = g.nx.nodes[o]["shape"]
+        cs = tuple(1 if isinstance(d, str) else d for d in shape)     # broadcast over the batch dim
+        term = g.sum(g.mul(g[o], g.const(rng.standard_normal(cs))))
+        total = term if total is None else g.add(total, term)
+    g.output(g.identity(total, name="the_loss"))
+    return gc.grad(g, wrt=wrt, loss="the_loss")
+
+
+def _kinds(exe):
+    g = exe.graph
+    return sorted(g.nx.nodes[n]["attrs"]["pattern"] for n in g.nx if g.nx.nodes[n]["op"] == "fused")
+
+
+# ============================== op families (test names carry the simulator child, sim_a or sim_b, that runs them)
+
+@needs_cuda
+def test_sim_a_elementwise_ops_broadcasting_and_grads():
+    g = gc.Graph("ew")
+    x = g.input("x", (None, 3, 4))
+    p = g.input("p", (None, 3, 4))
+    b1 = g.param("b1", (4,), init="normal")
+    b2 = g.param("b2", (3, 1), init="normal")
+    s = g.param("s", value=np.float32(0.7))
+    outs = [g.relu(x), g.neg(x), g.exp(x), g.log(p), g.sqrt(p), g.sigmoid(x), g.tanh(x), g.add(x, b1),
+            g.mul(x, b2), g.sub(x, s), g.div(x, p), g.max(x, b1), g.gt(x, b2), g.copy(g.identity(x)),
+            g.mul(g.add(g.mul(x, 2.0), 1.0), g.sigmoid(p))]          # a chain with constants
+    g.output(*outs)
+    feeds = _feeds(g, positive=("p",))
+    exes = check_run(g, feeds)
+    assert "elementwise" in _kinds(exes[0]) and not _kinds(exes[1])
+    gg = with_grads(g, [o.name for o in outs if o.op != "gt"], ["x", "p", "b1", "b2", "s"])
+    check_run(gg, feeds, fuse=(True,))
+
+
+@needs_cuda
+def test_sim_a_shape_ops_and_reductions_with_grads():
+    g = gc.Graph("shapes")
+    x = g.input("x", (None, 3, 4, 5))
+    long = g.input("long", (None, 2, 1100))
+    b = g.param("b", (4, 1), init="normal")
+    outs = [g.sum(long, axes=(0, 2)),                      # a long reduction: split, then a second pass
+            g.transpose(x, (0, 2, 3, 1)), g.slice(g.concat([x, g.mul(x, 2.0)], axis=1), axis=1, start=2, stop=5),
+            g.crop2d(g.pad2d(x, (1, 0, 2, 1), value=0.5), (0, 1, 1, 2)), g.reshape(x, (None, 60)),
+            g.sum(x, axes=(0, 2, 3)), g.mean(x, axes=(1, 3), keepdims=True), g.sum(x, axes=(0, 2)),
+            g.sum(x), g.mean(x, axes=(3,)), g.expand_like(b, x)]
+    g.output(*outs)
+    feeds = _feeds(g)
+    check_run(g, feeds, fuse=(False,))
+    gg = with_grads(g, [o.name for o in outs], ["x", "b"])
+    check_run(gg, feeds, fuse=(True,))
+    ops = {gg.nx.nodes[n]["op"] for n in gg.nx}
+    assert {"unslice", "broadcast_like", "sum_to"} <= ops, ops
+
+
+@needs_cuda
+def test_sim_a_pooling_ops_routes_and_grads():
+    g = gc.Graph("pools")
+    x = g.input("x", (None, 2, 7, 7))
+    x2 = g.input("x2", (None, 2, 7, 7))
+    dy = g.input("dy", (None, 2, 3, 3))
+    r = g.relu(x)
+    route = g.add_node("maxpool_argmax", (r,), {"size": (2, 2), "stride": (2, 2), "relu": True}, name="route")
+    outs = [g.maxpool(x, 3, stride=2), g.avgpool(x, 3, stride=2), g.avgpool(x, 2, stride=1), g.global_avgpool(x),
+            g.maxpool_gather(x, x2, (3, 3), (2, 2))]
+    g.output(*outs, route,
+             g.add_node("route_scatter", (dy, route), {"in_hw": (7, 7), "size": (2, 2), "stride": (2, 2)},
+                        name="scatter"),
+             g.add_node("maxpool_argmax", (x,), {"size": (3, 3), "stride": (2, 2), "relu": False}, name="route_x"))
+    feeds = _feeds(g)
+    check_run(g, feeds, fuse=(False,))
+    gg = with_grads(g, [o.name for o in outs], ["x", "x2"])
+    check_run(gg, feeds, fuse=(True,))
+    ops = {gg.nx.nodes[n]["op"] for n in gg.nx}
+    assert {"maxpool_route", "avgpool_spread", "global_avgpool_spread"} <= ops, ops
+    # a pool window the fused conv-ReLU-pool kernel does not take (5x5 > 16 positions): conv, pool, fix-ups
+    h = gc.Graph("bigpool")
+    x = h.input("x", (None, 1, 6, 6))
+    y = h.maxpool(h.relu(h.conv(x, h.param("w", (2, 1, 1, 1)), h.param("b", (2,), init="normal"))), 5, stride=1)
+    h.output(y)
+    hh = with_grads(h, [y.name], ["w", "b"])
+    exe = check_run(hh, _feeds(h), fuse=(True,))[0]
+    assert "conv_relu_maxpool" in _kinds(exe) and "route_relu" in _kinds(exe), _kinds(exe)
+
+
+@needs_cuda
+def test_sim_a_losses_softmax_and_grads():
+    g, feeds = losses_graph()
+    check_run(g, feeds, fuse=(False,))
+    gg = gc.grad(g, wrt=["z", "oh", "t", "u"], loss="total")
+    ops = {gg.nx.nodes[n]["op"] for n in gg.nx}
+    assert {"softmax_ce_grad", "cross_entropy_grad", "mse_grad", "bce_grad"} <= ops, ops
+    check_run(gg, feeds, fuse=(True,))
+
+
+@needs_cuda
+def test_sim_b_matmul_transposes_and_grads_float64():
+    g = gc.Graph("mm", dtype="float64")
+    a = g.input("a", (None, 3), "float64")
+    a2 = g.input("a2", (None, 4), "float64")
+    w = g.param("w", (4, 3), init="normal")
+    m = g.param("m", (3, 5), init="normal")
+    outs = [g.matmul(a, w, trans_b=True), g.matmul(a, m), g.matmul(a, a2, trans_a=True),
+            g.matmul(w, a2, trans_a=True, trans_b=True)]
+    g.output(*outs)
+    feeds = {k: v.astype(np.float64) for k, v in _feeds(g).items()}
+    check_run(g, feeds, fuse=(False,))
+    gg = with_grads(g, [o.name for o in outs], ["a", "a2", "w", "m"])
+    exes = check_run(gg, feeds, fuse=(True,))
+    assert exes[0].dtype == np.float64
+
+
+@needs_cuda
+def test_sim_a_dropout_mask_matches_reference_draws():
+    g = gc.Graph("drop")
+    x = g.input("x", (None, 16))
+    g.output(g.dropout(x, 0.5, seed=3, name="y"))
+    feeds = _feeds(g)
+    check_run(g, feeds, fuse=(True,), training=True, fallbacks=["y.mask"])   # host draws, uploaded
+    check_run(g, feeds, fuse=(True,), training=False, fallbacks=["y.mask"])   # (inference: a device fill)
+
+
+@needs_cuda
+def test_sim_a_kernel_table_covers_every_op():
+    from graphc import ops as optable
+    from graphc.backends import cuda as cb
+    table = dict(cb.kernel_table())
+    for op, d in optable.OPS.items():
+        if d.source or op == "fused":
+            continue
+        assert op in table and "host fallback" != table[op], op
+    assert {"fused:conv_relu", "fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise"} <= set(table)
+
+
+# ======================================================================== fused patterns and training
+
+_CONVNET_FEEDS = {"x": np.random.default_rng(5).standard_normal((2, 1, 6, 6)).astype(np.float32),
+                  "y": np.array([1, 3])}
+
+
+@needs_cuda
+def test_sim_a_convnet_forward_and_conv_grads_stride2():
+    g = tiny_convnet()
+    exes = check_run(g, _CONVNET_FEEDS)
+    assert _kinds(exes[0]) == ["conv_relu", "conv_relu_maxpool"], _kinds(exes[0])
+    f3 = _feeds(g, n=3, seed=4)                   # another batch size: a second binding of its own
+    _close(exes[0].run(f3)["loss"], gc.compile(g).run(f3)["loss"], "batch 3")
+    assert len(exes[0]._bindings) == 2
+    # strided, asymmetrically padded conv: conv_dx (rows past the last window get no gradient), conv_dw
+    h = gc.Graph("conv_s2")
+    x = h.input("x", (None, 2, 7, 6))
+    c = h.conv(x, h.param("w", (3, 2, 3, 2)), h.param("b", (3,), init="normal"), stride=2, pads=(1, 0, 0, 1))
+    h.output(c)
+    hh = with_grads(h, [c.name], ["x", "w", "b"])
+    check_run(hh, _feeds(h), fuse=(False,))
+
+
+def _check_train(g, mk_opt, steps, fuse, feeds, ref=None):
+    ref = ref or gc.compile(g, optimizer=mk_opt())
+    ref_losses = [ref.step(feeds) for _ in range(steps)]
+    exe = gc.compile(g, backend="cuda", optimizer=mk_opt(), fuse=fuse)
+    losses = [exe.step(feeds) for _ in range(steps)]
+    _close(losses, ref_losses, f"{g.name} fuse={fuse}: losses")
+    for k in ref.state:
+        _close(exe.state[k], ref.state[k], f"{g.name} fuse={fuse}: state {k}")
+    assert exe.fallbacks() == []
+    return exe
+
+
+@pytest.fixture(scope="module")
+def sgd_pair():
+    """The tiny conv net with SGD + momentum, fused, after 2 steps checked against the reference: (cuda
+    executable, reference executable). test_sim_b_state_* goes on stepping both."""
+    mk = lambda: gc.optim.SGD(0.1, momentum=0.9)  # noqa: E731
+    ref = gc.compile(tiny_convnet(), optimizer=mk())
+    return _check_train(tiny_convnet(), mk, 2, True, _CONVNET_FEEDS, ref=ref), ref
+
+
+@needs_cuda
+def test_sim_b_convnet_sgd_momentum_fused_patterns(sgd_pair):
+    exe, _ = sgd_pair
+    kinds = _kinds(exe)
+    assert {"conv_relu_maxpool", "route_relu", "elementwise"} <= set(kinds), kinds
+    g = exe.graph
+    fused = [g.nx.nodes[n]["attrs"] for n in g.nx if g.nx.nodes[n]["op"] == "fused"]
+    assert any(a["pattern"] == "conv_relu_maxpool" and a.get("saves") == ("route",) for a in fused)
+    # the update of a parameter and of its velocity: one kernel writing both into the states in place
+    upd = [a for a in fused if a["pattern"] == "elementwise" and len(a["results"]) == 2]
+    assert upd and sum(g.memory_plan.kind.get(n) == "state" for n in g.updates.values()) == len(g.updates)
+
+
+@needs_cuda
+def test_sim_b_convnet_adam_fused_and_sgd_unfused():
+    _check_train(tiny_convnet(), lambda: gc.optim.Adam(0.01), 2, True, _CONVNET_FEEDS)
+    _check_train(tiny_convnet(), lambda: gc.optim.SGD(0.1), 1, False, _CONVNET_FEEDS)
+
+
+@needs_cuda
+def test_sim_b_seed_cnn_sgd_step_gives_seed_notes_values():
+    g = models.seed_cnn()
+    feeds = {"x": models.SEED_X, "labels": models.SEED_LABELS}
+    ref = gc.compile(g, optimizer=gc.optim.SGD(0.5))
+    exe = gc.compile(g, backend="cuda", optimizer=gc.optim.SGD(0.5))
+    _close(exe.step(feeds), ref.step(feeds), "seed_cnn loss", rtol=1e-9, atol=1e-10)
+    p = exe.params
+    np.testing.assert_allclose(p["conv.w"].ravel(), [0.7731, -0.0269, -0.0269, 0.7731], atol=1e-4)
+    np.testing.assert_allclose(p["conv.b"], [-0.1538], atol=1e-4)
+    for k, v in ref.params.items():
+        _close(p[k], v, f"seed_cnn {k}", rtol=1e-9, atol=1e-10)
+
+
+@needs_cuda
+def test_sim_b_state_stays_on_device_between_steps(sgd_pair):
+    """A step uploads the feeds and downloads the loss, nothing else; state moves only on request."""
+    from numba import cuda
+    exe, ref = sgd_pair                          # bound and compiled by its first steps
+    arr_cls = type(cuda.device_array(1))
+    counts = {"h2d": 0, "d2d": 0, "d2h": 0}
+    orig_to_dev, orig_to_host = arr_cls.copy_to_device, arr_cls.copy_to_host
+
+    def to_dev(self, ary, *a, **k):
+        counts["d2d" if isinstance(ary, arr_cls) else "h2d"] += 1
+        return orig_to_dev(self, ary, *a, **k)
+
+    def to_host(self, *a, **k):
+        counts["d2h"] += 1
+        return orig_to_host(self, *a, **k)
+
+    def no_alloc(*a, **k):
+        raise AssertionError("device allocation during a bound step")
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(arr_cls, "copy_to_device", to_dev)
+    mp.setattr(arr_cls, "copy_to_host", to_host)
+    mp.setattr(cuda, "to_device", no_alloc)
+    mp.setattr(cuda, "device_array", no_alloc)
+    try:
+        loss = exe.step(_CONVNET_FEEDS)
+    finally:
+        mp.undo()
+    assert counts == {"h2d": 2, "d2d": 0, "d2h": 1}, counts       # x and y up, the loss down
+    _close(loss, ref.step(_CONVNET_FEEDS), "third step's loss")
+    for k in ref.state:
+        _close(exe.state[k], ref.state[k], f"third step: state {k}")
+    _close(exe.run(_CONVNET_FEEDS)["loss"], ref.run(_CONVNET_FEEDS)["loss"], "run() of a training executable")
+    # host changes reach the device: learning rate 0 and no velocity leave the parameters unchanged
+    sd = exe.state_dict()
+    exe.state["optim/lr"][...] = 0.0
+    for k in list(exe.state):
+        if k.startswith("optim/v/"):
+            exe.state[k] = np.zeros(exe.state[k].shape)
+    exe.step(_CONVNET_FEEDS)
+    for k, v in exe.params.items():
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
+    exe.load_state_dict(sd)
+    assert exe.step_count == 3
+    for k, v in exe.state_dict().items():
+        np.testing.assert_array_equal(v, sd[k], err_msg=k)
