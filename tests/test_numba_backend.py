@@ -407,3 +407,28 @@ def test_generated_kernels_are_files_in_the_cache_dir(tmp_path, monkeypatch):
     np.testing.assert_array_equal(out, x + 2)
     import os
     assert any(f.endswith(".py") and f.startswith("graphc_ew_") for f in os.listdir(nb.kernel_cache_dir()))
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+def test_run_bench_report_and_json(tmp_path):
+    import importlib.util
+    import json
+    from graphc.bench import run_bench
+    path = tmp_path / "b.json"
+    compare = ["torch"] if importlib.util.find_spec("torch") else ["jax_that_is_absent"]
+    r = run_bench("lenet5", batch=2, train=True, repeats=3, json_path=str(path), measure_compile=False,
+                  roofline=False, compare=compare, quiet=True)
+    d = json.loads(path.read_text())
+    for k in ("model", "backend", "batch", "mode", "step_ms", "compile_s", "roofline_gflops", "kernels", "compare"):
+        assert k in d
+    assert d["mode"] == "train" and d["step_ms"] > 0 and {"cold", "warm"} <= set(d["compile_s"])
+    assert all({"name", "ops", "ms", "gflops"} <= set(k) for k in d["kernels"])
+    assert any(k["ops"][:3] == ["conv", "relu", "maxpool"] for k in d["kernels"])
+    peer = next(iter(d["compare"].values()))
+    if compare == ["torch"]:
+        assert peer["step_ms"] > 0 and peer["same_model"]
+    else:
+        assert "error" in peer or "absent" in peer
+    from graphc.bench import report
+    assert "whole step" in report(r)
