@@ -1,6 +1,6 @@
 """Benchmark of the numba backend's convolution kernels (graphc.backends.numba_conv).
 
-For the conv layers of the MNIST models (mnist_convnet, LeNet-5): median milliseconds, GFLOP/s
+For the conv layers of the MNIST models (mnist_convnet, LeNet-5): median (and best) milliseconds, GFLOP/s
 (2*N*K*C*KH*KW*Ho*Wo per call, the same count for forward, dL/dX and dL/dW), the fraction of the
 SGEMM roof (numpy matmul 1024x1024 float32, measured in the same run, before and after), for both
 strategies, plus the one choose_conv_strategy picks.  "first" is the first call in this process:
@@ -58,24 +58,26 @@ LAYERS = {
 OPS = ("fused", "fwd", "dx", "dw")
 
 
-def median_ms(fn, repeats, min_time=0.0):
+def times_ms(fn, repeats, min_time=0.0):
+    """(median, best) milliseconds over at least ``repeats`` calls and ``min_time`` seconds."""
     ts = []
     t_end = time.perf_counter() + min_time
     while len(ts) < repeats or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * float(np.median(ts)), 1e3 * float(np.min(ts))
 
 
 def sgemm_gflops(n=1024, repeats=15):
+    """(median, best) GFLOP/s of numpy's float32 matmul n x n."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     for _ in range(3):
         a @ b
-    ms = median_ms(lambda: a @ b, repeats)
-    return 2 * n ** 3 / (ms * 1e-3) / 1e9
+    med, best = times_ms(lambda: a @ b, repeats)
+    return 2 * n ** 3 / (med * 1e-3) / 1e9, 2 * n ** 3 / (best * 1e-3) / 1e9
 
 
 def main(argv=None):
@@ -93,7 +95,8 @@ def main(argv=None):
     print(f"numba {numba.__version__}, numpy {np.__version__}, {numba.get_num_threads()} threads, "
           f"kernel cache {nc.kernel_cache_dir()}")
     roof0 = sgemm_gflops()
-    print(f"SGEMM roof (numpy matmul 1024^2 float32): {roof0:.1f} GFLOP/s")
+    print(f"SGEMM roof (numpy matmul 1024^2 float32): median {roof0[0]:.1f}, best {roof0[1]:.1f} GFLOP/s")
+    print(f"load average: {os.getloadavg()[0]:.2f} (other processes share these cores)")
     rows = []
     rng = np.random.default_rng(0)
     for name in args.only or list(LAYERS):
@@ -120,8 +123,8 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 fn(st)
                 first = time.perf_counter() - t0
-                ms = median_ms(lambda: fn(st), args.repeats, min_time=0.2)
-                res[st] = (ms, first)
+                med, best = times_ms(lambda: fn(st), args.repeats, min_time=0.2)
+                res[st] = (med, best, first)
             opname = {"fused": "conv2d_relu_maxpool", "fwd": "conv2d", "dx": "conv2d_dx",
                       "dw": "conv2d_dw"}[op]
             t0 = time.perf_counter()
@@ -130,12 +133,16 @@ def main(argv=None):
             choose_s = time.perf_counter() - t0
             rows.append((name, op, flop, res, chosen, choose_s))
             d, i = res["direct"], res["im2col"]
-            print(f"{name:10s} {op:5s} direct {d[0]:8.3f} ms {flop / d[0] / 1e6:6.1f} GF/s (first {d[1]:5.2f} s)"
-                  f" | im2col {i[0]:8.3f} ms {flop / i[0] / 1e6:6.1f} GF/s (first {i[1]:5.2f} s)"
+            print(f"{name:10s} {op:5s} direct {d[0]:8.3f} ms (best {d[1]:8.3f}, first {d[2]:5.2f} s)"
+                  f" | im2col {i[0]:8.3f} ms (best {i[1]:8.3f}, first {i[2]:5.2f} s)"
                   f" | chosen {chosen} ({choose_s:.2f} s)", flush=True)
     roof1 = sgemm_gflops()
-    roof = 0.5 * (roof0 + roof1)
-    print(f"SGEMM roof after: {roof1:.1f} GFLOP/s; using the mean {roof:.1f}")
+    roof = (0.5 * (roof0[0] + roof1[0]), 0.5 * (roof0[1] + roof1[1]))
+    print(f"SGEMM roof after: median {roof1[0]:.1f}, best {roof1[1]:.1f}; using the means "
+          f"{roof[0]:.1f} / {roof[1]:.1f} GFLOP/s (median / best)")
+    print(f"load average: {os.getloadavg()[0]:.2f}")
+    print()
+    print("GF/s from the median time (best time in brackets); % of SGEMM: median/median (best/best)")
     print()
     print("| layer | op | shape | MFLOP | direct ms | direct GF/s | im2col ms | im2col GF/s | chosen | "
           "chosen % of SGEMM |")
@@ -145,9 +152,11 @@ def main(argv=None):
         shape = f"N{N} C{C}->K{K} {H}x{W} {KH}x{KW} s{s} p{pads[0]}"
         if op == "fused":
             shape += f" pool{pool[0]}/{pool[1]}"
-        g = {st: flop / res[st][0] / 1e6 for st in res}
-        print(f"| {name} | {op} | {shape} | {flop / 1e6:.1f} | {res['direct'][0]:.3f} | {g['direct']:.1f} | "
-              f"{res['im2col'][0]:.3f} | {g['im2col']:.1f} | {chosen} | {100 * g[chosen] / roof:.0f}% |")
+        g = {st: (flop / res[st][0] / 1e6, flop / res[st][1] / 1e6) for st in res}
+        print(f"| {name} | {op} | {shape} | {flop / 1e6:.1f} | {res['direct'][0]:.3f} | "
+              f"{g['direct'][0]:.1f} ({g['direct'][1]:.1f}) | {res['im2col'][0]:.3f} | "
+              f"{g['im2col'][0]:.1f} ({g['im2col'][1]:.1f}) | {chosen} | "
+              f"{100 * g[chosen][0] / roof[0]:.0f}% ({100 * g[chosen][1] / roof[1]:.0f}%) |")
 
 
 if __name__ == "__main__":
