@@ -395,6 +395,10 @@ class NumbaExecutable(Executable):
         self._bindings = {}
         self._ctx = RunContext({}, False, 0)
         self._bound_state = {}
+        self._fused_away = {b["name"] for n, d in graph.nx.nodes(data=True) if d["op"] == "fused"
+                            for b in d["attrs"]["body"] if b["name"] not in graph.nx} | \
+                           {r for n, d in graph.nx.nodes(data=True) if d["op"] == "fused"
+                            for r in d["attrs"].get("replaces", ()) if r not in graph.nx}
         self._lower_s = 0.0
         self.conv_module = "numba_conv" if _conv is not None else f"placeholders ({_CONV_ERROR})"
         self._lower_s = time.perf_counter() - t0
