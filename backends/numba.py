@@ -158,7 +158,9 @@ def kernel_table():
         d = optable.OPS[op]
         if d.source or op == "fused":
             continue
-        if d.scalar is not None:
+        if KERNELS.get(op) == "view":
+            rows.append((op, "view"))
+        elif d.scalar is not None:
             rows.append((op, "generated elementwise"))
         else:
             rows.append((op, KERNELS.get(op, "fallback")))
