@@ -279,8 +279,17 @@ def _scratch(tag, shape, dtype):
     if a is None:
         if len(bufs) > 64:
             bufs.clear()
-        a = bufs[key] = np.empty(shape, dtype)
+        a = bufs[key] = _aligned_empty(shape, dtype)
     return a
+
+
+def _aligned_empty(shape, dtype, align=64):
+    """C-contiguous empty array whose data starts on a cache-line boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape))
+    buf = np.empty(n + align // dtype.itemsize, dtype)
+    off = (-buf.ctypes.data % align) // dtype.itemsize
+    return buf[off:off + n].reshape(shape)
 
 
 def clear_scratch() -> None:
@@ -743,8 +752,11 @@ def _direct_planes(xb, plan: _FwdPlan, w1, b, relu=False, save_route=False):
         y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    nt = numba.config.NUMBA_NUM_THREADS          # numba.get_thread_id() is below this
-    acc = _scratch("fwd_acc", (nt, plan.KB, plan.PL), dtype)
+    # one accumulator block per worker thread (numba.get_thread_id() is below NUMBA_NUM_THREADS);
+    # rows padded by 128 bytes and the block cache-line aligned: two threads writing the two ends
+    # of one cache line made the kernel slower on 2 threads than on 1 (false sharing)
+    nt = numba.config.NUMBA_NUM_THREADS
+    acc = _scratch("fwd_acc", (nt, plan.KB, plan.PL + 128 // np.dtype(dtype).itemsize), dtype)
     _run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc), dtype)
     return y, route
 
@@ -782,8 +794,13 @@ def _direct_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=
     top, bottom, left, right = p1
     Hp, Wp = x1.shape[2] + top + bottom, x1.shape[3] + left + right
     plan = _fwd_plan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
-    xb = _scratch("fwd_x", (N, x1.shape[1], plan.Lx), x.dtype)
-    _place(x1, xb, Hp, Wp, 1, top, left)
+    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    if p1 == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp:
+        # the kernel's reads stay inside each image plane: read x where it lies
+        xb = x1.reshape(N, x1.shape[1], Hp * Wp)
+    else:
+        xb = _scratch("fwd_x", (N, x1.shape[1], plan.Lx), x.dtype)
+        _place(x1, xb, Hp, Wp, 1, top, left)
     return _direct_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
 
 
