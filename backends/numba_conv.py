@@ -795,7 +795,7 @@ def _direct_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=
     Hp, Wp = x1.shape[2] + top + bottom, x1.shape[3] + left + right
     plan = _fwd_plan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
     maxoff = (plan.KH - 1) * Wp + plan.KW - 1
-    if p1 == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp:
+    if p1 == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp and x1.flags.writeable and x1.flags.aligned:
         # the kernel's reads stay inside each image plane: read x where it lies
         xb = x1.reshape(N, x1.shape[1], Hp * Wp)
     else:
