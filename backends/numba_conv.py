@@ -1062,8 +1062,8 @@ def _time_candidates(fns: dict, repeats: int) -> dict:
 def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
                          repeats=5) -> str:
     """``"direct"`` or ``"im2col"`` for this convolution, timed once per shape (best of ``repeats``
-    interleaved runs after a warm-up call each) and remembered in ``conv_strategy.json`` in :func:`kernel_cache_dir`, so
-    later processes reuse the choice.  ``op`` is one of ``"conv2d"``, ``"conv2d_relu_maxpool"``
+    interleaved runs after a warm-up call each) and remembered in ``conv_strategy.json`` in
+    :func:`kernel_cache_dir`, so later processes reuse the choice.  ``op`` is one of ``"conv2d"``, ``"conv2d_relu_maxpool"``
     (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``.  ``$GRAPHC_CONV_STRATEGY``
     forces a strategy everywhere."""
     forced = os.environ.get("GRAPHC_CONV_STRATEGY")
