@@ -115,12 +115,57 @@ def conv_fn(name, stride=(1, 1), geometry=None):
         def strat():
             return None
     if name in ("conv2d", "conv2d_relu_maxpool"):
-        return lambda x, w, b, st, *a, **k: f(x, w, b, s, *a, strategy=strat(), **k)
-    if name == "conv2d_dx":
-        return lambda dy, w, st, *a: f(dy, w, s, *a, strategy=strat())
-    if name == "conv2d_dw":
-        return lambda x, dy, st, *a: f(x, dy, s, *a, strategy=strat())
-    return f
+        g = lambda x, w, b, st, *a, **k: f(x, w, b, s, *a, strategy=strat(), **k)   # noqa: E731
+    elif name == "conv2d_dx":
+        g = lambda dy, w, st, *a: f(dy, w, s, *a, strategy=strat())                 # noqa: E731
+    elif name == "conv2d_dw":
+        g = lambda x, dy, st, *a: f(x, dy, s, *a, strategy=strat())                 # noqa: E731
+    else:
+        return f
+    g.strategy = strat
+    return g
+
+
+def _conv_step(f, fast, R, xi, wi, bi, outs, flag, post=None):
+    """A forward conv step: the prebound direct kernel (numba_conv.bind_direct_fwd) writing into the
+    planned buffers `outs` = (y, route) when the strategy for the current thread count is direct,
+    else f (which returns new arrays). outs: [(value index, array)] (route: a dummy when unsaved)."""
+    strat = getattr(f, "strategy", None)
+    (oy, y), (orr, route) = outs
+    if fast is None or strat is None:
+        return None
+    if bi is None:
+        def step():
+            if strat() == "direct":
+                fast(R[xi], R[wi], None, y, route, flag)
+                R[oy] = y
+                if orr is not None:
+                    R[orr] = route
+            else:
+                post(f)
+    else:
+        def step():
+            if strat() == "direct":
+                fast(R[xi], R[wi], R[bi], y, route, flag)
+                R[oy] = y
+                if orr is not None:
+                    R[orr] = route
+            else:
+                post(f)
+    return step
+
+
+_NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
+
+
+def _bind_direct(dtype, x_shape, w_shape, has_b, st, pads, epi, pool=None):
+    binder = getattr(_conv, "bind_direct_fwd", None) if _conv is not None else None
+    if binder is None or st[0] != st[1]:
+        return None
+    try:
+        return binder(x_shape, w_shape, has_b, st[0], pads, dtype, epi, pool or (0, 0))
+    except Exception:          # pragma: no cover - the generic path reports the real problem
+        return None
 
 
 KERNELS = {
@@ -476,9 +521,13 @@ class NumbaExecutable(Executable):
 
         def out_array(name):
             """The array a kernel writes `name` into (planned slot view, or the updated state)."""
-            kind = plan.kind[name]
+            kind = plan.kind.get(name)
             shp, dt = shape_of(name), np_dtype(name)
-            if kind == "state":
+            if kind is None or name not in plan.slot_of and kind != "state":
+                # a value the plan does not hold (an unused output of a multi-output kernel)
+                nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+                arr = _aligned_empty(max(nbytes, 1))[:nbytes].view(dt).reshape(shp)
+            elif kind == "state":
                 arr = self.state[plan.inplace[name]]
             else:
                 k = plan.slot_of[name]
@@ -598,8 +647,16 @@ class NumbaExecutable(Executable):
                 bi = ii[2] if has_b else None
                 o = oi[0]
 
-                def step():
+                def post(f):
                     R[o] = f(R[xi], R[wi], R[bi] if bi is not None else None, st, pads, relu=True)
+                fast = _bind_direct(self.dtype, geo[0], geo[1], has_b, st, pads, "store")
+                step = None
+                if fast is not None:
+                    step = _conv_step(f, fast, R, xi, wi, bi, [(o, out_array(outs[0])), (None, _NO_ROUTE)],
+                                      True, post)
+                if step is None:
+                    def step():
+                        post(f)
                 return step, set(outs)
             pool = body[2]["attrs"]
             save = len(res) > 1
@@ -612,7 +669,7 @@ class NumbaExecutable(Executable):
                 if save:
                     oy, orr = oi
 
-                    def step():
+                    def post(f):
                         y, r = f(R[xi], R[wi], R[bi] if bi is not None else None, st, pads, ps, pss,
                                  save_route=True)
                         R[oy] = y
@@ -620,8 +677,19 @@ class NumbaExecutable(Executable):
                 else:
                     oy = oi[0]
 
-                    def step():
+                    def post(f):
                         R[oy] = f(R[xi], R[wi], R[bi] if bi is not None else None, st, pads, ps, pss)
+                fast = _bind_direct(self.dtype, geo[0], geo[1], has_b, st, pads, "pool", (ps, pss))
+                step = None
+                if fast is not None:
+                    ya = out_array(outs[0])
+                    ra = out_array(outs[1]) if save else _NO_ROUTE
+                    if ra.dtype == np.int32 and ra.flags.c_contiguous:
+                        step = _conv_step(f, fast, R, xi, wi, bi, [(oy, ya), (orr if save else None, ra)],
+                                          save, post)
+                if step is None:
+                    def step():
+                        post(f)
                 return step, set(outs)
             # non-square pools: conv with ReLU epilogue, then the pool kernel
             f = conv_fn("conv2d", st, geo + (None,))
@@ -915,13 +983,21 @@ def _low_matmul(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynami
 
 def _low_conv(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
     st, pads = tuple(nd["attrs"]["stride"]), tuple(nd["attrs"]["pads"])
-    f = conv_fn("conv2d", st, (shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1]), pads, self.dtype, None))
+    xs, ws = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
+    f = conv_fn("conv2d", st, (xs, ws, pads, self.dtype, None))
     xi, wi = ii[0], ii[1]
     bi = ii[2] if len(ii) == 3 else None
     o = index(n)
 
-    def step():
+    def post(f):
         R[o] = f(R[xi], R[wi], R[bi] if bi is not None else None, st, pads)
+    fast = _bind_direct(self.dtype, xs, ws, bi is not None, st, pads, "store")
+    step = None
+    if fast is not None:
+        step = _conv_step(f, fast, R, xi, wi, bi, [(o, out_array(n)), (None, _NO_ROUTE)], False, post)
+    if step is None:
+        def step():
+            post(f)
     return step, {n}
 
 

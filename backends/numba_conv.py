@@ -81,7 +81,7 @@ except ImportError:  # pragma: no cover - loaded as a top-level module (by path)
 __all__ = [
     "conv2d", "conv2d_relu_maxpool", "maxpool_route_backward", "conv2d_dx", "conv2d_dw", "conv2d_db",
     "maxpool2d", "maxpool2d_backward", "avgpool2d", "avgpool2d_backward",
-    "choose_conv_strategy", "kernel_cache_dir", "clear_scratch", "STRATEGIES",
+    "choose_conv_strategy", "kernel_cache_dir", "clear_scratch", "STRATEGIES", "bind_direct_fwd",
 ]
 
 STRATEGIES = ("direct", "im2col")
@@ -804,6 +804,79 @@ def _direct_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=
     return _direct_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
 
 
+@njit(cache=True, nogil=True)
+def _prep_wb(w, b, wt, bb, KB, has_b):
+    """Direct-kernel weights wt (NKB, C, KB*T) from w (K, C, T) (zero filters pad the last block)
+    and bias bb (NKB*KB,) from b (zeros when not has_b): what _FwdPlan.weights/bias do, without the
+    numpy temporaries (12 us -> ~2 us for a 64x32x3x3 filter bank)."""
+    K, C, T = w.shape
+    NKB = wt.shape[0]
+    for kb in range(NKB):
+        for c in range(C):
+            for q in range(KB):
+                k = kb * KB + q
+                if k < K:
+                    for t in range(T):
+                        wt[kb, c, q * T + t] = w[k, c, t]
+                else:
+                    for t in range(T):
+                        wt[kb, c, q * T + t] = 0
+    for k in range(bb.shape[0]):
+        bb[k] = b[k] if (has_b and k < K) else 0
+
+
+def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0)):
+    """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
+    caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
+    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
+    route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
+    a call is a weight re-layout and the kernel (the per-call Python of conv2d costs 20-35 us,
+    more than a batch-1 MNIST layer). Arrays must be C-contiguous, aligned, writeable, of
+    ``dtype`` (x may be anything: it is then copied). Returns None where the direct
+    strategy needs more than a stride-1 kernel (stride > 1: space-to-depth per call)."""
+    if int(stride) != 1:
+        return None
+    dtype = np.dtype(dtype)
+    N, C, H, W = (int(v) for v in x_shape)
+    K, _, KH, KW = (int(v) for v in w_shape)
+    pads = tuple(int(p) for p in pads)
+    top, bottom, left, right = pads
+    Ho, Wo = _out_hw(H, W, KH, KW, 1, pads)
+    Hp, Wp = H + top + bottom, W + left + right
+    ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
+    plan = _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst)
+    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    xb = None if inplace else _aligned_empty((N, C, plan.Lx), dtype)
+    wt = _aligned_empty((plan.NKB, C, plan.KB * KH * KW), dtype)
+    bb = _aligned_empty((plan.NKB * plan.KB,), dtype)
+    nt = numba.config.NUMBA_NUM_THREADS
+    acc = _aligned_empty((nt, plan.KB, plan.PL + 128 // dtype.itemsize), dtype)
+    nob = np.zeros(1, dtype)
+    kern, KB, T = plan.kern, plan.KB, KH * KW
+    w3shape = (K, C, T)
+    xshape = (N, C, H, W)
+    ok = (True, True, True)
+
+    def run(x, w, b, y, route, flag):
+        _prep_wb(w.reshape(w3shape), nob if b is None else b, wt, bb, KB, b is not None)
+        if inplace:
+            fl = x.flags
+            if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
+                xin = x.reshape(N, C, Hp * Wp)
+            else:
+                xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
+        else:
+            if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
+                x = np.array(x, dtype)
+            _place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
+            xin = xb
+        _run_generated(kern, (xin, wt, bb, y, route, bool(flag), acc), dtype)
+
+    run.plan = plan
+    return run
+
+
 def _direct_dx(dy, w, stride, pads, in_hw):
     """dL/dX: stride-1 correlation of the (stride-dilated) output gradient, placed in planes of
     (H+KH-1) x (W+KW-1), with the filters rotated by 180 degrees and in/out channels swapped."""
@@ -1064,6 +1137,19 @@ def _time_candidates(fns: dict, repeats: int) -> dict:
     return best
 
 
+SMALL_BATCH_DIRECT = 2      # forward convs of at most this many images take "direct" untimed
+IM2COL_MARGIN = 1.15        # im2col must be this much faster than direct to be chosen
+
+
+def _pick(times: dict) -> str:
+    """The strategy to keep from {strategy: seconds (or ms)}: direct unless im2col beats it by more
+    than IM2COL_MARGIN (timings on a shared machine differ by tens of per cent; direct has no BLAS
+    thread pool to fight and no per-image serialisation)."""
+    if "direct" in times and "im2col" in times:
+        return "im2col" if times["im2col"] * IM2COL_MARGIN < times["direct"] else "direct"
+    return min(times, key=times.get)
+
+
 def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
                          repeats=5) -> str:
     """``"direct"`` or ``"im2col"`` for this convolution, timed once per shape (best of ``repeats``
@@ -1093,10 +1179,20 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     if got is not None:
         return got
     path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
+    if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT:
+        # im2col runs one image per prange task (one thread at batch 1) and its GEMMs are tiny;
+        # a timing taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
+        _CHOICES[key] = "direct"
+        _record_choice(key, {"strategy": "direct", "rule": f"batch <= {SMALL_BATCH_DIRECT}"})
+        return "direct"
     got = _read_choices(path).get(key)
     if isinstance(got, dict) and got.get("strategy") in STRATEGIES:
-        _CHOICES[key] = got["strategy"]
-        return got["strategy"]
+        best = got["strategy"]
+        ms = got.get("ms")
+        if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
+            best = _pick(ms)             # entries recorded before the margin rule
+        _CHOICES[key] = best
+        return best
 
     rng = np.random.default_rng(0)
     N, C, H, W = x_shape
@@ -1119,7 +1215,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
             fn = lambda s=strat: conv2d_dw(x, dy, stride, pads, (KH, KW), strategy=s)  # noqa: E731
         fns[strat] = fn
     times = _time_candidates(fns, repeats)
-    best = min(times, key=times.get)
+    best = _pick(times)
     _CHOICES[key] = best
     _record_choice(key, {"strategy": best, "ms": {k: round(v * 1e3, 4) for k, v in times.items()}})
     return best
