@@ -432,3 +432,32 @@ def test_run_bench_report_and_json(tmp_path):
         assert "error" in peer or "absent" in peer
     from graphc.bench import report
     assert "whole step" in report(r)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("kw", [dict(pad=0), dict(pad=1), dict(bias=False, pad=0), dict(relu_pool=False),
+                                dict(c_in=1, pad=0), dict(pool=3, pool_stride=1)])
+def test_direct_prebound_conv_into_planned_buffers(n, kw, monkeypatch):
+    # the direct forward bound once per shape (numba_conv.bind_direct_fwd) writes into the memory
+    # plan's buffers: inference and training (weights changing between calls) against the reference
+    monkeypatch.setenv("GRAPHC_CONV_STRATEGY", "direct")
+    g = _conv_pool_graph(**kw)
+    check_run(g, feeds=_feeds(g, n=n), fuse=(True, False))
+    check_train(g, fuse=(True,), n=n, steps=3)
+
+
+def test_direct_prebound_conv_odd_filter_count_and_plain_conv(monkeypatch):
+    monkeypatch.setenv("GRAPHC_CONV_STRATEGY", "direct")
+    g = gc.Graph("k5")
+    x = g.input("x", (None, 3, 9, 7))
+    labels = g.input("labels", (None,), dtype="int64")
+    h = g.conv(x, g.param("c.w", (5, 3, 3, 3)), g.param("c.b", (5,), init="normal"), pad=1, name="c")
+    h = g.maxpool(g.relu(h), 2, name="p")
+    h = g.conv(h, g.param("d.w", (3, 5, 2, 2)), None, name="d")          # no ReLU: plain conv
+    logits = g.dense(g.flatten(h), g.param("fc.w", (3, int(np.prod(h.shape[1:])))), g.param("fc.b", (3,)))
+    g.output(g.softmax_cross_entropy(logits, labels, name="loss"))
+    for n in (1, 2):
+        exe = check_run(g, feeds=_feeds(g, n=n), fuse=(True, False))
+        check_run(g, feeds=_feeds(g, n=n, seed=3), fuse=(True,))
+    check_train(g, fuse=(True, False), steps=3)
+    assert exe.run(_feeds(g, n=1))["loss"].shape == ()
