@@ -688,9 +688,9 @@ def _pick_blocks(K: int, C: int, T: int):
 class _FwdPlan:
     """Geometry of one direct stride-1 forward call over flat padded planes."""
 
-    def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0):
+    def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked"):
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
-        self.epi, self.ps, self.pst = epi, ps, pst
+        self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
         if epi == "pool":
@@ -709,7 +709,8 @@ class _FwdPlan:
     def source(self):
         return _gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
-                                 ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq)
+                                 ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
+                                 **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}))
 
     def weights(self, w):
         """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
@@ -729,12 +730,12 @@ class _FwdPlan:
 _PLANS: dict = {}
 
 
-def _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0) -> _FwdPlan:
+def _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> _FwdPlan:
     """The (memoised) plan of a direct forward call, its kernel loaded."""
-    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst)
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst)
+        plan = _FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout)
         plan.kern = _load_kernel(plan.source())
         _PLANS[key] = plan
     return plan
@@ -804,36 +805,17 @@ def _direct_fwd(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=
     return _direct_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
 
 
-@njit(cache=True, nogil=True)
-def _prep_wb(w, b, wt, bb, KB, has_b):
-    """Direct-kernel weights wt (NKB, C, KB*T) from w (K, C, T) (zero filters pad the last block)
-    and bias bb (NKB*KB,) from b (zeros when not has_b): what _FwdPlan.weights/bias do, without the
-    numpy temporaries (12 us -> ~2 us for a 64x32x3x3 filter bank)."""
-    K, C, T = w.shape
-    NKB = wt.shape[0]
-    for kb in range(NKB):
-        for c in range(C):
-            for q in range(KB):
-                k = kb * KB + q
-                if k < K:
-                    for t in range(T):
-                        wt[kb, c, q * T + t] = w[k, c, t]
-                else:
-                    for t in range(T):
-                        wt[kb, c, q * T + t] = 0
-    for k in range(bb.shape[0]):
-        bb[k] = b[k] if (has_b and k < K) else 0
-
-
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0)):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
     route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
-    a call is a weight re-layout and the kernel (the per-call Python of conv2d costs 20-35 us,
-    more than a batch-1 MNIST layer). Arrays must be C-contiguous, aligned, writeable, of
-    ``dtype`` (x may be anything: it is then copied). Returns None where the direct
-    strategy needs more than a stride-1 kernel (stride > 1: space-to-depth per call)."""
+    a call is the kernel and a few attribute checks (the per-call Python of conv2d -- checks,
+    plan look-up, weight re-layout, allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
+    The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
+    must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
+    layout are copied first. Returns None where the direct strategy needs more than a stride-1
+    kernel (stride > 1: space-to-depth per call)."""
     if int(stride) != 1:
         return None
     dtype = np.dtype(dtype)
@@ -844,22 +826,26 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     Ho, Wo = _out_hw(H, W, KH, KW, 1, pads)
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
-    plan = _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst)
+    plan = _fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct")
     maxoff = (plan.KH - 1) * Wp + plan.KW - 1
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     xb = None if inplace else _aligned_empty((N, C, plan.Lx), dtype)
-    wt = _aligned_empty((plan.NKB, C, plan.KB * KH * KW), dtype)
-    bb = _aligned_empty((plan.NKB * plan.KB,), dtype)
     nt = numba.config.NUMBA_NUM_THREADS
     acc = _aligned_empty((nt, plan.KB, plan.PL + 128 // dtype.itemsize), dtype)
-    nob = np.zeros(1, dtype)
-    kern, KB, T = plan.kern, plan.KB, KH * KW
-    w3shape = (K, C, T)
+    nob = np.zeros(K, dtype)
+    kern = plan.kern
+    w3shape = (K, C, KH * KW)
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
     def run(x, w, b, y, route, flag):
-        _prep_wb(w.reshape(w3shape), nob if b is None else b, wt, bb, KB, b is not None)
+        w = w.reshape(w3shape)
+        if w.dtype != dtype or not w.flags.c_contiguous:
+            w = np.ascontiguousarray(w, dtype)
+        if b is None:
+            b = nob
+        elif b.dtype != dtype or b.ndim != 1:
+            b = np.ascontiguousarray(b, dtype).reshape(-1)
         if inplace:
             fl = x.flags
             if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
@@ -871,7 +857,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                 x = np.array(x, dtype)
             _place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
             xin = xb
-        _run_generated(kern, (xin, wt, bb, y, route, bool(flag), acc), dtype)
+        _run_generated(kern, (xin, w, b, y, route, bool(flag), acc), dtype)
 
     run.plan = plan
     return run

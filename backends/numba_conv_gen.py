@@ -50,7 +50,7 @@ def _taps(KH: int, KW: int, Wp: int):
 
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
-                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0) -> str:
+                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked") -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
     inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
@@ -64,6 +64,10 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     ``kernel(x, wt, b, y, route, flag, acc)``: acc (threads, KB, PL) is scratch per worker
     thread (numba.get_thread_id() indexes it); ``flag`` (bool, at run time so one compiled kernel serves
     both uses) means "apply ReLU" for epi "store" and "save the route" for epi "pool".
+
+    ``wlayout="kct"``: ``wt`` is the caller's filter bank itself, viewed as (K, C, KH*KW), and ``b``
+    has K entries (no re-layout per call); the filters of a last, partial block are read from
+    filter K-1 (their sums are never stored).
 
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
@@ -80,11 +84,17 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
         """weights of channels c_expr .. c_expr+cb-1 into scalars, then the vector loop."""
         for u in range(cb):
             a(f"{ind}xc{u} = x[n, {c_expr} + {u}]")
-            a(f"{ind}wv{u} = wt[kb, {c_expr} + {u}]")
+            if wlayout == "blocked":
+                a(f"{ind}wv{u} = wt[kb, {c_expr} + {u}]")
         for u in range(cb):
             for q in range(KB):
+                if wlayout != "blocked":
+                    a(f"{ind}wv{u}_{q} = wt[kq{q}, {c_expr} + {u}]")
                 for (t, _, _, _) in taps:
-                    a(f"{ind}w{u}_{q}_{t} = wv{u}[{q * T + t}]")
+                    if wlayout == "blocked":
+                        a(f"{ind}w{u}_{q}_{t} = wv{u}[{q * T + t}]")
+                    else:
+                        a(f"{ind}w{u}_{q}_{t} = wv{u}_{q}[{t}]")
         a(f"{ind}for p in range({PL}):")
         for u in range(cb):
             for (t, _, _, off) in taps:
@@ -161,6 +171,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     a(f"    k0 = kb * {KB}")
     for q in range(KB):
         a(f"    a{q} = acc[{q}]")
+        if wlayout != "blocked":
+            a(f"    kq{q} = min(k0 + {q}, {K - 1})")
     # the first CB channels initialise the accumulators (no zeroing pass)
     cb0 = min(CB, C)
     block("0", cb0, True, "    ")
