@@ -534,7 +534,7 @@ class CudaExecutable(Executable):
         c = self._cuda
         host, dev = {}, {}
         for n, v in self.state.items():
-            h = np.ascontiguousarray(np.array(v))
+            h = np.array(v, order="C")     # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
             host[n] = h
             dev[n] = c.to_device(h.reshape(-1))
         self.state = DeviceState(host, dev)
@@ -559,21 +559,6 @@ class CudaExecutable(Executable):
         d = {n: self.state.peek(n) for n in self.state}
         d["__step__"] = np.array(self.step_count)
         return d
-
-    def load_state_dict(self, d):
-        st = self.state
-        for n in st:
-            if n not in d:
-                raise CheckpointError(f"checkpoint has no value for {n!r}")
-            if tuple(np.shape(d[n])) != tuple(st.shape(n)):
-                raise CheckpointError(f"checkpoint value {n!r} has shape {tuple(np.shape(d[n]))}, "
-                                      f"the graph expects {tuple(st.shape(n))}")
-        extra = [k for k in d if k not in st and k != "__step__"]
-        if extra:
-            raise CheckpointError(f"checkpoint has values the graph does not: {extra[:5]}")
-        for n in st:
-            st[n] = self._cast(np.array(d[n]), self.graph.nx.nodes[n]["dtype"])
-        self.step_count = int(d.get("__step__", 0))
 
     # ------------------------------------------------------------------ binding
     def _plan(self, want, inplace):

@@ -109,12 +109,13 @@ class Executable:
         return d
 
     def load_state_dict(self, d):
-        for n, cur in self.state.items():
+        for n in self.state:
+            want = tuple(self.graph.nx.nodes[n]["shape"])
             if n not in d:
                 raise CheckpointError(f"checkpoint has no value for {n!r}")
-            if tuple(np.shape(d[n])) != cur.shape:
+            if tuple(np.shape(d[n])) != want:
                 raise CheckpointError(f"checkpoint value {n!r} has shape {tuple(np.shape(d[n]))}, "
-                                      f"the graph expects {cur.shape}")
+                                      f"the graph expects {want}")
         extra = [k for k in d if k not in self.state and k != "__step__"]
         if extra:
             raise CheckpointError(f"checkpoint has values the graph does not: {extra[:5]}")
