@@ -838,26 +838,46 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
+    memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
+    compiled = []
+
     def run(x, w, b, y, route, flag):
-        w = w.reshape(w3shape)
-        if w.dtype != dtype or not w.flags.c_contiguous:
-            w = np.ascontiguousarray(w, dtype)
+        # views of the same arrays as last call are reused (params and planned buffers are the same
+        # objects every run; a view follows in-place updates); copies are never remembered
+        if w is memo[0]:
+            w3 = memo[1]
+        elif w.dtype == dtype and w.flags.c_contiguous:
+            w3 = w.reshape(w3shape)
+            memo[0], memo[1] = w, w3
+        else:
+            w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
         if b is None:
             b = nob
-        elif b.dtype != dtype or b.ndim != 1:
-            b = np.ascontiguousarray(b, dtype).reshape(-1)
-        if inplace:
-            fl = x.flags
-            if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
-                xin = x.reshape(N, C, Hp * Wp)
+        elif b is not memo[4]:
+            if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
+                memo[4] = b
             else:
-                xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
+                b = np.ascontiguousarray(b, dtype).reshape(-1)
+        if inplace:
+            if x is memo[2]:
+                xin = memo[3]
+            else:
+                fl = x.flags
+                if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
+                    xin = x.reshape(N, C, Hp * Wp)
+                    memo[2], memo[3] = x, xin
+                else:
+                    xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
         else:
             if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
                 x = np.array(x, dtype)
             _place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
             xin = xb
-        _run_generated(kern, (xin, w, b, y, route, bool(flag), acc), dtype)
+        if compiled:
+            kern(xin, w3, b, y, route, bool(flag), acc)
+        else:
+            _run_generated(kern, (xin, w3, b, y, route, bool(flag), acc), dtype)
+            compiled.append(True)
 
     run.plan = plan
     return run
