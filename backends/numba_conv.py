@@ -1189,7 +1189,9 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         # im2col runs one image per prange task (one thread at batch 1) and its GEMMs are tiny;
         # a timing taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
         _CHOICES[key] = "direct"
-        _record_choice(key, {"strategy": "direct", "rule": f"batch <= {SMALL_BATCH_DIRECT}"})
+        entry = {"strategy": "direct", "rule": f"batch <= {SMALL_BATCH_DIRECT}"}
+        if _read_choices(path).get(key) != entry:
+            _record_choice(key, entry)
         return "direct"
     got = _read_choices(path).get(key)
     if isinstance(got, dict) and got.get("strategy") in STRATEGIES:

@@ -408,3 +408,48 @@ def test_errors():
         nc.conv2d(x, np.zeros((3, 2, 3, 3), np.float32), None, 1, (0, 0, 0, 0), strategy="winograd")
     with pytest.raises(nc.BackendError):
         nc.maxpool2d(x, 6, 1)
+
+
+def test_strategy_rules_small_batch_and_margin(monkeypatch):
+    # forward convs of one or two images take direct untimed (im2col serialises them on one thread);
+    # otherwise im2col must beat direct by IM2COL_MARGIN, also for entries recorded before the rule
+    monkeypatch.delenv("GRAPHC_CONV_STRATEGY", raising=False)
+    nc._CHOICES.clear()
+    timed = []
+    monkeypatch.setattr(nc, "_time_candidates", lambda fns, r: timed.append(1) or {"direct": 1.0, "im2col": 0.5})
+    for op, pool in (("conv2d", None), ("conv2d_relu_maxpool", (2, 2))):
+        assert nc.choose_conv_strategy((1, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32,
+                                       op=op, pool=pool) == "direct"
+    assert not timed
+    assert nc._pick({"direct": 1.0, "im2col": 0.9}) == "direct"
+    assert nc._pick({"direct": 1.0, "im2col": 0.8}) == "im2col"
+    key = nc._choice_key("conv2d", (8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.dtype(np.float32), None)
+    nc._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}})
+    assert nc.choose_conv_strategy((8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32) == "direct"
+    assert not timed
+    nc._CHOICES.clear()
+
+
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
+@pytest.mark.parametrize("epi", ["store", "pool"])
+def test_bind_direct_fwd_matches_reference(rng, pads, epi):
+    N, C, H, W, K = 2, 3, 10, 9, 5
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, 3, 3), np.float32)
+    b = rand(rng, (K,), np.float32)
+    run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, pads, np.float32, epi, (2, 2))
+
+    def reference():
+        z = np.maximum(conv_ref(x, w, b, 1, pads), 0)
+        if epi == "store":
+            return z
+        Hq, Wq = z.shape[2] // 2, z.shape[3] // 2
+        return z[:, :, :Hq * 2, :Wq * 2].reshape(N, K, Hq, 2, Wq, 2).max(axis=(3, 5))
+    ref = reference()
+    y = np.empty(ref.shape, np.float32)
+    route = np.empty(ref.shape if epi == "pool" else (1, 1, 1, 1), np.int32)
+    for _ in range(3):                         # weights updated in place between calls: followed
+        run(x, w, b, y, route, True)
+        close(y, reference(), np.float32)
+        w *= 0.5
+    assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
