@@ -453,3 +453,13 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi):
         close(y, reference(), np.float32)
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
+
+
+def test_choice_timed_under_load_is_retimed_when_quiet(monkeypatch):
+    """A remembered strategy measured on a busy machine is measured again once the machine is quiet."""
+    monkeypatch.setattr(nc, "_load_per_cpu", lambda: 0.1)
+    assert nc._retime(3.0)            # busy then, quiet now
+    assert nc._retime(None)           # recorded before the load was kept
+    assert not nc._retime(0.2)        # quiet then: keep
+    monkeypatch.setattr(nc, "_load_per_cpu", lambda: 2.0)
+    assert not nc._retime(3.0)        # still busy: timing again would not be better
