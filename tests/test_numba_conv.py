@@ -424,7 +424,7 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     assert nc._pick({"direct": 1.0, "im2col": 0.9}) == "direct"
     assert nc._pick({"direct": 1.0, "im2col": 0.8}) == "im2col"
     key = nc._choice_key("conv2d", (8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.dtype(np.float32), None)
-    nc._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}})
+    nc._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}, "load": 0.1})
     assert nc.choose_conv_strategy((8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32) == "direct"
     assert not timed
     nc._CHOICES.clear()
