@@ -496,14 +496,8 @@ class NumbaExecutable(Executable):
 
     # ------------------------------------------------------------------ binding
     def _plan(self, want, inplace):
-        from graphc.passes.memory import build_plan, default_want
-        mp = getattr(self.graph, "memory_plan", None)
-        if mp is not None and tuple(mp.want) == tuple(want) and bool(mp.inplace) == bool(inplace) \
-                and list(mp.program) == [n for n in self.schedule if n in set(mp.program)]:
-            return mp
-        if mp is not None and tuple(want) == tuple(default_want(self.graph)) and inplace and mp.inplace:
-            return mp
-        return build_plan(self.graph, list(want), inplace_updates=inplace, schedule=self.schedule)
+        from graphc.passes.memory import plan_for
+        return plan_for(self.graph, want, inplace, self.schedule)
 
     def _binding(self, env, want, inplace):
         last = self._last_binding

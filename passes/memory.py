@@ -200,3 +200,15 @@ def plan_memory(graph):
     """Stores the memory plan of a run (inference graph) or a training step (training graph)."""
     graph.memory_plan = build_plan(graph, default_want(graph), inplace_updates=bool(graph.updates))
     return graph
+
+
+def plan_for(graph, want, inplace, schedule):
+    """The memory plan for one binding: the graph's own plan (made by the pass) when it was made for
+    these wanted values and in-place mode, else a new one over the same schedule."""
+    mp = getattr(graph, "memory_plan", None)
+    if mp is not None and tuple(mp.want) == tuple(want) and bool(mp.inplace) == bool(inplace) \
+            and list(mp.program) == [n for n in schedule if n in set(mp.program)]:
+        return mp
+    if mp is not None and tuple(want) == tuple(default_want(graph)) and inplace and mp.inplace:
+        return mp
+    return build_plan(graph, list(want), inplace_updates=inplace, schedule=schedule)
