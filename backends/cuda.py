@@ -301,20 +301,7 @@ def collapse(out_shape, in_shapes):
     """Merges loop dims (as the numba backend): (loop dims, per input "f" full / "s" one value / flags of
     the loop dims it runs along)."""
     total = shapes.numel(out_shape) or 1
-    nd = len(out_shape)
-    padded = [(1,) * (nd - len(s)) + tuple(s) for s in in_shapes]
-    dims, flags = [], []
-    for d in range(nd):
-        if out_shape[d] == 1:
-            continue
-        f = tuple(p[d] != 1 for p in padded)
-        if flags and flags[-1] == f:
-            dims[-1] *= out_shape[d]
-        else:
-            dims.append(out_shape[d])
-            flags.append(f)
-    if not dims:
-        dims, flags = [1], [tuple(False for _ in in_shapes)]
+    dims, flags = shapes.merge_loop_dims(out_shape, in_shapes)
     modes = []
     for k, s in enumerate(in_shapes):
         n = shapes.numel(s) or 1

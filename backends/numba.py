@@ -371,20 +371,7 @@ def elementwise_source(body, n_in, results, rank, in_modes, inline, dtype, paral
 def collapse(out_shape, in_shapes):
     """Merges the loop dims of an elementwise group. Returns (loop shape, [per input: "s" or a tuple of
     bools (runs along each loop dim)]) with inputs' own shapes for the loop ((1 where broadcast)."""
-    nd = len(out_shape)
-    padded = [(1,) * (nd - len(s)) + tuple(s) for s in in_shapes]
-    dims, flags = [], []
-    for d in range(nd):
-        if out_shape[d] == 1:
-            continue
-        f = tuple(p[d] != 1 for p in padded)
-        if flags and flags[-1] == f:
-            dims[-1] *= out_shape[d]
-        else:
-            dims.append(out_shape[d])
-            flags.append(f)
-    if not dims:
-        dims, flags = [1], [tuple(False for _ in in_shapes)]
+    dims, flags = shapes.merge_loop_dims(out_shape, in_shapes)
     modes = []
     for k in range(len(in_shapes)):
         runs = tuple(fl[k] for fl in flags)

@@ -80,3 +80,23 @@ def conv_pads(pad, in_hw, k_hw, stride):
 def window_out(n, k, s, p_total=0):
     """Output length of a sliding window: floor((n + P - k) / s) + 1 (conv: (W - F + 2P)/S + 1)."""
     return (n + p_total - k) // s + 1
+
+
+def merge_loop_dims(out_shape, in_shapes):
+    """The loop nest of a broadcasting elementwise kernel with adjacent dims merged when every input
+    runs along both or neither: returns (dims, flags), flags[d][k] = input k runs along loop dim d."""
+    nd = len(out_shape)
+    padded = [(1,) * (nd - len(s)) + tuple(s) for s in in_shapes]
+    dims, flags = [], []
+    for d in range(nd):
+        if out_shape[d] == 1:
+            continue
+        f = tuple(p[d] != 1 for p in padded)
+        if flags and flags[-1] == f:
+            dims[-1] *= out_shape[d]
+        else:
+            dims.append(out_shape[d])
+            flags.append(f)
+    if not dims:
+        dims, flags = [1], [tuple(False for _ in in_shapes)]
+    return dims, flags
