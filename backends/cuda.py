@@ -833,24 +833,6 @@ class CudaExecutable(Executable):
                              fallback=bool(getattr(f, "fallback", False))))
         return rows
 
-    def describe_kernel(self, name, env):
-        nd = self.graph.nx.nodes[name]
-        op = nd["op"]
-        ins = [shapes.resolve(self.graph.nx.nodes[i]["shape"], env) for i in nd["inputs"]]
-        out = shapes.resolve(nd["shape"], env)
-        if op == "fused":
-            kind, ops = nd["attrs"]["pattern"], [bn["op"] for bn in nd["attrs"]["body"]]
-        elif optable.OPS[op].scalar is not None:
-            kind, ops = "elementwise", [op]
-        else:
-            kind, ops = op, [op]
-        fl = optable.OPS[op].flops
-        try:
-            flops = int(fl(ins, out, nd["attrs"])) if fl else 0
-        except Exception:
-            flops = 0
-        return {"name": name, "kind": kind, "ops": ops, "shapes": {"in": ins, "out": out}, "flops": flops}
-
     def fallbacks(self):
         """Names of the bound steps that run on the host (see HOST_FALLBACKS)."""
         return sorted({n for b in self._bindings.values() for n, f in b.steps if getattr(f, "fallback", False)})

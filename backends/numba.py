@@ -931,25 +931,6 @@ class NumbaExecutable(Executable):
                              fallback=bool(getattr(f, "fallback", False))))
         return rows
 
-    def describe_kernel(self, name, env):
-        nd = self.graph.nx.nodes[name]
-        op = nd["op"]
-        ins = [shapes.resolve(self.graph.nx.nodes[i]["shape"], env) for i in nd["inputs"]]
-        out = shapes.resolve(nd["shape"], env)
-        if op == "fused":
-            kind = nd["attrs"]["pattern"]
-            ops = [bn["op"] for bn in nd["attrs"]["body"]]
-        elif op in optable.OPS and optable.OPS[op].scalar is not None:
-            kind, ops = "elementwise", [op]
-        else:
-            kind, ops = op, [op]
-        fl = optable.OPS[op].flops
-        try:
-            flops = int(fl(ins, out, nd["attrs"])) if fl else 0
-        except Exception:
-            flops = 0
-        return {"name": name, "kind": kind, "ops": ops, "shapes": {"in": ins, "out": out}, "flops": flops}
-
 
 def _alias_step(R, i, si, shp):
     def step():

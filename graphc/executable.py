@@ -96,6 +96,27 @@ class Executable:
     def _execute(self, feeds, env, training, want):
         raise NotImplementedError
 
+    def describe_kernel(self, name, env):
+        """What the benchmark table shows for node `name`: kind (fused pattern, "elementwise" or the
+        op), the ops it runs, its resolved shapes and its FLOPs."""
+        from graphc import ops as optable
+        nd = self.graph.nx.nodes[name]
+        op = nd["op"]
+        ins = [shapes.resolve(self.graph.nx.nodes[i]["shape"], env) for i in nd["inputs"]]
+        out = shapes.resolve(nd["shape"], env)
+        if op == "fused":
+            kind, ops = nd["attrs"]["pattern"], [bn["op"] for bn in nd["attrs"]["body"]]
+        elif optable.OPS[op].scalar is not None:
+            kind, ops = "elementwise", [op]
+        else:
+            kind, ops = op, [op]
+        fl = optable.OPS[op].flops
+        try:
+            flops = int(fl(ins, out, nd["attrs"])) if fl else 0
+        except Exception:
+            flops = 0
+        return {"name": name, "kind": kind, "ops": ops, "shapes": {"in": ins, "out": out}, "flops": flops}
+
     # ------------------------------------------------------------------ state
     @property
     def params(self):
