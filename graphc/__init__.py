@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 def grad(graph, wrt=None, loss=None):
     """The backward graph (a Graph) with outputs "grad/<name>" for each value in wrt (default: params)."""
-    from graphc.passes.autodiff import grad as _grad
+    from graphc.passes.transforms.autodiff import grad as _grad
     return _grad(graph, wrt=wrt, loss=loss)
 
 

@@ -71,7 +71,7 @@ def cmd_summary(args):
     from graphc.summarize import summary
     graph = load_model(args.model)
     if args.backward:
-        from graphc.passes.autodiff import grad
+        from graphc.passes.transforms.autodiff import grad
         graph = grad(graph, keep_outputs=True)
     print(summary(graph))
     return 0

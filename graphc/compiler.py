@@ -28,7 +28,7 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     check(graph)
     g = graph
     if optimizer is not None:
-        from graphc.passes.training import training_graph
+        from graphc.passes.transforms.training import training_graph
         g = training_graph(graph, optimizer, loss)
     for k in keep:
         if k not in g:

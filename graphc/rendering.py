@@ -760,7 +760,7 @@ def prepare(graph, backward=False, fused=None, layout="mirror"):
     no backward nodes yet; run through the numba pipeline's passes (fusion) when fused=True."""
     g = graph
     if (backward or layout == "backward-only") and not _has_backward(g):
-        from graphc.passes.autodiff import grad
+        from graphc.passes.transforms.autodiff import grad
         g = grad(graph, keep_outputs=True)
     if fused:
         g = fuse_graph(g)

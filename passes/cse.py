@@ -4,7 +4,7 @@ add and mul are commutative (inputs compared as a sorted pair). Sources with ide
 and host ops (random masks) never merge. When the duplicate is a protected name (an output, an update,
 the loss, a kept value) it is the one kept; two protected duplicates both stay."""
 from graphc import ops as optable
-from graphc.passes.rewrite import data, freeze, protected, replace_value
+from graphc.passes.helpers.rewrite import data, freeze, protected, replace_value
 
 COMMUTATIVE = ("add", "mul")
 

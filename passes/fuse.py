@@ -30,7 +30,7 @@ compile(keep=...)) except as one of its named results.
 import itertools
 
 from graphc import ops as optable
-from graphc.passes.rewrite import consumers, data, is_const_fill, protected, set_inputs
+from graphc.passes.helpers.rewrite import consumers, data, is_const_fill, protected, set_inputs
 
 FUSABLE_POOL_ATTRS = ("size", "stride")
 

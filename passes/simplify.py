@@ -11,8 +11,8 @@ Names in graph.outputs, graph.updates (keys and values), graph.loss and graph.ke
 renamed: when such a node would be replaced by its input, the input's computation moves into the
 protected node instead (if nothing else reads it), or the node stays.
 """
-from graphc.passes.rewrite import (consumers, data, is_const_fill, protected, remove_if_dead, replace_value,
-                                   set_inputs)
+from graphc.passes.helpers.rewrite import (consumers, data, is_const_fill, protected, remove_if_dead,
+                                           replace_value, set_inputs)
 
 _RESHAPES = ("reshape", "reshape_like")
 

@@ -174,7 +174,7 @@ except Exception as e:
     sys.exit(0)
 import graphc as gc
 from graphc.pipeline import Pipeline
-from graphc.passes.training import training_graph
+from graphc.passes.transforms.training import training_graph
 from graphc.backends import cuda as cb
 sys.path.insert(0, sys.argv[1] + "/tests")
 from test_cuda_backend import tiny_convnet, losses_graph

@@ -67,7 +67,7 @@ def cases():
 
 def structure(make_graph, make_opt, keep):
     """The fused groups of the numba pipeline's output, in schedule order."""
-    from graphc.passes.training import training_graph
+    from graphc.passes.transforms.training import training_graph
     from graphc.pipeline import Pipeline
     g = make_graph()
     if make_opt is not None:

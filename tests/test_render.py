@@ -13,7 +13,7 @@ import graphc as gc
 from graphc import rendering
 from graphc.errors import GraphError
 from graphc.models import SEED_LABELS, SEED_X
-from graphc.passes.autodiff import grad
+from graphc.passes.transforms.autodiff import grad
 from graphc.rendering import BACKWARD_COLOR, FORWARD_COLOR, SAVED_COLOR, dot_stats
 
 SEED_FEEDS = {"x": SEED_X, "labels": SEED_LABELS}

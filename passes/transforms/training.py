@@ -1,5 +1,5 @@
 """Training graph: forward + backward (gate rules) + optimizer update, one graph."""
-from graphc.passes.autodiff import grad
+from graphc.passes.transforms.autodiff import grad
 
 
 def training_graph(graph, optimizer, loss=None):
