@@ -1398,7 +1398,10 @@ def _low_ce_grad(self, n, nd, V, shape_of, scratch, out_array):
     return _seq(steps)
 
 
-def _pair_loss(expr):
+def _pair_loss(op):
+    """A mean loss from the op table's loss_term: the term elementwise, then its mean."""
+    expr = translate(optable.OPS[op].loss_term)
+
     def lower(self, n, nd, V, shape_of, scratch, out_array):
         an, bn = nd["inputs"][:2]
         s = shape_of(an)
@@ -1409,7 +1412,10 @@ def _pair_loss(expr):
     return lower
 
 
-def _pair_grad(expr):
+def _pair_grad(op):
+    """A mean loss's gradient from the op table's grad_term: term * dy / n."""
+    expr = "(" + translate(optable.OPS[op].grad_term) + ") * (a2 / {n})"
+
     def lower(self, n, nd, V, shape_of, scratch, out_array):
         an, bn, dyn = nd["inputs"]
         s = shape_of(an)
@@ -1450,9 +1456,8 @@ _LOWER = {
     "pad2d": _low_pad2d, "crop2d": _low_crop2d, "softmax": _low_softmax,
     "softmax_cross_entropy": _low_sce, "softmax_ce_grad": _low_sce_grad,
     "cross_entropy": _low_ce, "cross_entropy_grad": _low_ce_grad,
-    "mse": _pair_loss("(a0 - a1) * (a0 - a1)"), "mse_grad": _pair_grad("2.0 * (a0 - a1) * (a2 / {n})"),
-    "bce_with_sigmoid": _pair_loss("max(a0, 0.0) - a0 * a1 + log1p(exp(-fabs(a0)))"),
-    "bce_grad": _pair_grad("(0.5 * (tanh(0.5 * a0) + 1.0) - a1) * (a2 / {n})"),
+    "mse": _pair_loss("mse"), "mse_grad": _pair_grad("mse_grad"),
+    "bce_with_sigmoid": _pair_loss("bce_with_sigmoid"), "bce_grad": _pair_grad("bce_grad"),
     "dropout_mask": _low_dropout_mask,
 }
 

@@ -395,39 +395,6 @@ def ce_grad_dense_k(p, y, dy, out):
             out[i, k] = -(y[i, k] / p[i, k]) * scale
 
 
-@njit(fastmath=_FM, cache=True, nogil=True)
-def mse_k(a, b, out):
-    s = 0.0
-    for i in range(a.size):
-        d = a[i] - b[i]
-        s += d * d
-    out[0] = s / a.size
-
-
-@njit(fastmath=_FM, cache=True, nogil=True)
-def mse_grad_k(a, b, dy, out):
-    scale = 2.0 * dy[0] / a.size
-    for i in range(a.size):
-        out[i] = (a[i] - b[i]) * scale
-
-
-@njit(fastmath=_FM, cache=True, nogil=True)
-def bce_k(z, t, out):
-    s = 0.0
-    for i in range(z.size):
-        v = z[i]
-        s += max(v, 0.0) - v * t[i] + math.log1p(math.exp(-abs(v)))
-    out[0] = s / z.size
-
-
-@njit(fastmath=_FM, cache=True, nogil=True)
-def bce_grad_k(z, t, dy, out):
-    scale = dy[0] / z.size
-    for i in range(z.size):
-        sg = 0.5 * (math.tanh(0.5 * z[i]) + 1.0)
-        out[i] = (sg - t[i]) * scale
-
-
 # ------------------------------------------------------------------- conv placeholders (slow, correct)
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -6,7 +6,8 @@ must deliver (the outputs, and in a training graph the loss and every update). B
 
 Kinds of value:
     input / param / const   live outside the plan (the feed buffer, the executable's state, the constant)
-    alias                   reshape, reshape_like, identity and copy are views of their input's buffer
+    alias                   ops marked alias in the op table (reshape, reshape_like, identity, copy) are
+                            views of their input's buffer
                             (the input's buffer then lives as long as any of its aliases is read)
     tuple                   a fused node with several results: no buffer, its getitem nodes own them
     state                   an optimizer update written in place into the state it replaces: legal when
@@ -26,7 +27,6 @@ import networkx as nx
 from graphc import ops as optable
 from graphc import shapes
 
-ALIAS_OPS = ("reshape", "reshape_like", "identity", "copy")
 REP_BATCH = 64        # slot matching compares sizes at this batch size
 
 
@@ -70,8 +70,9 @@ class MemoryPlan:
 
 
 def _elementwise_kernel(nd):
+    """One elementwise loop: an elementwise op, or a fused group of them."""
     if nd["op"] == "fused":
-        return nd["attrs"]["pattern"] == "elementwise"
+        return all(optable.OPS[b["op"]].scalar is not None for b in nd["attrs"]["body"])
     return optable.OPS[nd["op"]].scalar is not None
 
 
@@ -89,9 +90,9 @@ def build_plan(graph, want, inplace_updates=False, schedule=None):
     kind, root = {}, {}
     for n in order:
         op = nodes[n]["op"]
-        if op in ("input", "param", "const"):
+        if optable.OPS[op].source:
             kind[n], root[n] = op, n
-        elif op in ALIAS_OPS:
+        elif optable.OPS[op].alias:
             kind[n], root[n] = "alias", root[nodes[n]["inputs"][0]]
         elif op == "fused" and len(nodes[n]["attrs"]["results"]) > 1:
             kind[n], root[n] = "tuple", n

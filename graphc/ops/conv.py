@@ -117,8 +117,17 @@ def _conv_flops(in_shapes, out_shape, attrs):
     return 2 * n * k * c * kh * kw * ho * wo
 
 
+def _conv_torch(F, torch, ins, attrs, ctx):
+    t, b, l, r = attrs["pads"]
+    symmetric = t == b and l == r
+    x = ins[0] if symmetric else F.pad(ins[0], (l, r, t, b))
+    return F.conv2d(x, ins[1], ins[2] if len(ins) == 3 else None, stride=tuple(attrs["stride"]),
+                    padding=(t, l) if symmetric else 0)
+
+
 register(OpDef("conv", _conv_infer, _conv_ref, _conv_grad, flops=_conv_flops,
-               doc="2-D convolution (cross-correlation) NCHW x KCHW (+ bias)", attrs={"stride": (1, 1), "pads": (0,) * 4}))
+               doc="2-D convolution (cross-correlation) NCHW x KCHW (+ bias)", attrs={"stride": (1, 1), "pads": (0,) * 4},
+               torch=_conv_torch))
 
 
 def _conv_dx_infer(node, in_types):

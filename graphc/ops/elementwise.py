@@ -35,10 +35,20 @@ def _ew_flops(in_shapes, out_shape, attrs, per=1):
     return per * n
 
 
-def elementwise(name, scalar, ref, grad=None, doc="", differentiable=True, flops_per=1):
+def elementwise(name, scalar, ref, grad=None, doc="", differentiable=True, flops_per=1, **props):
+    """Registers an elementwise op; props are further OpDef fields (alias, commutative, unit, torch...)."""
     return register(OpDef(name, _infer, lambda ins, attrs, ctx: ref(*ins), grad=grad, scalar=scalar,
                           doc=doc, differentiable=differentiable,
-                          flops=lambda i, o, a: _ew_flops(i, o, a, flops_per)))
+                          flops=lambda i, o, a: _ew_flops(i, o, a, flops_per), **props))
+
+
+def _torch(fn):
+    """The torch field of an op that is torch.<fn> of its inputs."""
+    return lambda F, torch, ins, attrs, ctx: getattr(torch, fn)(*ins)
+
+
+def _torch_same(F, torch, ins, attrs, ctx):
+    return ins[0]
 
 
 # --- the gates ---------------------------------------------------------------------------------
@@ -73,13 +83,17 @@ def _relu_grad(g, node, dy):
         return [g.mul(dy, g.gt(x, g.scalar(0.0)))]
 
 
-elementwise("add", "a0 + a1", np.add, _add_grad, "add gate: gradient distributor")
-elementwise("mul", "a0 * a1", np.multiply, _mul_grad, "mul gate: swap multiplier")
-elementwise("copy", "a0", np.copy, _copy_grad, "copy (fan-out) gate: gradient adder", flops_per=0)
+elementwise("add", "a0 + a1", np.add, _add_grad, "add gate: gradient distributor", commutative=True, unit=0.0,
+            torch=_torch("add"))
+elementwise("mul", "a0 * a1", np.multiply, _mul_grad, "mul gate: swap multiplier", commutative=True, unit=1.0,
+            torch=_torch("mul"))
+elementwise("copy", "a0", np.copy, _copy_grad, "copy (fan-out) gate: gradient adder", flops_per=0, alias=True,
+            torch=_torch_same)
 elementwise("max", "a0 if a0 > a1 else a1", np.maximum, _max_grad,
-            "max gate: gradient router (ties to the second input)")
+            "max gate: gradient router (ties to the second input)", commutative=True, torch=_torch("maximum"))
 elementwise("relu", "a0 if a0 > 0 else 0.0", lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
-            _relu_grad, "relu(x) = max(x, 0): the max gate routing to x where x > 0")
+            _relu_grad, "relu(x) = max(x, 0): the max gate routing to x where x > 0",
+            torch=lambda F, torch, ins, a, ctx: F.relu(ins[0]))
 
 
 # --- the rest: 'any other function' = upstream x local gradient ----------------------------------
@@ -143,14 +157,16 @@ def _mask(cmp):
     return lambda a, b: cmp(a, b).astype(np.result_type(a, b), copy=False)
 
 
-elementwise("identity", "a0", lambda x: x, _identity_grad, "identity (a gradient passed through)", flops_per=0)
-elementwise("sub", "a0 - a1", np.subtract, _sub_grad, "a - b")
-elementwise("neg", "-a0", np.negative, _neg_grad, "-x")
-elementwise("div", "a0 / a1", np.divide, _div_grad, "a / b")
-elementwise("exp", "math.exp(a0)", np.exp, _exp_grad, "e^x")
-elementwise("log", "math.log(a0)", np.log, _log_grad, "natural log")
-elementwise("sqrt", "math.sqrt(a0)", np.sqrt, _sqrt_grad, "square root")
-elementwise("sigmoid", "0.5 * (math.tanh(0.5 * a0) + 1.0)", _sigmoid, _sigmoid_grad, "1 / (1 + e^-x)", flops_per=4)
-elementwise("tanh", "math.tanh(a0)", np.tanh, _tanh_grad, "tanh", flops_per=4)
+elementwise("identity", "a0", lambda x: x, _identity_grad, "identity (a gradient passed through)", flops_per=0,
+            alias=True, torch=_torch_same)
+elementwise("sub", "a0 - a1", np.subtract, _sub_grad, "a - b", unit=0.0, torch=_torch("sub"))
+elementwise("neg", "-a0", np.negative, _neg_grad, "-x", involution=True, torch=_torch("neg"))
+elementwise("div", "a0 / a1", np.divide, _div_grad, "a / b", unit=1.0, torch=_torch("div"))
+elementwise("exp", "math.exp(a0)", np.exp, _exp_grad, "e^x", torch=_torch("exp"))
+elementwise("log", "math.log(a0)", np.log, _log_grad, "natural log", torch=_torch("log"))
+elementwise("sqrt", "math.sqrt(a0)", np.sqrt, _sqrt_grad, "square root", torch=_torch("sqrt"))
+elementwise("sigmoid", "0.5 * (math.tanh(0.5 * a0) + 1.0)", _sigmoid, _sigmoid_grad, "1 / (1 + e^-x)", flops_per=4,
+            torch=_torch("sigmoid"))
+elementwise("tanh", "math.tanh(a0)", np.tanh, _tanh_grad, "tanh", flops_per=4, torch=_torch("tanh"))
 elementwise("gt", "1.0 if a0 > a1 else 0.0", _mask(np.greater), None,
             "mask a > b as 0/1 (used by the max route); not differentiable", differentiable=False)

@@ -45,5 +45,10 @@ def _mm_flops(in_shapes, out_shape, attrs):
     return 2 * out_shape[0] * out_shape[1] * k
 
 
+def _mm_torch(F, torch, ins, attrs, ctx):
+    a, b = ins
+    return (a.t() if attrs.get("trans_a") else a) @ (b.t() if attrs.get("trans_b") else b)
+
+
 register(OpDef("matmul", _mm_infer, _mm_ref, _mm_grad, flops=_mm_flops,
-               doc="2-D matrix product with optional transposes"))
+               doc="2-D matrix product with optional transposes", torch=_mm_torch))

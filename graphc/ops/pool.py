@@ -92,9 +92,11 @@ def _pool_flops(in_shapes, out_shape, attrs):
 
 
 register(OpDef("maxpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).max(-1),
-               _maxpool_grad, flops=_pool_flops, doc="max pooling"))
+               _maxpool_grad, flops=_pool_flops, doc="max pooling",
+               torch=lambda F, torch, ins, a, ctx: F.max_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
 register(OpDef("avgpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1),
-               _avgpool_grad, flops=_pool_flops, doc="average pooling"))
+               _avgpool_grad, flops=_pool_flops, doc="average pooling",
+               torch=lambda F, torch, ins, a, ctx: F.avg_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
 
 
 def _route_infer(node, in_types):
@@ -154,7 +156,8 @@ def _gap_spread_grad(g, node, dgrad):
 
 
 register(OpDef("global_avgpool", _gap_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
-               flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane"))
+               flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane",
+               torch=lambda F, torch, ins, a, ctx: ins[0].mean(dim=(2, 3))))
 register(OpDef("global_avgpool_spread", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(
                    (ins[0] / (ins[1].shape[2] * ins[1].shape[3]))[:, :, None, None], ins[1].shape).copy(),

@@ -41,11 +41,15 @@ def _count(shape, axes):
 
 register(OpDef("sum", _reduce_infer,
                lambda ins, a, ctx: np.sum(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
-               _sum_grad, flops=lambda i, o, a: int(np.prod(i[0])), doc="sum over axes"))
+               _sum_grad, flops=lambda i, o, a: int(np.prod(i[0])), doc="sum over axes",
+               torch=lambda F, torch, ins, a, ctx: ins[0].sum(dim=tuple(a["axes"]), keepdim=a["keepdims"])
+               if a["axes"] else ins[0]))
 register(OpDef("mean", _reduce_infer,
                lambda ins, a, ctx: np.mean(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
                lambda g, n, dy: _sum_grad(g, n, dy, mean=True), flops=lambda i, o, a: int(np.prod(i[0])),
-               doc="mean over axes"))
+               doc="mean over axes",
+               torch=lambda F, torch, ins, a, ctx: ins[0].mean(dim=tuple(a["axes"]), keepdim=a["keepdims"])
+               if a["axes"] else ins[0]))
 
 
 def broadcast_like_ref(dy, like_shape, axes, keepdims, mean):
@@ -78,11 +82,12 @@ def sum_to_ref(x, shape):
 register(OpDef("sum_to", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: sum_to_ref(ins[0], ins[1].shape),
                lambda g, n, d: [_rule(g, "sum_to:expand", lambda: g.expand_like(d, n.inputs[0])), None],
-               doc="sums a broadcast result back to the shape of `like` (add:distribute over broadcasting)"))
+               doc="sums a broadcast result back to the shape of `like` (add:distribute over broadcasting)",
+               to_shape=True))
 register(OpDef("expand_like", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(ins[0], ins[1].shape).copy(),
                lambda g, n, d: [_rule(g, "expand:sum_to", lambda: g.sum_to(d, n.inputs[0])), None],
-               doc="broadcasts to the shape of `like`"))
+               doc="broadcasts to the shape of `like`", to_shape=True))
 
 
 def _rule(g, rule, fn):

@@ -38,11 +38,12 @@ def _reshape_grad(g, node, dy):
         return [g.reshape_like(dy, node.inputs[0])]
 
 
-register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)"))
+register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)",
+               alias=True, to_shape=True, torch=lambda F, torch, ins, a, ctx: ins[0].reshape(ctx.resolve(a["shape"]))))
 register(OpDef("reshape_like", lambda node, t: (t[1][0], t[0][1]),
                lambda ins, a, ctx: ins[0].reshape(ins[1].shape),
                lambda g, n, d: [_rule(g, "reshape:undo", lambda: g.reshape_like(d, n.inputs[0])), None],
-               doc="reshape to the shape of `like`"))
+               doc="reshape to the shape of `like`", alias=True, to_shape=True))
 
 
 def _transpose_infer(node, in_types):
@@ -60,7 +61,7 @@ def _transpose_grad(g, node, dy):
 
 
 register(OpDef("transpose", _transpose_infer, lambda ins, a, ctx: np.ascontiguousarray(np.transpose(ins[0], a["axes"])),
-               _transpose_grad, doc="permute axes"))
+               _transpose_grad, doc="permute axes", torch=lambda F, torch, ins, a, ctx: ins[0].permute(*a["axes"])))
 
 
 def _concat_infer(node, in_types):
@@ -88,7 +89,8 @@ def _concat_grad(g, node, dy):
 
 
 register(OpDef("concat", _concat_infer, lambda ins, a, ctx: np.concatenate(ins, axis=a["axis"]), _concat_grad,
-               doc="concatenate along an axis (channels for Inception blocks)"))
+               doc="concatenate along an axis (channels for Inception blocks)",
+               torch=lambda F, torch, ins, a, ctx: torch.cat(ins, dim=a["axis"])))
 
 
 def _slice_infer(node, in_types):
@@ -117,7 +119,8 @@ def _unslice_ref(inputs, attrs, ctx):
 register(OpDef("slice", _slice_infer, _slice_ref,
                lambda g, n, d: [_rule(g, "slice:unslice",
                                       lambda: g.unslice(d, n.inputs[0], axis=n.attrs["axis"], start=n.attrs["start"]))],
-               doc="x[start:stop] along one axis"))
+               doc="x[start:stop] along one axis",
+               torch=lambda F, torch, ins, a, ctx: ins[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])))
 register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
                lambda g, n, d: [_rule(g, "unslice:slice", lambda: g.slice(
                    d, axis=n.attrs["axis"], start=n.attrs["start"],
@@ -152,10 +155,17 @@ def _crop_ref(inputs, attrs, ctx):
 
 register(OpDef("pad2d", _pad_infer, _pad_ref,
                lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"]))],
-               doc="pads H and W with a constant (-inf before a padded max pool)"))
+               doc="pads H and W with a constant (-inf before a padded max pool)",
+               torch=lambda F, torch, ins, a, ctx: F.pad(ins[0], _torch_pads(a["pads"]), value=a["value"])))
 register(OpDef("crop2d", _crop_infer, _crop_ref,
                lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0))],
                doc="removes a border from H and W (pad2d's gradient)"))
+
+
+def _torch_pads(pads):
+    """(top, bottom, left, right) -> F.pad's order (left, right, top, bottom)."""
+    t, b, l, r = pads
+    return (l, r, t, b)
 
 
 def _rule(g, rule, fn):
