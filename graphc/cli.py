@@ -91,11 +91,6 @@ def cmd_render(args):
         out = f"{_model_basename(args.model)}{suffix}.{fmt or 'svg'}"
     values = rendering.example_feeds(graph, model=args.model) if args.values else None
     fused = True if args.fused else None
-    if args.fused:
-        from graphc.pipeline import Pipeline
-        if "fuse" not in Pipeline("numba").enabled:
-            print("graphc: note: fusion (graphc.passes.fuse) is not available in this build; drawing unfused",
-                  file=sys.stderr)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -33,6 +33,10 @@ class GradError(GraphError):
     """Differentiation failed: a non-scalar loss, an op with no gradient rule, or a failed gradient check."""
 
 
+class InstallError(GraphError, ImportError):
+    """graphc's own modules cannot be imported: a checkout that was not installed, or a broken install."""
+
+
 class FeedShapeError(FeedError, ShapeError):
     """A fed array whose shape does not match the input's declared shape."""
 

@@ -768,14 +768,9 @@ def prepare(graph, backward=False, fused=None, layout="mirror"):
 
 
 def fuse_graph(graph):
-    """The graph the numba backend would lower: the pipeline's passes, fusion included when present."""
+    """The graph the numba backend would lower: the numba pipeline's passes, fusion included."""
     from graphc.pipeline import Pipeline
-    p = Pipeline("numba")
-    if "fuse" not in p.enabled:
-        import warnings
-        warnings.warn("graphc.passes.fuse is not available in this build; drawing the graph unfused",
-                      stacklevel=3)
-    return p(graph)
+    return Pipeline("numba")(graph)
 
 
 def render(graph, path=None, format=None, backward=False, layout="mirror", fused=None, values=None,

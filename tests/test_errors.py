@@ -209,6 +209,59 @@ def test_unknown_op_in_the_graph_refused_at_compile():
     words_in(str(e.value), "'a'", "unknown op", "'frob'")
 
 
+def test_check_can_never_be_switched_off():
+    from graphc.pipeline import Pipeline
+    for backend in ("reference", "numba"):
+        with pytest.raises(gc.GraphError) as e:
+            gc.compile(_small(), backend=backend, check=False)
+        words_in(str(e.value), "check=False", "cannot be switched off", "Fix")
+    with pytest.raises(gc.GraphError):
+        Pipeline("cuda", check=0)
+    assert "check" in Pipeline("numba", check=True).enabled
+
+
+def test_a_pass_that_cannot_be_imported_is_an_error(monkeypatch):
+    from graphc import pipeline
+    broken = pipeline.Pass("fuse", "no_such_pass_module:fuse", "a pass whose file is missing")
+    monkeypatch.setattr(pipeline, "PASSES", [p if p.name != "fuse" else broken for p in pipeline.PASSES])
+    with pytest.raises(gc.InstallError) as e:
+        gc.compile(_small(), backend="numba")
+    words_in(str(e.value), "'fuse'", "graphc.passes.no_such_pass_module", "cannot be imported", "pip install -e .")
+    assert isinstance(e.value, gc.GraphError) and isinstance(e.value, ImportError)
+    gc.compile(_small(), backend="numba", fuse=False)      # switched off on purpose: not imported, no error
+
+
+_UNINSTALLED = r"""
+import sys
+# as in a checkout nobody installed: the checkout on sys.path, and no installed graphc to map graphc.passes
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, sys.argv[1])
+for m in [m for m in sys.modules if m == "graphc" or m.startswith("graphc.")]:
+    del sys.modules[m]
+try:
+    import graphc
+except ImportError as e:
+    print(type(e).__name__ + ": " + str(e))
+else:
+    print("imported from " + graphc.__file__)
+"""
+
+
+def test_uninstalled_checkout_says_pip_install():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _UNINSTALLED, root], cwd=root, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = r.stdout.strip()
+    if out.startswith("imported from") and not out.startswith(f"imported from {root}"):
+        pytest.skip(f"graphc is installed outside this checkout here ({out})")
+    assert r.returncode == 0, r.stderr[-2000:]
+    words_in(out, "InstallError", "graphc is not installed", "graphc.passes", "pip install -e .", root)
+    assert len(out.splitlines()) == 1
+
+
 def test_no_outputs():
     g = gc.Graph("empty")
     g.relu(g.input("x", (None, 3)))
