@@ -640,7 +640,8 @@ class CudaExecutable(Executable):
         if op == "fused":
             return self._lower_fused(n, nd, V, shape_of, scratch, out_array)
         if optable.OPS[op].scalar is not None:
-            body = [(optable.OPS[op].scalar, [("in", k) for k in range(len(nd["inputs"]))])]
+            body = [(optable.scalar_expression(op, nd["attrs"], _literal),
+                     [("in", k) for k in range(len(nd["inputs"]))])]
             return self._lower_elementwise(body, list(nd["inputs"]), [0], [out_array(n)], shape_of(n), V, shape_of)
         lw = _LOWER.get(op)
         if lw is not None:
@@ -704,7 +705,7 @@ class CudaExecutable(Executable):
         ins = list(nd["inputs"])
         outs = self._result_arrays(n, len(res), out_array, shape_of)
         if pattern == "elementwise":
-            ebody = [(optable.OPS[bn["op"]].scalar, list(bn["inputs"])) for bn in body]
+            ebody = [(optable.scalar_expression(bn["op"], bn["attrs"], _literal), list(bn["inputs"])) for bn in body]
             return self._lower_elementwise(ebody, ins, res, outs, tuple(shapes.resolve(body[res[0]]["shape"],
                                                                                         self._binding_env)),
                                            V, shape_of)
@@ -1486,11 +1487,13 @@ def compile_ptx_group_kernels(graph, env, cc=(9, 0), dtype=np.float32):
     for n in graph.nx.nodes:
         nd = nodes[n]
         if nd["op"] == "fused" and nd["attrs"]["pattern"] == "elementwise":
-            body = [(optable.OPS[bn["op"]].scalar, list(bn["inputs"])) for bn in nd["attrs"]["body"]]
+            body = [(optable.scalar_expression(bn["op"], bn["attrs"], _literal), list(bn["inputs"]))
+                    for bn in nd["attrs"]["body"]]
             res_idx = list(nd["attrs"]["results"])
             out_shape = shapes.resolve(nd["attrs"]["body"][res_idx[0]]["shape"], env)
         elif nd["op"] in optable.OPS and optable.OPS[nd["op"]].scalar is not None:
-            body = [(optable.OPS[nd["op"]].scalar, [("in", k) for k in range(len(nd["inputs"]))])]
+            body = [(optable.scalar_expression(nd["op"], nd["attrs"], _literal),
+                     [("in", k) for k in range(len(nd["inputs"]))])]
             res_idx = [0]
             out_shape = shapes.resolve(nd["shape"], env)
         else:

@@ -313,7 +313,8 @@ def _literal(v):
 def elementwise_source(body, n_in, results, rank, in_modes, inline, dtype, parallel):
     """Python source of one elementwise kernel.
 
-    body: [(op, [("in", k) | ("body", j), ...])]; results: body indices written to outputs o0, o1...;
+    body: [(op, [("in", k) | ("body", j), ...], attrs)] (attrs optional: the values of the op's {attr}
+    placeholders); results: body indices written to outputs o0, o1...;
     rank: loop depth after merging dims; in_modes[k]: None (inlined constant), "s" (one value,
     loaded once) or a tuple of bools per loop dim (True = the input runs along that dim);
     inline[k]: the inlined constant's value. dtype: "float32"/"float64"."""
@@ -344,8 +345,8 @@ def elementwise_source(body, n_in, results, rank, in_modes, inline, dtype, paral
             idx = ", ".join(idx_all[r] if m[r] else "0" for r in range(rank))
             loads.append(f"a{k}_ = i{k}[{idx}]")
     exprs = []
-    for j, (op, refs) in enumerate(body):
-        expr = optable.OPS[op].scalar
+    for j, (op, refs, *attrs) in enumerate(body):
+        expr = optable.scalar_expression(op, attrs[0] if attrs else {}, _literal)
         names = [f"a{i}_" if kind == "in" else f"t{i}" for kind, i in refs]
         expr = _ARG.sub(lambda m: "(" + names[int(m.group(1))] + ")", expr)
         expr = _LIT.sub(lambda m: const(m.group(1)), expr)
@@ -594,7 +595,7 @@ class NumbaExecutable(Executable):
         if op == "fused":
             return self._lower_fused(n, nd, b, index, shape_of, np_dtype, out_array, dynamic)
         if optable.OPS[op].scalar is not None:
-            body = [(op, [("in", k) for k in range(len(ins))])]
+            body = [(op, [("in", k) for k in range(len(ins))], attrs)]
             return self._lower_elementwise(n, [n], body, list(ins), [0], b, index, shape_of, out_array, dynamic), None
         lw = _LOWER.get(op)
         if lw is not None:
@@ -640,7 +641,7 @@ class NumbaExecutable(Executable):
         R = b.R
         ii = [index(i) for i in ins]
         if pattern == "elementwise":
-            ebody = [(bn["op"], list(bn["inputs"])) for bn in body]
+            ebody = [(bn["op"], list(bn["inputs"]), bn["attrs"]) for bn in body]
             return self._lower_elementwise(n, outs, ebody, ins, res, b, index, shape_of, out_array, dynamic), None
         if pattern in ("conv_relu", "conv_relu_maxpool"):
             conv = body[0]

@@ -330,6 +330,21 @@ class Graph:
     def identity(self, x, name=None): return self.add_node("identity", (x,), name=name)
     def gt(self, a, b, name=None): return self.add_node("gt", (a, b), name=name)
 
+    def apply(self, op, *inputs, name=None, **attrs):
+        """Any op of the table by name, with attributes; the ones not given take the op's declared
+        defaults. This is how a graph uses an op declared in user code with gc.ops.elementwise_op:
+        g.apply("my_leaky_relu", x, alpha=0.2)."""
+        opdef = optable.get(op)
+        if opdef.scalar is not None:          # elementwise: declared attributes only, plain numbers
+            unknown = sorted(set(attrs) - set(opdef.attrs))
+            if unknown:
+                raise GraphError(f"op {op!r} has no attribute {unknown[0]!r}; its attributes: "
+                                 f"{', '.join(sorted(opdef.attrs)) or 'none'}")
+            bad = [k for k, v in attrs.items() if not isinstance(v, numbers.Real) or isinstance(v, bool)]
+            if bad:
+                raise GraphError(f"op {op!r}: attribute {bad[0]}={attrs[bad[0]]!r} must be a plain number")
+        return self.add_node(op, inputs, {**opdef.attrs, **attrs}, name=name)
+
     # ------------------------------------------------------------------ linear algebra, conv, pool
     def matmul(self, a, b, trans_a=False, trans_b=False, name=None):
         return self.add_node("matmul", (a, b), {"trans_a": trans_a, "trans_b": trans_b}, name=name)

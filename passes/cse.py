@@ -1,7 +1,7 @@
 """Common-subexpression elimination: two nodes with the same op, the same inputs and the same attributes
 compute the same value, so the later one is replaced by the earlier one. Equal constants merge too.
-Commutative ops (the op table's ``commutative``: add, mul, max) compare their inputs as a sorted pair. Sources with identity (inputs, params)
-and host ops (random masks) never merge. When the duplicate is a protected name (an output, an update,
+Commutative ops (the op table's ``commutative``: add, mul, max) compare their inputs as a sorted pair.
+Sources with identity (inputs, params) and host ops (random masks) never merge. When the duplicate is a protected name (an output, an update,
 the loss, a kept value) it is the one kept; two protected duplicates both stay."""
 from graphc import ops as optable
 from graphc.passes.helpers.rewrite import data, fed, freeze, protected, replace_value

@@ -542,3 +542,47 @@ def test_sim_b_state_stays_on_device_between_steps(sgd_pair):
     assert exe.step_count == 3
     for k, v in exe.state_dict().items():
         np.testing.assert_array_equal(v, sd[k], err_msg=k)
+
+
+# ====================================================== ops and patterns declared outside graphc
+
+@needs_cuda
+def test_sim_a_custom_elementwise_ops_fused_with_grads():
+    """Ops declared in user code (tests/test_custom_ops.py: a slope and a weight as attributes) run inside
+    generated elementwise kernels with their attribute values as constants: training steps as the
+    reference's, forward and backward on the device."""
+    sys.path.insert(0, os.path.dirname(THIS))
+    from test_custom_ops import custom_graph, declare_ops
+    declare_ops()
+    g = custom_graph()
+    feeds = _feeds(g, n=3)
+    exe = _check_train(g, lambda: gc.optim.SGD(0.1), 2, True, feeds)
+    bodies = [[b["op"] for b in exe.graph.nx.nodes[n]["attrs"]["body"]] for n in exe.graph.nx
+              if exe.graph.nx.nodes[n]["op"] == "fused"]
+    assert any("t_leaky" in b and "t_lerp" in b for b in bodies), bodies
+    check_run(g, feeds, fuse=(True, False))
+
+
+@needs_cuda
+def test_sim_b_pattern_without_a_cuda_lowering_runs_on_the_host():
+    """A fusion pattern declared only in a test (tests/test_fuse_patterns.py) has no cuda lowering: its
+    group runs its body with the reference ops on the host, and training matches the reference."""
+    sys.path.insert(0, os.path.dirname(THIS))
+    from graphc.passes import patterns as P
+    from test_fuse_patterns import _strided_net, _stride2
+    extra = P.Chain("conv_relu_strided", roles=(P.Role("conv", "conv", guard=_stride2), P.Role("act", "relu")),
+                    prepare=P.relu_masks_on_outputs)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(P, "PATTERNS", [P.CONV_RELU_MAXPOOL, extra, P.CONV_RELU, P.ELEMENTWISE])
+    try:
+        g = _strided_net()
+        feeds = {"x": np.random.default_rng(0).standard_normal((2, 2, 8, 8)).astype(np.float32), "y": np.array([0, 2])}
+        ref = gc.compile(g, optimizer=gc.optim.SGD(0.1))
+        exe = gc.compile(g, backend="cuda", optimizer=gc.optim.SGD(0.1))
+        _close([exe.step(feeds) for _ in range(2)], [ref.step(feeds) for _ in range(2)], "losses")
+        for k in ref.state:
+            _close(exe.state[k], ref.state[k], f"state {k}")
+        assert "conv_relu_strided" in _kinds(exe)
+        assert exe.fallbacks() == ["c1.relu"]            # the unknown group, and nothing else
+    finally:
+        mp.undo()

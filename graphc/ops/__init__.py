@@ -7,7 +7,8 @@ An entry is an `OpDef`. Its pieces:
 - ``grad(b, node, dy) -> [grad per input or None]``: the gradient rule, written with the gradient
   builder ``b`` as a small graph of table ops (never a closure), each new node tagged with a rule name;
 - ``scalar``: for elementwise ops, the scalar expression over ``a0, a1, ...`` that code generators
-  (Numba, CUDA) fuse into one loop;
+  (Numba, CUDA) fuse into one loop; it may name the op's attributes in braces (``{alpha} * a0``), which
+  each node's values replace (``scalar_expression``);
 - ``flops(in_shapes, out_shape, attrs)``: floating-point operations, for benchmarks;
 - properties the passes and tools read, so that no pass keeps a list of op names: ``alias``,
   ``to_shape``, ``commutative``, ``unit``, ``involution`` (simplify, cse, the memory plan), ``loss_term``
@@ -69,5 +70,17 @@ def is_elementwise(name: str) -> bool:
     return OPS[name].scalar is not None
 
 
+def scalar_expression(name: str, attrs: dict, literal=repr) -> str:
+    """The scalar expression of elementwise op `name` for one node: its ``{attr}`` placeholders replaced
+    by the node's attribute values (the op's defaults where the node has none), each written as
+    ``(literal(float(value)))``. Every code generator calls this before translating the expression."""
+    expr = OPS[name].scalar
+    if "{" not in expr:
+        return expr
+    values = {**OPS[name].attrs, **(attrs or {})}
+    return expr.format(**{k: f"({literal(float(v))})" for k, v in values.items()})
+
+
 # Importing the families fills the table.
 from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, fused  # noqa: E402,F401
+from graphc.ops.elementwise import elementwise_op  # noqa: E402,F401  (user-declared ops: gc.ops.elementwise_op)

@@ -4,11 +4,16 @@ The four gates of the course: add (gradient distributor), mul (swap multiplier),
 inserted at every fan-out by the autodiff pass) and max (gradient router; ``relu`` is max(x, 0)).
 Ties in max go to the *second* input, so relu = max(x, 0) passes no gradient at x == 0 (as PyTorch).
 """
+import ast
+import numbers
+import re
+import string
+
 import numpy as np
 
 from graphc import shapes
-from graphc.errors import DTypeError
-from graphc.ops import OpDef, register
+from graphc.errors import DTypeError, GraphError
+from graphc.ops import OPS, OpDef, register
 
 
 def _float_dtype(node, in_types):
@@ -170,3 +175,93 @@ elementwise("sigmoid", "0.5 * (math.tanh(0.5 * a0) + 1.0)", _sigmoid, _sigmoid_g
 elementwise("tanh", "math.tanh(a0)", np.tanh, _tanh_grad, "tanh", flops_per=4, torch=_torch("tanh"))
 elementwise("gt", "1.0 if a0 > a1 else 0.0", _mask(np.greater), None,
             "mask a > b as 0/1 (used by the max route); not differentiable", differentiable=False)
+
+
+# --- elementwise ops declared in user code -------------------------------------------------------------
+
+_ARG = re.compile(r"\ba(\d+)\b")
+CUSTOM: set = set()          # names declared with elementwise_op (declaring one again replaces it)
+
+
+def _number(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_scalar(name, scalar, attrs):
+    """The number of inputs `scalar` reads; GraphError when it is not a usable scalar expression."""
+    if not isinstance(scalar, str) or not scalar.strip():
+        raise GraphError(f"op {name!r}: scalar must be an expression over a0, a1, ... (a str), got {scalar!r}")
+    try:
+        fields = {f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(scalar) if f}
+        text = scalar.format(**{k: "1.0" for k in fields})
+        ast.parse(text, mode="eval")
+    except (ValueError, SyntaxError) as e:
+        raise GraphError(f"op {name!r}: scalar {scalar!r} is not a Python expression ({e})") from None
+    missing = sorted(fields - set(attrs))
+    if missing:
+        raise GraphError(f"op {name!r}: scalar names {{{missing[0]}}} but attrs has no {missing[0]!r}. Fix: "
+                         f"declare it with a default, attrs={{{missing[0]!r}: ...}}")
+    args = [int(k) for k in _ARG.findall(text)]
+    if not args:
+        raise GraphError(f"op {name!r}: scalar {scalar!r} reads no input; name them a0, a1, ...")
+    return max(args) + 1
+
+
+def elementwise_op(name, scalar, ref, grad=None, rule=None, attrs=None, doc="", torch=None, flops=1):
+    """Declares a new elementwise op from user code, in one place. graphc then checks its shapes,
+    differentiates it, fuses it into elementwise groups and compiles it on every backend; nothing in
+    graphc is edited.
+
+    name    the op's name; a graph uses it with g.apply(name, x, ..., attr=value)
+    scalar  the op on one element: a Python expression over the inputs a0, a1, ... in the op table's
+            scalar language (arithmetic, comparisons, ``x if c else y``, math.exp/log/sqrt/tanh/...,
+            abs, min, max) that may name attributes in braces: "a0 if a0 > 0 else {alpha} * a0"
+    ref     its numpy reference, ref(*inputs, **attrs) -> array: the oracle the backends are tested against
+    grad    its gradient rule, grad(g, node, dy) -> [gradient per input, or None]: a small graph of table
+            ops built with the gradient builder g from node.inputs, node.out and node.attrs, as the
+            built-in gates do; gradients of inputs that were broadcast up are summed back to their
+            shapes for you (None: the op cannot be differentiated through)
+    rule    the gate-rule name the gradient's nodes and edges carry (default "<name>:grad")
+    attrs   attribute names -> default values (plain numbers; each node may set its own)
+    torch   optional torch(F, torch, inputs, attrs, ctx) -> tensor, for `graphc bench --compare torch`
+    flops   floating-point operations per element (benchmarks)
+
+    Declaring the same name again replaces the op (re-running a script); a built-in op's name is refused."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise GraphError(f"op names are identifiers, got {name!r}")
+    if name in OPS and name not in CUSTOM:
+        raise GraphError(f"{name!r} is a built-in op; give the new op another name")
+    attrs = dict(attrs or {})
+    bad = [k for k, v in attrs.items() if not _number(v)]
+    if bad:
+        raise GraphError(f"op {name!r}: attribute {bad[0]}={attrs[bad[0]]!r} must be a plain number "
+                         "(elementwise attributes become constants in the generated code)")
+    arity = _check_scalar(name, scalar, attrs)
+    if not callable(ref) or (grad is not None and not callable(grad)):
+        raise GraphError(f"op {name!r}: ref (and grad, when given) must be functions")
+    rule = rule or f"{name}:grad"
+
+    def infer(node, in_types):
+        if len(in_types) != arity:
+            node.fail(GraphError, f"takes {arity} input(s), got {len(in_types)}",
+                      f"g.apply({name!r}, ...) with {arity} value(s)")
+        return _infer(node, in_types)
+
+    def reference(ins, a, ctx):
+        out = np.asarray(ref(*ins, **{k: a.get(k, v) for k, v in attrs.items()}))
+        return out.astype(np.result_type(*ins), copy=False)
+
+    def gradient(g, node, dy):
+        with g.rule(rule):
+            grads = list(grad(g, node, dy))
+            if len(grads) != len(node.inputs):
+                return grads             # autodiff names the mismatch
+            # a gradient of an input that was broadcast up is summed back to its shape
+            return [gx if gx is None else _unbroadcast(g, gx, x) for gx, x in zip(grads, node.inputs)]
+
+    opdef = OpDef(name, infer, reference, grad=gradient if grad is not None else None, scalar=scalar,
+                  doc=doc or f"user-declared elementwise op: {scalar}", attrs=attrs, torch=torch,
+                  flops=lambda i, o, a: _ew_flops(i, o, a, flops))
+    OPS.pop(name, None)
+    CUSTOM.add(name)
+    return register(opdef)
