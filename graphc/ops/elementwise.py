@@ -40,11 +40,17 @@ def _ew_flops(in_shapes, out_shape, attrs, per=1):
     return per * n
 
 
-def elementwise(name, scalar, ref, grad=None, doc="", differentiable=True, flops_per=1, **props):
-    """Registers an elementwise op; props are further OpDef fields (alias, commutative, unit, torch...)."""
-    return register(OpDef(name, _infer, lambda ins, attrs, ctx: ref(*ins), grad=grad, scalar=scalar,
-                          doc=doc, differentiable=differentiable,
-                          flops=lambda i, o, a: _ew_flops(i, o, a, flops_per), **props))
+def elementwise(name, scalar, ref, grad=None, doc="", differentiable=True, flops_per=1, attrs=None, infer=_infer,
+                **props):
+    """Registers an elementwise op. ref(*inputs, **attrs) is its numpy semantics; attrs (names -> default
+    numbers) are the values its scalar names in braces; props are further OpDef fields (alias,
+    commutative, unit, torch...)."""
+    attrs = dict(attrs or {})
+
+    def reference(ins, a, ctx):
+        return ref(*ins, **{k: a.get(k, v) for k, v in attrs.items()})
+    return register(OpDef(name, infer, reference, grad=grad, scalar=scalar, doc=doc, differentiable=differentiable,
+                          flops=lambda i, o, a: _ew_flops(i, o, a, flops_per), attrs=attrs, **props))
 
 
 def _torch(fn):
@@ -247,9 +253,8 @@ def elementwise_op(name, scalar, ref, grad=None, rule=None, attrs=None, doc="", 
                       f"g.apply({name!r}, ...) with {arity} value(s)")
         return _infer(node, in_types)
 
-    def reference(ins, a, ctx):
-        out = np.asarray(ref(*ins, **{k: a.get(k, v) for k, v in attrs.items()}))
-        return out.astype(np.result_type(*ins), copy=False)
+    def reference(*ins, **values):
+        return np.asarray(ref(*ins, **values)).astype(np.result_type(*ins), copy=False)
 
     def gradient(g, node, dy):
         with g.rule(rule):
@@ -259,9 +264,8 @@ def elementwise_op(name, scalar, ref, grad=None, rule=None, attrs=None, doc="", 
             # a gradient of an input that was broadcast up is summed back to its shape
             return [gx if gx is None else _unbroadcast(g, gx, x) for gx, x in zip(grads, node.inputs)]
 
-    opdef = OpDef(name, infer, reference, grad=gradient if grad is not None else None, scalar=scalar,
-                  doc=doc or f"user-declared elementwise op: {scalar}", attrs=attrs, torch=torch,
-                  flops=lambda i, o, a: _ew_flops(i, o, a, flops))
     OPS.pop(name, None)
     CUSTOM.add(name)
-    return register(opdef)
+    return elementwise(name, scalar, reference, gradient if grad is not None else None,
+                       doc or f"user-declared elementwise op: {scalar}", flops_per=flops, attrs=attrs, infer=infer,
+                       torch=torch)
