@@ -30,7 +30,7 @@ PASSES = [
     Pass("fold", "fold:fold_constants", "constant folding"),
     Pass("cse", "cse:cse", "common-subexpression elimination"),
     Pass("dce", "dce:dce", "dead-code elimination", ("reference", "numba", "cuda")),
-    Pass("fuse", "fuse:fuse", "conv(+bias)->ReLU->maxpool and its backward; elementwise chains"),
+    Pass("fuse", "fuse:fuse", "the patterns of passes/patterns.py: conv->ReLU->maxpool (+ backward), elementwise"),
     Pass("schedule", "schedule:schedule", "topological order", ("reference", "numba", "cuda")),
     Pass("memory", "memory:plan_memory", "buffer reuse for dead values"),
 ]
