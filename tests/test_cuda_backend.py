@@ -178,11 +178,14 @@ from graphc.passes.transforms.training import training_graph
 from graphc.backends import cuda as cb
 sys.path.insert(0, sys.argv[1] + "/tests")
 from test_cuda_backend import tiny_convnet, losses_graph
+from test_custom_ops import custom_graph, declare_ops
+declare_ops()
 F64 = re.compile(r"^\s*(add|sub|mul|fma\.rn|div\.rn|cvt\.f64\.f32|cvt\.rn\.f64)\S*\.f64\b", re.M)
 out = {}
 for name, g, opt in (("convnet_adam", tiny_convnet(), gc.optim.Adam(0.01)),
                      ("convnet_sgd", tiny_convnet(), gc.optim.SGD(0.1, momentum=0.9)),
-                     ("losses", losses_graph()[0], None)):
+                     ("losses", losses_graph()[0], None),
+                     ("custom_ops", custom_graph(), gc.optim.SGD(0.1))):    # user-declared ops: constants in f32
     gg = training_graph(g, opt) if opt is not None else g
     for fuse in (True, False):
         piped = Pipeline("cuda", fuse=fuse)(gg)
