@@ -761,8 +761,13 @@ class CudaExecutable(Executable):
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs} (a value fused "
                                  "away is fetchable with compile(..., keep=[...]) or fuse=False)")
-        b = self._execute(feeds, env, training, want)
-        return {w: arr.copy_to_host().reshape(shp) for w, arr, shp in b.want}
+        stats = self.stat_updates(training)
+        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        out = {w: arr.copy_to_host().reshape(shp) for w, arr, shp in b.want if w in want}
+        for s, u in stats.items():          # batch norm's running statistics, device to device
+            self.state.device(s).copy_to_device(b.V[u])
+        self.state.mark_device_newer(stats)
+        return out
 
     def _train_want(self):
         return [self.graph.loss] + [u for u in self.graph.updates.values() if u != self.graph.loss]

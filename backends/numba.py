@@ -850,9 +850,13 @@ class NumbaExecutable(Executable):
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}"
                                  + ("" if o not in getattr(self, "_fused_away", ()) else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
-        b = self._execute(feeds, env, training, want)
+        stats = self.stat_updates(training)
+        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
         R = b.R
-        return {w: np.array(R[i]) for w, i in b.want_ix}
+        out = {w: np.array(R[i]) for w, i in b.want_ix if w in want}
+        for s, u in stats.items():          # batch norm's running statistics, into the bound state arrays
+            np.copyto(self.state[s], R[b.ix[u]])
+        return out
 
     def step(self, feeds, check_finite=False) -> float:
         if not self.graph.updates:

@@ -53,4 +53,4 @@ def is_elementwise(name: str) -> bool:
 
 
 # Importing the families fills the table.
-from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, fused  # noqa: E402,F401
+from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, norm, fused  # noqa: E402,F401
