@@ -86,6 +86,7 @@ from graphc import shapes
 from graphc.backends import cuda_kernels as ck
 from graphc.errors import BackendError, CheckpointError, GraphError
 from graphc.executable import Executable, RunContext
+from graphc.ops.conv import is_plain as is_plain_conv
 
 # numba.cuda, bound by _cu(). The kernels below refer to it as this module's global ``cuda`` (the
 # simulator swaps that global for its per-thread fake while a kernel runs, as in cuda_kernels).
@@ -266,6 +267,13 @@ def _literal(v):
     if math.isinf(v):
         return "inf" if v > 0 else "(-inf)"
     return repr(v)
+
+
+def scalar_expr(op, attrs):
+    """The op's scalar expression with its attributes ("{alpha}") substituted as float literals (the
+    minimal form; the restructured code generators share one)."""
+    expr = optable.OPS[op].scalar
+    return expr.format(**{k: _literal(v) for k, v in (attrs or {}).items()}) if "{" in expr else expr
 
 
 def translate(expr):
@@ -640,7 +648,7 @@ class CudaExecutable(Executable):
         if op == "fused":
             return self._lower_fused(n, nd, V, shape_of, scratch, out_array)
         if optable.OPS[op].scalar is not None:
-            body = [(optable.OPS[op].scalar, [("in", k) for k in range(len(nd["inputs"]))])]
+            body = [(scalar_expr(op, nd["attrs"]), [("in", k) for k in range(len(nd["inputs"]))])]
             return self._lower_elementwise(body, list(nd["inputs"]), [0], [out_array(n)], shape_of(n), V, shape_of)
         lw = _LOWER.get(op)
         if lw is not None:
@@ -704,7 +712,7 @@ class CudaExecutable(Executable):
         ins = list(nd["inputs"])
         outs = self._result_arrays(n, len(res), out_array, shape_of)
         if pattern == "elementwise":
-            ebody = [(optable.OPS[bn["op"]].scalar, list(bn["inputs"])) for bn in body]
+            ebody = [(scalar_expr(bn["op"], bn["attrs"]), list(bn["inputs"])) for bn in body]
             return self._lower_elementwise(ebody, ins, res, outs, tuple(shapes.resolve(body[res[0]]["shape"],
                                                                                         self._binding_env)),
                                            V, shape_of)
@@ -1050,11 +1058,15 @@ def _sum_step(x, shape, axes, scale, out, dt, scratch):
 
 def _low_conv(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None                     # grouped / dilated: host fallback until they have kernels
     return _conv_step(V, list(nd["inputs"]), shape_of, a["stride"], a["pads"], out_array(n))
 
 
 def _low_conv_dx(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     dyn, wn = nd["inputs"]
     dy, w = V[dyn], V[wn]
     out = out_array(n)
@@ -1071,6 +1083,8 @@ def _low_conv_dx(self, n, nd, V, shape_of, scratch, out_array):
 
 def _low_conv_dw(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     xn, dyn = nd["inputs"]
     x, dy = V[xn], V[dyn]
     out = out_array(n)
@@ -1092,6 +1106,8 @@ def _low_matmul(self, n, nd, V, shape_of, scratch, out_array):
     out = out_array(n)
     ta, tb = bool(a.get("trans_a")), bool(a.get("trans_b"))
     sa, sb = shape_of(an), shape_of(bn)
+    if len(sa) != 2 or len(sb) != 2:
+        return None                     # batched matmul: host fallback
     M, R = (sa[1], sa[0]) if ta else sa
     P = sb[0] if tb else sb[1]
     flags = (ck._F_TA if ta else 0) | (ck._F_TB if tb else 0)
@@ -1276,6 +1292,8 @@ def _low_unslice(self, n, nd, V, shape_of, scratch, out_array):
 
 
 def _low_pad2d(self, n, nd, V, shape_of, scratch, out_array):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None                     # reflect / edge: host fallback
     t, _, l, _ = nd["attrs"]["pads"]
     out = out_array(n)
     xs = shape_of(nd["inputs"][0])
@@ -1285,6 +1303,8 @@ def _low_pad2d(self, n, nd, V, shape_of, scratch, out_array):
 
 
 def _low_crop2d(self, n, nd, V, shape_of, scratch, out_array):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None
     t, _, l, _ = nd["attrs"]["pads"]
     xs = shape_of(nd["inputs"][0])
     os_ = shape_of(n)
@@ -1486,11 +1506,11 @@ def compile_ptx_group_kernels(graph, env, cc=(9, 0), dtype=np.float32):
     for n in graph.nx.nodes:
         nd = nodes[n]
         if nd["op"] == "fused" and nd["attrs"]["pattern"] == "elementwise":
-            body = [(optable.OPS[bn["op"]].scalar, list(bn["inputs"])) for bn in nd["attrs"]["body"]]
+            body = [(scalar_expr(bn["op"], bn["attrs"]), list(bn["inputs"])) for bn in nd["attrs"]["body"]]
             res_idx = list(nd["attrs"]["results"])
             out_shape = shapes.resolve(nd["attrs"]["body"][res_idx[0]]["shape"], env)
         elif nd["op"] in optable.OPS and optable.OPS[nd["op"]].scalar is not None:
-            body = [(optable.OPS[nd["op"]].scalar, [("in", k) for k in range(len(nd["inputs"]))])]
+            body = [(scalar_expr(nd["op"], nd["attrs"]), [("in", k) for k in range(len(nd["inputs"]))])]
             res_idx = [0]
             out_shape = shapes.resolve(nd["shape"], env)
         else:

@@ -42,6 +42,10 @@ reference implementation, run on the host):
                                       by numba_kernels.dropout_mask_k
     maxpool_gather, softmax on a      fallback
       non-last axis, any other op
+    (the CNN op set, until their      batchnorm, bn_running_stat, is_training, lrn, global_maxpool;
+      kernels are written)            conv / conv_dx / conv_dw with groups > 1 or dilation > 1;
+                                      pad2d / crop2d in reflect or edge mode; maxpool_route with a
+                                      window over 64 taps (global max pool's gradient)
 
 Compile times: ``exe.compile_times`` holds ``lower_s`` (building the executable) and, per binding
 (batch size and wanted values), ``bind_s`` (memory, kernel sources generated or found on disk) and
@@ -70,6 +74,7 @@ from graphc import ops as optable
 from graphc import shapes
 from graphc.errors import BackendError, GraphError
 from graphc.executable import Executable, RunContext
+from graphc.ops.conv import is_plain as is_plain_conv
 
 from graphc.backends import numba_kernels as K
 
@@ -311,7 +316,8 @@ def _literal(v):
 def elementwise_source(body, n_in, results, rank, in_modes, inline, dtype, parallel):
     """Python source of one elementwise kernel.
 
-    body: [(op, [("in", k) | ("body", j), ...])]; results: body indices written to outputs o0, o1...;
+    body: [(op, [("in", k) | ("body", j), ...][, attrs])]; results: body indices written to outputs o0, o1...;
+    an op's attributes named in its scalar expression ("{alpha}") are substituted as float literals;
     rank: loop depth after merging dims; in_modes[k]: None (inlined constant), "s" (one value,
     loaded once) or a tuple of bools per loop dim (True = the input runs along that dim);
     inline[k]: the inlined constant's value. dtype: "float32"/"float64"."""
@@ -342,8 +348,10 @@ def elementwise_source(body, n_in, results, rank, in_modes, inline, dtype, paral
             idx = ", ".join(idx_all[r] if m[r] else "0" for r in range(rank))
             loads.append(f"a{k}_ = i{k}[{idx}]")
     exprs = []
-    for j, (op, refs) in enumerate(body):
+    for j, (op, refs, *rest) in enumerate(body):
         expr = optable.OPS[op].scalar
+        if "{" in expr:                  # attributes as literals (r10a replaces this with the shared one)
+            expr = expr.format(**{k: _literal(v) for k, v in (rest[0] if rest else {}).items()})
         names = [f"a{i}_" if kind == "in" else f"t{i}" for kind, i in refs]
         expr = _ARG.sub(lambda m: "(" + names[int(m.group(1))] + ")", expr)
         expr = _LIT.sub(lambda m: const(m.group(1)), expr)
@@ -592,7 +600,7 @@ class NumbaExecutable(Executable):
         if op == "fused":
             return self._lower_fused(n, nd, b, index, shape_of, np_dtype, out_array, dynamic)
         if optable.OPS[op].scalar is not None:
-            body = [(op, [("in", k) for k in range(len(ins))])]
+            body = [(op, [("in", k) for k in range(len(ins))], attrs)]
             return self._lower_elementwise(n, [n], body, list(ins), [0], b, index, shape_of, out_array, dynamic), None
         lw = _LOWER.get(op)
         if lw is not None:
@@ -638,7 +646,7 @@ class NumbaExecutable(Executable):
         R = b.R
         ii = [index(i) for i in ins]
         if pattern == "elementwise":
-            ebody = [(bn["op"], list(bn["inputs"])) for bn in body]
+            ebody = [(bn["op"], list(bn["inputs"]), bn["attrs"]) for bn in body]
             return self._lower_elementwise(n, outs, ebody, ins, res, b, index, shape_of, out_array, dynamic), None
         if pattern in ("conv_relu", "conv_relu_maxpool"):
             conv = body[0]
@@ -957,21 +965,22 @@ def _low_matmul(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynami
     ta, tb = nd["attrs"].get("trans_a", False), nd["attrs"].get("trans_b", False)
     a, bb = ii
     mm = np.matmul
+    def op(x, t):                       # transpose of the last two dims (batched operands too)
+        return x.swapaxes(-1, -2) if t else x
     if not (nd["inputs"][0] in dynamic or nd["inputs"][1] in dynamic):
-        A = R[a].T if ta else R[a]
-        B = R[bb].T if tb else R[bb]
+        A, B = op(R[a], ta), op(R[bb], tb)
 
         def step():
             mm(A, B, out=out)
     else:
         def step():
-            A = R[a].T if ta else R[a]
-            B = R[bb].T if tb else R[bb]
-            mm(A, B, out=out)
+            mm(op(R[a], ta), op(R[bb], tb), out=out)
     return step, None
 
 
 def _low_conv(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if not is_plain_conv(nd["attrs"]):
+        return None                     # grouped / dilated: the reference until they have kernels
     st, pads = tuple(nd["attrs"]["stride"]), tuple(nd["attrs"]["pads"])
     xs, ws = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d", st, (xs, ws, pads, self.dtype, None))
@@ -993,6 +1002,8 @@ def _low_conv(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic)
 
 def _low_conv_dx(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     st, pads, hw = tuple(a["stride"]), tuple(a["pads"]), tuple(a["in_hw"])
     dys, ws = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d_dx", st, ((dys[0], ws[1]) + hw, ws, pads, self.dtype, None))
@@ -1006,6 +1017,8 @@ def _low_conv_dx(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynam
 
 def _low_conv_dw(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     st, pads, khw = tuple(a["stride"]), tuple(a["pads"]), tuple(a["k_hw"])
     xs, dys = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d_dw", st, (xs, (dys[1], xs[1]) + khw, pads, self.dtype, None))
@@ -1058,8 +1071,10 @@ def _low_maxpool_argmax(self, n, nd, R, ii, index, shape_of, np_dtype, out_array
 
 
 def _low_maxpool_route(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
-    dx = out_array(n)
     (kh, kw), (sh, sw) = nd["attrs"]["size"], nd["attrs"]["stride"]
+    if kh * kw > 64:
+        return None                     # (global max pool's plane-sized window: the kernel is unrolled)
+    dx = out_array(n)
     kern = _pool_kernel(self, K.maxpool_route_source, kh, kw, sh, sw, elements=dx.size)
     return _kernel_step(kern, R, ii, nd["inputs"], dynamic, (dx,)), None
 
@@ -1228,6 +1243,8 @@ def _low_unslice(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynam
 
 
 def _low_pad2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None                     # reflect / edge: the reference
     out = out_array(n)
     t, bt, l, r = nd["attrs"]["pads"]
     value = nd["attrs"]["value"]
@@ -1242,6 +1259,8 @@ def _low_pad2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic
 
 
 def _low_crop2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None
     out = out_array(n)
     t, bt, l, r = nd["attrs"]["pads"]
     xi = ii[0]

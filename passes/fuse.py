@@ -30,6 +30,7 @@ compile(keep=...)) except as one of its named results.
 import itertools
 
 from graphc import ops as optable
+from graphc.ops.conv import is_plain as is_plain_conv
 from graphc.passes.rewrite import consumers, data, is_const_fill, protected, set_inputs
 
 FUSABLE_POOL_ATTRS = ("size", "stride")
@@ -163,8 +164,8 @@ def _match_pool_backward(g, r, p, others, prot):
 def fuse_convs(g):
     prot = protected(g)
     for c in [n for n in g.topo() if data(g, n)["op"] == "conv"]:
-        if c not in g.nx or c in prot:
-            continue
+        if c not in g.nx or c in prot or not is_plain_conv(data(g, c)["attrs"]):
+            continue                    # grouped / dilated convs have no fused kernel (yet)
         cc = consumers(g, c)
         if len(cc) != 1 or data(g, cc[0])["op"] != "relu":
             continue
