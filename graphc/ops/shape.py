@@ -160,9 +160,11 @@ def _pad_ref(inputs, attrs, ctx):
 def _crop_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
-    _pad_mode(node)
     if len(s) != 4 or s[2] - t - b < 1 or s[3] - l - r < 1:
         node.fail(ShapeError, f"cannot crop {node.attrs['pads']} from {shapes.fmt(s)}", "crop less")
+    if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] - t - b or max(l, r) >= s[3] - l - r):
+        node.fail(ShapeError, f"a reflect border {node.attrs['pads']} must be smaller than the "
+                  f"{s[2] - t - b}x{s[3] - l - r} plane it came from", "crop less, or use mode='edge'")
     return (s[0], s[1], s[2] - t - b, s[3] - l - r), dt
 
 
