@@ -197,7 +197,11 @@ def test_batchnorm_training_needs_two_values_per_channel():
 # ================================================================== PyTorch, float64, forward and gradients
 @pytest.fixture(scope="module")
 def torch():
-    return pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny tensors: one thread (spinning workers cost more on a loaded machine)
+    yield torch
+    torch.set_num_threads(threads)
 
 
 def against_torch(torch, build, torch_fn, inputs, training=False, atol=1e-10):
