@@ -69,6 +69,9 @@ Host fallbacks (the documented table, ``HOST_FALLBACKS``):
                                     copy per dropout layer per training step (inference: a device fill)
     data movement of rank > 6       transpose/concat/slice/... on arrays of more than 6 dims
     a fused pattern unknown here    (none today: conv_relu, conv_relu_maxpool, route_relu, elementwise)
+    the CNN op set, until its       batchnorm, bn_running_stat, is_training, lrn, global_maxpool; grouped
+      kernels are written           or dilated conv / conv_dx / conv_dw; reflect/edge pad2d / crop2d;
+                                    batched (rank > 2) matmul
 """
 from __future__ import annotations
 
@@ -130,7 +133,12 @@ HOST_FALLBACKS = {
     "transpose/concat/slice/unslice/pad2d/crop2d/expand_like/broadcast_like of rank > 6":
         "the reference implementation on the host (the copy kernel indexes up to 6 dims)",
     "fused nodes of an unknown pattern": "the body run by the reference (none exist today)",
+    "batchnorm, bn_running_stat, is_training, lrn, global_maxpool": "the reference implementation on the "
+        "host (inputs copied down, the result up) until these ops have kernels",
+    "conv / conv_dx / conv_dw with groups > 1 or dilation > 1": "the reference implementation on the host",
+    "pad2d / crop2d in reflect or edge mode; matmul of rank > 2": "the reference implementation on the host",
 }
+HOST_FALLBACK_OPS = ("batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool")
 
 
 def kernel_table():
