@@ -170,10 +170,11 @@ register(OpDef("avgpool_spread", _spread_infer,
                doc="average-pool backward: each window's gradient shared evenly"))
 
 
-def _gap_infer(node, in_types):
+def _global_infer(node, in_types):
+    """global_avgpool / global_maxpool: (N, C, H, W) -> (N, C)."""
     s = in_types[0][0]
     if len(s) != 4:
-        node.fail(ShapeError, f"global average pooling takes NCHW input, got {shapes.fmt(s)}", "")
+        node.fail(ShapeError, f"global pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
     return (s[0], s[1]), _float_dtype(node, in_types)
 
 
@@ -187,19 +188,12 @@ def _gap_spread_grad(g, node, dgrad):
         return [g.global_avgpool(dgrad), None]
 
 
-register(OpDef("global_avgpool", _gap_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
+register(OpDef("global_avgpool", _global_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
                flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane"))
 register(OpDef("global_avgpool_spread", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(
                    (ins[0] / (ins[1].shape[2] * ins[1].shape[3]))[:, :, None, None], ins[1].shape).copy(),
                _gap_spread_grad, doc="global-average-pool backward: dy / (H*W) over the plane"))
-
-
-def _gmp_infer(node, in_types):
-    s = in_types[0][0]
-    if len(s) != 4:
-        node.fail(ShapeError, f"global max pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
-    return (s[0], s[1]), _float_dtype(node, in_types)
 
 
 def _gmp_grad(g, node, dy):
@@ -209,6 +203,6 @@ def _gmp_grad(g, node, dy):
         return [g.maxpool_route(x, g.reshape(dy, (x.shape[0], x.shape[1], 1, 1)), size=hw, stride=hw)]
 
 
-register(OpDef("global_maxpool", _gmp_infer, lambda ins, a, ctx: ins[0].max(axis=(2, 3)), _gmp_grad,
+register(OpDef("global_maxpool", _global_infer, lambda ins, a, ctx: ins[0].max(axis=(2, 3)), _gmp_grad,
                flops=lambda i, o, a: int(np.prod(i[0])),
                doc="max over each channel's H x W plane (NaN propagates); gradient to the first maximum"))
