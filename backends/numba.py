@@ -965,6 +965,7 @@ def _low_matmul(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynami
     ta, tb = nd["attrs"].get("trans_a", False), nd["attrs"].get("trans_b", False)
     a, bb = ii
     mm = np.matmul
+
     def op(x, t):                       # transpose of the last two dims (batched operands too)
         return x.swapaxes(-1, -2) if t else x
     if not (nd["inputs"][0] in dynamic or nd["inputs"][1] in dynamic):
