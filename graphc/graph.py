@@ -8,7 +8,8 @@ A `Graph` is a networkx.DiGraph whose vertices are op nodes; each node produces 
     attrs    op attributes (stride, pads, axes, ...)
     shape    output shape; a str dim is symbolic (the batch dim, bound when the graph runs)
     dtype    "float32", "float64" or "int64"
-    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer)
+    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer; batch norm's
+             running statistics, see graph.stat_updates)
     rule     for backward/update nodes: the gate rule that made it ("mul:swap", "conv:dW", ...)
 
 Edges into backward nodes carry the same ``rule`` attribute, so renderers can label gradient edges.
