@@ -69,6 +69,9 @@ Host fallbacks (the documented table, ``HOST_FALLBACKS``):
                                     copy per dropout layer per training step (inference: a device fill)
     data movement of rank > 6       transpose/concat/slice/... on arrays of more than 6 dims
     a fused pattern unknown here    (none today: conv_relu, conv_relu_maxpool, route_relu, elementwise)
+    the CNN op set, until its       batchnorm, bn_running_stat, is_training, lrn, global_maxpool; grouped
+      kernels are written           or dilated conv / conv_dx / conv_dw; reflect/edge pad2d / crop2d;
+                                    batched (rank > 2) matmul
 """
 from __future__ import annotations
 
@@ -86,6 +89,7 @@ from graphc import shapes
 from graphc.backends import cuda_kernels as ck
 from graphc.errors import BackendError, CheckpointError, GraphError
 from graphc.executable import Executable, RunContext
+from graphc.ops.conv import is_plain as is_plain_conv
 
 # numba.cuda, bound by _cu(). The kernels below refer to it as this module's global ``cuda`` (the
 # simulator swaps that global for its per-thread fake while a kernel runs, as in cuda_kernels).
@@ -129,7 +133,12 @@ HOST_FALLBACKS = {
     "transpose/concat/slice/unslice/pad2d/crop2d/expand_like/broadcast_like of rank > 6":
         "the reference implementation on the host (the copy kernel indexes up to 6 dims)",
     "fused nodes of an unknown pattern": "the body run by the reference (none exist today)",
+    "batchnorm, bn_running_stat, is_training, lrn, global_maxpool": "the reference implementation on the "
+        "host (inputs copied down, the result up) until these ops have kernels",
+    "conv / conv_dx / conv_dw with groups > 1 or dilation > 1": "the reference implementation on the host",
+    "pad2d / crop2d in reflect or edge mode; matmul of rank > 2": "the reference implementation on the host",
 }
+HOST_FALLBACK_OPS = ("batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool")
 
 
 def kernel_table():
@@ -762,8 +771,13 @@ class CudaExecutable(Executable):
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs} (a value fused "
                                  "away is fetchable with compile(..., keep=[...]) or fuse=False)")
-        b = self._execute(feeds, env, training, want)
-        return {w: arr.copy_to_host().reshape(shp) for w, arr, shp in b.want}
+        stats = self.stat_updates(training)
+        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        out = {w: arr.copy_to_host().reshape(shp) for w, arr, shp in b.want if w in want}
+        for s, u in stats.items():          # batch norm's running statistics, device to device
+            self.state.device(s).copy_to_device(b.V[u])
+        self.state.mark_device_newer(stats)
+        return out
 
     def _train_want(self):
         return [self.graph.loss] + [u for u in self.graph.updates.values() if u != self.graph.loss]
@@ -1046,11 +1060,15 @@ def _sum_step(x, shape, axes, scale, out, dt, scratch):
 
 def _low_conv(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None                     # grouped / dilated: host fallback until they have kernels
     return _conv_step(V, list(nd["inputs"]), shape_of, a["stride"], a["pads"], out_array(n))
 
 
 def _low_conv_dx(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     dyn, wn = nd["inputs"]
     dy, w = V[dyn], V[wn]
     out = out_array(n)
@@ -1067,6 +1085,8 @@ def _low_conv_dx(self, n, nd, V, shape_of, scratch, out_array):
 
 def _low_conv_dw(self, n, nd, V, shape_of, scratch, out_array):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     xn, dyn = nd["inputs"]
     x, dy = V[xn], V[dyn]
     out = out_array(n)
@@ -1088,6 +1108,8 @@ def _low_matmul(self, n, nd, V, shape_of, scratch, out_array):
     out = out_array(n)
     ta, tb = bool(a.get("trans_a")), bool(a.get("trans_b"))
     sa, sb = shape_of(an), shape_of(bn)
+    if len(sa) != 2 or len(sb) != 2:
+        return None                     # batched matmul: host fallback
     M, R = (sa[1], sa[0]) if ta else sa
     P = sb[0] if tb else sb[1]
     flags = (ck._F_TA if ta else 0) | (ck._F_TB if tb else 0)
@@ -1272,6 +1294,8 @@ def _low_unslice(self, n, nd, V, shape_of, scratch, out_array):
 
 
 def _low_pad2d(self, n, nd, V, shape_of, scratch, out_array):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None                     # reflect / edge: host fallback
     t, _, l, _ = nd["attrs"]["pads"]
     out = out_array(n)
     xs = shape_of(nd["inputs"][0])
@@ -1281,6 +1305,8 @@ def _low_pad2d(self, n, nd, V, shape_of, scratch, out_array):
 
 
 def _low_crop2d(self, n, nd, V, shape_of, scratch, out_array):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None
     t, _, l, _ = nd["attrs"]["pads"]
     xs = shape_of(nd["inputs"][0])
     os_ = shape_of(n)

@@ -44,6 +44,10 @@ reference implementation, run on the host):
                                       by numba_kernels.dropout_mask_k
     maxpool_gather, softmax on a      fallback
       non-last axis, any other op
+    (the CNN op set, until their      batchnorm, bn_running_stat, is_training, lrn, global_maxpool;
+      kernels are written)            conv / conv_dx / conv_dw with groups > 1 or dilation > 1;
+                                      pad2d / crop2d in reflect or edge mode; maxpool_route with a
+                                      window over 64 taps (global max pool's gradient)
 
 Compile times: ``exe.compile_times`` holds ``lower_s`` (building the executable) and, per binding
 (batch size and wanted values), ``bind_s`` (memory, kernel sources generated or found on disk) and
@@ -72,6 +76,7 @@ from graphc import ops as optable
 from graphc import shapes
 from graphc.errors import BackendError, GraphError
 from graphc.executable import Executable, RunContext
+from graphc.ops.conv import is_plain as is_plain_conv
 
 from graphc.backends import numba_kernels as K
 
@@ -853,9 +858,13 @@ class NumbaExecutable(Executable):
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}"
                                  + ("" if o not in getattr(self, "_fused_away", ()) else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
-        b = self._execute(feeds, env, training, want)
+        stats = self.stat_updates(training)
+        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
         R = b.R
-        return {w: np.array(R[i]) for w, i in b.want_ix}
+        out = {w: np.array(R[i]) for w, i in b.want_ix if w in want}
+        for s, u in stats.items():          # batch norm's running statistics, into the bound state arrays
+            np.copyto(self.state[s], R[b.ix[u]])
+        return out
 
     def step(self, feeds, check_finite=False) -> float:
         if not self.graph.updates:
@@ -956,21 +965,23 @@ def _low_matmul(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynami
     ta, tb = nd["attrs"].get("trans_a", False), nd["attrs"].get("trans_b", False)
     a, bb = ii
     mm = np.matmul
+
+    def op(x, t):                       # transpose of the last two dims (batched operands too)
+        return x.swapaxes(-1, -2) if t else x
     if not (nd["inputs"][0] in dynamic or nd["inputs"][1] in dynamic):
-        A = R[a].T if ta else R[a]
-        B = R[bb].T if tb else R[bb]
+        A, B = op(R[a], ta), op(R[bb], tb)
 
         def step():
             mm(A, B, out=out)
     else:
         def step():
-            A = R[a].T if ta else R[a]
-            B = R[bb].T if tb else R[bb]
-            mm(A, B, out=out)
+            mm(op(R[a], ta), op(R[bb], tb), out=out)
     return step, None
 
 
 def _low_conv(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if not is_plain_conv(nd["attrs"]):
+        return None                     # grouped / dilated: the reference until they have kernels
     st, pads = tuple(nd["attrs"]["stride"]), tuple(nd["attrs"]["pads"])
     xs, ws = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d", st, (xs, ws, pads, self.dtype, None))
@@ -992,6 +1003,8 @@ def _low_conv(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic)
 
 def _low_conv_dx(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     st, pads, hw = tuple(a["stride"]), tuple(a["pads"]), tuple(a["in_hw"])
     dys, ws = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d_dx", st, ((dys[0], ws[1]) + hw, ws, pads, self.dtype, None))
@@ -1005,6 +1018,8 @@ def _low_conv_dx(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynam
 
 def _low_conv_dw(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
     a = nd["attrs"]
+    if not is_plain_conv(a):
+        return None
     st, pads, khw = tuple(a["stride"]), tuple(a["pads"]), tuple(a["k_hw"])
     xs, dys = shape_of(nd["inputs"][0]), shape_of(nd["inputs"][1])
     f = conv_fn("conv2d_dw", st, (xs, (dys[1], xs[1]) + khw, pads, self.dtype, None))
@@ -1057,8 +1072,10 @@ def _low_maxpool_argmax(self, n, nd, R, ii, index, shape_of, np_dtype, out_array
 
 
 def _low_maxpool_route(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
-    dx = out_array(n)
     (kh, kw), (sh, sw) = nd["attrs"]["size"], nd["attrs"]["stride"]
+    if kh * kw > 64:
+        return None                     # (global max pool's plane-sized window: the kernel is unrolled)
+    dx = out_array(n)
     kern = _pool_kernel(self, K.maxpool_route_source, kh, kw, sh, sw, elements=dx.size)
     return _kernel_step(kern, R, ii, nd["inputs"], dynamic, (dx,)), None
 
@@ -1227,6 +1244,8 @@ def _low_unslice(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynam
 
 
 def _low_pad2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None                     # reflect / edge: the reference
     out = out_array(n)
     t, bt, l, r = nd["attrs"]["pads"]
     value = nd["attrs"]["value"]
@@ -1241,6 +1260,8 @@ def _low_pad2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic
 
 
 def _low_crop2d(self, n, nd, R, ii, index, shape_of, np_dtype, out_array, dynamic):
+    if nd["attrs"].get("mode", "constant") != "constant":
+        return None
     out = out_array(n)
     t, bt, l, r = nd["attrs"]["pads"]
     xi = ii[0]

@@ -36,7 +36,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 MODEL_HELP = ("a zoo model (seed_cnn, mlp, lenet5, mnist_convnet, codelab_cnn, alexnet, vgg16, resnet, "
-              "inception, ...) or path/to/file.py:function returning a graphc.Graph")
+              "inception, resnet18, mobilenet_v2, googlenet, ...) or path/to/file.py:function returning a "
+              "graphc.Graph")
 
 
 def _zoo_names():
@@ -168,6 +169,7 @@ def build_parser():
                        description="Print every op of MODEL with its output shape and trainable parameters.",
                        epilog="examples:\n  graphc summary lenet5          # 61,706 parameters\n"
                               "  graphc summary alexnet         # 62,378,344 parameters\n"
+                              "  graphc summary resnet18        # 11,689,512 parameters, as torchvision\n"
                               "  graphc summary my_net.py:build\n\nzoo models: " + _zoo_names())
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backward", action="store_true", help="summarise the differentiated graph")

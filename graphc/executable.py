@@ -70,14 +70,23 @@ class Executable:
 
     # ------------------------------------------------------------------ running
     def run(self, feeds, outputs=None, training=False, check_finite=False):
-        """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch."""
+        """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch.
+        training=True runs in training mode (dropout on, batch norm on batch statistics) and stores
+        batch norm's new running statistics."""
         feeds, env = self.check_feeds(feeds, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}")
-        vals = self._execute(feeds, env, training, want)
+        stats = self.stat_updates(training)
+        vals = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        for s, u in stats.items():
+            self.state[s] = np.array(vals[u])
         return {o: vals[o] for o in want}
+
+    def stat_updates(self, training):
+        """{running statistic: its new value} that a run in this mode stores (none at inference)."""
+        return dict(getattr(self.graph, "stat_updates", {}) or {}) if training else {}
 
     def step(self, feeds, check_finite=False) -> float:
         """One training step (forward, backward, update); returns the loss."""

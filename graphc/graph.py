@@ -8,7 +8,8 @@ A `Graph` is a networkx.DiGraph whose vertices are op nodes; each node produces 
     attrs    op attributes (stride, pads, axes, ...)
     shape    output shape; a str dim is symbolic (the batch dim, bound when the graph runs)
     dtype    "float32", "float64" or "int64"
-    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer)
+    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer; batch norm's
+             running statistics, see graph.stat_updates)
     rule     for backward/update nodes: the gate rule that made it ("mul:swap", "conv:dW", ...)
 
 Edges into backward nodes carry the same ``rule`` attribute, so renderers can label gradient edges.
@@ -143,6 +144,8 @@ class Graph:
         self.outputs: list[str] = []
         self.params = ParamStore()                    # initial values of param/state nodes
         self.updates: dict[str, str] = {}             # state name -> name of its new value (training graphs)
+        self.stat_updates: dict[str, str] = {}        # batch-norm running statistic -> its value after a
+                                                      # training batch (stored by training runs and steps)
         self.loss: str | None = None                  # the loss output of a training graph
         self.keep: set[str] = set()                   # values passes must keep fetchable (compile(keep=...))
         self._counts: dict[str, int] = {}
@@ -329,6 +332,36 @@ class Graph:
     def tanh(self, x, name=None): return self.add_node("tanh", (x,), name=name)
     def identity(self, x, name=None): return self.add_node("identity", (x,), name=name)
     def gt(self, a, b, name=None): return self.add_node("gt", (a, b), name=name)
+    def silu(self, x, name=None): return self.add_node("silu", (x,), name=name)
+    def hardswish(self, x, name=None): return self.add_node("hardswish", (x,), name=name)
+
+    def leaky_relu(self, x, alpha=0.01, name=None):
+        return self.add_node("leaky_relu", (x,), {"alpha": float(alpha)}, name=name)
+
+    def clip(self, x, lo, hi, name=None):
+        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6)."""
+        lo = float("-inf") if lo is None else float(lo)
+        hi = float("inf") if hi is None else float(hi)
+        if not lo <= hi:
+            raise GraphError(f"clip {name or ''}: lo={lo} must be <= hi={hi}")
+        return self.add_node("clip", (x,), {"lo": lo, "hi": hi}, name=name)
+
+    def prelu(self, x, slope, name=None):
+        """x where x > 0, else slope * x; slope (C,) (one per channel, axis 1) or (1,), as torch's PReLU."""
+        x, slope = self._value(x), self._value(slope)
+        c = x.shape[1] if len(x.shape) >= 2 else None
+        if tuple(slope.shape) not in ((1,), (c,)):
+            Node(self, name or "prelu?", "prelu", [x.name, slope.name], {}).fail(
+                ShapeError, f"slope has shape {shapes.fmt(slope.shape)}; it must be (C,) = ({c},) or (1,)",
+                f"declare the slope as g.param(..., ({c},), init='constant', scale=0.25)")
+        if tuple(slope.shape) == (c,) and len(x.shape) > 2:
+            slope = self.reshape(slope, (c,) + (1,) * (len(x.shape) - 2),
+                                 name=None if name is None else f"{name}.slope")
+        return self.add_node("prelu", (x, slope), name=name)
+
+    def is_training(self, name=None):
+        """1.0 in a training run (exe.step, exe.run(training=True)), 0.0 in inference."""
+        return self.add_node("is_training", (), {"dtype": self.dtype}, name=name)
 
     def apply(self, op, *inputs, name=None, **attrs):
         """Any op of the table by name, with attributes; the ones not given take the op's declared
@@ -354,38 +387,89 @@ class Graph:
         y = self.matmul(x, w, trans_b=True, name=(f"{name}.matmul" if name else None) if b is not None else name)
         return self.add(y, b, name=name) if b is not None else y
 
-    def conv(self, x, w, b=None, stride=1, pad=0, name=None, pads=None):
-        """2-D convolution. pad: int, (ph, pw), (top, bottom, left, right), 'valid' or 'same'."""
+    def conv(self, x, w, b=None, stride=1, pad=0, dilation=1, groups=1, name=None, pads=None):
+        """2-D convolution, torch's Conv2d: w is (K, C // groups, KH, KW); groups split the channels
+        (groups == C: depthwise), dilation spaces the filter taps. pad: int, (ph, pw), (top, bottom,
+        left, right), 'valid' or 'same'."""
         x, w = self._value(x), self._value(w)
         st = shapes.pair(stride, "stride")
+        dil = shapes.pair(dilation, "dilation")
+        if min(st) < 1 or min(dil) < 1 or not isinstance(groups, int) or groups < 1:
+            raise ShapeError(f"conv {name or ''}: stride {st}, dilation {dil} and groups {groups!r} must be "
+                             "positive ints")
         if pads is None:
             if len(x.shape) != 4 or len(w.shape) != 4:
                 raise ShapeError(f"conv {name or ''}: input {shapes.fmt(x.shape)} and filters "
                                  f"{shapes.fmt(w.shape)} must both be 4-D (NCHW input, KCHW filters)")
-            pads = shapes.conv_pads(pad, x.shape[2:], w.shape[2:], st)
+            extent = tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dil))
+            pads = shapes.conv_pads(pad, x.shape[2:], extent, st)
         ins = (x, w) if b is None else (x, w, b)
-        return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads)}, name=name)
+        return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads), "dilation": dil,
+                                           "groups": groups}, name=name)
 
-    def conv_dx(self, dy, w, stride, pads, in_hw, name=None):
+    def conv_dx(self, dy, w, stride, pads, in_hw, dilation=(1, 1), groups=1, name=None):
         return self.add_node("conv_dx", (dy, w), {"stride": tuple(stride), "pads": tuple(pads),
-                                                  "in_hw": tuple(in_hw)}, name=name)
+                                                  "in_hw": tuple(in_hw), "dilation": tuple(dilation),
+                                                  "groups": int(groups)}, name=name)
 
-    def conv_dw(self, x, dy, stride, pads, k_hw, name=None):
+    def conv_dw(self, x, dy, stride, pads, k_hw, dilation=(1, 1), groups=1, name=None):
         return self.add_node("conv_dw", (x, dy), {"stride": tuple(stride), "pads": tuple(pads),
-                                                  "k_hw": tuple(k_hw)}, name=name)
+                                                  "k_hw": tuple(k_hw), "dilation": tuple(dilation),
+                                                  "groups": int(groups)}, name=name)
 
     def _pool_attrs(self, size, stride):
         size = shapes.pair(size, "pool size")
         return {"size": size, "stride": shapes.pair(stride, "pool stride") if stride is not None else size}
 
-    def maxpool(self, x, size=2, stride=None, pad=0, name=None):
-        """Max pooling; pad > 0 pads with -inf first (so padding never wins), as Inception's 3x3/1 pool."""
-        if pad:
-            x = self.pad2d(x, pad, value=-np.inf)
-        return self.add_node("maxpool", (x,), self._pool_attrs(size, stride), name=name)
+    def _padded_pool(self, op, x, size, stride, pad, ceil_mode, name, fill):
+        """The pool's input padded by `fill` for torch's padding and ceil mode; returns it with the
+        window geometry (size, stride, (ph, pw), out_hw)."""
+        from graphc.ops.pool import POOL_RULE, pool_geometry
+        x = self._value(x)
+        attrs = self._pool_attrs(size, stride)
+        size, stride = attrs["size"], attrs["stride"]
+        pad = shapes.pair(pad, "pool padding")
+        view = Node(self, name or f"{op}?", op, [x.name], dict(attrs, pad=pad, ceil_mode=ceil_mode))
+        if len(x.shape) != 4 or not shapes.is_static(x.shape[2:]):
+            view.fail(ShapeError, f"pooling takes NCHW input with fixed H and W, got {shapes.fmt(x.shape)}",
+                      "pool after a conv layer")
+        if min(pad) < 0 or pad[0] > size[0] // 2 or pad[1] > size[1] // 2:
+            view.fail(ShapeError, f"padding {pad} must be between 0 and half the window {size} "
+                      f"(at most {(size[0] // 2, size[1] // 2)}, torch's limit)",
+                      "use a smaller pad, or pad explicitly first with g.pad2d")
+        out, extra = pool_geometry(x.shape[2:], size, stride, pad, ceil_mode)
+        if min(out) < 1:
+            view.fail(ShapeError, f"{POOL_RULE}: input {x.shape[2]}x{x.shape[3]}, window {size}, stride "
+                      f"{stride}, padding {pad} gives {out[0]}x{out[1]}", "use a smaller window, or pool earlier")
+        pads = (pad[0], pad[0] + extra[0], pad[1], pad[1] + extra[1])
+        if any(pads):
+            x = self.pad2d(x, pads, value=fill, name=None if name is None else f"{name}.pad")
+        return x, size, stride, pad, out
 
-    def avgpool(self, x, size=2, stride=None, name=None):
-        return self.add_node("avgpool", (x,), self._pool_attrs(size, stride), name=name)
+    def maxpool(self, x, size=2, stride=None, pad=0, ceil_mode=False, name=None):
+        """Max pooling, torch's MaxPool2d: pad (at most size // 2) pads with -inf, so padding never
+        wins; ceil_mode keeps a last partial window (one that starts inside the input or its left/top
+        padding). Made as pad2d(-inf) + maxpool over whole windows."""
+        xp, size, stride, _, _ = self._padded_pool("maxpool", x, size, stride, pad, ceil_mode, name, -np.inf)
+        return self.add_node("maxpool", (xp,), {"size": size, "stride": stride}, name=name)
+
+    def avgpool(self, x, size=2, stride=None, pad=0, ceil_mode=False, count_include_pad=True, name=None):
+        """Average pooling, torch's AvgPool2d: zero padding (at most size // 2), ceil mode as maxpool,
+        and each window divided by its size clipped to the padded input (count_include_pad) or to the
+        input. Made as pad2d(0) + avgpool (+ a constant rescale where a window's divisor is not kh*kw)."""
+        from graphc.ops.pool import avg_divisors
+        in_hw = tuple(self._value(x).shape[2:])
+        xp, size, stride, pad, out = self._padded_pool("avgpool", x, size, stride, pad, ceil_mode, name, 0.0)
+        div = avg_divisors(in_hw, size, stride, pad, out, count_include_pad)
+        area = size[0] * size[1]
+        if np.all(div == area):
+            return self.add_node("avgpool", (xp,), {"size": size, "stride": stride}, name=name)
+        mean = self.add_node("avgpool", (xp,), {"size": size, "stride": stride},
+                             name=None if name is None else f"{name}.windows")
+        return self.mul(mean, self.const(area / div), name=name)
+
+    def global_maxpool(self, x, name=None):
+        return self.add_node("global_maxpool", (x,), name=name)
 
     def global_avgpool(self, x, name=None):
         return self.add_node("global_avgpool", (x,), name=name)
@@ -403,6 +487,38 @@ class Graph:
 
     def global_avgpool_spread(self, dy, like, name=None):
         return self.add_node("global_avgpool_spread", (dy, like), name=name)
+
+    # ------------------------------------------------------------------ normalisation
+    def batchnorm(self, x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1, name=None):
+        """Batch norm of x (N, C, H, W) or (N, C), torch's BatchNorm: batch statistics in training runs
+        and steps (which also update the running statistics, momentum and unbiased variance as torch),
+        running statistics in inference. running_mean/var must be g.param(..., trainable=False)."""
+        x = self._value(x)
+        stats = [self._value(running_mean), self._value(running_var)]
+        for what, r in zip(("running_mean", "running_var"), stats):
+            d = self.nx.nodes[r.name]
+            if d["op"] != "param" or d["attrs"].get("trainable", True):
+                raise GraphError(f"batchnorm {name or ''}: {what} {r.name!r} must be graph state: "
+                                 f"g.param({r.name!r}, shape, init=..., trainable=False)")
+            if r.name in self.stat_updates:
+                raise GraphError(f"batchnorm {name or ''}: {what} {r.name!r} already belongs to another batch "
+                                 "norm; give each its own running statistics")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise GraphError(f"batchnorm {name or ''}: momentum must be in [0, 1], got {momentum}")
+        y = self.add_node("batchnorm", (x, gamma, beta, *stats), {"eps": float(eps), "momentum": float(momentum)},
+                          name=name)
+        with self.role("update"), self.rule("bn:running-stats"):
+            for stat, r in zip(("mean", "var"), stats):
+                un = f"update/{r.name}"
+                u = self.add_node("bn_running_stat", (x, r), {"stat": stat, "momentum": float(momentum)},
+                                  name=un if un not in self.nx else None)
+                self.stat_updates[r.name] = u.name
+        return y
+
+    def lrn(self, x, size, alpha=1e-4, beta=0.75, k=1.0, name=None):
+        """Local response normalisation across channels, torch's LocalResponseNorm."""
+        return self.add_node("lrn", (x,), {"size": size, "alpha": float(alpha), "beta": float(beta),
+                                           "k": float(k)}, name=name)
 
     # ------------------------------------------------------------------ reductions and shapes
     def _axes(self, x, axes):
@@ -451,14 +567,18 @@ class Graph:
     def unslice(self, g, like, axis, start, name=None):
         return self.add_node("unslice", (g, like), {"axis": axis, "start": start}, name=name)
 
-    def pad2d(self, x, pads, value=0.0, name=None):
-        """Pads H and W by (top, bottom, left, right) (an int pads all four) with a constant."""
+    def pad2d(self, x, pads, value=0.0, mode="constant", name=None):
+        """Pads H and W by (top, bottom, left, right) (an int pads all four): mode "constant" (with
+        value), "reflect" (mirrored without repeating the edge, torch's reflect; pads < the dim) or
+        "edge" (the border repeated, torch's replicate)."""
         pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
-        return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value)}, name=name)
+        return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value), "mode": mode}, name=name)
 
-    def crop2d(self, x, pads, name=None):
+    def crop2d(self, x, pads, mode="constant", name=None):
+        """Removes a border (pad2d's gradient). mode "reflect"/"edge": the border is added back onto
+        the pixels it was copied from (the gradient of a reflect/edge pad)."""
         pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
-        return self.add_node("crop2d", (x,), {"pads": pads}, name=name)
+        return self.add_node("crop2d", (x,), {"pads": pads, "mode": mode}, name=name)
 
     # ------------------------------------------------------------------ softmax and losses
     def softmax(self, x, axis=-1, name=None):
@@ -515,6 +635,7 @@ class Graph:
         g.outputs = list(self.outputs)
         g.params = self.params.copy()
         g.updates = dict(self.updates)
+        g.stat_updates = dict(self.stat_updates)
         g.keep = set(self.keep)
         g._counts = dict(self._counts)
         g._scalars = dict(self._scalars)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from graphc import ops as optable
+from graphc.ops.conv import is_plain
 from graphc.passes.helpers.rewrite import consumers, data, is_const_fill, set_inputs
 
 
@@ -136,6 +137,11 @@ def relu_masks_on_outputs(g):
             set_inputs(g, n, (relus[0], z))
 
 
+def _plain_conv(g, n):
+    """Ungrouped, undilated: the only convs the fused conv kernels take."""
+    return is_plain(data(g, n)["attrs"])
+
+
 def _window(g, m):
     return {k: m.attrs(g, "pool")[k] for k in POOL_WINDOW}
 
@@ -153,7 +159,7 @@ def _per_channel_sum(g, m):
 
 CONV_RELU_MAXPOOL = Chain(
     "conv_relu_maxpool",
-    roles=(Role("conv", "conv"), Role("act", "relu"), Role("pool", "maxpool")),
+    roles=(Role("conv", "conv", _plain_conv), Role("act", "relu"), Role("pool", "maxpool")),
     prepare=relu_masks_on_outputs,
     # in a training graph the group also returns its pool route (int32 flat index of each window's max,
     # -1 where the ReLU zeroed the window), so the backward needs no full-resolution forward value
@@ -174,7 +180,8 @@ CONV_RELU_MAXPOOL = Chain(
     ),
 )
 
-CONV_RELU = Chain("conv_relu", roles=(Role("conv", "conv"), Role("act", "relu")), prepare=relu_masks_on_outputs)
+CONV_RELU = Chain("conv_relu", roles=(Role("conv", "conv", _plain_conv), Role("act", "relu")),
+                  prepare=relu_masks_on_outputs)
 
 
 # --- elementwise chains ---------------------------------------------------------------------------------

@@ -74,9 +74,12 @@ def test_matmul_inner_mismatch():
     with pytest.raises(gc.ShapeError) as e:
         g.dense(x, g.param("w", (4, 5)), name="fc")
     words_in(str(e.value), "matmul", "(N, 3)", "(4, 5)", "3 == 5", "(out_features, in_features)")
-    with pytest.raises(gc.ShapeError) as e:
+    with pytest.raises(gc.ShapeError) as e:          # a stack of matrices batches, but the inner dims must agree
         g.matmul(x, g.param("v", (4, 4, 4)), name="mm")
-    words_in(str(e.value), "'mm'", "2-D", "(4, 4, 4)")
+    words_in(str(e.value), "'mm'", "3 == 4", "(4, 4, 4)")
+    with pytest.raises(gc.ShapeError) as e:
+        g.matmul(x, g.param("u", (3,)), name="mv")
+    words_in(str(e.value), "'mv'", "rank >= 2", "(3,)")
 
 
 def test_broadcasting_mismatch():

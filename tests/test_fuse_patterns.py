@@ -14,6 +14,10 @@ backward. The cases: every zoo model for inference and for an SGD-with-momentum 
 ones also with Adam, and a few graphs at the edges of the patterns (no conv bias, overlapping pool
 windows, a ReLU read elsewhere, a kept value, an average pool). Any change to what is grouped — a group
 more or less, a member more or less, another body — fails here.
+
+Re-recorded once since, when the op set of real CNNs landed: only alexnet (LRN after conv1/conv2) and the
+digit resnet (batch norm) changed among the models recorded before, as their definitions did; the new
+zoo models (resnet18/34/50, mobilenet_v2, googlenet(_lrn), vgg16_bn, squeezenet1_0) were added.
 """
 from __future__ import annotations
 

@@ -159,7 +159,18 @@ def every_torch_op_graph():
             g.conv(x, g.param("k2", (1, 2, 2, 2)), pads=(1, 0, 0, 1), stride=2),
             g.softmax(flat, axis=1), g.softmax_cross_entropy(g.slice(flat, 1, 0, 5), y),
             g.mse(x, t), g.bce_with_sigmoid(x, g.sigmoid(t)),
-            g.add_node("dropout_mask", (x,), {"rate": 0.5, "seed": 1})]
+            g.add_node("dropout_mask", (x,), {"rate": 0.5, "seed": 1}),
+            # the CNN op set: attribute ops, grouped/dilated conv, padding modes, batch norm, LRN
+            g.leaky_relu(x, 0.2), g.prelu(x, g.param("slope", (2,), init="constant", scale=0.25)),
+            g.clip(x, -0.5, 0.7), g.silu(x), g.hardswish(g.mul(x, 4.0)), g.global_maxpool(x),
+            g.conv(x, g.param("kg", (4, 1, 3, 3)), pad=2, dilation=2, groups=2),
+            g.pad2d(x, (1, 1, 2, 0), mode="reflect"), g.pad2d(x, 1, mode="edge"),
+            g.lrn(x, 3, 0.1, 0.75, 2.0), g.batchnorm(x, g.param("bn.g", (2,), init="ones"),
+                                                     g.param("bn.b", (2,), init="zeros"),
+                                                     g.param("bn.m", (2,), init="zeros", trainable=False),
+                                                     g.param("bn.v", (2,), init="ones", trainable=False)),
+            g.add_node("is_training", (), {"dtype": "float32"})]
+    outs += [g[u] for u in g.stat_updates.values()]
     g.output(*outs)
     return g
 

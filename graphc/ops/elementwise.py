@@ -183,6 +183,89 @@ elementwise("gt", "1.0 if a0 > a1 else 0.0", _mask(np.greater), None,
             "mask a > b as 0/1 (used by the max route); not differentiable", differentiable=False)
 
 
+# --- activations of modern CNNs (torch semantics; NaN propagates, as numpy's) ------------------------
+
+def _ge(g, a, b):
+    """1.0 where a >= b, else 0.0 (= 1 - gt(b, a))."""
+    return g.sub(g.scalar(1.0), g.gt(b, a))
+
+
+def _leaky_relu_grad(g, node, dy):
+    x, = node.inputs
+    alpha = node.attrs["alpha"]
+    with g.rule("leaky_relu:local"):     # slope 1 where x > 0, alpha elsewhere (alpha at 0, as torch)
+        return [g.mul(dy, g.add(g.scalar(alpha), g.mul(g.scalar(1.0 - alpha), g.gt(x, g.scalar(0.0)))))]
+
+
+def _prelu_grad(g, node, dy):
+    x, a = node.inputs
+    with g.rule("prelu:local"):
+        pos = g.gt(x, g.scalar(0.0))
+        neg = g.sub(g.scalar(1.0), pos)
+        dx = g.mul(dy, g.add(pos, g.mul(a, neg)))
+        da = g.mul(dy, g.mul(x, neg))
+        return [_unbroadcast(g, dx, x), _unbroadcast(g, da, a)]
+
+
+def _clip_grad(g, node, dy):
+    x, = node.inputs
+    lo, hi = node.attrs["lo"], node.attrs["hi"]
+    with g.rule("clip:pass"):            # passes where lo <= x <= hi (torch.clamp's rule)
+        return [g.mul(dy, g.mul(_ge(g, x, g.scalar(lo)), _ge(g, g.scalar(hi), x)))]
+
+
+def _silu_grad(g, node, dy):
+    x, = node.inputs
+    with g.rule("silu:local"):           # d/dx x s(x) = s (1 + x (1 - s))
+        s = g.sigmoid(x)
+        return [g.mul(dy, g.mul(s, g.add(g.scalar(1.0), g.mul(x, g.sub(g.scalar(1.0), s)))))]
+
+
+def _hardswish_grad(g, node, dy):
+    x, = node.inputs
+    with g.rule("hardswish:local"):      # torch: 0 below -3, x / 3 + 1/2 on [-3, 3], 1 above 3
+        above = g.gt(x, g.scalar(3.0))
+        middle = g.mul(_ge(g, x, g.scalar(-3.0)), g.sub(g.scalar(1.0), above))
+        slope = g.add(g.mul(middle, g.add(g.mul(x, g.scalar(1.0 / 3.0)), g.scalar(0.5))), above)
+        return [g.mul(dy, slope)]
+
+
+def _leaky_relu(x, alpha):
+    return np.where(x > 0, x, (alpha * x).astype(x.dtype, copy=False))
+
+
+def _prelu(x, a):
+    return np.where(x > 0, x, a * x).astype(np.result_type(x, a), copy=False)
+
+
+def _clip(x, lo, hi):
+    return np.clip(x, lo, hi).astype(x.dtype, copy=False)
+
+
+def _silu(x):
+    return (x * _sigmoid(x)).astype(x.dtype, copy=False)
+
+
+def _hardswish(x):
+    return (x * np.clip(x + 3.0, 0.0, 6.0) / 6.0).astype(x.dtype, copy=False)
+
+
+elementwise("leaky_relu", "a0 if a0 > 0 else {alpha} * a0", _leaky_relu, _leaky_relu_grad,
+            "x where x > 0, else alpha * x", attrs={"alpha": 0.01},
+            torch=lambda F, torch, ins, a, ctx: F.leaky_relu(ins[0], a["alpha"]))
+elementwise("prelu", "a0 if a0 > 0 else a1 * a0", _prelu, _prelu_grad,
+            "x where x > 0, else slope * x with a learned slope (per channel, broadcast)",
+            torch=lambda F, torch, ins, a, ctx: torch.where(ins[0] > 0, ins[0], ins[1] * ins[0]))
+elementwise("clip", "{lo} if a0 < {lo} else ({hi} if a0 > {hi} else a0)", _clip, _clip_grad,
+            "x clamped to [lo, hi] (relu6 = clip(x, 0, 6))", attrs={"lo": float("-inf"), "hi": float("inf")},
+            torch=lambda F, torch, ins, a, ctx: torch.clamp(ins[0], a["lo"], a["hi"]))
+elementwise("silu", "a0 * (0.5 * (math.tanh(0.5 * a0) + 1.0))", _silu, _silu_grad,
+            "x * sigmoid(x) (swish)", flops_per=5, torch=lambda F, torch, ins, a, ctx: F.silu(ins[0]))
+elementwise("hardswish", "0.0 if a0 <= -3.0 else (a0 if a0 >= 3.0 else a0 * (a0 + 3.0) / 6.0)", _hardswish,
+            _hardswish_grad, "x * relu6(x + 3) / 6 (MobileNetV3)", flops_per=3,
+            torch=lambda F, torch, ins, a, ctx: F.hardswish(ins[0]))
+
+
 # --- elementwise ops declared in user code -------------------------------------------------------------
 
 _ARG = re.compile(r"\ba(\d+)\b")

@@ -128,44 +128,90 @@ register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
                doc="places g into zeros shaped like `like` (slice's gradient)"))
 
 
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge"}    # graphc -> numpy np.pad mode
+
+
+def _pad_mode(node):
+    mode = node.attrs.get("mode", "constant")
+    if mode not in PAD_MODES:
+        node.fail(ShapeError, f"unknown padding mode {mode!r}", f"use one of {', '.join(PAD_MODES)}")
+    return mode
+
+
 def _pad_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
     if len(s) != 4:
         node.fail(ShapeError, f"pad2d takes NCHW input, got {shapes.fmt(s)}", "")
+    if min(t, b, l, r) < 0:
+        node.fail(ShapeError, f"pads {node.attrs['pads']} must be >= 0", "crop with g.crop2d instead")
+    if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] or max(l, r) >= s[3]):
+        node.fail(ShapeError, f"reflect padding {node.attrs['pads']} must be smaller than the input's "
+                  f"{s[2]}x{s[3]} plane (torch's limit)", "pad less, or use mode='edge'")
     return (s[0], s[1], s[2] + t + b, s[3] + l + r), dt
 
 
 def _pad_ref(inputs, attrs, ctx):
     t, b, l, r = attrs["pads"]
-    return np.pad(inputs[0], ((0, 0), (0, 0), (t, b), (l, r)), constant_values=attrs["value"])
+    mode = attrs.get("mode", "constant")
+    widths = ((0, 0), (0, 0), (t, b), (l, r))
+    if mode == "constant":
+        return np.pad(inputs[0], widths, constant_values=attrs["value"])
+    return np.pad(inputs[0], widths, mode=PAD_MODES[mode])
 
 
 def _crop_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
+    if len(s) != 4 or s[2] - t - b < 1 or s[3] - l - r < 1:
+        node.fail(ShapeError, f"cannot crop {node.attrs['pads']} from {shapes.fmt(s)}", "crop less")
+    if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] - t - b or max(l, r) >= s[3] - l - r):
+        node.fail(ShapeError, f"a reflect border {node.attrs['pads']} must be smaller than the "
+                  f"{s[2] - t - b}x{s[3] - l - r} plane it came from", "crop less, or use mode='edge'")
     return (s[0], s[1], s[2] - t - b, s[3] - l - r), dt
+
+
+def _source_index(n, before, after, mode):
+    """For each row of a padded axis, the input row it copies (reflect/edge padding)."""
+    return np.pad(np.arange(n), (before, after), mode=PAD_MODES[mode])
 
 
 def _crop_ref(inputs, attrs, ctx):
     t, b, l, r = attrs["pads"]
     x = inputs[0]
-    return np.ascontiguousarray(x[:, :, t:x.shape[2] - b, l:x.shape[3] - r])
-
-
-register(OpDef("pad2d", _pad_infer, _pad_ref,
-               lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"]))],
-               doc="pads H and W with a constant (-inf before a padded max pool)",
-               torch=lambda F, torch, ins, a, ctx: F.pad(ins[0], _torch_pads(a["pads"]), value=a["value"])))
-register(OpDef("crop2d", _crop_infer, _crop_ref,
-               lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0))],
-               doc="removes a border from H and W (pad2d's gradient)"))
+    h, w = x.shape[2] - t - b, x.shape[3] - l - r
+    mode = attrs.get("mode", "constant")
+    if mode == "constant":
+        return np.ascontiguousarray(x[:, :, t:t + h, l:l + w])
+    # the transpose of a reflect/edge pad: every padded pixel's value goes back to its source pixel
+    rows = np.zeros(x.shape[:2] + (h, x.shape[3]), x.dtype)
+    np.add.at(rows, (slice(None), slice(None), _source_index(h, t, b, mode)), x)
+    out = np.zeros(x.shape[:2] + (h, w), x.dtype)
+    np.add.at(out, (slice(None), slice(None), slice(None), _source_index(w, l, r, mode)), rows)
+    return out
 
 
 def _torch_pads(pads):
     """(top, bottom, left, right) -> F.pad's order (left, right, top, bottom)."""
     t, b, l, r = pads
     return (l, r, t, b)
+
+
+def _pad_torch(F, torch, ins, a, ctx):
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[a.get("mode", "constant")]
+    if mode == "constant":
+        return F.pad(ins[0], _torch_pads(a["pads"]), value=a["value"])
+    return F.pad(ins[0], _torch_pads(a["pads"]), mode=mode)
+
+
+register(OpDef("pad2d", _pad_infer, _pad_ref,
+               lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"], n.attrs.get("mode", "constant")))],
+               doc="pads H and W: a constant (-inf before a padded max pool), reflection or the edge",
+               torch=_pad_torch))
+register(OpDef("crop2d", _crop_infer, _crop_ref,
+               lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0,
+                                                                     n.attrs.get("mode", "constant")))],
+               doc="removes a border from H and W (pad2d's gradient; reflect/edge: folds it back)"))
 
 
 def _rule(g, rule, fn):

@@ -1,7 +1,7 @@
 """Small graph-rewriting helpers shared by the simplify, fold, cse and fuse passes (not a pass itself).
 
 The invariant every rewrite keeps: the names a user or the executable relies on — graph.outputs, the
-state names and new-value names of graph.updates, graph.loss and graph.keep — are never removed or
+state names and new-value names of graph.updates (and graph.stat_updates), graph.loss and graph.keep — are never removed or
 renamed (see `protected`)."""
 import numpy as np
 
@@ -10,7 +10,9 @@ from graphc import ops as optable
 
 def protected(g):
     """Names that must survive every pass with their names."""
+    stat = getattr(g, "stat_updates", {}) or {}
     p = set(g.outputs) | set(g.updates) | set(g.updates.values()) | set(getattr(g, "keep", ()) or ())
+    p |= set(stat) | set(stat.values())
     if g.loss:
         p.add(g.loss)
     return p
