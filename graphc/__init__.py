@@ -4,8 +4,8 @@
     g = gc.Graph("net"); x = g.input("x", (None, 1, 28, 28)) ...; g.output(loss)
     exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
 """
-from graphc.errors import (BackendError, CheckpointError, DataError, DTypeError, FeedError, GradError,  # noqa: F401
-                           GraphError, InstallError, ShapeError)
+from graphc.errors import (BackendError, CheckpointError, DataError, DistributedError, DTypeError,  # noqa: F401
+                           FeedError, GradError, GraphError, InstallError, ShapeError)
 
 
 def _require_installed():
@@ -41,7 +41,8 @@ def __getattr__(name):   # heavier pieces load on first use
     lazy = {"gradcheck": ("graphc.gradient_check", "gradcheck"), "summary": ("graphc.summarize", "summary"),
             "render": ("graphc.rendering", "render"), "models": ("graphc.models", None),
             "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None),
-            "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None)}
+            "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None),
+            "distributed": ("graphc.distributed", None)}
     if name in lazy:
         mod, attr = lazy[name]
         m = importlib.import_module(mod)

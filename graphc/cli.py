@@ -110,6 +110,11 @@ def cmd_bench(args):
     except ImportError as e:
         raise GraphError(f"`graphc bench` is not available in this build (graphc.bench: {e})") from e
     compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else None
+    if args.ranks:
+        from graphc.bench_ranks import run_scaling
+        run_scaling(args.model, args.ranks, backend=args.backend, batch=args.batch, train=args.train,
+                    json_path=args.json)
+        return 0
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
                        fuse=not args.no_fuse, compare=compare, json_path=args.json)
     return result if isinstance(result, int) else 0
@@ -218,7 +223,8 @@ def build_parser():
                               "  graphc bench lenet5 --train --batch 64 --compare torch\n"
                               "  graphc bench mnist_convnet --train --batch 128 --compare torch --json out.json\n"
                               "  graphc bench mnist_convnet --batch 1            # inference latency\n"
-                              "  graphc bench lenet5 --train --no-fuse           # the effect of fusion")
+                              "  graphc bench lenet5 --train --no-fuse           # the effect of fusion\n"
+                              "  graphc bench lenet5 --train --ranks 1,2         # data-parallel scaling (MPI)")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backend", choices=("numba", "reference", "cuda"), default="numba",
                    help="backend to time (default numba)")
@@ -228,6 +234,10 @@ def build_parser():
     p.add_argument("--compare", default=None, metavar="PEERS",
                    help="comma-separated peers to time in the same run, e.g. torch,jax")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--ranks", default=None, metavar="LIST",
+                   help="with --train: launch the step on each number of MPI ranks (e.g. 1,2; mpiexec, "
+                        "graphc[mpi]) and report step time, images/s, scaling efficiency, the allreduce "
+                        "share and the projected efficiency of larger runs")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a model on MNIST digits",
@@ -236,7 +246,8 @@ def build_parser():
                        epilog="examples:\n"
                               "  graphc train lenet5 --epochs 5 --optimizer adam --batch 128\n"
                               "  graphc train mnist_convnet --data mnist:~/mnist --epochs 5 --save run.npz\n"
-                              "  graphc train lenet5 --epochs 10 --resume run.npz")
+                              "  graphc train lenet5 --epochs 10 --resume run.npz\n"
+                              "  mpiexec -n 4 graphc train resnet --batch 64     # 4 ranks x 64 = global batch 256")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
     return top
@@ -262,10 +273,20 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"graphc: error: {_one_line(_describe(e))}", file=sys.stderr)
+        _abort_ranks(EXIT_ERROR)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("graphc: interrupted", file=sys.stderr)
+        _abort_ranks(130)
         return 130
+
+
+def _abort_ranks(code):
+    """In a job of several MPI ranks, an error on this one ends them all, none is left waiting for it."""
+    dist = sys.modules.get("graphc.distributed")
+    if dist is not None:
+        sys.stderr.flush()
+        dist.abort_after_error(code)
 
 
 def _describe(e):

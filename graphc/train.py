@@ -11,6 +11,13 @@ step counter, history; atomically) at the end of every epoch, and also when the 
 with Ctrl-C mid-epoch; ``resume=PATH`` continues from it exactly: the result equals an uninterrupted
 run. ``epochs`` is the total number of epochs of the run, so an interrupted run continues with the same
 command plus ``--resume``.
+
+Data-parallel (``distributed``; under ``mpiexec -n R``, on by itself): every rank trains on its shard of
+each global batch of R x ``batch`` (graphc.data.batches(rank=, ranks=)), the compiled step averages the
+gradients over the ranks (graphc.distributed), evaluation is split over the ranks and summed, rank 0
+prints and writes the checkpoints (after a barrier, atomically). A checkpoint resumes on any number of
+ranks (with the same global batch when --batch is not given and it divides). Ctrl-C stops every rank at
+once, without a mid-epoch checkpoint.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphc import data as gdata
+from graphc import distributed as dist
 from graphc.checkpoint import graph_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.errors import BackendError, CheckpointError, GraphError
 
@@ -118,17 +126,17 @@ def _check_model(graph, x_shape):
         raise GraphError(f"model {graph.name!r} takes images shaped {tuple(want)}, the data has {tuple(x_shape)}")
 
 
-def _compile(graph, backend, optimizer, log):
+def _compile(graph, backend, optimizer, log, dp=None):
     import graphc
     if backend == "numba":
         try:
-            return graphc.compile(graph, backend="numba", optimizer=optimizer), "numba"
+            return graphc.compile(graph, backend="numba", optimizer=optimizer, distributed=dp), "numba"
         except (ImportError, BackendError, NotImplementedError) as e:
             if log:
                 log(f"note: the numba backend is not available here ({type(e).__name__}: {e}); "
                     "using the reference backend (slower)")
             backend = "reference"
-    return graphc.compile(graph, backend=backend, optimizer=optimizer), backend
+    return graphc.compile(graph, backend=backend, optimizer=optimizer, distributed=dp), backend
 
 
 def _inference_exe(graph, backend):
@@ -183,9 +191,10 @@ class _DeferredInterrupt:
     step in flight, so parameters and optimizer state are consistent when the checkpoint is written.
     A second Ctrl-C raises KeyboardInterrupt at once (``forced``)."""
 
-    def __init__(self):
+    def __init__(self, enabled=True):
         self.requested = self.forced = False
         self._old = None
+        self.enabled = enabled       # off in a data-parallel run: ranks cannot agree on the step to stop at
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -194,7 +203,7 @@ class _DeferredInterrupt:
         self.requested = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             try:
                 self._old = signal.signal(signal.SIGINT, self._handler)
             except (ValueError, OSError):
@@ -211,7 +220,7 @@ class _DeferredInterrupt:
 
 
 def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backend="numba", seed=None,
-          save=None, resume=None, progress=True, log=print) -> TrainResult:
+          save=None, resume=None, progress=True, log=print, distributed=None, sync_bn=False) -> TrainResult:
     """Trains ``model`` and returns a TrainResult.
 
     model: a graphc.Graph, a zoo name ("lenet5", "mnist_convnet", "mlp", ...) or "path.py:function";
@@ -226,8 +235,15 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     save: checkpoint path, written at the end of every epoch (and on Ctrl-C mid-epoch).
     resume: checkpoint path to continue from.
     progress: a tqdm bar per epoch (only when stderr is a terminal). log: where lines go (None: silent).
+    distributed: data-parallel training over the ranks of an MPI job, `batch` per rank (None: when an MPI
+        launcher started this process with several ranks; True; False; or a graphc.distributed
+        Communicator or DataParallel). sync_bn: batch norm on the global batch's statistics.
     """
-    say = log or (lambda *a, **k: None)
+    dp = dist.for_training(distributed, sync_bn)
+    ranks = dp.size if dp is not None else 1
+    say = (log or (lambda *a, **k: None)) if dp is None or dp.rank == 0 else (lambda *a, **k: None)
+    if dp is not None and dp.rank != 0:
+        log, progress = None, False
     if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
         raise GraphError(f"epochs must be a non-negative integer, got {epochs!r}")
 
@@ -238,6 +254,10 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     copt = cm.get("optimizer") or {}
 
     seed = int(_resolve(seed, "seed", ckpt_meta, cm.get("seed")))
+    if batch is None and ckpt_meta is not None and int(cm.get("ranks", 1)) != ranks and cm.get("batch"):
+        old = int(cm.get("global_batch", cm["batch"]))      # another rank count: keep the global batch
+        if old % ranks == 0:
+            batch = old // ranks
     batch = int(_resolve(batch, "batch", ckpt_meta, cm.get("batch")))
     if batch < 1:
         raise GraphError(f"batch must be a positive integer, got {batch}")
@@ -264,8 +284,9 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         if cm.get("seed") not in (None, seed):
             say(f"note: the checkpoint was trained with seed {cm['seed']}, continuing with seed {seed}: "
                 "the batch order and dropout masks differ from an uninterrupted run")
-        if cm.get("batch") not in (None, batch):
-            say(f"note: the checkpoint was trained with batch {cm['batch']}, continuing with batch {batch}")
+        if cm.get("batch") not in (None, batch) or int(cm.get("ranks", 1)) != ranks:
+            say(f"note: the checkpoint was trained on {cm.get('ranks', 1)} rank(s) x batch {cm.get('batch')}, "
+                f"continuing on {ranks} x {batch}")
         if cm.get("data") not in (None, data_spec):
             say(f"note: the checkpoint was trained on {cm['data']!r}, continuing on {data_spec!r}")
 
@@ -273,8 +294,15 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     x_test, y_test = gdata.normalize(ds.x_test), np.asarray(ds.y_test, dtype=np.int64)
     _check_model(graph, x_train.shape)
 
-    exe, backend_used = _compile(graph, backend, opt, log)
+    exe, backend_used = _compile(graph, backend, opt, log, dp)
     infer = _inference_exe(graph, backend_used)
+    shard = -(-len(x_train) // ranks)               # samples per rank and epoch
+    if dp is not None:
+        say(f"data-parallel on {ranks} ranks: batch {batch} per rank, global batch {batch * ranks}"
+            + (", batch norm synchronised" if dp.sync_bn else ""))
+        test_shard = -(-len(x_test) // ranks)
+        dist.warm_up(exe, infer, dp, {min(batch, shard), shard % batch},
+                     {min(EVAL_BATCH, test_shard), test_shard % EVAL_BATCH, (len(x_test) // ranks) % EVAL_BATCH})
 
     result = TrainResult(model=model_name, backend=backend_used, exe=exe, infer_exe=infer)
     start_epoch, skip_batches, part = 0, 0, {"loss_sum": 0.0, "seen": 0, "seconds": 0.0}
@@ -289,6 +317,11 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
             getattr(result, k).extend(float(v) for v in hist.get(k, []))
         start_epoch = int(cm.get("epoch", 0))
         skip_batches = int(cm.get("batch_in_epoch", 0))
+        if skip_batches and int(cm.get("global_batch", cm.get("batch", batch))) != batch * ranks:
+            done = skip_batches * int(cm.get("global_batch", cm.get("batch", batch)))
+            skip_batches = done // (batch * ranks)         # (re)train the samples of a partial global batch
+            say(f"note: the interrupted epoch continues after {skip_batches * batch * ranks} of its "
+                f"{done} samples done (the global batch changed)")
         part = dict(cm.get("partial") or part)
         where = f"epoch {start_epoch} done" if not skip_batches else \
             f"epoch {start_epoch + 1} at batch {skip_batches}"
@@ -298,8 +331,9 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     del ckpt_arrays
 
     result.config = {"model": model_name, "data": data_spec, "epochs": int(epochs), "batch": batch,
-                     "optimizer": opt_cfg, "backend": backend_used, "seed": seed}
-    n_batches = (len(x_train) + batch - 1) // batch
+                     "optimizer": opt_cfg, "backend": backend_used, "seed": seed, "ranks": ranks,
+                     "global_batch": batch * ranks, "sync_bn": bool(dp is not None and dp.sync_bn)}
+    n_batches = (shard + batch - 1) // batch
     if start_epoch >= epochs:
         say(f"nothing to train: the checkpoint has {start_epoch} epoch(s) done and --epochs is {epochs}; "
             "raise --epochs to train more")
@@ -308,7 +342,7 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         return {"model": model_name, "fingerprint": fingerprint, "epoch": int(epoch_done),
                 "batch_in_epoch": int(batch_in_epoch), "partial": partial, "step": int(exe.step_count),
                 "seed": seed, "batch": batch, "optimizer": opt_cfg, "data": data_spec, "epochs": int(epochs),
-                "backend": backend_used, "graph": graph.name,
+                "backend": backend_used, "graph": graph.name, "ranks": ranks, "global_batch": batch * ranks,
                 "history": {k: list(getattr(result, k)) for k in
                             ("train_loss", "test_loss", "test_accuracy", "images_per_second", "epoch_seconds",
                              "step_losses")}}
@@ -317,7 +351,10 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     for epoch in range(start_epoch, epochs):
         first = skip_batches if epoch == start_epoch else 0
         loss_sum, seen, seconds = (part["loss_sum"], part["seen"], part["seconds"]) if first else (0.0, 0, 0.0)
-        it = gdata.batches(x_train, y_train, batch, shuffle=True, seed=seed, epoch=epoch)
+        if first and ranks > 1:      # the epoch's figures so far, shared among the ranks that sum them
+            loss_sum, seen = loss_sum / ranks, seen / ranks
+        it = gdata.batches(x_train, y_train, batch, shuffle=True, seed=seed, epoch=epoch,
+                           rank=dp.rank if dp else 0, ranks=ranks)
         it = itertools.islice(it, first, None)
         bar = None
         if show_bar:
@@ -326,7 +363,8 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
                        file=sys.stderr, leave=False, dynamic_ncols=True)
         b = first
         t0 = time.perf_counter()
-        with _DeferredInterrupt() as stop:
+        n_losses = len(result.step_losses)
+        with _DeferredInterrupt(enabled=dp is None) as stop:
             try:
                 for xb, yb in it:
                     loss = exe.step({"x": xb, "labels": yb})
@@ -354,8 +392,12 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
+        if dp is not None:           # the epoch's figures over every rank's shard (seconds: the ranks' mean)
+            mine = result.step_losses[n_losses:]
+            result.step_losses[n_losses:] = dp.comm.allreduce(mine, "mean", what="the epoch's losses").tolist()
+            loss_sum, seen, seconds = dp.comm.allreduce([loss_sum, seen, seconds / ranks], what="the epoch's sums")
         _sync_params(exe, infer)
-        acc, test_loss = evaluate(infer, x_test, y_test)
+        acc, test_loss = dist.evaluate_shards(evaluate, infer, x_test, y_test, dp)
         train_loss = loss_sum / max(seen, 1)
         ips = seen / seconds if seconds > 0 else float("inf")
         result.train_loss.append(train_loss)
@@ -367,11 +409,11 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         say(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
             f"test accuracy {acc:.4f}, {ips:,.0f} images/s ({seconds:.1f} s)")
         if save is not None:
-            save_checkpoint(save, exe, meta(epoch + 1))
+            dist.save_on_rank0(save_checkpoint, save, exe, meta(epoch + 1), dp)
 
     if not result.test_accuracy:        # nothing trained and no history: evaluate the weights as they are
         _sync_params(exe, infer)
-        result.final_test_accuracy, _ = evaluate(infer, x_test, y_test)
+        result.final_test_accuracy, _ = dist.evaluate_shards(evaluate, infer, x_test, y_test, dp)
     else:
         _sync_params(exe, infer)
     say(f"test accuracy: {result.final_test_accuracy:.4f}")
@@ -412,6 +454,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, model=True) -> argparse
                              "come from it")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (it is shown only on a terminal anyway)")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="under mpiexec: batch norm normalises with the global batch's statistics (an "
+                             "allreduce of its mean and variance) instead of each rank's")
     return parser
 
 
@@ -424,7 +469,8 @@ def main_from_args(args) -> int:
               batch=getattr(args, "batch", None), optimizer=getattr(args, "optimizer", None),
               lr=getattr(args, "lr", None), backend=getattr(args, "backend", "numba") or "numba",
               seed=getattr(args, "seed", None), save=getattr(args, "save", None),
-              resume=getattr(args, "resume", None), progress=getattr(args, "progress", True), log=print)
+              resume=getattr(args, "resume", None), progress=getattr(args, "progress", True), log=print,
+              sync_bn=getattr(args, "sync_bn", False))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
