@@ -113,12 +113,13 @@ def _child_main(argv):
     from graphc import distributed as dist
     from graphc.bench import LR, _load, make_feeds
     model, backend, batch, repeats = argv[0], argv[1], int(argv[2]), int(argv[3])
+    buckets = {"first_bucket_mb": float(argv[4]), "bucket_mb": float(argv[4])} if len(argv) > 4 else {}
     comm = dist.world()
     g = _load(model)
     feeds = make_feeds(g, batch, seed=comm.rank)
     row = {"ranks": comm.size, "batch": batch, "global_batch": batch * comm.size}
     for overlap in (True, False):
-        dp = dist.DataParallel(comm, overlap=overlap)
+        dp = dist.DataParallel(comm, overlap=overlap, **buckets)
         exe = gc.compile(g, backend, optimizer=gc.optim.SGD(LR), distributed=dp)
         with comm.local():
             if hasattr(exe, "precompile"):
@@ -143,9 +144,9 @@ def _child_main(argv):
 
 # ------------------------------------------------------------------------------ the launcher
 
-def _launch(mpiexec, n, model, backend, batch, repeats, timeout):
+def _launch(mpiexec, n, model, backend, batch, repeats, timeout, bucket_mb=None):
     cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "graphc.bench_ranks", model, backend, str(batch),
-           str(repeats)]
+           str(repeats)] + ([str(bucket_mb)] if bucket_mb else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -158,9 +159,10 @@ def _launch(mpiexec, n, model, backend, batch, repeats, timeout):
 
 
 def run_scaling(model, ranks, backend="numba", batch=None, train=True, repeats=20, json_path=None, out=None,
-                timeout=1800):
+                timeout=1800, bucket_mb=None):
     """Launches the data-parallel training step of `model` on each number of `ranks` (a list or "1,2"),
-    prints the scaling table and the projection, and returns the results dict."""
+    prints the scaling table and the projection, and returns the results dict. bucket_mb: every bucket's
+    size (default: DataParallel's)."""
     from graphc.bench import DEFAULT_BATCH, _load
     if not train:
         raise GraphError("--ranks times data-parallel training steps: add --train")
@@ -168,7 +170,7 @@ def run_scaling(model, ranks, backend="numba", batch=None, train=True, repeats=2
     ranks = parse_ranks(",".join(map(str, ranks)) if isinstance(ranks, (list, tuple)) else ranks)
     batch = int(batch or DEFAULT_BATCH)
     mpiexec = find_mpiexec()
-    rows = [_launch(mpiexec, n, model, backend, batch, repeats, timeout) for n in ranks]
+    rows = [_launch(mpiexec, n, model, backend, batch, repeats, timeout, bucket_mb) for n in ranks]
     base = next((r for r in rows if r["ranks"] == 1), None)
     for r in rows:
         r["efficiency"] = r["images_per_s"] / (r["ranks"] * base["images_per_s"]) if base else None
@@ -219,5 +221,44 @@ def report(r):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ the zoo's table
+
+def measure_step_s(model, batch, backend="numba", repeats=10):
+    """Median seconds of one process's training step (compile and warm-up excluded)."""
+    import graphc as gc
+    from graphc.bench import LR, _load, _median_ms, make_feeds
+    g = _load(model)
+    feeds = make_feeds(g, batch)
+    exe = gc.compile(g, backend, optimizer=gc.optim.SGD(LR))
+    return _median_ms(lambda: exe.step(feeds), repeats, 2) / 1e3
+
+
+def zoo_table(names, batch=64, measure=(), out=None):
+    """For each zoo model: its gradient bytes per step, the ring allreduce time of them at 8 and 64 ranks on
+    10 and 100 Gb/s, the projected efficiency for the one-process step time measured here (models in
+    `measure`), and the step time a model needs for 90% efficiency at 64 ranks on 10 Gb/s."""
+    from graphc.bench import _load
+    out = out or sys.stdout
+    nets = [(label, gbps, alpha) for label, gbps, alpha in NETWORKS]
+    head = "  ".join(f"{p}r {label}" for p in PROJECT_RANKS for label, _, _ in nets)
+    print(f"{'model':16s} {'grad MB':>8s} {'step ms':>8s}  allreduce ms ({head})  efficiency (same)  "
+          f"90% at 64r/10G needs", file=out)
+    rows = []
+    for name in names:
+        nbytes = gradient_bytes(_load(name))
+        step = measure_step_s(name, batch) if name in measure else None
+        comm = [ring_allreduce_seconds(nbytes, p, gbps, alpha) for p in PROJECT_RANKS for _, gbps, alpha in nets]
+        eff = [step / (step + c) for c in comm] if step else []
+        rows.append({"model": name, "grad_bytes": nbytes, "step_s": step, "allreduce_s": comm, "efficiency": eff})
+        print(f"{name:16s} {nbytes / 1e6:8.2f} {1e3 * step if step else float('nan'):8.1f}  "
+              + " ".join(f"{1e3 * c:8.2f}" for c in comm) + "  "
+              + (" ".join(f"{100 * e:5.1f}%" for e in eff) if eff else "   (not measured)        ")
+              + f"  step >= {9e3 * comm[2]:.0f} ms", file=out)
+    return rows
+
+
 if __name__ == "__main__":
-    _child_main(sys.argv[1:])
+    if sys.argv[1:2] == ["--zoo"]:          # python -m graphc.bench_ranks --zoo BATCH MEASURED,.. MODEL...
+        zoo_table(sys.argv[4:], int(sys.argv[2]), sys.argv[3].split(","))
+    else:
+        _child_main(sys.argv[1:])

@@ -285,7 +285,6 @@ def _abort_ranks(code):
     """In a job of several MPI ranks, an error on this one ends them all, none is left waiting for it."""
     dist = sys.modules.get("graphc.distributed")
     if dist is not None:
-        sys.stderr.flush()
         dist.abort_after_error(code)
 
 

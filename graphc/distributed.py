@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT = 60.0
 COMPILE_TIMEOUT = 900.0
 _INSTALL_HINT = "pip install 'graphc[mpi]' (mpi4py and the mpich wheel, which ships mpiexec)"
 # environment variables in which MPI launchers tell a process the number of ranks
-_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS")
 
 _GROUPS: dict = {}          # communicator id -> communicator (the allreduce ops name theirs by id)
 _WORLD = None
@@ -218,6 +218,11 @@ class MPIComm(Communicator):
         self._comm = comm if comm is not None else MPI.COMM_WORLD
         self._comm.Set_errhandler(MPI.ERRORS_RETURN)      # MPI failures raise, and become DistributedError
         self.rank, self.size = self._comm.Get_rank(), self._comm.Get_size()
+        started = launched_size()
+        if comm is None and started and started != self.size:
+            raise DistributedError(f"the launcher started {started} ranks but MPI sees {self.size}: this MPI library "
+                                   "does not speak the launcher's protocol. Fix: launch with the MPI's own mpiexec, "
+                                   "or srun --mpi=pmi2 (or pmix) under Slurm")
         node = self._comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()
         node.Free()
@@ -241,6 +246,10 @@ class MPIComm(Communicator):
         return self._call(what, handle.Test)
 
     def abort(self, code=1):
+        import sys
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        time.sleep(0.5)          # mpiexec forwards the lines just written before MPI_Abort tears the job down
         self._comm.Abort(int(code))
 
 

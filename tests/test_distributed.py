@@ -19,6 +19,7 @@ from graphc.passes.transforms.data_parallel import buckets
 from graphc.passes.transforms.training import training_graph
 
 COVERED = {"allreduce", "allreduce_wait"}       # (tests/test_ops.py checks every op has a reference test)
+LAUNCHER_VARS = dist._SIZE_VARS + ("PMIX_RANK",)    # how an MPI launcher tells a process it launched it
 
 
 class PeerComm(dist.Communicator):
@@ -209,7 +210,7 @@ def test_collectives_time_out_with_an_error_naming_the_rank():
 
 
 def test_launched_size_reads_the_launchers_environment(monkeypatch):
-    for var in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK"):
+    for var in LAUNCHER_VARS:
         monkeypatch.delenv(var, raising=False)
     assert dist.launched_size() is None
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
@@ -248,7 +249,7 @@ _NO_MPI = textwrap.dedent("""
 
 
 def _run(code, env=None, timeout=300):
-    e = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")}
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     e.update(env or {})
     return subprocess.run([sys.executable, "-c", _NO_MPI + textwrap.dedent(code)], capture_output=True, text=True,
                           env=e, timeout=timeout)

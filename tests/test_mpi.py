@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("mpi4py")
 
-from graphc import data  # noqa: E402
+from graphc import data, distributed as dist  # noqa: E402
 from graphc.bench_ranks import find_mpiexec, run_scaling  # noqa: E402
 from graphc.checkpoint import read_checkpoint  # noqa: E402
 from graphc.errors import DistributedError  # noqa: E402
@@ -25,11 +25,12 @@ except DistributedError:
     pytest.skip("mpiexec not found (pip install 'graphc[mpi]')", allow_module_level=True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+LAUNCHER_VARS = dist._SIZE_VARS + ("PMIX_RANK",)     # a test run inside a launcher must not pass it on
 CLI = ["-m", "graphc.cli"]
 
 
 def mpirun(args, n=2, env=None, timeout=600):
-    e = {k: v for k, v in os.environ.items() if k not in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")}
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     e.update(env or {})
     t0 = time.monotonic()
     p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, *args], capture_output=True, text=True, env=e,
