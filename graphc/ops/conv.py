@@ -84,6 +84,8 @@ def _conv_infer(node, in_types):
         node.fail(ShapeError, f"bias shape {shapes.fmt(in_types[2][0])} must be ({sw[0]},), one per filter",
                   f"declare the bias as ({sw[0]},)")
     stride, pads = node.attrs["stride"], node.attrs["pads"]
+    if min(stride) < 1 or min(pads) < 0:
+        node.fail(ShapeError, f"stride {stride} must be positive and padding {pads} non-negative", "")
     ho, wo = out_hw(sx[2:], sw[2:], stride, pads)
     if ho < 1 or wo < 1:
         node.fail(ShapeError, f"{CONV_RULE}: input {sx[2]}x{sx[3]}, filter {sw[2]}x{sw[3]}, "

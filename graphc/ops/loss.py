@@ -22,7 +22,13 @@ def _softmax_grad(g, node, dy):
         return [g.mul(y, g.sub(dy, g.sum(g.mul(dy, y), axes=axis, keepdims=True)))]
 
 
-register(OpDef("softmax", lambda node, t: (t[0][0], _float_dtype(node, t)),
+def _softmax_infer(node, in_types):
+    if not 0 <= node.attrs["axis"] < len(in_types[0][0]):
+        node.fail(ShapeError, f"softmax axis {node.attrs['axis']} is out of range for {shapes.fmt(in_types[0][0])}", "")
+    return in_types[0][0], _float_dtype(node, in_types)
+
+
+register(OpDef("softmax", _softmax_infer,
                lambda ins, a, ctx: softmax_ref(ins[0], a["axis"]), _softmax_grad,
                flops=lambda i, o, a: 4 * int(np.prod(o)), doc="softmax along an axis"))
 

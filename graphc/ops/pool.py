@@ -64,6 +64,8 @@ def _pool_infer(node, in_types):
     if len(s) != 4:
         node.fail(ShapeError, f"pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
     size, stride = node.attrs["size"], node.attrs["stride"]
+    if min(size) < 1 or min(stride) < 1:
+        node.fail(ShapeError, f"window {size} and stride {stride} must be positive", "")
     ho = shapes.window_out(s[2], size[0], stride[0])
     wo = shapes.window_out(s[3], size[1], stride[1])
     if ho < 1 or wo < 1:
