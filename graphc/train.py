@@ -73,13 +73,11 @@ def make_optimizer(name, lr=None):
     from graphc import optim
     if isinstance(name, optim.Optimizer):
         if lr is not None:
-            name.lr = float(lr)
+            name.lr = optim.hyper("train", "the learning rate (--lr)", lr)
         return name
     if name not in OPTIMIZERS:
         raise GraphError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    lr = DEFAULT_LR[name] if lr is None else float(lr)
-    if not lr > 0:
-        raise GraphError(f"the learning rate must be positive, got {lr}")
+    lr = DEFAULT_LR[name] if lr is None else optim.hyper("train", "the learning rate (--lr)", lr)
     if name == "adam":
         return optim.Adam(lr)
     return optim.SGD(lr, momentum=0.9 if name == "momentum" else 0.0)

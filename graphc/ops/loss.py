@@ -42,6 +42,16 @@ def labels_matrix(labels, k, dtype):
     return out
 
 
+def label_dot(labels, logp):
+    """sum over the batch of y . logp for int labels (the label's entry only) or one-hot/soft labels
+    (entries where y == 0 contribute 0, also where logp is -inf: a saturated softmax has loss 0, not NaN)."""
+    if labels.ndim == 1:
+        return logp[np.arange(labels.shape[0]), labels].sum()
+    y = labels.astype(logp.dtype, copy=False)
+    with np.errstate(invalid="ignore"):
+        return np.where(y != 0, y * logp, 0).sum()
+
+
 def _class_loss_infer(node, in_types):
     (sx, dt), (sl, ldt) = in_types[:2]
     if len(sx) != 2:
@@ -61,8 +71,7 @@ def _sce_ref(inputs, attrs, ctx):
     z, labels = inputs
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    y = labels_matrix(labels, z.shape[1], z.dtype)
-    return np.asarray(-(y * logp).sum() / z.shape[0], z.dtype)
+    return np.asarray(0.0 - label_dot(labels, logp) / z.shape[0], z.dtype)    # 0.0 - : no -0.0
 
 
 def _sce_grad(g, node, dy):
@@ -121,14 +130,15 @@ register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_
 
 def _ce_ref(inputs, attrs, ctx):
     p, labels = inputs
-    y = labels_matrix(labels, p.shape[1], p.dtype)
-    return np.asarray(-(y * np.log(p)).sum() / p.shape[0], p.dtype)
+    with np.errstate(divide="ignore"):
+        return np.asarray(0.0 - label_dot(labels, np.log(p)) / p.shape[0], p.dtype)
 
 
 def _ce_grad_ref(inputs, attrs, ctx):
     p, labels, dy = inputs
     y = labels_matrix(labels, p.shape[1], p.dtype)
-    return (-(y / p) * (dy / p.shape[0])).astype(p.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where(y != 0, -(y / p), 0) * (dy / p.shape[0])).astype(p.dtype)   # 0 where y == 0, as the loss
 
 
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
