@@ -5,7 +5,7 @@
     exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
 """
 from graphc.errors import (BackendError, CheckpointError, DataError, DTypeError, FeedError, GradError,  # noqa: F401
-                           GraphError, ShapeError)
+                           GraphError, OutputError, ShapeError)
 from graphc.graph import Graph, Value  # noqa: F401
 from graphc.compiler import compile  # noqa: F401
 from graphc import optim  # noqa: F401

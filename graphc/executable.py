@@ -209,9 +209,13 @@ class Executable:
             if tuple(np.shape(d[n])) != want:
                 raise CheckpointError(f"checkpoint value {n!r} has shape {tuple(np.shape(d[n]))}, "
                                       f"the graph expects {want}")
+        step = np.asarray(d.get("__step__", 0))
+        if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+            raise CheckpointError(f"'__step__' (the step counter) must be one integer >= 0, got {step.dtype} "
+                                  f"shape {step.shape}")
         extra = [k for k in d if k not in self.state and k != "__step__"]
         if extra:
             raise CheckpointError(f"checkpoint has values the graph does not: {extra[:5]}")
         for n in self.state:
             self.state[n] = self._cast(np.array(d[n]), self.graph.nx.nodes[n]["dtype"])
-        self.step_count = int(d.get("__step__", 0))
+        self.step_count = int(step)

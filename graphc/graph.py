@@ -143,6 +143,8 @@ class Graph:
     def __init__(self, name="graph", seed=0, dtype="float32"):
         if dtype not in ("float32", "float64"):
             raise DTypeError(f"graph dtype must be float32 or float64, got {dtype!r}")
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"graph seed must be a non-negative integer, got {seed!r}")
         self.name = name
         self.seed = seed
         self.dtype = dtype
@@ -535,9 +537,11 @@ class Graph:
 
     def dropout(self, x, rate=0.5, seed=None, name=None):
         """Inverted dropout: identity at inference; in training a seeded mask (a node of its own)."""
-        if not 0.0 <= rate < 1.0:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise GraphError(f"dropout rate must be in [0, 1), got {rate}")
         seed = self.seed if seed is None else seed
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"dropout seed must be a non-negative integer, got {seed!r}")
         mask = self.add_node("dropout_mask", (x,), {"rate": float(rate), "seed": int(seed)},
                              name=None if name is None else name + ".mask")
         return self.mul(x, mask, name=name)
