@@ -28,7 +28,7 @@ import numpy as np
 
 from graphc import data as gdata
 from graphc.checkpoint import graph_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.errors import BackendError, CheckpointError, GraphError
+from graphc.errors import BackendError, CheckpointError, DataError, GraphError
 from graphc.files import check_writable
 
 __all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args",
@@ -303,6 +303,9 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         data = cm.get("data") or DEFAULTS["data"]
     ds = data if isinstance(data, gdata.Dataset) else gdata.load_dataset(data)
     data_spec = ds.name
+    if len(ds.x_train) == 0 or len(ds.x_test) == 0:
+        raise DataError(f"dataset {data_spec!r} has {len(ds.x_train)} training and {len(ds.x_test)} test images; "
+                        "both must be non-empty")
 
     graph, model_name = _load_model(model, seed)
     fingerprint = graph_fingerprint(graph)
