@@ -36,6 +36,11 @@ def _what(op, name):
     return f"{op} {name!r}" if name else op
 
 
+def _check_name(kind, name):
+    if not isinstance(name, str) or not name:
+        raise GraphError(f"{kind} names must be non-empty strings, got {name!r}")
+
+
 class _Lazy:
     """An initialiser not yet run: big models (VGG16: 138M weights) can be checked and summarised
     without allocating their parameters."""
@@ -249,11 +254,11 @@ class Graph:
         in_vals = [self._value(v) for v in inputs]
         if name is None:
             name = self.fresh_name(op)
-        elif not isinstance(name, str) or not name:
-            raise GraphError(f"node names must be non-empty strings, got {name!r}")
-        elif name in RESERVED_NAMES:
+        else:
+            _check_name("node", name)
+        if name in RESERVED_NAMES:
             raise GraphError(f"name {name!r} is reserved (state dicts and checkpoints use it); choose another name")
-        elif name in self.nx:
+        if name in self.nx:
             raise GraphError(f"name {name!r} is already used in graph {self.name!r} "
                              f"(by a {self.nx.nodes[name]['op']} node); names must be unique")
         view = Node(self, name, op, [v.name for v in in_vals], attrs)
@@ -302,6 +307,7 @@ class Graph:
     def input(self, name, shape, dtype=None) -> Value:
         """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs.
         dtype: the graph's float dtype (default) or an integer dtype (class labels)."""
+        _check_name("input", name)
         dtype = self._declared_dtype(f"input {name!r}", dtype)
         shape = self._shape_arg(f"input {name!r}", shape, symbolic=True)
         return self.add_node("input", (), {"shape": shape, "dtype": dtype}, name=name)
@@ -309,6 +315,7 @@ class Graph:
     def param(self, name, shape=None, init="he", value=None, trainable=True, scale=None, dtype=None) -> Value:
         """A parameter with an initialiser (zeros, ones, constant, uniform, normal, he, glorot, torch)
         or a given value. trainable=False makes it graph state (optimizer moments, step count)."""
+        _check_name("param", name)
         dtype = self._declared_dtype(f"param {name!r}", dtype)
         if value is not None:
             try:
