@@ -1,5 +1,8 @@
 """softmax and the losses. Losses are means over the batch (seeds' mini-batch definition).
 
+The reference evaluates each loss in float64 and rounds the result to the value's dtype (as the compiled
+kernels accumulate): a float32 intermediate must not overflow when the loss itself is representable.
+
 The softmax + cross-entropy pair has its own op whose gradient collapses to (O - y) / m (seeds/000);
 `softmax` followed by `cross_entropy` gives the same gradient through the generic rules (tested).
 """
@@ -69,9 +72,10 @@ def _class_loss_infer(node, in_types):
 
 def _sce_ref(inputs, attrs, ctx):
     z, labels = inputs
+    dt, z = z.dtype, z.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return np.asarray(0.0 - label_dot(labels, logp) / z.shape[0], z.dtype)    # 0.0 - : no -0.0
+    return np.asarray(0.0 - label_dot(labels, logp) / z.shape[0], dt)    # 0.0 - : no -0.0
 
 
 def _sce_grad(g, node, dy):
@@ -131,7 +135,7 @@ register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_
 def _ce_ref(inputs, attrs, ctx):
     p, labels = inputs
     with np.errstate(divide="ignore"):
-        return np.asarray(0.0 - label_dot(labels, np.log(p)) / p.shape[0], p.dtype)
+        return np.asarray(0.0 - label_dot(labels, np.log(p.astype(np.float64))) / p.shape[0], p.dtype)
 
 
 def _ce_grad_ref(inputs, attrs, ctx):
@@ -183,7 +187,8 @@ def _mse_grad(g, node, dy):
         return [da, g.neg(da)]
 
 
-register(OpDef("mse", _pair_infer, lambda ins, a, ctx: np.asarray(np.mean((ins[0] - ins[1]) ** 2), ins[0].dtype),
+register(OpDef("mse", _pair_infer,
+               lambda ins, a, ctx: np.asarray(np.mean((ins[0].astype(np.float64) - ins[1]) ** 2), ins[0].dtype),
                _mse_grad, doc="mean squared error over all elements"))
 
 
@@ -199,8 +204,8 @@ register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]), _mse_grad_ref, _m
 
 
 def _bce_ref(inputs, attrs, ctx):
-    z, t = inputs
-    return np.asarray(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))), z.dtype)
+    dt, z, t = inputs[0].dtype, inputs[0].astype(np.float64), inputs[1]
+    return np.asarray(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))), dt)
 
 
 def _bce_grad_ref(inputs, attrs, ctx):

@@ -44,11 +44,15 @@ def _count(shape, axes):
     return n
 
 
+# Accumulated in float64 (as the compiled backends do): a float32 partial sum must not overflow to inf
+# when the result itself is representable.
 register(OpDef("sum", _reduce_infer,
-               lambda ins, a, ctx: np.sum(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
+               lambda ins, a, ctx: np.sum(ins[0], axis=a["axes"], keepdims=a["keepdims"],
+                                          dtype=np.float64).astype(ins[0].dtype),
                _sum_grad, flops=lambda i, o, a: int(np.prod(i[0])), doc="sum over axes"))
 register(OpDef("mean", _reduce_infer,
-               lambda ins, a, ctx: np.mean(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
+               lambda ins, a, ctx: np.mean(ins[0], axis=a["axes"], keepdims=a["keepdims"],
+                                           dtype=np.float64).astype(ins[0].dtype),
                lambda g, n, dy: _sum_grad(g, n, dy, mean=True), flops=lambda i, o, a: int(np.prod(i[0])),
                doc="mean over axes"))
 
