@@ -15,9 +15,9 @@ _PASS_THROUGH = ("identity", "copy", "reshape", "reshape_like")
 
 
 def class_label_inputs(graph):
-    """{int input name: (number of classes K, name of the loss reading it)} for every integer input whose
-    values a class loss uses as indices: the feed check refuses labels outside 0..K-1, so no backend
-    ever indexes outside the scores (compiled kernels do not check)."""
+    """{int input (or const) name: (number of classes K, name of the loss reading it)} for every integer
+    value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
+    0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
     nodes, found = graph.nx.nodes, {}
     for n, d in nodes(data=True):
         if d["op"] not in CLASS_LOSSES or len(d["inputs"]) < 2:
@@ -26,22 +26,19 @@ def class_label_inputs(graph):
         while nodes[src]["op"] in _PASS_THROUGH:
             src = nodes[src]["inputs"][0]
         k = nodes[d["inputs"][0]]["shape"][-1]
-        if nodes[src]["op"] == "input" and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
+        if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
             prev = found.get(src)
             found[src] = (k, n) if prev is None or k < prev[0] else prev
     return found
 
 
-def check_labels(name, arr, k, loss):
-    """FeedError naming the first label outside 0..k-1, its position and the valid range."""
-    if arr.size == 0:
-        return
-    lo, hi = arr.min(), arr.max()
-    if lo >= 0 and hi < k:
+def check_labels(name, arr, k, loss, what="input", cls=FeedError):
+    """FeedError (cls) naming the first label outside 0..k-1, its position and the valid range."""
+    if arr.size == 0 or (arr.min() >= 0 and arr.max() < k):
         return
     bad = np.flatnonzero((arr < 0) | (arr >= k))
-    raise FeedError(f"input {name!r}: label {int(arr[bad[0]])} at position {int(bad[0])} is outside 0..{k - 1} "
-                    f"({len(bad)} bad label(s)); {loss!r} has {k} classes. Fix: labels must be class ids 0..{k - 1}")
+    raise cls(f"{what} {name!r}: label {int(arr[bad[0]])} at position {int(bad[0])} is outside 0..{k - 1} "
+              f"({len(bad)} bad label(s)); {loss!r} has {k} classes. Fix: labels must be class ids 0..{k - 1}")
 
 
 def param_too_big(name, shape, dtype, why):
@@ -94,6 +91,9 @@ class Executable:
             self.state[name] = self._cast(_materialise(graph, name), graph.nx.nodes[name]["dtype"])
         self.input_types = {n: (graph.nx.nodes[n]["shape"], graph.nx.nodes[n]["dtype"]) for n in graph.inputs}
         self.labels = class_label_inputs(graph)
+        for name, (k, loss) in self.labels.items():
+            if graph.nx.nodes[name]["op"] == "const":
+                check_labels(name, np.asarray(graph.nx.nodes[name]["attrs"]["value"]), k, loss, "const", GraphError)
         self.outputs = list(graph.outputs)
 
     def _cast(self, arr, declared):

@@ -23,10 +23,9 @@ import numpy as np
 import pytest
 
 import graphc as gc
-from graphc import checkpoint, cli, files
+from graphc import checkpoint, cli
 from graphc.bench import run_bench
 from graphc.checkpoint import load_checkpoint, save_checkpoint
-from graphc.errors import OutputError
 
 
 def small_exe(value=1.0, n=20000):
@@ -113,7 +112,7 @@ def _fill(d):
 
 
 def test_checkpoint_train_render_bench_on_a_readonly_mount(readonly_dir, capsys, monkeypatch):
-    with pytest.raises(OutputError, match="read-only") as e:
+    with pytest.raises(gc.OutputError, match="read-only") as e:
         save_checkpoint(readonly_dir / "ck.npz", small_exe())
     one_line(e)
     monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
@@ -131,13 +130,13 @@ def test_checkpoint_render_bench_on_a_full_tmpfs(full_dir):
     save_checkpoint(ck, small_exe(1.0, n=2000))                 # 8 KB: fits
     before = ck.read_bytes()
     _fill(full_dir)
-    with pytest.raises(OutputError, match="no space left") as e:
+    with pytest.raises(gc.OutputError, match="no space left") as e:
         save_checkpoint(ck, small_exe(2.0, n=2000))
     assert "ENOSPC" in one_line(e)
     assert ck.read_bytes() == before and temps(full_dir) == []
-    with pytest.raises(OutputError, match="no space left"):
+    with pytest.raises(gc.OutputError, match="no space left"):
         gc.render(gc.models.mlp(), full_dir / "mlp.svg")
-    with pytest.raises(OutputError, match="no space left"):
+    with pytest.raises(gc.OutputError, match="no space left"):
         run_bench("mlp", backend="reference", batch=2, json_path=full_dir / "b.json", repeats=1, warmup=0,
                   measure_compile=False, roofline=False, quiet=True)
     assert sorted(p.name for p in full_dir.iterdir()) == ["ck.npz", "filler"]
@@ -154,7 +153,7 @@ def _raise(code):
 @pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
                                          (errno.EDQUOT, "quota")])
 def test_injected_unwritable_directory_is_found_before_the_work(tmp_path, monkeypatch, capsys, code, words):
-    monkeypatch.setattr(files.tempfile, "mkstemp", _raise(code))
+    monkeypatch.setattr(tempfile, "mkstemp", _raise(code))
     monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
     from graphc import bench, rendering
     monkeypatch.setattr(rendering, "prepare", lambda *a, **k: pytest.fail("rendered before checking -o"))
@@ -174,11 +173,11 @@ def test_injected_write_failure_keeps_the_previous_files(tmp_path, monkeypatch, 
     gc.render(gc.models.mlp(), svg)
     js.write_text('{"old": 1}')
     before = {p: p.read_bytes() for p in (ck, svg, js)}
-    monkeypatch.setattr(files.os, "fsync", _raise(code))        # the data did not reach the disk
+    monkeypatch.setattr(os, "fsync", _raise(code))        # the data did not reach the disk
     for write in (lambda: save_checkpoint(ck, small_exe(2.0)), lambda: gc.render(gc.models.lenet5(), svg),
                   lambda: run_bench("mlp", backend="reference", batch=2, json_path=js, repeats=1, warmup=0,
                                     measure_compile=False, roofline=False, quiet=True)):
-        with pytest.raises(OutputError, match=words) as e:
+        with pytest.raises(gc.OutputError, match=words) as e:
             write()
         one_line(e)
     assert {p: p.read_bytes() for p in before} == before
@@ -196,8 +195,8 @@ def test_a_full_disk_mid_training_is_one_line_and_keeps_the_last_checkpoint(tmp_
     ck = tmp_path / "run.npz"
     gc.train.train("mlp", data=ds, epochs=1, batch=16, backend="reference", save=ck, progress=False, log=None)
     before = ck.read_bytes()
-    monkeypatch.setattr(files.os, "fsync", _raise(errno.ENOSPC))
-    with pytest.raises(OutputError, match="no space left"):
+    monkeypatch.setattr(os, "fsync", _raise(errno.ENOSPC))
+    with pytest.raises(gc.OutputError, match="no space left"):
         gc.train.train("mlp", data=ds, epochs=2, batch=16, backend="reference", save=ck, resume=ck, progress=False,
                        log=None)
     assert ck.read_bytes() == before and temps(tmp_path) == []

@@ -15,7 +15,7 @@ import pytest
 import graphc as gc
 from graphc import cli, data
 from graphc.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.errors import CheckpointError, DataError, FeedError, OutputError
+from graphc.errors import CheckpointError, DataError, FeedError
 
 
 def one_line(e):
@@ -96,6 +96,14 @@ def test_01_labels_of_cross_entropy_are_checked_too():
     g.output(g.cross_entropy(p, g.input("y", (None,), dtype="int32")))
     with pytest.raises(FeedError, match=r"'y': label 3 at position 1 is outside 0\.\.2"):
         gc.compile(g).run({"z": np.zeros((2, 3)), "y": np.array([0, 3], np.int32)})
+
+
+def test_01_constant_labels_are_checked_at_compile():
+    g = gc.Graph("constlabels")
+    g.output(g.softmax_cross_entropy(g.input("z", (2, 3)), g.const(np.array([0, 5]))))
+    with pytest.raises(gc.GraphError, match=r"label 5 at position 1 is outside 0\.\.2") as e:
+        gc.compile(g)
+    one_line(e)
 
 
 # ------------------------------------------------------------------ 2: relu/max propagate NaN
@@ -204,7 +212,7 @@ def test_05_non_positive_or_non_finite_learning_rates_are_refused(capsys, lr):
 
 def test_06_missing_save_directory_fails_before_training(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
-    with pytest.raises(OutputError, match="does not exist") as e:
+    with pytest.raises(gc.OutputError, match="does not exist") as e:
         train(digits, epochs=1, save=tmp_path / "no" / "dir" / "x.npz")
     one_line(e)
 

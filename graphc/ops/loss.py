@@ -47,12 +47,13 @@ def labels_matrix(labels, k, dtype):
 
 def label_dot(labels, logp):
     """sum over the batch of y . logp for int labels (the label's entry only) or one-hot/soft labels
-    (entries where y == 0 contribute 0, also where logp is -inf: a saturated softmax has loss 0, not NaN)."""
+    (y == 0 where logp is -inf contributes 0, not 0 * -inf = NaN: a saturated softmax has loss 0; a NaN
+    still propagates)."""
     if labels.ndim == 1:
         return logp[np.arange(labels.shape[0]), labels].sum()
     y = labels.astype(logp.dtype, copy=False)
     with np.errstate(invalid="ignore"):
-        return np.where(y != 0, y * logp, 0).sum()
+        return np.where((y == 0) & np.isneginf(logp), 0, y * logp).sum()
 
 
 def _class_loss_infer(node, in_types):
@@ -142,7 +143,7 @@ def _ce_grad_ref(inputs, attrs, ctx):
     p, labels, dy = inputs
     y = labels_matrix(labels, p.shape[1], p.dtype)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return (np.where(y != 0, -(y / p), 0) * (dy / p.shape[0])).astype(p.dtype)   # 0 where y == 0, as the loss
+        return (np.where((y == 0) & (p == 0), 0, -(y / p)) * (dy / p.shape[0])).astype(p.dtype)   # as the loss
 
 
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,

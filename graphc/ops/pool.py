@@ -95,7 +95,8 @@ def _pool_flops(in_shapes, out_shape, attrs):
 
 register(OpDef("maxpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).max(-1),
                _maxpool_grad, flops=_pool_flops, doc="max pooling"))
-register(OpDef("avgpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1),
+register(OpDef("avgpool", _pool_infer,      # means accumulate in float64, as the compiled kernels
+               lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1, dtype=np.float64).astype(ins[0].dtype),
                _avgpool_grad, flops=_pool_flops, doc="average pooling"))
 
 
@@ -155,7 +156,8 @@ def _gap_spread_grad(g, node, dgrad):
         return [g.global_avgpool(dgrad), None]
 
 
-register(OpDef("global_avgpool", _gap_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
+register(OpDef("global_avgpool", _gap_infer,
+               lambda ins, a, ctx: ins[0].mean(axis=(2, 3), dtype=np.float64).astype(ins[0].dtype), _gap_grad,
                flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane"))
 register(OpDef("global_avgpool_spread", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(
