@@ -212,9 +212,9 @@ def test_05_non_positive_or_non_finite_learning_rates_are_refused(capsys, lr):
 
 def test_06_missing_save_directory_fails_before_training(digits, tmp_path, monkeypatch):
     monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
-    with pytest.raises(gc.OutputError, match="does not exist") as e:
+    with pytest.raises(gc.GraphError, match="does not exist") as e:
         train(digits, epochs=1, save=tmp_path / "no" / "dir" / "x.npz")
-    one_line(e)
+    assert type(e.value).__name__ == "OutputError" and "\n" not in str(e.value)
 
 
 def test_06_render_and_bench_check_their_output_before_the_work(tmp_path, monkeypatch, capsys):
@@ -342,13 +342,11 @@ def good_checkpoint(digits, tmp_path_factory):
     ({"history": {"train_loss": ["a"]}}, {}), ({}, {"__step__": np.arange(3)}), ({}, {"__step__": np.array(-2)}),
     ({}, {"__step__": np.array(1.5)})])
 def test_12_crafted_checkpoint_metadata_is_a_checkpoint_error(digits, good_checkpoint, tmp_path, meta, arrays):
-    a, m = read_checkpoint(good_checkpoint)
-    m.update(meta)
-    a.update(arrays)
-    step = a.pop("__step__")
-    names = sorted(a)        # the file layout, written raw: write_arrays would refuse a bad step counter
-    np.savez(tmp_path / "bad.npz", __step__=step, __meta__=np.array(json.dumps({**m, "state_names": names})),
-             **{f"state/{i}": a[n] for i, n in enumerate(names)})
+    with np.load(good_checkpoint) as z:      # edited raw, as an attacker would: only the metadata and step
+        raw = {k: z[k] for k in z.files}
+    raw["__meta__"] = np.array(json.dumps({**json.loads(str(raw["__meta__"])), **meta}))
+    raw.update(arrays)
+    np.savez(tmp_path / "bad.npz", **raw)
     with pytest.raises(CheckpointError) as e:
         train(digits, epochs=2, resume=tmp_path / "bad.npz")
     one_line(e)
