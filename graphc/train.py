@@ -299,6 +299,7 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     opt = make_optimizer(opt_name, lr)
     opt_cfg = _optimizer_config(opt)
 
+    graph, model_name = _load_model(model, seed)     # a broken model fails before the data is read
     if data is None:
         data = cm.get("data") or DEFAULTS["data"]
     ds = data if isinstance(data, gdata.Dataset) else gdata.load_dataset(data)
@@ -307,7 +308,6 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         raise DataError(f"dataset {data_spec!r} has {len(ds.x_train)} training and {len(ds.x_test)} test images; "
                         "both must be non-empty")
 
-    graph, model_name = _load_model(model, seed)
     fingerprint = graph_fingerprint(graph)
     if ckpt_meta is not None:
         if cm.get("model") not in (None, model_name):
