@@ -19,17 +19,27 @@ def class_label_inputs(graph):
     value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
     0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
     nodes, found = graph.nx.nodes, {}
-    for n, d in nodes(data=True):
-        if d["op"] not in CLASS_LOSSES or len(d["inputs"]) < 2:
-            continue
-        src = d["inputs"][1]
+    for n, k, src in _class_losses(graph):
         while nodes[src]["op"] in _PASS_THROUGH:
             src = nodes[src]["inputs"][0]
-        k = nodes[d["inputs"][0]]["shape"][-1]
         if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
             prev = found.get(src)
             found[src] = (k, n) if prev is None or k < prev[0] else prev
     return found
+
+
+def _class_losses(graph):
+    """(loss name, number of classes, name of the value holding its labels) for every class-loss node,
+    also inside fused nodes (whose body refers to the group's inputs as ("in", k))."""
+    for n, d in graph.nx.nodes(data=True):
+        if d["op"] in CLASS_LOSSES:
+            yield n, graph.nx.nodes[d["inputs"][0]]["shape"][-1], d["inputs"][1]
+        for b in d["attrs"].get("body", ()) if d["op"] == "fused" else ():
+            scores, labels = b["inputs"][:2] if b["op"] in CLASS_LOSSES else (None, None)
+            if labels is not None and labels[0] == "in":
+                shape = graph.nx.nodes[d["inputs"][scores[1]]]["shape"] if scores[0] == "in" else \
+                    d["attrs"]["body"][scores[1]]["shape"]
+                yield b["name"], shape[-1], d["inputs"][labels[1]]
 
 
 def check_labels(name, arr, k, loss, what="input", cls=FeedError):
@@ -132,9 +142,9 @@ class Executable:
                 raise FeedDTypeError(f"input {name!r} expects integer {dtype} data (class labels), got {arr.dtype}")
             if dtype.startswith("float") and kind not in "fiub":
                 raise FeedDTypeError(f"input {name!r} expects numbers ({dtype}), got {arr.dtype}")
-            arr = self._cast(arr, dtype)
-            if name in self.labels:
+            if name in self.labels:           # before the cast: int32 labels must not wrap into range
                 check_labels(name, arr, *self.labels[name])
+            arr = self._cast(arr, dtype)
             if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(arr)).sum())} of them)")
             out[name] = arr

@@ -98,6 +98,18 @@ def test_01_labels_of_cross_entropy_are_checked_too():
         gc.compile(g).run({"z": np.zeros((2, 3)), "y": np.array([0, 3], np.int32)})
 
 
+def test_01_labels_are_checked_before_the_int_cast_and_inside_fused_groups():
+    from graphc.executable import class_label_inputs
+    from graphc.passes.fuse import make_group
+    g = gc.Graph("wrap")
+    g.output(g.softmax_cross_entropy(g.input("z", (None, 3)), g.input("y", (None,), dtype="int32"), name="loss"))
+    with pytest.raises(FeedError, match="label 4294967297 at position 1"):     # int32 would wrap it to 1
+        gc.compile(g).run({"z": np.zeros((2, 3)), "y": np.array([0, 2**32 + 1])})
+    fused = g.clone()
+    make_group(fused, "test", ["loss"])             # a pass that fuses the loss keeps the check
+    assert fused.nx.nodes["loss"]["op"] == "fused" and class_label_inputs(fused) == {"y": (3, "loss")}
+
+
 def test_01_constant_labels_are_checked_at_compile():
     g = gc.Graph("constlabels")
     g.output(g.softmax_cross_entropy(g.input("z", (2, 3)), g.const(np.array([0, 5]))))
