@@ -5,7 +5,7 @@
     exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
 """
 from graphc.errors import (BackendError, CheckpointError, DataError, DTypeError, FeedError, GradError,  # noqa: F401
-                           GraphError, InstallError, ShapeError)
+                           GraphError, InstallError, OutputError, ShapeError)
 
 
 def _require_installed():

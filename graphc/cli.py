@@ -49,15 +49,10 @@ def _zoo_names():
 
 
 def load_model(spec, **kwargs):
-    """graphc.models.load with errors as one line: a user's model file that fails to run is reported
-    as 'cannot load MODEL: <exception>' (use --debug for the traceback)."""
+    """graphc.models.load: a user's model file that fails to run is one GraphError line
+    ('cannot load model MODEL: <exception>'; --debug shows the traceback), in every verb."""
     from graphc import models
-    try:
-        return models.load(spec, **kwargs)
-    except (GraphError, FileNotFoundError):
-        raise
-    except Exception as e:   # noqa: BLE001 - the user's own code raised
-        raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
+    return models.load(spec, **kwargs)
 
 
 def _model_basename(spec):
@@ -258,7 +253,7 @@ def main(argv=None) -> int:
             raise
         print(f"graphc: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except (GraphError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (GraphError, OSError) as e:         # OSError: any file the verb could not read or write
         if debug:
             raise
         print(f"graphc: error: {_one_line(_describe(e))}", file=sys.stderr)

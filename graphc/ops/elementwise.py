@@ -100,9 +100,10 @@ elementwise("mul", "a0 * a1", np.multiply, _mul_grad, "mul gate: swap multiplier
             torch=_torch("mul"))
 elementwise("copy", "a0", np.copy, _copy_grad, "copy (fan-out) gate: gradient adder", flops_per=0, alias=True,
             torch=_torch_same)
-elementwise("max", "a0 if a0 > a1 else a1", np.maximum, _max_grad,
+# numpy's NaN rule (np.maximum propagates NaN): "a0 != a0" is the NaN test; relu's "not a0 <= 0" is true for NaN.
+elementwise("max", "a0 if (a0 > a1 or a0 != a0) else a1", np.maximum, _max_grad,
             "max gate: gradient router (ties to the second input)", commutative=True, torch=_torch("maximum"))
-elementwise("relu", "a0 if a0 > 0 else 0.0", lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
+elementwise("relu", "a0 if not a0 <= 0.0 else 0.0", lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
             _relu_grad, "relu(x) = max(x, 0): the max gate routing to x where x > 0",
             torch=lambda F, torch, ins, a, ctx: F.relu(ins[0]))
 
