@@ -184,7 +184,10 @@ def names():
 
 
 def load(spec, **kwargs) -> Graph:
-    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph."""
+    """A zoo name ("lenet5"), "path/to/file.py:function" returning a Graph, or "model.onnx"."""
+    if str(spec).lower().endswith(".onnx"):
+        from graphc.onnx.cli import load_model
+        return load_model(spec, **kwargs)
     if spec in ZOO:
         return ZOO[spec](**kwargs)
     if ":" in spec:
