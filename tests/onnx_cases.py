@@ -233,6 +233,91 @@ def run_folder_case(name, backend="reference"):
     return result
 
 
+# --- light/: real architectures, weights made random ----------------------------------------------
+
+LIGHT = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
+         "vgg19", "zfnet512")
+
+
+def light_path(name):
+    import onnx
+    return os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")
+
+
+def _weight(rng, consumer, slot, shape):
+    """A seeded random weight for input `slot` of `consumer`, scaled to keep activations O(1)."""
+    op = consumer.op_type if consumer is not None else ""
+    n = int(np.prod(shape))
+    if (op == "Conv" and slot == 1) or (op == "Gemm" and slot == 1):
+        fan_in = n // shape[0] if op == "Conv" else shape[-1]
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
+    if op == "BatchNormalization" and slot == 4:          # running variance
+        return rng.uniform(1.0, 2.0, shape).astype(np.float32)
+    if (op == "BatchNormalization" and slot == 1) or op == "Mul":   # scales: residual sums stay O(1)
+        return rng.uniform(0.2, 0.6, shape).astype(np.float32)
+    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def randomized(model, seed=0):
+    """The model with every ConstantOfShape weight (all 0.02 in the wheel) replaced by a seeded random
+    initializer, and the logits (the final Softmax's input) added as an output."""
+    import onnx
+    from onnx import helper, numpy_helper
+    rng = np.random.default_rng(seed)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+    users = {}
+    for n in m.graph.node:
+        for k, i in enumerate(n.input):
+            users.setdefault(i, (n, k))
+    keep, new_inits, dropped = [], [], set()
+    for n in m.graph.node:
+        if n.op_type != "ConstantOfShape":
+            keep.append(n)
+            continue
+        shape = tuple(int(d) for d in numpy_helper.to_array(inits[n.input[0]]))
+        consumer, slot = users.get(n.output[0], (None, 0))
+        new_inits.append(numpy_helper.from_array(_weight(rng, consumer, slot, shape), n.output[0]))
+        dropped.add(n.input[0])
+    del m.graph.node[:]
+    m.graph.node.extend(keep)
+    rest = [t for t in m.graph.initializer if t.name not in dropped]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(rest + new_inits)
+    inputs = [v for v in m.graph.input if v.name not in dropped]      # IR 3 lists initializers as inputs
+    del m.graph.input[:]
+    m.graph.input.extend(inputs)
+    soft = [n for n in keep if n.op_type == "Softmax" and n.output[0] in {o.name for o in m.graph.output}]
+    if soft:
+        m.graph.output.append(helper.make_empty_tensor_value_info(soft[0].input[0]))
+    return m
+
+
+def run_light(name, backend="reference", seed=0):
+    """{'status', 'detail', 'errors': {output: (max abs error, max |reference|)}} for a light model with
+    random weights, graphc (backend) against onnxruntime on one seeded image."""
+    import graphc as gc
+    from graphc.onnx import UnsupportedOnnx
+    from graphc.onnx.peer import run_onnxruntime
+    import onnx
+    model = randomized(onnx.load(light_path(name)), seed)
+    try:
+        g = gc.onnx.load(model)
+    except UnsupportedOnnx as e:
+        return {"status": "waits" if e.waits_for else "unsupported", "detail": str(e), "errors": {}}
+    x = np.random.default_rng(seed + 1).standard_normal(g[g.inputs[0]].shape).astype(np.float32)
+    outs = [o.name for o in model.graph.output]
+    got = gc.compile(g, backend=backend, keep=outs).run({g.inputs[0]: x}, outputs=outs)
+    ref = run_onnxruntime(model, {g.inputs[0]: x})["outputs"]
+    errors, ok = {}, True
+    for o in outs:
+        scale = float(np.max(np.abs(ref[o])))
+        errors[o] = (float(np.max(np.abs(got[o] - ref[o]))), scale)
+        ok &= bool(np.allclose(got[o], ref[o], rtol=1e-3, atol=1e-4 * scale))
+    return {"status": "pass" if ok else "fail", "detail": "", "errors": errors}
+
+
 def run_all(backend="reference"):
     return {name: run_case(name, backend) for name in node_cases()}
 

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from graphc.onnx.map_elementwise import floats
-from graphc.onnx.registry import onnx_op
+from graphc.onnx.registry import graph_has, onnx_op
 
 
 def int_or_pair(p):
@@ -204,27 +204,39 @@ def maxpool(ctx):
     return [finish(ctx, g.maxpool(xp, size, strides, name=out_name(ctx))), None]
 
 
+def _divisors(n, k, s, pb, pe, extra, include):
+    """How many elements each output position of an average pool divides by, along one dim: the
+    window's overlap with the input (count_include_pad=0) or with the padded input (=1); the extra
+    padding of ceil_mode never counts."""
+    lo, hi = (-pb, n + pe) if include else (0, n)
+    out = (n + pb + pe + extra - k) // s + 1
+    return np.array([min(i * s - pb + k, hi) - max(i * s - pb, lo) for i in range(out)], dtype=np.float64)
+
+
 @onnx_op("AveragePool")
 def avgpool(ctx):
+    """Exact for every padding and ceil_mode: issue 12's avgpool(pad, ceil_mode, count_include_pad) where
+    it exists and fits (symmetric pads of at most half the window), else a zero pad2d, graphc's avgpool
+    and a constant per-position factor window size / divisor."""
     x = as_2d(ctx, floats(ctx, 0)[0], "pooling")
     include = int(ctx.attr("count_include_pad", 0))
-    size, strides, pads, (eh, ew) = pool_geometry(ctx, x)
+    size, strides, (t, b, l, r), (eh, ew) = pool_geometry(ctx, x)
     g = ctx.g
-    if include and any(pads):
-        x = g.pad2d(x, pads, value=0.0, name=ctx.tmp("pad"))
-        pads = (0, 0, 0, 0)
-    kw = {}
-    if any(pads):
-        t, b, l, r = pads
-        if t != b or l != r:
-            ctx.unsupported(f"asymmetric pads {pads} with count_include_pad=0: graphc's average pool pads "
-                            "both sides alike", attribute="pads")
-        ctx.need("avgpool", "count_include_pad", attribute="count_include_pad")
-        kw.update(pad=int_or_pair((t, l)), count_include_pad=False)
-    if eh or ew:
-        ctx.need("avgpool", "ceil_mode", attribute="ceil_mode")
-        kw["ceil_mode"] = True
-    return finish(ctx, g.avgpool(x, size, strides, name=out_name(ctx), **kw))
+    if not (eh or ew) and (include or not any((t, b, l, r))):
+        if any((t, b, l, r)):
+            x = g.pad2d(x, (t, b, l, r), value=0.0, name=ctx.tmp("pad"))
+        return finish(ctx, g.avgpool(x, size, strides, name=out_name(ctx)))
+    if t == b and l == r and max(t, l) <= min(size) // 2 and graph_has("avgpool", "count_include_pad") \
+            and graph_has("avgpool", "ceil_mode"):
+        return finish(ctx, g.avgpool(x, size, strides, pad=int_or_pair((t, l)), ceil_mode=bool(eh or ew),
+                                     count_include_pad=bool(include), name=out_name(ctx)))
+    (n_h, n_w), (k_h, k_w) = x.shape[2:], size
+    d_h = _divisors(n_h, k_h, strides[0], t, b, eh, include)
+    d_w = _divisors(n_w, k_w, strides[1], l, r, ew, include)
+    factor = (k_h * k_w) / (d_h[:, None] * d_w[None, :])
+    y = g.avgpool(g.pad2d(x, (t, b + eh, l, r + ew), value=0.0, name=ctx.tmp("pad")), size, strides,
+                  name=ctx.tmp("avgpool"))
+    return finish(ctx, g.mul(y, g.const(factor[None, None], name=ctx.tmp("divisors")), name=out_name(ctx)))
 
 
 @onnx_op("GlobalAveragePool")
