@@ -186,7 +186,7 @@ def reduce(ex, name, nd):
     x = nd["inputs"][0]
     axes, keep = [int(a) for a in nd["attrs"]["axes"]], int(nd["attrs"]["keepdims"])
     op = "ReduceSum" if nd["op"] == "sum" else "ReduceMean"
-    if op == "ReduceSum" or ex.opset >= 18:
+    if ex.opset >= (13 if op == "ReduceSum" else 18):           # axes became an input
         ex.emit(op, [x, ex.const(axes, name + "/axes", np.int64)], name, keepdims=keep)
     else:
         ex.emit(op, [x], name, axes=axes, keepdims=keep)
@@ -245,7 +245,11 @@ def pad2d(ex, name, nd):
 
 @exports("softmax")
 def softmax(ex, name, nd):
-    ex.emit("Softmax", nd["inputs"], name, axis=int(nd["attrs"]["axis"]))
+    """Before opset 13 Softmax flattens the dims from `axis` on: the same only for the last axis."""
+    axis = int(nd["attrs"]["axis"])
+    if ex.opset < 13 and axis != len(nd["shape"]) - 1:
+        raise GraphError(f"softmax {name!r} over axis {axis} of {len(nd['shape'])} needs opset >= 13")
+    ex.emit("Softmax", nd["inputs"], name, axis=axis)
 
 
 # --- the CNN op set of issue 12 ------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from graphc.errors import GraphError
 from graphc.onnx.importer import onnx_module
 
 DEFAULT_OPSET = 17
-MIN_NATIVE_OPSET = 13          # written natively from here; older opsets by onnx.version_converter
+MIN_OPSET = 11                 # Pad, Clip and Slice take their pads, bounds and ranges as inputs from 11
 LOSS_OPS = ("softmax_cross_entropy", "cross_entropy", "mse", "bce_with_sigmoid")
 ELEM_TYPES = {"float32": 1, "float64": 11, "int64": 7, "int32": 6}
 
@@ -135,16 +135,9 @@ def to_model(graph_or_exe, opset=None, outputs=None):
     g, values, dtype = _source(graph_or_exe)
     newest = onnx.defs.onnx_opset_version()
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    if not 7 <= opset <= newest:
-        raise GraphError(f"opset must be between 7 and {newest} (this onnx package's newest), got {opset}")
-    model = Exporter(g, values, dtype, max(opset, MIN_NATIVE_OPSET)).build(export_outputs(g, outputs))
-    if opset < MIN_NATIVE_OPSET:
-        from onnx import version_converter
-        try:
-            model = version_converter.convert_version(model, opset)
-        except Exception as e:   # noqa: BLE001 - the converter raises bare RuntimeErrors
-            raise GraphError(f"cannot write opset {opset}: onnx.version_converter failed ({e}); "
-                             f"use opset >= {MIN_NATIVE_OPSET}") from e
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphError(f"opset must be between {MIN_OPSET} and {newest} (this onnx package's newest), got {opset}")
+    model = Exporter(g, values, dtype, opset).build(export_outputs(g, outputs))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:   # noqa: BLE001 - onnx's ValidationError / InferenceError
@@ -155,8 +148,7 @@ def to_model(graph_or_exe, opset=None, outputs=None):
 def save(graph_or_exe, path, opset=None, outputs=None):
     """Writes the inference graph of a Graph or an executable (its current weights) to `path` as ONNX.
 
-    opset: the ONNX opset (default 17; 13 and newer are written natively, 7-12 converted down by
-    onnx.version_converter). outputs: value names to output (default: the non-loss outputs, or the
+    opset: the ONNX opset (11 to the newest the onnx package knows; default 17). outputs: value names to output (default: the non-loss outputs, or the
     predictions the loss outputs take). Returns the ModelProto. The file is written atomically."""
     model = to_model(graph_or_exe, opset, outputs)
     path = os.fspath(path)

@@ -167,7 +167,11 @@ def split(ctx):
         ctx.unsupported("splits the batch dim, whose size graphc knows only at run time", attribute="axis")
     parts = len(ctx.node.output)
     sizes = ctx.attr("split") if ctx.opset < 13 else ctx.const(1)
-    ctx.attr("num_outputs")                    # the number of outputs, which the node lists anyway
+    num = ctx.attr("num_outputs")
+    if ctx.opset >= 18 and sizes is None and num is None:
+        ctx.unsupported("neither the split input nor num_outputs is given (required from opset 18)")
+    if num is not None and int(num) != parts:
+        ctx.unsupported(f"num_outputs={num} but the node lists {parts} outputs", attribute="num_outputs")
     if sizes is None:
         chunk = -(-n // parts)
         sizes = [chunk] * (parts - 1) + [n - chunk * (parts - 1)]
