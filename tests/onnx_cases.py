@@ -287,13 +287,11 @@ def _weight(rng, consumer, slot, shape):
 
 
 def randomized(model, seed=0):
-    """The model with every ConstantOfShape weight (all 0.02 in the wheel) replaced by a seeded random
-    initializer, and the logits (the final Softmax's input) added as an output."""
-    import onnx
+    """The model (changed in place) with every ConstantOfShape weight (all 0.02 in the wheel) replaced by
+    a seeded random initializer, and the logits (the final Softmax's input) added as an output."""
     from onnx import helper, numpy_helper
     rng = np.random.default_rng(seed)
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model
     inits = {t.name: t for t in m.graph.initializer}
     users = {}
     for n in m.graph.node:
