@@ -16,14 +16,8 @@ ZOO = ["mlp", "lenet5", "mnist_convnet", "codelab_cnn", "resnet_block", "resnet"
 
 
 def feeds_for(g, batch=2, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for n in g.inputs:
-        nd = g.nx.nodes[n]
-        shape = tuple(batch if isinstance(d, str) else d for d in nd["shape"])
-        out[n] = rng.integers(0, 10, shape) if nd["dtype"].startswith("int") else \
-            rng.standard_normal(shape).astype(np.float32)
-    return out
+    from graphc.rendering import example_feeds
+    return example_feeds(g, batch=batch, seed=seed)
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -66,14 +66,9 @@ def check_roundtrip(g, path, batch=2, seed=0):
     """One line: the largest difference between graphc on `g` and the ONNX file on a random batch."""
     from graphc.backends.reference import lower
     from graphc.onnx.exporter import export_outputs
-    rng = np.random.default_rng(seed)
+    from graphc.rendering import example_feeds
     outs = export_outputs(g)
-    feeds = {}
-    for n in g.inputs:
-        nd = g.nx.nodes[n]
-        shape = tuple(batch if isinstance(d, str) else d for d in nd["shape"])
-        feeds[n] = rng.integers(0, 2, shape) if nd["dtype"].startswith("int") else \
-            rng.standard_normal(shape).astype(g.dtype)
+    feeds = example_feeds(g, batch=batch, seed=seed)
     want = lower(g).run(feeds, outputs=outs)
     try:
         from graphc.onnx.peer import run_onnxruntime

@@ -150,10 +150,6 @@ class Ctx:
     def has(self, i):
         return i < len(self.node.input) and self.node.input[i] != ""
 
-    @property
-    def n_inputs(self):
-        return sum(1 for i in self.node.input if i)
-
     def entry(self, i):
         return self.imp.env[self.node.input[i]]
 
@@ -330,6 +326,8 @@ class Importer:
             raise
         except GraphError as e:
             raise type(e)(f"ONNX node {ctx.name!r} ({node.op_type}): {e}") from e
+        except Exception as e:   # noqa: BLE001 - a malformed node (a missing or mistyped attribute)
+            raise OnnxError(f"ONNX node {ctx.name!r} ({node.op_type}) cannot be read: {type(e).__name__}: {e}") from e
         unread = ctx.unread_attrs()
         if unread:
             ctx.unsupported("graphc's mapping does not honour this attribute", attribute=unread[0])
