@@ -287,3 +287,39 @@ def test_batched_matmul():
             gc.onnx.load(m)
         pytest.skip("waits for batched g.matmul (issue 12)")
     check(m, {"a": rand(2, 3, 4)})
+
+
+def test_torch_export_round_trip(tmp_path):
+    """A PyTorch CNN through torch.onnx.export (dynamic batch, x.view(x.size(0), -1), ceil-mode and
+    padding-excluding pools, a transposed conv) gives torch's outputs in graphc at any batch size."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.c1 = torch.nn.Conv2d(3, 6, 3, padding=1)
+            self.up = torch.nn.ConvTranspose2d(6, 4, 2, stride=2)
+            self.p1 = torch.nn.MaxPool2d(3, 2, ceil_mode=True)
+            self.p2 = torch.nn.AvgPool2d(3, 2, padding=1, count_include_pad=False)
+            self.fc = torch.nn.Linear(4 * 5 * 5, 7)
+            self.drop = torch.nn.Dropout(0.3)
+
+        def forward(self, x):
+            h = self.p2(self.p1(self.up(torch.relu(self.c1(x)))))
+            return torch.softmax(self.fc(self.drop(h.view(h.size(0), -1))), dim=1)
+
+    net = Net().eval()
+    path = tmp_path / "net.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, 9, 9),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "b"}})
+    g = gc.onnx.load(path)
+    exe = gc.compile(g)
+    for batch in (1, 4):
+        x = rand(batch, 3, 9, 9, seed=batch)
+        with torch.no_grad():
+            want = net(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(exe.run({"x": x})["y"], want, rtol=1e-4, atol=1e-6)
