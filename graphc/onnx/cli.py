@@ -15,15 +15,15 @@ from graphc.errors import GraphError
 
 
 def load_model(path, loss=True, **kwargs):
-    """A `.onnx` MODEL as the command line uses models: like the zoo's, with a softmax cross-entropy
-    loss (input "labels") when the model has one (batch, classes) output and loss is true."""
-    from graphc.onnx.importer import load
+    """A `.onnx` MODEL as the command line uses models: like the zoo's, with a loss when loss is true
+    and the model has one output: softmax cross-entropy (input "labels") for a (batch, classes) output,
+    else mean squared error (input "targets")."""
+    from graphc.onnx.importer import add_loss, load
     if kwargs:
         raise GraphError(f"an ONNX model takes no options {sorted(kwargs)} (they are the zoo's)")
     g = load(path)
-    if loss and len(g.outputs) == 1 and len(g[g.outputs[0]].shape) == 2:
-        from graphc.onnx.importer import add_loss
-        add_loss(g, "softmax_cross_entropy")
+    if loss and len(g.outputs) == 1:
+        add_loss(g, "softmax_cross_entropy" if len(g[g.outputs[0]].shape) == 2 else "mse")
     return g
 
 
@@ -54,8 +54,8 @@ def cmd_convert(args):
         raise GraphError(f"-o {args.output!r}: the output file must end in .onnx")
     g = models.load(args.model)
     model = save(g, args.output, opset=args.opset)
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in (1, 11))
-    print(f"wrote {args.output} ({len(model.graph.node)} nodes, {params:,} weights, "
+    params = sum(int(np.prod(g[n].shape)) for n in g.param_names)
+    print(f"wrote {args.output} ({len(model.graph.node)} nodes, {params:,} trainable parameters, "
           f"opset {model.opset_import[0].version})")
     if args.check:
         print(check_roundtrip(g, args.output))
