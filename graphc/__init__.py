@@ -41,7 +41,8 @@ def __getattr__(name):   # heavier pieces load on first use
     lazy = {"gradcheck": ("graphc.gradient_check", "gradcheck"), "summary": ("graphc.summarize", "summary"),
             "render": ("graphc.rendering", "render"), "models": ("graphc.models", None),
             "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None),
-            "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None)}
+            "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None),
+            "onnx": ("graphc.onnx", None)}
     if name in lazy:
         mod, attr = lazy[name]
         m = importlib.import_module(mod)

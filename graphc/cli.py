@@ -36,8 +36,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 MODEL_HELP = ("a zoo model (seed_cnn, mlp, lenet5, mnist_convnet, codelab_cnn, alexnet, vgg16, resnet, "
-              "inception, resnet18, mobilenet_v2, googlenet, ...) or path/to/file.py:function returning a "
-              "graphc.Graph")
+              "inception, resnet18, mobilenet_v2, googlenet, ...), path/to/file.py:function returning a "
+              "graphc.Graph, or model.onnx")
 
 
 def _zoo_names():
@@ -234,6 +234,9 @@ def build_parser():
                               "  graphc train lenet5 --epochs 10 --resume run.npz")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    from graphc.onnx.cli import add_convert_verb
+    add_convert_verb(sub, _Formatter)
     return top
 
 
@@ -246,7 +249,7 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "verb", None):
-            raise UsageError("choose a command: summary, render, bench or train (see `graphc --help`)")
+            raise UsageError("choose a command: summary, render, bench, train or convert (see `graphc --help`)")
         return int(args.func(args) or 0)
     except UsageError as e:
         if debug:

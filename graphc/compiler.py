@@ -45,7 +45,9 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     g = pipeline(g)
     import importlib
     mod = importlib.import_module(f"graphc.backends.{backend}")
-    return mod.lower(g, dtype=dtype, pipeline=pipeline, **options)
+    exe = mod.lower(g, dtype=dtype, pipeline=pipeline, **options)
+    exe.source = graph          # the graph as the user built it (gc.onnx.save exports it)
+    return exe
 
 
 def _check_optimizer(optimizer):

@@ -390,11 +390,12 @@ class Graph:
         return self.add_node("leaky_relu", (x,), {"alpha": float(alpha)}, name=name)
 
     def clip(self, x, lo, hi, name=None):
-        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6)."""
+        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6). min(max(x, lo), hi)
+        as torch.clamp, numpy and ONNX: with lo > hi every element becomes hi."""
         lo = float("-inf") if lo is None else float(lo)
         hi = float("inf") if hi is None else float(hi)
-        if not lo <= hi:
-            raise GraphError(f"clip {name or ''}: lo={lo} must be <= hi={hi}")
+        if lo != lo or hi != hi:
+            raise GraphError(f"clip {name or ''}: bounds must be numbers or None, got lo={lo}, hi={hi}")
         return self.add_node("clip", (x,), {"lo": lo, "hi": hi}, name=name)
 
     def prelu(self, x, slope, name=None):

@@ -201,9 +201,12 @@ def _accepted(fn, kwargs):
 
 
 def load(spec, **kwargs) -> Graph:
-    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph. kwargs (e.g. seed) are
+    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph, or "model.onnx". kwargs (e.g. seed) are
     passed on when the function takes them. A user's file or function that raises is one GraphError
     line ("cannot load model ...: ValueError: ..."), the traceback chained for --debug."""
+    if isinstance(spec, str) and spec.lower().endswith(".onnx"):
+        from graphc.onnx.cli import load_model
+        return load_model(spec, **kwargs)
     if not isinstance(spec, str):
         raise GraphError(f"MODEL must be a zoo name or path/to/file.py:function, got {type(spec).__name__}")
     if spec in ZOO:

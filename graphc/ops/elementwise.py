@@ -257,7 +257,8 @@ elementwise("leaky_relu", "a0 if a0 > 0 else {alpha} * a0", _leaky_relu, _leaky_
 elementwise("prelu", "a0 if a0 > 0 else a1 * a0", _prelu, _prelu_grad,
             "x where x > 0, else slope * x with a learned slope (per channel, broadcast)",
             torch=lambda F, torch, ins, a, ctx: torch.where(ins[0] > 0, ins[0], ins[1] * ins[0]))
-elementwise("clip", "{lo} if a0 < {lo} else ({hi} if a0 > {hi} else a0)", _clip, _clip_grad,
+# min(max(x, lo), hi): NaN passes through both tests; lo > hi gives hi everywhere (torch, numpy, ONNX)
+elementwise("clip", "({hi} if ({lo} if a0 < {lo} else a0) > {hi} else ({lo} if a0 < {lo} else a0))", _clip, _clip_grad,
             "x clamped to [lo, hi] (relu6 = clip(x, 0, 6))", attrs={"lo": float("-inf"), "hi": float("inf")},
             torch=lambda F, torch, ins, a, ctx: torch.clamp(ins[0], a["lo"], a["hi"]))
 elementwise("silu", "a0 * (0.5 * (math.tanh(0.5 * a0) + 1.0))", _silu, _silu_grad,
