@@ -5,7 +5,7 @@
     exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
 """
 from graphc.errors import (BackendError, CheckpointError, DataError, DistributedError, DTypeError,  # noqa: F401
-                           FeedError, GradError, GraphError, InstallError, ShapeError)
+                           FeedError, GradError, GraphError, InstallError, OutputError, ShapeError)
 
 
 def _require_installed():
@@ -42,7 +42,7 @@ def __getattr__(name):   # heavier pieces load on first use
             "render": ("graphc.rendering", "render"), "models": ("graphc.models", None),
             "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None),
             "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None),
-            "distributed": ("graphc.distributed", None)}
+            "distributed": ("graphc.distributed", None), "onnx": ("graphc.onnx", None)}
     if name in lazy:
         mod, attr = lazy[name]
         m = importlib.import_module(mod)

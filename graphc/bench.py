@@ -365,8 +365,16 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
               json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
     """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
     (and optionally writes to json_path) the results dict described in the module doc."""
+    from graphc.errors import GraphError
+    from graphc.files import check_writable
     out = out or sys.stdout
-    batch = int(batch or DEFAULT_BATCH)
+    if batch is None:
+        batch = DEFAULT_BATCH
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise GraphError(f"batch must be a positive integer, got {batch!r}")
+    batch = int(batch)
+    if json_path:
+        json_path = check_writable(json_path, "benchmark JSON")     # before the benchmark, not after
     compare = [c for c in (compare or ()) if c]
     repeats = int(repeats or (20 if batch >= 16 else 100))
     mode = "train" if train else "infer"
@@ -443,8 +451,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if not quiet:
         print(report(result), file=out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        from graphc.files import atomic_write
+        atomic_write(json_path, lambda f: json.dump(result, f, indent=1, default=str), "benchmark JSON", binary=False)
     return result
 
 

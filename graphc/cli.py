@@ -36,8 +36,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 MODEL_HELP = ("a zoo model (seed_cnn, mlp, lenet5, mnist_convnet, codelab_cnn, alexnet, vgg16, resnet, "
-              "inception, resnet18, mobilenet_v2, googlenet, ...) or path/to/file.py:function returning a "
-              "graphc.Graph")
+              "inception, resnet18, mobilenet_v2, googlenet, ...), path/to/file.py:function returning a "
+              "graphc.Graph, or model.onnx")
 
 
 def _zoo_names():
@@ -49,15 +49,10 @@ def _zoo_names():
 
 
 def load_model(spec, **kwargs):
-    """graphc.models.load with errors as one line: a user's model file that fails to run is reported
-    as 'cannot load MODEL: <exception>' (use --debug for the traceback)."""
+    """graphc.models.load: a user's model file that fails to run is one GraphError line
+    ('cannot load model MODEL: <exception>'; --debug shows the traceback), in every verb."""
     from graphc import models
-    try:
-        return models.load(spec, **kwargs)
-    except (GraphError, FileNotFoundError):
-        raise
-    except Exception as e:   # noqa: BLE001 - the user's own code raised
-        raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
+    return models.load(spec, **kwargs)
 
 
 def _model_basename(spec):
@@ -250,6 +245,9 @@ def build_parser():
                               "  mpiexec -n 4 graphc train resnet --batch 64     # 4 ranks x 64 = global batch 256")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    from graphc.onnx.cli import add_convert_verb
+    add_convert_verb(sub, _Formatter)
     return top
 
 
@@ -262,14 +260,14 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "verb", None):
-            raise UsageError("choose a command: summary, render, bench or train (see `graphc --help`)")
+            raise UsageError("choose a command: summary, render, bench, train or convert (see `graphc --help`)")
         return int(args.func(args) or 0)
     except UsageError as e:
         if debug:
             raise
         print(f"graphc: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except (GraphError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (GraphError, OSError) as e:         # OSError: any file the verb could not read or write
         if debug:
             raise
         print(f"graphc: error: {_one_line(_describe(e))}", file=sys.stderr)

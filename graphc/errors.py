@@ -25,6 +25,11 @@ class CheckpointError(GraphError):
     """A checkpoint that does not match the graph it is loaded into."""
 
 
+class OutputError(GraphError):
+    """An output file (checkpoint, rendering, benchmark JSON) that cannot be written: a missing or
+    read-only directory, a full disk, no permission."""
+
+
 class BackendError(GraphError):
     """A backend that cannot run here (no GPU, no simulator) or an op it has no kernel for."""
 

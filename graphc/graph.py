@@ -28,6 +28,18 @@ from graphc.errors import DTypeError, GraphError, ShapeError
 from graphc.init import INITS, initial_value
 
 DTYPES = ("float32", "float64", "int64", "int32")
+#: Names the step counter and checkpoint metadata use in state dicts and checkpoint files.
+RESERVED_NAMES = ("__step__", "__meta__")
+
+
+def _what(op, name):
+    """How a definition error names the node being made: "conv 'c1'", or "conv" when unnamed."""
+    return f"{op} {name!r}" if name else op
+
+
+def _check_name(kind, name):
+    if not isinstance(name, str) or not name:
+        raise GraphError(f"{kind} names must be non-empty strings, got {name!r}")
 
 
 class _Lazy:
@@ -137,6 +149,8 @@ class Graph:
     def __init__(self, name="graph", seed=0, dtype="float32"):
         if dtype not in ("float32", "float64"):
             raise DTypeError(f"graph dtype must be float32 or float64, got {dtype!r}")
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"graph seed must be a non-negative integer, got {seed!r}")
         self.name = name
         self.seed = seed
         self.dtype = dtype
@@ -243,9 +257,11 @@ class Graph:
         in_vals = [self._value(v) for v in inputs]
         if name is None:
             name = self.fresh_name(op)
-        elif not isinstance(name, str) or not name:
-            raise GraphError(f"node names must be non-empty strings, got {name!r}")
-        elif name in self.nx:
+        else:
+            _check_name("node", name)
+        if name in RESERVED_NAMES:
+            raise GraphError(f"name {name!r} is reserved (state dicts and checkpoints use it); choose another name")
+        if name in self.nx:
             raise GraphError(f"name {name!r} is already used in graph {self.name!r} "
                              f"(by a {self.nx.nodes[name]['op']} node); names must be unique")
         view = Node(self, name, op, [v.name for v in in_vals], attrs)
@@ -260,30 +276,61 @@ class Graph:
         return Value(self, name)
 
     # ------------------------------------------------------------------ sources
-    def input(self, name, shape, dtype="float32") -> Value:
-        """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs."""
-        if dtype not in DTYPES:
-            raise DTypeError(f"input {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
-        shape = tuple("N" if d is None else d for d in shape)
-        for d in shape:
-            if not (isinstance(d, str) or (isinstance(d, int) and d > 0)):
-                raise ShapeError(f"input {name!r}: dims must be positive ints or None (batch), got {shape}")
+    def _declared_dtype(self, what, dtype, allowed=DTYPES):
+        """The dtype a source declares. Every float value of a graph has the graph's float dtype (a
+        backend computes in one precision, and compile(dtype=...) switches all of them together), so a
+        float dtype other than the graph's is refused here rather than silently cast."""
+        try:
+            name = self.dtype if dtype is None else str(np.dtype(dtype))
+        except TypeError:
+            name = None
+        ok = name in ("float32", "float64") or (name in allowed if allowed else
+                                                  name is not None and np.dtype(name).kind in "iub")
+        if not ok:
+            raise DTypeError(f"{what}: dtype must be one of {allowed or DTYPES}, got {dtype!r}")
+        dtype = name
+        if dtype.startswith("float") and dtype != self.dtype:
+            raise DTypeError(f"{what} is declared {dtype} in a {self.dtype} graph; every float value of a graph has "
+                             f"the graph's dtype. Fix: gc.Graph(dtype={dtype!r}) or compile(..., dtype={dtype!r}), "
+                             "or drop dtype= (fed data is cast)")
+        return dtype
+
+    @staticmethod
+    def _shape_arg(what, shape, symbolic=False):
+        """A declared shape: a tuple/list of positive ints (and, for inputs, None/str batch dims)."""
+        if not isinstance(shape, (tuple, list)):
+            raise ShapeError(f"{what}: shape must be a tuple of dims, e.g. (None, 1, 28, 28), got {shape!r}")
+        out = tuple("N" if (d is None and symbolic) else d for d in shape)
+        for d in out:
+            if not ((symbolic and isinstance(d, str) and d) or (shapes.is_int(d) and d > 0)):
+                kind = "positive ints or None (the batch dim)" if symbolic else "positive ints"
+                raise ShapeError(f"{what}: dims must be {kind}, got {tuple(shape)!r}")
+        return tuple(d if isinstance(d, str) else int(d) for d in out)
+
+    def input(self, name, shape, dtype=None) -> Value:
+        """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs.
+        dtype: the graph's float dtype (default) or an integer dtype (class labels)."""
+        _check_name("input", name)
+        dtype = self._declared_dtype(f"input {name!r}", dtype)
+        shape = self._shape_arg(f"input {name!r}", shape, symbolic=True)
         return self.add_node("input", (), {"shape": shape, "dtype": dtype}, name=name)
 
     def param(self, name, shape=None, init="he", value=None, trainable=True, scale=None, dtype=None) -> Value:
         """A parameter with an initialiser (zeros, ones, constant, uniform, normal, he, glorot, torch)
         or a given value. trainable=False makes it graph state (optimizer moments, step count)."""
-        dtype = dtype or self.dtype
+        _check_name("param", name)
+        dtype = self._declared_dtype(f"param {name!r}", dtype)
         if value is not None:
-            arr = np.array(value, dtype=dtype)
-            if shape is not None and tuple(shape) != arr.shape:
+            try:
+                arr = np.array(value, dtype=dtype)
+            except (TypeError, ValueError) as e:
+                raise DTypeError(f"param {name!r}: value is not {dtype} numbers ({e})") from None
+            if shape is not None and tuple(self._shape_arg(f"param {name!r}", shape)) != arr.shape:
                 raise ShapeError(f"param {name!r}: value has shape {arr.shape} but shape={tuple(shape)} was given")
         else:
             if shape is None:
                 raise ShapeError(f"param {name!r} needs a shape or a value")
-            shape = tuple(int(d) for d in shape)
-            if any(d <= 0 for d in shape):
-                raise ShapeError(f"param {name!r}: dims must be positive ints, got {shape}")
+            shape = self._shape_arg(f"param {name!r}", shape)
             seed = self.seed
             arr = _Lazy(lambda: initial_value(name, shape, dtype, init, seed, scale))
             if init not in INITS:
@@ -298,7 +345,11 @@ class Graph:
         arr = np.asarray(value)
         if dtype is None:
             dtype = str(arr.dtype) if arr.dtype.kind in "iu" else self.dtype
-        arr = arr.astype(dtype)
+        dtype = self._declared_dtype(_what("const", name), dtype, allowed=None)
+        try:
+            arr = arr.astype(dtype)
+        except (TypeError, ValueError) as e:
+            raise DTypeError(f"{_what('const', name)}: value is not {dtype} numbers ({e})") from None
         return self.add_node("const", (), {"shape": arr.shape, "dtype": dtype, "value": arr}, name=name)
 
     def scalar(self, x, dtype=None) -> Value:
@@ -339,11 +390,12 @@ class Graph:
         return self.add_node("leaky_relu", (x,), {"alpha": float(alpha)}, name=name)
 
     def clip(self, x, lo, hi, name=None):
-        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6)."""
+        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6). min(max(x, lo), hi)
+        as torch.clamp, numpy and ONNX: with lo > hi every element becomes hi."""
         lo = float("-inf") if lo is None else float(lo)
         hi = float("inf") if hi is None else float(hi)
-        if not lo <= hi:
-            raise GraphError(f"clip {name or ''}: lo={lo} must be <= hi={hi}")
+        if lo != lo or hi != hi:
+            raise GraphError(f"clip {name or ''}: bounds must be numbers or None, got lo={lo}, hi={hi}")
         return self.add_node("clip", (x,), {"lo": lo, "hi": hi}, name=name)
 
     def prelu(self, x, slope, name=None):
@@ -392,17 +444,18 @@ class Graph:
         (groups == C: depthwise), dilation spaces the filter taps. pad: int, (ph, pw), (top, bottom,
         left, right), 'valid' or 'same'."""
         x, w = self._value(x), self._value(w)
-        st = shapes.pair(stride, "stride")
-        dil = shapes.pair(dilation, "dilation")
-        if min(st) < 1 or min(dil) < 1 or not isinstance(groups, int) or groups < 1:
-            raise ShapeError(f"conv {name or ''}: stride {st}, dilation {dil} and groups {groups!r} must be "
-                             "positive ints")
+        st = shapes.pair(stride, f"{_what('conv', name)} stride", minimum=1)
+        dil = shapes.pair(dilation, f"{_what('conv', name)} dilation", minimum=1)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ShapeError(f"{_what('conv', name)}: groups must be a positive int, got {groups!r}. Fix: groups=1, "
+                             "or a common divisor of the input channels and the filters")
         if pads is None:
             if len(x.shape) != 4 or len(w.shape) != 4:
-                raise ShapeError(f"conv {name or ''}: input {shapes.fmt(x.shape)} and filters "
+                raise ShapeError(f"{_what('conv', name)}: input {shapes.fmt(x.shape)} and filters "
                                  f"{shapes.fmt(w.shape)} must both be 4-D (NCHW input, KCHW filters)")
             extent = tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dil))
             pads = shapes.conv_pads(pad, x.shape[2:], extent, st)
+        pads = shapes.pads4(pads, f"{_what('conv', name)} padding")
         ins = (x, w) if b is None else (x, w, b)
         return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads), "dilation": dil,
                                            "groups": groups}, name=name)
@@ -418,8 +471,8 @@ class Graph:
                                                   "groups": int(groups)}, name=name)
 
     def _pool_attrs(self, size, stride):
-        size = shapes.pair(size, "pool size")
-        return {"size": size, "stride": shapes.pair(stride, "pool stride") if stride is not None else size}
+        size = shapes.pair(size, "pool size", minimum=1)
+        return {"size": size, "stride": shapes.pair(stride, "pool stride", minimum=1) if stride is not None else size}
 
     def _padded_pool(self, op, x, size, stride, pad, ceil_mode, name, fill):
         """The pool's input padded by `fill` for torch's padding and ceil mode; returns it with the
@@ -539,7 +592,14 @@ class Graph:
     def expand_like(self, x, like, name=None): return self.add_node("expand_like", (x, like), name=name)
 
     def reshape(self, x, shape, name=None):
+        """Reshape; dims are positive ints, one -1 (inferred) and the symbolic batch dim (None)."""
+        if not isinstance(shape, (tuple, list)):
+            raise ShapeError(f"{_what('reshape', name)}: the target shape must be a tuple, got {shape!r}")
         shape = tuple("N" if d is None else d for d in shape)
+        if not all((isinstance(d, str) and d) or (shapes.is_int(d) and (d > 0 or d == -1)) for d in shape):
+            raise ShapeError(f"{_what('reshape', name)}: target dims must be positive ints, one -1 (inferred) or None "
+                             f"(the batch dim), got {shape}")
+        shape = tuple(d if isinstance(d, str) else int(d) for d in shape)
         return self.add_node("reshape", (x,), {"shape": shape}, name=name)
 
     def reshape_like(self, x, like, name=None): return self.add_node("reshape_like", (x, like), name=name)
@@ -551,17 +611,22 @@ class Graph:
 
     def transpose(self, x, axes=None, name=None):
         nd = len(self._value(x).shape)
-        axes = tuple(reversed(range(nd))) if axes is None else tuple(axes)
+        if axes is not None and not isinstance(axes, (tuple, list)):
+            raise ShapeError(f"{_what('transpose', name)}: axes must be a permutation tuple, got {axes!r}")
+        axes = tuple(reversed(range(nd))) if axes is None else \
+            tuple(shapes.norm_axis(a, nd, "transpose axis") for a in axes)
         return self.add_node("transpose", (x,), {"axes": axes}, name=name)
 
     def concat(self, values, axis=1, name=None):
         values = list(values)
         if not values:
             raise GraphError("concat needs at least one value")
-        axis %= len(self._value(values[0]).shape)
+        axis = shapes.norm_axis(axis, len(self._value(values[0]).shape), "concat axis")
         return self.add_node("concat", values, {"axis": axis}, name=name)
 
     def slice(self, x, axis, start, stop, name=None):
+        """x[start:stop] along one (non-batch) axis; 0 <= start < stop <= that dim."""
+        axis = shapes.norm_axis(axis, len(self._value(x).shape), "slice axis")
         return self.add_node("slice", (x,), {"axis": axis, "start": start, "stop": stop}, name=name)
 
     def unslice(self, g, like, axis, start, name=None):
@@ -571,18 +636,18 @@ class Graph:
         """Pads H and W by (top, bottom, left, right) (an int pads all four): mode "constant" (with
         value), "reflect" (mirrored without repeating the edge, torch's reflect; pads < the dim) or
         "edge" (the border repeated, torch's replicate)."""
-        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
+        pads = shapes.pads4(pads, "pad2d pads")
         return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value), "mode": mode}, name=name)
 
     def crop2d(self, x, pads, mode="constant", name=None):
         """Removes a border (pad2d's gradient). mode "reflect"/"edge": the border is added back onto
         the pixels it was copied from (the gradient of a reflect/edge pad)."""
-        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
+        pads = shapes.pads4(pads, "crop2d pads")
         return self.add_node("crop2d", (x,), {"pads": pads, "mode": mode}, name=name)
 
     # ------------------------------------------------------------------ softmax and losses
     def softmax(self, x, axis=-1, name=None):
-        axis %= len(self._value(x).shape)
+        axis = shapes.norm_axis(axis, len(self._value(x).shape), "softmax axis")
         return self.add_node("softmax", (x,), {"axis": axis}, name=name)
 
     def softmax_cross_entropy(self, logits, labels, name=None):
@@ -608,9 +673,11 @@ class Graph:
 
     def dropout(self, x, rate=0.5, seed=None, name=None):
         """Inverted dropout: identity at inference; in training a seeded mask (a node of its own)."""
-        if not 0.0 <= rate < 1.0:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise GraphError(f"dropout rate must be in [0, 1), got {rate}")
         seed = self.seed if seed is None else seed
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"dropout seed must be a non-negative integer, got {seed!r}")
         mask = self.add_node("dropout_mask", (x,), {"rate": float(rate), "seed": int(seed)},
                              name=None if name is None else name + ".mask")
         return self.mul(x, mask, name=name)

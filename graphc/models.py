@@ -8,6 +8,7 @@ mobilenet_v2, googlenet, vgg16_bn, squeezenet1_0) and the paper GoogLeNet are in
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import numpy as np
@@ -187,8 +188,27 @@ def names():
     return sorted(ZOO)
 
 
+def _accepted(fn, kwargs):
+    """The kwargs `fn` takes: a user's `def build():` gets no seed (it seeds its graph itself)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def load(spec, **kwargs) -> Graph:
-    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph."""
+    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph, or "model.onnx". kwargs (e.g. seed) are
+    passed on when the function takes them. A user's file or function that raises is one GraphError
+    line ("cannot load model ...: ValueError: ..."), the traceback chained for --debug."""
+    if isinstance(spec, str) and spec.lower().endswith(".onnx"):
+        from graphc.onnx.cli import load_model
+        return load_model(spec, **kwargs)
+    if not isinstance(spec, str):
+        raise GraphError(f"MODEL must be a zoo name or path/to/file.py:function, got {type(spec).__name__}")
     if spec in ZOO:
         return ZOO[spec](**kwargs)
     if ":" in spec:
@@ -197,10 +217,19 @@ def load(spec, **kwargs) -> Graph:
             raise GraphError(f"model file {path!r} not found (MODEL is a zoo name or path/to/file.py:function)")
         modspec = importlib.util.spec_from_file_location(f"graphc_user_model_{abs(hash(path))}", path)
         mod = importlib.util.module_from_spec(modspec)
-        modspec.loader.exec_module(mod)
-        if not hasattr(mod, fn):
+        try:
+            modspec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - the user's own code raised
+            raise GraphError(f"cannot load model {spec!r}: {path} raised {type(e).__name__}: {e}") from e
+        if not callable(getattr(mod, fn, None)):
             raise GraphError(f"{path} has no function {fn!r}")
-        g = getattr(mod, fn)(**kwargs)
+        fn = getattr(mod, fn)
+        try:
+            g = fn(**_accepted(fn, kwargs))
+        except GraphError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's own code raised
+            raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
         if not isinstance(g, Graph):
             raise GraphError(f"{spec} returned {type(g).__name__}, not a graphc.Graph")
         return g

@@ -59,6 +59,7 @@ import numpy as np
 
 from graphc import shapes
 from graphc.errors import GraphError
+from graphc.files import atomic_write, check_writable
 from graphc.render_values import compute_values, example_feeds, fmt_number, fmt_value, to_json  # noqa: F401
 
 FORMATS = ("svg", "png", "pdf", "dot", "json")
@@ -617,20 +618,18 @@ def _layout(source, path, fmt):
     engine = _engine()
     if engine is None:
         dot_path = os.path.splitext(path)[0] + ".dot"
-        with open(dot_path, "w") as f:
-            f.write(source)
+        atomic_write(dot_path, lambda f: f.write(source), "DOT source", binary=False)
         raise GraphError(f"cannot lay out {os.path.basename(path)}: no Graphviz layout engine found "
                          f"(neither pygraphviz nor a `dot` program); wrote the DOT source to {dot_path}. "
                          f"To render it, {ENGINE_HINT}")
     if engine == "pygraphviz":
         import pygraphviz
         with _quiet_fontconfig():
-            pygraphviz.AGraph(string=source).draw(path, prog="dot", format=fmt)
+            data = pygraphviz.AGraph(string=source).draw(None, prog="dot", format=fmt)
     else:
         import graphviz
         data = graphviz.pipe("dot", fmt, source.encode())
-        with open(path, "wb") as f:
-            f.write(data)
+    atomic_write(path, lambda f: f.write(data), "rendering")
 
 
 def _has_backward(g):
@@ -689,6 +688,8 @@ def render(graph, path=None, format=None, backward=False, layout="mirror", fused
             raise GraphError(f"{what}; choose one of {', '.join(FORMATS)} (format=... or the file's extension)")
     elif format is not None and format.lower() not in FORMATS:
         raise GraphError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if path is not None:
+        check_writable(path, "rendering")          # before the layout work, not after
 
     g = prepare(graph, backward, fused, layout)
     vals = None
@@ -713,15 +714,11 @@ def render(graph, path=None, format=None, backward=False, layout="mirror", fused
     dot = _emit(sc, title, layout, str(rankdir).upper(), has_backward)
     source = dot.source
     if path is not None:
-        d = os.path.dirname(path)
-        if d and not os.path.isdir(d):
-            raise GraphError(f"cannot write {path!r}: directory {d!r} does not exist")
         if fmt == "dot":
-            with open(path, "w") as f:
-                f.write(source)
+            atomic_write(path, lambda f: f.write(source), "rendering", binary=False)
         elif fmt == "json":
-            with open(path, "w") as f:
-                json.dump(to_json(g, vals), f, indent=1)
+            data = to_json(g, vals)
+            atomic_write(path, lambda f: json.dump(data, f, indent=1), "rendering", binary=False)
         else:
             _layout(source, path, fmt)
     return source

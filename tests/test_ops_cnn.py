@@ -180,8 +180,19 @@ def test_errors_name_the_node_and_the_fix():
             make()
         msg = str(e.value)
         assert all(w in msg for w in words), (words, msg)
-    with pytest.raises(gc.GraphError, match="lo=1.0 must be <= hi=0.0"):
-        g.clip(x, 1, 0)
+    with pytest.raises(gc.GraphError, match="bounds must be numbers"):
+        g.clip(x, float("nan"), 0)
+
+
+def test_clip_with_lo_above_hi_is_hi_everywhere_as_torch():
+    torch = pytest.importorskip("torch")
+    g = gc.Graph("clip_swapped", dtype="float64")
+    x = g.input("x", (None, 4), dtype="float64")
+    g.output(g.clip(x, 2.0, 1.0, name="y"))
+    v = np.array([[-3.0, 1.5, 2.5, np.nan]])
+    want = torch.clamp(torch.from_numpy(v), 2.0, 1.0).numpy()
+    for backend in ("reference", "numba"):
+        np.testing.assert_array_equal(gc.compile(g, backend=backend).run({"x": v})["y"], want)
 
 
 def test_batchnorm_training_needs_two_values_per_channel():

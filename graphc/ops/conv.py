@@ -130,6 +130,8 @@ def _conv_infer(node, in_types):
     if len(in_types) == 3 and tuple(in_types[2][0]) != (sw[0],):
         node.fail(ShapeError, f"bias shape {shapes.fmt(in_types[2][0])} must be ({sw[0]},), one per filter",
                   f"declare the bias as ({sw[0]},)")
+    if min(stride) < 1 or min(pads) < 0:
+        node.fail(ShapeError, f"stride {stride} must be positive and padding {pads} non-negative", "")
     ho, wo = out_hw(sx[2:], sw[2:], stride, pads, dil)
     if ho < 1 or wo < 1:
         what = f"filter {sw[2]}x{sw[3]}" + (f" dilated by {dil} (extent {effective(sw[2], dil[0])}x"

@@ -100,9 +100,10 @@ elementwise("mul", "a0 * a1", np.multiply, _mul_grad, "mul gate: swap multiplier
             torch=_torch("mul"))
 elementwise("copy", "a0", np.copy, _copy_grad, "copy (fan-out) gate: gradient adder", flops_per=0, alias=True,
             torch=_torch_same)
-elementwise("max", "a0 if a0 > a1 else a1", np.maximum, _max_grad,
+# numpy's NaN rule (np.maximum propagates NaN): "a0 != a0" is the NaN test; relu's "not a0 <= 0" is true for NaN.
+elementwise("max", "a0 if (a0 > a1 or a0 != a0) else a1", np.maximum, _max_grad,
             "max gate: gradient router (ties to the second input)", commutative=True, torch=_torch("maximum"))
-elementwise("relu", "a0 if a0 > 0 else 0.0", lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
+elementwise("relu", "a0 if not a0 <= 0.0 else 0.0", lambda x: np.maximum(x, 0).astype(x.dtype, copy=False),
             _relu_grad, "relu(x) = max(x, 0): the max gate routing to x where x > 0",
             torch=lambda F, torch, ins, a, ctx: F.relu(ins[0]))
 
@@ -256,7 +257,8 @@ elementwise("leaky_relu", "a0 if a0 > 0 else {alpha} * a0", _leaky_relu, _leaky_
 elementwise("prelu", "a0 if a0 > 0 else a1 * a0", _prelu, _prelu_grad,
             "x where x > 0, else slope * x with a learned slope (per channel, broadcast)",
             torch=lambda F, torch, ins, a, ctx: torch.where(ins[0] > 0, ins[0], ins[1] * ins[0]))
-elementwise("clip", "{lo} if a0 < {lo} else ({hi} if a0 > {hi} else a0)", _clip, _clip_grad,
+# min(max(x, lo), hi): NaN passes through both tests; lo > hi gives hi everywhere (torch, numpy, ONNX)
+elementwise("clip", "({hi} if ({lo} if a0 < {lo} else a0) > {hi} else ({lo} if a0 < {lo} else a0))", _clip, _clip_grad,
             "x clamped to [lo, hi] (relu6 = clip(x, 0, 6))", attrs={"lo": float("-inf"), "hi": float("inf")},
             torch=lambda F, torch, ins, a, ctx: torch.clamp(ins[0], a["lo"], a["hi"]))
 elementwise("silu", "a0 * (0.5 * (math.tanh(0.5 * a0) + 1.0))", _silu, _silu_grad,

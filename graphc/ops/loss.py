@@ -1,5 +1,8 @@
 """softmax and the losses. Losses are means over the batch (seeds' mini-batch definition).
 
+The reference evaluates each loss in float64 and rounds the result to the value's dtype (as the compiled
+kernels accumulate): a float32 intermediate must not overflow when the loss itself is representable.
+
 The softmax + cross-entropy pair has its own op whose gradient collapses to (O - y) / m (seeds/000);
 `softmax` followed by `cross_entropy` gives the same gradient through the generic rules (tested).
 """
@@ -22,7 +25,13 @@ def _softmax_grad(g, node, dy):
         return [g.mul(y, g.sub(dy, g.sum(g.mul(dy, y), axes=axis, keepdims=True)))]
 
 
-register(OpDef("softmax", lambda node, t: (t[0][0], _float_dtype(node, t)),
+def _softmax_infer(node, in_types):
+    if not 0 <= node.attrs["axis"] < len(in_types[0][0]):
+        node.fail(ShapeError, f"softmax axis {node.attrs['axis']} is out of range for {shapes.fmt(in_types[0][0])}", "")
+    return in_types[0][0], _float_dtype(node, in_types)
+
+
+register(OpDef("softmax", _softmax_infer,
                lambda ins, a, ctx: softmax_ref(ins[0], a["axis"]), _softmax_grad,
                flops=lambda i, o, a: 4 * int(np.prod(o)), doc="softmax along an axis",
                torch=lambda F, torch, ins, a, ctx: F.softmax(ins[0], dim=a["axis"])))
@@ -35,6 +44,17 @@ def labels_matrix(labels, k, dtype):
     out = np.zeros((labels.shape[0], k), dtype)
     out[np.arange(labels.shape[0]), labels] = 1
     return out
+
+
+def label_dot(labels, logp):
+    """sum over the batch of y . logp for int labels (the label's entry only) or one-hot/soft labels
+    (y == 0 where logp is -inf contributes 0, not 0 * -inf = NaN: a saturated softmax has loss 0; a NaN
+    still propagates)."""
+    if labels.ndim == 1:
+        return logp[np.arange(labels.shape[0]), labels].sum()
+    y = labels.astype(logp.dtype, copy=False)
+    with np.errstate(invalid="ignore"):
+        return np.where((y == 0) & np.isneginf(logp), 0, y * logp).sum()
 
 
 def _class_loss_infer(node, in_types):
@@ -54,10 +74,10 @@ def _class_loss_infer(node, in_types):
 
 def _sce_ref(inputs, attrs, ctx):
     z, labels = inputs
+    dt, z = z.dtype, z.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    y = labels_matrix(labels, z.shape[1], z.dtype)
-    return np.asarray(-(y * logp).sum() / z.shape[0], z.dtype)
+    return np.asarray(0.0 - label_dot(labels, logp) / z.shape[0], dt)    # 0.0 - : no -0.0
 
 
 def _sce_grad(g, node, dy):
@@ -122,14 +142,15 @@ register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_
 
 def _ce_ref(inputs, attrs, ctx):
     p, labels = inputs
-    y = labels_matrix(labels, p.shape[1], p.dtype)
-    return np.asarray(-(y * np.log(p)).sum() / p.shape[0], p.dtype)
+    with np.errstate(divide="ignore"):
+        return np.asarray(0.0 - label_dot(labels, np.log(p.astype(np.float64))) / p.shape[0], p.dtype)
 
 
 def _ce_grad_ref(inputs, attrs, ctx):
     p, labels, dy = inputs
     y = labels_matrix(labels, p.shape[1], p.dtype)
-    return (-(y / p) * (dy / p.shape[0])).astype(p.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where((y == 0) & (p == 0), 0, -(y / p)) * (dy / p.shape[0])).astype(p.dtype)   # as the loss
 
 
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
@@ -185,8 +206,8 @@ def eval_term(expr, *arrays):
 
 
 def _mean_loss_ref(inputs, attrs, ctx, term):
-    a, b = inputs
-    return np.asarray(np.mean(eval_term(term, a, b)), a.dtype)
+    a, b = inputs          # accumulated in float64, as the kernels do (a float32 partial sum can overflow)
+    return np.asarray(np.mean(eval_term(term, a.astype(np.float64), b)), a.dtype)
 
 
 def _mean_loss_grad_ref(inputs, attrs, ctx, term):

@@ -98,6 +98,8 @@ def _pool_infer(node, in_types):
     if len(s) != 4:
         node.fail(ShapeError, f"pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
     size, stride = node.attrs["size"], node.attrs["stride"]
+    if min(size) < 1 or min(stride) < 1:
+        node.fail(ShapeError, f"window {size} and stride {stride} must be positive", "")
     ho = shapes.window_out(s[2], size[0], stride[0])
     wo = shapes.window_out(s[3], size[1], stride[1])
     if ho < 1 or wo < 1:
@@ -128,7 +130,8 @@ def _pool_flops(in_shapes, out_shape, attrs):
 register(OpDef("maxpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).max(-1),
                _maxpool_grad, flops=_pool_flops, doc="max pooling",
                torch=lambda F, torch, ins, a, ctx: F.max_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
-register(OpDef("avgpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1),
+register(OpDef("avgpool", _pool_infer,      # means accumulate in float64, as the compiled kernels
+               lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1, dtype=np.float64).astype(ins[0].dtype),
                _avgpool_grad, flops=_pool_flops, doc="average pooling",
                torch=lambda F, torch, ins, a, ctx: F.avg_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
 
@@ -190,7 +193,8 @@ def _gap_spread_grad(g, node, dgrad):
         return [g.global_avgpool(dgrad), None]
 
 
-register(OpDef("global_avgpool", _global_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
+register(OpDef("global_avgpool", _global_infer,
+               lambda ins, a, ctx: ins[0].mean(axis=(2, 3), dtype=np.float64).astype(ins[0].dtype), _gap_grad,
                flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane",
                torch=lambda F, torch, ins, a, ctx: ins[0].mean(dim=(2, 3))))
 register(OpDef("global_avgpool_spread", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),

@@ -67,6 +67,8 @@ register(OpDef("transpose", _transpose_infer, lambda ins, a, ctx: np.ascontiguou
 def _concat_infer(node, in_types):
     axis = node.attrs["axis"]
     first = in_types[0][0]
+    if not 0 <= axis < len(first):
+        node.fail(ShapeError, f"concat axis {axis} is out of range for {shapes.fmt(first)}", "")
     for s, _ in in_types[1:]:
         if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != axis):
             node.fail(ShapeError, "concat inputs must agree on every dim but the concat axis: " +
@@ -96,8 +98,16 @@ register(OpDef("concat", _concat_infer, lambda ins, a, ctx: np.concatenate(ins, 
 def _slice_infer(node, in_types):
     s, dt = in_types[0]
     a = node.attrs
+    axis, start, stop = a["axis"], a["start"], a["stop"]
+    if not (shapes.is_int(axis) and 0 <= axis < len(s)):
+        node.fail(ShapeError, f"slice axis {axis!r} is out of range for {shapes.fmt(s)}", "")
+    if isinstance(s[axis], str):
+        node.fail(ShapeError, f"cannot slice along the symbolic batch dim {s[axis]}", "slice another axis")
+    if not (shapes.is_int(start) and shapes.is_int(stop) and 0 <= start < stop <= s[axis]):
+        node.fail(ShapeError, f"slice [{start!r}:{stop!r}] along axis {axis} of size {s[axis]} must have "
+                  f"0 <= start < stop <= {s[axis]}", "")
     out = list(s)
-    out[a["axis"]] = a["stop"] - a["start"]
+    out[axis] = stop - start
     return tuple(out), dt
 
 
@@ -163,8 +173,10 @@ def _pad_ref(inputs, attrs, ctx):
 def _crop_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
-    if len(s) != 4 or s[2] - t - b < 1 or s[3] - l - r < 1:
-        node.fail(ShapeError, f"cannot crop {node.attrs['pads']} from {shapes.fmt(s)}", "crop less")
+    if len(s) != 4 or min(t, b, l, r) < 0 or \
+            any(isinstance(d, int) and d - p < 1 for d, p in ((s[2], t + b), (s[3], l + r))):
+        node.fail(ShapeError, f"cannot crop {(t, b, l, r)} (top, bottom, left, right) from {shapes.fmt(s)}",
+                  "crop less than the height and width of an NCHW value")
     if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] - t - b or max(l, r) >= s[3] - l - r):
         node.fail(ShapeError, f"a reflect border {node.attrs['pads']} must be smaller than the "
                   f"{s[2] - t - b}x{s[3] - l - r} plane it came from", "crop less, or use mode='edge'")
