@@ -17,10 +17,12 @@ No collective waits forever: every wait polls its request with a deadline (``tim
 GRAPHC_MPI_TIMEOUT environment variable, default 60 s) and raises DistributedError naming the rank and
 the collective, so a rank that died or hung ends the job with an error, not a hang (mpiexec also ends
 the whole job at once when a rank is killed by a signal). After such an error the command line calls
-``abort_after_error()``, MPI_Abort, so no rank is left waiting.
+``abort_after_error()``, MPI_Abort, so no rank is left waiting; a Python script that met a timed-out
+collective calls MPI_Abort when its process exits.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -99,6 +101,7 @@ class Communicator:
             raise DistributedError(f"the collective timeout must be positive seconds, got {timeout!r}")
         self.timeout = float(timeout)
         self.stats = CommStats()
+        self.broken = False          # a collective timed out: MPI cannot be used (or finalised) any more
         self._pending = {}
         self._suspended = 0
         self.id = len(_GROUPS)
@@ -179,6 +182,7 @@ class Communicator:
                 continue                          # a reduction of a step is usually done within microseconds
             waited = time.monotonic() - t0
             if waited > timeout:
+                self.broken = True
                 raise DistributedError(
                     f"rank {self.rank} of {self.size}: {what} did not complete within {timeout:g} s: another "
                     "rank died, hung or runs a different program. Fix: look at the other ranks' errors; "
@@ -228,6 +232,12 @@ class MPIComm(Communicator):
         node.Free()
         self._ops = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         super().__init__(timeout)
+        atexit.register(self._abort_if_broken)     # (runs before mpi4py's MPI_Finalize, registered earlier)
+
+    def _abort_if_broken(self):
+        """A process leaving after a collective timed out ends the job: its peers may never return."""
+        if self.broken:
+            self.abort(1)
 
     def _call(self, what, fn, *args, **kw):
         try:
