@@ -136,3 +136,18 @@ def test_bench_ranks_reports_scaling_and_the_projection():
                                                                       (64, "10 Gb/s"), (64, "100 Gb/s")}
     text = "".join(lines)
     assert "efficiency" in text and "projected efficiency" in text and "64 ranks" in text
+
+
+def test_a_script_that_met_a_timeout_ends_the_job_when_it_exits():
+    """From Python (no command line to call MPI_Abort): rank 0's collective times out, its script ends, and
+    the job ends with it although rank 1 is still busy for 60 s."""
+    code = ("import time, numpy as np\n"
+            "from graphc import distributed as dist\n"
+            "c = dist.world(timeout=2)\n"
+            "if c.rank == 1:\n"
+            "    time.sleep(60)\n"
+            "c.start('k', np.ones(4))\n"
+            "c.finish('k')\n")
+    p = mpirun(["-c", code], timeout=120)
+    assert p.returncode != 0 and p.seconds < 30, (p.returncode, p.seconds)
+    assert "rank 0 of 2: allreduce 'k' (32 bytes) did not complete within 2 s" in p.stderr, p.stderr
