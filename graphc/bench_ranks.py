@@ -6,7 +6,8 @@ rank compiles the model's data-parallel training step (batch per rank fixed: wea
 training grows), warms up, then times steps between barriers. Rank 0 reports the median step time (the
 slowest rank's), images/s over all ranks, the time the step spent starting and waiting for its allreduces
 (its share of the step), the same step with overlap off (every bucket reduced after the backward pass),
-and a bare allreduce of the gradient bytes. Scaling efficiency is images/s / (R x images/s of 1 rank).
+and a bare allreduce of the gradient bytes. Scaling efficiency is images/s / (R x images/s of 1 rank
+with as many threads as each of the R ranks has: the same share of the machine per rank).
 
 The projection: a ring allreduce of B bytes over p ranks sends 2 (p - 1) messages of B / p bytes from
 every rank (reduce-scatter, then all-gather), so it takes
@@ -172,8 +173,10 @@ def run_scaling(model, ranks, backend="numba", batch=None, train=True, repeats=2
     mpiexec = find_mpiexec()
     rows = [_launch(mpiexec, n, model, backend, batch, repeats, timeout, bucket_mb) for n in ranks]
     base = next((r for r in rows if r["ranks"] == 1), None)
-    for r in rows:
-        r["efficiency"] = r["images_per_s"] / (r["ranks"] * base["images_per_s"]) if base else None
+    for r in rows:       # against one rank with the same threads per rank (the same share of the machine)
+        one = base and (base["batch"] / base["step_ms_1thread"] * 1e3 if r["ranks"] > 1 and r.get("threads") == 1
+                        and "step_ms_1thread" in base else base["images_per_s"])
+        r["efficiency"] = r["images_per_s"] / (r["ranks"] * one) if base else None
     result = {"model": model, "backend": backend, "batch": batch, "rows": rows,
               "grad_bytes": gradient_bytes(_load(model)),
               "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None}
@@ -208,6 +211,7 @@ def report(r):
         lines.append(f"1 rank on 1 thread: {one['step_ms_1thread']:.2f} ms, "
                      f"{one['global_batch'] / one['step_ms_1thread'] * 1e3:.0f} images/s")
     last = r["rows"][-1]
+    lines.append("efficiency: images/s over (ranks x images/s of 1 rank with as many threads as each rank has)")
     lines.append(f"gradients: {r['grad_bytes'] / 1e6:.2f} MB per step in {last.get('buckets', '?')} bucket(s); a "
                  f"bare allreduce of them on {last['ranks']} rank(s): {last['allreduce_ms']:.2f} ms")
     if r.get("projection"):
