@@ -133,8 +133,8 @@ class Communicator:
         try:
             handle, recv, _, op = self._pending.pop(key)
         except KeyError:
-            raise DistributedError(f"rank {self.rank}: allreduce {key!r} was never started (the graph runs its "
-                                   "wait before its start)") from None
+            raise DistributedError(f"rank {self.rank} of {self.size}: allreduce {key!r} was never started (the "
+                                   "graph runs its wait before its start)") from None
         if handle is not None:
             t0 = time.perf_counter()
             self._wait(handle, f"allreduce {key!r} ({recv.nbytes:,} bytes)")

@@ -64,7 +64,8 @@ def compare(comm, backend, name, sync_bn, optimizer, dtype):
         worst = max(params, key=lambda k: rel(par.state[k], one.state[k]))
         loss_rel = abs(loss - ref) / abs(ref)
         if comm.rank == 0:
-            print(f"{backend} {dtype} {name}{' sync_bn' if sync_bn else ''} step {step + 1}: loss {loss:.7f} vs {ref:.7f} "
+            print(f"{backend} {dtype} {name}{' sync_bn' if sync_bn else ''} step {step + 1}: "
+                  f"loss {loss:.7f} vs {ref:.7f} "
                   f"(rel {loss_rel:.1e}), parameters rel {p_rel:.1e} (worst tensor {worst} "
                   f"{rel(par.state[worst], one.state[worst]):.1e}), running stats rel {s_rel:.1e}, "
                   f"identical on every rank: {same}", flush=True)
