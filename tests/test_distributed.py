@@ -283,3 +283,11 @@ def test_launched_without_mpi4py_is_a_one_line_error():
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "started by an MPI launcher with 2 ranks, but mpi4py cannot be imported" in lines[0]
     assert "pip install 'graphc[mpi]'" in lines[0]
+
+
+def test_bench_ranks_arguments_are_checked(capsys):
+    from graphc.cli import main
+    assert main(["bench", "lenet5", "--ranks", "1,2"]) == 1
+    assert "--ranks times data-parallel training steps: add --train" in capsys.readouterr().err
+    assert main(["bench", "lenet5", "--train", "--ranks", "two"]) == 1
+    assert "comma-separated list of rank counts" in capsys.readouterr().err
