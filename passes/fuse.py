@@ -37,13 +37,14 @@ FUSABLE_POOL_ATTRS = ("size", "stride")
 
 # --- building fused nodes -----------------------------------------------------------------------------
 
-def make_group(g, pattern, members, body_ops=None, results=None, name=None, extra_attrs=None, drop=()):
+def make_group(g, pattern, members, body_ops=None, results=None, name=None, extra_attrs=None, drop=(), roles=None):
     """Replaces the nodes `members` (names, in topological order) by one fused node.
 
     body_ops: optional {member: (op, attrs, inputs, shape, dtype)} overrides, for bodies that use other
     ops than the nodes they replace, and extra body nodes (names not in the graph) to append.
     results: member names whose values leave the group (default: members read outside, or protected).
     drop: members that are removed but have no body node (their work is subsumed by another body node).
+    roles: {body node name: role} (lowerings read members by role); default "ew<k>" for body node k.
     Returns the fused node's name."""
     prot = protected(g)
     body_ops = body_ops or {}
@@ -70,7 +71,8 @@ def make_group(g, pattern, members, body_ops=None, results=None, name=None, extr
                 if i not in outer:
                     outer.append(i)
                 refs.append(("in", outer.index(i)))
-        body.append({"name": m, "op": op, "inputs": tuple(refs), "attrs": attrs, "shape": shape, "dtype": dtype})
+        body.append({"name": m, "op": op, "inputs": tuple(refs), "attrs": attrs, "shape": shape, "dtype": dtype,
+                     "role": (roles or {}).get(m, f"ew{len(body)}")})
     res_idx = tuple(index[r] for r in results)
     in_types = tuple((tuple(data(g, i)["shape"]), data(g, i)["dtype"]) for i in outer)
     attrs = {"pattern": pattern, "body": tuple(body), "results": res_idx, "in_types": in_types,
@@ -178,21 +180,21 @@ def fuse_convs(g):
             if not others or chain is not None:
                 _fuse_conv_pool(g, c, r, p, chain)
                 continue
-        make_group(g, "conv_relu", [c, r], results=[r])
+        make_group(g, "conv_relu", [c, r], results=[r], roles={c: "conv", r: "act"})
 
 
 def _fuse_conv_pool(g, c, r, p, chain):
     dp = data(g, p)
     pool_attrs = {k: dp["attrs"][k] for k in FUSABLE_POOL_ATTRS}
     if chain is None:
-        make_group(g, "conv_relu_maxpool", [c, r, p], results=[p])
+        make_group(g, "conv_relu_maxpool", [c, r, p], results=[p], roles={c: "conv", r: "act", p: "pool"})
         return
     R, G, M, S = chain
     conv_hw = tuple(data(g, c)["shape"][2:])
     route = _fresh(g, f"{p}.route")
     extra = {route: ("maxpool_argmax", dict(pool_attrs, relu=True), (r,), tuple(dp["shape"]), "int32")}
     make_group(g, "conv_relu_maxpool", [c, r, p], body_ops=extra, results=[p, route],
-               extra_attrs={"saves": ("route",)})
+               extra_attrs={"saves": ("route",)}, roles={c: "conv", r: "act", p: "pool", route: "route"})
     # the backward chain: dz = route_scatter(dy, route) (+ db = sum(dz)) in one node
     dy = data(g, R)["inputs"][1]
     dM = data(g, M)
@@ -204,7 +206,8 @@ def _fuse_conv_pool(g, c, r, p, chain):
         body[S] = ("sum", dict(dS["attrs"]), (M,), tuple(dS["shape"]), dS["dtype"])
         members.append(S)
         results.append(S)
-    make_group(g, "route_relu", members, body_ops=body, results=results, drop=(R, G))
+    make_group(g, "route_relu", members, body_ops=body, results=results, drop=(R, G),
+               roles={M: "scatter", S: "bias_grad"})
 
 
 # --- elementwise groups -------------------------------------------------------------------------------

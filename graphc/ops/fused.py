@@ -4,7 +4,7 @@ fused forward conv-ReLU-pool hand its max-pool route to the backward pass.
 A ``fused`` node holds a small sub-graph (its *body*) that a backend runs as one kernel. Its attrs:
 
     pattern    the pattern name ("conv_relu_maxpool", "conv_relu", "route_relu", "elementwise", ...)
-    body       the fused sub-nodes in order, each a dict {name, op, inputs, attrs, shape, dtype}; an input
+    body       the fused sub-nodes in order, each a dict {name, op, inputs, attrs, shape, dtype, role}; an input
                is ("in", k) for the fused node's k-th input or ("body", j) for the j-th body node. Names
                are the original node names, so a renderer can draw the group as a cluster of them.
     results    indices of the body nodes whose values leave the group (at least one)
@@ -57,6 +57,11 @@ def run_body(attrs, inputs, ctx):
             out = out.astype(fdt)
         vals.append(out)
     return vals
+
+
+def members(attrs):
+    """{role: body node dict} of a fused node's attrs (lowerings read members by role, not position)."""
+    return {b["role"]: b for b in attrs["body"] if "role" in b}
 
 
 def _fused_ref(inputs, attrs, ctx):
