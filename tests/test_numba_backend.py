@@ -1,9 +1,9 @@
 """Differential tests of the numba backend against the reference backend: every op (forward and, through
 gc.grad, backward), every fused pattern, the zoo models' training steps — with fusion on and off.
 
-Shapes are tiny; kernels are shared through Numba's disk cache. Most convolutions run numba_conv's
+Shapes are tiny; kernels are shared through Numba's disk cache. Most convolutions run the numba conv module's
 im2col strategy here (one set of kernels for every shape); the shape-generated direct kernels are
-exercised by a few fused-pattern tests (numba_conv's own tests cover them shape by shape)."""
+exercised by a few fused-pattern tests (tests/test_numba_conv.py covers them shape by shape)."""
 import numpy as np
 import pytest
 
@@ -396,17 +396,17 @@ def test_kernel_table_covers_every_op():
     assert {"fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise", "fused:conv_relu"} <= ops
 
 
-def test_generated_kernels_are_files_in_the_cache_dir(tmp_path, monkeypatch):
-    from graphc.backends import numba as nb
-    src = nb.elementwise_source([("add", [("in", 0), ("in", 1)])], 2, [0], 1, [(True,), "s"], {},
-                                "float32", False)
-    k = nb.load_generated(src)
+def test_generated_kernels_are_files_in_the_cache_dir():
+    import os
+    from graphc.backends import codegen, kernel_cache
+    plan = codegen.plan_loop((5,), [(5,), (1,)])
+    src = codegen.NumbaDialect().source([("a0 + a1", [("in", 0), ("in", 1)])], [0], plan, "float32", False)
+    k = kernel_cache.load_generated(src, "graphc_ew_")
     x = np.arange(5, dtype=np.float32)
     out = np.empty_like(x)
     k(out, x, np.array([2.0], np.float32))
     np.testing.assert_array_equal(out, x + 2)
-    import os
-    assert any(f.endswith(".py") and f.startswith("graphc_ew_") for f in os.listdir(nb.kernel_cache_dir()))
+    assert any(f.endswith(".py") and f.startswith("graphc_ew_") for f in os.listdir(kernel_cache.kernel_cache_dir()))
 
 
 # ------------------------------------------------------------------------------------------ bench
@@ -438,7 +438,7 @@ def test_run_bench_report_and_json(tmp_path):
 @pytest.mark.parametrize("kw", [dict(pad=0), dict(pad=1), dict(bias=False, pad=0), dict(relu_pool=False),
                                 dict(c_in=1, pad=0), dict(pool=3, pool_stride=1)])
 def test_direct_prebound_conv_into_planned_buffers(n, kw, monkeypatch):
-    # the direct forward bound once per shape (numba_conv.bind_direct_fwd) writes into the memory
+    # the direct forward bound once per shape (numba.conv.bind_direct_fwd) writes into the memory
     # plan's buffers: inference and training (weights changing between calls) against the reference
     monkeypatch.setenv("GRAPHC_CONV_STRATEGY", "direct")
     g = _conv_pool_graph(**kw)

@@ -1,0 +1,152 @@
+"""Loss kernels and their gradients: (rows M, classes ncls) logits or probabilities; labels as int
+class indices or dense (one-hot) rows; dy a 1-element array."""
+import math
+
+from numba import njit
+
+from graphc.backends.codegen import FASTMATH
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def sce_int_k(z, labels, out):
+    """mean over rows of -log softmax(z)[label]"""
+    M, ncls = z.shape
+    tot = 0.0
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, ncls):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(ncls):
+            s += math.exp(z[i, k] - m)
+        tot += (m + math.log(s)) - z[i, labels[i]]
+    out[0] = tot / M
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def sce_dense_k(z, y, out):
+    M, ncls = z.shape
+    tot = 0.0
+    for i in range(M):
+        m = z[i, 0]
+        for k in range(1, ncls):
+            if z[i, k] > m:
+                m = z[i, k]
+        s = 0.0
+        for k in range(ncls):
+            s += math.exp(z[i, k] - m)
+        lse = m + math.log(s)
+        for k in range(ncls):
+            tot -= y[i, k] * (z[i, k] - lse)
+    out[0] = tot / M
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _softmax_scaled(z, out, i, scale):
+    """out[i] = softmax(z[i]) * scale."""
+    ncls = z.shape[1]
+    m = z[i, 0]
+    for k in range(1, ncls):
+        if z[i, k] > m:
+            m = z[i, k]
+    s = 0.0
+    for k in range(ncls):
+        e = math.exp(z[i, k] - m)
+        out[i, k] = e
+        s += e
+    inv = scale / s
+    for k in range(ncls):
+        out[i, k] = out[i, k] * inv
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def sce_grad_int_k(z, labels, dy, out):
+    """(softmax(z) - onehot) * dy / M"""
+    M = z.shape[0]
+    scale = dy[0] / M
+    for i in range(M):
+        _softmax_scaled(z, out, i, scale)
+        out[i, labels[i]] -= scale
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def sce_grad_dense_k(z, y, dy, out):
+    M, ncls = z.shape
+    scale = dy[0] / M
+    for i in range(M):
+        _softmax_scaled(z, out, i, scale)
+        for k in range(ncls):
+            out[i, k] -= y[i, k] * scale
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def ce_int_k(p, labels, out):
+    M = p.shape[0]
+    tot = 0.0
+    for i in range(M):
+        tot -= math.log(p[i, labels[i]])
+    out[0] = tot / M
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def ce_dense_k(p, y, out):
+    M, ncls = p.shape
+    tot = 0.0
+    for i in range(M):
+        for k in range(ncls):
+            if y[i, k] != 0:
+                tot -= y[i, k] * math.log(p[i, k])
+    out[0] = tot / M
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def ce_grad_int_k(p, labels, dy, out):
+    M, ncls = p.shape
+    scale = dy[0] / M
+    for i in range(M):
+        for k in range(ncls):
+            out[i, k] = 0.0
+        out[i, labels[i]] = -scale / p[i, labels[i]]
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def ce_grad_dense_k(p, y, dy, out):
+    M, ncls = p.shape
+    scale = dy[0] / M
+    for i in range(M):
+        for k in range(ncls):
+            out[i, k] = -(y[i, k] / p[i, k]) * scale
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def mse_k(a, b, out):
+    s = 0.0
+    for i in range(a.size):
+        d = a[i] - b[i]
+        s += d * d
+    out[0] = s / a.size
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def mse_grad_k(a, b, dy, out):
+    scale = 2.0 * dy[0] / a.size
+    for i in range(a.size):
+        out[i] = (a[i] - b[i]) * scale
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def bce_k(z, t, out):
+    s = 0.0
+    for i in range(z.size):
+        v = z[i]
+        s += max(v, 0.0) - v * t[i] + math.log1p(math.exp(-abs(v)))
+    out[0] = s / z.size
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
+def bce_grad_k(z, t, dy, out):
+    scale = dy[0] / z.size
+    for i in range(z.size):
+        sg = 0.5 * (math.tanh(0.5 * z[i]) + 1.0)
+        out[i] = (sg - t[i]) * scale
