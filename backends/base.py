@@ -25,6 +25,18 @@ from graphc.backends import codegen
 from graphc.backends import registry as registries
 
 
+def scalar_consts(graph, inputs):
+    """{position: value} of the inputs that are one-element constants (inlined into generated kernels)."""
+    nodes = graph.nx.nodes
+    consts = {}
+    for k, i in enumerate(inputs):
+        if nodes[i]["op"] == "const":
+            v = np.asarray(nodes[i]["attrs"]["value"])
+            if v.size == 1:
+                consts[k] = float(v.reshape(-1)[0])
+    return consts
+
+
 class Binding:
     """One binding: the value arrays (by index), the steps in order, what is fed and fetched."""
 
@@ -128,18 +140,23 @@ class LowerContext:
         self.binding.scratch_bytes += (shapes.numel(tuple(shape)) or 1) * dtype.itemsize
         return self.exe._scratch(tuple(int(s) for s in shape), dtype)
 
+    def reduction(self):
+        """(axes, scale) of a sum, mean or sum_to node: the axes of input 0 it sums over, and the factor
+        applied (1/count for a mean)."""
+        xs = self.shape_of(self.inputs[0])
+        if "axes" in self.attrs:
+            axes = tuple(a % max(len(xs), 1) for a in self.attrs["axes"])
+        else:
+            axes = shapes.sum_to_axes(xs, self.shape_of(self.inputs[1]))
+        count = int(np.prod([xs[a] for a in axes], dtype=np.int64))
+        return axes, (1.0 / max(count, 1) if self.op == "mean" else 1.0)
+
     # ---- elementwise bodies
     def loop_plan(self):
         """The codegen loop plan of this elementwise node or group (inputs that are scalar constants
         inlined as literals)."""
-        nodes = self.exe.graph.nx.nodes
-        consts = {}
-        for k, i in enumerate(self.inputs):
-            if nodes[i]["op"] == "const":
-                v = np.asarray(nodes[i]["attrs"]["value"])
-                if v.size == 1:
-                    consts[k] = float(v.reshape(-1)[0])
-        return codegen.plan_loop(self.out_shape, [self.shape_of(i) for i in self.inputs], consts)
+        return codegen.plan_loop(self.out_shape, [self.shape_of(i) for i in self.inputs],
+                                 scalar_consts(self.exe.graph, self.inputs))
 
     def dynamic_outputs(self):
         """Declares that the step sets its results' arrays at run time (it returns new arrays)."""
@@ -282,7 +299,8 @@ class CompiledExecutable(Executable):
         for w in want:
             b.fetch.append((w, b.slot(w), tuple(shapes.resolve(nodes[w]["shape"], env))))
         for s, u in self.graph.updates.items():
-            if u in b.index and u in set(want) and b.plan.kind.get(u) != "state":
+            if u in b.index and u in set(want) and b.plan.kind.get(u) != "state" \
+                    and b.values[b.index[u]] is not self._state_array(s):
                 b.copy_back.append((s, b.index[u]))
         return b
 

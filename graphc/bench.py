@@ -533,7 +533,7 @@ def report(r):
 def _require_gpu():
     """backend="cuda" is benchmarked on a real GPU only: a one-line BackendError saying why not (no GPU or
     driver, with the fix; or the CUDA simulator, whose timings mean nothing)."""
-    from graphc.backends import cuda_kernels as ck
+    from graphc.backends.cuda import kernels as ck
     from graphc.errors import BackendError
     ok, why = ck.cuda_status()
     if not ok:

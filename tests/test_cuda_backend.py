@@ -1,4 +1,4 @@
-"""Differential tests of the cuda backend (backends/cuda.py) against the reference backend, in Numba's
+"""Differential tests of the cuda backend (backends/cuda/) against the reference backend, in Numba's
 CUDA simulator: every op family (forward and, through gc.grad, backward), every fused pattern
 (conv_relu_maxpool forward + route backward, conv_relu, elementwise chains, optimizer updates), a tiny
 conv net's forward and training steps (SGD with momentum, Adam; fusion on and off), seed_cnn's SGD step
@@ -30,7 +30,7 @@ import pytest
 
 import graphc as gc
 from graphc import models
-from graphc.backends import cuda_kernels as ck
+from graphc.backends.cuda import kernels as ck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
@@ -128,7 +128,7 @@ except BackendError as e:
     res = {"raised": "BackendError", "msg": str(e)}
 except Exception as e:
     res = {"raised": type(e).__name__, "msg": str(e)}
-from graphc.backends import cuda_kernels as ck
+from graphc.backends.cuda import kernels as ck
 try:
     ck.require_cuda()
     res["require"] = None
@@ -146,7 +146,7 @@ def test_cuda_backend_without_gpu_or_simulator_raises_clear_error():
     if res["raised"] is None:
         pytest.skip("a CUDA GPU is usable here: nothing to refuse")
     assert res["raised"] == "BackendError", res
-    assert res["msg"] == res["require"], res                # the message of cuda_kernels.require_cuda()
+    assert res["msg"] == res["require"], res                # the message of kernels.require_cuda()
     assert "NUMBA_ENABLE_CUDASIM=1" in res["msg"] and "pip install 'graphc[cuda]'" in res["msg"], res
 
 
@@ -200,7 +200,7 @@ def test_generated_kernels_compile_to_ptx():
     if "skip" in rep:
         pytest.skip(f"cuda.compile_ptx is not available here (needs NVVM): {rep['skip']}")
     assert len(rep) >= 20, sorted(rep)
-    assert any(k.endswith("cuda.py:copy") for k in rep)
+    assert any(k.endswith("kernels:copy") for k in rep)
     for k, info in rep.items():
         assert info["entry"] and info["sm_90"], (k, info)
         assert info["f64"] == 0, (k, info)        # float32 kernels do float32 arithmetic only

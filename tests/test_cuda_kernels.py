@@ -1,4 +1,4 @@
-"""Tests of backends/cuda_kernels.py against numpy references (im2col conv, loops for the backward passes).
+"""Tests of the cuda backend's kernels (backends/cuda/kernels/) against numpy references (im2col conv, loops for the backward passes).
 
 How the CUDA simulator is switched on without disturbing the rest of the suite
 ------------------------------------------------------------------------------
@@ -21,7 +21,6 @@ Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import os
 import re
@@ -35,25 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
 
 
-def _load_ck():
-    try:
-        from graphc.backends import cuda_kernels as ck  # installed package (package-dir mapping)
-        return ck
-    except ImportError:
-        pass
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    name = "_graphc_cuda_kernels_under_test"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "backends", "cuda_kernels.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ck = _load_ck()
+from graphc.backends.cuda import kernels as ck  # noqa: E402
 from graphc.errors import BackendError  # noqa: E402
 
 
@@ -132,10 +113,7 @@ def test_kernels_in_cuda_simulator(request):
 
 _STATUS_SCRIPT = r"""
 import sys, json
-sys.path.insert(0, sys.argv[1])
-import importlib.util
-spec = importlib.util.spec_from_file_location("ck", sys.argv[1] + "/backends/cuda_kernels.py")
-ck = importlib.util.module_from_spec(spec); spec.loader.exec_module(ck)
+from graphc.backends.cuda import kernels as ck
 imported_early = "numba.cuda" in sys.modules
 ok, reason = ck.cuda_status()
 err = None
@@ -184,10 +162,7 @@ def test_cuda_status_with_simulator():
 _PTX_SCRIPT = r"""
 import sys, json, time, os, re, shutil, subprocess, tempfile
 import numpy as np
-sys.path.insert(0, sys.argv[1])
-import importlib.util
-spec = importlib.util.spec_from_file_location("ck", sys.argv[1] + "/backends/cuda_kernels.py")
-ck = importlib.util.module_from_spec(spec); spec.loader.exec_module(ck)
+from graphc.backends.cuda import kernels as ck
 try:
     from numba import cuda
     def _probe(a):

@@ -1,7 +1,6 @@
 """Reductions (sum, mean, sum_to: kernels/reduce.py sum4) and their broadcasting inverses."""
 import numpy as np
 
-from graphc import shapes
 from graphc.backends.numba.kernels.reduce import reduce_form, sum4_par, sum4_ser
 from graphc.backends.registry import lowerings
 
@@ -10,32 +9,18 @@ lowering, pattern_lowering = lowerings("numba")
 _SUM4 = "kernels/reduce.py sum4 (any axes, float64 accumulation)"
 
 
-def _sum(ctx, axes, scale=1.0):
+@lowering("sum", kernel=_SUM4)
+@lowering("mean", kernel=_SUM4)
+@lowering("sum_to", kernel=_SUM4)
+def reduction(ctx):
+    axes, scale = ctx.reduction()
     xs = ctx.shape_of(ctx.inputs[0])
     form = reduce_form(xs, set(axes))
     if form is None:
         return None
     out = ctx.out().reshape(form[1], form[3])
-    total = int(np.prod(xs, dtype=np.int64))
-    kern = sum4_par if ctx.parallel(total) and form[1] >= 2 else sum4_ser
+    kern = sum4_par if ctx.parallel(int(np.prod(xs, dtype=np.int64))) and form[1] >= 2 else sum4_ser
     return ctx.call(kern, ctx.inputs[:1], (out, scale), fix=lambda a: a.reshape(form))
-
-
-@lowering("sum", kernel=_SUM4)
-def sum_(ctx):
-    return _sum(ctx, tuple(ctx.attrs["axes"]))
-
-
-@lowering("mean", kernel=_SUM4)
-def mean(ctx):
-    axes = tuple(ctx.attrs["axes"])
-    xs = ctx.shape_of(ctx.inputs[0])
-    return _sum(ctx, axes, 1.0 / max(int(np.prod([xs[a] for a in axes], dtype=np.int64)), 1))
-
-
-@lowering("sum_to", kernel=_SUM4)
-def sum_to(ctx):
-    return _sum(ctx, shapes.sum_to_axes(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])))
 
 
 @lowering("broadcast_like", kernel="numpy broadcast multiply into the planned buffer")

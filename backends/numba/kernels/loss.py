@@ -8,19 +8,26 @@ from graphc.backends.codegen import FASTMATH
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
+def _logsumexp_row(z, i):
+    """log(sum(exp(z[i]))), max-subtracted."""
+    ncls = z.shape[1]
+    m = z[i, 0]
+    for k in range(1, ncls):
+        if z[i, k] > m:
+            m = z[i, k]
+    s = 0.0
+    for k in range(ncls):
+        s += math.exp(z[i, k] - m)
+    return m + math.log(s)
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sce_int_k(z, labels, out):
     """mean over rows of -log softmax(z)[label]"""
-    M, ncls = z.shape
+    M = z.shape[0]
     tot = 0.0
     for i in range(M):
-        m = z[i, 0]
-        for k in range(1, ncls):
-            if z[i, k] > m:
-                m = z[i, k]
-        s = 0.0
-        for k in range(ncls):
-            s += math.exp(z[i, k] - m)
-        tot += (m + math.log(s)) - z[i, labels[i]]
+        tot += _logsumexp_row(z, i) - z[i, labels[i]]
     out[0] = tot / M
 
 
@@ -29,14 +36,7 @@ def sce_dense_k(z, y, out):
     M, ncls = z.shape
     tot = 0.0
     for i in range(M):
-        m = z[i, 0]
-        for k in range(1, ncls):
-            if z[i, k] > m:
-                m = z[i, k]
-        s = 0.0
-        for k in range(ncls):
-            s += math.exp(z[i, k] - m)
-        lse = m + math.log(s)
+        lse = _logsumexp_row(z, i)
         for k in range(ncls):
             tot -= y[i, k] * (z[i, k] - lse)
     out[0] = tot / M
