@@ -8,8 +8,8 @@ registered where it is written (the model is JAX's ``register_lowering(prim, rul
         ...
         return step                  # a callable run per call, or None: the reference runs it on the host
 
-    @pattern_lowering("conv_relu_maxpool", kernel="...")
-    def conv_relu_maxpool(ctx):      # ctx.members["conv"], ctx.members["pool"], ...
+    @pattern_lowering("my_pattern", kernel="...")
+    def my_pattern(ctx):             # its body members by role: ctx.members["conv"], ...
 
 The kernel table (``kernel_table()``), the benchmark's per-kernel kind and the list of ops that fall
 back to the reference are generated from these registrations.

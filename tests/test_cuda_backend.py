@@ -418,6 +418,26 @@ def test_sim_a_kernel_table_covers_every_op():
     assert {"fused:conv_relu", "fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise"} <= set(table)
 
 
+@needs_cuda
+def test_sim_b_elementwise_op_with_attribute_reaches_the_kernel():
+    """A throwaway elementwise op whose scalar expression names an attribute ({alpha}): the generated
+    kernel gets the node's value as a constant, fused into a group and alone."""
+    from graphc import ops as optable
+    from graphc.ops.elementwise import _infer
+    name = "leaky_test_op"
+    optable.register(optable.OpDef(
+        name, _infer, lambda ins, a, ctx: np.where(ins[0] > 0, ins[0], a["alpha"] * ins[0]).astype(ins[0].dtype),
+        scalar="a0 if a0 > 0 else {alpha} * a0", attrs={"alpha": 0.01}))
+    try:
+        g = gc.Graph("leaky")
+        x = g.input("x", (None, 3, 4))
+        h = g.add_node(name, (g.add(x, g.param("b", (4,), init="normal")),), {"alpha": 0.25}, name="h")
+        g.output(g.mul(h, g.scalar(2.0), name="y"))
+        check_run(g, _feeds(g))
+    finally:
+        del optable.OPS[name]
+
+
 # ======================================================================== fused patterns and training
 
 _CONVNET_FEEDS = {"x": np.random.default_rng(5).standard_normal((2, 1, 6, 6)).astype(np.float32),

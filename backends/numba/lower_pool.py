@@ -1,4 +1,4 @@
-"""Pooling ops, the saved max-pool route and the fused route_relu backward (kernels/pool.py)."""
+"""Pooling ops, the saved max-pool route and the fused route-ReLU backward pattern (kernels/pool.py)."""
 import numpy as np
 
 from graphc.backends.kernel_cache import load_generated
