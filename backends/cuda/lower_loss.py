@@ -2,6 +2,7 @@
 elementwise kernels (lower_elementwise.expression_step) and reductions."""
 import numpy as np
 
+from graphc.backends import codegen
 from graphc.backends.codegen import literal
 from graphc.backends.cuda.kernels.copy import copy_step, cstrides
 from graphc.backends.cuda.kernels.device import seq
@@ -95,31 +96,17 @@ def cross_entropy_grad(ctx):
     return seq(steps)
 
 
-def _pair_loss(expr):
-    """mean over all elements of expr(a, b)."""
-    def lower(ctx):
-        shape = ctx.shape_of(ctx.inputs[0])
-        n = int(np.prod(shape, dtype=np.int64))
-        terms = ctx.alloc(n)
-        a, b = ctx.arrays()
-        return seq([expression_step(ctx, expr, [a, b], terms, shape, [shape, shape]), _mean_step(ctx, terms, n)])
-    return lower
-
-
-def _pair_grad(expr):
-    """expr(a, b, dy) with {n} the element count."""
-    def lower(ctx):
-        shape = ctx.shape_of(ctx.inputs[0])
-        n = int(np.prod(shape, dtype=np.int64))
-        return expression_step(ctx, expr.format(n=literal(n)), ctx.arrays(), ctx.out(), shape, [shape, shape, ()])
-    return lower
-
-
-for _op, _lower, _text in (
-        ("mse", _pair_loss("(a0 - a1) * (a0 - a1)"), "elementwise (a - b)^2 + a mean"),
-        ("mse_grad", _pair_grad("2.0 * (a0 - a1) * (a2 / {n})"), "elementwise 2 (a - b) dy / n"),
-        ("bce_with_sigmoid", _pair_loss("max(a0, 0.0) - a0 * a1 + log1p(exp(-fabs(a0)))"),
-         "elementwise stable BCE-with-logits + a mean"),
-        ("bce_grad", _pair_grad("(0.5 * (tanh(0.5 * a0) + 1.0) - a1) * (a2 / {n})"),
-         "elementwise (sigmoid(z) - t) dy / n")):
-    lowering(_op, kernel=_text)(_lower)
+@lowering("mse", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES) + a mean")
+@lowering("mse_grad", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): term * dy / n")
+@lowering("bce_with_sigmoid", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES) + a mean")
+@lowering("bce_grad", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): term * dy / n")
+def mean_loss(ctx):
+    """The loss term elementwise then its mean; or the gradient term * dy / n in one kernel."""
+    term, grad = codegen.mean_loss(ctx.op)
+    shape = ctx.shape_of(ctx.inputs[0])
+    n = int(np.prod(shape, dtype=np.int64))
+    if grad:
+        return expression_step(ctx, f"({term}) * (a2 / {literal(n)})", ctx.arrays(), ctx.out(), shape,
+                               [shape, shape, ()])
+    terms = ctx.alloc(n)
+    return seq([expression_step(ctx, term, ctx.arrays(), terms, shape, [shape, shape]), _mean_step(ctx, terms, n)])

@@ -1,4 +1,6 @@
 """Softmax and the losses with their gradients (kernels/loss.py, kernels/reduce.py softmax_rows_k)."""
+from graphc.backends import codegen
+from graphc.backends.kernel_cache import load_generated
 from graphc.backends.numba.kernels import loss as loss_kernels
 from graphc.backends.numba.kernels.reduce import softmax_rows_k
 from graphc.backends.registry import lowerings
@@ -42,23 +44,15 @@ def _class_loss(int_kernel, dense_kernel, grad):
     return lower
 
 
-def _pair_loss(kern, grad):
-    """Lowering of a loss over two same-shape arrays (and dy for the gradient), read flat."""
-    def lower(ctx):
-        out = ctx.out()
-        out = out.reshape(-1) if out.ndim else out.reshape(1)
-        values = ctx.values
-        ai, bi = ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
-        if grad:
-            di = ctx.index(ctx.inputs[2])
-
-            def step():
-                kern(values[ai].reshape(-1), values[bi].reshape(-1), values[di].reshape(1), out)
-        else:
-            def step():
-                kern(values[ai].reshape(-1), values[bi].reshape(-1), out)
-        return step
-    return lower
+@lowering("mse", kernel="generated from the formula (codegen.MEAN_LOSSES): mean, float64 accumulation")
+@lowering("mse_grad", kernel="generated from the formula (codegen.MEAN_LOSSES): term * dy / n")
+@lowering("bce_with_sigmoid", kernel="generated from the formula (codegen.MEAN_LOSSES): mean, float64 accumulation")
+@lowering("bce_grad", kernel="generated from the formula (codegen.MEAN_LOSSES): term * dy / n")
+def mean_loss(ctx):
+    """A mean loss over two same-shape arrays (and dy for the gradient), all read flat."""
+    term, grad = codegen.mean_loss(ctx.op)
+    kern = load_generated(codegen.NumbaDialect().mean_loss_source(term, grad, ctx.dtype.name), "graphc_loss_")
+    return ctx.call(kern, ctx.inputs, (ctx.out().reshape(-1),), fix=lambda a: a.reshape(-1))
 
 
 for _op, _int, _dense, _grad in (("softmax_cross_entropy", "sce_int_k", "sce_dense_k", False),
@@ -67,7 +61,3 @@ for _op, _int, _dense, _grad in (("softmax_cross_entropy", "sce_int_k", "sce_den
                                  ("cross_entropy_grad", "ce_grad_int_k", "ce_grad_dense_k", True)):
     lowering(_op, kernel=f"kernels/loss.py {_int} / {_dense}")(
         _class_loss(getattr(loss_kernels, _int), getattr(loss_kernels, _dense), _grad))
-
-for _op, _kern, _grad in (("mse", "mse_k", False), ("mse_grad", "mse_grad_k", True),
-                          ("bce_with_sigmoid", "bce_k", False), ("bce_grad", "bce_grad_k", True)):
-    lowering(_op, kernel=f"kernels/loss.py {_kern}")(_pair_loss(getattr(loss_kernels, _kern), _grad))

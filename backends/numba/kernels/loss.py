@@ -1,5 +1,6 @@
-"""Loss kernels and their gradients: (rows M, classes ncls) logits or probabilities; labels as int
-class indices or dense (one-hot) rows; dy a 1-element array."""
+"""Class loss kernels and their gradients: (rows M, classes ncls) logits or probabilities; labels as int
+class indices or dense (one-hot) rows; dy a 1-element array. (The mean losses mse and bce are generated
+from their formulas: codegen.MEAN_LOSSES.)"""
 import math
 
 from numba import njit
@@ -117,36 +118,3 @@ def ce_grad_dense_k(p, y, dy, out):
     for i in range(M):
         for k in range(ncls):
             out[i, k] = -(y[i, k] / p[i, k]) * scale
-
-
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def mse_k(a, b, out):
-    s = 0.0
-    for i in range(a.size):
-        d = a[i] - b[i]
-        s += d * d
-    out[0] = s / a.size
-
-
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def mse_grad_k(a, b, dy, out):
-    scale = 2.0 * dy[0] / a.size
-    for i in range(a.size):
-        out[i] = (a[i] - b[i]) * scale
-
-
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def bce_k(z, t, out):
-    s = 0.0
-    for i in range(z.size):
-        v = z[i]
-        s += max(v, 0.0) - v * t[i] + math.log1p(math.exp(-abs(v)))
-    out[0] = s / z.size
-
-
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def bce_grad_k(z, t, dy, out):
-    scale = dy[0] / z.size
-    for i in range(z.size):
-        sg = 0.5 * (math.tanh(0.5 * z[i]) + 1.0)
-        out[i] = (sg - t[i]) * scale
