@@ -286,16 +286,16 @@ class CompiledExecutable(Executable):
             else:
                 b.values[i] = self._state_array(n) if op == "param" else self._const_array(n)
         for n in b.plan.program:
-            nd = nodes[n]
-            if nd["op"] == "getitem":
+            node = nodes[n]
+            if node["op"] == "getitem":
                 continue                    # written by its fused node
             if b.plan.kind[n] == "alias":
-                step = self._bind_alias(b, n, nd["inputs"][0])
+                step = self._bind_alias(b, n, node["inputs"][0])
                 if step is not None:
                     b.steps.append((n, step))
                     b.kinds[n] = ("view", registries.VIEW, False)
                 continue
-            b.steps.append((n, self._lower_node(b, n, nd)))
+            b.steps.append((n, self._lower_node(b, n, node)))
         for w in want:
             b.fetch.append((w, b.slot(w), tuple(shapes.resolve(nodes[w]["shape"], env))))
         for s, u in self.graph.updates.items():
@@ -308,8 +308,8 @@ class CompiledExecutable(Executable):
         i = b.slot(name)
         if b.values[i] is not None and name not in b.dynamic:
             return b.values[i]
-        plan, nd = b.plan, self.graph.nx.nodes[name]
-        shp, dt = tuple(shapes.resolve(nd["shape"], b.env)), self.np_dtype(nd["dtype"])
+        plan, node = b.plan, self.graph.nx.nodes[name]
+        shp, dt = tuple(shapes.resolve(node["shape"], b.env)), self.np_dtype(node["dtype"])
         kind = plan.kind.get(name)
         if kind == "state":
             arr = self._state_array(plan.inplace[name])
@@ -323,14 +323,14 @@ class CompiledExecutable(Executable):
         b.values[i] = arr
         return arr
 
-    def _lower_node(self, b, n, nd):
+    def _lower_node(self, b, n, node):
         """The step of node n from its registered lowering, or the reference on the host."""
-        lw = self.registry.for_node(nd["op"], nd["attrs"])
-        ctx = self._context(b, n, nd)
+        lw = self.registry.for_node(node["op"], node["attrs"])
+        ctx = self._context(b, n, node)
         step = lw.fn(ctx) if lw is not None else None
         if step is None:
             step = self._fallback(ctx)
-            key = nd["attrs"]["pattern"] if nd["op"] == "fused" else nd["op"]
+            key = node["attrs"]["pattern"] if node["op"] == "fused" else node["op"]
             b.kinds[n] = (key, registries.FALLBACK, True)
         else:
             b.kinds[n] = (lw.key, lw.kernel, lw.host)

@@ -54,9 +54,13 @@ class Registry:
         table[key] = lw
         return lw.fn
 
-    def lowering(self, op, kernel, host=False):
-        """Decorator: fn(ctx) lowers op `op` on this backend."""
-        return lambda fn: self._add(self.ops, op, Lowering(op, fn, kernel, host=host))
+    def lowering(self, *ops, kernel, host=False):
+        """Decorator: fn(ctx) lowers the ops `ops` on this backend."""
+        def register(fn):
+            for op in ops:
+                self._add(self.ops, op, Lowering(op, fn, kernel, host=host))
+            return fn
+        return register
 
     def pattern_lowering(self, pattern, kernel, scalar_ops=False):
         """Decorator: fn(ctx) lowers fused nodes of `pattern` (with scalar_ops, also every lone op that

@@ -48,16 +48,16 @@ def compile_ptx_group_kernels(graph, env, cc=(9, 0), dtype=np.float32):
                                                                             "xent_dense_rows")).items()}
     nodes, reg = graph.nx.nodes, registry.registry("cuda")
     for n in graph.nx.nodes:
-        nd = nodes[n]
-        if nd["op"] in ("input", "param", "const") or reg.for_node(nd["op"], nd["attrs"]) is not reg.scalar_lowering():
+        node = nodes[n]
+        if node["op"] in ("input", "param", "const") or reg.for_node(node["op"], node["attrs"]) is not reg.scalar_lowering():
             continue
-        if nd["op"] == "fused":
-            body, results = list(nd["attrs"]["body"]), list(nd["attrs"]["results"])
+        if node["op"] == "fused":
+            body, results = list(node["attrs"]["body"]), list(node["attrs"]["results"])
         else:
-            body = [{"op": nd["op"], "attrs": nd["attrs"], "inputs": [("in", k) for k in range(len(nd["inputs"]))],
-                     "shape": nd["shape"]}]
+            body = [{"op": node["op"], "attrs": node["attrs"], "inputs": [("in", k) for k in range(len(node["inputs"]))],
+                     "shape": node["shape"]}]
             results = [0]
-        ins = list(nd["inputs"])
+        ins = list(node["inputs"])
         plan = codegen.plan_loop(shapes.resolve(body[results[0]]["shape"], env),
                                  [shapes.resolve(nodes[i]["shape"], env) for i in ins], scalar_consts(graph, ins))
         src, rank = graph_kernel_source(codegen.graph_body(body), results, plan)

@@ -183,8 +183,8 @@ class CudaExecutable(CompiledExecutable):
         return self.consts[name][1]
 
     def _bind_input(self, b, name, i):
-        nd = self.graph.nx.nodes[name]
-        b.values[i] = self._scratch(shapes.resolve(nd["shape"], b.env), self.np_dtype(nd["dtype"]))
+        node = self.graph.nx.nodes[name]
+        b.values[i] = self._scratch(shapes.resolve(node["shape"], b.env), self.np_dtype(node["dtype"]))
 
     def _bind_alias(self, b, name, src):
         b.values[b.slot(name)] = b.values[b.slot(src)]      # flat arrays: a reshape is the same array

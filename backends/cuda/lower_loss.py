@@ -96,10 +96,8 @@ def cross_entropy_grad(ctx):
     return seq(steps)
 
 
-@lowering("mse", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES) + a mean")
-@lowering("mse_grad", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): term * dy / n")
-@lowering("bce_with_sigmoid", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES) + a mean")
-@lowering("bce_grad", kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): term * dy / n")
+@lowering("mse", "mse_grad", "bce_with_sigmoid", "bce_grad",
+          kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): + a mean, or term * dy / n")
 def mean_loss(ctx):
     """The loss term elementwise then its mean; or the gradient term * dy / n in one kernel."""
     term, grad = codegen.mean_loss(ctx.op)

@@ -10,9 +10,7 @@ lowering, pattern_lowering = lowerings("cuda")
 _SUM = "kernels/reduce.py reduce_keep_mid / reduce_mid (deterministic, no atomics)"
 
 
-@lowering("sum", kernel=_SUM)
-@lowering("mean", kernel=_SUM)
-@lowering("sum_to", kernel=_SUM)
+@lowering("sum", "mean", "sum_to", kernel=_SUM)
 def reduction(ctx):
     axes, scale = ctx.reduction()
     return sum_step(ctx.array(ctx.inputs[0]), ctx.shape_of(ctx.inputs[0]), axes, scale, ctx.out(), ctx.alloc)

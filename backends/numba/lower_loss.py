@@ -44,10 +44,8 @@ def _class_loss(int_kernel, dense_kernel, grad):
     return lower
 
 
-@lowering("mse", kernel="generated from the formula (codegen.MEAN_LOSSES): mean, float64 accumulation")
-@lowering("mse_grad", kernel="generated from the formula (codegen.MEAN_LOSSES): term * dy / n")
-@lowering("bce_with_sigmoid", kernel="generated from the formula (codegen.MEAN_LOSSES): mean, float64 accumulation")
-@lowering("bce_grad", kernel="generated from the formula (codegen.MEAN_LOSSES): term * dy / n")
+@lowering("mse", "mse_grad", "bce_with_sigmoid", "bce_grad",
+          kernel="generated from the formula (codegen.MEAN_LOSSES): the term's mean (float64 sum) or term * dy / n")
 def mean_loss(ctx):
     """A mean loss over two same-shape arrays (and dy for the gradient), all read flat."""
     term, grad = codegen.mean_loss(ctx.op)

@@ -9,9 +9,7 @@ lowering, pattern_lowering = lowerings("numba")
 _SUM4 = "kernels/reduce.py sum4 (any axes, float64 accumulation)"
 
 
-@lowering("sum", kernel=_SUM4)
-@lowering("mean", kernel=_SUM4)
-@lowering("sum_to", kernel=_SUM4)
+@lowering("sum", "mean", "sum_to", kernel=_SUM4)
 def reduction(ctx):
     axes, scale = ctx.reduction()
     xs = ctx.shape_of(ctx.inputs[0])

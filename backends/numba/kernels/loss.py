@@ -6,6 +6,7 @@ import math
 from numba import njit
 
 from graphc.backends.codegen import FASTMATH
+from graphc.backends.numba.kernels.reduce import softmax_row
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -44,30 +45,12 @@ def sce_dense_k(z, y, out):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _softmax_scaled(z, out, i, scale):
-    """out[i] = softmax(z[i]) * scale."""
-    ncls = z.shape[1]
-    m = z[i, 0]
-    for k in range(1, ncls):
-        if z[i, k] > m:
-            m = z[i, k]
-    s = 0.0
-    for k in range(ncls):
-        e = math.exp(z[i, k] - m)
-        out[i, k] = e
-        s += e
-    inv = scale / s
-    for k in range(ncls):
-        out[i, k] = out[i, k] * inv
-
-
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def sce_grad_int_k(z, labels, dy, out):
     """(softmax(z) - onehot) * dy / M"""
     M = z.shape[0]
     scale = dy[0] / M
     for i in range(M):
-        _softmax_scaled(z, out, i, scale)
+        softmax_row(z, out, i, scale)
         out[i, labels[i]] -= scale
 
 
@@ -76,7 +59,7 @@ def sce_grad_dense_k(z, y, dy, out):
     M, ncls = z.shape
     scale = dy[0] / M
     for i in range(M):
-        _softmax_scaled(z, out, i, scale)
+        softmax_row(z, out, i, scale)
         for k in range(ncls):
             out[i, k] -= y[i, k] * scale
 

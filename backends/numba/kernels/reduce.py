@@ -69,18 +69,24 @@ def sum_rows_k(a, out):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
+def softmax_row(z, out, i, scale):
+    """out[i] = softmax(z[i]) * scale (max-subtracted)."""
+    ncls = z.shape[1]
+    m = z[i, 0]
+    for k in range(1, ncls):
+        if z[i, k] > m:
+            m = z[i, k]
+    s = 0.0
+    for k in range(ncls):
+        e = math.exp(z[i, k] - m)
+        out[i, k] = e
+        s += e
+    inv = scale / s
+    for k in range(ncls):
+        out[i, k] = out[i, k] * inv
+
+
+@njit(fastmath=FASTMATH, cache=True, nogil=True)
 def softmax_rows_k(x, y):
-    M, ncls = x.shape
-    for i in range(M):
-        m = x[i, 0]
-        for k in range(1, ncls):
-            if x[i, k] > m:
-                m = x[i, k]
-        s = 0.0
-        for k in range(ncls):
-            e = math.exp(x[i, k] - m)
-            y[i, k] = e
-            s += e
-        inv = 1.0 / s
-        for k in range(ncls):
-            y[i, k] = y[i, k] * inv
+    for i in range(x.shape[0]):
+        softmax_row(x, y, i, 1.0)
