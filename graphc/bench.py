@@ -434,7 +434,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
         k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
              "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
-             "fallback": r.get("fallback", False)}
+             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
         if roof and "conv" in r["kind"]:
             k["roofline_fraction"] = gfl / roof
         kernels.append(k)
