@@ -13,6 +13,7 @@ from graphc.backends.numba import conv as nconv
 from graphc.backends.numba.executor import num_threads
 from graphc.backends.numba.kernels.pool import maxpool_source
 from graphc.backends.registry import lowerings
+from graphc.errors import BackendError
 
 lowering, pattern_lowering = lowerings("numba")
 
@@ -45,7 +46,7 @@ def _prebound(ctx, stride, pads, epi, pool=None):
     try:
         return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
                                      stride, pads, ctx.dtype, epi, pool or (0, 0))
-    except Exception:           # pragma: no cover - the general path reports the real problem
+    except BackendError:        # a geometry it refuses: the general path says why, or copes
         return None
 
 
