@@ -40,13 +40,14 @@ def literal(v):
 
 
 def scalar_expr(op, attrs):
-    """The op's scalar expression with its attributes substituted ({alpha} -> the value's literal)."""
+    """The op's scalar expression with its attributes substituted ({alpha} -> (the value's literal); the
+    op's defaults where the node has none)."""
     expr = optable.OPS[op].scalar
     if "{" not in expr:
         return expr
     values = {**optable.OPS[op].attrs, **(attrs or {})}
     try:
-        return expr.format(**{k: literal(v) for k, v in values.items() if _number(v)})
+        return expr.format(**{k: f"({literal(v)})" for k, v in values.items() if _number(v)})
     except (KeyError, IndexError) as e:
         raise BackendError(f"op {op!r}: scalar expression {expr!r} names attribute {e} that the node does "
                            f"not have (attributes: {sorted(values)})") from None

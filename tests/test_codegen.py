@@ -42,8 +42,10 @@ def test_translation_types_literals_and_rewrites_calls():
 
 
 def test_attribute_reaches_generated_code_as_a_constant(leaky_op):
-    assert codegen.scalar_expr(leaky_op, {"alpha": 0.2}) == "a0 if a0 > 0 else 0.2 * a0"
-    assert codegen.scalar_expr(leaky_op, {}) == "a0 if a0 > 0 else 0.01 * a0"      # the op's default
+    assert codegen.scalar_expr(leaky_op, {"alpha": 0.2}) == "a0 if a0 > 0 else (0.2) * a0"
+    assert codegen.scalar_expr(leaky_op, {}) == "a0 if a0 > 0 else (0.01) * a0"      # the op's default
+    assert codegen.translate(codegen.scalar_expr(leaky_op, {"alpha": -2}), ["x"], codegen.CudaDialect()) == \
+        "x if x > _T(0) else -_T(2.0) * x"
     plan = codegen.plan_loop((4,), [(4,)])
     body = codegen.graph_body([{"op": leaky_op, "attrs": {"alpha": 0.2}, "inputs": [("in", 0)]}])
     numba_src = codegen.NumbaDialect().source(body, [0], plan, "float32", False)
