@@ -230,7 +230,8 @@ class CompiledExecutable(Executable):
     def _push_state(self):
         """Makes the bound state agree with exe.state (a user may have replaced entries)."""
 
-    def _copy_back(self, b):
+    def _copy_back(self, b, pairs):
+        """Stores values of binding b into the state: pairs [(state name, value index)]."""
         raise NotImplementedError
 
     def _run_steps(self, b, threads=None):
@@ -354,6 +355,7 @@ class CompiledExecutable(Executable):
             for dst, v in zip(outs, out if isinstance(out, tuple) else (out,)):
                 v = np.asarray(v)
                 store(dst, v.astype(fdt) if v.dtype.kind == "f" and v.dtype != fdt else v)
+        step.fallback = True
         return step
 
     # ------------------------------------------------------------------ running
@@ -384,9 +386,13 @@ class CompiledExecutable(Executable):
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}"
                                  + ("" if o not in self._fused_away else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
-        b = self._execute(feeds, env, training, want)
+        stats = self.stat_updates(training)      # batch norm's running statistics, in a training run
+        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
         fetch = self._fetch
-        return {w: fetch(b, i, shp) for w, i, shp in b.fetch}
+        out = {w: fetch(b, i, shp) for w, i, shp in b.fetch if w in want}
+        if stats:
+            self._copy_back(b, [(s, b.index[u]) for s, u in stats.items()])
+        return out
 
     def _train_want(self):
         return [self.graph.loss] + [u for u in self.graph.updates.values() if u != self.graph.loss]
@@ -396,7 +402,7 @@ class CompiledExecutable(Executable):
             raise GraphError("this executable has no optimizer: compile(graph, optimizer=gc.optim.SGD(...))")
         feeds, env = self.check_feeds(feeds, check_finite)
         b = self._execute(feeds, env, True, self._train_want(), inplace=True)
-        self._copy_back(b)
+        self._copy_back(b, b.copy_back)
         self.step_count += 1
         return float(self._fetch(b, b.index[self.graph.loss], ()))
 

@@ -41,35 +41,15 @@ def literal(v):
 
 def scalar_expr(op, attrs):
     """The op's scalar expression with its attributes substituted ({alpha} -> (the value's literal); the
-    op's defaults where the node has none)."""
-    expr = optable.OPS[op].scalar
-    if "{" not in expr:
-        return expr
-    values = {**optable.OPS[op].attrs, **(attrs or {})}
-    try:
-        return expr.format(**{k: f"({literal(v)})" for k, v in values.items() if _number(v)})
-    except (KeyError, IndexError) as e:
-        raise BackendError(f"op {op!r}: scalar expression {expr!r} names attribute {e} that the node does "
-                           f"not have (attributes: {sorted(values)})") from None
-
-
-def _number(v):
-    if isinstance(v, bool):
-        return False
-    return isinstance(v, (int, float)) or (getattr(v, "ndim", None) == 0 and getattr(v, "dtype", None) is not None)
-
-
-# The mean losses' formulas over a0 (prediction) and a1 (target): the mean of `term` is the loss, `grad`
-# times dy / (element count) its gradient. (The op table's loss_term / grad_term fields, where it has
-# them, hold the same text; both backends generate their kernels from here.)
-MEAN_LOSSES = {"mse": ("(a0 - a1) * (a0 - a1)", False), "mse_grad": ("2.0 * (a0 - a1)", True),
-               "bce_with_sigmoid": ("max(a0, 0.0) - a0 * a1 + math.log1p(math.exp(-abs(a0)))", False),
-               "bce_grad": ("0.5 * (math.tanh(0.5 * a0) + 1.0) - a1", True)}
+    op's defaults where the node has none): graphc.ops.scalar_expression with this generator's literals."""
+    return optable.scalar_expression(op, attrs, literal)
 
 
 def mean_loss(op):
-    """(term, is_gradient) of a mean loss op (see MEAN_LOSSES)."""
-    return MEAN_LOSSES[op]
+    """(term, is_gradient) of a mean loss op: its formula over a0 (prediction) and a1 (target), written
+    once in the op table (loss_term: the loss is the term's mean; grad_term: term * dy / element count)."""
+    d = optable.OPS[op]
+    return (d.loss_term, False) if d.loss_term is not None else (d.grad_term, True)
 
 
 # ============================================================================================ loop plan

@@ -38,8 +38,8 @@ class Lowering:
 def is_view(op):
     """Ops whose value is a view of their input's buffer (the memory plan makes them aliases) and the
     results of multi-result fused nodes (written by the fused node itself)."""
-    from graphc.passes.memory import ALIAS_OPS
-    return op in ALIAS_OPS or op == "getitem"
+    from graphc import ops as optable
+    return op == "getitem" or (op in optable.OPS and optable.OPS[op].alias)
 
 
 class Registry:

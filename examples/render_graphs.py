@@ -19,12 +19,6 @@ import graphc as gc
 from graphc.models import SEED_LABELS, SEED_X
 
 
-def fusion_available():
-    from graphc.ops import OPS
-    from graphc.pipeline import Pipeline
-    return "fused" in OPS and "fuse" in Pipeline("numba").enabled
-
-
 def main(out_dir="renders"):
     os.makedirs(out_dir, exist_ok=True)
     feeds = {"x": SEED_X, "labels": SEED_LABELS}
@@ -45,18 +39,13 @@ def main(out_dir="renders"):
     written.append((path, "the same as PNG"))
 
     lenet = gc.models.load("lenet5")
-    if fusion_available():
-        path = os.path.join(out_dir, "lenet5_fused.svg")
-        gc.render(lenet, path, fused=True)
-        written.append((path, "LeNet-5 after the numba pipeline's passes: each fused kernel is a cluster"))
-        path = os.path.join(out_dir, "lenet5_fused_backward.svg")
-        gc.render(lenet, path, fused=True, backward=True)
-        written.append((path, "LeNet-5 forward + backward fused: conv_relu_maxpool forward saves its route, "
-                              "route_relu backward"))
-    else:
-        path = os.path.join(out_dir, "lenet5.svg")
-        gc.render(lenet, path)
-        written.append((path, "LeNet-5 UNFUSED: this build has no fusion pass (graphc.passes.fuse)"))
+    path = os.path.join(out_dir, "lenet5_fused.svg")
+    gc.render(lenet, path, fused=True)
+    written.append((path, "LeNet-5 after the numba pipeline's passes: each fused kernel is a cluster"))
+    path = os.path.join(out_dir, "lenet5_fused_backward.svg")
+    gc.render(lenet, path, fused=True, backward=True)
+    written.append((path, "LeNet-5 forward + backward fused: conv_relu_maxpool forward saves its route, "
+                          "route_relu backward"))
 
     path = os.path.join(out_dir, "vgg16_backward_collapsed.svg")
     gc.render(gc.models.load("vgg16"), path, backward=True, collapse=True)

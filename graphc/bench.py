@@ -153,22 +153,23 @@ def compile_times(model, backend, batch, train, fuse):
 
 # ------------------------------------------------------------------------------------ peers (torch)
 
-def _torch_forward_factory(g, torch, batch):
-    """The graph translated op by op into torch calls (forward only; autograd gives the backward)."""
-    F = torch.nn.functional
+class _TorchCtx:
+    """What an op's torch field may read (graphc.ops.OpDef.torch): training, and resolve(shape) with the
+    batch dim bound."""
+
+    def __init__(self, batch, training):
+        self.batch, self.training = batch, training
+
+    def resolve(self, shape):
+        return tuple(self.batch if isinstance(s, str) else s for s in shape)
+
+
+def _torch_idioms(g, order):
+    """The two patterns torch users would write: dense = F.linear (matmul(x, w^T) + b) and dropout =
+    F.dropout (x * dropout_mask(x)). Returns ({add: (x, w, b)}, {mul: (x, rate)}, nodes they absorb)."""
     nodes = g.nx.nodes
-    order = [n for n in g.topo()]
-    params = {}
-    for n in g.state_names:
-        params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
-                                 requires_grad=bool(nodes[n]["attrs"].get("trainable", True)))
-    consts = {n: torch.tensor(np.asarray(nodes[n]["attrs"]["value"]).astype(
-        np.float32 if np.asarray(nodes[n]["attrs"]["value"]).dtype.kind == "f" else np.int64))
-        for n in order if nodes[n]["op"] == "const"}
     users = {n: list(g.nx.successors(n)) for n in order}
-    # patterns torch users would write: dense = F.linear, dropout = F.dropout
-    dropout_of = {}          # mul node -> (x, rate)
-    skip = set()
+    linear_of, dropout_of, skip = {}, {}, set()
     for n in order:
         d = nodes[n]
         if d["op"] == "mul":
@@ -178,94 +179,55 @@ def _torch_forward_factory(g, torch, batch):
                 if dm["op"] == "dropout_mask" and dm["inputs"][0] == x and users[m] == [n]:
                     dropout_of[n] = (x, dm["attrs"]["rate"])
                     skip.add(m)
-    linear_of = {}           # add node -> (x, w, b)
-    for n in order:
-        d = nodes[n]
-        if d["op"] == "add":
+        elif d["op"] == "add":
             a, b = d["inputs"]
             da = nodes[a]
             if (da["op"] == "matmul" and da["attrs"].get("trans_b") and not da["attrs"].get("trans_a")
                     and len(nodes[b]["shape"]) == 1 and users[a] == [n]):
                 linear_of[n] = (da["inputs"][0], da["inputs"][1], b)
                 skip.add(a)
+    return linear_of, dropout_of, skip
 
-    def resolve(shape):
-        return tuple(batch if isinstance(s, str) else s for s in shape)
+
+def _torch_forward_factory(g, torch, batch):
+    """The graph translated op by op into torch calls (forward only; autograd gives the backward): each
+    op by its op-table ``torch`` field, dense layers and dropout by their torch idioms."""
+    from graphc import ops as optable
+    F = torch.nn.functional
+    nodes = g.nx.nodes
+    order = g.topo()
+    params = {}
+    for n in g.state_names:
+        params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
+                                 requires_grad=bool(nodes[n]["attrs"].get("trainable", True)))
+    fixed = dict(params)
+    for n in order:
+        d = nodes[n]
+        if optable.OPS[d["op"]].source and "value" in d["attrs"]:
+            val = np.asarray(d["attrs"]["value"])
+            fixed[n] = torch.tensor(val.astype(np.float32 if val.dtype.kind == "f" else np.int64))
+    linear_of, dropout_of, skip = _torch_idioms(g, order)
 
     def forward(feeds, training=True):
+        ctx = _TorchCtx(batch, training)
         v = {}
         for n in order:
             if n in skip:
                 continue
             d = nodes[n]
-            op, a = d["op"], d["attrs"]
-            ins = [v[i] for i in d["inputs"] if i in v]     # (fused-pattern branches read v directly)
-            if op == "input":
-                r = feeds[n]
-            elif op == "param":
-                r = params[n]
-            elif op == "const":
-                r = consts[n]
+            opdef = optable.OPS[d["op"]]
+            if opdef.source:
+                r = feeds[n] if n in feeds else fixed[n]
             elif n in linear_of:
                 x, w, b = linear_of[n]
                 r = F.linear(v[x], v[w], v[b])
             elif n in dropout_of:
                 x, rate = dropout_of[n]
                 r = F.dropout(v[x], rate, training=training)
-            elif op == "conv":
-                t, bo, l, rr = a["pads"]
-                x = ins[0] if (t == bo and l == rr) else F.pad(ins[0], (l, rr, t, bo))
-                pad = (t, l) if (t == bo and l == rr) else 0
-                r = F.conv2d(x, ins[1], ins[2] if len(ins) == 3 else None, stride=tuple(a["stride"]), padding=pad)
-            elif op == "relu":
-                r = F.relu(ins[0])
-            elif op == "maxpool":
-                r = F.max_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))
-            elif op == "avgpool":
-                r = F.avg_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))
-            elif op == "global_avgpool":
-                r = ins[0].mean(dim=(2, 3))
-            elif op == "matmul":
-                x, w = ins
-                r = (x.t() if a.get("trans_a") else x) @ (w.t() if a.get("trans_b") else w)
-            elif op in ("add", "sub", "mul", "div"):
-                r = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}[op](*ins)
-            elif op == "max":
-                r = torch.maximum(*ins)
-            elif op in ("neg", "exp", "log", "sqrt", "sigmoid", "tanh"):
-                r = getattr(torch, op)(ins[0])
-            elif op in ("identity", "copy"):
-                r = ins[0]
-            elif op == "reshape":
-                r = ins[0].reshape(resolve(a["shape"]))
-            elif op == "transpose":
-                r = ins[0].permute(*a["axes"])
-            elif op == "concat":
-                r = torch.cat(ins, dim=a["axis"])
-            elif op == "slice":
-                r = ins[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])
-            elif op == "pad2d":
-                t, bo, l, rr = a["pads"]
-                r = F.pad(ins[0], (l, rr, t, bo), value=a["value"])
-            elif op == "sum":
-                r = ins[0].sum(dim=tuple(a["axes"]), keepdim=a["keepdims"]) if a["axes"] else ins[0]
-            elif op == "mean":
-                r = ins[0].mean(dim=tuple(a["axes"]), keepdim=a["keepdims"]) if a["axes"] else ins[0]
-            elif op == "softmax":
-                r = F.softmax(ins[0], dim=a["axis"])
-            elif op == "softmax_cross_entropy":
-                z, y = ins
-                r = F.cross_entropy(z, y) if y.dim() == 1 else -(y * F.log_softmax(z, 1)).sum() / z.shape[0]
-            elif op == "mse":
-                r = F.mse_loss(*ins)
-            elif op == "bce_with_sigmoid":
-                r = F.binary_cross_entropy_with_logits(*ins)
-            elif op == "dropout_mask":
-                x = ins[0]
-                rate = a["rate"]
-                r = ((torch.rand_like(x) >= rate).to(x.dtype) / (1 - rate)) if training and rate else torch.ones_like(x)
+            elif opdef.torch is not None:
+                r = opdef.torch(F, torch, [v[i] for i in d["inputs"]], d["attrs"], ctx)
             else:
-                raise NotImplementedError(f"torch peer: op {op!r}")
+                raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
             v[n] = r
         return v
 
@@ -403,8 +365,16 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
               json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
     """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
     (and optionally writes to json_path) the results dict described in the module doc."""
+    from graphc.errors import GraphError
+    from graphc.files import check_writable
     out = out or sys.stdout
-    batch = int(batch or DEFAULT_BATCH)
+    if batch is None:
+        batch = DEFAULT_BATCH
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise GraphError(f"batch must be a positive integer, got {batch!r}")
+    batch = int(batch)
+    if json_path:
+        json_path = check_writable(json_path, "benchmark JSON")     # before the benchmark, not after
     compare = [c for c in (compare or ()) if c]
     repeats = int(repeats or (20 if batch >= 16 else 100))
     mode = "train" if train else "infer"
@@ -481,8 +451,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if not quiet:
         print(report(result), file=out)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        from graphc.files import atomic_write
+        atomic_write(json_path, lambda f: json.dump(result, f, indent=1, default=str), "benchmark JSON", binary=False)
     return result
 
 

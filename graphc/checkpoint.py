@@ -3,33 +3,38 @@
     save_checkpoint("run.npz", exe, {"model": "lenet5", "epoch": 3, ...})
     meta = load_checkpoint("run.npz", exe)          # shape-checked; raises CheckpointError on mismatch
 
-File layout: one array per entry of ``exe.state_dict()`` under its own name (``"c1.w"``,
-``"optim/m/c1.w"``, ``"optim/lr"``, ``"__step__"``) and the metadata as a JSON string under
-``"__meta__"`` (``format``, ``version``, ``state_names``, and whatever the caller put in: model name,
-epoch, step, seed, optimizer config, data spec, graph fingerprint...). Loads with
-``allow_pickle=False``: a checkpoint never runs code.
+File layout (version 2): the i-th state value (parameter or optimizer state, in the order of the
+metadata's ``state_names``) under the key ``"state/<i>"``, the step counter under ``"__step__"`` and the
+metadata as a JSON string under ``"__meta__"`` (``format``, ``version``, ``state_names``, and whatever
+the caller put in: model name, epoch, step, seed, optimizer config, data spec, graph fingerprint...).
+The names live only in the JSON, so any parameter name round-trips (``file``, ``allow_pickle``, names
+with dots, slashes or NUL characters). Version 1 files (one array per name) are still read. Loads with
+``allow_pickle=False``: a checkpoint never runs code; a file that is not a checkpoint, or whose
+metadata or step counter is malformed, is a CheckpointError.
 
-Writes are atomic: the file is written to a temporary file in the same directory, flushed and
+Writes are atomic (graphc.files.atomic_write): a temporary file in the same directory, flushed and
 fsync'ed, then ``os.replace``-d over the destination. An interrupted or failed write leaves the
-previous checkpoint (or nothing) in place, never a half-written file.
+previous checkpoint (or nothing) in place, never a half-written file; a failed write (read-only file
+system, full disk) is one OutputError line. Temp files of a writer killed outright are removed by the
+next save or load of the same path.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import numbers
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import CheckpointError
+from graphc.files import atomic_write, clean_stale_temps
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "graph_fingerprint", "FORMAT", "VERSION"]
+__all__ = ["save_checkpoint", "write_arrays", "load_checkpoint", "read_checkpoint", "graph_fingerprint", "FORMAT", "VERSION"]
 
 FORMAT = "graphc-checkpoint"
-VERSION = 1
+VERSION = 2
 META_KEY = "__meta__"
 STEP_KEY = "__step__"
 
@@ -50,19 +55,6 @@ def graph_fingerprint(graph) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_npz(fileobj, arrays: dict) -> None:
     """Writes the arrays as an uncompressed .npz into an open binary file (a seam for tests)."""
     np.savez(fileobj, **arrays)
@@ -71,70 +63,88 @@ def _write_npz(fileobj, arrays: dict) -> None:
 def save_checkpoint(path, exe, meta=None) -> Path:
     """Writes ``exe.state_dict()`` (every parameter, optimizer state and the step counter) and ``meta``
     (a JSON-serialisable dict) to ``path`` atomically. Returns the path written."""
+    return write_arrays(path, exe.state_dict(), meta, dtype=str(getattr(exe, "dtype", "")))
+
+
+def write_arrays(path, state, meta=None, dtype="") -> Path:
+    """Writes a checkpoint from arrays by name (a state dict: values plus the step counter under
+    ``"__step__"``) and metadata, atomically. save_checkpoint's core."""
     path = Path(path)
     meta = dict(meta or {})
-    state = exe.state_dict()
-    bad = [k for k in state if k == META_KEY]
-    if bad:
-        raise CheckpointError(f"the graph has a value named {META_KEY!r}, which checkpoints reserve")
-    meta.setdefault("step", int(state.get(STEP_KEY, 0)))
-    meta.update(format=FORMAT, version=VERSION,
-                state_names=sorted(k for k in state if k != STEP_KEY),
-                dtype=str(getattr(exe, "dtype", "")))
+    state = dict(state)
+    step = int(state.pop(STEP_KEY, 0))
+    names = sorted(state)
+    meta.setdefault("step", step)
+    meta.update(format=FORMAT, version=VERSION, state_names=names, dtype=dtype)
     try:
         meta_text = json.dumps(meta, sort_keys=True)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata must be JSON-serialisable: {e}") from None
-    arrays = {k: np.asarray(v) for k, v in state.items()}
+    arrays = {f"state/{i}": np.asarray(state[n]) for i, n in enumerate(names)}
+    arrays[STEP_KEY] = np.array(step)
     arrays[META_KEY] = np.array(meta_text)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise CheckpointError(f"{path}: cannot save a checkpoint, directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            _write_npz(f, arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:        # KeyboardInterrupt included: never leave the temp file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-    return path
+    return atomic_write(path, lambda f: _write_npz(f, arrays), "checkpoint")
 
 
 def read_checkpoint(path) -> tuple[dict, dict]:
     """Reads a checkpoint file into (arrays by name, metadata); CheckpointError if it is not one."""
     path = Path(path)
+    clean_stale_temps(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path}: not a graphc checkpoint (a single .npy array, not an .npz archive)")
+        with z:
             arrays = {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
-        raise CheckpointError(f"{path}: not a readable graphc checkpoint (corrupt or truncated file: {e})") from None
-    if not isinstance(arrays, dict) or META_KEY not in arrays:
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, MemoryError, NotImplementedError,
+            zipfile.LargeZipFile, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable graphc checkpoint (corrupt or truncated file: "
+                              f"{type(e).__name__}: {e})") from None
+    if META_KEY not in arrays:
         raise CheckpointError(f"{path}: not a graphc checkpoint (no {META_KEY!r} entry)")
     try:
         meta = json.loads(str(arrays.pop(META_KEY)))
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{path}: corrupt checkpoint metadata ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a graphc checkpoint (format {meta.get('format') if isinstance(meta, dict) else meta!r})")
-    if int(meta.get("version", 0)) > VERSION:
+    version = meta.get("version", 0)
+    if not _is_int(version) or version < 1:
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (version {version!r})")
+    if version > VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta['version']} is newer than this graphc "
                               f"reads ({VERSION}); upgrade graphc")
     names = meta.get("state_names")
-    if names is not None:
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: corrupt checkpoint metadata (state_names is not a list of names)")
+    if version >= 2:
+        if names is None:
+            raise CheckpointError(f"{path}: corrupt checkpoint metadata (no state_names)")
+        keys = [f"state/{i}" for i in range(len(names))]
+        missing = [n for n, k in zip(names, keys) if k not in arrays]
+        stray = sorted(set(arrays) - set(keys) - {STEP_KEY})
+        if missing or stray or len(set(names)) != len(names):
+            raise CheckpointError(f"{path}: corrupt checkpoint, its index lists {len(names)} values "
+                                  + (f"but the file lacks {missing[:5]}" if missing else
+                                     f"and the file also holds {stray[:3]}" if stray else "with repeated names"))
+        arrays = {**{n: arrays[k] for n, k in zip(names, keys)},
+                  **({STEP_KEY: arrays[STEP_KEY]} if STEP_KEY in arrays else {})}
+    elif names is not None:
         missing = [n for n in names if n not in arrays]
         if missing:
             raise CheckpointError(f"{path}: corrupt checkpoint, its index lists {missing[:5]} but the file "
                                   "does not hold them")
+    step = arrays.get(STEP_KEY, np.array(0))
+    if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+        raise CheckpointError(f"{path}: corrupt checkpoint, the step counter {STEP_KEY!r} must be one integer "
+                              f">= 0, got a {step.dtype} array of shape {step.shape}")
     return arrays, meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _describe(meta) -> str:

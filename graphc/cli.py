@@ -36,7 +36,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 MODEL_HELP = ("a zoo model (seed_cnn, mlp, lenet5, mnist_convnet, codelab_cnn, alexnet, vgg16, resnet, "
-              "inception, ...) or path/to/file.py:function returning a graphc.Graph")
+              "inception, resnet18, mobilenet_v2, googlenet, ...), path/to/file.py:function returning a "
+              "graphc.Graph, or model.onnx")
 
 
 def _zoo_names():
@@ -48,15 +49,10 @@ def _zoo_names():
 
 
 def load_model(spec, **kwargs):
-    """graphc.models.load with errors as one line: a user's model file that fails to run is reported
-    as 'cannot load MODEL: <exception>' (use --debug for the traceback)."""
+    """graphc.models.load: a user's model file that fails to run is one GraphError line
+    ('cannot load model MODEL: <exception>'; --debug shows the traceback), in every verb."""
     from graphc import models
-    try:
-        return models.load(spec, **kwargs)
-    except (GraphError, FileNotFoundError):
-        raise
-    except Exception as e:   # noqa: BLE001 - the user's own code raised
-        raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
+    return models.load(spec, **kwargs)
 
 
 def _model_basename(spec):
@@ -71,7 +67,7 @@ def cmd_summary(args):
     from graphc.summarize import summary
     graph = load_model(args.model)
     if args.backward:
-        from graphc.passes.autodiff import grad
+        from graphc.passes.transforms.autodiff import grad
         graph = grad(graph, keep_outputs=True)
     print(summary(graph))
     return 0
@@ -91,11 +87,6 @@ def cmd_render(args):
         out = f"{_model_basename(args.model)}{suffix}.{fmt or 'svg'}"
     values = rendering.example_feeds(graph, model=args.model) if args.values else None
     fused = True if args.fused else None
-    if args.fused:
-        from graphc.pipeline import Pipeline
-        if "fuse" not in Pipeline("numba").enabled:
-            print("graphc: note: fusion (graphc.passes.fuse) is not available in this build; drawing unfused",
-                  file=sys.stderr)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,6 +164,7 @@ def build_parser():
                        description="Print every op of MODEL with its output shape and trainable parameters.",
                        epilog="examples:\n  graphc summary lenet5          # 61,706 parameters\n"
                               "  graphc summary alexnet         # 62,378,344 parameters\n"
+                              "  graphc summary resnet18        # 11,689,512 parameters, as torchvision\n"
                               "  graphc summary my_net.py:build\n\nzoo models: " + _zoo_names())
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backward", action="store_true", help="summarise the differentiated graph")
@@ -242,6 +234,9 @@ def build_parser():
                               "  graphc train lenet5 --epochs 10 --resume run.npz")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
+
+    from graphc.onnx.cli import add_convert_verb
+    add_convert_verb(sub, _Formatter)
     return top
 
 
@@ -254,14 +249,14 @@ def main(argv=None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if not getattr(args, "verb", None):
-            raise UsageError("choose a command: summary, render, bench or train (see `graphc --help`)")
+            raise UsageError("choose a command: summary, render, bench, train or convert (see `graphc --help`)")
         return int(args.func(args) or 0)
     except UsageError as e:
         if debug:
             raise
         print(f"graphc: error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
-    except (GraphError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (GraphError, OSError) as e:         # OSError: any file the verb could not read or write
         if debug:
             raise
         print(f"graphc: error: {_one_line(_describe(e))}", file=sys.stderr)

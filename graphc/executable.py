@@ -1,10 +1,83 @@
 """The executable every backend returns: feeds in by input name, numpy arrays out by value name."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from graphc import shapes
 from graphc.errors import CheckpointError, FeedDTypeError, FeedError, FeedShapeError, GraphError
+
+#: Ops that read their second input as class ids (int labels (N,)) indexing the first input's columns.
+CLASS_LOSSES = ("softmax_cross_entropy", "cross_entropy", "softmax_ce_grad", "cross_entropy_grad")
+#: Ops that pass a value through unchanged (labels may reach a loss through them).
+_PASS_THROUGH = ("identity", "copy", "reshape", "reshape_like")
+
+
+def class_label_inputs(graph):
+    """{int input (or const) name: (number of classes K, name of the loss reading it)} for every integer
+    value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
+    0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
+    nodes, found = graph.nx.nodes, {}
+    for n, k, src in _class_losses(graph):
+        while nodes[src]["op"] in _PASS_THROUGH:
+            src = nodes[src]["inputs"][0]
+        if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
+            prev = found.get(src)
+            found[src] = (k, n) if prev is None or k < prev[0] else prev
+    return found
+
+
+def _class_losses(graph):
+    """(loss name, number of classes, name of the value holding its labels) for every class-loss node,
+    also inside fused nodes (whose body refers to the group's inputs as ("in", k))."""
+    for n, d in graph.nx.nodes(data=True):
+        if d["op"] in CLASS_LOSSES:
+            yield n, graph.nx.nodes[d["inputs"][0]]["shape"][-1], d["inputs"][1]
+        for b in d["attrs"].get("body", ()) if d["op"] == "fused" else ():
+            scores, labels = b["inputs"][:2] if b["op"] in CLASS_LOSSES else (None, None)
+            if labels is not None and labels[0] == "in":
+                shape = graph.nx.nodes[d["inputs"][scores[1]]]["shape"] if scores[0] == "in" else \
+                    d["attrs"]["body"][scores[1]]["shape"]
+                yield b["name"], shape[-1], d["inputs"][labels[1]]
+
+
+def check_labels(name, arr, k, loss, what="input", cls=FeedError):
+    """FeedError (cls) naming the first label outside 0..k-1, its position and the valid range."""
+    if arr.size == 0 or (arr.min() >= 0 and arr.max() < k):
+        return
+    bad = np.flatnonzero((arr < 0) | (arr >= k))
+    raise cls(f"{what} {name!r}: label {int(arr[bad[0]])} at position {int(bad[0])} is outside 0..{k - 1} "
+              f"({len(bad)} bad label(s)); {loss!r} has {k} classes. Fix: labels must be class ids 0..{k - 1}")
+
+
+def param_too_big(name, shape, dtype, why):
+    nbytes = shapes.numel(shape) * np.dtype(dtype).itemsize
+    return GraphError(f"param {name!r} {shapes.fmt(shape)} {dtype} needs {nbytes:,} bytes ({nbytes / 2**30:.1f} GiB), "
+                      f"{why}. Fix: use smaller dims")
+
+
+def check_param_sizes(graph, dtype=None):
+    """Refuses, before anything is allocated, a param larger than this machine's memory."""
+    try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return
+    for name in graph.state_names:
+        nd = graph.nx.nodes[name]
+        dt = dtype if dtype is not None and nd["dtype"].startswith("float") else nd["dtype"]
+        if shapes.numel(nd["shape"]) * np.dtype(dt).itemsize > limit:
+            raise param_too_big(name, nd["shape"], dt, f"more than this machine's {limit / 2**30:.1f} GiB of memory")
+
+
+def _materialise(graph, name):
+    """A param's initial value; one too large to allocate is a GraphError naming it and its bytes."""
+    nd = graph.nx.nodes[name]
+    try:
+        return np.array(graph.params[name])
+    except (MemoryError, ValueError) as e:
+        raise param_too_big(name, nd["shape"], nd["dtype"], f"which cannot be allocated here ({type(e).__name__})") \
+            from None
 
 
 class RunContext:
@@ -25,8 +98,12 @@ class Executable:
         self.step_count = 0
         self.state = {}
         for name in graph.state_names:
-            self.state[name] = self._cast(np.array(graph.params[name]), graph.nx.nodes[name]["dtype"])
+            self.state[name] = self._cast(_materialise(graph, name), graph.nx.nodes[name]["dtype"])
         self.input_types = {n: (graph.nx.nodes[n]["shape"], graph.nx.nodes[n]["dtype"]) for n in graph.inputs}
+        self.labels = class_label_inputs(graph)
+        for name, (k, loss) in self.labels.items():
+            if graph.nx.nodes[name]["op"] == "const":
+                check_labels(name, np.asarray(graph.nx.nodes[name]["attrs"]["value"]), k, loss, "const", GraphError)
         self.outputs = list(graph.outputs)
 
     def _cast(self, arr, declared):
@@ -52,6 +129,9 @@ class Executable:
                                      f"got {arr.shape}")
             for want, got in zip(shape, arr.shape):
                 if isinstance(want, str):
+                    if got == 0:
+                        raise FeedShapeError(f"input {name!r} is empty: its batch dim {want} is 0; feed at least one "
+                                             "sample (a mean over an empty batch is undefined)")
                     if env.setdefault(want, got) != got:
                         raise FeedShapeError(f"input {name!r}: dim {want} is {got} here but {env[want]} in another "
                                              "input; every input must share the batch size")
@@ -62,6 +142,8 @@ class Executable:
                 raise FeedDTypeError(f"input {name!r} expects integer {dtype} data (class labels), got {arr.dtype}")
             if dtype.startswith("float") and kind not in "fiub":
                 raise FeedDTypeError(f"input {name!r} expects numbers ({dtype}), got {arr.dtype}")
+            if name in self.labels:           # before the cast: int32 labels must not wrap into range
+                check_labels(name, arr, *self.labels[name])
             arr = self._cast(arr, dtype)
             if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(arr)).sum())} of them)")
@@ -70,14 +152,23 @@ class Executable:
 
     # ------------------------------------------------------------------ running
     def run(self, feeds, outputs=None, training=False, check_finite=False):
-        """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch."""
+        """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch.
+        training=True runs in training mode (dropout on, batch norm on batch statistics) and stores
+        batch norm's new running statistics."""
         feeds, env = self.check_feeds(feeds, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}")
-        vals = self._execute(feeds, env, training, want)
+        stats = self.stat_updates(training)
+        vals = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        for s, u in stats.items():
+            self.state[s] = np.array(vals[u])
         return {o: vals[o] for o in want}
+
+    def stat_updates(self, training):
+        """{running statistic: its new value} that a run in this mode stores (none at inference)."""
+        return dict(getattr(self.graph, "stat_updates", {}) or {}) if training else {}
 
     def step(self, feeds, check_finite=False) -> float:
         """One training step (forward, backward, update); returns the loss."""
@@ -137,9 +228,13 @@ class Executable:
             if tuple(np.shape(d[n])) != want:
                 raise CheckpointError(f"checkpoint value {n!r} has shape {tuple(np.shape(d[n]))}, "
                                       f"the graph expects {want}")
+        step = np.asarray(d.get("__step__", 0))
+        if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+            raise CheckpointError(f"'__step__' (the step counter) must be one integer >= 0, got {step.dtype} "
+                                  f"shape {step.shape}")
         extra = [k for k in d if k not in self.state and k != "__step__"]
         if extra:
             raise CheckpointError(f"checkpoint has values the graph does not: {extra[:5]}")
         for n in self.state:
             self.state[n] = self._cast(np.array(d[n]), self.graph.nx.nodes[n]["dtype"])
-        self.step_count = int(d.get("__step__", 0))
+        self.step_count = int(step)

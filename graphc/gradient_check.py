@@ -32,11 +32,12 @@ class GradcheckReport:
 
 
 def gradcheck(graph, feeds, wrt=None, loss=None, eps=1e-6, tol=1e-6, max_elements=64, seed=0,
-              raise_on_failure=True, backend="reference"):
+              raise_on_failure=True, backend="reference", training=False):
     """Compares gc.grad(graph) with central differences (float64) for each value in wrt (default: all
     params; input names allowed). Large tensors are checked at up to `max_elements` random positions.
     Returns a GradcheckReport (truthy when it passes); raises GradError on failure unless
-    raise_on_failure=False."""
+    raise_on_failure=False. training=True checks the training-mode graph (batch norm on batch
+    statistics, dropout on with a fixed mask)."""
     import graphc as gc
     gg = gc.grad(graph, wrt=wrt, loss=loss)
     names = [gg.nx.nodes[o]["grad_of"] for o in gg.outputs]
@@ -47,11 +48,11 @@ def gradcheck(graph, feeds, wrt=None, loss=None, eps=1e-6, tol=1e-6, max_element
     for k, (shape, dt) in fwd.input_types.items():
         if k in feeds and dt.startswith("float"):
             feeds[k] = feeds[k].astype(np.float64)
-    grads = bwd.run(feeds)
+    grads = bwd.run(feeds, training=training)
     rng = np.random.default_rng(seed)
 
     def f():
-        return float(fwd.run(feeds, outputs=[loss_name])[loss_name])
+        return float(fwd.run(feeds, outputs=[loss_name], training=training)[loss_name])
 
     errors, analytic, numeric = {}, {}, {}
     for name in names:

@@ -8,7 +8,8 @@ A `Graph` is a networkx.DiGraph whose vertices are op nodes; each node produces 
     attrs    op attributes (stride, pads, axes, ...)
     shape    output shape; a str dim is symbolic (the batch dim, bound when the graph runs)
     dtype    "float32", "float64" or "int64"
-    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer)
+    role     "forward", "backward" (made by the autodiff pass) or "update" (optimizer; batch norm's
+             running statistics, see graph.stat_updates)
     rule     for backward/update nodes: the gate rule that made it ("mul:swap", "conv:dW", ...)
 
 Edges into backward nodes carry the same ``rule`` attribute, so renderers can label gradient edges.
@@ -27,6 +28,18 @@ from graphc.errors import DTypeError, GraphError, ShapeError
 from graphc.init import INITS, initial_value
 
 DTYPES = ("float32", "float64", "int64", "int32")
+#: Names the step counter and checkpoint metadata use in state dicts and checkpoint files.
+RESERVED_NAMES = ("__step__", "__meta__")
+
+
+def _what(op, name):
+    """How a definition error names the node being made: "conv 'c1'", or "conv" when unnamed."""
+    return f"{op} {name!r}" if name else op
+
+
+def _check_name(kind, name):
+    if not isinstance(name, str) or not name:
+        raise GraphError(f"{kind} names must be non-empty strings, got {name!r}")
 
 
 class _Lazy:
@@ -136,6 +149,8 @@ class Graph:
     def __init__(self, name="graph", seed=0, dtype="float32"):
         if dtype not in ("float32", "float64"):
             raise DTypeError(f"graph dtype must be float32 or float64, got {dtype!r}")
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"graph seed must be a non-negative integer, got {seed!r}")
         self.name = name
         self.seed = seed
         self.dtype = dtype
@@ -143,6 +158,8 @@ class Graph:
         self.outputs: list[str] = []
         self.params = ParamStore()                    # initial values of param/state nodes
         self.updates: dict[str, str] = {}             # state name -> name of its new value (training graphs)
+        self.stat_updates: dict[str, str] = {}        # batch-norm running statistic -> its value after a
+                                                      # training batch (stored by training runs and steps)
         self.loss: str | None = None                  # the loss output of a training graph
         self.keep: set[str] = set()                   # values passes must keep fetchable (compile(keep=...))
         self._counts: dict[str, int] = {}
@@ -240,9 +257,11 @@ class Graph:
         in_vals = [self._value(v) for v in inputs]
         if name is None:
             name = self.fresh_name(op)
-        elif not isinstance(name, str) or not name:
-            raise GraphError(f"node names must be non-empty strings, got {name!r}")
-        elif name in self.nx:
+        else:
+            _check_name("node", name)
+        if name in RESERVED_NAMES:
+            raise GraphError(f"name {name!r} is reserved (state dicts and checkpoints use it); choose another name")
+        if name in self.nx:
             raise GraphError(f"name {name!r} is already used in graph {self.name!r} "
                              f"(by a {self.nx.nodes[name]['op']} node); names must be unique")
         view = Node(self, name, op, [v.name for v in in_vals], attrs)
@@ -257,30 +276,61 @@ class Graph:
         return Value(self, name)
 
     # ------------------------------------------------------------------ sources
-    def input(self, name, shape, dtype="float32") -> Value:
-        """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs."""
-        if dtype not in DTYPES:
-            raise DTypeError(f"input {name!r}: dtype must be one of {DTYPES}, got {dtype!r}")
-        shape = tuple("N" if d is None else d for d in shape)
-        for d in shape:
-            if not (isinstance(d, str) or (isinstance(d, int) and d > 0)):
-                raise ShapeError(f"input {name!r}: dims must be positive ints or None (batch), got {shape}")
+    def _declared_dtype(self, what, dtype, allowed=DTYPES):
+        """The dtype a source declares. Every float value of a graph has the graph's float dtype (a
+        backend computes in one precision, and compile(dtype=...) switches all of them together), so a
+        float dtype other than the graph's is refused here rather than silently cast."""
+        try:
+            name = self.dtype if dtype is None else str(np.dtype(dtype))
+        except TypeError:
+            name = None
+        ok = name in ("float32", "float64") or (name in allowed if allowed else
+                                                  name is not None and np.dtype(name).kind in "iub")
+        if not ok:
+            raise DTypeError(f"{what}: dtype must be one of {allowed or DTYPES}, got {dtype!r}")
+        dtype = name
+        if dtype.startswith("float") and dtype != self.dtype:
+            raise DTypeError(f"{what} is declared {dtype} in a {self.dtype} graph; every float value of a graph has "
+                             f"the graph's dtype. Fix: gc.Graph(dtype={dtype!r}) or compile(..., dtype={dtype!r}), "
+                             "or drop dtype= (fed data is cast)")
+        return dtype
+
+    @staticmethod
+    def _shape_arg(what, shape, symbolic=False):
+        """A declared shape: a tuple/list of positive ints (and, for inputs, None/str batch dims)."""
+        if not isinstance(shape, (tuple, list)):
+            raise ShapeError(f"{what}: shape must be a tuple of dims, e.g. (None, 1, 28, 28), got {shape!r}")
+        out = tuple("N" if (d is None and symbolic) else d for d in shape)
+        for d in out:
+            if not ((symbolic and isinstance(d, str) and d) or (shapes.is_int(d) and d > 0)):
+                kind = "positive ints or None (the batch dim)" if symbolic else "positive ints"
+                raise ShapeError(f"{what}: dims must be {kind}, got {tuple(shape)!r}")
+        return tuple(d if isinstance(d, str) else int(d) for d in out)
+
+    def input(self, name, shape, dtype=None) -> Value:
+        """A fed value. A None dim (or a str) is the symbolic batch dim, bound when the graph runs.
+        dtype: the graph's float dtype (default) or an integer dtype (class labels)."""
+        _check_name("input", name)
+        dtype = self._declared_dtype(f"input {name!r}", dtype)
+        shape = self._shape_arg(f"input {name!r}", shape, symbolic=True)
         return self.add_node("input", (), {"shape": shape, "dtype": dtype}, name=name)
 
     def param(self, name, shape=None, init="he", value=None, trainable=True, scale=None, dtype=None) -> Value:
         """A parameter with an initialiser (zeros, ones, constant, uniform, normal, he, glorot, torch)
         or a given value. trainable=False makes it graph state (optimizer moments, step count)."""
-        dtype = dtype or self.dtype
+        _check_name("param", name)
+        dtype = self._declared_dtype(f"param {name!r}", dtype)
         if value is not None:
-            arr = np.array(value, dtype=dtype)
-            if shape is not None and tuple(shape) != arr.shape:
+            try:
+                arr = np.array(value, dtype=dtype)
+            except (TypeError, ValueError) as e:
+                raise DTypeError(f"param {name!r}: value is not {dtype} numbers ({e})") from None
+            if shape is not None and tuple(self._shape_arg(f"param {name!r}", shape)) != arr.shape:
                 raise ShapeError(f"param {name!r}: value has shape {arr.shape} but shape={tuple(shape)} was given")
         else:
             if shape is None:
                 raise ShapeError(f"param {name!r} needs a shape or a value")
-            shape = tuple(int(d) for d in shape)
-            if any(d <= 0 for d in shape):
-                raise ShapeError(f"param {name!r}: dims must be positive ints, got {shape}")
+            shape = self._shape_arg(f"param {name!r}", shape)
             seed = self.seed
             arr = _Lazy(lambda: initial_value(name, shape, dtype, init, seed, scale))
             if init not in INITS:
@@ -295,7 +345,11 @@ class Graph:
         arr = np.asarray(value)
         if dtype is None:
             dtype = str(arr.dtype) if arr.dtype.kind in "iu" else self.dtype
-        arr = arr.astype(dtype)
+        dtype = self._declared_dtype(_what("const", name), dtype, allowed=None)
+        try:
+            arr = arr.astype(dtype)
+        except (TypeError, ValueError) as e:
+            raise DTypeError(f"{_what('const', name)}: value is not {dtype} numbers ({e})") from None
         return self.add_node("const", (), {"shape": arr.shape, "dtype": dtype, "value": arr}, name=name)
 
     def scalar(self, x, dtype=None) -> Value:
@@ -329,6 +383,52 @@ class Graph:
     def tanh(self, x, name=None): return self.add_node("tanh", (x,), name=name)
     def identity(self, x, name=None): return self.add_node("identity", (x,), name=name)
     def gt(self, a, b, name=None): return self.add_node("gt", (a, b), name=name)
+    def silu(self, x, name=None): return self.add_node("silu", (x,), name=name)
+    def hardswish(self, x, name=None): return self.add_node("hardswish", (x,), name=name)
+
+    def leaky_relu(self, x, alpha=0.01, name=None):
+        return self.add_node("leaky_relu", (x,), {"alpha": float(alpha)}, name=name)
+
+    def clip(self, x, lo, hi, name=None):
+        """x clamped to [lo, hi] (None: unbounded on that side); relu6 = clip(x, 0, 6). min(max(x, lo), hi)
+        as torch.clamp, numpy and ONNX: with lo > hi every element becomes hi."""
+        lo = float("-inf") if lo is None else float(lo)
+        hi = float("inf") if hi is None else float(hi)
+        if lo != lo or hi != hi:
+            raise GraphError(f"clip {name or ''}: bounds must be numbers or None, got lo={lo}, hi={hi}")
+        return self.add_node("clip", (x,), {"lo": lo, "hi": hi}, name=name)
+
+    def prelu(self, x, slope, name=None):
+        """x where x > 0, else slope * x; slope (C,) (one per channel, axis 1) or (1,), as torch's PReLU."""
+        x, slope = self._value(x), self._value(slope)
+        c = x.shape[1] if len(x.shape) >= 2 else None
+        if tuple(slope.shape) not in ((1,), (c,)):
+            Node(self, name or "prelu?", "prelu", [x.name, slope.name], {}).fail(
+                ShapeError, f"slope has shape {shapes.fmt(slope.shape)}; it must be (C,) = ({c},) or (1,)",
+                f"declare the slope as g.param(..., ({c},), init='constant', scale=0.25)")
+        if tuple(slope.shape) == (c,) and len(x.shape) > 2:
+            slope = self.reshape(slope, (c,) + (1,) * (len(x.shape) - 2),
+                                 name=None if name is None else f"{name}.slope")
+        return self.add_node("prelu", (x, slope), name=name)
+
+    def is_training(self, name=None):
+        """1.0 in a training run (exe.step, exe.run(training=True)), 0.0 in inference."""
+        return self.add_node("is_training", (), {"dtype": self.dtype}, name=name)
+
+    def apply(self, op, *inputs, name=None, **attrs):
+        """Any op of the table by name, with attributes; the ones not given take the op's declared
+        defaults. This is how a graph uses an op declared in user code with gc.ops.elementwise_op:
+        g.apply("my_leaky_relu", x, alpha=0.2)."""
+        opdef = optable.get(op)
+        if opdef.scalar is not None:          # elementwise: declared attributes only, plain numbers
+            unknown = sorted(set(attrs) - set(opdef.attrs))
+            if unknown:
+                raise GraphError(f"op {op!r} has no attribute {unknown[0]!r}; its attributes: "
+                                 f"{', '.join(sorted(opdef.attrs)) or 'none'}")
+            bad = [k for k, v in attrs.items() if not isinstance(v, numbers.Real) or isinstance(v, bool)]
+            if bad:
+                raise GraphError(f"op {op!r}: attribute {bad[0]}={attrs[bad[0]]!r} must be a plain number")
+        return self.add_node(op, inputs, {**opdef.attrs, **attrs}, name=name)
 
     # ------------------------------------------------------------------ linear algebra, conv, pool
     def matmul(self, a, b, trans_a=False, trans_b=False, name=None):
@@ -339,38 +439,90 @@ class Graph:
         y = self.matmul(x, w, trans_b=True, name=(f"{name}.matmul" if name else None) if b is not None else name)
         return self.add(y, b, name=name) if b is not None else y
 
-    def conv(self, x, w, b=None, stride=1, pad=0, name=None, pads=None):
-        """2-D convolution. pad: int, (ph, pw), (top, bottom, left, right), 'valid' or 'same'."""
+    def conv(self, x, w, b=None, stride=1, pad=0, dilation=1, groups=1, name=None, pads=None):
+        """2-D convolution, torch's Conv2d: w is (K, C // groups, KH, KW); groups split the channels
+        (groups == C: depthwise), dilation spaces the filter taps. pad: int, (ph, pw), (top, bottom,
+        left, right), 'valid' or 'same'."""
         x, w = self._value(x), self._value(w)
-        st = shapes.pair(stride, "stride")
+        st = shapes.pair(stride, f"{_what('conv', name)} stride", minimum=1)
+        dil = shapes.pair(dilation, f"{_what('conv', name)} dilation", minimum=1)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ShapeError(f"{_what('conv', name)}: groups must be a positive int, got {groups!r}. Fix: groups=1, "
+                             "or a common divisor of the input channels and the filters")
         if pads is None:
             if len(x.shape) != 4 or len(w.shape) != 4:
-                raise ShapeError(f"conv {name or ''}: input {shapes.fmt(x.shape)} and filters "
+                raise ShapeError(f"{_what('conv', name)}: input {shapes.fmt(x.shape)} and filters "
                                  f"{shapes.fmt(w.shape)} must both be 4-D (NCHW input, KCHW filters)")
-            pads = shapes.conv_pads(pad, x.shape[2:], w.shape[2:], st)
+            extent = tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dil))
+            pads = shapes.conv_pads(pad, x.shape[2:], extent, st)
+        pads = shapes.pads4(pads, f"{_what('conv', name)} padding")
         ins = (x, w) if b is None else (x, w, b)
-        return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads)}, name=name)
+        return self.add_node("conv", ins, {"stride": st, "pads": tuple(pads), "dilation": dil,
+                                           "groups": groups}, name=name)
 
-    def conv_dx(self, dy, w, stride, pads, in_hw, name=None):
+    def conv_dx(self, dy, w, stride, pads, in_hw, dilation=(1, 1), groups=1, name=None):
         return self.add_node("conv_dx", (dy, w), {"stride": tuple(stride), "pads": tuple(pads),
-                                                  "in_hw": tuple(in_hw)}, name=name)
+                                                  "in_hw": tuple(in_hw), "dilation": tuple(dilation),
+                                                  "groups": int(groups)}, name=name)
 
-    def conv_dw(self, x, dy, stride, pads, k_hw, name=None):
+    def conv_dw(self, x, dy, stride, pads, k_hw, dilation=(1, 1), groups=1, name=None):
         return self.add_node("conv_dw", (x, dy), {"stride": tuple(stride), "pads": tuple(pads),
-                                                  "k_hw": tuple(k_hw)}, name=name)
+                                                  "k_hw": tuple(k_hw), "dilation": tuple(dilation),
+                                                  "groups": int(groups)}, name=name)
 
     def _pool_attrs(self, size, stride):
-        size = shapes.pair(size, "pool size")
-        return {"size": size, "stride": shapes.pair(stride, "pool stride") if stride is not None else size}
+        size = shapes.pair(size, "pool size", minimum=1)
+        return {"size": size, "stride": shapes.pair(stride, "pool stride", minimum=1) if stride is not None else size}
 
-    def maxpool(self, x, size=2, stride=None, pad=0, name=None):
-        """Max pooling; pad > 0 pads with -inf first (so padding never wins), as Inception's 3x3/1 pool."""
-        if pad:
-            x = self.pad2d(x, pad, value=-np.inf)
-        return self.add_node("maxpool", (x,), self._pool_attrs(size, stride), name=name)
+    def _padded_pool(self, op, x, size, stride, pad, ceil_mode, name, fill):
+        """The pool's input padded by `fill` for torch's padding and ceil mode; returns it with the
+        window geometry (size, stride, (ph, pw), out_hw)."""
+        from graphc.ops.pool import POOL_RULE, pool_geometry
+        x = self._value(x)
+        attrs = self._pool_attrs(size, stride)
+        size, stride = attrs["size"], attrs["stride"]
+        pad = shapes.pair(pad, "pool padding")
+        view = Node(self, name or f"{op}?", op, [x.name], dict(attrs, pad=pad, ceil_mode=ceil_mode))
+        if len(x.shape) != 4 or not shapes.is_static(x.shape[2:]):
+            view.fail(ShapeError, f"pooling takes NCHW input with fixed H and W, got {shapes.fmt(x.shape)}",
+                      "pool after a conv layer")
+        if min(pad) < 0 or pad[0] > size[0] // 2 or pad[1] > size[1] // 2:
+            view.fail(ShapeError, f"padding {pad} must be between 0 and half the window {size} "
+                      f"(at most {(size[0] // 2, size[1] // 2)}, torch's limit)",
+                      "use a smaller pad, or pad explicitly first with g.pad2d")
+        out, extra = pool_geometry(x.shape[2:], size, stride, pad, ceil_mode)
+        if min(out) < 1:
+            view.fail(ShapeError, f"{POOL_RULE}: input {x.shape[2]}x{x.shape[3]}, window {size}, stride "
+                      f"{stride}, padding {pad} gives {out[0]}x{out[1]}", "use a smaller window, or pool earlier")
+        pads = (pad[0], pad[0] + extra[0], pad[1], pad[1] + extra[1])
+        if any(pads):
+            x = self.pad2d(x, pads, value=fill, name=None if name is None else f"{name}.pad")
+        return x, size, stride, pad, out
 
-    def avgpool(self, x, size=2, stride=None, name=None):
-        return self.add_node("avgpool", (x,), self._pool_attrs(size, stride), name=name)
+    def maxpool(self, x, size=2, stride=None, pad=0, ceil_mode=False, name=None):
+        """Max pooling, torch's MaxPool2d: pad (at most size // 2) pads with -inf, so padding never
+        wins; ceil_mode keeps a last partial window (one that starts inside the input or its left/top
+        padding). Made as pad2d(-inf) + maxpool over whole windows."""
+        xp, size, stride, _, _ = self._padded_pool("maxpool", x, size, stride, pad, ceil_mode, name, -np.inf)
+        return self.add_node("maxpool", (xp,), {"size": size, "stride": stride}, name=name)
+
+    def avgpool(self, x, size=2, stride=None, pad=0, ceil_mode=False, count_include_pad=True, name=None):
+        """Average pooling, torch's AvgPool2d: zero padding (at most size // 2), ceil mode as maxpool,
+        and each window divided by its size clipped to the padded input (count_include_pad) or to the
+        input. Made as pad2d(0) + avgpool (+ a constant rescale where a window's divisor is not kh*kw)."""
+        from graphc.ops.pool import avg_divisors
+        in_hw = tuple(self._value(x).shape[2:])
+        xp, size, stride, pad, out = self._padded_pool("avgpool", x, size, stride, pad, ceil_mode, name, 0.0)
+        div = avg_divisors(in_hw, size, stride, pad, out, count_include_pad)
+        area = size[0] * size[1]
+        if np.all(div == area):
+            return self.add_node("avgpool", (xp,), {"size": size, "stride": stride}, name=name)
+        mean = self.add_node("avgpool", (xp,), {"size": size, "stride": stride},
+                             name=None if name is None else f"{name}.windows")
+        return self.mul(mean, self.const(area / div), name=name)
+
+    def global_maxpool(self, x, name=None):
+        return self.add_node("global_maxpool", (x,), name=name)
 
     def global_avgpool(self, x, name=None):
         return self.add_node("global_avgpool", (x,), name=name)
@@ -388,6 +540,38 @@ class Graph:
 
     def global_avgpool_spread(self, dy, like, name=None):
         return self.add_node("global_avgpool_spread", (dy, like), name=name)
+
+    # ------------------------------------------------------------------ normalisation
+    def batchnorm(self, x, gamma, beta, running_mean, running_var, eps=1e-5, momentum=0.1, name=None):
+        """Batch norm of x (N, C, H, W) or (N, C), torch's BatchNorm: batch statistics in training runs
+        and steps (which also update the running statistics, momentum and unbiased variance as torch),
+        running statistics in inference. running_mean/var must be g.param(..., trainable=False)."""
+        x = self._value(x)
+        stats = [self._value(running_mean), self._value(running_var)]
+        for what, r in zip(("running_mean", "running_var"), stats):
+            d = self.nx.nodes[r.name]
+            if d["op"] != "param" or d["attrs"].get("trainable", True):
+                raise GraphError(f"batchnorm {name or ''}: {what} {r.name!r} must be graph state: "
+                                 f"g.param({r.name!r}, shape, init=..., trainable=False)")
+            if r.name in self.stat_updates:
+                raise GraphError(f"batchnorm {name or ''}: {what} {r.name!r} already belongs to another batch "
+                                 "norm; give each its own running statistics")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise GraphError(f"batchnorm {name or ''}: momentum must be in [0, 1], got {momentum}")
+        y = self.add_node("batchnorm", (x, gamma, beta, *stats), {"eps": float(eps), "momentum": float(momentum)},
+                          name=name)
+        with self.role("update"), self.rule("bn:running-stats"):
+            for stat, r in zip(("mean", "var"), stats):
+                un = f"update/{r.name}"
+                u = self.add_node("bn_running_stat", (x, r), {"stat": stat, "momentum": float(momentum)},
+                                  name=un if un not in self.nx else None)
+                self.stat_updates[r.name] = u.name
+        return y
+
+    def lrn(self, x, size, alpha=1e-4, beta=0.75, k=1.0, name=None):
+        """Local response normalisation across channels, torch's LocalResponseNorm."""
+        return self.add_node("lrn", (x,), {"size": size, "alpha": float(alpha), "beta": float(beta),
+                                           "k": float(k)}, name=name)
 
     # ------------------------------------------------------------------ reductions and shapes
     def _axes(self, x, axes):
@@ -408,7 +592,14 @@ class Graph:
     def expand_like(self, x, like, name=None): return self.add_node("expand_like", (x, like), name=name)
 
     def reshape(self, x, shape, name=None):
+        """Reshape; dims are positive ints, one -1 (inferred) and the symbolic batch dim (None)."""
+        if not isinstance(shape, (tuple, list)):
+            raise ShapeError(f"{_what('reshape', name)}: the target shape must be a tuple, got {shape!r}")
         shape = tuple("N" if d is None else d for d in shape)
+        if not all((isinstance(d, str) and d) or (shapes.is_int(d) and (d > 0 or d == -1)) for d in shape):
+            raise ShapeError(f"{_what('reshape', name)}: target dims must be positive ints, one -1 (inferred) or None "
+                             f"(the batch dim), got {shape}")
+        shape = tuple(d if isinstance(d, str) else int(d) for d in shape)
         return self.add_node("reshape", (x,), {"shape": shape}, name=name)
 
     def reshape_like(self, x, like, name=None): return self.add_node("reshape_like", (x, like), name=name)
@@ -420,34 +611,43 @@ class Graph:
 
     def transpose(self, x, axes=None, name=None):
         nd = len(self._value(x).shape)
-        axes = tuple(reversed(range(nd))) if axes is None else tuple(axes)
+        if axes is not None and not isinstance(axes, (tuple, list)):
+            raise ShapeError(f"{_what('transpose', name)}: axes must be a permutation tuple, got {axes!r}")
+        axes = tuple(reversed(range(nd))) if axes is None else \
+            tuple(shapes.norm_axis(a, nd, "transpose axis") for a in axes)
         return self.add_node("transpose", (x,), {"axes": axes}, name=name)
 
     def concat(self, values, axis=1, name=None):
         values = list(values)
         if not values:
             raise GraphError("concat needs at least one value")
-        axis %= len(self._value(values[0]).shape)
+        axis = shapes.norm_axis(axis, len(self._value(values[0]).shape), "concat axis")
         return self.add_node("concat", values, {"axis": axis}, name=name)
 
     def slice(self, x, axis, start, stop, name=None):
+        """x[start:stop] along one (non-batch) axis; 0 <= start < stop <= that dim."""
+        axis = shapes.norm_axis(axis, len(self._value(x).shape), "slice axis")
         return self.add_node("slice", (x,), {"axis": axis, "start": start, "stop": stop}, name=name)
 
     def unslice(self, g, like, axis, start, name=None):
         return self.add_node("unslice", (g, like), {"axis": axis, "start": start}, name=name)
 
-    def pad2d(self, x, pads, value=0.0, name=None):
-        """Pads H and W by (top, bottom, left, right) (an int pads all four) with a constant."""
-        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
-        return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value)}, name=name)
+    def pad2d(self, x, pads, value=0.0, mode="constant", name=None):
+        """Pads H and W by (top, bottom, left, right) (an int pads all four): mode "constant" (with
+        value), "reflect" (mirrored without repeating the edge, torch's reflect; pads < the dim) or
+        "edge" (the border repeated, torch's replicate)."""
+        pads = shapes.pads4(pads, "pad2d pads")
+        return self.add_node("pad2d", (x,), {"pads": pads, "value": float(value), "mode": mode}, name=name)
 
-    def crop2d(self, x, pads, name=None):
-        pads = (pads,) * 4 if isinstance(pads, int) else tuple(pads)
-        return self.add_node("crop2d", (x,), {"pads": pads}, name=name)
+    def crop2d(self, x, pads, mode="constant", name=None):
+        """Removes a border (pad2d's gradient). mode "reflect"/"edge": the border is added back onto
+        the pixels it was copied from (the gradient of a reflect/edge pad)."""
+        pads = shapes.pads4(pads, "crop2d pads")
+        return self.add_node("crop2d", (x,), {"pads": pads, "mode": mode}, name=name)
 
     # ------------------------------------------------------------------ softmax and losses
     def softmax(self, x, axis=-1, name=None):
-        axis %= len(self._value(x).shape)
+        axis = shapes.norm_axis(axis, len(self._value(x).shape), "softmax axis")
         return self.add_node("softmax", (x,), {"axis": axis}, name=name)
 
     def softmax_cross_entropy(self, logits, labels, name=None):
@@ -473,9 +673,11 @@ class Graph:
 
     def dropout(self, x, rate=0.5, seed=None, name=None):
         """Inverted dropout: identity at inference; in training a seeded mask (a node of its own)."""
-        if not 0.0 <= rate < 1.0:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0.0 <= rate < 1.0:
             raise GraphError(f"dropout rate must be in [0, 1), got {rate}")
         seed = self.seed if seed is None else seed
+        if not shapes.is_int(seed) or seed < 0:
+            raise GraphError(f"dropout seed must be a non-negative integer, got {seed!r}")
         mask = self.add_node("dropout_mask", (x,), {"rate": float(rate), "seed": int(seed)},
                              name=None if name is None else name + ".mask")
         return self.mul(x, mask, name=name)
@@ -500,6 +702,7 @@ class Graph:
         g.outputs = list(self.outputs)
         g.params = self.params.copy()
         g.updates = dict(self.updates)
+        g.stat_updates = dict(self.stat_updates)
         g.keep = set(self.keep)
         g._counts = dict(self._counts)
         g._scalars = dict(self._scalars)

@@ -2,11 +2,13 @@
 class ids), a "logits" value and a "loss" output (softmax cross-entropy, mean over the batch).
 With loss=False the graph takes only "x" and outputs "logits".
 
-Architectures as the course describes them (SEED_NOTES.md).
+Architectures here as the course describes them; the torchvision ImageNet models (resnet18/34/50,
+mobilenet_v2, googlenet, vgg16_bn, squeezenet1_0) and the paper GoogLeNet are in models_imagenet.py.
 """
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 
 import numpy as np
@@ -16,13 +18,7 @@ from graphc.errors import GraphError
 from graphc.graph import Graph
 
 
-def _finish(g, logits, loss):
-    if loss:
-        y = g.input("labels", (None,), dtype="int64")
-        g.output(g.softmax_cross_entropy(logits, y, name="loss"))
-    else:
-        g.output(logits)
-    return g
+_finish = nn.finish
 
 
 def mlp(loss=True, seed=0):
@@ -71,13 +67,18 @@ def codelab_cnn(loss=True, seed=0):
     return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
 
 
-def alexnet(loss=True, seed=0, num_classes=1000, dropout=0.5):
-    """AlexNet (single tower): 227x227x3; conv1 96@11x11/4 - pool 3/2 - conv2 256@5x5 pad 2 - pool 3/2 -
-    conv3 384@3x3 pad 1 - conv4 384@3x3 pad 1 - conv5 256@3x3 pad 1 - pool 3/2 - FC 4096 - FC 4096 - FC 1000."""
+def alexnet(loss=True, seed=0, num_classes=1000, dropout=0.5, lrn=True):
+    """AlexNet (single tower), the paper's: 227x227x3; conv1 96@11x11/4 - LRN - pool 3/2 - conv2 256@5x5
+    pad 2 - LRN - pool 3/2 - conv3 384@3x3 pad 1 - conv4 384@3x3 pad 1 - conv5 256@3x3 pad 1 - pool 3/2 -
+    FC 4096 - FC 4096 - FC 1000. LRN (after the ReLUs of conv1 and conv2): size 5, alpha 1e-4, beta 0.75,
+    k 2 (the paper's constants); lrn=False leaves it out. 62,378,344 parameters either way."""
     g = Graph("alexnet", seed=seed)
     x = g.input("x", (None, 3, 227, 227))
-    h = g.maxpool(nn.conv2d(g, x, 96, 11, stride=4, name="conv1"), 3, 2, name="pool1")
-    h = g.maxpool(nn.conv2d(g, h, 256, 5, pad=2, name="conv2"), 3, 2, name="pool2")
+
+    def norm(h, name):
+        return g.lrn(h, 5, 1e-4, 0.75, 2.0, name=name) if lrn else h
+    h = g.maxpool(norm(nn.conv2d(g, x, 96, 11, stride=4, name="conv1"), "norm1"), 3, 2, name="pool1")
+    h = g.maxpool(norm(nn.conv2d(g, h, 256, 5, pad=2, name="conv2"), "norm2"), 3, 2, name="pool2")
     h = nn.conv2d(g, h, 384, 3, pad=1, name="conv3")
     h = nn.conv2d(g, h, 384, 3, pad=1, name="conv4")
     h = g.maxpool(nn.conv2d(g, h, 256, 3, pad=1, name="conv5"), 3, 2, name="pool5")
@@ -122,13 +123,15 @@ def resnet_block(loss=True, seed=0, channels=8, image_size=8):
 
 
 def resnet(loss=True, seed=0):
-    """A small ResNet for 28x28 digits: conv 16 - blocks 16, 32/2, 64/2 - global average pool - 10."""
+    """A small ResNet for 28x28 digits, with batch norm as ResNets have it: conv 16 + BN + ReLU - basic
+    blocks 16, 32/2, 64/2 (conv-BN-ReLU-conv-BN plus the input, or its 1x1 conv + BN) - global average
+    pool - 10."""
     g = Graph("resnet", seed=seed)
     x = g.input("x", (None, 1, 28, 28))
-    h = nn.conv2d(g, x, 16, 3, pad=1, name="stem")
-    h = nn.residual_block(g, h, 16, name="res1")
-    h = nn.residual_block(g, h, 32, stride=2, name="res2")
-    h = nn.residual_block(g, h, 64, stride=2, name="res3")
+    h = nn.conv_bn_relu(g, x, 16, 3, pad=1, name="stem", act_name="stem.relu")
+    h = nn.basic_block(g, h, 16, name="res1")
+    h = nn.basic_block(g, h, 32, stride=2, name="res2")
+    h = nn.basic_block(g, h, 64, stride=2, name="res3")
     h = g.global_avgpool(h, name="gap")
     return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
 
@@ -175,16 +178,37 @@ def seed_cnn(loss=True, seed=0, dtype="float64"):
     return _finish(g, g.dense(h, wo, bo, name="logits"), loss)
 
 
+from graphc import models_imagenet as _imagenet  # noqa: E402  (resnet18 ... squeezenet1_0)
+
 ZOO = {f.__name__: f for f in (mlp, lenet5, mnist_convnet, codelab_cnn, alexnet, vgg16, resnet_block, resnet,
-                               inception_block, inception, seed_cnn)}
+                               inception_block, inception, seed_cnn) + _imagenet.MODELS}
 
 
 def names():
     return sorted(ZOO)
 
 
+def _accepted(fn, kwargs):
+    """The kwargs `fn` takes: a user's `def build():` gets no seed (it seeds its graph itself)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def load(spec, **kwargs) -> Graph:
-    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph."""
+    """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph, or "model.onnx". kwargs (e.g. seed) are
+    passed on when the function takes them. A user's file or function that raises is one GraphError
+    line ("cannot load model ...: ValueError: ..."), the traceback chained for --debug."""
+    if isinstance(spec, str) and spec.lower().endswith(".onnx"):
+        from graphc.onnx.cli import load_model
+        return load_model(spec, **kwargs)
+    if not isinstance(spec, str):
+        raise GraphError(f"MODEL must be a zoo name or path/to/file.py:function, got {type(spec).__name__}")
     if spec in ZOO:
         return ZOO[spec](**kwargs)
     if ":" in spec:
@@ -193,10 +217,19 @@ def load(spec, **kwargs) -> Graph:
             raise GraphError(f"model file {path!r} not found (MODEL is a zoo name or path/to/file.py:function)")
         modspec = importlib.util.spec_from_file_location(f"graphc_user_model_{abs(hash(path))}", path)
         mod = importlib.util.module_from_spec(modspec)
-        modspec.loader.exec_module(mod)
-        if not hasattr(mod, fn):
+        try:
+            modspec.loader.exec_module(mod)
+        except Exception as e:  # noqa: BLE001 - the user's own code raised
+            raise GraphError(f"cannot load model {spec!r}: {path} raised {type(e).__name__}: {e}") from e
+        if not callable(getattr(mod, fn, None)):
             raise GraphError(f"{path} has no function {fn!r}")
-        g = getattr(mod, fn)(**kwargs)
+        fn = getattr(mod, fn)
+        try:
+            g = fn(**_accepted(fn, kwargs))
+        except GraphError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the user's own code raised
+            raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
         if not isinstance(g, Graph):
             raise GraphError(f"{spec} returned {type(g).__name__}, not a graphc.Graph")
         return g

@@ -9,6 +9,21 @@ import math
 
 import numpy as np
 
+from graphc.errors import GraphError
+
+
+def hyper(owner, name, value, low=0.0, high=math.inf, low_open=True, high_open=True):
+    """A finite real hyper-parameter in its range (e.g. lr in (0, inf)); anything else is a GraphError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = None
+    if isinstance(value, bool) or v is None or not math.isfinite(v) or \
+            not (low < v if low_open else low <= v) or not (v < high if high_open else v <= high):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise GraphError(f"{owner}: {name} must be a finite number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+    return v
+
 
 class Optimizer:
     name = "optimizer"
@@ -32,7 +47,9 @@ class SGD(Optimizer):
     v = momentum*v - weight_decay*lr*w - lr*dL/dw;  w = w + v.   (momentum 0: w = w - lr*(dL/dw + wd*w))"""
 
     def __init__(self, lr, momentum=0.0, weight_decay=0.0):
-        self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.lr = hyper("SGD", "lr", lr)
+        self.momentum = hyper("SGD", "momentum", momentum, 0.0, 1.0, low_open=False)
+        self.weight_decay = hyper("SGD", "weight_decay", weight_decay, low_open=False)
 
     def build(self, g, grads):
         lr = self._state(g, "optim/lr", value=self.lr)
@@ -59,7 +76,10 @@ class Adam(Optimizer):
     of the Adam paper; bias_correction=False gives the seed's uncorrected form w - lr m/(sqrt(v)+eps)."""
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction=True):
-        self.lr, self.beta1, self.beta2, self.eps = float(lr), float(beta1), float(beta2), float(eps)
+        self.lr = hyper("Adam", "lr", lr)
+        self.beta1 = hyper("Adam", "beta1", beta1, 0.0, 1.0)     # open: the bias correction takes log(beta)
+        self.beta2 = hyper("Adam", "beta2", beta2, 0.0, 1.0)
+        self.eps = hyper("Adam", "eps", eps)
         self.bias_correction = bias_correction
 
     def build(self, g, grads):

@@ -1,5 +1,6 @@
 """The ordered, printable pass pipeline that `compile()` runs. Each pass is a function Graph -> Graph in
-its own file under passes/; each can be switched off by its flag (e.g. compile(..., fuse=False))."""
+its own file under passes/; each but check can be switched off by its flag (e.g. compile(..., fuse=False)).
+A pass that cannot be imported is an error (InstallError), never a pass silently off."""
 from __future__ import annotations
 
 import importlib
@@ -15,7 +16,12 @@ class Pass:
 
     def load(self):
         mod, fn = self.target.split(":")
-        return getattr(importlib.import_module(f"graphc.passes.{mod}"), fn)
+        try:
+            return getattr(importlib.import_module(f"graphc.passes.{mod}"), fn)
+        except ImportError as e:
+            from graphc.errors import InstallError
+            raise InstallError(f"pass {self.name!r} (graphc.passes.{mod}) cannot be imported: {e}. Fix: "
+                               "reinstall graphc (`pip install -e .` in a checkout)") from e
 
 
 PASSES = [
@@ -24,7 +30,7 @@ PASSES = [
     Pass("fold", "fold:fold_constants", "constant folding"),
     Pass("cse", "cse:cse", "common-subexpression elimination"),
     Pass("dce", "dce:dce", "dead-code elimination", ("reference", "numba", "cuda")),
-    Pass("fuse", "fuse:fuse", "conv(+bias)->ReLU->maxpool and its backward; elementwise chains"),
+    Pass("fuse", "fuse:fuse", "the patterns of passes/patterns.py: conv->ReLU->maxpool (+ backward), elementwise"),
     Pass("schedule", "schedule:schedule", "topological order", ("reference", "numba", "cuda")),
     Pass("memory", "memory:plan_memory", "buffer reuse for dead values"),
 ]
@@ -32,21 +38,19 @@ PASSES = [
 
 class Pipeline:
     def __init__(self, backend, **flags):
+        from graphc.errors import GraphError
         unknown = [f for f in flags if f not in {p.name for p in PASSES}]
         if unknown:
-            from graphc.errors import GraphError
             raise GraphError(f"unknown pass flag(s) {unknown}; passes are {[p.name for p in PASSES]}")
+        if not flags.get("check", True):
+            raise GraphError("check=False: the check pass cannot be switched off (every other pass and every "
+                             "backend relies on a checked graph: no cycles, no dangling inputs, known ops). "
+                             "Fix: drop check=False")
         self.backend = backend
         self.passes = []
         for p in PASSES:
-            on = flags.get(p.name, backend in p.backends)
-            if p.name == "check":
-                on = True
-            try:
-                fn = p.load() if on else None
-            except ModuleNotFoundError:
-                fn, on = None, False      # pass not available in this build
-            self.passes.append((p, on, fn))
+            on = bool(flags.get(p.name, backend in p.backends))
+            self.passes.append((p, on, p.load() if on else None))
 
     def __call__(self, graph):
         for p, on, fn in self.passes:

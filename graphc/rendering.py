@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -60,6 +59,8 @@ import numpy as np
 
 from graphc import shapes
 from graphc.errors import GraphError
+from graphc.files import atomic_write, check_writable
+from graphc.render_values import compute_values, example_feeds, fmt_number, fmt_value, to_json  # noqa: F401
 
 FORMATS = ("svg", "png", "pdf", "dot", "json")
 LAYOUTS = ("mirror", "separate", "backward-only")
@@ -89,98 +90,6 @@ _EDGE = {    # edge kind -> Graphviz edge attributes
     "saved": dict(color=SAVED_COLOR, style="dashed", arrowsize="0.6", constraint="false"),
     "update": dict(color=UPDATE_COLOR, fontcolor=UPDATE_COLOR),
 }
-
-
-# ------------------------------------------------------------------------------------------ values
-
-def fmt_number(x) -> str:
-    """A number rounded for a label: 4 decimals below 1 (0.2538, 0.0846), 4 significant digits above,
-    scientific notation for the very small and the very large."""
-    x = float(x)
-    if x == 0 or not math.isfinite(x):
-        return "0" if x == 0 else str(x)
-    a = abs(x)
-    if a >= 1e5 or a < 1e-3:
-        return f"{x:.3g}"
-    if a >= 1:
-        return f"{x:.4g}"
-    s = f"{x:.4f}".rstrip("0").rstrip(".")
-    return "0" if s in ("-0", "") else s
-
-
-def fmt_value(v, max_elems=16) -> str:
-    """A value for a label: small arrays printed in full (size-1 dims dropped), larger ones summarised."""
-    if isinstance(v, tuple):
-        return "(" + ", ".join(fmt_value(p, max_elems) for p in v) + ")"
-    a = np.asarray(v)
-    if a.dtype.kind == "b":
-        a = a.astype(np.int64)
-    if a.size == 1:
-        return fmt_number(a.reshape(()).item()) if a.dtype.kind in "fiu" else str(a.reshape(()).item())
-    if a.dtype.kind not in "fiu":
-        return f"<{a.dtype} {a.shape}>"
-    if a.size <= max_elems:
-        sq = np.squeeze(a)
-
-        def rec(x):
-            if x.ndim == 0:
-                return fmt_number(x.item())
-            return "[" + ", ".join(rec(r) for r in x) + "]"
-        return rec(sq)
-    f = a.astype(np.float64)
-    return f"min {fmt_number(f.min())} mean {fmt_number(f.mean())} max {fmt_number(f.max())}"
-
-
-def example_feeds(graph, model=None, batch=1, seed=0):
-    """Feeds for --values: the worked example's for seed_cnn, else a deterministic random batch."""
-    if model == "seed_cnn" or graph.name == "seed_cnn":
-        from graphc.models import SEED_LABELS, SEED_X
-        names = set(graph.inputs)
-        if names == {"x", "labels"}:
-            return {"x": SEED_X, "labels": SEED_LABELS}
-        if names == {"x"}:
-            return {"x": SEED_X}
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    n_classes = None
-    if "logits" in graph and graph.nx.nodes["logits"]["shape"]:
-        last = graph.nx.nodes["logits"]["shape"][-1]
-        n_classes = last if isinstance(last, int) else None
-    for name in graph.inputs:
-        d = graph.nx.nodes[name]
-        shape = tuple(batch if isinstance(s, str) else s for s in d["shape"])
-        if d["dtype"].startswith("int"):
-            feeds[name] = rng.integers(0, n_classes or 2, size=shape).astype(d["dtype"])
-        else:
-            feeds[name] = rng.standard_normal(shape)
-    return feeds
-
-
-def compute_values(graph, feeds):
-    """Every value of `graph` (forward and backward) for `feeds`, on the reference backend in float64.
-    Values inside fused nodes are computed too, under their original names."""
-    from graphc.backends.reference import lower
-    exe = lower(graph, dtype="float64")
-    vals = dict(exe.run(feeds, outputs=list(graph.nx.nodes)))
-    nodes = graph.nx.nodes
-    for name in graph.nx.nodes:
-        attrs = nodes[name].get("attrs") or {}
-        body = attrs.get("body")
-        if not isinstance(body, (list, tuple)) or not body or not isinstance(body[0], dict):
-            continue
-        try:
-            from graphc.ops.fused import body_env, run_body
-
-            class _Ctx:
-                training, step = False, 0
-            ins = [vals[i] for i in nodes[name]["inputs"]]
-            ctx = _Ctx()
-            ctx.env = body_env(attrs, [np.shape(a) for a in ins])
-            for b, v in zip(body, run_body(attrs, ins, ctx)):
-                vals.setdefault(b.get("name", ""), v)
-        except Exception:         # a body the reference ops cannot evaluate: draw it without values
-            pass
-    return vals
 
 
 # ------------------------------------------------------------------------------------------ the scene
@@ -336,7 +245,14 @@ def _full_scene(g, vals, opts):
         kind = _edge_kind(role_of.get(t, _role(nodes[u])), _role(nodes[v]))
         rule = ed.get("rule") or nodes[v].get("rule")
         sc.edges.append((t, v, kind, edge_label(kind, rule, u)))
-    # edges into and inside fused bodies
+    _fused_body_edges(g, sc, bodies, out_id, name_to_id, role_of, edge_label)
+    _mirror_partners(g, sc, out_id)
+    return sc
+
+
+def _fused_body_edges(g, sc, bodies, out_id, name_to_id, role_of, edge_label):
+    """Edges into and inside the drawn bodies of fused nodes."""
+    nodes = g.nx.nodes
     for name, (body, ids, results) in bodies.items():
         d = nodes[name]
         outer = list(d["inputs"])
@@ -367,7 +283,11 @@ def _full_scene(g, vals, opts):
                 t = out_id[src]
                 kind = _edge_kind(role_of.get(t, "forward"), role_of[ids[0]])
                 sc.edges.append((t, ids[0], kind, edge_label(kind, d.get("rule"), src)))
-    # mirror partners: each forward value with the (first) backward node that is its gradient
+
+
+def _mirror_partners(g, sc, out_id):
+    """Each forward value ranked with the (first) backward node that is its gradient."""
+    nodes = g.nx.nodes
     seen = set()
     for name in g.topo():
         d = nodes[name]
@@ -379,7 +299,6 @@ def _full_scene(g, vals, opts):
         seen.add(target)
         sc.partner[name] = out_id[target]
     _prefer_grad_partners(g, sc, out_id)
-    return sc
 
 
 def _prefer_grad_partners(g, sc, out_id):
@@ -443,6 +362,35 @@ def _layers(g):
     return layer
 
 
+def _layer_runs(nodes, groups, gedges, pos):
+    """Runs of identical consecutive layers (conv3_1, conv3_2, conv3_3 -> one run, drawn conv3_[1-3] x3),
+    as lists of group keys."""
+    def signature(key):
+        return tuple(sorted(nodes[n]["op"] for n in groups[key]))
+
+    runs = []
+    for role in ("forward", "backward", "update"):
+        keys = sorted((k for k in groups if k[0] == role), key=lambda k: pos[groups[k][0]])
+        cur = []
+        for k in keys:
+            m = _STEM.match(k[1])
+            if cur:
+                m0 = _STEM.match(cur[-1][1])
+                step = (int(m.group(2)) - int(m0.group(2))) if (m and m0) else None
+                first = _STEM.match(cur[0][1])
+                direction = None if len(cur) < 2 else int(_STEM.match(cur[1][1]).group(2)) - int(first.group(2))
+                if (m and m0 and m.group(1) == m0.group(1) and step in (1, -1)
+                        and (direction is None or step == direction)
+                        and signature(k) == signature(cur[-1]) and (cur[-1], k) in gedges):
+                    cur.append(k)
+                    continue
+                runs.append(cur)
+            cur = [k]
+        if cur:
+            runs.append(cur)
+    return runs
+
+
 def _collapsed_scene(g, vals, opts):
     nodes = g.nx.nodes
     topo = g.topo()
@@ -465,31 +413,7 @@ def _collapsed_scene(g, vals, opts):
             gedges.add((a, b))
             gedges.add((b, a))
 
-    def signature(key):
-        return tuple(sorted(nodes[n]["op"] for n in groups[key]))
-
-    # runs of identical consecutive layers: conv3_1, conv3_2, conv3_3 -> conv3_[1-3] x3
-    runs = []                                        # lists of group keys
-    for role in ("forward", "backward", "update"):
-        keys = sorted((k for k in groups if k[0] == role), key=lambda k: pos[groups[k][0]])
-        cur = []
-        for k in keys:
-            m = _STEM.match(k[1])
-            if cur:
-                m0 = _STEM.match(cur[-1][1])
-                step = (int(m.group(2)) - int(m0.group(2))) if (m and m0) else None
-                first = _STEM.match(cur[0][1])
-                direction = None if len(cur) < 2 else int(_STEM.match(cur[1][1]).group(2)) - int(first.group(2))
-                if (m and m0 and m.group(1) == m0.group(1) and step in (1, -1)
-                        and (direction is None or step == direction)
-                        and signature(k) == signature(cur[-1]) and (cur[-1], k) in gedges):
-                    cur.append(k)
-                    continue
-                runs.append(cur)
-            cur = [k]
-        if cur:
-            runs.append(cur)
-
+    runs = _layer_runs(nodes, groups, gedges, pos)
     sc = _Scene()
     gid = {}                                         # group key -> drawn id
     fwd_by_name = {}
@@ -543,6 +467,13 @@ def _collapsed_scene(g, vals, opts):
     for nid, base in pending_partner:
         if base in fwd_by_name:
             sc.partner[nid] = fwd_by_name[base]
+    _collapsed_edges(g, sc, gid, member_of)
+    return sc
+
+
+def _collapsed_edges(g, sc, gid, member_of):
+    """One edge per pair of drawn groups and kind, labelled with the gate rules it stands for."""
+    nodes = g.nx.nodes
     agg = {}
     for u, v, ed in g.nx.edges(data=True):
         a, b = gid[member_of[u]], gid[member_of[v]]
@@ -558,7 +489,6 @@ def _collapsed_scene(g, vals, opts):
             agg[key].append(rule)
     for (a, b, kind), rules in agg.items():
         sc.edges.append((a, b, kind, ", ".join(rules) or None))
-    return sc
 
 
 # ------------------------------------------------------------------------------------------ emission
@@ -651,53 +581,6 @@ def _emit(sc, title, layout, rankdir, has_backward):
 
 # ------------------------------------------------------------------------------------------ output
 
-def _json_safe(x):
-    import networkx as nx
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, np.ndarray):
-        if x.size > 65536:
-            return {"shape": list(x.shape), "dtype": str(x.dtype), "omitted": "array too large"}
-        return _json_safe(x.tolist())
-    if isinstance(x, np.generic):
-        return _json_safe(x.item())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, (str, int, bool)) or x is None:
-        return x
-    if isinstance(x, nx.Graph):
-        return _node_link(x)
-    if hasattr(x, "nx") and isinstance(getattr(x, "nx"), nx.Graph):
-        return _node_link(x.nx)
-    return str(x)
-
-
-def _node_link(G):
-    import networkx as nx
-    try:
-        data = nx.node_link_data(G, edges="links")
-    except TypeError:             # networkx < 3.4
-        data = nx.node_link_data(G, link="links")
-    return _json_safe(data)
-
-
-def to_json(graph, values=None) -> dict:
-    """networkx node-link data (edges under "links") with every node and edge attribute, JSON-safe
-    (arrays as nested lists, tuples as lists, inf/nan as strings); `values` adds a "value" per node.
-    Read it back with networkx.node_link_graph(data, edges="links")."""
-    G = graph.nx.copy()
-    if values is not None:
-        for n in G.nodes:
-            if n in values:
-                G.nodes[n]["value"] = values[n]
-    G.graph.update(name=graph.name, outputs=list(graph.outputs), loss=getattr(graph, "loss", None),
-                   inputs=list(graph.inputs), params=list(graph.param_names),
-                   updates=dict(getattr(graph, "updates", {}) or {}))
-    return _node_link(G)
-
-
 def _engine():
     """The layout engine available here: "pygraphviz", "dot" (the program) or None."""
     try:
@@ -735,20 +618,18 @@ def _layout(source, path, fmt):
     engine = _engine()
     if engine is None:
         dot_path = os.path.splitext(path)[0] + ".dot"
-        with open(dot_path, "w") as f:
-            f.write(source)
+        atomic_write(dot_path, lambda f: f.write(source), "DOT source", binary=False)
         raise GraphError(f"cannot lay out {os.path.basename(path)}: no Graphviz layout engine found "
                          f"(neither pygraphviz nor a `dot` program); wrote the DOT source to {dot_path}. "
                          f"To render it, {ENGINE_HINT}")
     if engine == "pygraphviz":
         import pygraphviz
         with _quiet_fontconfig():
-            pygraphviz.AGraph(string=source).draw(path, prog="dot", format=fmt)
+            data = pygraphviz.AGraph(string=source).draw(None, prog="dot", format=fmt)
     else:
         import graphviz
         data = graphviz.pipe("dot", fmt, source.encode())
-        with open(path, "wb") as f:
-            f.write(data)
+    atomic_write(path, lambda f: f.write(data), "rendering")
 
 
 def _has_backward(g):
@@ -760,7 +641,7 @@ def prepare(graph, backward=False, fused=None, layout="mirror"):
     no backward nodes yet; run through the numba pipeline's passes (fusion) when fused=True."""
     g = graph
     if (backward or layout == "backward-only") and not _has_backward(g):
-        from graphc.passes.autodiff import grad
+        from graphc.passes.transforms.autodiff import grad
         g = grad(graph, keep_outputs=True)
     if fused:
         g = fuse_graph(g)
@@ -768,14 +649,9 @@ def prepare(graph, backward=False, fused=None, layout="mirror"):
 
 
 def fuse_graph(graph):
-    """The graph the numba backend would lower: the pipeline's passes, fusion included when present."""
+    """The graph the numba backend would lower: the numba pipeline's passes, fusion included."""
     from graphc.pipeline import Pipeline
-    p = Pipeline("numba")
-    if "fuse" not in p.enabled:
-        import warnings
-        warnings.warn("graphc.passes.fuse is not available in this build; drawing the graph unfused",
-                      stacklevel=3)
-    return p(graph)
+    return Pipeline("numba")(graph)
 
 
 def render(graph, path=None, format=None, backward=False, layout="mirror", fused=None, values=None,
@@ -812,6 +688,8 @@ def render(graph, path=None, format=None, backward=False, layout="mirror", fused
             raise GraphError(f"{what}; choose one of {', '.join(FORMATS)} (format=... or the file's extension)")
     elif format is not None and format.lower() not in FORMATS:
         raise GraphError(f"unknown format {format!r}; choose one of {', '.join(FORMATS)}")
+    if path is not None:
+        check_writable(path, "rendering")          # before the layout work, not after
 
     g = prepare(graph, backward, fused, layout)
     vals = None
@@ -836,15 +714,11 @@ def render(graph, path=None, format=None, backward=False, layout="mirror", fused
     dot = _emit(sc, title, layout, str(rankdir).upper(), has_backward)
     source = dot.source
     if path is not None:
-        d = os.path.dirname(path)
-        if d and not os.path.isdir(d):
-            raise GraphError(f"cannot write {path!r}: directory {d!r} does not exist")
         if fmt == "dot":
-            with open(path, "w") as f:
-                f.write(source)
+            atomic_write(path, lambda f: f.write(source), "rendering", binary=False)
         elif fmt == "json":
-            with open(path, "w") as f:
-                json.dump(to_json(g, vals), f, indent=1)
+            data = to_json(g, vals)
+            atomic_write(path, lambda f: json.dump(data, f, indent=1), "rendering", binary=False)
         else:
             _layout(source, path, fmt)
     return source

@@ -5,6 +5,7 @@ A dim is an int or a str (a symbolic dim such as the batch dim ``"N"``, bound wh
 from __future__ import annotations
 
 import math
+import numbers
 
 from graphc.errors import ShapeError
 
@@ -47,12 +48,39 @@ def broadcast(node, *shapes):
     return tuple(out)
 
 
-def pair(v, what="value"):
-    if isinstance(v, int):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return tuple(v)
-    raise ShapeError(f"{what} must be an int or a pair of ints, got {v!r}")
+def is_int(v) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def pair(v, what="value", minimum=None):
+    """An int or a pair of ints -> (a, b); with `minimum`, each must be >= minimum (stride 0 would
+    divide by zero, a negative pad would read outside the input)."""
+    if is_int(v):
+        v = (v, v)
+    if not (isinstance(v, (tuple, list)) and len(v) == 2 and all(is_int(i) for i in v)):
+        raise ShapeError(f"{what} must be an int or a pair of ints, got {v!r}")
+    if minimum is not None and min(v) < minimum:
+        raise ShapeError(f"{what} must be {'positive' if minimum == 1 else f'>= {minimum}'}, got {v!r}")
+    return (int(v[0]), int(v[1]))
+
+
+def pads4(pads, what="padding"):
+    """(top, bottom, left, right) of non-negative ints (an int pads all four sides)."""
+    if is_int(pads):
+        pads = (pads,) * 4
+    if not (isinstance(pads, (tuple, list)) and len(pads) == 4 and all(is_int(p) for p in pads)):
+        raise ShapeError(f"{what} must be an int or (top, bottom, left, right) ints, got {pads!r}")
+    if min(pads) < 0:
+        raise ShapeError(f"{what} must be >= 0 on every side, got {tuple(pads)}")
+    return tuple(int(p) for p in pads)
+
+
+def norm_axis(axis, ndim, what="axis"):
+    """An axis in -ndim..ndim-1 -> 0..ndim-1; anything else is a ShapeError (numpy's rule, no wrapping)."""
+    if not is_int(axis) or not -ndim <= axis < ndim:
+        raise ShapeError(f"{what} {axis!r} is out of range for a {ndim}-D value (valid: {-ndim}..{ndim - 1})")
+    return int(axis) % ndim
 
 
 def conv_pads(pad, in_hw, k_hw, stride):
@@ -72,8 +100,8 @@ def conv_pads(pad, in_hw, k_hw, stride):
             return tuple(out)
         raise ShapeError(f"padding must be an int, a pair, a 4-tuple, 'valid' or 'same', got {pad!r}")
     if isinstance(pad, (tuple, list)) and len(pad) == 4:
-        return tuple(int(p) for p in pad)
-    ph, pw = pair(pad, "padding")
+        return pads4(pad)
+    ph, pw = pair(pad, "padding", minimum=0)
     return (ph, ph, pw, pw)
 
 

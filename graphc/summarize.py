@@ -9,7 +9,9 @@ def _count(shape):
 
 
 def summary(graph) -> str:
-    """Returns the table as text (print it). Parameters are counted where they are used, per op."""
+    """Returns the table as text (print it). Parameters are counted where they are used, per op.
+    Non-trainable state (batch norm's running statistics) is not a parameter, as torch's buffers are
+    not: the total matches torch's parameter count, and a last line gives the state's size."""
     nodes = graph.nx.nodes
     trainable = set(graph.param_names)
     rows, total = [], 0
@@ -29,6 +31,10 @@ def summary(graph) -> str:
         lines.append(f"{name:<{w}}  {op:<{wo}}  {shp:<{ws}}  {n:>12,}")
     lines.append("-" * (w + wo + ws + 18))
     lines.append(f"total trainable parameters: {total:,}")
+    state = [n for n in graph.state_names if n not in trainable]
+    if state:
+        lines.append(f"non-trainable state: {sum(_count(nodes[n]['shape']) for n in state):,} values in "
+                     f"{len(state)} arrays (trainable=False params: batch-norm running statistics, ...), not counted above")
     return "\n".join(lines)
 
 

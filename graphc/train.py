@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import numbers
 import signal
 import sys
 import threading
@@ -26,7 +28,8 @@ import numpy as np
 
 from graphc import data as gdata
 from graphc.checkpoint import graph_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
-from graphc.errors import BackendError, CheckpointError, GraphError
+from graphc.errors import BackendError, CheckpointError, DataError, GraphError
+from graphc.files import check_writable
 
 __all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args",
            "OPTIMIZERS", "DEFAULT_LR"]
@@ -73,13 +76,11 @@ def make_optimizer(name, lr=None):
     from graphc import optim
     if isinstance(name, optim.Optimizer):
         if lr is not None:
-            name.lr = float(lr)
+            name.lr = optim.hyper("train", "the learning rate (--lr)", lr)
         return name
     if name not in OPTIMIZERS:
         raise GraphError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    lr = DEFAULT_LR[name] if lr is None else float(lr)
-    if not lr > 0:
-        raise GraphError(f"the learning rate must be positive, got {lr}")
+    lr = DEFAULT_LR[name] if lr is None else optim.hyper("train", "the learning rate (--lr)", lr)
     if name == "adam":
         return optim.Adam(lr)
     return optim.SGD(lr, momentum=0.9 if name == "momentum" else 0.0)
@@ -99,6 +100,51 @@ def _load_model(model, seed):
     if not isinstance(model, str):
         raise GraphError(f"model must be a graphc.Graph, a zoo name or 'path.py:function', got {type(model).__name__}")
     return models.load(model, seed=seed), model
+
+
+def _count(value, what, minimum=0):
+    """An int >= minimum (not a bool), from an argument or checkpoint metadata."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise GraphError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _checked_meta(cm, path) -> dict:
+    """The checkpoint metadata train() resumes from, each field checked: a crafted or damaged file is one
+    CheckpointError line, never a traceback."""
+    def bad(what, v):
+        return CheckpointError(f"{path}: corrupt checkpoint metadata: {what} {v!r}")
+
+    def count(key, minimum=0):
+        v = cm.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < minimum):
+            raise bad(f"{key} must be an integer >= {minimum}, got", v)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    out = dict(cm)
+    for key, minimum in (("epoch", 0), ("batch_in_epoch", 0), ("seed", 0), ("batch", 1)):
+        count(key, minimum)
+    for key in ("optimizer", "history", "partial"):
+        if out.get(key) is not None and not isinstance(out[key], dict):
+            raise bad(f"{key} must be a mapping, got", out[key])
+    for k, v in (out.get("history") or {}).items():
+        if not (isinstance(v, list) and all(number(x) for x in v)):
+            raise bad(f"history[{k!r}] must be a list of numbers, got", v)
+    part = out.get("partial")
+    if part is not None:
+        if set(part) != {"loss_sum", "seen", "seconds"} or not all(number(v) for v in part.values()) \
+                or not isinstance(part["seen"], int) or part["seen"] < 0 or part["seconds"] < 0:
+            raise bad("partial must be {loss_sum: number, seen: int >= 0, seconds: number >= 0}, got", part)
+    for key in ("data", "model"):
+        if out.get(key) is not None and not isinstance(out[key], str):
+            raise bad(f"{key} must be a string, got", out[key])
+    return out
+
+
+def _finite_state(exe) -> bool:
+    return all(v.dtype.kind != "f" or np.isfinite(v).all() for v in map(np.asarray, exe.state.values()))
 
 
 def _check_model(graph, x_shape):
@@ -211,7 +257,7 @@ class _DeferredInterrupt:
 
 
 def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backend="numba", seed=None,
-          save=None, resume=None, progress=True, log=print) -> TrainResult:
+          save=None, resume=None, progress=True, log=print, allow_nonfinite=False) -> TrainResult:
     """Trains ``model`` and returns a TrainResult.
 
     model: a graphc.Graph, a zoo name ("lenet5", "mnist_convnet", "mlp", ...) or "path.py:function";
@@ -226,21 +272,26 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     save: checkpoint path, written at the end of every epoch (and on Ctrl-C mid-epoch).
     resume: checkpoint path to continue from.
     progress: a tqdm bar per epoch (only when stderr is a terminal). log: where lines go (None: silent).
+    allow_nonfinite: by default a NaN/inf loss or parameter stops the run with a GraphError (the last
+        checkpoint, written before the divergence, is kept); True continues, and still never writes
+        non-finite parameters over an existing checkpoint.
     """
     say = log or (lambda *a, **k: None)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 0:
-        raise GraphError(f"epochs must be a non-negative integer, got {epochs!r}")
+    epochs = _count(epochs, "epochs")
+    seed = None if seed is None else _count(seed, "seed")
+    batch = None if batch is None else _count(batch, "batch", 1)
+    if save is not None:
+        save = check_writable(save, "checkpoint")        # now, not after the first epoch
 
     ckpt_arrays = ckpt_meta = None
     if resume is not None:
         ckpt_arrays, ckpt_meta = read_checkpoint(resume)
+        ckpt_meta = _checked_meta(ckpt_meta, resume)
     cm = ckpt_meta or {}
     copt = cm.get("optimizer") or {}
 
     seed = int(_resolve(seed, "seed", ckpt_meta, cm.get("seed")))
     batch = int(_resolve(batch, "batch", ckpt_meta, cm.get("batch")))
-    if batch < 1:
-        raise GraphError(f"batch must be a positive integer, got {batch}")
     opt_name = _resolve(optimizer, "optimizer", ckpt_meta, copt.get("name"))
     lr_given = lr is not None
     if lr is None and ckpt_meta is not None and opt_name == copt.get("name"):
@@ -248,12 +299,15 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     opt = make_optimizer(opt_name, lr)
     opt_cfg = _optimizer_config(opt)
 
+    graph, model_name = _load_model(model, seed)     # a broken model fails before the data is read
     if data is None:
         data = cm.get("data") or DEFAULTS["data"]
     ds = data if isinstance(data, gdata.Dataset) else gdata.load_dataset(data)
     data_spec = ds.name
+    if len(ds.x_train) == 0 or len(ds.x_test) == 0:
+        raise DataError(f"dataset {data_spec!r} has {len(ds.x_train)} training and {len(ds.x_test)} test images; "
+                        "both must be non-empty")
 
-    graph, model_name = _load_model(model, seed)
     fingerprint = graph_fingerprint(graph)
     if ckpt_meta is not None:
         if cm.get("model") not in (None, model_name):
@@ -304,6 +358,20 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         say(f"nothing to train: the checkpoint has {start_epoch} epoch(s) done and --epochs is {epochs}; "
             "raise --epochs to train more")
 
+    def checkpoint(meta_now, where):
+        """Saves unless the state is non-finite: then stop (default), or keep the file as it is."""
+        if _finite_state(exe):
+            save_checkpoint(save, exe, meta_now)
+        elif not allow_nonfinite:
+            raise GraphError(f"training diverged: parameters are NaN or inf {where}; stopped without saving "
+                             f"({save} keeps the last finite checkpoint). Fix: lower the learning rate "
+                             f"(now {opt.lr:g}), or pass allow_nonfinite=True (--allow-nonfinite) to continue")
+        elif save.exists():
+            say(f"note: parameters are NaN or inf {where}; {save} is not overwritten (it keeps the last "
+                "checkpoint written)")
+        else:
+            save_checkpoint(save, exe, meta_now)
+
     def meta(epoch_done, batch_in_epoch=0, partial=None):
         return {"model": model_name, "fingerprint": fingerprint, "epoch": int(epoch_done),
                 "batch_in_epoch": int(batch_in_epoch), "partial": partial, "step": int(exe.step_count),
@@ -331,6 +399,13 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
                 for xb, yb in it:
                     loss = exe.step({"x": xb, "labels": yb})
                     b += 1
+                    if not math.isfinite(loss) and not allow_nonfinite:
+                        raise GraphError(
+                            f"training diverged: the loss is {loss} at step {exe.step_count} (epoch {epoch + 1}, "
+                            f"batch {b}); stopped" + (f" without saving ({save} keeps the last finite checkpoint)"
+                                                      if save is not None else "")
+                            + f". Fix: lower the learning rate (now {opt.lr:g}), check the data for NaN/inf, or "
+                            "pass allow_nonfinite=True (--allow-nonfinite) to continue")
                     loss_sum += loss * len(xb)
                     seen += len(xb)
                     result.step_losses.append(loss)
@@ -346,8 +421,8 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
                 # Ctrl-C (or one outside the main thread's handler) stops at once and saves nothing.
                 if save is not None and stop.requested and not stop.forced:
                     seconds += time.perf_counter() - t0
-                    save_checkpoint(save, exe, meta(epoch, b, {"loss_sum": loss_sum, "seen": seen,
-                                                               "seconds": seconds}))
+                    checkpoint(meta(epoch, b, {"loss_sum": loss_sum, "seen": seen, "seconds": seconds}),
+                               f"after batch {b} of epoch {epoch + 1}")
                     say(f"interrupted in epoch {epoch + 1} after batch {b}/{n_batches}; checkpoint saved to "
                         f"{save} (continue with the same command and --resume {save})")
                 raise
@@ -367,7 +442,7 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
         say(f"epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, test loss {test_loss:.4f}, "
             f"test accuracy {acc:.4f}, {ips:,.0f} images/s ({seconds:.1f} s)")
         if save is not None:
-            save_checkpoint(save, exe, meta(epoch + 1))
+            checkpoint(meta(epoch + 1), f"after epoch {epoch + 1}")
 
     if not result.test_accuracy:        # nothing trained and no history: evaluate the weights as they are
         _sync_params(exe, infer)
@@ -412,6 +487,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, model=True) -> argparse
                              "come from it")
     parser.add_argument("--no-progress", dest="progress", action="store_false",
                         help="no progress bar (it is shown only on a terminal anyway)")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="keep training when the loss or the parameters become NaN/inf (default: stop with "
+                             "an error); a non-finite state never overwrites an existing checkpoint")
     return parser
 
 
@@ -424,7 +502,8 @@ def main_from_args(args) -> int:
               batch=getattr(args, "batch", None), optimizer=getattr(args, "optimizer", None),
               lr=getattr(args, "lr", None), backend=getattr(args, "backend", "numba") or "numba",
               seed=getattr(args, "seed", None), save=getattr(args, "save", None),
-              resume=getattr(args, "resume", None), progress=getattr(args, "progress", True), log=print)
+              resume=getattr(args, "resume", None), progress=getattr(args, "progress", True), log=print,
+              allow_nonfinite=getattr(args, "allow_nonfinite", False))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

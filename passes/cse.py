@@ -1,21 +1,19 @@
 """Common-subexpression elimination: two nodes with the same op, the same inputs and the same attributes
 compute the same value, so the later one is replaced by the earlier one. Equal constants merge too.
-add and mul are commutative (inputs compared as a sorted pair). Sources with identity (inputs, params)
-and host ops (random masks) never merge. When the duplicate is a protected name (an output, an update,
+Commutative ops (the op table's ``commutative``: add, mul, max) compare their inputs as a sorted pair.
+Sources with identity (inputs, params) and host ops (random masks) never merge. When the duplicate is a protected name (an output, an update,
 the loss, a kept value) it is the one kept; two protected duplicates both stay."""
 from graphc import ops as optable
-from graphc.passes.rewrite import data, freeze, protected, replace_value
-
-COMMUTATIVE = ("add", "mul")
+from graphc.passes.helpers.rewrite import data, fed, freeze, protected, replace_value
 
 
 def _key(g, n):
     d = data(g, n)
     op = d["op"]
-    if op in ("input", "param") or optable.OPS[op].host:
+    if fed(g, n) or optable.OPS[op].host:
         return None
     ins = d["inputs"]
-    if op in COMMUTATIVE:
+    if optable.OPS[op].commutative:
         ins = tuple(sorted(ins))
     return (op, ins, freeze(d["attrs"]), tuple(d["shape"]), d["dtype"])
 

@@ -1,9 +1,11 @@
-"""Dead-code elimination: drop nodes no output (or state update) depends on."""
+"""Dead-code elimination: drop nodes no output (or state update, or batch-norm statistic update) depends on."""
 import networkx as nx
 
 
 def dce(graph):
+    stat = getattr(graph, "stat_updates", {}) or {}
     keep = set(graph.outputs) | set(graph.updates.values()) | set(graph.updates) | set(graph.keep)
+    keep |= set(stat.values()) | set(stat)
     if graph.loss:
         keep.add(graph.loss)
     live = set(keep)

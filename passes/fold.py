@@ -6,7 +6,7 @@ import numpy as np
 
 from graphc import ops as optable
 from graphc.executable import RunContext
-from graphc.passes.rewrite import data, remove_if_dead, protected
+from graphc.passes.helpers.rewrite import data, remove_if_dead, protected
 
 MAX_ELEMENTS = 1 << 22
 

@@ -1,50 +1,40 @@
 """Fusion: groups of nodes become one ``fused`` node (graphc.ops.fused) that a backend runs as one kernel.
 
-Patterns, tried in this order:
+*What* is grouped is declared in passes/patterns.py, each pattern once (conv_relu_maxpool with its
+saved route and its route_relu backward, conv_relu, elementwise); this file is the one matcher that
+applies every declaration:
 
-``conv_relu_maxpool``  conv(+bias) -> relu -> maxpool, when the conv and ReLU outputs are read by nothing
-    else. In a training graph the ReLU output and the conv output are also read by the backward pass
-    (maxpool_route reads the ReLU output, the ReLU mask gt(., 0) reads the conv output). When those
-    readers are exactly the pool-route -> mask -> mul chain that autodiff builds, the forward group
-    also *saves its route* (a second, int32 result: the flat index of each window's max, -1 where the
-    ReLU zeroed the window) and the chain becomes
-
-``route_relu``  (backward) route_scatter(dy, route) — the max-pool route and the ReLU mask in one pass
-    over the pooled gradient — plus, when the conv has a bias, its gradient sum(dz, (0, 2, 3)) as a
-    second result computed in the same pass. conv_dx and conv_dw then read dz. The backward needs no
-    full-resolution forward value at all.
-
-``conv_relu``  conv(+bias) -> relu (no pool, or a pool that cannot join).
-
-``elementwise``  any connected group of elementwise nodes of one output shape (inputs of other shapes
-    broadcast in: biases, scalars, the learning rate), e.g. bias + ReLU after a matmul, the backward
-    ReLU mask, and a whole optimizer update (momentum's new velocity and new weight are two results).
-
-Before matching, the ReLU masks of the backward pass are rewritten from gt(x, 0) to gt(relu(x), 0)
-(equal values: relu(x) > 0 exactly when x > 0), so a conv output is read only by its ReLU.
+- the patterns' ``prepare`` rewrites run first (each once);
+- chain patterns: for each node in topological order that can start a chain, the patterns are tried
+  in their declared order and the first that matches becomes a group. A chain member is the single
+  reader of the previous member with the role's op; interior members must be read only inside the
+  group -- or by a backward chain the pattern declares, which then becomes its own fused node reading
+  the value the forward group saves (``saves``) instead;
+- region patterns: connected groups of member nodes, grown along edges where ``join`` holds and never
+  through a path that leaves the group and comes back (that would make a cycle).
 
 A group with several results evaluates to a tuple read through ``getitem`` nodes that keep the original
 names (see graphc.ops.fused); a group never swallows a protected value (outputs, updates, the loss,
-compile(keep=...)) except as one of its named results.
+compile(keep=...)) except as one of its named results. Every body node carries its role name.
 """
 import itertools
 
-from graphc import ops as optable
-from graphc.passes.rewrite import consumers, data, is_const_fill, protected, set_inputs
-
-FUSABLE_POOL_ATTRS = ("size", "stride")
+from graphc.passes import patterns as declared
+from graphc.passes.dce import dce
+from graphc.passes.helpers.rewrite import consumers, data, is_const_fill, protected
+from graphc.passes.patterns import Any, Chain, Const, Op, Ref, Region
 
 
 # --- building fused nodes -----------------------------------------------------------------------------
 
-def make_group(g, pattern, members, body_ops=None, results=None, name=None, extra_attrs=None, drop=(), roles=None):
+def make_group(g, pattern, members, roles, body_ops=None, results=None, name=None, extra_attrs=None, drop=()):
     """Replaces the nodes `members` (names, in topological order) by one fused node.
 
+    roles: {body node name: its role in the pattern} (every body node has one; lowerings read by role).
     body_ops: optional {member: (op, attrs, inputs, shape, dtype)} overrides, for bodies that use other
     ops than the nodes they replace, and extra body nodes (names not in the graph) to append.
     results: member names whose values leave the group (default: members read outside, or protected).
     drop: members that are removed but have no body node (their work is subsumed by another body node).
-    roles: {body node name: role} (lowerings read members by role); default "ew<k>" for body node k.
     Returns the fused node's name."""
     prot = protected(g)
     body_ops = body_ops or {}
@@ -71,8 +61,8 @@ def make_group(g, pattern, members, body_ops=None, results=None, name=None, extr
                 if i not in outer:
                     outer.append(i)
                 refs.append(("in", outer.index(i)))
-        body.append({"name": m, "op": op, "inputs": tuple(refs), "attrs": attrs, "shape": shape, "dtype": dtype,
-                     "role": (roles or {}).get(m, f"ew{len(body)}")})
+        body.append({"name": m, "op": op, "role": roles[m], "inputs": tuple(refs), "attrs": attrs, "shape": shape,
+                     "dtype": dtype})
     res_idx = tuple(index[r] for r in results)
     in_types = tuple((tuple(data(g, i)["shape"]), data(g, i)["dtype"]) for i in outer)
     attrs = {"pattern": pattern, "body": tuple(body), "results": res_idx, "in_types": in_types,
@@ -116,106 +106,162 @@ def _fresh(g, base):
             return f"{base}#{k}"
 
 
-# --- the ReLU mask rewrite ---------------------------------------------------------------------------
+# --- matching -----------------------------------------------------------------------------------------
 
-def relu_masks_on_outputs(g):
-    """gt(x, 0) -> gt(relu(x), 0) wherever relu(x) exists (equal values)."""
-    for n in list(g.nx.nodes):
-        d = data(g, n)
-        if d["op"] != "gt":
-            continue
-        x, z = d["inputs"]
-        if not is_const_fill(g, z, 0.0) or data(g, x)["op"] == "relu":
-            continue
-        relus = [u for u in consumers(g, x) if data(g, u)["op"] == "relu"]
-        if relus and tuple(data(g, relus[0])["shape"]) == tuple(d["shape"]):
-            set_inputs(g, n, (relus[0], z))
+class Match:
+    """One match of a pattern: role -> node name."""
 
+    def __init__(self, nodes=None):
+        self.nodes = dict(nodes or {})
 
-# --- conv patterns ---------------------------------------------------------------------------------
+    def __getitem__(self, role):
+        return self.nodes[role]
 
-def _match_pool_backward(g, r, p, others, prot):
-    """The autodiff chain through relu r and pool p: R = maxpool_route(r, dy), G = gt(r, 0),
-    M = mul(R, G). Returns (R, G, M, S or None) with S = sum(M, (0, 2, 3)) (the bias gradient)."""
-    routes = [u for u in others if data(g, u)["op"] == "maxpool_route"]
-    gts = [u for u in others if data(g, u)["op"] == "gt"]
-    if len(routes) != 1 or len(gts) != 1 or len(others) != 2:
-        return None
-    R, G = routes[0], gts[0]
-    dR, dG, dp = data(g, R), data(g, G), data(g, p)
-    if dR["inputs"][0] != r or any(dR["attrs"][k] != dp["attrs"][k] for k in FUSABLE_POOL_ATTRS):
-        return None
-    if dG["inputs"][0] != r or not is_const_fill(g, dG["inputs"][1], 0.0):
-        return None
-    if R in prot or G in prot:
-        return None
-    cR, cG = consumers(g, R), consumers(g, G)
-    if len(cR) != 1 or cR != cG or data(g, cR[0])["op"] != "mul" or set(data(g, cR[0])["inputs"]) != {R, G}:
-        return None
-    M = cR[0]
-    S = None
-    for u in consumers(g, M):
-        du = data(g, u)
-        if du["op"] == "sum" and tuple(du["attrs"]["axes"]) == (0, 2, 3) and not du["attrs"]["keepdims"]:
-            S = u
-            break
-    return R, G, M, S
+    def attrs(self, g, role):
+        return data(g, self.nodes[role])["attrs"]
+
+    def shape(self, g, role):
+        return tuple(data(g, self.nodes[role])["shape"])
 
 
-def fuse_convs(g):
-    prot = protected(g)
-    for c in [n for n in g.topo() if data(g, n)["op"] == "conv"]:
-        if c not in g.nx or c in prot:
-            continue
-        cc = consumers(g, c)
-        if len(cc) != 1 or data(g, cc[0])["op"] != "relu":
-            continue
-        r = cc[0]
-        rc = consumers(g, r)
-        pools = [u for u in rc if data(g, u)["op"] == "maxpool"]
-        if r not in prot and len(pools) == 1:
-            p = pools[0]
-            others = [u for u in rc if u != p]
-            chain = _match_pool_backward(g, r, p, others, prot) if others else None
-            if not others or chain is not None:
-                _fuse_conv_pool(g, c, r, p, chain)
-                continue
-        make_group(g, "conv_relu", [c, r], results=[r], roles={c: "conv", r: "act"})
-
-
-def _fuse_conv_pool(g, c, r, p, chain):
-    dp = data(g, p)
-    pool_attrs = {k: dp["attrs"][k] for k in FUSABLE_POOL_ATTRS}
-    if chain is None:
-        make_group(g, "conv_relu_maxpool", [c, r, p], results=[p], roles={c: "conv", r: "act", p: "pool"})
-        return
-    R, G, M, S = chain
-    conv_hw = tuple(data(g, c)["shape"][2:])
-    route = _fresh(g, f"{p}.route")
-    extra = {route: ("maxpool_argmax", dict(pool_attrs, relu=True), (r,), tuple(dp["shape"]), "int32")}
-    make_group(g, "conv_relu_maxpool", [c, r, p], body_ops=extra, results=[p, route],
-               extra_attrs={"saves": ("route",)}, roles={c: "conv", r: "act", p: "pool", route: "route"})
-    # the backward chain: dz = route_scatter(dy, route) (+ db = sum(dz)) in one node
-    dy = data(g, R)["inputs"][1]
-    dM = data(g, M)
-    body = {M: ("route_scatter", dict(pool_attrs, in_hw=conv_hw), (dy, route), tuple(dM["shape"]), dM["dtype"])}
-    members = [R, G, M]
-    results = [M]
-    if S is not None:
-        dS = data(g, S)
-        body[S] = ("sum", dict(dS["attrs"]), (M,), tuple(dS["shape"]), dS["dtype"])
-        members.append(S)
-        results.append(S)
-    make_group(g, "route_relu", members, body_ops=body, results=results, drop=(R, G),
-               roles={M: "scatter", S: "bias_grad"})
-
-
-# --- elementwise groups -------------------------------------------------------------------------------
-
-def _elementwise(g, n):
+def _match_tree(g, pat, n, m):
+    """Matches the tree pattern `pat` (Op / Ref / Any / Const) at node n, binding roles into m (left
+    unchanged on failure). Returns True on a match."""
+    if isinstance(pat, Ref):
+        return m.nodes.get(pat.role) == n
+    if isinstance(pat, Any):
+        if pat.role in m.nodes:
+            return m.nodes[pat.role] == n
+        m.nodes[pat.role] = n
+        return True
+    if isinstance(pat, Const):
+        return is_const_fill(g, n, pat.value)
     d = data(g, n)
-    return d["op"] != "fused" and optable.OPS[d["op"]].scalar is not None
+    if d["op"] != pat.op or m.nodes.get(pat.role, n) != n or len(d["inputs"]) != len(pat.inputs):
+        return False
+    orders = itertools.permutations(range(len(pat.inputs))) if pat.unordered else [range(len(pat.inputs))]
+    for order in orders:
+        trial = Match(m.nodes)
+        trial.nodes[pat.role] = n
+        if all(_match_tree(g, pat.inputs[k], d["inputs"][j], trial) for k, j in enumerate(order)) \
+                and (pat.guard is None or pat.guard(g, trial)):
+            m.nodes = trial.nodes
+            return True
+    return False
 
+
+def _tree_roles(pat):
+    """The roles an Op tree binds to nodes it owns (not Refs, Anys or Consts)."""
+    if not isinstance(pat, Op):
+        return []
+    return [pat.role] + [r for p in pat.inputs for r in _tree_roles(p)]
+
+
+def _match_backward(g, bw, m, outside, prot):
+    """The backward chain of `bw` through the forward match m, covering every outside reader of m's
+    interior members; its interior nodes are read only inside it. Returns a Match (forward roles too)."""
+    candidates = list(dict.fromkeys(r for u in outside for r in [u] + consumers(g, u)))
+    for root in candidates:
+        bm = Match(m.nodes)
+        if not _match_tree(g, bw.root, root, bm):
+            continue
+        owned = [bm[r] for r in _tree_roles(bw.root)]
+        inner = [n for n in owned if n != root]
+        if not set(outside) <= set(owned) or any(n in prot for n in inner):
+            continue
+        if any(u not in owned for n in inner for u in consumers(g, n)):
+            continue
+        if bw.extra is not None:
+            for u in consumers(g, root):
+                trial = Match(bm.nodes)
+                if _match_tree(g, bw.extra, u, trial):
+                    bm = trial
+                    break
+        return bm
+    return None
+
+
+def _match_chain(g, p, anchor, prot):
+    """(forward Match, backward Match or None) of chain pattern p starting at `anchor`, or None."""
+    m, cur = Match(), anchor
+    for k, role in enumerate(p.roles):
+        if k:
+            cands = [u for u in consumers(g, cur)
+                     if data(g, u)["op"] == role.op and (role.guard is None or role.guard(g, u))]
+            if len(cands) != 1:
+                return None
+            cur = cands[0]
+        elif role.guard is not None and not role.guard(g, cur):
+            return None
+        m.nodes[role.name] = cur
+    members = [m[r.name] for r in p.roles]
+    interior = members[:-1]
+    if any(n in prot for n in interior):
+        return None
+    outside = [u for n in interior for u in consumers(g, n) if u not in members]
+    back = None
+    if outside:
+        back = _match_backward(g, p.backward, m, outside, prot) if p.backward is not None else None
+        if back is None:
+            return None
+    if p.guard is not None and not p.guard(g, m):
+        return None
+    return m, back
+
+
+# --- applying a match ----------------------------------------------------------------------------------
+
+def _backward_body(g, bw, bm):
+    """(members, body_ops, roles, results, drop) of the backward group; read while the forward members
+    still exist (the body's attrs may read them)."""
+    members = sorted((bm[r] for r in _tree_roles(bw.root) + _tree_roles(bw.extra) if r in bm.nodes),
+                     key=lambda n: data(g, n)["order"])
+    name_of, body, roles = dict(bm.nodes), {}, {}
+    for b in bw.body:
+        if b.replaces not in bm.nodes:
+            continue                    # an optional node that is not there (no conv bias)
+        target = bm[b.replaces]
+        name_of[b.role] = target
+        d = data(g, target)
+        body[target] = (b.op, b.attrs(g, bm), tuple(name_of[r] for r in b.inputs), tuple(d["shape"]), d["dtype"])
+        roles[target] = b.role
+    return members, body, roles, list(body), [n for n in members if n not in body]
+
+
+def _apply_chain(g, p, m, back):
+    members = [m[r.name] for r in p.roles]
+    roles = {m[r.name]: r.name for r in p.roles}
+    if back is None:
+        make_group(g, p.name, members, roles, results=[members[-1]])
+        return
+    s = p.saves
+    like = data(g, m[s.like])
+    saved = _fresh(g, f"{m[s.like]}.{s.role}")
+    extra = {saved: (s.op, s.attrs(g, m), (m[s.input],), tuple(like["shape"]), s.dtype)}
+    roles[saved] = s.role
+    back.nodes[s.role] = saved
+    bw_members, bw_body, bw_roles, bw_results, bw_drop = _backward_body(g, p.backward, back)
+    make_group(g, p.name, members, roles, body_ops=extra, results=[members[-1], saved],
+               extra_attrs={"saves": (s.role,)})
+    make_group(g, p.backward.pattern, bw_members, bw_roles, body_ops=bw_body, results=bw_results, drop=bw_drop)
+
+
+def fuse_chains(g, chains):
+    prot = protected(g)
+    starts = {p.roles[0].op for p in chains}
+    for anchor in [n for n in g.topo() if data(g, n)["op"] in starts]:
+        for p in chains:
+            if anchor not in g.nx:
+                break
+            if data(g, anchor)["op"] != p.roles[0].op:
+                continue
+            found = _match_chain(g, p, anchor, prot)
+            if found is not None:
+                _apply_chain(g, p, *found)
+                break
+
+
+# --- regions -------------------------------------------------------------------------------------------
 
 def _convex(g, group, pos):
     """No path leaves `group` and comes back into it (fusing it would make a cycle)."""
@@ -235,25 +281,20 @@ def _convex(g, group, pos):
     return True
 
 
-def fuse_elementwise(g):
+def fuse_region(g, p):
+    """Groups connected `p.member` nodes (joined where p.join holds) into fused nodes of pattern p."""
     order = g.topo()
     pos = {n: i for i, n in enumerate(order)}
     group_of = {}
     groups = {}
     for n in order:
-        if not _elementwise(g, n):
+        if not p.member(g, n):
             continue
         group_of[n] = n
         groups[n] = {n}
-        d = data(g, n)
-        for i in d["inputs"]:
-            if i not in group_of or group_of[i] == group_of[n]:
+        for i in data(g, n)["inputs"]:
+            if i not in group_of or group_of[i] == group_of[n] or not p.join(g, i, n):
                 continue
-            di = data(g, i)
-            if tuple(di["shape"]) != tuple(d["shape"]) or di["dtype"] != d["dtype"]:
-                continue
-            if (di["role"] == "forward") != (d["role"] == "forward"):
-                continue       # a forward group that also computed a backward value would keep it alive
             a, b = group_of[i], group_of[n]
             merged = groups[a] | groups[b]
             if not _convex(g, merged, pos):
@@ -262,19 +303,26 @@ def fuse_elementwise(g):
             for m in groups[b]:
                 group_of[m] = a
             del groups[b]
-    for key, members in groups.items():
+    for members in groups.values():
         if len(members) < 2:
             continue
-        make_group(g, "elementwise", sorted(members, key=pos.get))
+        members = sorted(members, key=pos.get)
+        make_group(g, p.name, members, {m: f"{p.role}{k}" for k, m in enumerate(members)})
 
 
-def fuse(graph, patterns=("conv", "elementwise")):
+def fuse(graph, patterns=None):
+    """The graph with every match of `patterns` (default: passes.patterns.PATTERNS, in that order) fused."""
+    patterns = declared.PATTERNS if patterns is None else list(patterns)
     g = graph.clone()
-    if "conv" in patterns:
-        relu_masks_on_outputs(g)
-        fuse_convs(g)
-    if "elementwise" in patterns:
-        fuse_elementwise(g)
-    # nodes the rewrites orphaned (a gt mask whose relu took over) go away
-    from graphc.passes.dce import dce
-    return dce(g)
+    prepared = []
+    for p in patterns:
+        if getattr(p, "prepare", None) is not None and p.prepare not in prepared:
+            prepared.append(p.prepare)
+            p.prepare(g)
+    chains = [p for p in patterns if isinstance(p, Chain)]
+    if chains:
+        fuse_chains(g, chains)
+    for p in patterns:
+        if isinstance(p, Region):
+            fuse_region(g, p)
+    return dce(g)      # nodes the rewrites orphaned (a gt mask whose relu took over) go away

@@ -6,7 +6,8 @@ must deliver (the outputs, and in a training graph the loss and every update). B
 
 Kinds of value:
     input / param / const   live outside the plan (the feed buffer, the executable's state, the constant)
-    alias                   reshape, reshape_like, identity and copy are views of their input's buffer
+    alias                   ops marked alias in the op table (reshape, reshape_like, identity, copy) are
+                            views of their input's buffer
                             (the input's buffer then lives as long as any of its aliases is read)
     tuple                   a fused node with several results: no buffer, its getitem nodes own them
     state                   an optimizer update written in place into the state it replaces: legal when
@@ -26,7 +27,6 @@ import networkx as nx
 from graphc import ops as optable
 from graphc import shapes
 
-ALIAS_OPS = ("reshape", "reshape_like", "identity", "copy")
 REP_BATCH = 64        # slot matching compares sizes at this batch size
 
 
@@ -70,8 +70,9 @@ class MemoryPlan:
 
 
 def _elementwise_kernel(nd):
+    """One elementwise loop: an elementwise op, or a fused group of them."""
     if nd["op"] == "fused":
-        return nd["attrs"]["pattern"] == "elementwise"
+        return all(optable.OPS[b["op"]].scalar is not None for b in nd["attrs"]["body"])
     return optable.OPS[nd["op"]].scalar is not None
 
 
@@ -89,9 +90,9 @@ def build_plan(graph, want, inplace_updates=False, schedule=None):
     kind, root = {}, {}
     for n in order:
         op = nodes[n]["op"]
-        if op in ("input", "param", "const"):
+        if optable.OPS[op].source:
             kind[n], root[n] = op, n
-        elif op in ALIAS_OPS:
+        elif optable.OPS[op].alias:
             kind[n], root[n] = "alias", root[nodes[n]["inputs"][0]]
         elif op == "fused" and len(nodes[n]["attrs"]["results"]) > 1:
             kind[n], root[n] = "tuple", n
@@ -114,32 +115,42 @@ def build_plan(graph, want, inplace_updates=False, schedule=None):
     for w in want:
         last_use[root[w]] = end
 
-    # optimizer updates written in place
-    inplace = {}
-    if inplace_updates:
-        readers = {}
-        for n in program:
-            for i in nodes[n]["inputs"]:
-                if kind.get(i) != "tuple":
-                    readers.setdefault(root[i], set()).add(n)
-        for s, u in graph.updates.items():
-            if u not in kind or kind[u] != "buffer" or s not in kind or kind[s] != "param" or s in want:
-                continue
-            k = nodes[u]["inputs"][0] if nodes[u]["op"] == "getitem" else u
-            kd = nodes[k]
-            if not _elementwise_kernel(kd) or s not in kd["inputs"]:
-                continue
-            if tuple(nodes[s]["shape"]) != tuple(nodes[u]["shape"]):
-                continue
-            if any(idx[r] >= idx[k] and r != k for r in readers.get(s, ())):
-                continue
-            if any(root[i] == s and i != s for i in kd["inputs"]):
-                continue                                   # read through an alias: not index-aligned
-            inplace[u] = s
-            kind[u] = "state"
-            root[u] = s
+    inplace = _inplace_updates(graph, program, idx, kind, root, want) if inplace_updates else {}
+    slot_of = _assign_slots(nodes, program, kind, def_idx, last_use)
+    return MemoryPlan(graph, program, want, kind, root, slot_of, inplace, def_idx, last_use)
 
-    # slot assignment: greedy over the program, freeing after the last read
+
+def _inplace_updates(graph, program, idx, kind, root, want):
+    """{update value: state} for the optimizer updates written in place (their kind becomes "state")."""
+    nodes = graph.nx.nodes
+    inplace = {}
+    readers = {}
+    for n in program:
+        for i in nodes[n]["inputs"]:
+            if kind.get(i) != "tuple":
+                readers.setdefault(root[i], set()).add(n)
+    for s, u in graph.updates.items():
+        if u not in kind or kind[u] != "buffer" or s not in kind or kind[s] != "param" or s in want:
+            continue
+        k = nodes[u]["inputs"][0] if nodes[u]["op"] == "getitem" else u
+        kd = nodes[k]
+        if not _elementwise_kernel(kd) or s not in kd["inputs"]:
+            continue
+        if tuple(nodes[s]["shape"]) != tuple(nodes[u]["shape"]):
+            continue
+        if any(idx[r] >= idx[k] and r != k for r in readers.get(s, ())):
+            continue
+        if any(root[i] == s and i != s for i in kd["inputs"]):
+            continue                                   # read through an alias: not index-aligned
+        inplace[u] = s
+        kind[u] = "state"
+        root[u] = s
+    return inplace
+
+
+def _assign_slots(nodes, program, kind, def_idx, last_use):
+    """{buffer value: slot}: greedy over the program, a slot freed after its value's last read."""
+    end = len(program)
     slot_of, slot_sig, slot_rep = {}, [], []
     free = []
     by_def = {}
@@ -184,7 +195,7 @@ def build_plan(graph, want, inplace_updates=False, schedule=None):
                 free.remove(pick)
                 slot_rep[pick] = max(slot_rep[pick], size)
             slot_of[n] = pick
-    return MemoryPlan(graph, program, want, kind, root, slot_of, inplace, def_idx, last_use)
+    return slot_of
 
 
 def default_want(graph):

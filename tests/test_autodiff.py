@@ -22,6 +22,8 @@ from graphc import models, shapes
 from graphc.ops import OPS
 from graphc.ops.conv import im2col, out_hw
 
+from cnn_gradcheck_builders import CNN_BUILDERS
+
 MAX_EXAMPLES = int(os.environ.get("GRAPHC_HYPOTHESIS_EXAMPLES", "10"))   # raise it for a deeper search
 PROPERTY = settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -90,15 +92,26 @@ def broadcast_pair(c):
 
 
 def conv_setup(c):
-    n, ci, k = c.int(1, 2), c.int(1, 3), c.int(1, 3)
-    kh, kw = c.int(1, 4), c.int(1, 4)
+    """A conv geometry: groups 1, 2 or C (depthwise) and dilation 1-3 included."""
+    n, groups = c.int(1, 2), c.pick([1, 2, "C"], "groups")
+    if groups == "C":
+        ci = groups = c.int(1, 3)
+        cg = 1
+    else:
+        cg = c.int(1, 2)
+        ci = cg * groups
+    k = groups * c.int(1, 2)
+    kh, kw = c.int(1, 3), c.int(1, 3)
+    dil = shapes.pair(c.pick([1, 2, 3, (1, 2)], "dilation"))
+    eh, ew = (kh - 1) * dil[0] + 1, (kw - 1) * dil[1] + 1
     stride = c.pick([1, 2, 3, (1, 2), (2, 1)], "stride")
     pad = c.pick([0, 1, 2, (1, 0), (0, 2, 1, 0), "same", "valid"], "pad")
-    h, w = kh + c.int(0, 4), kw + c.int(0, 4)
+    h, w = eh + c.int(0, 3), ew + c.int(0, 3)
     st_ = shapes.pair(stride)
-    pads = shapes.conv_pads(pad, (h, w), (kh, kw), st_)
-    return dict(n=n, ci=ci, k=k, kh=kh, kw=kw, stride=stride, st=st_, pad=pad, pads=pads, h=h, w=w,
-                out=out_hw((h, w), (kh, kw), st_, pads))
+    pads = shapes.conv_pads(pad, (h, w), (eh, ew), st_)
+    return dict(n=n, ci=ci, cg=cg, k=k, kh=kh, kw=kw, stride=stride, st=st_, pad=pad, pads=pads, h=h, w=w,
+                dil=dil, groups=groups, geo=dict(dilation=dil, groups=groups),
+                out=out_hw((h, w), (kh, kw), st_, pads, dil))
 
 
 def pool_setup(c):
@@ -133,43 +146,46 @@ def _unary(op, lo=None, hi=None):
 def b_matmul(c):
     m, k, n = c.int(1, 4), c.int(1, 4), c.int(1, 4)
     ta, tb = c.flag(), c.flag()
-    a = c.param("a", (k, m) if ta else (m, k))
-    b = c.param("b", (n, k) if tb else (k, n))
+    batch_a, batch_b = broadcast_pair(c) if c.flag() else ((), ())    # rank > 2: batched, broadcast
+    a = c.param("a", batch_a + ((k, m) if ta else (m, k)))
+    b = c.param("b", batch_b + ((n, k) if tb else (k, n)))
     return c.finish(c.g.matmul(a, b, trans_a=ta, trans_b=tb))
 
 
 def b_conv(c):
     s = conv_setup(c)
     x = c.input("x", (s["ci"], s["h"], s["w"]))
-    w = c.param("w", (s["k"], s["ci"], s["kh"], s["kw"]))
+    w = c.param("w", (s["k"], s["cg"], s["kh"], s["kw"]))
     b = c.param("b", (s["k"],)) if c.flag() else None
-    return c.finish(c.g.conv(x, w, b, stride=s["stride"], pad=s["pad"]))
+    return c.finish(c.g.conv(x, w, b, stride=s["stride"], pad=s["pad"], **s["geo"]))
 
 
 def b_conv_dx(c):
     s = conv_setup(c)
     dy = c.param("dy", (s["n"], s["k"], *s["out"]))
-    w = c.param("w", (s["k"], s["ci"], s["kh"], s["kw"]))
-    return c.finish(c.g.conv_dx(dy, w, s["st"], s["pads"], (s["h"], s["w"])))
+    w = c.param("w", (s["k"], s["cg"], s["kh"], s["kw"]))
+    return c.finish(c.g.conv_dx(dy, w, s["st"], s["pads"], (s["h"], s["w"]), **s["geo"]))
 
 
 def b_conv_dw(c):
     s = conv_setup(c)
     x = c.param("x", (s["n"], s["ci"], s["h"], s["w"]))
     dy = c.param("dy", (s["n"], s["k"], *s["out"]))
-    return c.finish(c.g.conv_dw(x, dy, s["st"], s["pads"], (s["kh"], s["kw"])))
+    return c.finish(c.g.conv_dw(x, dy, s["st"], s["pads"], (s["kh"], s["kw"]), **s["geo"]))
 
 
 def b_maxpool(c):
     size, stride, hw, _ = pool_setup(c)
     pad = 1 if min(size) >= 2 and c.flag() else 0    # padded max pool (-inf border, Inception's 3x3/1)
     x = c.input("x", (c.int(1, 2), *hw))
-    return c.finish(c.g.maxpool(x, size, stride, pad=pad))
+    return c.finish(c.g.maxpool(x, size, stride, pad=pad, ceil_mode=c.flag()))
 
 
 def b_avgpool(c):
     size, stride, hw, _ = pool_setup(c)
-    return c.finish(c.g.avgpool(c.input("x", (c.int(1, 2), *hw)), size, stride))
+    pad = 1 if min(size) >= 2 and c.flag() else 0
+    return c.finish(c.g.avgpool(c.input("x", (c.int(1, 2), *hw)), size, stride, pad=pad, ceil_mode=c.flag(),
+                                count_include_pad=c.flag()))
 
 
 def b_maxpool_route(c):
@@ -285,14 +301,21 @@ def b_unslice(c):
 
 
 def b_pad2d(c):
-    pads = dims(c, 4, 0, 2)
-    return c.finish(c.g.pad2d(c.input("x", dims(c, 3, 1, 3)), pads, value=float(c.int(-1, 1))))
+    shape = dims(c, 3, 1, 3)
+    mode = c.pick(["constant", "reflect", "edge"], "mode")
+    top = 2 if mode != "reflect" else shape[1] - 1            # reflect pads less than the dim (torch)
+    side = 2 if mode != "reflect" else shape[2] - 1
+    pads = (c.int(0, top), c.int(0, top), c.int(0, side), c.int(0, side))
+    return c.finish(c.g.pad2d(c.input("x", shape), pads, value=float(c.int(-1, 1)), mode=mode))
 
 
 def b_crop2d(c):
     pads = dims(c, 4, 0, 2)
-    h, w = pads[0] + pads[1] + c.int(1, 3), pads[2] + pads[3] + c.int(1, 3)
-    return c.finish(c.g.crop2d(c.input("x", (c.int(1, 2), h, w)), pads))
+    mode = c.pick(["constant", "reflect", "edge"], "mode")
+    h0 = c.int(1, 3) if mode != "reflect" else max(pads[:2]) + c.int(1, 2)   # reflect: border < plane
+    w0 = c.int(1, 3) if mode != "reflect" else max(pads[2:]) + c.int(1, 2)
+    h, w = pads[0] + pads[1] + h0, pads[2] + pads[3] + w0
+    return c.finish(c.g.crop2d(c.input("x", (c.int(1, 2), h, w)), pads, mode=mode))
 
 
 def b_softmax(c):
@@ -359,6 +382,7 @@ OP_BUILDERS = {
     "mse": _pair_loss("mse", False), "mse_grad": _pair_loss("mse_grad", True),
     "bce_with_sigmoid": _pair_loss("bce_with_sigmoid", False), "bce_grad": _pair_loss("bce_grad", True),
 }
+OP_BUILDERS.update(CNN_BUILDERS)      # batchnorm, lrn, prelu, ... (tests/cnn_gradcheck_builders.py)
 
 DIFFERENTIABLE = sorted(n for n, d in OPS.items() if d.differentiable and not d.source)
 
@@ -387,7 +411,7 @@ def assert_backward_structure(gg):
 def test_gradcheck_every_op(op, data):
     c = OP_BUILDERS[op](Case(data))
     assert any(d["op"] == op for _, d in c.g.nx.nodes(data=True))
-    report = gc.gradcheck(c.g, c.feeds, wrt=c.wrt, loss="loss", tol=1e-6)
+    report = gc.gradcheck(c.g, c.feeds, wrt=c.wrt, loss="loss", tol=1e-6, training=getattr(c, "training", False))
     assert report.ok and report.worst <= 1e-6
     assert set(report.errors) == set(c.wrt)
     assert_backward_structure(gc.grad(c.g, wrt=c.wrt, loss="loss"))

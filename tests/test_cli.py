@@ -115,9 +115,7 @@ def test_render_fused_values(capsys, tmp_path):
     rc, out, _ = run(capsys, "render", "lenet5", "--fused", "--values", "--format", "dot",
                      "-o", str(tmp_path / "f.dot"))
     assert rc == 0
-    from graphc.pipeline import Pipeline
-    if "fuse" in Pipeline("numba").enabled:
-        assert "fused kernels" in out and "subgraph" in (tmp_path / "f.dot").read_text()
+    assert "fused kernels" in out and "subgraph" in (tmp_path / "f.dot").read_text()
 
 
 def test_bench_forwards_options(capsys, monkeypatch):

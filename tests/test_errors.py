@@ -74,9 +74,12 @@ def test_matmul_inner_mismatch():
     with pytest.raises(gc.ShapeError) as e:
         g.dense(x, g.param("w", (4, 5)), name="fc")
     words_in(str(e.value), "matmul", "(N, 3)", "(4, 5)", "3 == 5", "(out_features, in_features)")
-    with pytest.raises(gc.ShapeError) as e:
+    with pytest.raises(gc.ShapeError) as e:          # a stack of matrices batches, but the inner dims must agree
         g.matmul(x, g.param("v", (4, 4, 4)), name="mm")
-    words_in(str(e.value), "'mm'", "2-D", "(4, 4, 4)")
+    words_in(str(e.value), "'mm'", "3 == 4", "(4, 4, 4)")
+    with pytest.raises(gc.ShapeError) as e:
+        g.matmul(x, g.param("u", (3,)), name="mv")
+    words_in(str(e.value), "'mv'", "rank >= 2", "(3,)")
 
 
 def test_broadcasting_mismatch():
@@ -207,6 +210,59 @@ def test_unknown_op_in_the_graph_refused_at_compile():
     with pytest.raises(gc.GraphError) as e:
         gc.compile(g)
     words_in(str(e.value), "'a'", "unknown op", "'frob'")
+
+
+def test_check_can_never_be_switched_off():
+    from graphc.pipeline import Pipeline
+    for backend in ("reference", "numba"):
+        with pytest.raises(gc.GraphError) as e:
+            gc.compile(_small(), backend=backend, check=False)
+        words_in(str(e.value), "check=False", "cannot be switched off", "Fix")
+    with pytest.raises(gc.GraphError):
+        Pipeline("cuda", check=0)
+    assert "check" in Pipeline("numba", check=True).enabled
+
+
+def test_a_pass_that_cannot_be_imported_is_an_error(monkeypatch):
+    from graphc import pipeline
+    broken = pipeline.Pass("fuse", "no_such_pass_module:fuse", "a pass whose file is missing")
+    monkeypatch.setattr(pipeline, "PASSES", [p if p.name != "fuse" else broken for p in pipeline.PASSES])
+    with pytest.raises(gc.InstallError) as e:
+        gc.compile(_small(), backend="numba")
+    words_in(str(e.value), "'fuse'", "graphc.passes.no_such_pass_module", "cannot be imported", "pip install -e .")
+    assert isinstance(e.value, gc.GraphError) and isinstance(e.value, ImportError)
+    gc.compile(_small(), backend="numba", fuse=False)      # switched off on purpose: not imported, no error
+
+
+_UNINSTALLED = r"""
+import sys
+# as in a checkout nobody installed: the checkout on sys.path, and no installed graphc to map graphc.passes
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, sys.argv[1])
+for m in [m for m in sys.modules if m == "graphc" or m.startswith("graphc.")]:
+    del sys.modules[m]
+try:
+    import graphc
+except ImportError as e:
+    print(type(e).__name__ + ": " + str(e))
+else:
+    print("imported from " + graphc.__file__)
+"""
+
+
+def test_uninstalled_checkout_says_pip_install():
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _UNINSTALLED, root], cwd=root, capture_output=True, text=True,
+                       timeout=120, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = r.stdout.strip()
+    if out.startswith("imported from") and not out.startswith(f"imported from {root}"):
+        pytest.skip(f"graphc is installed outside this checkout here ({out})")
+    assert r.returncode == 0, r.stderr[-2000:]
+    words_in(out, "InstallError", "graphc is not installed", "graphc.passes", "pip install -e .", root)
+    assert len(out.splitlines()) == 1
 
 
 def test_no_outputs():

@@ -13,7 +13,7 @@ from graphc.passes.fuse import fuse
 from graphc.passes.memory import build_plan, plan_memory
 from graphc.passes.schedule import schedule
 from graphc.passes.simplify import simplify
-from graphc.passes.training import training_graph
+from graphc.passes.transforms.training import training_graph
 
 PASSES = [simplify, fold_constants, cse, dce, fuse, schedule, plan_memory]
 

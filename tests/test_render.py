@@ -13,7 +13,7 @@ import graphc as gc
 from graphc import rendering
 from graphc.errors import GraphError
 from graphc.models import SEED_LABELS, SEED_X
-from graphc.passes.autodiff import grad
+from graphc.passes.transforms.autodiff import grad
 from graphc.rendering import BACKWARD_COLOR, FORWARD_COLOR, SAVED_COLOR, dot_stats
 
 SEED_FEEDS = {"x": SEED_X, "labels": SEED_LABELS}
@@ -225,12 +225,7 @@ def test_fused_values_are_shown_inside_the_cluster(lenet):
     assert "= min 0 mean" in labels["s2#c1.relu"]                      # a relu: nothing below 0
 
 
-@pytest.mark.skipif("fused" not in __import__("graphc.ops", fromlist=["OPS"]).OPS,
-                    reason="no fusion in this build")
 def test_real_fusion_pass_gives_clusters(lenet):
-    from graphc.pipeline import Pipeline
-    if "fuse" not in Pipeline("numba").enabled:
-        pytest.skip("graphc.passes.fuse not in this build")
     src = gc.render(lenet, fused=True)
     st = dot_stats(src)
     assert st["clusters"] >= 2 and "conv_relu_maxpool" in src

@@ -1,5 +1,6 @@
-"""The model zoo: gc.summary's shapes and parameter counts (checked by hand with the course's formulas),
-and every model's forward pass on the reference backend."""
+"""The model zoo: gc.summary's shapes and parameter counts (checked by hand with the course's formulas,
+and against torchvision's published counts for its ImageNet models), and every small model's forward
+pass on the reference backend (the ImageNet models run at 64x64 in tests/test_zoo_imagenet.py)."""
 import re
 
 import numpy as np
@@ -15,6 +16,11 @@ ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)$")
 def conv_params(k, c, n):
     """SEED_NOTES: a conv layer has K*K*C*N weights + N biases."""
     return k * k * c * n + n
+
+
+def bn_params(n):
+    """A batch norm has a scale and a shift per channel (its running statistics are state, not parameters)."""
+    return 2 * n
 
 
 def fc_params(i, o):
@@ -38,9 +44,10 @@ TOTALS = {
     "codelab_cnn": conv_params(3, 1, 12) + conv_params(6, 12, 24) + conv_params(6, 24, 32)
     + fc_params(7 * 7 * 32, 200) + fc_params(200, 10),                                                # 354,002
     "resnet_block": conv_params(3, 4, 8) + conv_params(3, 8, 8) + conv_params(1, 4, 8) + fc_params(8, 10),
-    "resnet": conv_params(3, 1, 16) + 2 * conv_params(3, 16, 16)
-    + conv_params(3, 16, 32) + conv_params(3, 32, 32) + conv_params(1, 16, 32)
-    + conv_params(3, 32, 64) + conv_params(3, 64, 64) + conv_params(1, 32, 64) + fc_params(64, 10),
+    # with batch norm: convs without biases (conv_params - n), one BN after each
+    "resnet": sum(conv_params(k, c, n) - n + bn_params(n) for k, c, n in (
+        (3, 1, 16), (3, 16, 16), (3, 16, 16), (3, 16, 32), (3, 32, 32), (1, 16, 32),
+        (3, 32, 64), (3, 64, 64), (1, 32, 64))) + fc_params(64, 10),
     # inception(c1, c3r, c3, c5r, c5, pool_proj) on C input channels
     "inception_block": (conv_params(1, 4, 4) + conv_params(1, 4, 4) + conv_params(3, 4, 8) + conv_params(1, 4, 2)
                         + conv_params(5, 2, 4) + conv_params(1, 4, 4) + fc_params(4 + 8 + 4 + 4, 10)),
@@ -50,6 +57,21 @@ TOTALS = {
                   + conv_params(1, 40, 16) + conv_params(1, 40, 16) + conv_params(3, 16, 32) + conv_params(1, 40, 8)
                   + conv_params(5, 8, 16) + conv_params(1, 40, 16) + fc_params(80, 10)),
     "seed_cnn": conv_params(2, 1, 1) + fc_params(4, 2) + fc_params(2, 2),                             # 21
+    # torchvision's published counts ("num_params" of each model's IMAGENET1K_V1 weights in
+    # torchvision.models; googlenet without its auxiliary heads)
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872,
+    "googlenet": 6_624_904, "vgg16_bn": 138_365_992, "squeezenet1_0": 1_248_424,
+    # the paper's GoogLeNet: convs with biases, true 5x5 branches, no BN; the same blocks as torchvision's
+    "googlenet_lrn": (conv_params(7, 3, 64) + conv_params(1, 64, 64) + conv_params(3, 64, 192)
+                      + sum(conv_params(1, c, a) + conv_params(1, c, b) + conv_params(3, b, d)
+                            + conv_params(1, c, e) + conv_params(5, e, f) + conv_params(1, c, p)
+                            for c, (a, b, d, e, f, p) in zip(
+                                (192, 256, 480, 512, 512, 512, 528, 832, 832),
+                                ((64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64), (192, 96, 208, 16, 48, 64),
+                                 (160, 112, 224, 24, 64, 64), (128, 128, 256, 24, 64, 64),
+                                 (112, 144, 288, 32, 64, 64), (256, 160, 320, 32, 128, 128),
+                                 (256, 160, 320, 32, 128, 128), (384, 192, 384, 48, 128, 128))))
+                      + fc_params(1024, 1000)),                                                      # 6,998,552
 }
 
 # Output shapes by hand, a few per model (batch dim N).
@@ -73,12 +95,30 @@ SHAPES = {
                 "pool2": ("N", 256, 13, 13), "conv3": ("N", 384, 13, 13), "conv4": ("N", 384, 13, 13),
                 "conv5": ("N", 256, 13, 13), "pool5": ("N", 256, 6, 6), "flatten": ("N", 9216),
                 "fc6": ("N", 4096), "fc7": ("N", 4096), "logits": ("N", 1000)},
+    "resnet18": {"maxpool": ("N", 64, 56, 56), "layer1.1.out": ("N", 64, 56, 56), "layer2.0.out": ("N", 128, 28, 28),
+                 "layer4.1.out": ("N", 512, 7, 7), "avgpool": ("N", 512), "logits": ("N", 1000)},
+    "resnet34": {"layer3.5.out": ("N", 256, 14, 14), "layer4.2.out": ("N", 512, 7, 7), "logits": ("N", 1000)},
+    "resnet50": {"layer1.0.conv3": ("N", 256, 56, 56), "layer4.2.out": ("N", 2048, 7, 7), "avgpool": ("N", 2048)},
+    "mobilenet_v2": {"features.0.2": ("N", 32, 112, 112), "features.1.conv.2": ("N", 16, 112, 112),
+                     "features.17.conv.3": ("N", 320, 7, 7), "features.18.2": ("N", 1280, 7, 7),
+                     "logits": ("N", 1000)},
+    "googlenet": {"maxpool1": ("N", 64, 56, 56), "maxpool2": ("N", 192, 28, 28), "inception3a": ("N", 256, 28, 28),
+                  "maxpool3": ("N", 480, 14, 14), "inception4e": ("N", 832, 14, 14), "maxpool4": ("N", 832, 7, 7),
+                  "inception5b": ("N", 1024, 7, 7), "logits": ("N", 1000)},
+    "googlenet_lrn": {"pool1": ("N", 64, 56, 56), "norm2": ("N", 192, 56, 56), "pool2": ("N", 192, 28, 28),
+                      "inception4e": ("N", 832, 14, 14), "inception5b": ("N", 1024, 7, 7)},
+    "vgg16_bn": {"features.0": ("N", 64, 224, 224), "features.6": ("N", 64, 112, 112),
+                 "features.43": ("N", 512, 7, 7), "flatten": ("N", 25088), "logits": ("N", 1000)},
+    "squeezenet1_0": {"features.0": ("N", 96, 109, 109), "features.2": ("N", 96, 54, 54), "features.3": ("N", 128, 54, 54),
+                      "features.6": ("N", 256, 27, 27), "features.11": ("N", 512, 13, 13), "logits": ("N", 1000)},
     "vgg16": {"conv1_2": ("N", 64, 224, 224), "pool1": ("N", 64, 112, 112), "pool2": ("N", 128, 56, 56),
               "pool3": ("N", 256, 28, 28), "pool4": ("N", 512, 14, 14), "conv5_3": ("N", 512, 14, 14),
               "pool5": ("N", 512, 7, 7), "flatten": ("N", 25088), "fc6": ("N", 4096), "logits": ("N", 1000)},
 }
 
-SMALL = [n for n in models.names() if n not in ("alexnet", "vgg16")]
+IMAGENET = {"resnet18", "resnet34", "resnet50", "mobilenet_v2", "googlenet", "googlenet_lrn", "vgg16_bn",
+            "squeezenet1_0"}
+SMALL = [n for n in models.names() if n not in {"alexnet", "vgg16"} | IMAGENET]
 
 
 def parse_summary(text):

@@ -161,10 +161,10 @@ class CudaExecutable(CompiledExecutable):
     def _push_state(self):
         self.state.push()
 
-    def _copy_back(self, b):
-        for s, i in b.copy_back:
+    def _copy_back(self, b, pairs):
+        for s, i in pairs:
             self.state.device(s).copy_to_device(b.values[i])
-        self.state.mark_device_newer(self.graph.updates)
+        self.state.mark_device_newer([s for s, _ in pairs])
 
     # ------------------------------------------------------------------ device storage
     def _alloc(self, nbytes):

@@ -3,6 +3,7 @@ conv-ReLU-pool kernel (kernels/conv_pool.py)."""
 from graphc.backends.cuda.kernels.conv_pool import conv_pool_step
 from graphc.backends.cuda.kernels.gemm import conv_dw_step, conv_dx_step, conv_geometry, conv_step
 from graphc.backends.registry import lowerings
+from graphc.ops.conv import is_plain as is_plain_conv
 
 lowering, pattern_lowering = lowerings("cuda")
 
@@ -16,6 +17,8 @@ def _forward(ctx, attrs, relu):
 
 @lowering("conv", kernel="kernels/gemm.py implicit GEMM igemm_fwd (bias in the epilogue)")
 def conv(ctx):
+    if not is_plain_conv(ctx.attrs):
+        return None                     # grouped / dilated: host fallback until they have kernels
     return _forward(ctx, ctx.attrs, relu=False)
 
 
@@ -40,6 +43,8 @@ def conv_relu_maxpool(ctx):
 @lowering("conv_dx", kernel="kernels/gemm.py implicit GEMM igemm_dx")
 def conv_dx(ctx):
     a = ctx.attrs
+    if not is_plain_conv(a):
+        return None
     dy, w = ctx.arrays()
     n = ctx.shape_of(ctx.inputs[0])[0]
     ws = ctx.shape_of(ctx.inputs[1])
@@ -50,6 +55,8 @@ def conv_dx(ctx):
 @lowering("conv_dw", kernel="kernels/gemm.py implicit GEMM igemm_dw (split-K)")
 def conv_dw(ctx):
     a = ctx.attrs
+    if not is_plain_conv(a):
+        return None
     x, dy = ctx.arrays()
     xs = ctx.shape_of(ctx.inputs[0])
     k = ctx.shape_of(ctx.inputs[1])[1]

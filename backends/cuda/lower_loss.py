@@ -97,7 +97,7 @@ def cross_entropy_grad(ctx):
 
 
 @lowering("mse", "mse_grad", "bce_with_sigmoid", "bce_grad",
-          kernel="generated elementwise from the formula (codegen.MEAN_LOSSES): + a mean, or term * dy / n")
+          kernel="generated elementwise from the formula (the op table's loss_term / grad_term): + a mean, or term * dy / n")
 def mean_loss(ctx):
     """The loss term elementwise then its mean; or the gradient term * dy / n in one kernel."""
     term, grad = codegen.mean_loss(ctx.op)

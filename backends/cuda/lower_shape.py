@@ -43,6 +43,8 @@ def unslice(ctx):
 
 @lowering("pad2d", kernel="fill + " + _COPY)
 def pad2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None                     # reflect / edge: host fallback
     t, _, l, _ = ctx.attrs["pads"]
     xs, out_shape = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.name)
     return _copy(ctx, xs, cstrides(xs), cstrides(out_shape), dbase=t * out_shape[3] + l, fill=ctx.attrs["value"])
@@ -50,6 +52,8 @@ def pad2d(ctx):
 
 @lowering("crop2d", kernel=_COPY)
 def crop2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None
     t, _, l, _ = ctx.attrs["pads"]
     xs, out_shape = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.name)
     return _copy(ctx, out_shape, cstrides(xs), cstrides(out_shape), sbase=t * xs[3] + l)

@@ -142,9 +142,9 @@ class NumbaExecutable(CompiledExecutable):
         super().load_state_dict(d)
         self._push_state()
 
-    def _copy_back(self, b):
+    def _copy_back(self, b, pairs):
         values = b.values
-        for s, i in b.copy_back:
+        for s, i in pairs:
             np.copyto(self.state[s], values[i])
 
     # ------------------------------------------------------------------ running

@@ -14,6 +14,7 @@ from graphc.backends.numba.executor import num_threads
 from graphc.backends.numba.kernels.pool import maxpool_source
 from graphc.backends.registry import lowerings
 from graphc.errors import BackendError
+from graphc.ops.conv import is_plain as is_plain_conv
 
 lowering, pattern_lowering = lowerings("numba")
 
@@ -94,8 +95,10 @@ def _forward(ctx, conv_attrs, relu, pool=None):
     return step
 
 
-@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}); non-square strides: fallback")
+@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}); non-square strides, groups or dilation: fallback")
 def conv(ctx):
+    if not is_plain_conv(ctx.attrs):
+        return None                     # grouped / dilated: the reference until they have kernels
     return _forward(ctx, ctx.attrs, relu=False)
 
 
@@ -130,7 +133,7 @@ def conv_relu_maxpool(ctx):
 
 def _backward(ctx, op, fn, geometry, tail):
     stride = _square_stride(ctx.attrs)
-    if stride is None:
+    if stride is None or not is_plain_conv(ctx.attrs):
         return None
     strategy = _chooser(op, *geometry(stride))
     values, (ai, bi), o = ctx.values, [ctx.index(i) for i in ctx.inputs], ctx.index(ctx.name)
@@ -142,7 +145,7 @@ def _backward(ctx, op, fn, geometry, tail):
     return step
 
 
-@lowering("conv_dx", kernel=f"numba conv.conv2d_dx ({_STRATEGY}); non-square strides: fallback")
+@lowering("conv_dx", kernel=f"numba conv.conv2d_dx ({_STRATEGY}); non-square strides, groups or dilation: fallback")
 def conv_dx(ctx):
     hw = tuple(ctx.attrs["in_hw"])
     dys, ws = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
@@ -150,7 +153,7 @@ def conv_dx(ctx):
                      lambda s: ((dys[0], ws[1]) + hw, ws, s, tuple(ctx.attrs["pads"]), ctx.dtype), hw)
 
 
-@lowering("conv_dw", kernel=f"numba conv.conv2d_dw ({_STRATEGY}); non-square strides: fallback")
+@lowering("conv_dw", kernel=f"numba conv.conv2d_dw ({_STRATEGY}); non-square strides, groups or dilation: fallback")
 def conv_dw(ctx):
     khw = tuple(ctx.attrs["k_hw"])
     xs, dys = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])

@@ -7,6 +7,11 @@ from graphc.backends.registry import lowerings
 lowering, pattern_lowering = lowerings("numba")
 
 
+def _t(x, transpose):
+    """x with its last two dims swapped (batched operands too)."""
+    return x.swapaxes(-1, -2) if transpose else x
+
+
 @lowering("matmul", kernel="numpy.matmul into the planned buffer (BLAS)")
 def matmul(ctx):
     out = ctx.out()
@@ -14,8 +19,7 @@ def matmul(ctx):
     mm = np.matmul
     stat = ctx.static()
     if stat is not None:
-        a = stat[0].T if ta else stat[0]
-        b = stat[1].T if tb else stat[1]
+        a, b = _t(stat[0], ta), _t(stat[1], tb)
 
         def step():
             mm(a, b, out=out)
@@ -23,7 +27,5 @@ def matmul(ctx):
     values, ai, bi = ctx.values, ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
 
     def step():
-        a = values[ai].T if ta else values[ai]
-        b = values[bi].T if tb else values[bi]
-        mm(a, b, out=out)
+        mm(_t(values[ai], ta), _t(values[bi], tb), out=out)
     return step

@@ -45,7 +45,7 @@ def _class_loss(int_kernel, dense_kernel, grad):
 
 
 @lowering("mse", "mse_grad", "bce_with_sigmoid", "bce_grad",
-          kernel="generated from the formula (codegen.MEAN_LOSSES): the term's mean (float64 sum) or term * dy / n")
+          kernel="generated from the formula (the op table's loss_term / grad_term): the term's mean (float64 sum) or term * dy / n")
 def mean_loss(ctx):
     """A mean loss over two same-shape arrays (and dy for the gradient), all read flat."""
     term, grad = codegen.mean_loss(ctx.op)

@@ -39,6 +39,9 @@ def maxpool_argmax(ctx):
 
 @lowering("maxpool_route", kernel=_GENERATED.format("maxpool_route_source"))
 def maxpool_route(ctx):
+    kh, kw, _, _ = _window(ctx.attrs)
+    if kh * kw > 64:
+        return None                     # (global max pool's plane-sized window: the kernel is unrolled)
     dx = ctx.out()
     kern = _generated(ctx, pool_kernels.maxpool_route_source, *_window(ctx.attrs), elements=dx.size)
     return ctx.call(kern, ctx.inputs, (dx,))

@@ -53,6 +53,8 @@ def unslice(ctx):
 
 @lowering("pad2d", kernel="fill + " + _COPY)
 def pad2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None                     # reflect / edge: the reference until they have kernels
     out = ctx.out()
     t, bt, l, r = ctx.attrs["pads"]
     inner = out[:, :, t:out.shape[2] - bt, l:out.shape[3] - r]
@@ -61,6 +63,8 @@ def pad2d(ctx):
 
 @lowering("crop2d", kernel=_COPY)
 def crop2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None
     t, _, l, _ = ctx.attrs["pads"]
     h, w = ctx.shape_of(ctx.name)[2:]
     return _copy_in(ctx, lambda x: x[:, :, t:t + h, l:l + w])

@@ -4,9 +4,12 @@ fused forward conv-ReLU-pool hand its max-pool route to the backward pass.
 A ``fused`` node holds a small sub-graph (its *body*) that a backend runs as one kernel. Its attrs:
 
     pattern    the pattern name ("conv_relu_maxpool", "conv_relu", "route_relu", "elementwise", ...)
-    body       the fused sub-nodes in order, each a dict {name, op, inputs, attrs, shape, dtype, role}; an input
-               is ("in", k) for the fused node's k-th input or ("body", j) for the j-th body node. Names
-               are the original node names, so a renderer can draw the group as a cluster of them.
+    body       the fused sub-nodes in order, each a dict {name, op, role, inputs, attrs, shape, dtype}; an
+               input is ("in", k) for the fused node's k-th input or ("body", j) for the j-th body node.
+               Names are the original node names, so a renderer can draw the group as a cluster of them.
+               role is the node's role in the pattern (passes/patterns.py: "conv", "act", "pool", ...;
+               "ew<k>" in elementwise groups): lowerings read members by role (`members`), never by
+               position.
     results    indices of the body nodes whose values leave the group (at least one)
     in_types   (shape, dtype) of each outer input when the group was made (symbolic dims kept)
     replaces   names of the original nodes the group stands for (the body may use different ops: a
@@ -60,8 +63,8 @@ def run_body(attrs, inputs, ctx):
 
 
 def members(attrs):
-    """{role: body node dict} of a fused node's attrs (lowerings read members by role, not position)."""
-    return {b["role"]: b for b in attrs["body"] if "role" in b}
+    """{role: body node dict} of a fused node's attrs, e.g. members(attrs)["conv"]["attrs"]["stride"]."""
+    return {b["role"]: b for b in attrs["body"]}
 
 
 def _fused_ref(inputs, attrs, ctx):

@@ -1,5 +1,8 @@
 """softmax and the losses. Losses are means over the batch (seeds' mini-batch definition).
 
+The reference evaluates each loss in float64 and rounds the result to the value's dtype (as the compiled
+kernels accumulate): a float32 intermediate must not overflow when the loss itself is representable.
+
 The softmax + cross-entropy pair has its own op whose gradient collapses to (O - y) / m (seeds/000);
 `softmax` followed by `cross_entropy` gives the same gradient through the generic rules (tested).
 """
@@ -8,7 +11,7 @@ import numpy as np
 from graphc import shapes
 from graphc.errors import DTypeError, ShapeError
 from graphc.ops import OpDef, register
-from graphc.ops.elementwise import _float_dtype, _sigmoid
+from graphc.ops.elementwise import _float_dtype
 
 
 def softmax_ref(x, axis=-1):
@@ -22,9 +25,16 @@ def _softmax_grad(g, node, dy):
         return [g.mul(y, g.sub(dy, g.sum(g.mul(dy, y), axes=axis, keepdims=True)))]
 
 
-register(OpDef("softmax", lambda node, t: (t[0][0], _float_dtype(node, t)),
+def _softmax_infer(node, in_types):
+    if not 0 <= node.attrs["axis"] < len(in_types[0][0]):
+        node.fail(ShapeError, f"softmax axis {node.attrs['axis']} is out of range for {shapes.fmt(in_types[0][0])}", "")
+    return in_types[0][0], _float_dtype(node, in_types)
+
+
+register(OpDef("softmax", _softmax_infer,
                lambda ins, a, ctx: softmax_ref(ins[0], a["axis"]), _softmax_grad,
-               flops=lambda i, o, a: 4 * int(np.prod(o)), doc="softmax along an axis"))
+               flops=lambda i, o, a: 4 * int(np.prod(o)), doc="softmax along an axis",
+               torch=lambda F, torch, ins, a, ctx: F.softmax(ins[0], dim=a["axis"])))
 
 
 def labels_matrix(labels, k, dtype):
@@ -34,6 +44,17 @@ def labels_matrix(labels, k, dtype):
     out = np.zeros((labels.shape[0], k), dtype)
     out[np.arange(labels.shape[0]), labels] = 1
     return out
+
+
+def label_dot(labels, logp):
+    """sum over the batch of y . logp for int labels (the label's entry only) or one-hot/soft labels
+    (y == 0 where logp is -inf contributes 0, not 0 * -inf = NaN: a saturated softmax has loss 0; a NaN
+    still propagates)."""
+    if labels.ndim == 1:
+        return logp[np.arange(labels.shape[0]), labels].sum()
+    y = labels.astype(logp.dtype, copy=False)
+    with np.errstate(invalid="ignore"):
+        return np.where((y == 0) & np.isneginf(logp), 0, y * logp).sum()
 
 
 def _class_loss_infer(node, in_types):
@@ -53,10 +74,10 @@ def _class_loss_infer(node, in_types):
 
 def _sce_ref(inputs, attrs, ctx):
     z, labels = inputs
+    dt, z = z.dtype, z.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    y = labels_matrix(labels, z.shape[1], z.dtype)
-    return np.asarray(-(y * logp).sum() / z.shape[0], z.dtype)
+    return np.asarray(0.0 - label_dot(labels, logp) / z.shape[0], dt)    # 0.0 - : no -0.0
 
 
 def _sce_grad(g, node, dy):
@@ -81,9 +102,15 @@ def _sce_grad_ref(inputs, attrs, ctx):
     return ((softmax_ref(z, 1) - y) * (dy / z.shape[0])).astype(z.dtype)
 
 
+def _sce_torch(F, torch, ins, attrs, ctx):
+    z, y = ins
+    return F.cross_entropy(z, y) if y.dim() == 1 else -(y * F.log_softmax(z, 1)).sum() / z.shape[0]
+
+
 register(OpDef("softmax_cross_entropy", _class_loss_infer, _sce_ref, _sce_grad,
                flops=lambda i, o, a: 5 * int(np.prod(i[0])),
-               doc="mean over the batch of -sum(y log softmax(z)); labels int (N,) or one-hot (N, K)"))
+               doc="mean over the batch of -sum(y log softmax(z)); labels int (N,) or one-hot (N, K)",
+               torch=_sce_torch))
 
 
 def _per_element(g, dy, like, scale=1.0):
@@ -115,14 +142,15 @@ register(OpDef("softmax_ce_grad", lambda node, t: (t[0][0], t[0][1]), _sce_grad_
 
 def _ce_ref(inputs, attrs, ctx):
     p, labels = inputs
-    y = labels_matrix(labels, p.shape[1], p.dtype)
-    return np.asarray(-(y * np.log(p)).sum() / p.shape[0], p.dtype)
+    with np.errstate(divide="ignore"):
+        return np.asarray(0.0 - label_dot(labels, np.log(p.astype(np.float64))) / p.shape[0], p.dtype)
 
 
 def _ce_grad_ref(inputs, attrs, ctx):
     p, labels, dy = inputs
     y = labels_matrix(labels, p.shape[1], p.dtype)
-    return (-(y / p) * (dy / p.shape[0])).astype(p.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.where((y == 0) & (p == 0), 0, -(y / p)) * (dy / p.shape[0])).astype(p.dtype)   # as the loss
 
 
 register(OpDef("cross_entropy", _class_loss_infer, _ce_ref,
@@ -155,11 +183,6 @@ def _pair_infer(node, in_types):
     return (), _float_dtype(node, in_types[:2])
 
 
-def _mse_grad_ref(inputs, attrs, ctx):
-    a, b, dy = inputs
-    return (2.0 * (a - b) * (dy / a.size)).astype(a.dtype)
-
-
 def _mse_grad(g, node, dy):
     a, b = node.inputs
     with g.rule("mse:2(p-t)/n"):
@@ -167,8 +190,34 @@ def _mse_grad(g, node, dy):
         return [da, g.neg(da)]
 
 
-register(OpDef("mse", _pair_infer, lambda ins, a, ctx: np.asarray(np.mean((ins[0] - ins[1]) ** 2), ins[0].dtype),
-               _mse_grad, doc="mean squared error over all elements"))
+# The mean losses' formulas, written once: each backend (numpy here, Numba, CUDA) evaluates these scalar
+# expressions (the op table's elementwise language over a0 = prediction, a1 = target).
+MSE_TERM = "(a0 - a1) * (a0 - a1)"
+MSE_GRAD_TERM = "2.0 * (a0 - a1)"
+BCE_TERM = "max(a0, 0.0) - a0 * a1 + math.log1p(math.exp(-abs(a0)))"     # stable for large |z|
+BCE_GRAD_TERM = "0.5 * (math.tanh(0.5 * a0) + 1.0) - a1"                   # sigmoid(z) - t
+
+_NUMPY = {"math": np, "max": np.maximum, "min": np.minimum, "abs": np.abs}
+
+
+def eval_term(expr, *arrays):
+    """A loss_term / grad_term expression evaluated elementwise over numpy arrays (a0, a1, ...)."""
+    return eval(expr, dict(_NUMPY), {f"a{k}": a for k, a in enumerate(arrays)})  # noqa: S307 (the table's own text)
+
+
+def _mean_loss_ref(inputs, attrs, ctx, term):
+    a, b = inputs          # accumulated in float64, as the kernels do (a float32 partial sum can overflow)
+    return np.asarray(np.mean(eval_term(term, a.astype(np.float64), b)), a.dtype)
+
+
+def _mean_loss_grad_ref(inputs, attrs, ctx, term):
+    a, b, dy = inputs
+    return (eval_term(term, a, b) * (dy / a.size)).astype(a.dtype)
+
+
+register(OpDef("mse", _pair_infer, lambda ins, a, ctx: _mean_loss_ref(ins, a, ctx, MSE_TERM),
+               _mse_grad, doc="mean squared error over all elements", loss_term=MSE_TERM,
+               torch=lambda F, torch, ins, a, ctx: F.mse_loss(*ins)))
 
 
 def _mse_grad_grad(g, node, dgrad):
@@ -178,18 +227,9 @@ def _mse_grad_grad(g, node, dgrad):
         return [da, g.neg(da), _d_dy(g, node, dgrad, "mse_grad")]
 
 
-register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]), _mse_grad_ref, _mse_grad_grad,
-               doc="2 (p - t) / n * dy"))
-
-
-def _bce_ref(inputs, attrs, ctx):
-    z, t = inputs
-    return np.asarray(np.mean(np.maximum(z, 0) - z * t + np.log1p(np.exp(-np.abs(z)))), z.dtype)
-
-
-def _bce_grad_ref(inputs, attrs, ctx):
-    z, t, dy = inputs
-    return ((_sigmoid(z) - t) * (dy / z.size)).astype(z.dtype)
+register(OpDef("mse_grad", lambda node, t: (t[0][0], t[0][1]),
+               lambda ins, a, ctx: _mean_loss_grad_ref(ins, a, ctx, MSE_GRAD_TERM), _mse_grad_grad,
+               doc="2 (p - t) / n * dy", grad_term=MSE_GRAD_TERM))
 
 
 def _bce_grad(g, node, dy):
@@ -201,8 +241,10 @@ def _bce_grad(g, node, dy):
     return [dz, dt]
 
 
-register(OpDef("bce_with_sigmoid", _pair_infer, _bce_ref, _bce_grad,
-               doc="binary cross-entropy of sigmoid(z) against targets t, mean over all elements (seeds/002)"))
+register(OpDef("bce_with_sigmoid", _pair_infer, lambda ins, a, ctx: _mean_loss_ref(ins, a, ctx, BCE_TERM),
+               _bce_grad,
+               doc="binary cross-entropy of sigmoid(z) against targets t, mean over all elements (seeds/002)",
+               loss_term=BCE_TERM, torch=lambda F, torch, ins, a, ctx: F.binary_cross_entropy_with_logits(*ins)))
 
 
 def _bce_grad_grad(g, node, dgrad):
@@ -213,5 +255,6 @@ def _bce_grad_grad(g, node, dgrad):
         return [g.mul(gc_, g.mul(s, g.sub(g.scalar(1.0), s))), g.neg(gc_), _d_dy(g, node, dgrad, "bce_grad")]
 
 
-register(OpDef("bce_grad", lambda node, t: (t[0][0], t[0][1]), _bce_grad_ref, _bce_grad_grad,
-               doc="(sigmoid(z) - t) / n * dy"))
+register(OpDef("bce_grad", lambda node, t: (t[0][0], t[0][1]),
+               lambda ins, a, ctx: _mean_loss_grad_ref(ins, a, ctx, BCE_GRAD_TERM), _bce_grad_grad,
+               doc="(sigmoid(z) - t) / n * dy", grad_term=BCE_GRAD_TERM))

@@ -1,6 +1,12 @@
-"""Pooling: max (route), average (distribute), global average; windows may overlap.
+"""Pooling: max (route), average (distribute), global average and global max; windows may overlap.
 
 Max-pool ties go to the first maximum in row-major order within the window (as PyTorch).
+
+The pool ops take whole windows of their input. Padding, ceil mode and count_include_pad (torch's
+MaxPool2d / AvgPool2d arguments) are made by the define API (graph.maxpool / graph.avgpool) from these
+ops and the rules below: the input is padded (-inf for max, 0 for average) by the padding plus the
+extra bottom/right rows ceil mode needs, and an average whose windows do not all divide by kh*kw is
+rescaled by a constant map of kh*kw / divisor (torch's divisor per window).
 """
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -11,6 +17,34 @@ from graphc.ops import OpDef, register
 from graphc.ops.elementwise import _float_dtype
 
 POOL_RULE = "output size = (W - P) / S + 1"
+
+
+def pool_geometry(in_hw, size, stride, pad, ceil_mode):
+    """torch's pooling output size: floor (or ceil) of (H + 2P - K) / S + 1, where in ceil mode a last
+    window that would start in the bottom/right padding is dropped. Returns (out_hw, extra): extra =
+    rows/cols of padding past the bottom/right padding the last window reaches."""
+    out, extra = [], []
+    for n, k, s, p in zip(in_hw, size, stride, pad):
+        span = n + 2 * p - k
+        o = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (o - 1) * s >= n + p:
+            o -= 1
+        out.append(o)
+        extra.append(max(0, (o - 1) * s + k - (n + 2 * p)))
+    return tuple(out), tuple(extra)
+
+
+def avg_divisors(in_hw, size, stride, pad, out_hw, count_include_pad):
+    """(Ho, Wo) divisor of each average-pool window, torch's rule: the window clipped to the padded
+    input (count_include_pad) or to the input itself."""
+    axes = []
+    for n, k, s, p, o in zip(in_hw, size, stride, pad, out_hw):
+        start = np.arange(o) * s - p
+        end = np.minimum(start + k, n + p)
+        full = end - start
+        inner = np.minimum(end, n) - np.maximum(start, 0)
+        axes.append(full if count_include_pad else inner)
+    return np.outer(axes[0], axes[1]).astype(np.float64)
 
 
 def windows(x, size, stride):
@@ -64,6 +98,8 @@ def _pool_infer(node, in_types):
     if len(s) != 4:
         node.fail(ShapeError, f"pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
     size, stride = node.attrs["size"], node.attrs["stride"]
+    if min(size) < 1 or min(stride) < 1:
+        node.fail(ShapeError, f"window {size} and stride {stride} must be positive", "")
     ho = shapes.window_out(s[2], size[0], stride[0])
     wo = shapes.window_out(s[3], size[1], stride[1])
     if ho < 1 or wo < 1:
@@ -92,9 +128,12 @@ def _pool_flops(in_shapes, out_shape, attrs):
 
 
 register(OpDef("maxpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).max(-1),
-               _maxpool_grad, flops=_pool_flops, doc="max pooling"))
-register(OpDef("avgpool", _pool_infer, lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1),
-               _avgpool_grad, flops=_pool_flops, doc="average pooling"))
+               _maxpool_grad, flops=_pool_flops, doc="max pooling",
+               torch=lambda F, torch, ins, a, ctx: F.max_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
+register(OpDef("avgpool", _pool_infer,      # means accumulate in float64, as the compiled kernels
+               lambda ins, a, ctx: windows(ins[0], a["size"], a["stride"]).mean(-1, dtype=np.float64).astype(ins[0].dtype),
+               _avgpool_grad, flops=_pool_flops, doc="average pooling",
+               torch=lambda F, torch, ins, a, ctx: F.avg_pool2d(ins[0], tuple(a["size"]), tuple(a["stride"]))))
 
 
 def _route_infer(node, in_types):
@@ -136,10 +175,11 @@ register(OpDef("avgpool_spread", _spread_infer,
                doc="average-pool backward: each window's gradient shared evenly"))
 
 
-def _gap_infer(node, in_types):
+def _global_infer(node, in_types):
+    """global_avgpool / global_maxpool: (N, C, H, W) -> (N, C)."""
     s = in_types[0][0]
     if len(s) != 4:
-        node.fail(ShapeError, f"global average pooling takes NCHW input, got {shapes.fmt(s)}", "")
+        node.fail(ShapeError, f"global pooling takes NCHW input, got {shapes.fmt(s)}", "pool after a conv layer")
     return (s[0], s[1]), _float_dtype(node, in_types)
 
 
@@ -153,9 +193,24 @@ def _gap_spread_grad(g, node, dgrad):
         return [g.global_avgpool(dgrad), None]
 
 
-register(OpDef("global_avgpool", _gap_infer, lambda ins, a, ctx: ins[0].mean(axis=(2, 3)), _gap_grad,
-               flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane"))
+register(OpDef("global_avgpool", _global_infer,
+               lambda ins, a, ctx: ins[0].mean(axis=(2, 3), dtype=np.float64).astype(ins[0].dtype), _gap_grad,
+               flops=lambda i, o, a: int(np.prod(i[0])), doc="mean over each channel's H x W plane",
+               torch=lambda F, torch, ins, a, ctx: ins[0].mean(dim=(2, 3))))
 register(OpDef("global_avgpool_spread", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(
                    (ins[0] / (ins[1].shape[2] * ins[1].shape[3]))[:, :, None, None], ins[1].shape).copy(),
                _gap_spread_grad, doc="global-average-pool backward: dy / (H*W) over the plane"))
+
+
+def _gmp_grad(g, node, dy):
+    x, = node.inputs
+    hw = tuple(x.shape[2:])
+    with g.rule("pool:route"):      # one window covering the plane: the max pool's route
+        return [g.maxpool_route(x, g.reshape(dy, (x.shape[0], x.shape[1], 1, 1)), size=hw, stride=hw)]
+
+
+register(OpDef("global_maxpool", _global_infer, lambda ins, a, ctx: ins[0].max(axis=(2, 3)), _gmp_grad,
+               flops=lambda i, o, a: int(np.prod(i[0])),
+               doc="max over each channel's H x W plane (NaN propagates); gradient to the first maximum",
+               torch=lambda F, torch, ins, a, ctx: ins[0].amax(dim=(2, 3))))

@@ -8,16 +8,21 @@ from graphc.ops.elementwise import _float_dtype
 
 
 def norm_axes(axes, ndim):
+    """None (all), an axis or axes in -ndim..ndim-1 -> sorted non-negative axes; out of range or
+    repeated axes are a ShapeError (numpy's rule: never wrapped)."""
     if axes is None:
         return tuple(range(ndim))
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(sorted(a % ndim for a in axes))
+    axes = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    out = sorted(shapes.norm_axis(a, ndim, "reduction axis") for a in axes)
+    if len(set(out)) != len(out):
+        raise ShapeError(f"reduction axes {axes} name an axis twice")
+    return tuple(out)
 
 
 def _reduce_infer(node, in_types):
     s = in_types[0][0]
     axes = node.attrs["axes"]
-    if any(a >= len(s) for a in axes):
+    if any(not 0 <= a < len(s) for a in axes):
         node.fail(ShapeError, f"axes {axes} out of range for {shapes.fmt(s)}", "")
     if node.attrs["keepdims"]:
         out = tuple(1 if i in axes else d for i, d in enumerate(s))
@@ -39,13 +44,21 @@ def _count(shape, axes):
     return n
 
 
+# Accumulated in float64 (as the compiled backends do): a float32 partial sum must not overflow to inf
+# when the result itself is representable.
 register(OpDef("sum", _reduce_infer,
-               lambda ins, a, ctx: np.sum(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
-               _sum_grad, flops=lambda i, o, a: int(np.prod(i[0])), doc="sum over axes"))
+               lambda ins, a, ctx: np.sum(ins[0], axis=a["axes"], keepdims=a["keepdims"],
+                                          dtype=np.float64).astype(ins[0].dtype),
+               _sum_grad, flops=lambda i, o, a: int(np.prod(i[0])), doc="sum over axes",
+               torch=lambda F, torch, ins, a, ctx: ins[0].sum(dim=tuple(a["axes"]), keepdim=a["keepdims"])
+               if a["axes"] else ins[0]))
 register(OpDef("mean", _reduce_infer,
-               lambda ins, a, ctx: np.mean(ins[0], axis=a["axes"], keepdims=a["keepdims"]).astype(ins[0].dtype),
+               lambda ins, a, ctx: np.mean(ins[0], axis=a["axes"], keepdims=a["keepdims"],
+                                           dtype=np.float64).astype(ins[0].dtype),
                lambda g, n, dy: _sum_grad(g, n, dy, mean=True), flops=lambda i, o, a: int(np.prod(i[0])),
-               doc="mean over axes"))
+               doc="mean over axes",
+               torch=lambda F, torch, ins, a, ctx: ins[0].mean(dim=tuple(a["axes"]), keepdim=a["keepdims"])
+               if a["axes"] else ins[0]))
 
 
 def broadcast_like_ref(dy, like_shape, axes, keepdims, mean):
@@ -78,11 +91,12 @@ def sum_to_ref(x, shape):
 register(OpDef("sum_to", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: sum_to_ref(ins[0], ins[1].shape),
                lambda g, n, d: [_rule(g, "sum_to:expand", lambda: g.expand_like(d, n.inputs[0])), None],
-               doc="sums a broadcast result back to the shape of `like` (add:distribute over broadcasting)"))
+               doc="sums a broadcast result back to the shape of `like` (add:distribute over broadcasting)",
+               to_shape=True))
 register(OpDef("expand_like", lambda node, t: (t[1][0], _float_dtype(node, t[:1])),
                lambda ins, a, ctx: np.broadcast_to(ins[0], ins[1].shape).copy(),
                lambda g, n, d: [_rule(g, "expand:sum_to", lambda: g.sum_to(d, n.inputs[0])), None],
-               doc="broadcasts to the shape of `like`"))
+               doc="broadcasts to the shape of `like`", to_shape=True))
 
 
 def _rule(g, rule, fn):

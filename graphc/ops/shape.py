@@ -38,11 +38,12 @@ def _reshape_grad(g, node, dy):
         return [g.reshape_like(dy, node.inputs[0])]
 
 
-register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)"))
+register(OpDef("reshape", _reshape_infer, _reshape_ref, _reshape_grad, doc="reshape (symbolic batch dim kept)",
+               alias=True, to_shape=True, torch=lambda F, torch, ins, a, ctx: ins[0].reshape(ctx.resolve(a["shape"]))))
 register(OpDef("reshape_like", lambda node, t: (t[1][0], t[0][1]),
                lambda ins, a, ctx: ins[0].reshape(ins[1].shape),
                lambda g, n, d: [_rule(g, "reshape:undo", lambda: g.reshape_like(d, n.inputs[0])), None],
-               doc="reshape to the shape of `like`"))
+               doc="reshape to the shape of `like`", alias=True, to_shape=True))
 
 
 def _transpose_infer(node, in_types):
@@ -60,12 +61,14 @@ def _transpose_grad(g, node, dy):
 
 
 register(OpDef("transpose", _transpose_infer, lambda ins, a, ctx: np.ascontiguousarray(np.transpose(ins[0], a["axes"])),
-               _transpose_grad, doc="permute axes"))
+               _transpose_grad, doc="permute axes", torch=lambda F, torch, ins, a, ctx: ins[0].permute(*a["axes"])))
 
 
 def _concat_infer(node, in_types):
     axis = node.attrs["axis"]
     first = in_types[0][0]
+    if not 0 <= axis < len(first):
+        node.fail(ShapeError, f"concat axis {axis} is out of range for {shapes.fmt(first)}", "")
     for s, _ in in_types[1:]:
         if len(s) != len(first) or any(a != b for i, (a, b) in enumerate(zip(s, first)) if i != axis):
             node.fail(ShapeError, "concat inputs must agree on every dim but the concat axis: " +
@@ -88,14 +91,23 @@ def _concat_grad(g, node, dy):
 
 
 register(OpDef("concat", _concat_infer, lambda ins, a, ctx: np.concatenate(ins, axis=a["axis"]), _concat_grad,
-               doc="concatenate along an axis (channels for Inception blocks)"))
+               doc="concatenate along an axis (channels for Inception blocks)",
+               torch=lambda F, torch, ins, a, ctx: torch.cat(ins, dim=a["axis"])))
 
 
 def _slice_infer(node, in_types):
     s, dt = in_types[0]
     a = node.attrs
+    axis, start, stop = a["axis"], a["start"], a["stop"]
+    if not (shapes.is_int(axis) and 0 <= axis < len(s)):
+        node.fail(ShapeError, f"slice axis {axis!r} is out of range for {shapes.fmt(s)}", "")
+    if isinstance(s[axis], str):
+        node.fail(ShapeError, f"cannot slice along the symbolic batch dim {s[axis]}", "slice another axis")
+    if not (shapes.is_int(start) and shapes.is_int(stop) and 0 <= start < stop <= s[axis]):
+        node.fail(ShapeError, f"slice [{start!r}:{stop!r}] along axis {axis} of size {s[axis]} must have "
+                  f"0 <= start < stop <= {s[axis]}", "")
     out = list(s)
-    out[a["axis"]] = a["stop"] - a["start"]
+    out[axis] = stop - start
     return tuple(out), dt
 
 
@@ -117,7 +129,8 @@ def _unslice_ref(inputs, attrs, ctx):
 register(OpDef("slice", _slice_infer, _slice_ref,
                lambda g, n, d: [_rule(g, "slice:unslice",
                                       lambda: g.unslice(d, n.inputs[0], axis=n.attrs["axis"], start=n.attrs["start"]))],
-               doc="x[start:stop] along one axis"))
+               doc="x[start:stop] along one axis",
+               torch=lambda F, torch, ins, a, ctx: ins[0].narrow(a["axis"], a["start"], a["stop"] - a["start"])))
 register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
                lambda g, n, d: [_rule(g, "unslice:slice", lambda: g.slice(
                    d, axis=n.attrs["axis"], start=n.attrs["start"],
@@ -125,37 +138,92 @@ register(OpDef("unslice", lambda node, t: (t[1][0], t[0][1]), _unslice_ref,
                doc="places g into zeros shaped like `like` (slice's gradient)"))
 
 
+PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge"}    # graphc -> numpy np.pad mode
+
+
+def _pad_mode(node):
+    mode = node.attrs.get("mode", "constant")
+    if mode not in PAD_MODES:
+        node.fail(ShapeError, f"unknown padding mode {mode!r}", f"use one of {', '.join(PAD_MODES)}")
+    return mode
+
+
 def _pad_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
     if len(s) != 4:
         node.fail(ShapeError, f"pad2d takes NCHW input, got {shapes.fmt(s)}", "")
+    if min(t, b, l, r) < 0:
+        node.fail(ShapeError, f"pads {node.attrs['pads']} must be >= 0", "crop with g.crop2d instead")
+    if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] or max(l, r) >= s[3]):
+        node.fail(ShapeError, f"reflect padding {node.attrs['pads']} must be smaller than the input's "
+                  f"{s[2]}x{s[3]} plane (torch's limit)", "pad less, or use mode='edge'")
     return (s[0], s[1], s[2] + t + b, s[3] + l + r), dt
 
 
 def _pad_ref(inputs, attrs, ctx):
     t, b, l, r = attrs["pads"]
-    return np.pad(inputs[0], ((0, 0), (0, 0), (t, b), (l, r)), constant_values=attrs["value"])
+    mode = attrs.get("mode", "constant")
+    widths = ((0, 0), (0, 0), (t, b), (l, r))
+    if mode == "constant":
+        return np.pad(inputs[0], widths, constant_values=attrs["value"])
+    return np.pad(inputs[0], widths, mode=PAD_MODES[mode])
 
 
 def _crop_infer(node, in_types):
     s, dt = in_types[0]
     t, b, l, r = node.attrs["pads"]
+    if len(s) != 4 or min(t, b, l, r) < 0 or \
+            any(isinstance(d, int) and d - p < 1 for d, p in ((s[2], t + b), (s[3], l + r))):
+        node.fail(ShapeError, f"cannot crop {(t, b, l, r)} (top, bottom, left, right) from {shapes.fmt(s)}",
+                  "crop less than the height and width of an NCHW value")
+    if _pad_mode(node) == "reflect" and (max(t, b) >= s[2] - t - b or max(l, r) >= s[3] - l - r):
+        node.fail(ShapeError, f"a reflect border {node.attrs['pads']} must be smaller than the "
+                  f"{s[2] - t - b}x{s[3] - l - r} plane it came from", "crop less, or use mode='edge'")
     return (s[0], s[1], s[2] - t - b, s[3] - l - r), dt
+
+
+def _source_index(n, before, after, mode):
+    """For each row of a padded axis, the input row it copies (reflect/edge padding)."""
+    return np.pad(np.arange(n), (before, after), mode=PAD_MODES[mode])
 
 
 def _crop_ref(inputs, attrs, ctx):
     t, b, l, r = attrs["pads"]
     x = inputs[0]
-    return np.ascontiguousarray(x[:, :, t:x.shape[2] - b, l:x.shape[3] - r])
+    h, w = x.shape[2] - t - b, x.shape[3] - l - r
+    mode = attrs.get("mode", "constant")
+    if mode == "constant":
+        return np.ascontiguousarray(x[:, :, t:t + h, l:l + w])
+    # the transpose of a reflect/edge pad: every padded pixel's value goes back to its source pixel
+    rows = np.zeros(x.shape[:2] + (h, x.shape[3]), x.dtype)
+    np.add.at(rows, (slice(None), slice(None), _source_index(h, t, b, mode)), x)
+    out = np.zeros(x.shape[:2] + (h, w), x.dtype)
+    np.add.at(out, (slice(None), slice(None), slice(None), _source_index(w, l, r, mode)), rows)
+    return out
+
+
+def _torch_pads(pads):
+    """(top, bottom, left, right) -> F.pad's order (left, right, top, bottom)."""
+    t, b, l, r = pads
+    return (l, r, t, b)
+
+
+def _pad_torch(F, torch, ins, a, ctx):
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[a.get("mode", "constant")]
+    if mode == "constant":
+        return F.pad(ins[0], _torch_pads(a["pads"]), value=a["value"])
+    return F.pad(ins[0], _torch_pads(a["pads"]), mode=mode)
 
 
 register(OpDef("pad2d", _pad_infer, _pad_ref,
-               lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"]))],
-               doc="pads H and W with a constant (-inf before a padded max pool)"))
+               lambda g, n, d: [_rule(g, "pad:crop", lambda: g.crop2d(d, n.attrs["pads"], n.attrs.get("mode", "constant")))],
+               doc="pads H and W: a constant (-inf before a padded max pool), reflection or the edge",
+               torch=_pad_torch))
 register(OpDef("crop2d", _crop_infer, _crop_ref,
-               lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0))],
-               doc="removes a border from H and W (pad2d's gradient)"))
+               lambda g, n, d: [_rule(g, "crop:pad", lambda: g.pad2d(d, n.attrs["pads"], 0.0,
+                                                                     n.attrs.get("mode", "constant")))],
+               doc="removes a border from H and W (pad2d's gradient; reflect/edge: folds it back)"))
 
 
 def _rule(g, rule, fn):

@@ -36,6 +36,13 @@ def _dropout_mask_ref(inputs, attrs, ctx):
     return (keep / (1.0 - rate)).astype(x.dtype)
 
 
+def _dropout_mask_torch(F, torch, ins, attrs, ctx):
+    x, rate = ins[0], attrs["rate"]
+    if not ctx.training or not rate:
+        return torch.ones_like(x)
+    return (torch.rand_like(x) >= rate).to(x.dtype) / (1 - rate)
+
+
 register(OpDef("dropout_mask", _dropout_mask_infer, _dropout_mask_ref, host=True, differentiable=False,
                doc="Inverted-dropout mask shaped like its input: 0 or 1/(1-rate) in training, 1 at inference; "
-                   "seeded by (seed, step)."))
+                   "seeded by (seed, step).", torch=_dropout_mask_torch))

@@ -1,6 +1,6 @@
 """Class loss kernels and their gradients: (rows M, classes ncls) logits or probabilities; labels as int
 class indices or dense (one-hot) rows; dy a 1-element array. (The mean losses mse and bce are generated
-from their formulas: codegen.MEAN_LOSSES.)"""
+from their formulas: the op table's loss_term / grad_term.)"""
 import math
 
 from numba import njit

@@ -10,7 +10,7 @@ import numpy as np
 from graphc import ops as optable
 from graphc.errors import GradError, GraphError
 from graphc.graph import Value
-from graphc.passes.copies import insert_copies, relevant_nodes
+from graphc.passes.transforms.copies import insert_copies, relevant_nodes
 
 
 def _pick_loss(graph, loss):

@@ -1,14 +1,18 @@
 """Small graph-rewriting helpers shared by the simplify, fold, cse and fuse passes (not a pass itself).
 
 The invariant every rewrite keeps: the names a user or the executable relies on — graph.outputs, the
-state names and new-value names of graph.updates, graph.loss and graph.keep — are never removed or
+state names and new-value names of graph.updates (and graph.stat_updates), graph.loss and graph.keep — are never removed or
 renamed (see `protected`)."""
 import numpy as np
+
+from graphc import ops as optable
 
 
 def protected(g):
     """Names that must survive every pass with their names."""
+    stat = getattr(g, "stat_updates", {}) or {}
     p = set(g.outputs) | set(g.updates) | set(g.updates.values()) | set(getattr(g, "keep", ()) or ())
+    p |= set(stat) | set(stat.values())
     if g.loss:
         p.add(g.loss)
     return p
@@ -20,6 +24,13 @@ def data(g, n):
 
 def op(g, n):
     return g.nx.nodes[n]["op"]
+
+
+def fed(g, n):
+    """An input or a param: a source whose value comes from outside the graph, so its identity matters
+    (it is never removed, merged or absorbed); constants are sources too but carry their value."""
+    d = g.nx.nodes[n]
+    return optable.OPS[d["op"]].source and d["op"] != "const"
 
 
 def consumers(g, n):
@@ -54,9 +65,9 @@ def remove_if_dead(g, n, prot):
         m = stack.pop()
         if m not in g.nx or m in prot or g.nx.out_degree(m) > 0:
             continue
-        d = g.nx.nodes[m]
-        if d["op"] in ("input", "param"):
+        if fed(g, m):
             continue
+        d = g.nx.nodes[m]
         ins = list(d["inputs"])
         g.nx.remove_node(m)
         stack.extend(ins)
@@ -73,7 +84,7 @@ def replace_value(g, old, new, prot):
         remove_if_dead(g, old, prot)
         return True
     nd = g.nx.nodes[new]
-    if new in prot or nd["op"] in ("input", "param", "const") or consumers(g, new) != [old]:
+    if new in prot or optable.OPS[nd["op"]].source or consumers(g, new) != [old]:
         return False
     od = g.nx.nodes[old]
     if tuple(nd["shape"]) != tuple(od["shape"]) or nd["dtype"] != od["dtype"]:

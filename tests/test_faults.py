@@ -1,0 +1,252 @@
+"""Fault injection on graphc's output files: a read-only or full file system under a checkpoint, a
+rendering and a benchmark's JSON, and a kill -9 in the middle of a checkpoint save.
+
+Every failure must be one graphc error line (OutputError), found before the work where it can be (a
+read-only or missing directory), and must leave the previous file byte-identical and no temp file.
+Real faults come from a tiny tmpfs (full) and a read-only bind mount; mounting needs root and
+CAP_SYS_ADMIN, so those tests skip cleanly elsewhere, and the same faults are also injected by making
+the OS calls raise OSError(EROFS / ENOSPC), which runs everywhere. (The truncated/garbage kernel cache
+fault is test_hardening.py's test_03.)"""
+import contextlib
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc import checkpoint, cli
+from graphc.bench import run_bench
+from graphc.checkpoint import load_checkpoint, save_checkpoint
+
+
+def small_exe(value=1.0, n=20000):
+    """A reference executable whose checkpoint is about 80 KB (larger than the full tmpfs's room)."""
+    g = gc.Graph("faults")
+    x = g.input("x", (None, n))
+    g.output(g.mul(x, g.param("w", value=np.full(n, value))))
+    return gc.compile(g)
+
+
+def one_line(e):
+    """The message of an OutputError (raised as gc.GraphError, so that a bare OSError fails the test)."""
+    msg = str(e.value)
+    assert type(e.value).__name__ == "OutputError" and msg and "\n" not in msg, (type(e.value), msg)
+    return msg
+
+
+def temps(d):
+    return sorted(p.name for p in Path(d).iterdir() if p.name.endswith(".tmp"))
+
+
+# ------------------------------------------------------------------ real mounts (root only)
+
+def _mount(*args):
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs or a read-only bind mount needs root")
+    r = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount here ({r.stderr.strip() or r.returncode})")
+
+
+@contextlib.contextmanager
+def _mounted(*args):
+    d = tempfile.mkdtemp(prefix="graphc-fault-")
+    _mount(*args, d)
+    try:
+        yield Path(d)
+    finally:
+        subprocess.run(["umount", "-l", d], capture_output=True)
+        os.rmdir(d)
+
+
+@pytest.fixture
+def readonly_dir():
+    """A read-only bind mount of an empty directory (writes fail with EROFS)."""
+    src = tempfile.mkdtemp(prefix="graphc-src-")
+    try:
+        with _mounted("--bind", "-o", "ro", src) as d:
+            if os.access(d, os.W_OK) and _can_create(d):
+                pytest.skip("the bind mount is not read-only here")
+            yield d
+    finally:
+        os.rmdir(src)
+
+
+def _can_create(d):
+    try:
+        fd, p = tempfile.mkstemp(dir=d)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(p)
+    return True
+
+
+@pytest.fixture
+def full_dir():
+    """A 64 KiB tmpfs (the test fills it to the last byte once its first checkpoint is written)."""
+    with _mounted("-t", "tmpfs", "-o", "size=64k", "tmpfs") as d:
+        yield d
+
+
+def _fill(d):
+    fd = os.open(d / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (4096, 1):              # pages, then the last bytes
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+                    break
+    finally:
+        os.close(fd)
+
+
+def test_checkpoint_train_render_bench_on_a_readonly_mount(readonly_dir, capsys, monkeypatch):
+    with pytest.raises(gc.GraphError, match="read-only") as e:
+        save_checkpoint(readonly_dir / "ck.npz", small_exe())
+    one_line(e)
+    monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
+    for argv in (["train", "mlp", "--save", str(readonly_dir / "run.npz"), "--backend", "reference"],
+                 ["render", "mlp", "-o", str(readonly_dir / "mlp.svg")],
+                 ["bench", "mlp", "--backend", "reference", "--json", str(readonly_dir / "b.json")]):
+        assert cli.main(argv) == 1
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and "read-only" in lines[0] and "EROFS" in lines[0], (argv, lines)
+    assert list(readonly_dir.iterdir()) == []
+
+
+def test_checkpoint_render_bench_on_a_full_tmpfs(full_dir):
+    ck = full_dir / "ck.npz"
+    save_checkpoint(ck, small_exe(1.0, n=2000))                 # 8 KB: fits
+    before = ck.read_bytes()
+    _fill(full_dir)
+    with pytest.raises(gc.GraphError, match="no space left") as e:
+        save_checkpoint(ck, small_exe(2.0, n=2000))
+    assert "ENOSPC" in one_line(e)
+    assert ck.read_bytes() == before and temps(full_dir) == []
+    with pytest.raises(gc.GraphError, match="no space left") as e:
+        gc.render(gc.models.mlp(), full_dir / "mlp.svg")
+    one_line(e)
+    with pytest.raises(gc.GraphError, match="no space left") as e:
+        run_bench("mlp", backend="reference", batch=2, json_path=full_dir / "b.json", repeats=1, warmup=0,
+                  measure_compile=False, roofline=False, quiet=True)
+    one_line(e)
+    assert sorted(p.name for p in full_dir.iterdir()) == ["ck.npz", "filler"]
+
+
+# ------------------------------------------------------------------ the same faults, injected (runs everywhere)
+
+def _raise(code):
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+@pytest.mark.parametrize("code, words", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"),
+                                         (errno.EDQUOT, "quota")])
+def test_injected_unwritable_directory_is_found_before_the_work(tmp_path, monkeypatch, capsys, code, words):
+    monkeypatch.setattr(tempfile, "mkstemp", _raise(code))
+    monkeypatch.setattr(gc.train, "_compile", lambda *a: pytest.fail("trained before checking --save"))
+    from graphc import bench, rendering
+    monkeypatch.setattr(rendering, "prepare", lambda *a, **k: pytest.fail("rendered before checking -o"))
+    monkeypatch.setattr(bench, "_load", lambda *a, **k: pytest.fail("benchmarked before checking --json"))
+    for argv in (["train", "mlp", "--save", str(tmp_path / "run.npz"), "--backend", "reference"],
+                 ["render", "mlp", "-o", str(tmp_path / "mlp.svg")],
+                 ["bench", "mlp", "--backend", "reference", "--json", str(tmp_path / "b.json")]):
+        assert cli.main(argv) == 1
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and words in lines[0] and lines[0].startswith("graphc: error: cannot write"), lines
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left"), (errno.EIO, "input/output error")])
+def test_injected_write_failure_keeps_the_previous_files(tmp_path, monkeypatch, code, words):
+    ck, svg, js = tmp_path / "ck.npz", tmp_path / "g.dot", tmp_path / "b.json"
+    save_checkpoint(ck, small_exe(1.0))
+    gc.render(gc.models.mlp(), svg)
+    js.write_text('{"old": 1}')
+    before = {p: p.read_bytes() for p in (ck, svg, js)}
+    monkeypatch.setattr(os, "fsync", _raise(code))        # the data did not reach the disk
+    for write in (lambda: save_checkpoint(ck, small_exe(2.0)), lambda: gc.render(gc.models.lenet5(), svg),
+                  lambda: run_bench("mlp", backend="reference", batch=2, json_path=js, repeats=1, warmup=0,
+                                    measure_compile=False, roofline=False, quiet=True)):
+        with pytest.raises(gc.GraphError, match=words) as e:
+            write()
+        one_line(e)
+    assert {p: p.read_bytes() for p in before} == before
+    assert temps(tmp_path) == []
+    monkeypatch.undo()
+    assert json.loads(js.read_text()) == {"old": 1}
+
+
+def test_a_full_disk_mid_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The --save directory passes the check, the disk fills during the run: the end-of-epoch save fails
+    with one line, the previous checkpoint intact."""
+    rng = np.random.default_rng(0)
+    ds = gc.data.Dataset(rng.integers(0, 256, (32, 28, 28), np.uint8), rng.integers(0, 10, 32),
+                         rng.integers(0, 256, (16, 28, 28), np.uint8), rng.integers(0, 10, 16), "digits")
+    ck = tmp_path / "run.npz"
+    gc.train.train("mlp", data=ds, epochs=1, batch=16, backend="reference", save=ck, progress=False, log=None)
+    before = ck.read_bytes()
+    monkeypatch.setattr(os, "fsync", _raise(errno.ENOSPC))
+    with pytest.raises(gc.GraphError, match="no space left") as e:
+        gc.train.train("mlp", data=ds, epochs=2, batch=16, backend="reference", save=ck, resume=ck, progress=False,
+                       log=None)
+    one_line(e)
+    assert ck.read_bytes() == before and temps(tmp_path) == []
+
+
+# ------------------------------------------------------------------ kill -9 during a save
+
+KILLED_CHILD = textwrap.dedent("""
+    import io, sys, time
+    import numpy as np
+    import graphc as gc
+    from graphc import checkpoint
+    g = gc.Graph("faults"); x = g.input("x", (None, 20000))
+    g.output(g.mul(x, g.param("w", value=np.full(20000, 2.0))))
+    exe = gc.compile(g)
+    real = checkpoint._write_npz
+    def half_then_hang(f, arrays):       # half the archive is on disk when the kill comes
+        buf = io.BytesIO(); real(buf, arrays); raw = buf.getvalue()
+        f.write(raw[: len(raw) // 2]); f.flush()
+        print("HALF", flush=True); time.sleep(120)
+    checkpoint._write_npz = half_then_hang
+    checkpoint.save_checkpoint(sys.argv[1], exe)
+""")
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    if not hasattr(signal, "SIGKILL"):
+        pytest.skip("no SIGKILL here")
+    ck = tmp_path / "ck.npz"
+    exe = small_exe(1.0)
+    save_checkpoint(ck, exe)
+    before = ck.read_bytes()
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(ck)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "HALF"
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL
+    assert ck.read_bytes() == before                             # byte-identical
+    left = temps(tmp_path)
+    assert len(left) == 1 and left[0].startswith(f".ck.npz.{child.pid}."), left   # the killed writer's
+    exe.state["w"][...] = 0
+    load_checkpoint(ck, exe)                                     # the next run: load ...
+    assert temps(tmp_path) == [] and float(exe.state["w"][0]) == 1.0
+    (tmp_path / left[0]).write_bytes(b"half")
+    save_checkpoint(ck, exe)                                     # ... or save cleans it
+    assert temps(tmp_path) == []
+    assert checkpoint.read_checkpoint(ck)[0]["w"][0] == 1.0
