@@ -234,6 +234,9 @@ class CompiledExecutable(Executable):
         """Stores values of binding b into the state: pairs [(state name, value index)]."""
         raise NotImplementedError
 
+    def _state_written(self, names):
+        """The steps (or _copy_back) wrote these states where they live (a device): host copies are stale."""
+
     def _run_steps(self, b, threads=None):
         for _, f in b.steps:
             f()
@@ -392,6 +395,7 @@ class CompiledExecutable(Executable):
         out = {w: fetch(b, i, shp) for w, i, shp in b.fetch if w in want}
         if stats:
             self._copy_back(b, [(s, b.index[u]) for s, u in stats.items()])
+            self._state_written(stats)
         return out
 
     def _train_want(self):
@@ -403,6 +407,7 @@ class CompiledExecutable(Executable):
         feeds, env = self.check_feeds(feeds, check_finite)
         b = self._execute(feeds, env, True, self._train_want(), inplace=True)
         self._copy_back(b, b.copy_back)
+        self._state_written(self.graph.updates)     # in place or copied back
         self.step_count += 1
         return float(self._fetch(b, b.index[self.graph.loss], ()))
 

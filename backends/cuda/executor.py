@@ -164,7 +164,9 @@ class CudaExecutable(CompiledExecutable):
     def _copy_back(self, b, pairs):
         for s, i in pairs:
             self.state.device(s).copy_to_device(b.values[i])
-        self.state.mark_device_newer([s for s, _ in pairs])
+
+    def _state_written(self, names):
+        self.state.mark_device_newer(names)
 
     # ------------------------------------------------------------------ device storage
     def _alloc(self, nbytes):
