@@ -31,6 +31,8 @@ import pytest
 import graphc as gc
 from graphc import models
 from graphc.backends import cuda_kernels as ck
+from tie_graphs import (assert_exact, conv_pool_ties, plateau_max, plateau_pool, plateau_route, pool_ties,
+                        relu_max_ties, route_ties)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
@@ -280,6 +282,24 @@ def check_run(g, feeds, fuse=(True, False), outputs=None, training=False, fallba
     return exes
 
 
+def check_exact(g, feeds, want=None, fuse=(True, False)):
+    """Every output of the cuda backend == the reference's (tie-heavy integer data: tests/tie_graphs.py),
+    and == the hand-checked values `want`; everything on the device."""
+    ref = gc.compile(g).run(feeds)
+    for k, v in (want or {}).items():
+        assert_exact(ref[k], v, f"reference {g.name}: {k}")
+    exes = []
+    for fz in fuse:
+        exe = gc.compile(g, backend="cuda", fuse=fz)
+        got = exe.run(feeds)
+        assert set(got) == set(ref)
+        for k in ref:
+            assert_exact(got[k], ref[k], f"{g.name} fuse={fz}: {k}")
+        assert exe.fallbacks() == [], exe.fallbacks()
+        exes.append(exe)
+    return exes
+
+
 def with_grads(g, outs, wrt, seed=1):
     """g plus the loss sum_k sum(out_k * c_k) (c_k fixed random constants) and its gradients."""
     rng = np.random.default_rng(seed)
@@ -416,6 +436,34 @@ def test_sim_a_kernel_table_covers_every_op():
             continue
         assert op in table and "host fallback" != table[op], op
     assert {"fused:conv_relu", "fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise"} <= set(table)
+
+
+# ================================= ties, exact zeros and plateaus, compared exactly (tests/tie_graphs.py)
+
+@needs_cuda
+def test_sim_a_maxpool_backward_ties_go_to_first_max():
+    check_exact(*pool_ties())                    # overlapping 3s2 and 2s1 windows, 2s2, pools of relu(x)
+    check_exact(*plateau_pool())
+
+
+@needs_cuda
+def test_sim_a_relu_and_max_ties_forward_and_grads_exact():
+    check_exact(*relu_max_ties())
+    check_exact(*plateau_max())
+
+
+@needs_cuda
+def test_sim_b_maxpool_argmax_route_ties_go_to_first_max():
+    check_exact(*route_ties(), fuse=(False,))    # also route_scatter, maxpool_route, maxpool_gather
+    check_exact(*plateau_route(), fuse=(False,))
+
+
+@needs_cuda
+def test_sim_b_fused_conv_relu_maxpool_saves_first_max_route_on_ties():
+    # overlapping windows; fused only (unfused, the pool kernels are those of the max-pool test above)
+    fused, = check_exact(*conv_pool_ties(pools=("p_3s2", "p_2s1"), c_in=1), fuse=(True,))
+    kinds = _kinds(fused)
+    assert kinds.count("conv_relu_maxpool") == 2 and kinds.count("route_relu") == 2, kinds
 
 
 # ======================================================================== fused patterns and training

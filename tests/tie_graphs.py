@@ -127,17 +127,19 @@ CONV_POOLS = {"p_2s2": ((2, 2), (2, 2)), "p_3s2": ((3, 3), (2, 2)), "p_2s1": ((2
               "p_2x1": ((2, 1), (2, 1))}     # the last is non-square: a separate pool kernel after the conv
 
 
-def conv_pool_ties(dtype="float32"):
-    """(graph with gradients, feeds): four conv(+bias) -> ReLU -> max-pool branches on one input (fusable
+def conv_pool_ties(pools=tuple(CONV_POOLS), c_in=2):
+    """(graph with gradients, feeds): conv(+bias) -> ReLU -> max-pool branches (`pools`, names from
+    CONV_POOLS) on one input of c_in channels (fusable
     into conv_relu_maxpool, saving the route for route_relu in the backward), integer weights and biases
     (-1, 0, 1 per filter: a plane of an all-zero image becomes a plateau of 1, of 0 or of -1); gradients
     wrt x, every weight and bias."""
-    g = gc.Graph("conv_pool_ties", dtype=dtype)
-    x = g.input("x", (None, 2, 6, 6))
+    g = gc.Graph("conv_pool_ties")
+    x = g.input("x", (None, c_in, 6, 6))
     rng = np.random.default_rng(7)
     outs, wrt = [], ["x"]
-    for name, (size, stride) in CONV_POOLS.items():
-        w = g.param(f"{name}.w", value=rng.integers(-1, 2, (3, 2, 3, 3)))
+    for name in pools:
+        size, stride = CONV_POOLS[name]
+        w = g.param(f"{name}.w", value=rng.integers(-1, 2, (3, c_in, 3, 3)))
         b = g.param(f"{name}.b", value=np.array([1, 0, -1]))
         h = g.relu(g.conv(x, w, b, pad=1, name=f"{name}.conv"), name=f"{name}.relu")
         outs.append(g.maxpool(h, size, stride, name=name).name)
@@ -145,7 +147,7 @@ def conv_pool_ties(dtype="float32"):
     gg = with_linear_loss(g, outs, wrt)
     f = int_feeds(g, lo=-1, hi=1)
     f["x"][1] = 0                     # conv output = the bias: plateaus of 1, 0 and -1
-    f["x"][0, 0, :, :3] = 1
+    f["x"][0, 0, :, :3] = 1           # a plateau in the input too
     return gg, f
 
 
