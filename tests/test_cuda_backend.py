@@ -263,7 +263,11 @@ def _feeds(g, n=2, seed=0, positive=()):
     return f
 
 
-def _close(a, b, what, rtol=RTOL, atol=ATOL):
+def _close(a, b, what, dtype=None):
+    """a == b to the precision of `dtype` (default: b's): float32 (RTOL, ATOL); float64 at float64
+    precision (1e-10 relative), so a kernel that rounds a float64 graph through float32 fails."""
+    dtype = np.dtype(np.asarray(b).dtype if dtype is None else dtype)
+    rtol, atol = (1e-10, 1e-12) if dtype == np.float64 else (RTOL, ATOL)
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol,
                                err_msg=what)
 
@@ -400,7 +404,7 @@ def test_sim_a_losses_softmax_and_grads():
 
 
 @needs_cuda
-def test_sim_b_matmul_transposes_and_grads_float64():
+def test_sim_b_float64_matmul_and_grads_keep_float64_precision():
     g = gc.Graph("mm", dtype="float64")
     a = g.input("a", (None, 3), "float64")
     a2 = g.input("a2", (None, 4), "float64")
@@ -494,7 +498,7 @@ def _check_train(g, mk_opt, steps, fuse, feeds, ref=None):
     ref_losses = [ref.step(feeds) for _ in range(steps)]
     exe = gc.compile(g, backend="cuda", optimizer=mk_opt(), fuse=fuse)
     losses = [exe.step(feeds) for _ in range(steps)]
-    _close(losses, ref_losses, f"{g.name} fuse={fuse}: losses")
+    _close(losses, ref_losses, f"{g.name} fuse={fuse}: losses", g.dtype)
     for k in ref.state:
         _close(exe.state[k], ref.state[k], f"{g.name} fuse={fuse}: state {k}")
     assert exe.fallbacks() == []
@@ -535,12 +539,12 @@ def test_sim_b_seed_cnn_sgd_step_gives_seed_notes_values():
     feeds = {"x": models.SEED_X, "labels": models.SEED_LABELS}
     ref = gc.compile(g, optimizer=gc.optim.SGD(0.5))
     exe = gc.compile(g, backend="cuda", optimizer=gc.optim.SGD(0.5))
-    _close(exe.step(feeds), ref.step(feeds), "seed_cnn loss", rtol=1e-9, atol=1e-10)
+    _close(exe.step(feeds), ref.step(feeds), "seed_cnn loss", g.dtype)          # float64
     p = exe.params
     np.testing.assert_allclose(p["conv.w"].ravel(), [0.7731, -0.0269, -0.0269, 0.7731], atol=1e-4)
     np.testing.assert_allclose(p["conv.b"], [-0.1538], atol=1e-4)
     for k, v in ref.params.items():
-        _close(p[k], v, f"seed_cnn {k}", rtol=1e-9, atol=1e-10)
+        _close(p[k], v, f"seed_cnn {k}")
 
 
 @needs_cuda
@@ -573,7 +577,7 @@ def test_sim_b_state_stays_on_device_between_steps(sgd_pair):
     finally:
         mp.undo()
     assert counts == {"h2d": 2, "d2d": 0, "d2h": 1}, counts       # x and y up, the loss down
-    _close(loss, ref.step(_CONVNET_FEEDS), "third step's loss")
+    _close(loss, ref.step(_CONVNET_FEEDS), "third step's loss", np.float32)
     for k in ref.state:
         _close(exe.state[k], ref.state[k], f"third step: state {k}")
     _close(exe.run(_CONVNET_FEEDS)["loss"], ref.run(_CONVNET_FEEDS)["loss"], "run() of a training executable")
