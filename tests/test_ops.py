@@ -609,22 +609,31 @@ def test_average_pool_spreads():
     np.testing.assert_array_equal(gsp, np.stack([np.full((2, 2), 2.0), np.full((2, 2), 1.0)])[None])
 
 
-@pytest.mark.skipif("maxpool_argmax" not in OPS, reason="no saved-route ops in this build")
 @covers("maxpool_argmax", "route_scatter")
 def test_saved_route_ops():
-    x = np.array([[[[1.0, 3.0, -1.0, -2.0], [2.0, 4.0, -3.0, -4.0]]]])
+    # four 2x2 windows: a clear max; a max of exactly 0 (a ReLU output's zero) tied at two positions;
+    # a positive plateau (every position ties); an all-negative window
+    x = np.array([[[[1.0, 3.0, 0.0, -2.0, 2.0, 2.0, -1.0, -2.0],
+                    [2.0, 4.0, -3.0, 0.0, 2.0, 2.0, -3.0, -4.0]]]])
     g = gc.Graph("t", dtype="float64")
     xv = g.const(x)
     r = g.add_node("maxpool_argmax", (xv,), {"size": (2, 2), "stride": (2, 2), "relu": False}, name="r")
     rr = g.add_node("maxpool_argmax", (xv,), {"size": (2, 2), "stride": (2, 2), "relu": True}, name="rr")
-    dx = g.add_node("route_scatter", (g.const(np.array([[[[10.0, 5.0]]]])), rr), {"in_hw": (2, 4)}, name="dx")
-    g.output(r, rr, dx)
+    dy = g.const(np.array([[[[10.0, 5.0, 7.0, 3.0]]]]))
+    dx = g.add_node("route_scatter", (dy, rr), {"in_hw": (2, 8)}, name="dx")
+    dxr = g.add_node("route_scatter", (dy, r), {"in_hw": (2, 8)}, name="dxr")
+    g.output(r, rr, dx, dxr)
     out = gc.compile(g).run({})
-    np.testing.assert_array_equal(out["r"], [[[[5, 2]]]])            # flat index i*W + j of each first max
-    np.testing.assert_array_equal(out["rr"], [[[[5, -1]]]])          # window max <= 0 after a ReLU: no route
-    want = np.zeros((1, 1, 2, 4))
-    want[0, 0, 1, 1] = 10.0
-    np.testing.assert_array_equal(out["dx"], want)
+    # flat index i*W + j (W = 8) of each window's FIRST max in row-major order: 4 at (1,1); the 0 at (0,2)
+    # before the 0 at (1,3); the plateau's top-left (0,4); -1 at (0,6)
+    np.testing.assert_array_equal(out["r"], [[[[9, 2, 4, 6]]]])
+    # relu=True: a window whose max is <= 0 -- exactly 0 included -- routes nowhere (-1)
+    np.testing.assert_array_equal(out["rr"], [[[[9, -1, 4, -1]]]])
+    want = np.zeros((1, 1, 2, 8))
+    want[0, 0, 1, 1], want[0, 0, 0, 4] = 10.0, 7.0
+    np.testing.assert_array_equal(out["dx"], want)                   # dropped where the route is -1
+    want[0, 0, 0, 2], want[0, 0, 0, 6] = 5.0, 3.0
+    np.testing.assert_array_equal(out["dxr"], want)
 
 
 # ================================================================== the table is covered
