@@ -166,12 +166,13 @@ _PTX_SCRIPT = r"""
 import json, re, sys
 sys.path.insert(0, sys.argv[1])
 import numpy as np
+# Skip only where there is nothing to compile with: numba.cuda or the CUDA toolkit's libNVVM missing
+# (both ImportErrors). Where a toolkit is installed, every failure below -- a kernel that does not
+# compile -- is a test failure, not a skip.
 try:
-    from numba import cuda
-    def _probe(a):
-        a[0] = 1.0
-    cuda.compile_ptx(_probe, "void(float32[::1])", cc=(9, 0))
-except Exception as e:
+    from numba.cuda.cudadrv import nvvm
+    nvvm.NVVM()
+except ImportError as e:
     print(json.dumps({"skip": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"}))
     sys.exit(0)
 import graphc as gc
@@ -197,10 +198,10 @@ print(json.dumps(out))
 
 def test_generated_kernels_compile_to_ptx():
     rc, out, err = _wait(_ptx_child(), 600)
-    assert rc == 0, (out + err)[-4000:]
+    assert rc == 0, f"a CUDA toolkit is installed and a kernel failed to compile to PTX:\n{(out + err)[-4000:]}"
     rep = json.loads(out.strip().splitlines()[-1])
     if "skip" in rep:
-        pytest.skip(f"cuda.compile_ptx is not available here (needs NVVM): {rep['skip']}")
+        pytest.skip(f"no CUDA toolkit here (numba.cuda or libNVVM cannot be loaded): {rep['skip']}")
     assert len(rep) >= 20, sorted(rep)
     assert any(k.endswith("cuda.py:copy") for k in rep)
     for k, info in rep.items():
