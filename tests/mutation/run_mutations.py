@@ -9,8 +9,9 @@ survives code moving between files), replaces it, runs the selected tests with a
 the file. A mutation is
 
     killed          the selected tests failed (or timed out): the suite notices the bug
-    survived        they passed: either a test is missing, or the mutation changes nothing observable
-                    (an "equivalent" mutation; the report below should say which)
+    survived        they passed: a test is missing
+    equivalent      they passed, and the mutation is known to change nothing observable (its
+                    `equivalent` field says why); killed anyway if a test notices something
     not applicable  the snippet is not in the code (moved or rewritten) or occurs more than once
     baseline fails  the selected tests fail on the unmutated copy: nothing can be concluded
 
@@ -38,7 +39,8 @@ folder) and every mutation starts from a copy of the caches the unmutated baseli
 mutant's compiled kernels are never reused and the developer's own caches are never touched. The first
 run compiles everything once (a few minutes).
 
-Exit status: 0 when every applicable mutation was killed, 1 when some survived or a baseline failed.
+Exit status: 0 when every applicable mutation was killed (or is a known equivalent), 1 when some
+survived or a baseline failed.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class Mutation:
     replace: str
     tests: str                                  # pytest arguments, shell syntax
     env: dict = field(default_factory=dict)
+    equivalent: str = ""                        # why no test can kill it (it changes nothing observable)
 
 
 # Test selections, shared by several mutations.
@@ -174,7 +177,10 @@ MUTATIONS = [
     Mutation("autodiff-contributions-to-irrelevant-values",
              "gate rules' gradients for values not on a path to the loss are kept (relevance test dropped)",
              "if gx is None or x.name not in relevant:", "if gx is None:",
-             f"{AUTODIFF} tests/test_render.py -k 'not gradcheck_every_op'"),
+             f"{AUTODIFF} tests/test_render.py -k 'not gradcheck_every_op'",
+             equivalent="the backward loop skips every value not on a path from wrt to the loss before "
+                        "using its gradient, and the unused nodes are pruned at the end: only wasted "
+                        "graph-building work"),
     Mutation("copies-no-gate-for-two-uses",
              "copy gates inserted only for values used three or more times",
              "        if uses < 2:\n            continue", "        if uses < 3:\n            continue",
@@ -458,8 +464,11 @@ def run(mutations, timeout, json_path, base, keep, all_failures=False):
                     os.utime(path, ns=(st_.st_atime_ns, st_.st_mtime_ns))
                     shutil.rmtree(scratch, ignore_errors=True)
                 killed = status in ("failed", "timeout")
-                res.update(status="killed" if killed else ("survived" if status == "passed" else status),
+                survived = "equivalent" if m.equivalent else "survived"
+                res.update(status="killed" if killed else (survived if status == "passed" else status),
                            killed_by=failed, seconds=round(sec, 1))
+                if m.equivalent:
+                    res["why"] = m.equivalent
                 if not killed:
                     res["tail"] = tail
             results.append(res)
@@ -470,7 +479,7 @@ def run(mutations, timeout, json_path, base, keep, all_failures=False):
     report(results)
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=1))
-    bad = [r for r in results if r["status"] not in ("killed", "not applicable")]
+    bad = [r for r in results if r["status"] not in ("killed", "equivalent", "not applicable")]
     return 1 if bad else 0
 
 
@@ -509,7 +518,7 @@ def main(argv=None):
         chosen = [m for m in MUTATIONS if m.id in a.only]
     if a.list:
         for m in chosen:
-            print(f"{m.id:45s} {m.what}")
+            print(f"{m.id:45s} {m.what}" + (" [equivalent]" if m.equivalent else ""))
         return 0
     if a.locate:
         bad = 0
