@@ -17,7 +17,7 @@ the file. A mutation is
 
 Usage (from the repository root, with the project's environment active):
 
-    python tests/mutation/run_mutations.py                  # every mutation (30-60 min on 2 cores)
+    python tests/mutation/run_mutations.py                  # every mutation (~30 min on 2 cores)
     python tests/mutation/run_mutations.py --list           # ids and descriptions
     python tests/mutation/run_mutations.py --locate         # only check that every snippet is found once
     python tests/mutation/run_mutations.py --only numba-maxpool-route-ties-last cuda-matmul-float32
