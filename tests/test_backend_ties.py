@@ -17,10 +17,11 @@ from tie_graphs import (assert_exact, conv_pool_ties, plateau_max, plateau_pool,
 FUSE = [pytest.param(True, id="fused"), pytest.param(False, id="unfused")]
 
 
-def _runs(build, fuse, backend="numba", **env):
+def _runs(build, fuse):
+    """(numba executable, its outputs, the reference's outputs) for build() -> (graph, feeds)."""
     g, feeds = build()
     ref = gc.compile(g).run(feeds)
-    exe = gc.compile(g, backend=backend, fuse=fuse)
+    exe = gc.compile(g, backend="numba", fuse=fuse)
     return exe, exe.run(feeds), ref
 
 

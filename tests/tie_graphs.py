@@ -129,10 +129,9 @@ CONV_POOLS = {"p_2s2": ((2, 2), (2, 2)), "p_3s2": ((3, 3), (2, 2)), "p_2s1": ((2
 
 def conv_pool_ties(pools=tuple(CONV_POOLS), c_in=2):
     """(graph with gradients, feeds): conv(+bias) -> ReLU -> max-pool branches (`pools`, names from
-    CONV_POOLS) on one input of c_in channels (fusable
-    into conv_relu_maxpool, saving the route for route_relu in the backward), integer weights and biases
-    (-1, 0, 1 per filter: a plane of an all-zero image becomes a plateau of 1, of 0 or of -1); gradients
-    wrt x, every weight and bias."""
+    CONV_POOLS) on one input of c_in channels, each fusable into conv_relu_maxpool (saving the route for
+    route_relu in the backward); integer weights and biases (-1, 0, 1 per filter: a plane of an all-zero
+    image becomes a plateau of 1, of 0 or of -1); gradients wrt x, every weight and bias."""
     g = gc.Graph("conv_pool_ties")
     x = g.input("x", (None, c_in, 6, 6))
     rng = np.random.default_rng(7)
