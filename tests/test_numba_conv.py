@@ -419,27 +419,49 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     conv_strategy._CHOICES.clear()
 
 
+@pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
-def test_bind_direct_fwd_matches_reference(rng, pads, epi):
+def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
+    """Values and (pool) the saved route: the flat index in the conv-output plane of each window's
+    first maximum, -1 where it is <= 0. "ties": small integers (exact sums: compared with ==), an
+    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere."""
     N, C, H, W, K = 2, 3, 10, 9, 5
-    x = rand(rng, (N, C, H, W), np.float32)
-    w = rand(rng, (K, C, 3, 3), np.float32)
-    b = rand(rng, (K,), np.float32)
+    if data == "ties":
+        x = rng.integers(-1, 2, (N, C, H, W)).astype(np.float32)
+        x[1] = 0
+        w = rng.integers(-1, 2, (K, C, 3, 3)).astype(np.float32)
+        b = np.array([1, 0, -1, 1, 0], np.float32)
+    else:
+        x = rand(rng, (N, C, H, W), np.float32)
+        w = rand(rng, (K, C, 3, 3), np.float32)
+        b = rand(rng, (K,), np.float32)
     run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, pads, np.float32, epi, (2, 2))
 
     def reference():
         z = np.maximum(conv_ref(x, w, b, 1, pads), 0)
         if epi == "store":
-            return z
-        Hq, Wq = z.shape[2] // 2, z.shape[3] // 2
-        return z[:, :, :Hq * 2, :Wq * 2].reshape(N, K, Hq, 2, Wq, 2).max(axis=(3, 5))
-    ref = reference()
+            return z, None
+        yq, rq = maxpool_ref(z, 2, 2)                    # the first max of the ReLU output ...
+        return yq, np.where(yq > 0, rq, -1)             # ... is the pre-activation's where it is > 0
+    ref, ref_route = reference()
     y = np.empty(ref.shape, np.float32)
-    route = np.empty(ref.shape if epi == "pool" else (1, 1, 1, 1), np.int32)
+    route = np.full(ref.shape if epi == "pool" else (1, 1, 1, 1), -7, np.int32)
     for _ in range(3):                         # weights updated in place between calls: followed
         run(x, w, b, y, route, True)
-        close(y, reference(), np.float32)
+        ref, ref_route = reference()
+        if data == "ties":
+            np.testing.assert_array_equal(y, ref)
+        else:
+            close(y, ref, np.float32)
+        if epi == "pool":
+            np.testing.assert_array_equal(route, ref_route)
+            if data == "ties":                 # image 1 is all zero: its planes are the biases 1, 0, -1
+                Hq, Wq = route.shape[2:]
+                wo = W + pads[2] + pads[3] - 2  # conv-output width: the route's row length
+                top_left = (2 * np.arange(Hq))[:, None] * wo + 2 * np.arange(Wq)[None, :]
+                np.testing.assert_array_equal(route[1, 0], top_left)     # a plateau of 1: first position
+                np.testing.assert_array_equal(route[1, 1:3], -1)         # max exactly 0, max < 0: none
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
 
