@@ -1,4 +1,4 @@
-"""Benchmark of the numba backend's convolution kernels (graphc.backends.numba_conv).
+"""Benchmark of the numba backend's convolution kernels (graphc.backends.numba.conv).
 
 For the conv layers of the MNIST models (mnist_convnet, LeNet-5): median (and best) milliseconds, GFLOP/s
 (2*N*K*C*KH*KW*Ho*Wo per call, the same count for forward, dL/dX and dL/dW), the fraction of the
@@ -18,35 +18,10 @@ taken within one run.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_numba_conv():
-    try:
-        return importlib.import_module("graphc.backends.numba_conv")
-    except ImportError:
-        pass
-    # running from a checkout that is not installed: assemble graphc.backends from backends/
-    sys.path.insert(0, str(ROOT))
-    import graphc
-    spec = importlib.util.spec_from_file_location(
-        "graphc.backends", ROOT / "backends" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "backends")])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["graphc.backends"] = pkg
-    spec.loader.exec_module(pkg)
-    graphc.backends = pkg
-    return importlib.import_module("graphc.backends.numba_conv")
-
 
 # name: (N, C, K, H, W, KH, KW, stride, pads, pool)
 LAYERS = {
@@ -95,7 +70,8 @@ def main(argv=None):
                          "load on the machine, which only delays a single thread)")
     args = ap.parse_args(argv)
 
-    nc = load_numba_conv()
+    from graphc.backends import kernel_cache
+    from graphc.backends.numba import conv as nc
     import numba
     global CLOCK
     if args.clock == "cpu":
@@ -106,7 +82,7 @@ def main(argv=None):
     if args.threads:
         numba.set_num_threads(args.threads)
     print(f"numba {numba.__version__}, numpy {np.__version__}, {numba.get_num_threads()} threads, "
-          f"clock {args.clock}, kernel cache {nc.kernel_cache_dir()}")
+          f"clock {args.clock}, kernel cache {kernel_cache.kernel_cache_dir()}")
     roof0 = sgemm_gflops()
     print(f"SGEMM roof (numpy matmul 1024^2 float32): median {roof0[0]:.1f}, best {roof0[1]:.1f} GFLOP/s")
     print(f"load average: {os.getloadavg()[0]:.2f} (other processes share these cores)")

@@ -404,7 +404,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
         k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
              "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
-             "fallback": r.get("fallback", False)}
+             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
         if roof and "conv" in r["kind"]:
             k["roofline_fraction"] = gfl / roof
         kernels.append(k)
@@ -503,7 +503,7 @@ def report(r):
 def _require_gpu():
     """backend="cuda" is benchmarked on a real GPU only: a one-line BackendError saying why not (no GPU or
     driver, with the fix; or the CUDA simulator, whose timings mean nothing)."""
-    from graphc.backends import cuda_kernels as ck
+    from graphc.backends.cuda import kernels as ck
     from graphc.errors import BackendError
     ok, why = ck.cuda_status()
     if not ok:

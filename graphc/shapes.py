@@ -128,3 +128,10 @@ def merge_loop_dims(out_shape, in_shapes):
     if not dims:
         dims, flags = [1], [tuple(False for _ in in_shapes)]
     return dims, flags
+
+
+def sum_to_axes(shape, target):
+    """The axes to sum `shape` over (keeping dims) so that it becomes `target` (which broadcasts to it):
+    the leading extra axes and those where target has 1 and shape has not."""
+    lead = len(shape) - len(target)
+    return tuple(range(lead)) + tuple(lead + i for i, d in enumerate(target) if d == 1 and shape[lead + i] != 1)

@@ -98,11 +98,11 @@ def test_numba_runs_custom_ops_fused_with_attribute_constants(fuse):
 
 
 def test_numba_generated_code_holds_the_attribute_values():
-    from graphc.backends import numba as nb
+    from graphc.backends import codegen
     declare_ops()
-    src = nb.elementwise_source([("t_leaky", [("in", 0)], {"alpha": -0.3}), ("t_lerp", [("body", 0), ("in", 1)],
-                                                                            {"t": 0.25})],
-                                2, [1], 1, [(True,), (True,)], {}, "float32", False)
+    body = codegen.graph_body([{"op": "t_leaky", "inputs": [("in", 0)], "attrs": {"alpha": -0.3}},
+                               {"op": "t_lerp", "inputs": [("body", 0), ("in", 1)], "attrs": {"t": 0.25}}])
+    src = codegen.NumbaDialect().source(body, [1], codegen.plan_loop((4, 6), [(4, 6), (4, 6)]), "float32", False)
     assert "(-0.3)" not in src and "_T(-0.3)" not in src      # literals become typed constants ...
     assert re.search(r"c\d+ = _T\(0\.3\)", src) and re.search(r"c\d+ = _T\(0\.25\)", src), src   # ... like these
     assert "{" not in src.split("def kernel")[1]

@@ -1,10 +1,9 @@
-"""Tests of graphc.backends.numba_conv against straightforward numpy references.
+"""Tests of the numba backend's convolutions (graphc.backends.numba.conv) and pooling kernels against
+straightforward numpy references.
 
 Shapes are tiny and few: every distinct shape compiles a generated kernel (about a second each).
 """
 
-import importlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,31 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from graphc.backends import kernel_cache
+from graphc.backends.numba import conv as nc
+from graphc.backends.numba.conv import strategy as conv_strategy
+from graphc.backends.numba.kernels import pool as pool_kernels
+from graphc.errors import BackendError
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_module():
-    """graphc.backends.numba_conv, installed or straight from this checkout (the pyproject maps
-    graphc.backends to backends/; without an install that package is assembled here, under the same
-    module names, so Numba's cache entries match either way)."""
-    try:
-        return importlib.import_module("graphc.backends.numba_conv")
-    except ImportError:
-        pass
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import graphc
-    spec = importlib.util.spec_from_file_location(
-        "graphc.backends", ROOT / "backends" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "backends")])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["graphc.backends"] = pkg
-    spec.loader.exec_module(pkg)
-    graphc.backends = pkg
-    return importlib.import_module("graphc.backends.numba_conv")
-
-
-nc = _load_module()
 
 TOL = {np.float32: dict(rtol=1e-4, atol=1e-5), np.float64: dict(rtol=1e-10, atol=1e-12)}
 STRATS = ("direct", "im2col")
@@ -126,6 +107,16 @@ def dw_ref(x, dy, s, pads, khw):
             patch = xp[:, :, kh:kh + s * (Ho - 1) + 1:s, kw:kw + s * (Wo - 1) + 1:s]
             dw[:, :, kh, kw] = np.einsum("nkij,ncij->kc", dy.astype(np.float64), patch)
     return dw
+
+
+def route_scatter(dy, route, hw, size=None, stride=None):
+    """dx from a max-pool route, by the numba backend's generated route_scatter kernel."""
+    kh, kw = size or (0, 0)
+    sh, sw = stride or (0, 0)
+    kern = kernel_cache.load_generated(pool_kernels.route_scatter_source(kh, kw, sh, sw, False, False), "graphc_pool_")
+    dx = np.empty(dy.shape[:2] + tuple(hw), dy.dtype)
+    kern(dy, route.astype(np.int32), dx, np.empty((1, 1), np.float64))
+    return dx
 
 
 def rand(rng, shape, dtype, scale=1.0):
@@ -218,7 +209,7 @@ def test_fused_matches_unfused(fcase, strategy, rng):
     close(y2, yr, np.float32)
     # backward through the route == relu mask * unfused max-pool backward
     dy = rand(rng, y.shape, np.float32)
-    dz = nc.maxpool_route_backward(dy, route, z.shape[2:])
+    dz = route_scatter(dy, route, z.shape[2:])
     expect = scatter_ref(dy, rr, z.shape[2:], mask=(z > 0))
     close(dz, expect, np.float32)
 
@@ -278,14 +269,6 @@ def test_conv2d_dx_dw_float64(strategy, rng):
           np.float64)
 
 
-def test_conv2d_db(rng):
-    dy = rand(rng, (3, 4, 5, 6), np.float32)
-    db = nc.conv2d_db(dy)
-    assert db.dtype == np.float32 and db.shape == (4,)
-    close(db, dy.astype(np.float64).sum(axis=(0, 2, 3)), np.float32)
-    close(nc.conv2d_db(dy.astype(np.float64)), dy.astype(np.float64).sum(axis=(0, 2, 3)), np.float64)
-
-
 @pytest.mark.parametrize("strategy", STRATS)
 def test_finite_differences_float64(strategy, rng):
     """dL/dX and dL/dW of L = sum(conv(x, w) * g) against central differences."""
@@ -318,36 +301,42 @@ def test_finite_differences_float64(strategy, rng):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 2)])
-def test_maxpool2d(size, stride, dtype, rng):
+def test_generated_maxpool_and_route_scatter(size, stride, dtype, rng):
     x = rand(rng, (2, 3, 7, 6), dtype)
     x[0, 0, :3, :3] = 1.5                         # ties across (overlapping) windows
     x[1, 2] = np.round(x[1, 2])                   # many ties
-    y, route = nc.maxpool2d(x, size, stride, save_route=True)
     yr, rr = maxpool_ref(x, size, stride)
+    kern = kernel_cache.load_generated(pool_kernels.maxpool_source(size, size, stride, stride, True, False, False),
+                                       "graphc_pool_")
+    y, route = np.empty(yr.shape, dtype), np.empty(yr.shape, np.int32)
+    kern(x, y, route)
     close(y, yr, dtype)
     assert np.array_equal(route, rr)
-    close(nc.maxpool2d(x, size, stride), yr, dtype)
     dy = rand(rng, y.shape, dtype)
-    close(nc.maxpool2d_backward(dy, route, (7, 6)), scatter_ref(dy, rr, (7, 6)), dtype)
+    close(route_scatter(dy, route, (7, 6), (size, size), (stride, stride)), scatter_ref(dy, rr, (7, 6)), dtype)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 2)])
-def test_avgpool2d(size, stride, dtype, rng):
+def test_avgpool_kernels(size, stride, dtype, rng):
     x = rand(rng, (2, 3, 7, 6), dtype)
     Hq, Wq = (7 - size) // stride + 1, (6 - size) // stride + 1
     yr = np.zeros((2, 3, Hq, Wq))
     for di in range(size):
         for dj in range(size):
             yr += x[:, :, di:di + stride * (Hq - 1) + 1:stride, dj:dj + stride * (Wq - 1) + 1:stride]
-    close(nc.avgpool2d(x, size, stride), yr / size ** 2, dtype)
+    y = np.empty((2, 3, Hq, Wq), dtype)
+    pool_kernels.avgpool_k(x, y, size, size, stride, stride)
+    close(y, yr / size ** 2, dtype)
     dy = rand(rng, (2, 3, Hq, Wq), dtype)
     dxr = np.zeros((2, 3, 7, 6))
     for i in range(Hq):
         for j in range(Wq):
             dxr[:, :, i * stride:i * stride + size, j * stride:j * stride + size] += \
                 dy[:, :, i:i + 1, j:j + 1] / size ** 2
-    close(nc.avgpool2d_backward(dy, size, stride, (7, 6)), dxr, dtype)
+    dx = np.empty((2, 3, 7, 6), dtype)
+    pool_kernels.avgpool_spread_k(dy, dx, size, size, stride, stride)
+    close(dx, dxr, dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,10 +350,10 @@ def test_choose_strategy_is_remembered(rng):
     try:
         got = nc.choose_conv_strategy((N, C, H, W), (K, C, KH, KW), s, pads, np.float32)
         assert got in nc.STRATEGIES
-        data = json.loads((Path(nc.kernel_cache_dir()) / "conv_strategy.json").read_text())
+        data = json.loads((Path(kernel_cache.kernel_cache_dir()) / "conv_strategy.json").read_text())
         entries = [v for k, v in data.items() if k.startswith("conv2d|x2x3x7x6|w5x3x3x3|")]
         assert entries and entries[0]["strategy"] == got
-        nc._CHOICES.clear()                                          # next answer from the file
+        conv_strategy._CHOICES.clear()                                          # next answer from the file
         assert nc.choose_conv_strategy((N, C, H, W), (K, C, KH, KW), s, pads, np.float32) == got
         x = rand(rng, (N, C, H, W), np.float32)
         w = rand(rng, (K, C, KH, KW), np.float32)
@@ -377,18 +366,18 @@ def test_choose_strategy_is_remembered(rng):
 def test_generated_kernels_are_cached_on_disk():
     x = np.ones((2, 3, 7, 6), np.float32)
     nc.conv2d(x, np.ones((5, 3, 3, 3), np.float32), None, 1, (1, 0, 2, 1), strategy="direct")
-    d = Path(nc.kernel_cache_dir())
+    d = Path(kernel_cache.kernel_cache_dir())
     files = list(d.glob("graphc_kernel_*.py"))
     assert files, "no generated kernel files"
     assert list((d / "__pycache__").glob("graphc_kernel_*.nbi")), "no Numba cache index"
     # a fresh process finds the machine code on disk: generation and compilation both skipped
     code = (
-        "import sys, numpy as np\n"
-        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
-        "from test_numba_conv import nc\n"
+        "import numpy as np\n"
+        "from graphc.backends import kernel_cache\n"
+        "from graphc.backends.numba import conv as nc\n"
         "x = np.ones((2, 3, 7, 6), np.float32); w = np.ones((5, 3, 3, 3), np.float32)\n"
         "nc.conv2d(x, w, None, 1, (1, 0, 2, 1), strategy='direct')\n"
-        "k = list(nc._KERNELS.values())[0]\n"
+        "k = kernel_cache.loaded('graphc_kernel_')[0]\n"
         "print(sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values()))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
@@ -400,66 +389,88 @@ def test_generated_kernels_are_cached_on_disk():
 
 def test_errors():
     x = np.zeros((1, 2, 5, 5), np.float32)
-    with pytest.raises(nc.BackendError):
+    with pytest.raises(BackendError):
         nc.conv2d(x, np.zeros((3, 4, 3, 3), np.float32), None, 1, (0, 0, 0, 0), strategy="direct")
-    with pytest.raises(nc.BackendError):
+    with pytest.raises(BackendError):
         nc.conv2d(x.astype(np.int32), np.zeros((3, 2, 3, 3)), None, 1, (0, 0, 0, 0), strategy="direct")
-    with pytest.raises(nc.BackendError):
+    with pytest.raises(BackendError):
         nc.conv2d(x, np.zeros((3, 2, 3, 3), np.float32), None, 1, (0, 0, 0, 0), strategy="winograd")
-    with pytest.raises(nc.BackendError):
-        nc.maxpool2d(x, 6, 1)
+    with pytest.raises(BackendError):
+        nc.conv2d_relu_maxpool(x, np.zeros((3, 2, 3, 3), np.float32), None, 1, (0, 0, 0, 0), 6, 1)
 
 
 def test_strategy_rules_small_batch_and_margin(monkeypatch):
     # forward convs of one or two images take direct untimed (im2col serialises them on one thread);
     # otherwise im2col must beat direct by IM2COL_MARGIN, also for entries recorded before the rule
     monkeypatch.delenv("GRAPHC_CONV_STRATEGY", raising=False)
-    nc._CHOICES.clear()
+    conv_strategy._CHOICES.clear()
     timed = []
-    monkeypatch.setattr(nc, "_time_candidates", lambda fns, r: timed.append(1) or {"direct": 1.0, "im2col": 0.5})
+    monkeypatch.setattr(conv_strategy, "_time_candidates", lambda fns, r: timed.append(1) or {"direct": 1.0, "im2col": 0.5})
     for op, pool in (("conv2d", None), ("conv2d_relu_maxpool", (2, 2))):
         assert nc.choose_conv_strategy((1, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32,
                                        op=op, pool=pool) == "direct"
     assert not timed
-    assert nc._pick({"direct": 1.0, "im2col": 0.9}) == "direct"
-    assert nc._pick({"direct": 1.0, "im2col": 0.8}) == "im2col"
-    key = nc._choice_key("conv2d", (8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.dtype(np.float32), None)
-    nc._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}, "load": 0.1})
+    assert conv_strategy._pick({"direct": 1.0, "im2col": 0.9}) == "direct"
+    assert conv_strategy._pick({"direct": 1.0, "im2col": 0.8}) == "im2col"
+    key = conv_strategy._choice_key("conv2d", (8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.dtype(np.float32), None)
+    conv_strategy._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}, "load": 0.1})
     assert nc.choose_conv_strategy((8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32) == "direct"
     assert not timed
-    nc._CHOICES.clear()
+    conv_strategy._CHOICES.clear()
 
 
+@pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
-def test_bind_direct_fwd_matches_reference(rng, pads, epi):
+def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
+    """Values and (pool) the saved route: the flat index in the conv-output plane of each window's
+    first maximum, -1 where it is <= 0. "ties": small integers (exact sums: compared with ==), an
+    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere."""
     N, C, H, W, K = 2, 3, 10, 9, 5
-    x = rand(rng, (N, C, H, W), np.float32)
-    w = rand(rng, (K, C, 3, 3), np.float32)
-    b = rand(rng, (K,), np.float32)
+    if data == "ties":
+        x = rng.integers(-1, 2, (N, C, H, W)).astype(np.float32)
+        x[1] = 0
+        w = rng.integers(-1, 2, (K, C, 3, 3)).astype(np.float32)
+        b = np.array([1, 0, -1, 1, 0], np.float32)
+    else:
+        x = rand(rng, (N, C, H, W), np.float32)
+        w = rand(rng, (K, C, 3, 3), np.float32)
+        b = rand(rng, (K,), np.float32)
     run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, pads, np.float32, epi, (2, 2))
 
     def reference():
         z = np.maximum(conv_ref(x, w, b, 1, pads), 0)
         if epi == "store":
-            return z
-        Hq, Wq = z.shape[2] // 2, z.shape[3] // 2
-        return z[:, :, :Hq * 2, :Wq * 2].reshape(N, K, Hq, 2, Wq, 2).max(axis=(3, 5))
-    ref = reference()
+            return z, None
+        yq, rq = maxpool_ref(z, 2, 2)                    # the first max of the ReLU output ...
+        return yq, np.where(yq > 0, rq, -1)             # ... is the pre-activation's where it is > 0
+    ref, ref_route = reference()
     y = np.empty(ref.shape, np.float32)
-    route = np.empty(ref.shape if epi == "pool" else (1, 1, 1, 1), np.int32)
+    route = np.full(ref.shape if epi == "pool" else (1, 1, 1, 1), -7, np.int32)
     for _ in range(3):                         # weights updated in place between calls: followed
         run(x, w, b, y, route, True)
-        close(y, reference(), np.float32)
+        ref, ref_route = reference()
+        if data == "ties":
+            np.testing.assert_array_equal(y, ref)
+        else:
+            close(y, ref, np.float32)
+        if epi == "pool":
+            np.testing.assert_array_equal(route, ref_route)
+            if data == "ties":                 # image 1 is all zero: its planes are the biases 1, 0, -1
+                Hq, Wq = route.shape[2:]
+                wo = W + pads[2] + pads[3] - 2  # conv-output width: the route's row length
+                top_left = (2 * np.arange(Hq))[:, None] * wo + 2 * np.arange(Wq)[None, :]
+                np.testing.assert_array_equal(route[1, 0], top_left)     # a plateau of 1: first position
+                np.testing.assert_array_equal(route[1, 1:3], -1)         # max exactly 0, max < 0: none
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
 
 
 def test_choice_timed_under_load_is_retimed_when_quiet(monkeypatch):
     """A remembered strategy measured on a busy machine is measured again once the machine is quiet."""
-    monkeypatch.setattr(nc, "_load_per_cpu", lambda: 0.1)
-    assert nc._retime(3.0)            # busy then, quiet now
-    assert nc._retime(None)           # recorded before the load was kept
-    assert not nc._retime(0.2)        # quiet then: keep
-    monkeypatch.setattr(nc, "_load_per_cpu", lambda: 2.0)
-    assert not nc._retime(3.0)        # still busy: timing again would not be better
+    monkeypatch.setattr(conv_strategy, "_load_per_cpu", lambda: 0.1)
+    assert conv_strategy._retime(3.0)            # busy then, quiet now
+    assert conv_strategy._retime(None)           # recorded before the load was kept
+    assert not conv_strategy._retime(0.2)        # quiet then: keep
+    monkeypatch.setattr(conv_strategy, "_load_per_cpu", lambda: 2.0)
+    assert not conv_strategy._retime(3.0)        # still busy: timing again would not be better

@@ -2,8 +2,10 @@
 
 The seeds' worked forward examples (the course notes graphc was built from) are copied in as numbers;
 nothing here reads ../shared at run time. Every test declares the ops it checks with @covers, and
-test_every_op_has_a_reference_test fails when an op is added to the table without one.
+test_every_op_has_a_reference_test fails when an op is added to the table without one, or when every
+test of an op was skipped (or failed) in the run: only a test that passed covers its ops.
 """
+import functools
 import math
 
 import numpy as np
@@ -13,7 +15,9 @@ import graphc as gc
 from graphc.ops import OPS
 from graphc.ops.conv import im2col
 
-COVERED: set = set()
+F64 = dict(rtol=1e-10, atol=1e-12)   # float64 graphs at float64 precision (float32 rounding is ~6e-8 relative)
+COVERS: dict = {}       # op -> names of the tests that check it
+PASSED: set = set()     # names of this module's @covers tests that ran to their end in this session
 
 # Containers, not computations: a fused node runs its body's table ops (each tested here), a getitem
 # picks one of its results. The fusion pass's tests check that a fused graph equals the unfused one.
@@ -21,8 +25,17 @@ CONTAINERS = {"fused", "getitem"}
 
 
 def covers(*ops):
-    COVERED.update(ops)
-    return lambda fn: fn
+    """Declares the ops a test checks; they count as covered once the test has passed in this run."""
+    def mark(fn):
+        for op in ops:
+            COVERS.setdefault(op, set()).add(fn.__name__)
+
+        @functools.wraps(fn)            # keeps the signature (fixtures, parameters) and the marks
+        def test(*args, **kwargs):
+            fn(*args, **kwargs)
+            PASSED.add(fn.__name__)
+        return test
+    return mark
 
 
 def run(build, feeds=None, dtype="float64", training=False):
@@ -147,7 +160,7 @@ def test_rgb_multichannel_conv_sums_over_the_channel_depth():
     out = run(lambda g: g.conv(g.input("x", (None, 3, 3, 3)), g.param("w", value=w), g.param("b", value=[1.0])),
               {"x": x})
     np.testing.assert_array_equal(out[0, 0], [[522, 633], [855, 966]])
-    np.testing.assert_allclose(out, naive_conv(x, w, np.array([1.0])))
+    np.testing.assert_allclose(out, naive_conv(x, w, np.array([1.0])), **F64)
 
 
 @covers("conv")
@@ -159,7 +172,7 @@ def test_seed_004_padded_conv_value_179():
     out = run(lambda g: g.conv(g.const(img[None, None]), g.const(f), pad=1))
     assert out.shape == (1, 1, 4, 4)                      # P = (F - 1) / 2 keeps the size
     assert out[0, 0, 0, 0] == 179
-    np.testing.assert_allclose(out, naive_conv(img[None, None], f, pads=(1, 1, 1, 1)))
+    np.testing.assert_allclose(out, naive_conv(img[None, None], f, pads=(1, 1, 1, 1)), **F64)
 
 
 @covers("conv")
@@ -197,7 +210,7 @@ def test_conv_same_padding_like_keras_even_kernels_pad_bottom_right(n, k, s, pad
     assert y.shape[2:] == (math.ceil(n / s),) * 2
     g.output(y)
     out = gc.compile(g).run({"x": x})["y"]
-    np.testing.assert_allclose(out, naive_conv(x, w, None, (s, s), (pads[0], pads[1], pads[0], pads[1])))
+    np.testing.assert_allclose(out, naive_conv(x, w, None, (s, s), (pads[0], pads[1], pads[0], pads[1])), **F64)
 
 
 @covers("conv")
@@ -206,7 +219,7 @@ def test_conv_explicit_four_sided_padding():
     x, w = rng.normal(size=(1, 1, 4, 5)), rng.normal(size=(1, 1, 2, 2))
     out = run(lambda g: g.conv(g.const(x), g.const(w), pad=(0, 1, 2, 0)))
     assert out.shape == (1, 1, 4, 6)
-    np.testing.assert_allclose(out, naive_conv(x, w, pads=(0, 1, 2, 0)))
+    np.testing.assert_allclose(out, naive_conv(x, w, pads=(0, 1, 2, 0)), **F64)
 
 
 # ================================================================== pooling
@@ -239,8 +252,8 @@ def test_pools_match_naive_windows_incl_overlapping(hw, size, stride):
     mx, av = run(lambda g: [g.maxpool(g.input("x", (None, 3, *hw)), size, stride),
                             g.avgpool(g["x"], size, stride)], {"x": x})
     assert mx.shape == av.shape == (2, 3, *expect_hw)
-    np.testing.assert_allclose(mx, naive_pool(x, sz, st, np.max))
-    np.testing.assert_allclose(av, naive_pool(x, sz, st, np.mean))
+    np.testing.assert_allclose(mx, naive_pool(x, sz, st, np.max), **F64)
+    np.testing.assert_allclose(av, naive_pool(x, sz, st, np.mean), **F64)
 
 
 @covers("maxpool", "pad2d")
@@ -259,7 +272,7 @@ def test_global_average_pool():
     y = g.global_avgpool(g.input("x", (None, 3, 4, 5)))
     assert y.shape == ("N", 3)
     g.output(y)
-    np.testing.assert_allclose(gc.compile(g).run({"x": x})[y.name], x.mean(axis=(2, 3)))
+    np.testing.assert_allclose(gc.compile(g).run({"x": x})[y.name], x.mean(axis=(2, 3)), **F64)
     # a 2x2 plane by hand
     out = run(lambda g: g.global_avgpool(g.const(np.array([[[[1.0, 2.0], [3.0, 6.0]]]]))))
     np.testing.assert_array_equal(out, [[3.0]])
@@ -276,7 +289,7 @@ def test_binary_gates_broadcast_like_numpy():
                           g.copy("const1"), g.identity("const2")])
     for got, want in zip(outs, [a + b, a * b, a - b, a / b, np.maximum(a, b), -a, a, b]):
         assert got.shape == want.shape
-        np.testing.assert_allclose(got, want)
+        np.testing.assert_allclose(got, want, **F64)
 
 
 @covers("relu")
@@ -292,11 +305,11 @@ def test_unary_functions():
     p = np.array([0.1, 1.0, 4.0, 9.0])
     e, lg, sq, sg, th, gt = run(lambda g: [g.exp(g.const(x)), g.log(g.const(p)), g.sqrt("const2"),
                                            g.sigmoid("const1"), g.tanh("const1"), g.gt("const1", g.scalar(0.0))])
-    np.testing.assert_allclose(e, np.exp(x))
-    np.testing.assert_allclose(lg, np.log(p))
-    np.testing.assert_allclose(sq, [np.sqrt(0.1), 1, 2, 3])
+    np.testing.assert_allclose(e, np.exp(x), **F64)
+    np.testing.assert_allclose(lg, np.log(p), **F64)
+    np.testing.assert_allclose(sq, [np.sqrt(0.1), 1, 2, 3], **F64)
     np.testing.assert_allclose(sg, 1 / (1 + np.exp(-x)), rtol=1e-12)
-    np.testing.assert_allclose(th, np.tanh(x))
+    np.testing.assert_allclose(th, np.tanh(x), **F64)
     np.testing.assert_array_equal(gt, [0, 0, 0, 1, 1, 1])
     # sigmoid stays finite and exact at the extremes (no overflow in exp(-x))
     ext = run(lambda g: g.sigmoid(g.const(np.array([-800.0, 800.0]))))
@@ -347,7 +360,7 @@ def test_matmul_transposes(ta, tb):
     a, b = rng.normal(size=(3, 4)), rng.normal(size=(4, 5))
     A, B = (a.T.copy() if ta else a), (b.T.copy() if tb else b)
     out = run(lambda g: g.matmul(g.const(A), g.const(B), trans_a=ta, trans_b=tb))
-    np.testing.assert_allclose(out, a @ b)
+    np.testing.assert_allclose(out, a @ b, **F64)
 
 
 @covers("matmul", "add")
@@ -356,7 +369,7 @@ def test_dense_weights_shaped_out_in_like_torch_linear():
     w = np.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.5]])                # (out=2, in=3)
     out = run(lambda g: g.dense(g.input("x", (None, 3)), g.param("w", value=w), g.param("b", value=[10.0, 0.0])),
               {"x": x})
-    np.testing.assert_allclose(out, [[8.0, 3.0]])
+    np.testing.assert_allclose(out, [[8.0, 3.0]], **F64)
 
 
 @covers("sum", "mean")
@@ -366,8 +379,8 @@ def test_sum_and_mean(axes, keepdims):
     s, m = run(lambda g: [g.sum(g.const(x), axes=axes, keepdims=keepdims),
                           g.mean("const1", axes=axes, keepdims=keepdims)])
     ax = axes if axes is None or isinstance(axes, int) else tuple(axes)
-    np.testing.assert_allclose(s, x.sum(axis=ax, keepdims=keepdims))
-    np.testing.assert_allclose(m, x.mean(axis=ax, keepdims=keepdims))
+    np.testing.assert_allclose(s, x.sum(axis=ax, keepdims=keepdims), **F64)
+    np.testing.assert_allclose(m, x.mean(axis=ax, keepdims=keepdims), **F64)
 
 
 # ================================================================== shape ops with the symbolic batch dim
@@ -452,18 +465,18 @@ def test_seed_000_softmax_of_3_minus2_minus100():
     assert round(out[0], 2) == 0.99
     assert out[1] == pytest.approx(0.0066, abs=1e-4)       # e^-2 / 20.22 = 0.00669 (the seed truncates)
     # e^-100 / 20.22 = 1.840e-45 exactly; the seed prints 1.88e-45 ("close to zero"), ~2% off.
-    assert out[2] == pytest.approx(math.exp(-100) / denom, rel=1e-9)
+    assert out[2] == pytest.approx(math.exp(-100) / denom, rel=1e-10)
     assert out[2] == pytest.approx(1.88e-45, rel=0.03)
-    assert out.sum() == pytest.approx(1.0)
+    assert out.sum() == pytest.approx(1.0, rel=1e-12)
 
 
 @covers("softmax")
 def test_softmax_axis_and_stability():
     x = np.array([[1000.0, 1001.0], [0.0, 0.0]])
     rows = run(lambda g: g.softmax(g.const(x), axis=1))
-    np.testing.assert_allclose(rows, [[1 / (1 + math.e), math.e / (1 + math.e)], [0.5, 0.5]])
+    np.testing.assert_allclose(rows, [[1 / (1 + math.e), math.e / (1 + math.e)], [0.5, 0.5]], **F64)
     cols = run(lambda g: g.softmax(g.const(np.array([[0.0, 1.0], [0.0, 1.0]])), axis=0))
-    np.testing.assert_allclose(cols, np.full((2, 2), 0.5))
+    np.testing.assert_allclose(cols, np.full((2, 2), 0.5), **F64)
 
 
 LOGITS = np.array([[2.0, 1.0, 0.1], [0.5, -1.0, 3.0], [0.0, 0.0, 0.0], [1.0, 2.0, -2.0]])
@@ -498,7 +511,7 @@ def test_mse():
     p = np.array([[1.0, 2.0], [3.0, 4.0]])
     t = np.array([[0.0, 2.0], [5.0, 4.5]])
     out = run(lambda g: g.mse(g.const(p), g.const(t)))
-    assert out == pytest.approx((1 + 0 + 4 + 0.25) / 4)
+    assert out == pytest.approx((1 + 0 + 4 + 0.25) / 4, rel=1e-12)
 
 
 @covers("bce_with_sigmoid")
@@ -510,7 +523,7 @@ def test_bce_with_sigmoid_matches_naive_formula_and_is_stable():
     assert run(lambda g: g.bce_with_sigmoid(g.const(z), g.const(t))) == pytest.approx(naive, rel=1e-12)
     # large logits: log(sigmoid) computed without overflow
     big = run(lambda g: g.bce_with_sigmoid(g.const(np.array([800.0, -800.0])), g.const(np.array([0.0, 1.0]))))
-    assert big == pytest.approx(800.0)
+    assert big == pytest.approx(800.0, rel=1e-12)
 
 
 @covers("softmax_ce_grad", "cross_entropy_grad", "mse_grad", "bce_grad")
@@ -524,10 +537,10 @@ def test_loss_gradient_ops():
         g.cross_entropy_grad(g.const(p), g.const(y), g.scalar(2.0)),
         g.mse_grad(g.const(a), g.const(b), g.scalar(2.0)),
         g.bce_grad(g.const(a), g.const(b), g.scalar(2.0))])
-    np.testing.assert_allclose(sce, (p - y) / m * 2.0)                 # the collapsed rule (O - y)/m
-    np.testing.assert_allclose(ce, -y / p / m * 2.0)
-    np.testing.assert_allclose(ms, 2 * (a - b) / 4 * 2.0)
-    np.testing.assert_allclose(bc, (1 / (1 + np.exp(-a)) - b) / 4 * 2.0)
+    np.testing.assert_allclose(sce, (p - y) / m * 2.0, **F64)                 # the collapsed rule (O - y)/m
+    np.testing.assert_allclose(ce, -y / p / m * 2.0, **F64)
+    np.testing.assert_allclose(ms, 2 * (a - b) / 4 * 2.0, **F64)
+    np.testing.assert_allclose(bc, (1 / (1 + np.exp(-a)) - b) / 4 * 2.0, **F64)
 
 
 # ================================================================== dropout
@@ -547,7 +560,7 @@ def test_dropout_identity_at_inference_and_seeded_mask_in_training():
     out = exe.run({"x": xv}, training=True)["d"]
     kept = out != 0
     assert abs(kept.mean() - (1 - rate)) < 0.01                            # keep rate 1 - rate
-    np.testing.assert_allclose(out[kept], xv[kept] / (1 - rate))           # inverted-dropout scale
+    np.testing.assert_allclose(out[kept], xv[kept] / (1 - rate), **F64)           # inverted-dropout scale
     assert np.abs(out.mean() - xv.mean()) < 0.02                           # expectation preserved
     np.testing.assert_array_equal(exe.run({"x": xv}, training=True)["d"], out)   # same (seed, step): same mask
     assert (exe2.run({"x": xv}, training=True)["d"] != out).any()         # another seed: another mask
@@ -608,28 +621,45 @@ def test_average_pool_spreads():
     np.testing.assert_array_equal(gsp, np.stack([np.full((2, 2), 2.0), np.full((2, 2), 1.0)])[None])
 
 
-@pytest.mark.skipif("maxpool_argmax" not in OPS, reason="no saved-route ops in this build")
 @covers("maxpool_argmax", "route_scatter")
 def test_saved_route_ops():
-    x = np.array([[[[1.0, 3.0, -1.0, -2.0], [2.0, 4.0, -3.0, -4.0]]]])
+    # four 2x2 windows: a clear max; a max of exactly 0 (a ReLU output's zero) tied at two positions;
+    # a positive plateau (every position ties); an all-negative window
+    x = np.array([[[[1.0, 3.0, 0.0, -2.0, 2.0, 2.0, -1.0, -2.0],
+                    [2.0, 4.0, -3.0, 0.0, 2.0, 2.0, -3.0, -4.0]]]])
     g = gc.Graph("t", dtype="float64")
     xv = g.const(x)
     r = g.add_node("maxpool_argmax", (xv,), {"size": (2, 2), "stride": (2, 2), "relu": False}, name="r")
     rr = g.add_node("maxpool_argmax", (xv,), {"size": (2, 2), "stride": (2, 2), "relu": True}, name="rr")
-    dx = g.add_node("route_scatter", (g.const(np.array([[[[10.0, 5.0]]]])), rr), {"in_hw": (2, 4)}, name="dx")
-    g.output(r, rr, dx)
+    dy = g.const(np.array([[[[10.0, 5.0, 7.0, 3.0]]]]))
+    dx = g.add_node("route_scatter", (dy, rr), {"in_hw": (2, 8)}, name="dx")
+    dxr = g.add_node("route_scatter", (dy, r), {"in_hw": (2, 8)}, name="dxr")
+    g.output(r, rr, dx, dxr)
     out = gc.compile(g).run({})
-    np.testing.assert_array_equal(out["r"], [[[[5, 2]]]])            # flat index i*W + j of each first max
-    np.testing.assert_array_equal(out["rr"], [[[[5, -1]]]])          # window max <= 0 after a ReLU: no route
-    want = np.zeros((1, 1, 2, 4))
-    want[0, 0, 1, 1] = 10.0
-    np.testing.assert_array_equal(out["dx"], want)
+    # flat index i*W + j (W = 8) of each window's FIRST max in row-major order: 4 at (1,1); the 0 at (0,2)
+    # before the 0 at (1,3); the plateau's top-left (0,4); -1 at (0,6)
+    np.testing.assert_array_equal(out["r"], [[[[9, 2, 4, 6]]]])
+    # relu=True: a window whose max is <= 0 -- exactly 0 included -- routes nowhere (-1)
+    np.testing.assert_array_equal(out["rr"], [[[[9, -1, 4, -1]]]])
+    want = np.zeros((1, 1, 2, 8))
+    want[0, 0, 1, 1], want[0, 0, 0, 4] = 10.0, 7.0
+    np.testing.assert_array_equal(out["dx"], want)                   # dropped where the route is -1
+    want[0, 0, 0, 2], want[0, 0, 0, 6] = 5.0, 3.0
+    np.testing.assert_array_equal(out["dxr"], want)
 
 
 # ================================================================== the table is covered
-def test_every_op_has_a_reference_test():
+def test_every_op_has_a_reference_test(request):
+    """Last in the file, so the tests it counts have run. A skipped test covers nothing."""
     from graphc.ops.elementwise import CUSTOM        # ops other tests declare as a user would
     import test_ops_cnn              # the CNN op set (batch norm, LRN, grouped conv, ...) is tested there
     import test_distributed          # the collectives (allreduce) are tested there
-    missing = sorted(set(OPS) - COVERED - test_ops_cnn.COVERED - test_distributed.COVERED - CONTAINERS - CUSTOM)
+    missing = sorted(set(OPS) - set(COVERS) - test_ops_cnn.COVERED - test_distributed.COVERED - CONTAINERS - CUSTOM)
     assert not missing, f"ops with no reference-semantics test in tests/test_ops.py or test_ops_cnn.py: {missing}"
+    selected = {it.originalname for it in request.session.items if it.module is request.module}
+    ops = {op: tests for op, tests in COVERS.items() if op in OPS}
+    unpassed = sorted(op for op, tests in ops.items() if tests & selected and not tests & PASSED)
+    assert not unpassed, f"ops whose every reference test was skipped or failed in this run: {unpassed}"
+    unrun = sorted(op for op, tests in ops.items() if not tests & selected)
+    if unrun:
+        pytest.skip(f"the reference tests of {unrun} were not selected: run the whole file to check coverage")

@@ -21,6 +21,32 @@ LENET_RULES = {"matmul:swap", "add:distribute", "max:route", "conv:dW", "conv:dX
                "pool:route", "softmax-ce:(O-y)/m", "reshape:undo"}
 
 
+# LeNet-5's graph counted from its layers (not copied from output): inputs x and labels; per conv layer
+# w, b + conv, relu, maxpool; flatten; per hidden dense layer w, b + matmul, add, relu; the logits layer
+# w, b + matmul, add; the loss.
+LENET_NODES = 2 + 2 * (2 + 3) + 1 + 2 * (2 + 3) + (2 + 2) + 1                      # = 28
+# edges = the inputs each op reads: conv 3, relu 1, maxpool 1; flatten 1; matmul 2, add 2, relu 1; loss 2
+LENET_EDGES = 2 * (3 + 1 + 1) + 1 + 2 * (2 + 2 + 1) + (2 + 2) + 2                   # = 27
+
+# Its backward graph by gate rule (parameter gradients only: the image x gets no dL/dx), per forward
+# op: (how many, backward nodes each, gradient edges into them, forward values they read)
+LENET_BACKWARD = {
+    "seed dloss/dloss = 1": (1, 1, 0, 0),
+    "softmax-ce:(O-y)/m": (1, 1, 1, 2),                  # reads the seed; logits, labels
+    "add:distribute (bias)": (3, 3, 3, 1),               # identity x2, sum_to (reads the bias for its shape)
+    "matmul:swap": (3, 2, 2, 2),                         # dX reads w, dW reads the layer input
+    "max:route (relu = max(x, 0))": (4, 2, 3, 1),        # gt(pre-activation, 0), mul(dy, gt)
+    "the 0 the four ReLU masks share": (1, 1, 0, 0),
+    "reshape:undo (flatten)": (1, 1, 1, 1),              # reshape_like reads s4
+    "pool:route": (2, 1, 1, 1),                          # maxpool_route reads the ReLU output
+    "conv c3: dX, dW, db": (1, 3, 3, 2),                 # conv_dx reads c3.w, conv_dw reads s2
+    "conv c1: dW, db (no dL/dx)": (1, 2, 2, 1),          # conv_dw reads x
+    "grad/<param> outputs": (10, 1, 1, 0),
+}
+LENET_BWD_NODES, LENET_GRAD_EDGES, LENET_SAVED_EDGES = (
+    sum(k * v[i] for k, *v in LENET_BACKWARD.values()) for i in range(3))           # = 44, 46, 21
+
+
 def have_pygraphviz():
     try:
         import pygraphviz  # noqa: F401
@@ -67,9 +93,9 @@ def test_lenet_forward_counts_and_colours(lenet):
     src = gc.render(lenet)
     st = dot_stats(src)
     # one drawn node per value and one drawn edge per graph edge, all forward (green)
-    assert st["nodes"] == len(lenet.nx) == 28
-    assert st["edges"] == lenet.nx.number_of_edges() == 27
-    assert st["colours"] == {FORWARD_COLOR: 27}
+    assert st["nodes"] == len(lenet.nx) == LENET_NODES
+    assert st["edges"] == lenet.nx.number_of_edges() == LENET_EDGES
+    assert st["colours"] == {FORWARD_COLOR: LENET_EDGES}
     assert st["clusters"] == 0 and st["edge_labels"] == []
     labels = node_labels(src)
     assert labels["c1"] == "c1: conv\\n(N, 6, 28, 28)"          # op, name, output shape
@@ -94,14 +120,13 @@ def test_lenet_backward_counts_colours_and_rules(lenet, lenet_grad):
     assert st["nodes"] == len(b.nx)
     assert st["edges"] == b.nx.number_of_edges()
     assert st["colours"] == {FORWARD_COLOR: n_fwd, BACKWARD_COLOR: n_grad, SAVED_COLOR: n_saved}
-    # ... and the numbers checked by hand once: 28 forward + 44 backward nodes; 27 forward edges,
-    # 46 gradient edges between backward nodes, 21 forward values read by gradient rules
-    # (no dL/dx for the input image: only parameter gradients are asked for)
-    assert (st["nodes"], st["edges"]) == (72, 94)
-    assert (n_fwd, n_grad, n_saved) == (27, 46, 21)
+    # ... and counted from the layers and gate rules (LENET_NODES, LENET_BACKWARD above)
+    assert (st["nodes"], st["edges"]) == (LENET_NODES + LENET_BWD_NODES,
+                                          LENET_EDGES + LENET_GRAD_EDGES + LENET_SAVED_EDGES)
+    assert (n_fwd, n_grad, n_saved) == (LENET_EDGES, LENET_GRAD_EDGES, LENET_SAVED_EDGES)
     # every red edge carries its rule, and the rule is the graph's
     red = [e for e in edge_lines(src) if f'color="{BACKWARD_COLOR}"' in e]
-    assert len(red) == 46 and all("label=" in e for e in red)
+    assert len(red) == LENET_GRAD_EDGES and all("label=" in e for e in red)
     assert set(st["edge_labels"]) >= LENET_RULES
     rules = {(u, v): d["rule"] for u, v, d in b.nx.edges(data=True)}
     for e in red:       # mirror layout: drawn head -> tail with dir=back
@@ -110,7 +135,7 @@ def test_lenet_backward_counts_colours_and_rules(lenet, lenet_grad):
         assert "dir=back" in e and rules[(tail, head)] == label
     # the mirror: each param ranked with its gradient output, the loss with the seed
     has_grad = {d.get("grad_of") for _, d in b.nx.nodes(data=True)} | {b.loss}
-    assert src.count("rank=same") == len(has_grad & set(lenet.nx)) == 26   # every value but x, labels
+    assert src.count("rank=same") == len(has_grad & set(lenet.nx)) == LENET_NODES - 2   # all but x, labels
     for p in lenet.param_names:
         assert re.search(r'rank=same\s+"?%s"?\s+"grad/%s"' % (re.escape(p), re.escape(p)), src)
     assert "rankdir=TB" in src
@@ -131,7 +156,7 @@ def test_layouts(lenet):
     only = gc.render(lenet, layout="backward-only")
     st = dot_stats(only)
     assert FORWARD_COLOR not in st["colours"]                # no forward edges
-    assert st["colours"][BACKWARD_COLOR] == 46
+    assert st["colours"][BACKWARD_COLOR] == LENET_GRAD_EDGES
     assert "graphc-ghost" in only                            # forward values read, drawn as ghosts
     with pytest.raises(GraphError, match="layout"):
         gc.render(lenet, backward=True, layout="sideways")
@@ -209,12 +234,12 @@ def test_fused_node_is_a_cluster_of_its_body(lenet):
     labels = node_labels(src)
     for n in ("c1", "c1.relu", "s2", "c3", "c3.relu", "s4"):          # body nodes keep their names
         assert any(lab.startswith(f"{n}: ") for lab in labels.values())
-    # same values and edges as the unfused graph: 28 nodes, 27 edges (x, c1.w, c1.b enter the cluster)
-    assert (st["nodes"], st["edges"]) == (28, 27)
+    # same values and edges as the unfused graph (x, c1.w, c1.b enter the cluster)
+    assert (st["nodes"], st["edges"]) == (LENET_NODES, LENET_EDGES)
     assert 'x -> "s2#c1"' in src and '"s2#s2" -> "s4#c3"' in src
     # fused=False draws each fused node as one box
     flat = dot_stats(gc.render(f, fused=False))
-    assert flat["clusters"] == 0 and flat["nodes"] == 24
+    assert flat["clusters"] == 0 and flat["nodes"] == LENET_NODES - 2 * (3 - 1)   # 3 nodes -> 1 box, twice
 
 
 def test_fused_values_are_shown_inside_the_cluster(lenet):

@@ -1,6 +1,7 @@
 """The model zoo: gc.summary's shapes and parameter counts (checked by hand with the course's formulas,
 and against torchvision's published counts for its ImageNet models), and every small model's forward
-pass on the reference backend (the ImageNet models run at 64x64 in tests/test_zoo_imagenet.py)."""
+pass on the reference backend, checked against the numba backend (the ImageNet models run at 64x64 in
+tests/test_zoo_imagenet.py)."""
 import re
 
 import numpy as np
@@ -231,19 +232,40 @@ def _feeds(g, batch=2, seed=0):
     return feeds
 
 
+@pytest.fixture(scope="module")
+def _im2col_convs():
+    """One set of conv kernels for every shape (no per-shape strategy timing, no generated direct
+    kernels): the numba forward of the zoo stays quick."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GRAPHC_CONV_STRATEGY", "im2col")
+    yield
+    mp.undo()
+
+
+def _softmax_ce(logits, labels):
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -logp[np.arange(len(labels)), labels].mean()
+
+
 @pytest.mark.parametrize("name", SMALL)
-def test_forward_runs_at_batch_2_with_finite_loss(graphs, name):
+def test_forward_at_batch_2_matches_numba_and_loss_matches_logits(graphs, name, _im2col_convs):
+    """The reference forward against a second implementation of every op (the numba backend, fused) and
+    its loss against softmax cross-entropy recomputed from its logits here."""
     g = graphs[name]
-    exe = gc.compile(g, backend="reference", keep=["logits"])
     feeds = _feeds(g)
-    out = exe.run(feeds, outputs=["loss", "logits"])
-    assert out["loss"].shape == ()
-    assert np.isfinite(out["loss"]) and out["loss"] > 0
+    ref = gc.compile(g, backend="reference", keep=["logits"])
+    out = ref.run(feeds, outputs=["loss", "logits"])
     n_classes = 2 if name == "seed_cnn" else 10
-    assert out["logits"].shape == (2, n_classes)
-    assert np.isfinite(out["logits"]).all()
+    assert out["loss"].shape == () and out["logits"].shape == (2, n_classes)
+    tol = dict(rtol=1e-10, atol=1e-12) if g.dtype == "float64" else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["loss"], _softmax_ce(out["logits"], feeds["labels"]), **tol)
+    got = gc.compile(g, backend="numba", keep=["logits"]).run(feeds, outputs=["loss", "logits"])
+    for k in ("logits", "loss"):
+        np.testing.assert_allclose(got[k], out[k], err_msg=f"{name}: {k}", **tol)
     if any(g.nx.nodes[n]["op"] == "dropout_mask" for n in g.nx.nodes):
-        train = exe.run(feeds, outputs=["loss"], training=True)["loss"]
+        train = ref.run(feeds, outputs=["loss"], training=True)["loss"]
         assert np.isfinite(train) and train != out["loss"]       # the mask is on in training only
 
 
@@ -258,9 +280,10 @@ def test_seed_cnn_forward_values():
     g = models.seed_cnn()
     out = gc.compile(g, keep=["C", "h", "logits"]).run({"x": models.SEED_X, "labels": models.SEED_LABELS},
                                                       outputs=["C", "h", "logits", "loss"])
-    np.testing.assert_allclose(out["C"].reshape(-1), [1.9, 0.3, 0.3, 1.9])
-    np.testing.assert_allclose(out["h"], [[1.3, 3.06]])
-    np.testing.assert_allclose(out["logits"], [[1.042, 1.914]])
+    f64 = dict(rtol=1e-10, atol=1e-12)         # a float64 graph, and these values are exact decimals
+    np.testing.assert_allclose(out["C"].reshape(-1), [1.9, 0.3, 0.3, 1.9], **f64)
+    np.testing.assert_allclose(out["h"], [[1.3, 3.06]], **f64)
+    np.testing.assert_allclose(out["logits"], [[1.042, 1.914]], **f64)
     assert out["loss"] == pytest.approx(-np.log(0.295), abs=2e-3)
 
 

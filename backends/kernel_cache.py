@@ -1,0 +1,153 @@
+"""Generated kernels on disk, aligned host buffers and the BLAS thread limit: one copy of each, shared by
+every Numba kernel (elementwise groups, pools, shape-generated convolutions).
+
+A generated kernel is a small Python module defining ``kernel``. Exec'd strings cannot be cached by
+Numba; a real file can, so it is written into the cache directory under a name hashed from its text
+and imported: a second process then loads machine code instead of compiling.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+import threading
+
+import numpy as np
+
+from graphc.errors import BackendError
+
+LOCK = threading.RLock()          # held while a module is loaded or a kernel compiled
+_MODULES: dict = {}
+
+
+def kernel_cache_dir() -> str:
+    """Where generated kernels, their Numba cache and the conv strategy choices live:
+    ``$GRAPHC_CACHE_DIR``, else ``~/.cache/graphc/kernels``; created on demand."""
+    d = os.environ.get("GRAPHC_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "graphc", "kernels")
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise BackendError(f"cannot create the kernel cache directory {d!r}: {e} "
+                           "(set GRAPHC_CACHE_DIR to a writable directory)") from e
+    return d
+
+
+def write_atomic(path: str, text: str, keep_existing: bool = False) -> None:
+    """Writes ``text`` to ``path`` through a temporary file, so a reader never sees half a file; with
+    keep_existing, a file another process wrote meanwhile is kept."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if not keep_existing:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)        # fails if another process got there first: keep theirs
+            except FileExistsError:
+                pass
+            except OSError:               # file systems without hard links
+                os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_once(path: str, text: str) -> None:
+    """Makes ``path`` hold ``text``: a file with the right content is never rewritten (its mtime keys
+    Numba's cache index)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return
+        stale = True
+    except FileNotFoundError:
+        stale = False
+    write_atomic(path, text, keep_existing=not stale)
+
+
+def load_generated(src: str, prefix: str):
+    """The ``kernel`` of the generated module whose text is ``src`` (written to the cache directory as
+    ``<prefix><hash>.py`` first if needed); loaded once per process."""
+    name = prefix + hashlib.sha256(src.encode()).hexdigest()[:24]
+    k = _MODULES.get(name)
+    if k is not None:
+        return k
+    with LOCK:
+        if name in _MODULES:
+            return _MODULES[name]
+        path = os.path.join(kernel_cache_dir(), name + ".py")
+        try:
+            write_once(path, src)
+        except OSError as e:
+            raise BackendError(f"cannot write generated kernel {path!r}: {e}; set GRAPHC_CACHE_DIR "
+                               "to a writable directory") from e
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        # registered before running it: Numba finds the module by name when it reloads a cached
+        # function's environment (an unregistered module cannot be cached)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        _MODULES[name] = mod.kernel
+        return mod.kernel
+
+
+def aligned_empty(shape, dtype, align=64):
+    """An empty C-contiguous array whose data starts on a cache-line boundary."""
+    dtype = np.dtype(dtype)
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    buf = np.empty(n * dtype.itemsize + align, np.uint8)
+    off = (-buf.ctypes.data) % align
+    return buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------ BLAS threads
+
+_BLAS_LIBS: list = []
+_BLAS_SCANNED = [False]
+
+
+def rescan_blas():
+    """Looks for loaded BLAS libraries again (Numba's np.dot loads SciPy's on its first compile)."""
+    _BLAS_SCANNED[0] = False
+
+
+def _blas_libs():
+    if not _BLAS_SCANNED[0]:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _BLAS_LIBS[:] = [lc for lc in ThreadpoolController().lib_controllers if lc.user_api == "blas"]
+        except Exception:         # pragma: no cover - threadpoolctl missing or failing: nothing to limit
+            _BLAS_LIBS[:] = []
+        _BLAS_SCANNED[0] = True
+    return _BLAS_LIBS
+
+
+class BlasLimit:
+    """``with BlasLimit(n):`` holds every loaded BLAS to n threads (None: leaves them alone), restoring
+    their counts afterwards. OpenBLAS's spinning threads beside Numba's workers made steps 2.4-2.9x
+    slower (two thread pools on two cores fight)."""
+
+    def __init__(self, threads=1):
+        self.threads = threads
+        self._saved = []
+
+    def __enter__(self):
+        libs = _blas_libs() if self.threads is not None else ()
+        self._saved.append([(lc, lc.get_num_threads()) for lc in libs])
+        for lc in libs:
+            lc.set_num_threads(self.threads)
+        return self
+
+    def __exit__(self, *exc):
+        for lc, n in self._saved.pop():
+            lc.set_num_threads(n)
+
+
+def loaded(prefix):
+    """The kernels loaded so far whose module names start with `prefix` (tests, diagnostics)."""
+    return [k for name, k in _MODULES.items() if name.startswith(prefix)]

@@ -1,0 +1,29 @@
+"""The numba CPU backend: lowers a scheduled, fused, memory-planned graph to @njit kernels.
+
+    exe = gc.compile(graph, backend="numba")                      # inference: exe.run(feeds)
+    tr = gc.compile(graph, backend="numba", optimizer=gc.optim.SGD(0.1))
+    tr.step(feeds)     # forward + backward + update in one call; parameters updated in place
+
+The executable is backends/base.py's shared executor over host arrays (executor.py); each op and fused
+pattern is lowered where it is registered (lower_*.py); ``kernel_table()`` lists what runs for each.
+Compile times: ``exe.compile_times``; ``exe.precompile(batch)`` binds and runs once on zero feeds.
+"""
+from graphc.backends import registry
+from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_pool,  # noqa: F401
+                                   lower_reduce, lower_shape, lower_sources)
+from graphc.backends.numba.executor import NumbaExecutable
+
+__all__ = ["NumbaExecutable", "lower", "kernel_table"]
+
+
+def kernel_table():
+    """[(op or "fused:<pattern>", kernel)] for every op of the table and every fused pattern."""
+    return registry.registry("numba").kernel_table()
+
+
+def lower(graph, dtype=None, pipeline=None, **options):
+    """graph (after the pipeline) -> NumbaExecutable. options: blas_threads (default 1; None leaves BLAS
+    alone), parallel_min (elements above which elementwise/reduction kernels run in parallel), threads
+    ("auto" or a count)."""
+    options.pop("strategy", None)
+    return NumbaExecutable(graph, dtype=dtype, pipeline=pipeline, **options)

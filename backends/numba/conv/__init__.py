@@ -1,0 +1,87 @@
+"""The numba backend's convolutions: plain functions on numpy arrays (NCHW activations, KCHW filters,
+float32 or float64; ``pads = (top, bottom, left, right)``; floor output sizes like PyTorch)::
+
+    conv2d(x, w, b, stride, pads, relu=False, strategy=None) -> y
+    conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False,
+                        strategy=None) -> y or (y, route)
+    conv2d_dx(dy, w, stride, pads, in_hw, strategy=None) -> dx
+    conv2d_dw(x, dy, stride, pads, k_hw, strategy=None) -> dw
+    bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool) -> run(x, w, b, y, route, flag)
+    choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None) -> str
+
+Semantics follow PyTorch: ReLU gradient 0 at 0 (route -1 where a window's max is <= 0), max-pool ties go
+to the first element in row-major order, NaN propagates through max pooling and ReLU. Two strategies
+compute them: ``direct`` (kernels generated per shape, direct.py + gen.py) and ``im2col`` (im2col +
+BLAS GEMM, im2col.py); ``strategy=None`` uses the remembered choice of strategy.py.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from graphc.backends.numba.conv import direct, im2col
+from graphc.backends.numba.conv.direct import bind_direct_fwd
+from graphc.backends.numba.conv.layout import check_conv, check_geometry, clear_scratch, float_array, out_hw, pool_hw
+from graphc.backends.numba.conv.strategy import STRATEGIES, choose_conv_strategy
+from graphc.backends.numba.conv.strategy import resolve as resolve_strategy
+from graphc.errors import BackendError
+
+__all__ = ["conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw", "bind_direct_fwd", "choose_conv_strategy",
+           "clear_scratch", "STRATEGIES"]
+
+_IMPL = {"direct": direct, "im2col": im2col}
+
+
+def conv2d(x, w, b, stride, pads, relu=False, strategy=None):
+    """Cross-correlation y (N, K, Ho, Wo) = x (N, C, H, W) * w (K, C, KH, KW) + b, zero padding
+    ``pads = (top, bottom, left, right)``; ``relu`` applies max(., 0) in the epilogue."""
+    x, w, b, stride, pads = check_conv(x, w, b, stride, pads)
+    s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype)
+    return _IMPL[s].forward(x, w, b, stride, pads, "store", relu=bool(relu))[0]
+
+
+def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None):
+    """Fused conv (+bias) -> ReLU -> max pool (floor output size, like PyTorch).
+
+    With ``save_route`` also returns ``route`` (int32, shaped like y): the flat index ``i*Wo + j``
+    in the conv-output plane of each window's (first) maximum, or -1 where that maximum is <= 0 so
+    the ReLU killed it (the route_scatter kernel turns it into dL/d(pre-activation))."""
+    x, w, b, stride, pads = check_conv(x, w, b, stride, pads)
+    ps, pst = int(pool_size), int(pool_stride)
+    N, C, H, W = x.shape
+    K, _, KH, KW = w.shape
+    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
+    s = resolve_strategy(strategy, "conv2d_relu_maxpool", x.shape, w.shape, stride, pads, x.dtype, (ps, pst))
+    y, route = _IMPL[s].forward(x, w, b, stride, pads, "pool", ps=ps, pst=pst, save_route=bool(save_route))
+    return (y, route) if save_route else y
+
+
+def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None):
+    """dL/dX (N, C, H, W): full convolution of the stride-dilated dy with the 180-degree rotated
+    filters, cropped by the padding (input rows/columns no output reads get zero)."""
+    dy = float_array(dy, "dy")
+    w = np.ascontiguousarray(np.asarray(w, dtype=dy.dtype))
+    H, W = (int(v) for v in in_hw)
+    N, K, Ho, Wo = dy.shape
+    x_shape = (N, w.shape[1], H, W)
+    stride, pads = check_geometry(x_shape, w.shape, stride, pads)
+    if (Ho, Wo) != out_hw(H, W, w.shape[2], w.shape[3], stride, pads) or K != w.shape[0]:
+        raise BackendError(f"conv2d_dx: dy {dy.shape} does not fit w {w.shape}, input {H}x{W}")
+    s = resolve_strategy(strategy, "conv2d_dx", x_shape, w.shape, stride, pads, dy.dtype)
+    return _IMPL[s].grad_input(dy, w, stride, pads, (H, W))
+
+
+def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None):
+    """dL/dW (K, C, KH, KW) = correlation of the padded input with dy (per-task partial sums over
+    groups of images, then a reduction)."""
+    x = float_array(x, "x")
+    dy = np.ascontiguousarray(np.asarray(dy, dtype=x.dtype))
+    KH, KW = (int(v) for v in k_hw)
+    N, C, H, W = x.shape
+    K = dy.shape[1]
+    w_shape = (K, C, KH, KW)
+    stride, pads = check_geometry(x.shape, w_shape, stride, pads)
+    if dy.shape != (N, K) + out_hw(H, W, KH, KW, stride, pads):
+        raise BackendError(f"conv2d_dw: dy {dy.shape} does not fit x {x.shape} and a {KH}x{KW} filter")
+    s = resolve_strategy(strategy, "conv2d_dw", x.shape, w_shape, stride, pads, x.dtype)
+    return _IMPL[s].grad_weights(x, dy, stride, pads, (KH, KW))

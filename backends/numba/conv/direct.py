@@ -1,0 +1,435 @@
+"""The direct conv strategy: kernels generated per shape (gen.py) over zero-padded flat planes.
+
+Exact shape constants, the filter taps unrolled with the weights held in scalars, each zero-padded
+input plane read as one flat vector of "wide rows", each prange task computing a block of output
+channels of one image, bias/ReLU/max-pool (and the route) fused into the epilogue. dL/dX is the same
+forward kernel on the (dilated, padded) output gradient with rotated filters; dL/dW is its own
+generated reduction (partial sums per group of images, then summed; for one input channel it reads
+dy in place). Strides > 1 become stride-1 convolutions by space-to-depth (input phases become
+channels). ``$GRAPHC_NUMBA_VECTOR_WIDTH``: the loop-vectoriser width forced on these kernels (default
+16 floats on AVX-512 hosts, 0 = LLVM's own choice, which is 8 floats on Intel cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import numba
+import numpy as np
+
+from graphc.backends.kernel_cache import LOCK, aligned_empty, load_generated
+from graphc.backends.numba.conv import gen
+from graphc.backends.numba.conv.layout import out_hw, place, place_t, pool_hw, scratch, shift_copies
+
+
+def _codegen_tag(predicate: bool) -> str:
+    return (f"# codegen: force-vector-width f32={forced_vector_width(np.float32)} "
+            f"f64={forced_vector_width(np.float64)}, predicate-tail={int(bool(predicate))}\n")
+
+
+def load_kernel(src: str, predicate: bool = True):
+    """The ``kernel`` of a generated conv module (kernel_cache.load_generated).  The LLVM options it
+    will be compiled with are written into the text (so into the file name): Numba's cache cannot
+    see them, and machine code compiled under other options must not be picked up."""
+    k = load_generated(_codegen_tag(predicate) + src, "graphc_kernel_")
+    if not hasattr(k, "_graphc_ready"):
+        k._graphc_predicate = bool(predicate)
+        k._graphc_ready = set()
+    return k
+
+
+def _host_has_avx512() -> bool:
+    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
+        return False              # compiling for another CPU: leave LLVM's choices alone
+    try:
+        import llvmlite.binding as llvm
+        feats = llvm.get_host_cpu_features()
+        return bool(feats.get("avx512f", False))
+    except Exception:  # pragma: no cover
+        return False
+
+
+_AVX512 = _host_has_avx512()
+
+
+def forced_vector_width(dtype) -> int:
+    """Vector width forced on the generated kernels' loops.
+
+    LLVM prefers 256-bit vectors on AVX-512 Intel cores; the generated kernels are FMA-bound and
+    gain 8-15 % from 512-bit ones.  ``$GRAPHC_NUMBA_VECTOR_WIDTH`` overrides (0 = LLVM's choice).
+    """
+    env = os.environ.get("GRAPHC_NUMBA_VECTOR_WIDTH")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            return 0
+    return 64 // np.dtype(dtype).itemsize if _AVX512 else 0
+
+
+@contextlib.contextmanager
+def _codegen_options(width: int, predicate: bool = True):
+    """Force LLVM's loop-vectoriser width while a generated kernel compiles (process-wide LLVM
+    options, restored afterwards).  With ``predicate`` the remainder of a vector loop runs as one
+    masked iteration instead of a scalar loop (the pooling epilogues have rows of 5 to 14
+    elements); the long reductions of dL/dW are faster without.  LLVM prints 'loop not vectorized'
+    remarks for every loop it cannot vectorise when a width is forced; they are dropped by
+    pointing fd 2 at /dev/null."""
+    if not width:
+        yield
+        return
+    import llvmlite.binding as llvm
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    saved = None
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:  # pragma: no cover
+        saved = None
+    llvm.set_option("", f"-force-vector-width={int(width)}")
+    if predicate:
+        llvm.set_option("", "-prefer-predicate-over-epilogue=predicate-else-scalar-epilogue")
+    try:
+        yield
+    finally:
+        llvm.set_option("", "-force-vector-width=0")
+        if predicate:
+            llvm.set_option("", "-prefer-predicate-over-epilogue=scalar-epilogue")
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_generated(kern, args, dtype):
+    """Call a generated kernel, compiling it first (under the wide-vector options) when no machine
+    code for these argument types is loaded yet; Numba's disk cache answers when it can.
+
+    The arguments are this module's own C-contiguous work arrays (plus flags), so their types
+    follow from the dtype; after the first call the type check is skipped (a caller's read-only
+    or unaligned array would make Numba compile one more specialisation, without the options)."""
+    key = np.dtype(dtype).char
+    ready = kern._graphc_ready
+    if key not in ready:
+        sig = tuple(numba.typeof(a) for a in args)
+        if sig not in kern.overloads:
+            with LOCK:
+                if sig not in kern.overloads:
+                    with _codegen_options(forced_vector_width(dtype), kern._graphc_predicate):
+                        kern.compile(sig)
+        ready.add(key)
+    return kern(*args)
+
+
+def _vec_len(dtype) -> int:
+    return 16 if np.dtype(dtype).itemsize == 4 else 8
+
+
+def _pick_blocks(K: int, C: int, T: int):
+    """(KB, CB): output channels per task and input channels per pass of the vector loop, so that
+    the KB*CB*T weights stay in registers and each loaded input vector feeds several FMAs."""
+    if K == 1:
+        return 1, max(1, min(C, 18 // T if T <= 9 else 1))
+    if T == 1:
+        return min(K, 4), min(C, 4)
+    if T <= 4:
+        return min(K, 4), 1
+    if T <= 9:
+        return min(K, 2), 1            # 18 weights in registers: measured best for 3x3
+    return (min(K, 2) if C == 1 else 1), 1   # 5x5: 25 weights per output channel already
+
+
+class FwdPlan:
+    """Geometry of one direct stride-1 forward call over flat padded planes."""
+
+    def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked"):
+        self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
+        self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
+        T = KH * KW
+        self.KB, self.CB = _pick_blocks(K, C, T)
+        if epi == "pool":
+            self.Hq, self.Wq = pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
+            rows = (self.Hq - 1) * pst + ps
+            cols = (self.Wq - 1) * pst + ps
+        else:
+            self.Hq = self.Wq = 0
+            rows, cols = Ho, Wo
+        VL = _vec_len(dtype)
+        self.PL = gen.round_up((rows - 1) * Wp + cols, VL)
+        maxoff = (KH - 1) * Wp + KW - 1
+        self.Lx = gen.round_up(max(Hp * Wp, self.PL + maxoff), VL)
+        self.NKB = -(-K // self.KB)
+
+    def source(self):
+        return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
+                                 Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
+                                 ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
+                                 **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}))
+
+    def weights(self, w):
+        """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
+        K, C, KH, KW = w.shape
+        Kp = self.NKB * self.KB
+        wp = w if Kp == K else np.concatenate([w, np.zeros((Kp - K, C, KH, KW), w.dtype)])
+        return np.ascontiguousarray(
+            wp.reshape(self.NKB, self.KB, C, KH * KW).transpose(0, 2, 1, 3).reshape(self.NKB, C, -1))
+
+    def bias(self, b, dtype):
+        bb = np.zeros(self.NKB * self.KB, dtype)
+        if b is not None:
+            bb[:self.K] = b
+        return bb
+
+
+_PLANS: dict = {}
+
+
+def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> FwdPlan:
+    """The (memoised) plan of a direct forward call, its kernel loaded."""
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout)
+        plan.kern = load_kernel(plan.source())
+        _PLANS[key] = plan
+    return plan
+
+
+def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False):
+    """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx)."""
+    N = xb.shape[0]
+    dtype = xb.dtype
+    kern = plan.kern
+    if plan.epi == "pool":
+        y = np.empty((N, plan.K, plan.Hq, plan.Wq), dtype)
+        route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
+    else:
+        y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
+        route = np.empty((1, 1, 1, 1), np.int32)
+    flag = bool(save_route) if plan.epi == "pool" else bool(relu)
+    # one accumulator block per worker thread (numba.get_thread_id() is below NUMBA_NUM_THREADS);
+    # rows padded by 128 bytes and the block cache-line aligned: two threads writing the two ends
+    # of one cache line made the kernel slower on 2 threads than on 1 (false sharing)
+    nt = numba.config.NUMBA_NUM_THREADS
+    acc = scratch("fwd_acc", (nt, plan.KB, plan.PL + 128 // np.dtype(dtype).itemsize), dtype)
+    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc), dtype)
+    return y, route
+
+
+def _space_to_depth(x, w, stride, pads):
+    """Stride-s correlation -> stride-1 correlation: returns padded phases xs (N, C*s*s, Hq, Wq) and
+    weights ws (K, C*s*s, ceil(KH/s), ceil(KW/s)) with phase (a, b) of channel c at c*s*s + a*s + b."""
+    s = stride
+    N, C, H, W = x.shape
+    K, _, KH, KW = w.shape
+    top, bottom, left, right = pads
+    Ho, Wo = out_hw(H, W, KH, KW, s, pads)
+    KHq, KWq = -(-KH // s), -(-KW // s)
+    Hq, Wq = Ho + KHq - 1, Wo + KWq - 1
+    xp = np.zeros((N, C, Hq * s, Wq * s), x.dtype)
+    h = min(H, Hq * s - top)
+    ww = min(W, Wq * s - left)
+    xp[:, :, top:top + h, left:left + ww] = x[:, :, :h, :ww]
+    xs = xp.reshape(N, C, Hq, s, Wq, s).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * s * s, Hq, Wq)
+    wpad = np.zeros((K, C, KHq * s, KWq * s), w.dtype)
+    wpad[:, :, :KH, :KW] = w
+    ws = wpad.reshape(K, C, KHq, s, KWq, s).transpose(0, 1, 3, 5, 2, 4).reshape(K, C * s * s, KHq, KWq)
+    return np.ascontiguousarray(xs), np.ascontiguousarray(ws), (Ho, Wo)
+
+
+def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False):
+    N, C, H, W = x.shape
+    K, _, KH, KW = w.shape
+    if stride > 1:
+        xs, ws, (Ho, Wo) = _space_to_depth(x, w, stride, pads)
+        x1, w1, p1 = xs, ws, (0, 0, 0, 0)
+    else:
+        Ho, Wo = out_hw(H, W, KH, KW, 1, pads)
+        x1, w1, p1 = x, w, pads
+    top, bottom, left, right = p1
+    Hp, Wp = x1.shape[2] + top + bottom, x1.shape[3] + left + right
+    plan = fwd_plan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
+    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    if p1 == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp and x1.flags.writeable and x1.flags.aligned:
+        # the kernel's reads stay inside each image plane: read x where it lies
+        xb = x1.reshape(N, x1.shape[1], Hp * Wp)
+    else:
+        xb = scratch("fwd_x", (N, x1.shape[1], plan.Lx), x.dtype)
+        place(x1, xb, Hp, Wp, 1, top, left)
+    return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
+
+
+def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0)):
+    """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
+    caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
+    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
+    route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
+    a call is the kernel and a few attribute checks (the per-call Python of conv2d -- checks,
+    plan look-up, weight re-layout, allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
+    The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
+    must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
+    layout are copied first. Returns None where the direct strategy needs more than a stride-1
+    kernel (stride > 1: space-to-depth per call)."""
+    if int(stride) != 1:
+        return None
+    dtype = np.dtype(dtype)
+    N, C, H, W = (int(v) for v in x_shape)
+    K, _, KH, KW = (int(v) for v in w_shape)
+    pads = tuple(int(p) for p in pads)
+    top, bottom, left, right = pads
+    Ho, Wo = out_hw(H, W, KH, KW, 1, pads)
+    Hp, Wp = H + top + bottom, W + left + right
+    ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
+    plan = fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct")
+    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
+    nt = numba.config.NUMBA_NUM_THREADS
+    acc = aligned_empty((nt, plan.KB, plan.PL + 128 // dtype.itemsize), dtype)
+    nob = np.zeros(K, dtype)
+    kern = plan.kern
+    w3shape = (K, C, KH * KW)
+    xshape = (N, C, H, W)
+    ok = (True, True, True)
+
+    memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
+    compiled = []
+
+    def run(x, w, b, y, route, flag):
+        # views of the same arrays as last call are reused (params and planned buffers are the same
+        # objects every run; a view follows in-place updates); copies are never remembered
+        if w is memo[0]:
+            w3 = memo[1]
+        elif w.dtype == dtype and w.flags.c_contiguous:
+            w3 = w.reshape(w3shape)
+            memo[0], memo[1] = w, w3
+        else:
+            w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
+        if b is None:
+            b = nob
+        elif b is not memo[4]:
+            if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
+                memo[4] = b
+            else:
+                b = np.ascontiguousarray(b, dtype).reshape(-1)
+        if inplace:
+            if x is memo[2]:
+                xin = memo[3]
+            else:
+                fl = x.flags
+                if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
+                    xin = x.reshape(N, C, Hp * Wp)
+                    memo[2], memo[3] = x, xin
+                else:
+                    xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
+        else:
+            if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
+                x = np.array(x, dtype)
+            place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
+            xin = xb
+        if compiled:
+            kern(xin, w3, b, y, route, bool(flag), acc)
+        else:
+            run_generated(kern, (xin, w3, b, y, route, bool(flag), acc), dtype)
+            compiled.append(True)
+
+    run.plan = plan
+    return run
+
+
+def grad_input(dy, w, stride, pads, in_hw):
+    """dL/dX: stride-1 correlation of the (stride-dilated) output gradient, placed in planes of
+    (H+KH-1) x (W+KW-1), with the filters rotated by 180 degrees and in/out channels swapped."""
+    N, K, Ho, Wo = dy.shape
+    _, C, KH, KW = w.shape
+    H, W = in_hw
+    top, _, left, _ = pads
+    Hb, Wb = H + KH - 1, W + KW - 1
+    wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    plan = fwd_plan(C, K, KH, KW, Hb, Wb, H, W, dy.dtype, "store")
+    buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
+    place(dy, buf, Hb, Wb, stride, KH - 1 - top, KW - 1 - left)
+    return _run_planes(buf, plan, wf, None)[0]
+
+
+def _dw_groups(N, Lx, NKB):
+    G = max(1, min(N, -(-2048 // Lx)))
+    want = 4 * numba.get_num_threads()
+    while G > 1 and -(-N // G) * NKB < want:
+        G = (G + 1) // 2
+    return G
+
+
+def _dw_blocks(K, T):
+    if T == 1:
+        return min(K, 8)
+    if T <= 4:
+        return min(K, 4)
+    if T <= 9:
+        return min(K, 2)
+    return min(K, 4)
+
+
+_DW_KERNELS: dict = {}
+
+
+def _dw_kernel(kind, **geom):
+    key = (kind,) + tuple(sorted(geom.items()))
+    k = _DW_KERNELS.get(key)
+    if k is None:
+        make = gen.gen_conv_dw_narrow if kind == "narrow" else gen.gen_conv_dw_wide
+        # long reductions: a masked remainder iteration is slower than a scalar one here
+        k = _DW_KERNELS[key] = load_kernel(make(**geom), predicate=False)
+    return k
+
+
+def _dw_stride1(x, dy, pads, KH, KW):
+    """dL/dW of a stride-1 correlation (x unpadded, pads applied here)."""
+    N, C, H, W = x.shape
+    _, K, Ho, Wo = dy.shape
+    top, bottom, left, right = pads
+    Hp, Wp = H + top + bottom, W + left + right
+    T = KH * KW
+    dtype = x.dtype
+    zero = dtype.type(0)
+    KB = _dw_blocks(K, T)
+    NKB = -(-K // KB)
+    if C == 1 or (C * KW * Hp * Wo < K * Ho * Wp and Ho * Wo >= 256):
+        # narrow: dy read where it lies; KW shifted copies of the (small) input
+        xs = scratch("dw_xs", (N, C, KW, Hp * Wo), dtype)
+        shift_copies(x, xs, Hp, Wo, top, left)
+        kern = _dw_kernel("narrow", C=C, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo)
+        part = np.empty((N, NKB * KB, C, T), dtype)
+        run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype)
+    else:
+        VL = _vec_len(dtype)
+        Lx = gen.round_up(Hp * Wp, VL)
+        tail = gen.round_up((KH - 1) * Wp + KW - 1, VL)
+        G = _dw_groups(N, Lx, NKB)
+        xf = scratch("dw_x", (C, N * Lx + tail), dtype)
+        place_t(x, xf, Hp, Wp, Lx, top, left)
+        dyf = scratch("dw_dy", (NKB * KB, N * Lx), dtype)
+        place_t(dy, dyf, Hp, Wp, Lx, 0, 0)
+        kern = _dw_kernel("wide", C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, G=G)
+        part = np.empty((-(-N // G), NKB * KB, C, T), dtype)
+        run_generated(kern, (xf, dyf, part, N, zero), dtype)
+    dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
+    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=dtype)
+
+
+def grad_weights(x, dy, stride, pads, k_hw):
+    KH, KW = k_hw
+    if stride == 1:
+        return _dw_stride1(x, dy, pads, KH, KW)
+    s = stride
+    N, C, H, W = x.shape
+    K = dy.shape[1]
+    xs, _, (Ho, Wo) = _space_to_depth(x, np.zeros((1, C, KH, KW), x.dtype), s, pads)
+    KHq, KWq = xs.shape[2] - Ho + 1, xs.shape[3] - Wo + 1
+    dws = _dw_stride1(xs, dy, (0, 0, 0, 0), KHq, KWq)        # (K, C*s*s, KHq, KWq)
+    dws = dws.reshape(K, C, s, s, KHq, KWq).transpose(0, 1, 4, 2, 5, 3).reshape(K, C, KHq * s, KWq * s)
+    return np.ascontiguousarray(dws[:, :, :KH, :KW])
+

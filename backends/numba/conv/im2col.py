@@ -1,0 +1,198 @@
+"""The im2col conv strategy: one Numba parallel loop over images; im2col of each image into a per-thread
+buffer, a BLAS GEMM (numpy's dot inside @njit; BLAS held to one thread meanwhile: two thread pools on
+two cores fight), and the epilogue straight from the product (col2im for dL/dX, per-thread partial
+sums for dL/dW).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from graphc.backends.kernel_cache import LOCK, BlasLimit, rescan_blas
+from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
+
+
+@njit(cache=True, nogil=True)
+def _cols_of(xp, cols, KH, KW, s, Ho, Wo):
+    """cols (C*KH*KW, Ho*Wo) of one padded image xp (C, Hp, Wp)."""
+    C = xp.shape[0]
+    for c in range(C):
+        for kh in range(KH):
+            for kw in range(KW):
+                row = cols[(c * KH + kh) * KW + kw]
+                for i in range(Ho):
+                    src = xp[c, i * s + kh]
+                    if s == 1:
+                        for j in range(Wo):
+                            row[i * Wo + j] = src[j + kw]
+                    else:
+                        for j in range(Wo):
+                            row[i * Wo + j] = src[j * s + kw]
+
+
+@njit(cache=True, nogil=True)
+def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
+    """bias + ReLU + max pool of one conv-output plane z (Ho*Wo,) into yk (Hq, Wq); route as in
+    conv2d_relu_maxpool (flat index of the window's first max, -1 when it is <= 0)."""
+    Hq, Wq = yk.shape
+    for i in range(Hq):
+        for j in range(Wq):
+            r0 = i * pst
+            c0 = j * pst
+            m = z[r0 * Wo + c0] + bk
+            mi = r0 * Wo + c0
+            for di in range(ps):
+                for dj in range(ps):
+                    v = z[(r0 + di) * Wo + c0 + dj] + bk
+                    if v > m:
+                        m = v
+                        mi = (r0 + di) * Wo + c0 + dj
+            yk[i, j] = 0.0 if m <= 0 else m
+            if save:
+                rk[i, j] = mi if m > 0 else -1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst):
+    """im2col + GEMM forward, one image per task: cols[thread] (C*KH*KW, Ho*Wo) is built from the
+    padded image xp[n] (C, Hp, Wp), multiplied by wm (K, C*KH*KW) (BLAS; keep it to one thread
+    around this call), and the epilogue writes y[n] straight from the product.
+    epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool (route when flag)."""
+    N = xp.shape[0]
+    K = wm.shape[0]
+    P = Ho * Wo
+    for n in prange(N):
+        cl = cols[numba.get_thread_id()]
+        _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
+        z = np.dot(wm, cl)                                   # (K, Ho*Wo)
+        for k in range(K):
+            bk = b[k]
+            zk = z[k]
+            if epi == 0:
+                yk = y[n, k].reshape(P)
+                if flag:
+                    for q in range(P):
+                        v = zk[q] + bk
+                        yk[q] = 0.0 if v < 0 else v
+                else:
+                    for q in range(P):
+                        yk[q] = zk[q] + bk
+            else:
+                _pool_epilogue(zk, bk, y[n, k], route[n, k], Wo, ps, pst, flag)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _i2c_dx(dy, wmt, dxp, KH, KW, s):
+    """dL/dX by GEMM + col2im, one image per task: dcols = wmt (C*KH*KW, K) @ dy[n] (K, Ho*Wo),
+    summed into the padded gradient plane dxp[n] (C, Hp, Wp)."""
+    N, K, Ho, Wo = dy.shape
+    C = dxp.shape[1]
+    for n in prange(N):
+        dcols = np.dot(wmt, dy[n].reshape(K, Ho * Wo))
+        plane = dxp[n]
+        plane[:, :, :] = 0
+        for c in range(C):
+            for kh in range(KH):
+                for kw in range(KW):
+                    row = dcols[(c * KH + kh) * KW + kw]
+                    for i in range(Ho):
+                        dst = plane[c, i * s + kh]
+                        for j in range(Wo):
+                            dst[j * s + kw] += row[i * Wo + j]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _i2c_dw(xp, dy, part, cols, KH, KW, s):
+    """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g of
+    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis."""
+    N, K, Ho, Wo = dy.shape
+    G = part.shape[0]
+    for g in prange(G):
+        cl = cols[numba.get_thread_id()]
+        acc = part[g]
+        acc[:, :] = 0
+        for n in range(g, N, G):
+            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
+            acc += np.dot(dy[n].reshape(K, Ho * Wo), cl.T)
+
+
+_ONE_BLAS_THREAD = BlasLimit(1)
+
+
+def _i2c_compiled(fn, args):
+    """First call of an im2col kernel for these types: compile it (it loads SciPy's BLAS), then
+    look for BLAS libraries again so that the thread limit reaches that one too."""
+    sig = tuple(numba.typeof(a) for a in args)
+    if sig not in fn.overloads:
+        with LOCK:
+            fn.compile(sig)
+        rescan_blas()
+
+
+def _padded_images(x, pads, tag):
+    N, C, H, W = x.shape
+    top, bottom, left, right = pads
+    if pads == (0, 0, 0, 0):
+        return x
+    Hp, Wp = H + top + bottom, W + left + right
+    xb = scratch(tag, (N, C, Hp * Wp), x.dtype)
+    place(x, xb, Hp, Wp, 1, top, left)
+    return xb.reshape(N, C, Hp, Wp)
+
+
+def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False):
+    N, C, H, W = x.shape
+    K, _, KH, KW = w.shape
+    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    xp = _padded_images(x, pads, "i2c_x")
+    cols = scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
+    bb = b if b is not None else np.zeros(K, x.dtype)
+    if epi == "pool":
+        Hq, Wq = pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
+        y = np.empty((N, K, Hq, Wq), x.dtype)
+        route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
+        args = (xp, w.reshape(K, -1), bb, y, route, cols, KH, KW, stride, Ho, Wo, 1, bool(save_route),
+                ps, pst)
+    else:
+        y = np.empty((N, K, Ho, Wo), x.dtype)
+        route = None
+        args = (xp, w.reshape(K, -1), bb, y, np.empty((1, 1, 1, 1), np.int32), cols, KH, KW, stride,
+                Ho, Wo, 0, bool(relu), 0, 0)
+    _i2c_compiled(_i2c_fwd, args)
+    with _ONE_BLAS_THREAD:
+        _i2c_fwd(*args)
+    return y, route
+
+
+def grad_input(dy, w, stride, pads, in_hw):
+    N, K, Ho, Wo = dy.shape
+    _, C, KH, KW = w.shape
+    H, W = in_hw
+    top, bottom, left, right = pads
+    shape = (N, C, H + top + bottom, W + left + right)
+    dxp = np.empty(shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
+    args = (dy, np.ascontiguousarray(w.reshape(K, -1).T), dxp, KH, KW, stride)
+    _i2c_compiled(_i2c_dx, args)
+    with _ONE_BLAS_THREAD:
+        _i2c_dx(*args)
+    if pads == (0, 0, 0, 0):
+        return dxp
+    return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
+
+
+def grad_weights(x, dy, stride, pads, k_hw):
+    N, K, Ho, Wo = dy.shape
+    C = x.shape[1]
+    KH, KW = k_hw
+    xp = _padded_images(x, pads, "i2c_x")
+    nt = numba.config.NUMBA_NUM_THREADS
+    cols = scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
+    part = np.empty((max(1, min(N, numba.get_num_threads())), K, C * KH * KW), x.dtype)
+    args = (xp, dy, part, cols, KH, KW, stride)
+    _i2c_compiled(_i2c_dw, args)
+    with _ONE_BLAS_THREAD:
+        _i2c_dw(*args)
+    dw = part.sum(axis=0, dtype=np.float64) if part.shape[0] > 1 else part[0]
+    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=x.dtype)
+

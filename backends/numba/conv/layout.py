@@ -1,0 +1,204 @@
+"""Work arrays, zero-padded flat planes and argument checks shared by the conv strategies.
+
+A padded input plane of Hp x Wp is stored flat ("wide rows", see gen.py); ``place`` writes the
+planes of a batch (zeros around, the image inside, optionally strided for dL/dX), ``place_t`` the
+channel-major layout of the dL/dW kernels.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from numba import njit, prange
+
+from graphc.backends.kernel_cache import aligned_empty
+from graphc.errors import BackendError
+
+_TLS = threading.local()
+
+
+def scratch(tag, shape, dtype):
+    """A work array private to this module, kept per thread and reused from call to call.
+
+    Fresh large numpy arrays come from mmap (glibc hands every allocation above its threshold
+    straight back to the kernel on free), so each call would pay a page fault per 4 KiB touched --
+    about 1.4 us each on this VM, milliseconds per layer.  Never returned to callers."""
+    bufs = getattr(_TLS, "bufs", None)
+    if bufs is None:
+        bufs = _TLS.bufs = {}
+    key = (tag, tuple(shape), np.dtype(dtype).str)
+    a = bufs.get(key)
+    if a is None:
+        if len(bufs) > 64:
+            bufs.clear()
+        a = bufs[key] = aligned_empty(shape, dtype)
+    return a
+
+
+def clear_scratch() -> None:
+    """Free the work arrays this thread keeps between calls."""
+    _TLS.bufs = {}
+
+
+_SERIAL_BELOW = 1 << 16       # elements: smaller placements run on the calling thread
+
+
+@njit(cache=True, nogil=True)
+def fill_plane(out, off, end, img, Hd, Wd, s, pt, pl):
+    """out[off:end] = zeros with the (Hd x Wd, rows Wd wide, flat) plane at its start holding
+    img[i, j] at row i*s+pt, column j*s+pl (entries falling outside are dropped).  Every element is
+    written once, each row as zeros + one contiguous copy + zeros when s == 1."""
+    h, w = img.shape
+    if s == 1:
+        j0 = max(0, -pl)
+        j1 = min(w, Wd - pl)
+        for r in range(Hd):
+            base = off + r * Wd
+            i = r - pt
+            if 0 <= i < h and j1 > j0:
+                for q in range(base, base + j0 + pl):
+                    out[q] = 0
+                src = img[i]
+                for j in range(j0, j1):
+                    out[base + pl + j] = src[j]
+                for q in range(base + j1 + pl, base + Wd):
+                    out[q] = 0
+            else:
+                for q in range(base, base + Wd):
+                    out[q] = 0
+    else:
+        for q in range(off, off + Hd * Wd):
+            out[q] = 0
+        for i in range(h):
+            r = i * s + pt
+            if 0 <= r < Hd:
+                for j in range(w):
+                    col = j * s + pl
+                    if 0 <= col < Wd:
+                        out[off + r * Wd + col] = img[i, j]
+    for q in range(off + Hd * Wd, end):
+        out[q] = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def place(src, dst, Hd, Wd, s, pt, pl):
+    """dst (N, C', L): plane (n, c) becomes a zero (Hd x Wd, rows Wd wide, flat) plane followed by
+    zeros up to L, with src[n, c, i, j] at row i*s+pt, column j*s+pl (entries falling outside are
+    dropped).  Channels c >= src.shape[1] stay all zero."""
+    N = src.shape[0]
+    Cd = dst.shape[1]
+    L = dst.shape[2]
+    if N * Cd * L < _SERIAL_BELOW:            # a parallel launch costs more than the copy
+        for t in range(N * Cd):
+            place_one(src, dst, t, Hd, Wd, s, pt, pl)
+    else:
+        for t in prange(N * Cd):
+            place_one(src, dst, t, Hd, Wd, s, pt, pl)
+
+
+@njit(cache=True, nogil=True)
+def place_one(src, dst, t, Hd, Wd, s, pt, pl):
+    C = src.shape[1]
+    Cd = dst.shape[1]
+    L = dst.shape[2]
+    n = t // Cd
+    c = t - n * Cd
+    plane = dst[n, c]
+    if c < C:
+        fill_plane(plane, 0, L, src[n, c], Hd, Wd, s, pt, pl)
+    else:
+        for q in range(L):
+            plane[q] = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def place_t(src, dst, Hd, Wd, L, pt, pl):
+    """Channel-major placement for the dL/dW kernels: dst (C', N*L + tail); the (Hd x Wd) plane of
+    image n, channel c starts at dst[c, n*L] and holds src[n, c, i, j] at row i+pt, column j+pl;
+    everything else (borders, the rest of L, the tail, channels c >= src.shape[1]) is zero."""
+    N, C = src.shape[0], src.shape[1]
+    Cd = dst.shape[0]
+    tot = dst.shape[1]
+    for t in prange(Cd * N):
+        c = t // N
+        n = t - c * N
+        row = dst[c]
+        end = (n + 1) * L if n < N - 1 else tot
+        if c < C:
+            fill_plane(row, n * L, end, src[n, c], Hd, Wd, 1, pt, pl)
+        else:
+            for q in range(n * L, end):
+                row[q] = 0
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def shift_copies(src, dst, Hp, Wo, pt, pl):
+    """dst (N, C, KW, Hp*Wo): dst[n, c, kw, r*Wo + j] = xpad[n, c, r, j + kw] where xpad is src
+    zero-padded by pt rows on top and pl columns on the left (and zeros beyond its end)."""
+    N, C, h, w = src.shape
+    KW = dst.shape[2]
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for kw in range(KW):
+            plane = dst[n, c, kw]
+            for r in range(Hp):
+                i = r - pt
+                for j in range(Wo):
+                    jj = j + kw - pl
+                    if 0 <= i < h and 0 <= jj < w:
+                        plane[r * Wo + j] = src[n, c, i, jj]
+                    else:
+                        plane[r * Wo + j] = 0
+
+
+def float_array(a, name):
+    a = np.asarray(a)
+    if a.dtype not in (np.float32, np.float64):
+        raise BackendError(f"{name}: numba conv kernels take float32 or float64, got {a.dtype}")
+    return np.ascontiguousarray(a)
+
+
+def check_conv(x, w, b, stride, pads):
+    x = float_array(x, "x")
+    w = np.ascontiguousarray(np.asarray(w, dtype=x.dtype))
+    if x.ndim != 4 or w.ndim != 4:
+        raise BackendError(f"conv2d wants x (N,C,H,W) and w (K,C,KH,KW), got {x.shape} and {w.shape}")
+    if x.shape[1] != w.shape[1]:
+        raise BackendError(f"conv2d: x has {x.shape[1]} channels but w expects {w.shape[1]}")
+    if b is not None:
+        b = np.ascontiguousarray(np.asarray(b, dtype=x.dtype).reshape(-1))
+        if b.shape[0] != w.shape[0]:
+            raise BackendError(f"conv2d: bias has {b.shape[0]} entries for {w.shape[0]} filters")
+    stride, pads = check_geometry(x.shape, w.shape, stride, pads)
+    return x, w, b, stride, pads
+
+
+def check_geometry(x_shape, w_shape, stride, pads):
+    stride = int(stride)
+    if stride < 1:
+        raise BackendError(f"conv2d: stride must be >= 1, got {stride}")
+    pads = tuple(int(p) for p in pads)
+    if len(pads) != 4 or min(pads) < 0:
+        raise BackendError(f"conv2d: pads must be (top, bottom, left, right) >= 0, got {pads}")
+    _, _, H, W = x_shape
+    _, _, KH, KW = w_shape
+    if H + pads[0] + pads[1] < KH or W + pads[2] + pads[3] < KW:
+        raise BackendError(f"conv2d: filter {KH}x{KW} larger than the padded input "
+                           f"{H + pads[0] + pads[1]}x{W + pads[2] + pads[3]}")
+    return stride, pads
+
+
+def out_hw(H, W, KH, KW, stride, pads):
+    top, bottom, left, right = pads
+    return (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1
+
+
+def pool_hw(H, W, size, stride, what="pool"):
+    size, stride = int(size), int(stride)
+    if size < 1 or stride < 1:
+        raise BackendError(f"{what}: size and stride must be >= 1, got {size}, {stride}")
+    if H < size or W < size:
+        raise BackendError(f"{what}: window {size} larger than the {H}x{W} input")
+    return (H - size) // stride + 1, (W - size) // stride + 1
+

@@ -1,0 +1,195 @@
+"""Which conv strategy (direct or im2col) runs a convolution of a given geometry: timed once per
+shape, op and thread count, remembered in ``conv_strategy.json`` in the kernel cache directory so
+later processes reuse the choice. ``$GRAPHC_CONV_STRATEGY`` (``direct``/``im2col``) skips the timing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import numba
+import numpy as np
+
+from graphc.backends.kernel_cache import LOCK, kernel_cache_dir, write_atomic
+from graphc.backends.numba.conv import direct, im2col
+from graphc.backends.numba.conv.layout import check_geometry, out_hw
+from graphc.errors import BackendError
+
+STRATEGIES = ("direct", "im2col")
+
+_CHOICES: dict = {}
+_CHOICE_FILE = "conv_strategy.json"
+
+
+def _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool):
+    import llvmlite.binding as llvm
+    cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()
+    parts = [op, "x" + "x".join(map(str, x_shape)), "w" + "x".join(map(str, w_shape)), f"s{stride}",
+             "p" + "_".join(map(str, pads)), np.dtype(dtype).name, f"t{numba.get_num_threads()}", cpu]
+    if pool is not None:
+        parts.append(f"pool{pool[0]}_{pool[1]}")
+    return "|".join(parts)
+
+
+def _read_choices(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_choice(key, value):
+    path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
+    with LOCK:
+        data = _read_choices(path)
+        data[key] = value
+        with contextlib.suppress(OSError):
+            write_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def _time_candidates(fns: dict, repeats: int) -> dict:
+    """Best-of-``repeats`` seconds of each candidate, runs interleaved (a, b, a, b, ...) after one
+    warm-up call each (which compiles).  The minimum, not the median: on a shared machine other
+    load only ever adds time, and interleaving spreads slow phases over both candidates."""
+    for k in list(fns):
+        try:
+            fns[k]()
+        except Exception:      # e.g. im2col without scipy (Numba's np.dot needs its BLAS)
+            if len(fns) == 1:
+                raise
+            del fns[k]
+    best = {k: float("inf") for k in fns}
+    budget = time.perf_counter() + 2.0
+    for r in range(max(1, repeats)):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+        if r >= 1 and time.perf_counter() > budget:
+            break
+    return best
+
+
+SMALL_BATCH_DIRECT = 2      # forward convs of at most this many images take "direct" untimed
+IM2COL_MARGIN = 1.15        # im2col must be this much faster than direct to be chosen
+
+
+def _pick(times: dict) -> str:
+    """The strategy to keep from {strategy: seconds (or ms)}: direct unless im2col beats it by more
+    than IM2COL_MARGIN (timings on a shared machine differ by tens of per cent; direct has no BLAS
+    thread pool to fight and no per-image serialisation)."""
+    if "direct" in times and "im2col" in times:
+        return "im2col" if times["im2col"] * IM2COL_MARGIN < times["direct"] else "direct"
+    return min(times, key=times.get)
+
+
+def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
+                         repeats=5) -> str:
+    """``"direct"`` or ``"im2col"`` for this convolution, timed once per shape (best of ``repeats``
+    interleaved runs after a warm-up call each) and remembered in ``conv_strategy.json`` in
+    the kernel cache directory, so later processes reuse the choice.  ``op`` is one of ``"conv2d"``, ``"conv2d_relu_maxpool"``
+    (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``.  ``$GRAPHC_CONV_STRATEGY``
+    forces a strategy everywhere."""
+    forced = os.environ.get("GRAPHC_CONV_STRATEGY")
+    if forced:
+        if forced not in STRATEGIES:
+            raise BackendError(f"GRAPHC_CONV_STRATEGY={forced!r}: expected one of {STRATEGIES}")
+        return forced
+    x_shape = tuple(int(v) for v in x_shape)
+    w_shape = tuple(int(v) for v in w_shape)
+    stride, pads = check_geometry(x_shape, w_shape, stride, pads)
+    dtype = np.dtype(dtype)
+    if op not in ("conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw"):
+        raise BackendError(f"choose_conv_strategy: unknown op {op!r}")
+    if op == "conv2d_relu_maxpool":
+        if pool is None:
+            raise BackendError("choose_conv_strategy: conv2d_relu_maxpool needs pool=(size, stride)")
+        pool = (int(pool[0]), int(pool[1]))
+    else:
+        pool = None
+    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool)
+    got = _CHOICES.get(key)
+    if got is not None:
+        return got
+    path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
+    if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT:
+        # im2col runs one image per prange task (one thread at batch 1) and its GEMMs are tiny;
+        # a timing taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
+        _CHOICES[key] = "direct"
+        entry = {"strategy": "direct", "rule": f"batch <= {SMALL_BATCH_DIRECT}"}
+        if _read_choices(path).get(key) != entry:
+            _record_choice(key, entry)
+        return "direct"
+    got = _read_choices(path).get(key)
+    if isinstance(got, dict) and got.get("ms") is not None and _retime(got.get("load")):
+        got = None                       # timed on a busy machine and it is quieter now: time again
+    if isinstance(got, dict) and got.get("strategy") in STRATEGIES:
+        best = got["strategy"]
+        ms = got.get("ms")
+        if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
+            best = _pick(ms)             # entries recorded before the margin rule
+        _CHOICES[key] = best
+        return best
+
+    fns = _candidates(op, x_shape, w_shape, stride, pads, dtype, pool)
+    times = _time_candidates(fns, repeats)
+    best = _pick(times)
+    _CHOICES[key] = best
+    _record_choice(key, {"strategy": best, "ms": {k: round(v * 1e3, 4) for k, v in times.items()},
+                         "load": round(_load_per_cpu(), 2)})
+    return best
+
+
+def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool):
+    """{strategy: a call of it on random data of this geometry}."""
+    rng = np.random.default_rng(0)
+    N, C, H, W = x_shape
+    K, _, KH, KW = w_shape
+    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = (rng.standard_normal(w_shape) * 0.1).astype(dtype)
+    b = (rng.standard_normal(K) * 0.1).astype(dtype)
+    dy = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
+    fns = {}
+    for strat, impl in (("direct", direct), ("im2col", im2col)):
+        if op == "conv2d":
+            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store")
+        elif op == "conv2d_relu_maxpool":
+            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "pool", ps=pool[0], pst=pool[1],
+                                                   save_route=True)
+        elif op == "conv2d_dx":
+            fns[strat] = lambda m=impl: m.grad_input(dy, w, stride, pads, (H, W))
+        else:
+            fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW))
+    return fns
+
+
+def _load_per_cpu():
+    """1-minute load average per CPU: above ~0.75 other processes take time slices from our threads."""
+    try:
+        return os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        return 0.0
+
+
+def _retime(recorded_load):
+    """A remembered choice is re-timed when it was measured under load (or the load is unknown, as in
+    files written before it was recorded) and the machine is now clearly quieter: on these shared
+    machines a timing under load once made the direct kernel look 13x slower than it is."""
+    now = _load_per_cpu()
+    if now > 0.75:
+        return False
+    return recorded_load is None or (recorded_load > 0.75 and now < recorded_load / 2)
+
+
+def resolve(strategy, op, x_shape, w_shape, stride, pads, dtype, pool=None):
+    if strategy is None:
+        return choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool)
+    if strategy not in STRATEGIES:
+        raise BackendError(f"unknown conv strategy {strategy!r}: expected one of {STRATEGIES} or None")
+    return strategy
+

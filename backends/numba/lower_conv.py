@@ -1,0 +1,161 @@
+"""Convolutions and the fused conv patterns, on the numba conv kernels (backends/numba/conv/).
+
+The strategy (direct or im2col) is looked up once per Numba thread count and passed explicitly, so a
+call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM for the host CPU name
+each time). Where the strategy is direct and the stride 1, the forward runs the prebound direct kernel
+(bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions return new
+arrays. Non-square strides fall back to the reference (the kernels take one stride for both axes).
+"""
+import numpy as np
+
+from graphc.backends.kernel_cache import load_generated
+from graphc.backends.numba import conv as nconv
+from graphc.backends.numba.executor import num_threads
+from graphc.backends.numba.kernels.pool import maxpool_source
+from graphc.backends.registry import lowerings
+from graphc.errors import BackendError
+from graphc.ops.conv import is_plain as is_plain_conv
+
+lowering, pattern_lowering = lowerings("numba")
+
+_NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
+_STRATEGY = "direct or im2col+GEMM, chosen per shape by measurement and remembered"
+
+
+def _square_stride(attrs):
+    st = tuple(attrs["stride"])
+    return int(st[0]) if st[0] == st[1] else None
+
+
+def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None):
+    """strategy(): the conv strategy for the current Numba thread count (chosen once per count)."""
+    chosen = {}
+
+    def strategy():
+        t = num_threads()
+        got = chosen.get(t)
+        if got is None:
+            got = chosen[t] = nconv.choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool)
+        return got
+    return strategy
+
+
+def _prebound(ctx, stride, pads, epi, pool=None):
+    """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses)."""
+    if stride != 1:
+        return None
+    try:
+        return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
+                                     stride, pads, ctx.dtype, epi, pool or (0, 0))
+    except BackendError:        # a geometry it refuses: the general path says why, or copes
+        return None
+
+
+def _forward(ctx, conv_attrs, relu, pool=None):
+    """The step of conv(x, w[, b]) (+ReLU, + a square max pool with its route when the node has a second
+    result): the prebound direct kernel into the planned buffers when the strategy is direct, else the
+    conv functions' new arrays."""
+    stride, pads = _square_stride(conv_attrs), tuple(conv_attrs["pads"])
+    if stride is None:
+        return None
+    values = ctx.values
+    xi, wi = ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
+    bi = ctx.index(ctx.inputs[2]) if len(ctx.inputs) == 3 else None
+    save = pool is not None and len(ctx.result_index) > 1
+    res = [None if r is None else ctx.index(r) for r in ctx.results]     # None: a result nothing reads
+    op = "conv2d" if pool is None else "conv2d_relu_maxpool"
+    strategy = _chooser(op, ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype, pool)
+    ctx.dynamic_outputs()
+    if pool is None:
+        def general():
+            values[res[0]] = nconv.conv2d(values[xi], values[wi], values[bi] if bi is not None else None, stride,
+                                          pads, relu=relu, strategy=strategy())
+    else:
+        def general():
+            out = nconv.conv2d_relu_maxpool(values[xi], values[wi], values[bi] if bi is not None else None, stride,
+                                            pads, pool[0], pool[1], save_route=save, strategy=strategy())
+            for i, v in zip(res, out if save else (out,)):
+                if i is not None:
+                    values[i] = v
+    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool)
+    y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
+    if fast is None or route.dtype != np.int32 or not route.flags.c_contiguous:
+        return general
+    flag = save if pool is not None else relu
+    oy, oroute = res[0], (res[1] if save else None)
+
+    def step():
+        if strategy() == "direct":
+            fast(values[xi], values[wi], values[bi] if bi is not None else None, y, route, flag)
+            values[oy] = y
+            if oroute is not None:
+                values[oroute] = route
+        else:
+            general()
+    return step
+
+
+@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+def conv(ctx):
+    if not is_plain_conv(ctx.attrs):
+        return None                     # grouped / dilated: the reference until they have kernels
+    return _forward(ctx, ctx.attrs, relu=False)
+
+
+@pattern_lowering("conv_relu", kernel=f"numba conv.conv2d with the ReLU in the epilogue ({_STRATEGY})")
+def conv_relu(ctx):
+    return _forward(ctx, ctx.members["conv"]["attrs"], relu=True)
+
+
+@pattern_lowering("conv_relu_maxpool",
+                  kernel=f"numba conv.conv2d_relu_maxpool ({_STRATEGY}; saves the route in training); "
+                         "non-square pools: conv2d + a generated max pool")
+def conv_relu_maxpool(ctx):
+    conv_attrs, pool = ctx.members["conv"]["attrs"], ctx.members["pool"]["attrs"]
+    (kh, kw), (sh, sw) = pool["size"], pool["stride"]
+    if kh == kw and sh == sw:
+        return _forward(ctx, conv_attrs, relu=True, pool=(int(kh), int(sh)))
+    stride, pads = _square_stride(conv_attrs), tuple(conv_attrs["pads"])
+    if stride is None:
+        return None
+    save = len(ctx.result_index) > 1
+    y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
+    kern = load_generated(maxpool_source(kh, kw, sh, sw, save, True, ctx.parallel(y.size * kh * kw)), "graphc_pool_")
+    strategy = _chooser("conv2d", ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype)
+    values, ins = ctx.values, [ctx.index(i) for i in ctx.inputs]
+
+    def step():
+        z = nconv.conv2d(values[ins[0]], values[ins[1]], values[ins[2]] if len(ins) == 3 else None, stride, pads,
+                         relu=True, strategy=strategy())
+        kern(z, y, route)
+    return step
+
+
+def _backward(ctx, op, fn, geometry, tail):
+    stride = _square_stride(ctx.attrs)
+    if stride is None or not is_plain_conv(ctx.attrs):
+        return None
+    strategy = _chooser(op, *geometry(stride))
+    values, (ai, bi), o = ctx.values, [ctx.index(i) for i in ctx.inputs], ctx.index(ctx.name)
+    pads = tuple(ctx.attrs["pads"])
+    ctx.dynamic_outputs()
+
+    def step():
+        values[o] = fn(values[ai], values[bi], stride, pads, tail, strategy=strategy())
+    return step
+
+
+@lowering("conv_dx", kernel=f"numba conv.conv2d_dx ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+def conv_dx(ctx):
+    hw = tuple(ctx.attrs["in_hw"])
+    dys, ws = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
+    return _backward(ctx, "conv2d_dx", nconv.conv2d_dx,
+                     lambda s: ((dys[0], ws[1]) + hw, ws, s, tuple(ctx.attrs["pads"]), ctx.dtype), hw)
+
+
+@lowering("conv_dw", kernel=f"numba conv.conv2d_dw ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+def conv_dw(ctx):
+    khw = tuple(ctx.attrs["k_hw"])
+    xs, dys = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
+    return _backward(ctx, "conv2d_dw", nconv.conv2d_dw,
+                     lambda s: (xs, (dys[1], xs[1]) + khw, s, tuple(ctx.attrs["pads"]), ctx.dtype), khw)

@@ -1,0 +1,97 @@
+"""Pooling ops, the saved max-pool route and the fused route-ReLU backward pattern (kernels/pool.py)."""
+import numpy as np
+
+from graphc.backends.kernel_cache import load_generated
+from graphc.backends.numba.kernels import pool as pool_kernels
+from graphc.backends.numba.kernels.reduce import sum_rows_k
+from graphc.backends.registry import lowerings
+
+lowering, pattern_lowering = lowerings("numba")
+
+_GENERATED = "generated per window geometry (kernels/pool.py {}: window loops unrolled, argmax as selects)"
+
+
+def _window(attrs):
+    (kh, kw), (sh, sw) = attrs["size"], attrs["stride"]
+    return kh, kw, sh, sw
+
+
+def _generated(ctx, source_fn, *args, elements):
+    return load_generated(source_fn(*args, ctx.parallel(elements)), "graphc_pool_")
+
+
+@lowering("maxpool", kernel=_GENERATED.format("maxpool_source"))
+def maxpool(ctx):
+    y = ctx.out()
+    kh, kw, sh, sw = _window(ctx.attrs)
+    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, False, False, elements=y.size * kh * kw)
+    return ctx.call(kern, ctx.inputs, (y, np.empty((1, 1, 1, 1), np.int32)))
+
+
+@lowering("maxpool_argmax", kernel=_GENERATED.format("maxpool_source"))
+def maxpool_argmax(ctx):
+    route = ctx.out()
+    kh, kw, sh, sw = _window(ctx.attrs)
+    relu = bool(ctx.attrs.get("relu", False))
+    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, True, relu, elements=route.size * kh * kw)
+    return ctx.call(kern, ctx.inputs, (np.empty(route.shape, ctx.dtype), route))
+
+
+@lowering("maxpool_route", kernel=_GENERATED.format("maxpool_route_source"))
+def maxpool_route(ctx):
+    kh, kw, _, _ = _window(ctx.attrs)
+    if kh * kw > 64:
+        return None                     # (global max pool's plane-sized window: the kernel is unrolled)
+    dx = ctx.out()
+    kern = _generated(ctx, pool_kernels.maxpool_route_source, *_window(ctx.attrs), elements=dx.size)
+    return ctx.call(kern, ctx.inputs, (dx,))
+
+
+def _route_scatter(ctx, window, dz, db):
+    """dz = route scatter of dy (+ db = its per-channel sum): one generated pass."""
+    kh, kw = window.get("size") or (0, 0)
+    sh, sw = window.get("stride") or (0, 0)
+    kern = _generated(ctx, pool_kernels.route_scatter_source, kh, kw, sh, sw, db is not None, elements=dz.size)
+    plane_sums = np.empty(dz.shape[:2] if db is not None else (1, 1), np.float64)
+    if db is None:
+        return ctx.call(kern, ctx.inputs, (dz, plane_sums))
+    scatter = ctx.call(kern, ctx.inputs, (dz, plane_sums))
+
+    def step():
+        scatter()
+        sum_rows_k(plane_sums, db)
+    return step
+
+
+@lowering("route_scatter", kernel="generated per pool geometry (kernels/pool.py route_scatter_source)")
+def route_scatter(ctx):
+    return _route_scatter(ctx, ctx.attrs, ctx.out(), None)
+
+
+@pattern_lowering("route_relu", kernel="route scatter + ReLU mask (+ the bias gradient) in one generated pass per "
+                                      "pool geometry (kernels/pool.py route_scatter_source)")
+def route_relu(ctx):
+    db = ctx.out(1) if "bias_grad" in ctx.members else None
+    return _route_scatter(ctx, ctx.members["scatter"]["attrs"], ctx.out(0), db)
+
+
+@lowering("avgpool", kernel="kernels/pool.py avgpool_k")
+def avgpool(ctx):
+    return ctx.call(pool_kernels.avgpool_k, ctx.inputs, (ctx.out(), *_window(ctx.attrs)))
+
+
+@lowering("avgpool_spread", kernel="kernels/pool.py avgpool_spread_k")
+def avgpool_spread(ctx):
+    return ctx.call(pool_kernels.avgpool_spread_k, ctx.inputs, (ctx.out(), *_window(ctx.attrs)))
+
+
+@lowering("global_avgpool", kernel="kernels/pool.py gap_k")
+def global_avgpool(ctx):
+    n, c, h, w = ctx.shape_of(ctx.inputs[0])
+    return ctx.call(pool_kernels.gap_k, ctx.inputs, (ctx.out(),), fix=lambda a: a.reshape(n, c, h * w))
+
+
+@lowering("global_avgpool_spread", kernel="kernels/pool.py gap_spread_k")
+def global_avgpool_spread(ctx):
+    n, c, h, w = ctx.shape_of(ctx.name)
+    return ctx.call(pool_kernels.gap_spread_k, ctx.inputs[:1], (ctx.out().reshape(n, c, h * w),))

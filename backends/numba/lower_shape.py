@@ -1,0 +1,87 @@
+"""Data movement (transpose, concat, slice, unslice, pad2d, crop2d): numpy copies into the planned
+buffer (no arithmetic: numpy's copy loops are as fast as a kernel)."""
+import numpy as np
+
+from graphc.backends.registry import lowerings
+
+lowering, pattern_lowering = lowerings("numba")
+
+_COPY = "numpy copy into the planned buffer"
+
+
+def _copy_in(ctx, src_index=lambda a: a, dst=None, fill=None):
+    """A step copying input 0 (indexed by src_index) into dst (default: the output), after filling the
+    output with `fill` when given."""
+    out = ctx.out()
+    dst = out if dst is None else dst
+    values, xi = ctx.values, ctx.index(ctx.inputs[0])
+    if fill is None:
+        def step():
+            np.copyto(dst, src_index(values[xi]))
+    else:
+        def step():
+            out.fill(fill)
+            np.copyto(dst, values[xi])
+    return step
+
+
+def _along(ndim, axis, start, stop):
+    idx = [slice(None)] * ndim
+    idx[axis] = slice(start, stop)
+    return tuple(idx)
+
+
+@lowering("transpose", kernel=_COPY)
+def transpose(ctx):
+    axes = tuple(ctx.attrs["axes"])
+    return _copy_in(ctx, lambda a: np.transpose(a, axes))
+
+
+@lowering("slice", kernel=_COPY)
+def slice_(ctx):
+    a = ctx.attrs
+    idx = _along(len(ctx.shape_of(ctx.name)), a["axis"], a["start"], a["stop"])
+    return _copy_in(ctx, lambda x: x[idx])
+
+
+@lowering("unslice", kernel="fill + " + _COPY)
+def unslice(ctx):
+    a, out = ctx.attrs, ctx.out()
+    width = ctx.shape_of(ctx.inputs[0])[a["axis"]]
+    return _copy_in(ctx, dst=out[_along(out.ndim, a["axis"], a["start"], a["start"] + width)], fill=0)
+
+
+@lowering("pad2d", kernel="fill + " + _COPY)
+def pad2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None                     # reflect / edge: the reference until they have kernels
+    out = ctx.out()
+    t, bt, l, r = ctx.attrs["pads"]
+    inner = out[:, :, t:out.shape[2] - bt, l:out.shape[3] - r]
+    return _copy_in(ctx, dst=inner, fill=ctx.attrs["value"])
+
+
+@lowering("crop2d", kernel=_COPY)
+def crop2d(ctx):
+    if ctx.attrs.get("mode", "constant") != "constant":
+        return None
+    t, _, l, _ = ctx.attrs["pads"]
+    h, w = ctx.shape_of(ctx.name)[2:]
+    return _copy_in(ctx, lambda x: x[:, :, t:t + h, l:l + w])
+
+
+@lowering("concat", kernel=_COPY)
+def concat(ctx):
+    out = ctx.out()
+    axis = ctx.attrs["axis"]
+    parts, start = [], 0
+    for name in ctx.inputs:
+        width = ctx.shape_of(name)[axis]
+        parts.append((ctx.index(name), out[_along(out.ndim, axis, start, start + width)]))
+        start += width
+    values = ctx.values
+
+    def step():
+        for i, dst in parts:
+            np.copyto(dst, values[i])
+    return step
