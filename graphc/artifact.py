@@ -29,7 +29,7 @@ import numpy as np
 from graphc.checkpoint import graph_fingerprint, is_training_state, load_checkpoint, read_checkpoint, write_arrays
 from graphc.errors import CheckpointError, GraphError
 
-__all__ = ["Artifact", "save", "load", "recipe", "inference_graph", "export_onnx", "onnx_exporter", "is_checkpoint"]
+__all__ = ["Artifact", "save", "load", "trained_graph", "recipe", "inference_graph", "export_onnx", "onnx_exporter", "is_checkpoint"]
 
 #: the outputs of an inference graph built by load()
 LOGITS, PROBS = "logits", "probs"
@@ -121,6 +121,34 @@ def _rebuild(art, path, model):
         raise CheckpointError(f"{path}: cannot rebuild the model {spec!r}: {e}") from None
 
 
+def _checked_graph(path, art, model):
+    graph = _rebuild(art, path, model)
+    fingerprint = graph_fingerprint(graph)
+    if art.fingerprint not in (None, fingerprint):
+        raise CheckpointError(f"{path}: the checkpoint was written for another graph than {graph.name!r} "
+                              f"(fingerprint {art.fingerprint}, the rebuilt graph's is {fingerprint}): was the model "
+                              "file or its arguments changed?")
+    return graph
+
+
+def trained_graph(path, model=None):
+    """(graph, Artifact): the model's whole graph (loss included) rebuilt from the checkpoint at `path`,
+    its parameters and batch-norm statistics set to the trained values (for gc.render --checkpoint)."""
+    path = Path(os.path.expanduser(os.fspath(path)))
+    arrays, meta = read_checkpoint(path)
+    art = _artifact_of(meta, path)
+    graph = _checked_graph(path, art, model).clone()
+    missing = [n for n in graph.state_names if n not in arrays]
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks {missing[:5]} of graph {graph.name!r}")
+    for n in graph.state_names:
+        if tuple(arrays[n].shape) != tuple(graph.nx.nodes[n]["shape"]):
+            raise CheckpointError(f"{path}: {n} is {arrays[n].shape} in the checkpoint, "
+                                  f"{graph.nx.nodes[n]['shape']} in the graph")
+        graph.params[n] = np.array(arrays[n], dtype=graph.nx.nodes[n]["dtype"])
+    return graph, art
+
+
 def load(path, backend="reference", model=None, dtype=None):
     """A ready inference executable of the model saved at `path` (a training checkpoint or gc.save's
     file): outputs "logits" and "probs", parameters and batch-norm statistics loaded, no labels needed.
@@ -129,12 +157,7 @@ def load(path, backend="reference", model=None, dtype=None):
     path = Path(os.path.expanduser(os.fspath(path)))
     _, meta = read_checkpoint(path)
     art = _artifact_of(meta, path)
-    graph = _rebuild(art, path, model)
-    fingerprint = graph_fingerprint(graph)
-    if art.fingerprint not in (None, fingerprint):
-        raise CheckpointError(f"{path}: the checkpoint was written for another graph than {graph.name!r} "
-                              f"(fingerprint {art.fingerprint}, the rebuilt graph's is {fingerprint}): was the model "
-                              "file or its arguments changed?")
+    graph = _checked_graph(path, art, model)
     exe = graphc.compile(inference_graph(graph), backend=backend, dtype=dtype)
     load_checkpoint(path, exe)
     art.graph = inference_graph(graph, {n: exe.state[n] for n in exe.state})

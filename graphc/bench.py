@@ -480,8 +480,11 @@ def report(r):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
     if r.get("threads"):
         t = r["threads"]
-        lines.append(f"threads: {t['used']} (measured ms per run: {t['measured_ms']}); load average "
-                     f"{r['machine'].get('loadavg')}")
+        measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"
+                             for n, ms in sorted((t.get("measured_ms") or {}).items(), key=lambda kv: -int(kv[0])))
+        load = r["machine"].get("loadavg")
+        lines.append(f"threads: {t['used']}" + (f" (measured per run: {measured})" if measured else "")
+                     + (f"; load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""))
     if r.get("memory"):
         m = r["memory"]
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "

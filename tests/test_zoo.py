@@ -10,7 +10,7 @@ import graphc as gc
 from graphc import models, shapes
 from graphc.summarize import param_count
 
-ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)$")
+ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)(?:\s.*)?$")   # then param bytes, MACs, activations
 
 
 def conv_params(k, c, n):
