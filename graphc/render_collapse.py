@@ -7,7 +7,7 @@ import re
 from collections import defaultdict
 
 from graphc import shapes
-from graphc.render_scene import Scene, edge_kind, make_label, node_kind, role_of, short
+from graphc.render_scene import Scene, body_of, edge_kind, make_label, node_kind, role_of, short
 from graphc.render_values import fmt_value
 
 _STEM = re.compile(r"^(.*?)(\d+)$")
@@ -57,6 +57,62 @@ def _layers(g):
     return layer
 
 
+def _fused_layers(g, layer0):
+    """Layers of a fused graph from those of the same graph unfused (layer0): a fused node joins the layer
+    of its body's first value, a getitem the fused node it reads, every other node keeps its own."""
+    nodes = g.nx.nodes
+    layer = {}
+    for n in g.topo():
+        d = nodes[n]
+        body = body_of(d)
+        if d["op"] == "getitem" and d["inputs"] and d["inputs"][0] in layer:
+            layer[n] = layer[d["inputs"][0]]
+        elif body is not None:
+            names = [b.get("name") for b in body if b.get("name") in layer0]
+            layer[n] = layer0[names[0]] if names else n
+        elif n in layer0:
+            layer[n] = layer0[n]
+        else:
+            layer[n] = next((layer[i] for i in d["inputs"] if i in layer), n)
+    return layer
+
+
+#: ops a collapsed node does not list: they move or pick values, they compute nothing
+_QUIET_OPS = ("param", "const", "input", "getitem", "identity", "copy")
+
+
+def _group_ops(nodes, members):
+    """The ops a collapsed node lists (a fused kernel's body ops, marked as fused)."""
+    ops = []
+    for n in members:
+        d = nodes[n]
+        body = body_of(d)
+        for op in ([b.get("op", "?") for b in body] if body else [d["op"]]):
+            if op not in _QUIET_OPS and op not in ops:
+                ops.append(op)
+    fused = any(body_of(nodes[n]) for n in members)
+    return ops or sorted({nodes[n]["op"] for n in members}), fused
+
+
+def _shown_shape(nodes, members, exit_node, role, base):
+    """The shape a collapsed node shows: the value that leaves a forward layer; for a backward layer the
+    gradient of the layer's output (not a bias's gradient), else its largest value."""
+    if role != "backward":
+        return nodes[exit_node]["shape"]
+    for n in members:
+        if nodes[n].get("grad_of") == base:
+            return nodes[n]["shape"]
+    sized = [n for n in members if nodes[n]["op"] not in ("param", "const")]
+    return nodes[max(sized, key=lambda n: _numel(nodes[n]["shape"]))]["shape"] if sized else nodes[exit_node]["shape"]
+
+
+def _numel(shape):
+    out = 1
+    for d in shape:
+        out *= d if isinstance(d, int) else 1024          # a batch dimension counts as large
+    return out
+
+
 def _layer_runs(nodes, groups, gedges, pos):
     """Runs of identical consecutive layers (conv3_1, conv3_2, conv3_3 -> one run, drawn conv3_[1-3] x3),
     as lists of group keys."""
@@ -86,12 +142,13 @@ def _layer_runs(nodes, groups, gedges, pos):
     return runs
 
 
-def collapsed_scene(g, vals, opts):
-    """Each layer one node, runs of identical layers one node (conv3_[1-3] x3), backward layers 'd <layer>'."""
+def collapsed_scene(g, vals, opts, unfused=None):
+    """Each layer one node, runs of identical layers one node (conv3_[1-3] x3), backward layers 'd <layer>'.
+    unfused: for a fused graph, the same graph before fusion (its layers name the fused kernels')."""
     nodes = g.nx.nodes
     topo = g.topo()
     pos = {n: i for i, n in enumerate(topo)}
-    layer = _layers(g)
+    layer = _layers(g) if unfused is None else _fused_layers(g, _layers(unfused))
     groups = defaultdict(list)                      # (role, layer) -> members in topo order
     member_of = {}
     for n in topo:                  # a constant joins its first user's group (a shared 0 is no layer)
@@ -138,17 +195,12 @@ def collapsed_scene(g, vals, opts):
                                     value=fmt_value(v) if v is not None else None))
             kind = node_kind(d)
         else:
-            ops = []
-            for n in groups[run[0]]:
-                op = nodes[n]["op"]
-                if op not in ("param", "const", "input") and op not in ops:
-                    ops.append(op)
-            if not ops:
-                ops = sorted({nodes[n]["op"] for n in groups[run[0]]})
+            ops, fused = _group_ops(nodes, groups[run[0]])
             n_par = sum(shapes.numel(nodes[n]["shape"]) or 0 for n in members if n in params)
+            shown = _shown_shape(nodes, groups[run[-1]], exit_node, role, run[-1][1])
             lines = [short(nid, opts["max_label"]),
-                     short("+".join(ops), 40) + (" (each)" if len(run) > 1 else ""),
-                     shapes.fmt(nodes[exit_node]["shape"])]
+                     short("+".join(ops), 40) + (" (fused)" if fused else "") + (" (each)" if len(run) > 1 else ""),
+                     shapes.fmt(shown)]
             if n_par:
                 lines.append(f"{n_par:,} params")
             label = "\\n".join(lines)
@@ -178,10 +230,11 @@ def _collapsed_edges(g, sc, gid, member_of):
         kind = edge_kind(sc.nodes[a]["role"], sc.nodes[b]["role"])
         if kind == "saved":        # the mirror already pairs them; the dashed web would hide the rest
             continue
-        rule = ed.get("rule") or nodes[v].get("rule")
+        fused = body_of(nodes[v]) is not None      # into a fused kernel: the rule that made the value it reads
+        rule = ed.get("rule") or (nodes[u].get("rule") if fused else nodes[v].get("rule"))
         key = (a, b, kind)
         agg.setdefault(key, [])
-        if kind in ("gradient", "update") and rule and rule not in agg[key]:
+        if kind in ("gradient", "update") and rule and rule != "grad" and rule not in agg[key]:
             agg[key].append(rule)
     for (a, b, kind), rules in agg.items():
         sc.edge(a, b, kind, ", ".join(rules) or None)

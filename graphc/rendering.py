@@ -395,7 +395,8 @@ def render(graph, path=None, format=None, backward=False, layout="mirror", fused
         vals = compute_values(g, example_feeds(graph) if values is True else values)
     has_backward = _has_backward(g)
     opts = dict(max_label=max_label, expand_fused=fused is not False)
-    sc = collapsed_scene(g, vals, opts) if collapse else full_scene(g, vals, opts)
+    unfused = prepare(graph, backward, None, layout) if collapse and fused else None
+    sc = collapsed_scene(g, vals, opts, unfused) if collapse else full_scene(g, vals, opts)
     if compact and not collapse:
         compact_scene(sc, g, vals)
     if layout == "backward-only" and has_backward:
