@@ -12,7 +12,7 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 - the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
   fraction of it;
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (PERF_NOTES.md: torch and Numba in one process stall each other), running the same graph
+  process (torch and Numba in one process stall each other's threads, measured), running the same graph
   translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
   same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
   absent, never fatal.

@@ -166,7 +166,7 @@ def inception(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
-# The worked example of the course unit (SEED_NOTES.md), with its exact weights.
+# The worked example of the course unit (its notes), with its exact weights.
 SEED_X = np.array([[[[1, 0, 1], [0, 1, 0], [1, 0, 1]]]], dtype=np.float64)
 SEED_LABELS = np.array([0])          # one-hot (1.0, 0.0)
 

@@ -58,7 +58,7 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Mini-batch SGD, with momentum and weight decay as AlexNet's rule (SEED_NOTES):
+    """Mini-batch SGD, with momentum and weight decay as AlexNet's rule (the course notes):
     v = momentum*v - weight_decay*lr*w - lr*dL/dw;  w = w + v.   (momentum 0: w = w - lr*(dL/dw + wd*w))"""
 
     def __init__(self, lr, momentum=0.0, weight_decay=0.0, schedule=None):

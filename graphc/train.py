@@ -43,7 +43,7 @@ from graphc.files import check_writable
 from graphc.preprocess import prepare_splits
 from graphc.progress import Ticker, kernel_count, progress_bar
 
-__all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args",
+__all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args", "train_from_args",
            "OPTIMIZERS", "DEFAULT_LR", "HISTORY"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -720,19 +720,25 @@ def callbacks_from_args(args) -> list:
     return out
 
 
+def train_from_args(args, model=None) -> TrainResult:
+    """train() with the options of a parsed argparse Namespace (see add_train_arguments); attributes it
+    lacks take train()'s defaults. model: overrides args.model (the examples' fixed model)."""
+    def arg(name, default=None):
+        return getattr(args, name, default)
+    return train(model if model is not None else args.model, data=arg("data"), epochs=arg("epochs", 1),
+                 batch=arg("batch"), optimizer=arg("optimizer"), lr=arg("lr"), backend=arg("backend") or "numba",
+                 seed=arg("seed"), save=arg("save"), resume=arg("resume"), progress=arg("progress", True), log=print,
+                 allow_nonfinite=arg("allow_nonfinite", False), lr_schedule=arg("lr_schedule"),
+                 validation=arg("validation"), augment=arg("augment"), normalization=arg("normalization"),
+                 callbacks=callbacks_from_args(args), export=arg("export"))
+
+
 def main_from_args(args) -> int:
     """Runs `graphc train` from a parsed argparse Namespace (see add_train_arguments). Returns the exit
     status: 0 after training, 130 when interrupted with Ctrl-C. graphc errors (GraphError and its
     subclasses: DataError, CheckpointError, ...) propagate for the caller to print."""
-    def arg(name, default=None):
-        return getattr(args, name, default)
     try:
-        train(args.model, data=arg("data"), epochs=arg("epochs", 1), batch=arg("batch"), optimizer=arg("optimizer"),
-              lr=arg("lr"), backend=arg("backend") or "numba", seed=arg("seed"), save=arg("save"),
-              resume=arg("resume"), progress=arg("progress", True), log=print,
-              allow_nonfinite=arg("allow_nonfinite", False), lr_schedule=arg("lr_schedule"),
-              validation=arg("validation"), augment=arg("augment"), normalization=arg("normalization"),
-              callbacks=callbacks_from_args(args), export=arg("export"))
+        train_from_args(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

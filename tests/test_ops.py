@@ -322,7 +322,7 @@ def test_seed_001_f_equals_x_plus_y_times_z():
 
 @covers("add", "mul", "sigmoid", "sum", "param")
 def test_seed_notes_neuron_z_is_one_and_sigmoid_0731():
-    # SEED_NOTES: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
+    # The course notes: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
     # Literally those values give 2 - 6 - 3 = -7; the course figure behind it has the weights' signs the
     # other way (w1 = 2, w2 = -3): -2 + 6 - 3 = 1.0 and sigmoid(1) = 0.731. Both are checked.
     g = gc.Graph("neuron", dtype="float64")

@@ -238,7 +238,7 @@ def test_real_fusion_pass_gives_clusters(lenet):
 def test_seed_cnn_trace_shows_the_worked_example():
     src = gc.render(gc.models.load("seed_cnn"), backward=True, values=SEED_FEEDS)
     labels = node_labels(src)
-    # forward values (SEED_NOTES): C, h, logits, softmax O
+    # forward values (the course notes): C, h, logits, softmax O
     assert "[[1.9, 0.3], [0.3, 1.9]]" in labels["C"]
     assert "[1.3, 3.06]" in labels["h"]
     assert "[1.042, 1.914]" in labels["logits"]

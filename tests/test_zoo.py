@@ -14,7 +14,7 @@ ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)(?:\s.*)?$")   # then pa
 
 
 def conv_params(k, c, n):
-    """SEED_NOTES: a conv layer has K*K*C*N weights + N biases."""
+    """The course notes: a conv layer has K*K*C*N weights + N biases."""
     return k * k * c * n + n
 
 
@@ -24,7 +24,7 @@ def bn_params(n):
 
 
 def fc_params(i, o):
-    """SEED_NOTES: a fully connected layer has inputs x outputs weights + outputs biases."""
+    """The course notes: a fully connected layer has inputs x outputs weights + outputs biases."""
     return i * o + o
 
 
