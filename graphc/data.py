@@ -96,13 +96,14 @@ class Dataset:
 
     @classmethod
     def from_arrays(cls, x, y, x_test=None, y_test=None, *, test_fraction=0.2, classes=None, name="arrays",
-                    normalization="standardize", seed=0) -> "Dataset":
+                    normalization="standardize", seed=0, layout="auto") -> "Dataset":
         """A Dataset from numpy arrays: images of any float or integer (0..255) dtype shaped (N, H, W),
         (N, C, H, W) or (N, H, W, C) with any channel count (channels last is recognised by a last axis
-        of 1, 3 or 4), and integer labels 0..K-1. Without x_test/y_test, a stratified, seeded
-        ``test_fraction`` of (x, y) is held out for testing. classes: optional class names (K of them)."""
+        of 1, 3 or 4, or by square images; layout="NCHW"/"NHWC" says it outright), and integer labels
+        0..K-1. Without x_test/y_test, a stratified, seeded ``test_fraction`` of (x, y) is held out for
+        testing. classes: optional class names (K of them)."""
         from graphc.preprocess import to_nchw
-        xtr, ytr = _arrays(x, y, "x", "y", to_nchw)
+        xtr, ytr = _arrays(x, y, "x", "y", to_nchw, layout=layout)
         if x_test is None and y_test is None:
             if not 0 < test_fraction < 1:
                 raise DataError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
@@ -111,7 +112,7 @@ class Dataset:
         elif x_test is None or y_test is None:
             raise DataError("give both x_test and y_test, or neither (a test split is then held out of x, y)")
         else:
-            xte, yte = _arrays(x_test, y_test, "x_test", "y_test", to_nchw, channels=xtr.shape[1])
+            xte, yte = _arrays(x_test, y_test, "x_test", "y_test", to_nchw, channels=xtr.shape[1], layout=layout)
             if xte.shape[1:] != xtr.shape[1:]:
                 raise DataError(f"x_test holds images shaped {xte.shape[1:]} (C, H, W), x holds {xtr.shape[1:]}")
         k = int(max(ytr.max(initial=-1), yte.max(initial=-1))) + 1
@@ -135,14 +136,14 @@ class Dataset:
         )
 
 
-def _arrays(x, y, xname, yname, to_nchw, channels=None):
+def _arrays(x, y, xname, yname, to_nchw, channels=None, layout="auto"):
     """(images (N, C, H, W), int64 labels (N,)) checked: numbers, matching lengths, labels >= 0."""
     from graphc.preprocess import _check_values
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim == 2:
         raise DataError(f"{xname} is shaped {x.shape}: graphc trains on images (N, H, W), (N, C, H, W) or "
                         "(N, H, W, C); reshape flat vectors to images first")
-    x = to_nchw(x, xname, channels)
+    x = to_nchw(x, xname, None if layout != "auto" else channels, layout)
     _check_values(x, xname)
     if y.ndim != 1 or len(y) != len(x):
         raise DataError(f"{yname} must be one label per image, shaped ({len(x)},), got {y.shape}")

@@ -29,22 +29,29 @@ def _is_int(a):
     return a.dtype.kind in "iub"
 
 
-def to_nchw(a, what="images", channels=None) -> np.ndarray:
+def to_nchw(a, what="images", channels=None, layout="auto") -> np.ndarray:
     """A batch (N, H, W), (N, C, H, W) or (N, H, W, C) as (N, C, H, W), without copying when possible.
-    (N, H, W, C) is recognised by a last axis of 1, 3 or 4 channels (or `channels`) and a second axis
-    that cannot be a channel count (more than 4)."""
+    layout "NCHW" or "NHWC" says which; "auto" tells them apart by the square image (H == W) when only
+    one reading has one, else by a channel axis of 1, 3 or 4 (or `channels`), else NCHW."""
     a = np.asarray(a)
     if a.ndim == 3:
         return a[:, None]
     if a.ndim != 4:
         raise DataError(f"{what} shaped {a.shape}: expected (N, H, W), (N, C, H, W) or (N, H, W, C)")
+    if layout not in ("auto", "NCHW", "NHWC"):
+        raise DataError(f"layout must be auto, NCHW or NHWC, got {layout!r}")
+    if layout != "auto":
+        return a if layout == "NCHW" else a.transpose(0, 3, 1, 2)
     if channels is not None:
         if a.shape[1] == channels:
             return a
         if a.shape[-1] == channels:
             return a.transpose(0, 3, 1, 2)
         raise DataError(f"{what} shaped {a.shape} have no axis of {channels} channels")
-    if a.shape[1] not in _CHANNELS and a.shape[-1] in _CHANNELS:
+    square_chw, square_hwc = a.shape[2] == a.shape[3], a.shape[1] == a.shape[2]
+    if square_hwc != square_chw:
+        return a.transpose(0, 3, 1, 2) if square_hwc else a
+    if not square_chw and a.shape[1] not in _CHANNELS and a.shape[-1] in _CHANNELS:
         return a.transpose(0, 3, 1, 2)
     return a
 
