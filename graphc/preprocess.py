@@ -96,7 +96,10 @@ class Preprocess:
         a, dtype = np.asarray(images), np.dtype(dtype)
         if a.ndim == 2 or (a.ndim == 3 and self._one_image(a)):
             a = a[None]                        # one image: (H, W), (C, H, W) or (H, W, C)
-        a = to_nchw(a, "images", self.channels if a.ndim == 4 else None)
+        try:
+            a = to_nchw(a, "images", self.channels if a.ndim == 4 else None)
+        except DataError as e:
+            raise DataError(f"{e}; the model was trained on {(self.channels, *self.size)} (C, H, W) images") from None
         _check_values(a, "images")
         if tuple(a.shape[1:]) != (self.channels, *self.size):
             raise DataError(f"images shaped {tuple(a.shape[1:])} (C, H, W); the model was trained on "
