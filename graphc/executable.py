@@ -183,6 +183,12 @@ class Executable:
             if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(arr)).sum())} of them)")
             out[name] = arr
+        if outputs is None:        # a missing input whose batch size nothing else gives: say so now
+            unbound = [n for n in self.needed_inputs() if n not in feeds
+                       and any(isinstance(d, str) and d not in env for d in self.input_types[n][0])]
+            if unbound:
+                raise FeedError(f"missing feed for input(s) {unbound} (needed by {self.outputs}); the graph takes "
+                                f"{takes}")
         return out, env
 
     # ------------------------------------------------------------------ running

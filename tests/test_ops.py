@@ -303,6 +303,14 @@ def test_unary_functions():
     np.testing.assert_array_equal(ext, [0.0, 1.0])
 
 
+@covers("cos", "floor")
+def test_cos_and_floor():
+    x = np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 3.999, np.pi])
+    c, f = run(lambda g: [g.cos(g.const(x)), g.floor("const1")])
+    np.testing.assert_allclose(c, np.cos(x), rtol=1e-15)
+    np.testing.assert_array_equal(f, [-3.0, -1.0, -0.0, 0.0, 0.0, 1.0, 3.0, 3.0])
+
+
 @covers("add", "mul", "input")
 def test_seed_001_f_equals_x_plus_y_times_z():
     # seeds/001: f = (x + y) z, "x = -2, y = 5, z = 4", forward f = -12, gradients df/dx = df/dy = -4 and
