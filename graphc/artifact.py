@@ -29,7 +29,8 @@ import numpy as np
 from graphc.checkpoint import graph_fingerprint, is_training_state, load_checkpoint, read_checkpoint, write_arrays
 from graphc.errors import CheckpointError, GraphError
 
-__all__ = ["Artifact", "save", "load", "trained_graph", "recipe", "inference_graph", "export_onnx", "onnx_exporter", "is_checkpoint"]
+__all__ = ["Artifact", "save", "load", "trained_graph", "recipe", "inference_graph", "export_onnx", "onnx_exporter",
+           "is_checkpoint"]
 
 #: the outputs of an inference graph built by load()
 LOGITS, PROBS = "logits", "probs"

@@ -59,7 +59,8 @@ class EarlyStopping(Callback):
         if monitor not in LOG_FIELDS or not monitor.endswith(("loss", "accuracy")):
             raise GraphError(f"EarlyStopping: monitor must be one of val_loss, test_loss, val_accuracy, "
                              f"test_accuracy, train_loss, got {monitor!r}")
-        self.patience, self.monitor, self.min_delta, self.restore_best = patience, monitor, float(min_delta), restore_best
+        self.patience, self.monitor, self.min_delta = patience, monitor, float(min_delta)
+        self.restore_best = restore_best
         self.best = self.best_epoch = None
         self.best_state = None
         self.stopped_epoch = None

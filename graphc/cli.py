@@ -160,33 +160,8 @@ def _add_train_options(p):
         return p
 
 
-def build_parser():
-    from graphc import __version__
-    top = _Parser(prog="graphc", formatter_class=_Formatter,
-                  description="graphc: a computational-graph compiler for CNNs.",
-                  epilog="examples:\n"
-                         "  graphc summary lenet5\n"
-                         "  graphc render seed_cnn --backward --values -o seed.svg\n"
-                         "  graphc bench lenet5 --train --batch 64 --compare torch\n"
-                         "  graphc train lenet5 --epochs 5 --optimizer adam --save run.npz\n"
-                         "  graphc predict run.npz digit.png\n\n"
-                         "MODEL is a zoo name or path/to/file.py:function. `graphc VERB --help` for each verb.\n"
-                         "Errors are one line; add --debug (anywhere) for the traceback.")
-    top.add_argument("--version", action="version", version=f"graphc {__version__}")
-    top.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = top.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-
-    p = sub.add_parser("summary", help="table of ops, output shapes and parameter counts",
-                       formatter_class=_Formatter,
-                       description="Print every op of MODEL with its output shape and trainable parameters.",
-                       epilog="examples:\n  graphc summary lenet5          # 61,706 parameters\n"
-                              "  graphc summary alexnet         # 62,378,344 parameters\n"
-                              "  graphc summary resnet18        # 11,689,512 parameters, as torchvision\n"
-                              "  graphc summary my_net.py:build\n\nzoo models: " + _zoo_names())
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    p.add_argument("--backward", action="store_true", help="summarise the differentiated graph")
-    p.set_defaults(func=cmd_summary)
-
+def _add_render_parser(sub):
+    """`graphc render`'s options."""
     p = sub.add_parser("render", help="draw the forward/backward graph with Graphviz",
                        formatter_class=_Formatter,
                        description="Draw MODEL's graph: forward edges green, gradient edges red and labelled "
@@ -233,6 +208,9 @@ def build_parser():
     p.add_argument("--max-label", type=int, default=28, metavar="N", help="longest name shown in a label")
     p.set_defaults(func=cmd_render)
 
+
+def _add_bench_parser(sub):
+    """`graphc bench`'s options."""
     p = sub.add_parser("bench", help="time the compiled kernels and the whole step",
                        formatter_class=_Formatter,
                        description="Benchmark MODEL's compiled kernels (per-kernel table, step time, "
@@ -258,6 +236,52 @@ def build_parser():
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_predict_parser(sub):
+    """`graphc predict`'s options (graphc.predict defines them)."""
+    from graphc.predict import add_predict_arguments
+    p = sub.add_parser("predict", help="classify images with a trained model",
+                       formatter_class=_Formatter,
+                       description="Print the top-k classes and probabilities of each image, preprocessed as "
+                                   "recorded at training.",
+                       epilog="examples:\n"
+                              "  graphc predict run.npz digit.png                 # graphc train --save's checkpoint\n"
+                              "  graphc predict run.npz a.png b.png photos/       # files and folders\n"
+                              "  graphc predict run.npz batch.npy --top-k 5       # an .npy of one image or a batch\n"
+                              "  graphc predict lenet5 digit.png                  # untrained weights")
+    add_predict_arguments(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def build_parser():
+    from graphc import __version__
+    top = _Parser(prog="graphc", formatter_class=_Formatter,
+                  description="graphc: a computational-graph compiler for CNNs.",
+                  epilog="examples:\n"
+                         "  graphc summary lenet5\n"
+                         "  graphc render seed_cnn --backward --values -o seed.svg\n"
+                         "  graphc bench lenet5 --train --batch 64 --compare torch\n"
+                         "  graphc train lenet5 --epochs 5 --optimizer adam --save run.npz\n"
+                         "  graphc predict run.npz digit.png\n\n"
+                         "MODEL is a zoo name or path/to/file.py:function. `graphc VERB --help` for each verb.\n"
+                         "Errors are one line; add --debug (anywhere) for the traceback.")
+    top.add_argument("--version", action="version", version=f"graphc {__version__}")
+    top.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = top.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    p = sub.add_parser("summary", help="table of ops, output shapes and parameter counts",
+                       formatter_class=_Formatter,
+                       description="Print every op of MODEL with its output shape and trainable parameters.",
+                       epilog="examples:\n  graphc summary lenet5          # 61,706 parameters\n"
+                              "  graphc summary alexnet         # 62,378,344 parameters\n"
+                              "  graphc summary resnet18        # 11,689,512 parameters, as torchvision\n"
+                              "  graphc summary my_net.py:build\n\nzoo models: " + _zoo_names())
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--backward", action="store_true", help="summarise the differentiated graph")
+    p.set_defaults(func=cmd_summary)
+
+    _add_render_parser(sub)
+    _add_bench_parser(sub)
     p = sub.add_parser("train", help="train a model on MNIST digits or your own images",
                        formatter_class=_Formatter,
                        description="Train MODEL on the embedded 5,000-digit MNIST subset, MNIST IDX files, an "
@@ -273,18 +297,7 @@ def build_parser():
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    from graphc.predict import add_predict_arguments
-    p = sub.add_parser("predict", help="classify images with a trained model",
-                       formatter_class=_Formatter,
-                       description="Print the top-k classes and probabilities of each image, preprocessed as "
-                                   "recorded at training.",
-                       epilog="examples:\n"
-                              "  graphc predict run.npz digit.png                 # a checkpoint of graphc train --save\n"
-                              "  graphc predict run.npz a.png b.png photos/       # files and folders\n"
-                              "  graphc predict run.npz batch.npy --top-k 5       # an .npy of one image or a batch\n"
-                              "  graphc predict lenet5 digit.png                  # untrained weights")
-    add_predict_arguments(p)
-    p.set_defaults(func=cmd_predict)
+    _add_predict_parser(sub)
     return top
 
 

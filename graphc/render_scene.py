@@ -358,7 +358,8 @@ def _inline_scalars(sc, g, vals):
 
 
 def _elide_identities(sc):
-    for nid in [n for n, d in sc.nodes.items() if d["cluster"] is None and (d.get("info") or {}).get("op") == "identity"]:
+    ids = [n for n, d in sc.nodes.items() if d["cluster"] is None and (d.get("info") or {}).get("op") == "identity"]
+    for nid in ids:
         into = [e for e in sc.edges if e[1] == nid]
         if len(into) != 1:
             continue
@@ -370,7 +371,8 @@ def _elide_identities(sc):
             e[3] = " \u2192 ".join(r for r in dict.fromkeys((rule_in, e[3])) if r) or None
         if node["output"]:
             sc.nodes[src]["output"] = True
-        if node["info"].get("grad_of") and not sc.nodes[src].get("info", {}).get("grad_of") and sc.nodes[src].get("info"):
+        target = sc.nodes[src].get("info")
+        if node["info"].get("grad_of") and target and not target.get("grad_of"):
             sc.nodes[src]["info"]["grad_of"] = node["info"]["grad_of"]
         partner = sc.partner.pop(nid, None)
         if partner is not None:

@@ -91,7 +91,8 @@ def _html(text) -> str:
 _LEGEND_NODES = (   # kind -> (legend text, fill, border)
     ("input", "input", "#e3f2fd", "#1565c0"), ("param", "parameter", "#fff8e1", "#ff8f00"),
     ("state", "state (not trained)", "#f5f5f5", "#757575"), ("const", "constant", "#f5f5f5", "#757575"),
-    ("forward", "forward op", "#e8f5e9", FORWARD_COLOR), ("backward", "gradient dL/d&#8230;", "#ffebee", BACKWARD_COLOR),
+    ("forward", "forward op", "#e8f5e9", FORWARD_COLOR),
+    ("backward", "gradient dL/d&#8230;", "#ffebee", BACKWARD_COLOR),
     ("update", "optimizer update", "#f3e5f5", UPDATE_COLOR), ("ghost", "forward value (read)", "#ffffff", SAVED_COLOR))
 _LEGEND_EDGES = (   # edge kind -> (legend text, colour)
     ("forward", "&#8594; forward", FORWARD_COLOR), ("gradient", "&#8592; gradient, labelled with its gate rule",

@@ -99,7 +99,8 @@ def summary(graph) -> str:
     state = [n for n in graph.state_names if n not in trainable]
     if state:
         out.append(f"non-trainable state: {sum(_count(nodes[n]['shape']) for n in state):,} values in "
-                   f"{len(state)} arrays (trainable=False params: batch-norm running statistics, ...), not counted above")
+                   f"{len(state)} arrays (trainable=False params: batch-norm running statistics, ...), "
+                   "not counted above")
     return "\n".join(out)
 
 

@@ -43,7 +43,8 @@ from graphc.files import check_writable
 from graphc.preprocess import prepare_splits
 from graphc.progress import Ticker, kernel_count, progress_bar
 
-__all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args", "train_from_args",
+__all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args",
+           "train_from_args",
            "OPTIMIZERS", "DEFAULT_LR", "HISTORY"]
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -558,7 +559,8 @@ class _Run:
         r.final_test_accuracy = acc
         val = f"val loss {val_loss:.4f}, val accuracy {val_acc:.4f}, " if self.has_validation else ""
         lr = f", lr {logs['lr']:.3g}" if self.schedule is not None else ""
-        self.say(f"epoch {epoch + 1}/{self.epochs}: train loss {logs['train_loss']:.4f}, {val}test loss {test_loss:.4f}, "
+        self.say(f"epoch {epoch + 1}/{self.epochs}: train loss {logs['train_loss']:.4f}, {val}"
+                 f"test loss {test_loss:.4f}, "
                  f"test accuracy {acc:.4f}, {logs['images_per_second']:,.0f} images/s ({seconds:.1f} s){lr}")
         stop = any([bool(cb.on_epoch_end(self, logs)) for cb in self.callbacks])
         if self.save is not None:

@@ -167,7 +167,8 @@ def test_image_folder_trains_and_predicts_class_names(tmp_path, capsys):
     pytest.importorskip("PIL")
     write_pngs(tmp_path / "photos")
     ds = data.load_dataset(f"images:{tmp_path / 'photos'}")
-    assert ds.classes == ("blue", "red") and ds.x_train.shape[1:] == (3, 12, 12) and len(ds.x_test) == 4   # 2 of each 12
+    assert ds.classes == ("blue", "red") and ds.x_train.shape[1:] == (3, 12, 12)
+    assert len(ds.x_test) == 4                                  # 2 of each class's 12
     ck = tmp_path / "img.npz"
     rc = cli.main(["train", "lenet5", "--data", f"images:{tmp_path / 'photos'}", "--epochs", "3", "--batch", "6",
                    "--lr", "0.003", "--backend", "reference", "--save", str(ck), "--no-progress"])
@@ -175,7 +176,8 @@ def test_image_folder_trains_and_predicts_class_names(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["predict", str(ck), str(tmp_path / "photos" / "red"), "--top-k", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 12 and all(re.fullmatch(r".*\.png: (red|blue) \(\d+\.\d\d%\), (red|blue) .*", s) for s in lines)
+    row = re.compile(r".*\.png: (red|blue) \(\d+\.\d\d%\), (red|blue) .*")
+    assert len(lines) == 12 and all(row.fullmatch(s) for s in lines)
     assert sum(s.split(": ")[1].startswith("red") for s in lines) >= 9
 
 

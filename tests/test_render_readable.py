@@ -178,7 +178,8 @@ def test_headline_picture_is_readable_at_page_width(tmp_path, capsys):
     needs_engine()
     from PIL import Image
     readme = (ROOT / "README.md").read_text()
-    cmd = re.search(r"`(graphc render seed_cnn --backward --values -o examples/seed_cnn_backward\.svg)`", readme).group(1)
+    cmd = re.search(r"`(graphc render seed_cnn --backward --values -o examples/seed_cnn_backward\.svg)`",
+                    readme).group(1)
     fresh = tmp_path / "headline.svg"
     assert cli.main(cmd.split()[1:-1] + [str(fresh)]) == 0
     committed = (ROOT / "examples" / "seed_cnn_backward.svg").read_text()
