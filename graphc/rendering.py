@@ -7,17 +7,23 @@
               values={"x": SEED_X, "labels": SEED_LABELS})      # every value and gradient written on
     gc.render(vgg16, "vgg16.svg", backward=True, collapse=True) # repeated blocks merged: conv3_[1-3] x3
 
-What is drawn
--------------
+What is drawn (the scene: graphc.render_scene; collapsed: graphc.render_collapse)
+-----------------------------------------------------------------------------------
 * One box per value (graphc has one value per node): its op, its name and its output shape. Inputs are
   blue houses, parameters amber cylinders (optimizer state dashed), constants grey notes, forward ops
   green boxes, backward (gradient) ops red boxes, optimizer updates purple; graph outputs have a double
-  border. A backward node that is the gradient of a value also says so (``dL/dh``).
+  border. A legend under the title says so (``legend=False`` leaves it out).
 * Forward edges are green. Gradient edges (out of a backward node) are red and labelled with the gate
   rule on the edge (the ``rule`` attribute the autodiff pass puts on every edge into a backward node:
   ``add:distribute``, ``matmul:swap``, ``copy:add``, ``max:route``, ``conv:dW``, ``pool:route``, ...).
   A forward value read by a gradient rule (the other input of a swap multiplier, the saved input of a
-  max router) is joined to it by a dashed grey edge that does not constrain the layout.
+  max router) is joined to it by a thin dashed grey edge that does not constrain the layout.
+* ``compact=True`` (default) makes backward graphs readable: an identity node (``add:distribute``'s
+  pass-through, the ``grad/<param>`` outputs) is left out and its rule stays on the edge that replaces
+  it (``add:distribute -> matmul:swap``); a scalar constant is written into the node that reads it
+  (``gt(., 0)``) instead of drawn with edges across the picture; a gradient node is titled
+  ``dL/d<value>`` and the automatic names (``mul4``, ``gt3``) move to the tooltips. With values, a
+  node's tooltip in the SVG holds its whole array (labels show 16 numbers at most).
 * Any node with a ``body`` (the ``fused`` op: attrs ``pattern``, ``body``, ``results``; see
   graphc.ops.fused) is a cluster named after its kernel pattern, holding its body nodes under their
   original names, so a reader sees which gates became which kernel. ``getitem`` nodes that pick a
@@ -26,23 +32,26 @@ What is drawn
 Layouts (``backward=True`` or a graph that already holds backward nodes)
 -------------------------------------------------------------------------
 * ``mirror`` (default): the backward graph mirrored beside the forward one; each gradient node is
-  ranked with the value it is the gradient of (forward on the left/top, its gradient to its right/below)
-  and gradient edges run back the way the forward ones came, as on the slides.
-* ``separate``: forward and backward in two clusters, each flowing in its own direction.
-* ``backward-only``: just the backward nodes; the forward values they read appear as dashed ghosts.
+  ranked with the value it is the gradient of (forward on the left, its gradient to its right) and
+  gradient edges run back the way the forward ones came, as on the slides.
+* ``separate``: forward and backward in two clusters; the forward values a rule reads are small dashed
+  ghosts beside it, so no edge crosses between the two.
+* ``backward-only``: just the backward nodes, with the same ghosts.
 
-Rank direction defaults to LR for short graphs (the slides' left-to-right) and TB for long ones.
-``collapse=True`` merges each layer (``conv3_1``, ``conv3_1.w``, ``conv3_1.b``, ``conv3_1.relu``) into
-one node, its backward into one ``d conv3_1`` node, and runs of identical consecutive layers into one
-(``conv3_[1-3] x3``), so VGG16's backward fits a page.
+Rank direction defaults to TB (top to bottom) when gradients or values are drawn or the graph is long,
+else LR (the slides' left-to-right). ``collapse=True`` merges each layer (``conv3_1``, ``conv3_1.w``,
+``conv3_1.b``, ``conv3_1.relu``) into one node, its backward into one ``d conv3_1`` node, and runs of
+identical consecutive layers into one (``conv3_[1-3] x3``), so VGG16's backward fits a page; a fused
+kernel joins the layer of its first body value.
 
 Output
 ------
-``render`` returns the DOT source and, given a path, writes it in the format named by ``format`` or the
-extension: svg, png, pdf (laid out by Graphviz's ``dot`` engine: pygraphviz in-process when installed,
-else the ``dot`` program), dot (the source), json (networkx node-link data with every attribute). When
-no layout engine can be found the .dot file is written next to the target and a GraphError says how
-to get one.
+``render`` returns a Rendering: the DOT source as a str (as it always was) that Jupyter displays as the
+picture (``_repr_svg_``). Given a path, it writes the format named by ``format`` or the extension: svg,
+png, pdf (laid out by Graphviz's ``dot`` engine: pygraphviz in-process when installed, else the ``dot``
+program; ``dpi`` sets a PNG's resolution), dot (the source), json (networkx node-link data with every
+attribute). When no layout engine can be found the .dot file is written next to the target and a
+GraphError says how to get one.
 """
 from __future__ import annotations
 

@@ -16,18 +16,10 @@ from graphc import cli, rendering
 from graphc.passes.transforms.autodiff import grad
 from graphc.render_values import example_feeds, value_feeds
 from graphc.rendering import BACKWARD_COLOR, dot_stats
+from test_render import node_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_FEEDS = {"x": gc.models.SEED_X, "labels": gc.models.SEED_LABELS}
-
-
-def node_labels(src):
-    out = {}
-    for line in src.splitlines():
-        m = re.match(r'\s*("(?:[^"\\]|\\.)*"|[\w.]+) \[label="((?:[^"\\]|\\.)*)"', line)
-        if m and "->" not in line:
-            out[m.group(1).strip('"')] = m.group(2)
-    return out
 
 
 def needs_engine():
