@@ -194,7 +194,10 @@ def load_checkpoint(path, exe, fingerprint=None, model=None) -> dict:
         if extra:
             lines.append(f"  in the checkpoint but not in the graph: {', '.join(extra[:8])}"
                          + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
-        if any(n.startswith("optim/") for n in missing + extra):
+        if "optim/sched/step" in missing + extra:
+            lines.append("  (the learning-rate schedule differs: resume with the checkpoint's --lr-schedule, or none "
+                         "if it had none)")
+        elif any(n.startswith("optim/") for n in missing + extra):
             lines.append("  (optimizer state differs: resume with the optimizer the checkpoint was trained with)")
         raise CheckpointError("\n".join(lines))
     wrong = [(n, tuple(arrays[n].shape), tuple(np.shape(state[n]))) for n in state

@@ -33,7 +33,7 @@ class Ticker:
         self.bar, self.done = bar, threading.Event()
 
     def _tick(self):
-        while not self.done.wait(0.5):
+        while not self.done.wait(max(0.5, getattr(self.bar, "mininterval", 0.5))):   # piped: every 5 s
             self.bar.refresh()
 
     def __enter__(self):

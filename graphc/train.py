@@ -475,12 +475,16 @@ class _Run:
         n = sum(kernel_count(e) for e in exes)
         bar = progress_bar(self.progress, total=len(exes), desc=f"compiling {n} kernels", unit="program")
         t0 = time.perf_counter()
+        def sizes(n, batch):         # the full batches and the last, smaller one, each bound once
+            return sorted({min(batch, n)} | ({n % batch} if n % batch else set()))
         with Ticker(bar):
-            self.exe.precompile(min(self.batch, len(self.splits.x_train)))
+            for b in sizes(len(self.splits.x_train), self.batch):
+                self.exe.precompile(b)
             if bar is not None:
                 bar.update(1)
             if self.infer in exes:
-                self.infer.precompile(min(EVAL_BATCH, len(self.splits.x_test)))
+                for b in sizes(len(self.splits.x_test), EVAL_BATCH):
+                    self.infer.precompile(b)
         if bar is not None:
             bar.close()
         self.say(f"compiled {n} kernels in {time.perf_counter() - t0:.1f} s (training step and evaluation; "

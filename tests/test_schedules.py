@@ -105,3 +105,7 @@ def test_train_with_a_schedule_checkpoints_and_resumes_exactly(tiny, tmp_path):
     assert resumed.step_losses == straight.step_losses
     for k in straight.exe.state:
         np.testing.assert_array_equal(resumed.exe.state[k], straight.exe.state[k])
+    ck2 = tmp_path / "plain.npz"
+    run(tiny, epochs=1, save=ck2)
+    with pytest.raises(gc.CheckpointError, match="learning-rate schedule differs"):
+        run(tiny, epochs=2, resume=ck2, lr_schedule="cosine")
