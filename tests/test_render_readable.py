@@ -94,7 +94,7 @@ def test_tooltips_hold_whole_arrays(lenet, tmp_path):
 
 def test_dpi(tmp_path):
     needs_engine()
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     seed = gc.models.load("seed_cnn")
     gc.render(seed, tmp_path / "a.png")
     gc.render(seed, tmp_path / "b.png", dpi=48)
@@ -168,7 +168,7 @@ def svg_size_and_fonts(svg):
 
 def test_headline_picture_is_readable_at_page_width(tmp_path, capsys):
     needs_engine()
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image")
     readme = (ROOT / "README.md").read_text()
     cmd = re.search(r"`(graphc render seed_cnn --backward --values -o examples/seed_cnn_backward\.svg)`",
                     readme).group(1)
