@@ -382,7 +382,6 @@ class CompiledExecutable(Executable):
         b.first_run_s = time.perf_counter() - t0
 
     def run(self, feeds, outputs=None, training=False, check_finite=False):
-        feeds, env = self.check_feeds(feeds, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
@@ -390,7 +389,9 @@ class CompiledExecutable(Executable):
                                  + ("" if o not in self._fused_away else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
         stats = self.stat_updates(training)      # batch norm's running statistics, in a training run
-        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        want_all = want + [u for u in stats.values() if u not in want]
+        feeds, env = self.check_feeds(feeds, check_finite, outputs=want_all)   # inputs they need, no others
+        b = self._execute(feeds, env, training, want_all)
         fetch = self._fetch
         out = {w: fetch(b, i, shp) for w, i, shp in b.fetch if w in want}
         if stats:

@@ -12,7 +12,7 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 - the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
   fraction of it;
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (PERF_NOTES.md: torch and Numba in one process stall each other), running the same graph
+  process (torch and Numba in one process stall each other's threads, measured), running the same graph
   translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
   same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
   absent, never fatal.
@@ -480,8 +480,11 @@ def report(r):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
     if r.get("threads"):
         t = r["threads"]
-        lines.append(f"threads: {t['used']} (measured ms per run: {t['measured_ms']}); load average "
-                     f"{r['machine'].get('loadavg')}")
+        measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"
+                             for n, ms in sorted((t.get("measured_ms") or {}).items(), key=lambda kv: -int(kv[0])))
+        load = r["machine"].get("loadavg")
+        lines.append(f"threads: {t['used']}" + (f" (measured per run: {measured})" if measured else "")
+                     + (f"; load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""))
     if r.get("memory"):
         m = r["memory"]
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "

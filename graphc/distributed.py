@@ -350,17 +350,73 @@ def for_training(distributed, sync_bn=False):
     return dp
 
 
-def warm_up(exe, infer, dp, sizes, eval_sizes):
-    """Each rank compiles (or loads) its kernels for every batch size it will see, on its own (collectives
-    local), then waits for the others: no rank's first step may wait in a collective for another rank's
-    compiler, whose time the collective timeout does not allow."""
+def resumed_batch(meta, ranks):
+    """The batch per rank that keeps a checkpoint's global batch on `ranks` ranks (None when it does not
+    divide, or the rank count is the checkpoint's: then the checkpoint's batch)."""
+    if int(meta.get("ranks", 1)) == ranks or not meta.get("batch"):
+        return None
+    old = int(meta.get("global_batch", meta["batch"]))
+    return old // ranks if old % ranks == 0 else None
+
+
+def resumed_position(meta, skip, part, batch, ranks, say):
+    """The step of an interrupted epoch to resume at on `ranks` ranks x `batch`; `part` (the epoch's sums
+    so far) is shared among the ranks, which add them up again at the epoch's end."""
+    old = int(meta.get("global_batch", meta.get("batch", batch)))
+    if skip and old != batch * ranks:     # another global batch: (re)train a partial one
+        done = skip * old
+        skip = done // (batch * ranks)
+        say(f"note: the interrupted epoch continues after {skip * batch * ranks} of its {done} samples done "
+            "(the global batch changed)")
+    if skip and ranks > 1:
+        part.update(loss_sum=part["loss_sum"] / ranks, seen=part["seen"] / ranks)
+    return skip
+
+
+def epoch_totals(step_losses, first, loss_sum, seen, seconds, dp):
+    """An epoch's (loss sum, images, seconds) over every rank (seconds: the ranks' mean); its step losses
+    from index `first` on become the means over the ranks, in place."""
+    if dp is None:
+        return loss_sum, seen, seconds
+    step_losses[first:] = dp.comm.allreduce(step_losses[first:], "mean", what="the epoch's losses").tolist()
+    return tuple(dp.comm.allreduce([loss_sum, seen, seconds / dp.size], what="the epoch's sums"))
+
+
+def describe(dp, batch):
+    return (f"data-parallel on {dp.size} ranks: batch {batch} per rank, global batch {batch * dp.size}"
+            + (", batch norm synchronised" if dp.sync_bn else ""))
+
+
+def any_rank(flag, dp):
+    """True on every rank when `flag` is true on one (e.g. rank 0's callbacks ask to stop)."""
+    return bool(flag) if dp is None else bool(dp.comm.allreduce([bool(flag)], "max", what="a decision")[0])
+
+
+def share_rank0_state(exe, dp, changed):
+    """After rank 0's callbacks ran (one may have restored its best state): every rank takes rank 0's
+    state, if `changed` there. Returns whether it changed (the same on every rank)."""
+    if not any_rank(changed, dp) or dp is None:
+        return bool(changed)
+    names = sorted(exe.state)
+    mine = [np.ravel(np.asarray(exe.state[n], np.float64)) * (dp.rank == 0) for n in names]
+    flat = dp.comm.allreduce(np.concatenate(mine), what="rank 0's state")
+    at = 0
+    for n in names:
+        a = np.asarray(exe.state[n])
+        exe.state[n] = flat[at:at + a.size].reshape(a.shape).astype(a.dtype)
+        at += a.size
+    return True
+
+
+@contextlib.contextmanager
+def compiling(dp):
+    """Around the compile phase: each rank compiles its kernels on its own (collectives local), then waits for
+    the others, so that no rank's first step waits in a collective for another rank's compiler."""
+    if dp is None:
+        yield
+        return
     with dp.comm.local():
-        for b in sizes:
-            if b and hasattr(exe, "precompile"):
-                exe.precompile(b, train=True)
-        for b in eval_sizes:
-            if b and hasattr(infer, "precompile"):
-                infer.precompile(b, train=False)
+        yield
     dp.comm.barrier("compiling kernels", timeout=max(COMPILE_TIMEOUT, dp.comm.timeout))
 
 

@@ -369,7 +369,7 @@ OP_BUILDERS = {
     "div": _binary("div", 0.5, 2.0),
     "copy": _unary("copy"), "identity": _unary("identity"), "neg": _unary("neg"), "exp": _unary("exp"),
     "log": _unary("log", 0.5, 2.0), "sqrt": _unary("sqrt", 0.5, 2.0), "sigmoid": _unary("sigmoid"),
-    "tanh": _unary("tanh"), "relu": _unary("relu"),
+    "tanh": _unary("tanh"), "relu": _unary("relu"), "cos": _unary("cos"),
     "matmul": b_matmul, "conv": b_conv, "conv_dx": b_conv_dx, "conv_dw": b_conv_dw,
     "maxpool": b_maxpool, "avgpool": b_avgpool, "maxpool_route": b_maxpool_route,
     "maxpool_gather": b_maxpool_gather, "avgpool_spread": b_avgpool_spread,

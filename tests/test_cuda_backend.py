@@ -2,7 +2,7 @@
 CUDA simulator: every op family (forward and, through gc.grad, backward), every fused pattern
 (conv_relu_maxpool forward + route backward, conv_relu, elementwise chains, optimizer updates), a tiny
 conv net's forward and training steps (SGD with momentum, Adam; fusion on and off), seed_cnn's SGD step
-against SEED_NOTES, device residency of parameters and optimizer state, and the clear error on a machine
+against the course notes, device residency of parameters and optimizer state, and the clear error on a machine
 with neither a GPU nor the simulator.
 
 How the simulator is switched on (as tests/test_cuda_kernels.py does): numba reads NUMBA_ENABLE_CUDASIM

@@ -316,6 +316,14 @@ def test_unary_functions():
     np.testing.assert_array_equal(ext, [0.0, 1.0])
 
 
+@covers("cos", "floor")
+def test_cos_and_floor():
+    x = np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 3.999, np.pi])
+    c, f = run(lambda g: [g.cos(g.const(x)), g.floor("const1")])
+    np.testing.assert_allclose(c, np.cos(x), rtol=1e-15)
+    np.testing.assert_array_equal(f, [-3.0, -1.0, -0.0, 0.0, 0.0, 1.0, 3.0, 3.0])
+
+
 @covers("add", "mul", "input")
 def test_seed_001_f_equals_x_plus_y_times_z():
     # seeds/001: f = (x + y) z, "x = -2, y = 5, z = 4", forward f = -12, gradients df/dx = df/dy = -4 and
@@ -335,7 +343,7 @@ def test_seed_001_f_equals_x_plus_y_times_z():
 
 @covers("add", "mul", "sigmoid", "sum", "param")
 def test_seed_notes_neuron_z_is_one_and_sigmoid_0731():
-    # SEED_NOTES: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
+    # The course notes: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
     # Literally those values give 2 - 6 - 3 = -7; the course figure behind it has the weights' signs the
     # other way (w1 = 2, w2 = -3): -2 + 6 - 3 = 1.0 and sigmoid(1) = 0.731. Both are checked.
     g = gc.Graph("neuron", dtype="float64")
