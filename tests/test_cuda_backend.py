@@ -408,6 +408,22 @@ def test_sim_a_losses_softmax_and_grads():
 
 
 @needs_cuda
+def test_sim_b_data_parallel_step_on_one_rank_is_the_plain_step():
+    """The allreduce nodes run on the host (no kernel): with one rank they are copies, so the data-parallel
+    step (several buckets) equals the plain step exactly (tests/test_mpi.py runs two ranks on the CPU)."""
+    from graphc import distributed as dist
+    g = models.lenet5()
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((2, 1, 28, 28)).astype(np.float32), "labels": rng.integers(0, 10, 2)}
+    plain = gc.compile(g, "cuda", optimizer=gc.optim.SGD(0.1))
+    dp = gc.compile(g, "cuda", optimizer=gc.optim.SGD(0.1),
+                    distributed=dist.DataParallel(dist.LocalComm(), first_bucket_mb=0.01, bucket_mb=0.05))
+    assert plain.step(feeds) == dp.step(feeds)
+    for k in plain.state:
+        np.testing.assert_array_equal(plain.state[k], dp.state[k])
+
+
+@needs_cuda
 def test_sim_b_float64_matmul_and_grads_keep_float64_precision():
     g = gc.Graph("mm", dtype="float64")
     a = g.input("a", (None, 3), "float64")
@@ -444,8 +460,9 @@ def test_sim_a_kernel_table_covers_every_op():
         if d.source or op == "fused":
             continue
         assert op in table, op
-    # ops of the CNN op set with no cuda kernel yet (their host fallback is tested against the reference)
-    pending = {"batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool"}
+    # ops of the CNN op set with no cuda kernel yet (their host fallback is tested against the reference),
+    # and the collectives, which run on the host by design (MPI reduces host buffers)
+    pending = {"batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool", "allreduce", "allreduce_wait"}
     assert {op for op, k in table.items() if k == registry.FALLBACK} == pending
     assert {"fused:conv_relu", "fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise"} <= set(table)
 

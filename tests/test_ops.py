@@ -661,7 +661,8 @@ def test_every_op_has_a_reference_test(request):
     """Last in the file, so the tests it counts have run. A skipped test covers nothing."""
     from graphc.ops.elementwise import CUSTOM        # ops other tests declare as a user would
     import test_ops_cnn              # the CNN op set (batch norm, LRN, grouped conv, ...) is tested there
-    missing = sorted(set(OPS) - set(COVERS) - test_ops_cnn.COVERED - CONTAINERS - CUSTOM)
+    import test_distributed          # the collectives (allreduce) are tested there
+    missing = sorted(set(OPS) - set(COVERS) - test_ops_cnn.COVERED - test_distributed.COVERED - CONTAINERS - CUSTOM)
     assert not missing, f"ops with no reference-semantics test in tests/test_ops.py or test_ops_cnn.py: {missing}"
     selected = {it.originalname for it in request.session.items if it.module is request.module}
     ops = {op: tests for op, tests in COVERS.items() if op in OPS}
