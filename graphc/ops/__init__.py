@@ -82,5 +82,5 @@ def scalar_expression(name: str, attrs: dict, literal=repr) -> str:
 
 
 # Importing the families fills the table.
-from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, norm, fused  # noqa: E402,F401
+from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, norm, norm_grad, fused  # noqa: E402,F401
 from graphc.ops.elementwise import elementwise_op  # noqa: E402,F401  (user-declared ops: gc.ops.elementwise_op)
