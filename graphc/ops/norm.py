@@ -37,12 +37,17 @@ def _per_channel(v, rank):
     return v.reshape((1, -1) + (1,) * (rank - 2))
 
 
-def _batch_count(x):
-    n = x.size // x.shape[1]
+def batch_count(shape):
+    """Values per channel of a batch-norm input of `shape`; a FeedShapeError below 2 (training mode)."""
+    n = int(np.prod(shape, dtype=np.int64)) // shape[1]
     if n < 2:
         raise FeedShapeError(f"batch norm in training mode needs more than one value per channel; its input is "
-                             f"{x.shape}. Fix: train with a batch of 2 or more (torch refuses this too)")
+                             f"{tuple(shape)}. Fix: train with a batch of 2 or more (torch refuses this too)")
     return n
+
+
+def _batch_count(x):
+    return batch_count(x.shape)
 
 
 def _bn_infer(node, in_types):
