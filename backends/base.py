@@ -382,6 +382,8 @@ class CompiledExecutable(Executable):
         b.first_run_s = time.perf_counter() - t0
 
     def run(self, feeds, outputs=None, training=False, check_finite=False):
+        if training and self.folded_bn():
+            return self._training_twin().run(feeds, outputs, True, check_finite)
         feeds, env = self.check_feeds(feeds, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:

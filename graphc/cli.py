@@ -106,7 +106,7 @@ def cmd_bench(args):
         raise GraphError(f"`graphc bench` is not available in this build (graphc.bench: {e})") from e
     compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else None
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
-                       fuse=not args.no_fuse, compare=compare, json_path=args.json)
+                       fuse=not args.no_fuse, compare=compare, json_path=args.json, fold_bn=not args.no_fold_bn)
     return result if isinstance(result, int) else 0
 
 
@@ -213,13 +213,16 @@ def build_parser():
                               "  graphc bench lenet5 --train --batch 64 --compare torch\n"
                               "  graphc bench mnist_convnet --train --batch 128 --compare torch --json out.json\n"
                               "  graphc bench mnist_convnet --batch 1            # inference latency\n"
-                              "  graphc bench lenet5 --train --no-fuse           # the effect of fusion")
+                              "  graphc bench lenet5 --train --no-fuse           # the effect of fusion\n"
+                              "  graphc bench resnet18 --batch 1 --no-fold-bn    # the effect of BN folding")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backend", choices=("numba", "reference", "cuda"), default="numba",
                    help="backend to time (default numba)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="batch size")
     p.add_argument("--train", action="store_true", help="time a training step (forward+backward+update)")
     p.add_argument("--no-fuse", action="store_true", help="switch the fusion pass off")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep inference batch norms apart from their convs (switch the fold_bn pass off)")
     p.add_argument("--compare", default=None, metavar="PEERS",
                    help="comma-separated peers to time in the same run, e.g. torch,jax")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
