@@ -79,6 +79,27 @@ def test_parameter_changes_reach_the_folded_conv(pair):
     _same(exe, ref, "after load_state_dict")
 
 
+def test_folded_weights_are_computed_when_the_state_changed(pair):
+    g, ref, exe = pair
+    _same(exe, ref, "")
+    b = exe._last_binding[3]
+    prologue = {n for n, _ in b.prologue}
+    assert prologue and not prologue & {n for n, _ in b.steps}       # not part of every run
+    assert {"c1.w", "bn1.rv", "bn2.g"} <= b.prologue_state
+    gen = b.prologue_gen
+    exe.run(FEEDS)
+    assert b.prologue_gen == gen                                     # nothing changed: not recomputed
+    w, rv = exe.state["c1.w"], ref.state["c1.w"]                     # held, edited in place between runs
+    for k in range(2):
+        w[1] += 0.5
+        rv[1] += 0.5
+        _same(exe, ref, f"held array edited, run {k}")
+    del w
+    exe.state["bn1.b"][2] = 3.0                                      # edited through a temporary view
+    ref.state["bn1.b"][2] = 3.0
+    _same(exe, ref, "temporary view")
+
+
 def test_training_mode_runs_use_batch_statistics(pair):
     g, ref, exe = pair
     for _ in range(2):

@@ -102,7 +102,7 @@ def _bn_flops(in_shapes, out_shape, attrs):
     return 8 * int(np.prod(out_shape))
 
 
-register(OpDef("batchnorm", _bn_infer, _bn_ref, _bn_grad, flops=_bn_flops,
+register(OpDef("batchnorm", _bn_infer, _bn_ref, _bn_grad, flops=_bn_flops, run_dependent=True,
                doc="batch normalisation: batch statistics in training, running statistics at inference",
                attrs={"eps": 1e-5, "momentum": 0.1},
                # the running statistics are graphc's bn_running_stat nodes: torch updates copies
@@ -149,7 +149,7 @@ def _flag_infer(node, in_types):
 
 register(OpDef("is_training", _flag_infer,
                lambda ins, a, ctx: np.asarray(1.0 if ctx.training else 0.0, dtype=a["dtype"]),
-               differentiable=False,
+               differentiable=False, run_dependent=True,
                doc="1.0 in a training run (exe.step, exe.run(training=True)), else 0.0: blends batch "
                    "norm's two modes in its gradient",
                torch=lambda F, torch, ins, a, ctx: torch.tensor(1.0 if ctx.training else 0.0)))
