@@ -715,6 +715,39 @@ def norm_net(dtype):
 
 
 @needs_cuda
+def test_sim_b_folded_batch_norm_follows_the_state():
+    """conv -> BN -> ReLU -> pool folded (one fused kernel); the folded weights are recomputed when the
+    device state changes: an edited exe.state entry, load_state_dict, a training-mode run (on the
+    unfolded twin, which shares the device state)."""
+    rng = np.random.default_rng(3)
+    g = gc.Graph("fold")
+    x = g.input("x", (None, 1, 6, 6))
+    h = g.maxpool(g.relu(gc.nn.batchnorm2d(g, g.conv(x, g.param("w", (2, 1, 3, 3)), pad=1), "bn")), 2)
+    g.output(g.softmax_cross_entropy(g.dense(g.flatten(h), g.param("fc", (3, 18))), g.input(
+        "y", (None,), dtype="int64"), name="loss"))
+    feeds = {"x": rng.standard_normal((2, 1, 6, 6)).astype(np.float32), "y": np.array([0, 2])}
+    ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
+    assert exe.folded_bn() == ("bn",) and "conv_relu_maxpool" in _kinds(exe)
+
+    def same(what):
+        _close(exe.run(feeds)["loss"], ref.run(feeds)["loss"], what)
+    same("folded")
+    for e in (exe, ref):
+        e.state["bn.running_var"][...] = [0.25, 4.0]          # edited in place on the host copy
+    same("edited running variance")
+    for _ in range(2):
+        _close(exe.run(feeds, training=True)["loss"], ref.run(feeds, training=True)["loss"], "training run")
+    _close(exe.state["bn.running_mean"], ref.state["bn.running_mean"], "running mean")
+    same("after training runs")
+    d = ref.state_dict()
+    d["w"] = d["w"] * -1.5
+    ref.load_state_dict(d)
+    exe.load_state_dict(d)
+    same("after load_state_dict")
+    assert exe.fallbacks() == []
+
+
+@needs_cuda
 def test_sim_a_norm_ops_float64_on_the_device():
     g, feeds = norm_net("float64")
     ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
