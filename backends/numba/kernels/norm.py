@@ -101,44 +101,47 @@ def bn_grad_x_k(x, dy, gamma, sums, dx, training):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _window_squares(x, n, c, lo, hi, acc):
-    """acc[p] = sum of x[n, j, p]^2 for j in lo..hi."""
-    acc[:] = 0.0
-    for j in range(lo, hi + 1):
-        for p in range(x.shape[2]):
+def _window_scale(x, t, size, alpha, k, s):
+    """s[p] = k + alpha / size * (sum of x[n, j, p]^2 over j in [c - size // 2, c + (size - 1) // 2]) for
+    plane t = n * C + c, float64."""
+    C, P = x.shape[1], x.shape[2]
+    n = t // C
+    c = t - n * C
+    s[:] = 0.0
+    for j in range(max(c - size // 2, 0), min(c + (size - 1) // 2, C - 1) + 1):
+        for p in range(P):
             v = x[n, j, p]
-            acc[p] += v * v
+            s[p] += v * v
+    for p in range(P):
+        s[p] = k + alpha / size * s[p]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def lrn_k(x, y, size, alpha, beta, k):
-    """y = x / (k + alpha / size * window sum of x^2)^beta over channels [c - size // 2, c + (size - 1) // 2]."""
+    """y = x / s^beta per plane (_window_scale)."""
     N, C, P = x.shape
-    scale = alpha / size
     for t in prange(N * C):
+        s = np.empty(P, np.float64)
+        _window_scale(x, t, size, alpha, k, s)
         n = t // C
         c = t - n * C
-        acc = np.empty(P, np.float64)
-        _window_squares(x, n, c, max(c - size // 2, 0), min(c + (size - 1) // 2, C - 1), acc)
         for p in range(P):
-            y[n, c, p] = x[n, c, p] * (k + scale * acc[p]) ** -beta
+            y[n, c, p] = x[n, c, p] * s[p] ** -beta
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True, nogil=True)
 def lrn_grad_k(x, dy, dx, sp, tw, size, alpha, beta, k):
     """dx of y = lrn(x); sp, tw: float64 work arrays shaped like x (s^-beta, and dy x s^(-beta - 1))."""
     N, C, P = x.shape
-    scale = alpha / size
     for t in prange(N * C):
+        s = np.empty(P, np.float64)
+        _window_scale(x, t, size, alpha, k, s)
         n = t // C
         c = t - n * C
-        acc = np.empty(P, np.float64)
-        _window_squares(x, n, c, max(c - size // 2, 0), min(c + (size - 1) // 2, C - 1), acc)
         for p in range(P):
-            s = k + scale * acc[p]
-            q = s ** -beta
+            q = s[p] ** -beta
             sp[n, c, p] = q
-            tw[n, c, p] = dy[n, c, p] * x[n, c, p] * q / s
+            tw[n, c, p] = dy[n, c, p] * x[n, c, p] * q / s[p]
     f = 2.0 * alpha * beta / size
     for t in prange(N * C):
         n = t // C
