@@ -122,7 +122,7 @@ def cmd_bench(args):
         return 0
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
                        fuse=not args.no_fuse, compare=compare, json_path=args.json, repeats=args.repeats,
-                       measure_compile=not args.no_compile_times)
+                       measure_compile=not args.no_compile_times, fold_bn=not args.no_fold_bn)
     return result if isinstance(result, int) else 0
 
 
@@ -226,13 +226,16 @@ def _add_bench_parser(sub):
                               "  graphc bench mnist_convnet --batch 1            # inference latency\n"
                               "  graphc bench lenet5 --train --no-fuse           # the effect of fusion\n"
                               "  graphc bench lenet5 --train --repeats 50 --no-compile-times   # quick\n"
-                              "  graphc bench lenet5 --train --ranks 1,2         # data-parallel scaling (MPI)")
+                              "  graphc bench lenet5 --train --ranks 1,2         # data-parallel scaling (MPI)\n"
+                              "  graphc bench resnet18 --batch 1 --no-fold-bn    # the effect of BN folding")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--backend", choices=("numba", "reference", "cuda"), default="numba",
                    help="backend to time (default numba)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="batch size")
     p.add_argument("--train", action="store_true", help="time a training step (forward+backward+update)")
     p.add_argument("--no-fuse", action="store_true", help="switch the fusion pass off")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep inference batch norms apart from their convs (switch the fold_bn pass off)")
     p.add_argument("--compare", default=None, metavar="PEERS",
                    help="comma-separated peers to time in the same run, e.g. torch,jax")
     p.add_argument("--repeats", type=int, default=None, metavar="R",

@@ -64,6 +64,7 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     exe = mod.lower(g, dtype=dtype, pipeline=pipeline, **options)
     exe.source = graph          # the graph as the user built it (gc.onnx.save exports it)
     exe.distributed = dp
+    exe.compile_args = dict(backend=backend, loss=loss, dtype=dtype, keep=keep, **options, **flags)
     return exe
 
 

@@ -196,6 +196,8 @@ class Executable:
         """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch.
         training=True runs in training mode (dropout on, batch norm on batch statistics) and stores
         batch norm's new running statistics."""
+        if training and self.folded_bn():
+            return self._training_twin().run(feeds, outputs, True, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
@@ -206,6 +208,23 @@ class Executable:
         for s, u in stats.items():
             self.state[s] = np.array(vals[u])
         return {o: vals[o] for o in want}
+
+    def folded_bn(self):
+        """The batch norms this executable's forward folded into their convs (passes/fold_bn.py)."""
+        return tuple(getattr(self.graph, "bn_folded", ()) or ())
+
+    def _training_twin(self):
+        """A training-mode run needs batch statistics, which a forward with batch norm folded into its
+        convs no longer computes: such runs go to the same graph compiled without the fold (built on first
+        use; it shares this executable's state, so the running statistics it updates are this one's)."""
+        twin = getattr(self, "_twin", None)
+        if twin is None:
+            from graphc.compiler import compile
+            twin = compile(self.source, **dict(self.compile_args, fold_bn=False))
+            twin.state = self.state
+            self._twin = twin
+        twin.step_count = self.step_count
+        return twin
 
     def stat_updates(self, training):
         """{running statistic: its new value} that a run in this mode stores (none at inference)."""

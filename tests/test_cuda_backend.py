@@ -460,10 +460,8 @@ def test_sim_a_kernel_table_covers_every_op():
         if d.source or op == "fused":
             continue
         assert op in table, op
-    # ops of the CNN op set with no cuda kernel yet (their host fallback is tested against the reference),
-    # and the collectives, which run on the host by design (MPI reduces host buffers)
-    pending = {"batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool", "allreduce", "allreduce_wait"}
-    assert {op for op, k in table.items() if k == registry.FALLBACK} == pending
+    # the collectives run on the host by design (MPI reduces host buffers); every other op has a kernel
+    assert {op for op, k in table.items() if k == registry.FALLBACK} == {"allreduce", "allreduce_wait"}
     assert {"fused:conv_relu", "fused:conv_relu_maxpool", "fused:route_relu", "fused:elementwise"} <= set(table)
 
 
@@ -689,7 +687,7 @@ def test_sim_b_pattern_without_a_cuda_lowering_runs_on_the_host():
 def test_sim_b_cnn_op_set_matches_reference():
     """Batch norm (both modes, running statistics), grouped/dilated conv, LRN, attribute elementwise ops,
     ceil-mode/padded pools, reflect padding, global max pool: forward, a training run and an SGD step.
-    Ops without CUDA kernels yet run on the host (HOST_FALLBACKS); nothing else may."""
+    Only the grouped/dilated convs may run on the host (no CUDA kernels for them yet)."""
     rng = np.random.default_rng(7)
     g = gc.Graph("cnn_ops")
     x = g.input("x", (None, 2, 6, 6))
@@ -702,8 +700,7 @@ def test_sim_b_cnn_op_set_matches_reference():
     g.output(g.softmax_cross_entropy(g.dense(z, g.param("fc", value=rng.standard_normal((3, 8)))), g.input(
         "y", (None,), dtype="int64"), name="loss"))
     feeds = {"x": rng.standard_normal((2, 2, 6, 6)).astype(np.float32), "y": np.array([0, 2])}
-    allowed = {"batchnorm", "bn_running_stat", "is_training", "lrn", "global_maxpool", "conv", "conv_dx",
-               "conv_dw", "pad2d", "crop2d"}
+    allowed = {"conv", "conv_dx", "conv_dw"}
     ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
     for training in (False, True):
         _close(exe.run(feeds, training=training)["loss"], ref.run(feeds, training=training)["loss"], "loss")
@@ -714,4 +711,67 @@ def test_sim_b_cnn_op_set_matches_reference():
     for k, v in r.state.items():
         _close(t.state[k], v, k)
     ops = {t.graph.nx.nodes[n]["op"] for n in t.fallbacks()} | {exe.graph.nx.nodes[n]["op"] for n in exe.fallbacks()}
-    assert ops <= allowed and {"batchnorm", "lrn"} <= ops, ops
+    assert ops <= allowed, ops
+
+
+def norm_net(dtype):
+    """Batch norm on 4-D and 2-D values, LRN, reflect and edge padding, global max pool, a batched matmul
+    (batch dims on both sides, transposed), plain convs: every op has a CUDA kernel."""
+    rng = np.random.default_rng(11)
+    g = gc.Graph("norm_net", dtype=dtype)
+    x = g.input("x", (None, 2, 5, 5))
+    h = g.conv(x, g.param("w", value=rng.standard_normal((4, 2, 3, 3)) * 0.4), pad=1)
+    h = g.lrn(gc.nn.batchnorm2d(g, h, "bn"), 3, 0.1, 0.75, 2.0)
+    h = g.pad2d(g.pad2d(h, (1, 0, 2, 1), mode="reflect"), 1, mode="edge")
+    z = g.reshape(g.global_maxpool(h), (x.shape[0], 2, 2, 1))
+    z = g.matmul(z, g.param("mm", value=rng.standard_normal((2, 3, 1))), trans_b=True)       # (N, 2, 2, 3)
+    z = gc.nn.batchnorm2d(g, g.reshape(z, (x.shape[0], 12)), "bn1d")
+    g.output(g.softmax_cross_entropy(g.dense(z, g.param("fc", value=rng.standard_normal((3, 12)))), g.input(
+        "y", (None,), dtype="int64"), name="loss"))
+    return g, {"x": rng.standard_normal((3, 2, 5, 5)), "y": np.array([0, 2, 1])}
+
+
+@needs_cuda
+def test_sim_b_folded_batch_norm_follows_the_state():
+    """conv -> BN -> ReLU -> pool folded (one fused kernel); the folded weights are recomputed when the
+    device state changes: an edited exe.state entry, load_state_dict, a training-mode run (on the
+    unfolded twin, which shares the device state)."""
+    rng = np.random.default_rng(3)
+    g = gc.Graph("fold")
+    x = g.input("x", (None, 1, 6, 6))
+    h = g.maxpool(g.relu(gc.nn.batchnorm2d(g, g.conv(x, g.param("w", (2, 1, 3, 3)), pad=1), "bn")), 2)
+    g.output(g.softmax_cross_entropy(g.dense(g.flatten(h), g.param("fc", (3, 18))), g.input(
+        "y", (None,), dtype="int64"), name="loss"))
+    feeds = {"x": rng.standard_normal((2, 1, 6, 6)).astype(np.float32), "y": np.array([0, 2])}
+    ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
+    assert exe.folded_bn() == ("bn",) and "conv_relu_maxpool" in _kinds(exe)
+
+    def same(what):
+        _close(exe.run(feeds)["loss"], ref.run(feeds)["loss"], what)
+    same("folded")
+    for e in (exe, ref):
+        e.state["bn.running_var"][...] = [0.25, 4.0]          # edited in place on the host copy
+    same("edited running variance")
+    for _ in range(2):
+        _close(exe.run(feeds, training=True)["loss"], ref.run(feeds, training=True)["loss"], "training run")
+    _close(exe.state["bn.running_mean"], ref.state["bn.running_mean"], "running mean")
+    same("after training runs")
+    d = ref.state_dict()
+    d["w"] = d["w"] * -1.5
+    ref.load_state_dict(d)
+    exe.load_state_dict(d)
+    same("after load_state_dict")
+    assert exe.fallbacks() == []
+
+
+@needs_cuda
+def test_sim_a_norm_ops_float64_on_the_device():
+    g, feeds = norm_net("float64")
+    ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
+    for training in (False, True, False):
+        _close(exe.run(feeds, training=training)["loss"], ref.run(feeds, training=training)["loss"], "loss")
+    for k in ("bn.running_mean", "bn1d.running_var"):
+        _close(exe.state[k], ref.state[k], k)
+    mk = lambda: gc.optim.SGD(0.1, momentum=0.9)  # noqa: E731
+    _check_train(g, mk, 2, True, feeds)        # (asserts no fallbacks)
+    assert exe.fallbacks() == []

@@ -9,8 +9,8 @@ pattern is lowered where it is registered (lower_*.py); ``kernel_table()`` lists
 Compile times: ``exe.compile_times``; ``exe.precompile(batch)`` binds and runs once on zero feeds.
 """
 from graphc.backends import registry
-from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_pool,  # noqa: F401
-                                   lower_reduce, lower_shape, lower_sources)
+from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_norm,  # noqa: F401
+                                   lower_pool, lower_reduce, lower_shape, lower_sources)
 from graphc.backends.numba.executor import NumbaExecutable
 
 __all__ = ["NumbaExecutable", "lower", "kernel_table"]
