@@ -150,8 +150,6 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="backend fix pending: a truncated/garbage .nbi/.nbc cache entry is not "
-                                       "discarded and recompiled (UnpicklingError)")
 def test_03_corrupted_kernel_cache_is_discarded_and_recompiled(tmp_path):
     pytest.importorskip("numba")
     env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache")}
