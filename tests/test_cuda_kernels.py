@@ -346,8 +346,7 @@ def route_backward_ref(dy, route, hw):
     for n in range(N):
         for c in range(C):
             for o, r in zip(dy[n, c].ravel(), route[n, c].ravel()):
-                if r >= 0:
-                    dz[n, c, r] += o
+                dz[n, c, r if r >= 0 else ~r] += o if r >= 0 else o * 0       # ~r: masked by a ReLU
     return dz.reshape(N, C, *hw)
 
 
@@ -470,8 +469,8 @@ FUSED_CASES = [  # (N, C, H, W, K, k, stride, pads, pool, pool_stride)
 
 def _fused_ref(x, w, b, stride, pads, pool, pstride):
     z = conv_ref(x, w, b, stride, pads)
-    ym, r = maxpool_ref(z, pool, pstride)
-    return np.maximum(ym, 0), np.where(ym > 0, r, -1).astype(np.int32), z
+    ym, r = maxpool_ref(np.maximum(z, 0), pool, pstride)      # the first max of the ReLU output ...
+    return ym, np.where(ym > 0, r, ~r).astype(np.int32), z     # ... ~ it where it is not > 0
 
 
 @needs_cuda
@@ -481,7 +480,7 @@ def test_conv2d_relu_maxpool_and_route_backward(case):
     r = _rng(5)
     x = r.standard_normal((N, C, H, W)).astype(np.float32)
     w = r.standard_normal((K, C, k, k)).astype(np.float32)
-    b = np.linspace(-1.5, 0.5, K).astype(np.float32)      # some windows end all <= 0: route -1
+    b = np.linspace(-1.5, 0.5, K).astype(np.float32)      # some windows end all <= 0: route ~first
     yref, rref, z = _fused_ref(x, w, b, stride, pads, pool, pstride)
     y, route = ck.host.conv2d_relu_maxpool(x, w, b, stride, pads, pool, pstride, save_route=True)
     assert route.dtype == np.int32 and route.shape == y.shape == yref.shape
@@ -498,12 +497,12 @@ def test_conv2d_relu_maxpool_and_route_backward(case):
 def test_conv2d_relu_maxpool_ties_and_zero():
     x = np.zeros((1, 1, 4, 4), np.float32)
     w = np.ones((2, 1, 3, 3), np.float32)
-    b = np.array([0.5, 0.0], np.float32)        # channel 0: all equal and > 0 -> first; channel 1: all 0 -> -1
+    b = np.array([0.5, 0.0], np.float32)        # channel 0: all equal and > 0 -> first; channel 1: all 0 -> ~first
     y, route = ck.host.conv2d_relu_maxpool(x, w, b, 1, 1, 2, 2, save_route=True)
     np.testing.assert_array_equal(y[0, 0], np.full((2, 2), 0.5, np.float32))
     np.testing.assert_array_equal(route[0, 0], [[0, 2], [8, 10]])
     np.testing.assert_array_equal(y[0, 1], 0)
-    np.testing.assert_array_equal(route[0, 1], -1)
+    np.testing.assert_array_equal(route[0, 1], [[~0, ~2], [~8, ~10]])
 
 
 @needs_cuda

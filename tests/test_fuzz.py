@@ -335,23 +335,7 @@ def exp_overflows(name):
 #: numba kernels' (the backend task after the restructure). Each entry: (fuzz graph, outputs whose values
 #: are not compared, when (a predicate on the feeds), why). Everything else is compared, and even these
 #: outputs must have the reference's shape and dtype, and both backends must accept or refuse alike.
-PENDING_NUMBA_NAN = [
-    ("cnn", {"logits", "loss"}, nonfinite("x"),
-     "fused conv->ReLU->maxpool forward (numba_conv.conv2d_relu_maxpool, direct and im2col): a NaN in a "
-     "pooling window is skipped when a larger number follows it (np.max gives NaN)"),
-    ("cnn-train", {"*"}, nonfinite("x"),
-     "max-pool backward (numba maxpool_route, the fused route_relu scatter): a window holding NaN sends its "
-     "gradient to its largest number, np.argmax's route to its first NaN"),
-    ("losses", {"mse", "bce"}, huge("z,t", 1e19),
-     "numba's mse/bce kernels multiply float32 operands in float32 (overflow beyond ~1e19 squared) and "
-     "sum in float64; the reference evaluates the loss in float64: inf - inf (NaN) vs -inf"),
-    ("losses", {"sce", "sce_soft"}, huge("z", 1e15),
-     "numba's softmax-cross-entropy kernels form z - (max + log(sum)) in float64: beyond |z| ~ 2**53 the "
-     "log term is lost (the reference's (z - max) - log(sum) keeps it; with a soft label inf: NaN vs inf)"),
-    ("elementwise", {"sqrtexp"}, exp_overflows("a"),
-     "fused elementwise chains keep math.exp/log/sqrt/tanh intermediates in float64: sqrt(exp(100)) is "
-     "finite in numba, inf in float32 numpy"),
-]
+PENDING_NUMBA_NAN = []
 
 
 def pending(graph, feeds):

@@ -70,7 +70,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
-                    the window, or -1 when that max is <= 0.
+                    the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
     """
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
@@ -166,8 +166,10 @@ class _FwdWriter:
             a(f"{ind2}        for j in range({self.Wo}):")
             a(f"{ind2}            yk[i, j] = a{q}[i * {Wp} + j] + bq")
             return
-        # pool: window taps unrolled into compare/selects (the first max in row-major order wins),
-        # so the loop over pooled columns vectorises (one masked iteration for short rows)
+        # pool: window taps unrolled into compare/selects (the first max in row-major order wins, the first
+        # NaN over numbers, as np.max / np.argmax), so the loop over pooled columns vectorises (one masked
+        # iteration for short rows). The route of a window whose max is not > 0 is ~index of the max of its
+        # ReLU output: its first NaN, or (all zeros) its first element (maxpool_argmax's relu rule)
         for with_route in (True, False):
             self._pool_epilogue(q, ind2, with_route)
 
@@ -193,12 +195,13 @@ class _FwdWriter:
                     first = False
                 else:
                     a(f"{i3}        v = {src}")
+                    a(f"{i3}        gt = (v > m) | ((v != v) & (m == m))" if with_route else f"{i3}        gt = (v > m) | (v != v)")
                     if with_route:
-                        a(f"{i3}        mi = {idx} if v > m else mi")
-                    a(f"{i3}        m = v if v > m else m")
+                        a(f"{i3}        mi = {idx} if gt else mi")
+                    a(f"{i3}        m = v if gt else m")
         a(f"{i3}        yk[i, j] = 0.0 if m <= 0 else m")
         if with_route:
-            a(f"{i3}        rk[i, j] = mi if m > 0 else -1")
+            a(f"{i3}        rk[i, j] = mi if m > 0 else (~mi if m != m else ~(r0 * {self.Wo} + c0))")
 
 
 # --------------------------------------------------------------------------------------------------

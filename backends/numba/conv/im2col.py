@@ -34,7 +34,8 @@ def _cols_of(xp, cols, KH, KW, s, Ho, Wo):
 @njit(cache=True, nogil=True)
 def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
     """bias + ReLU + max pool of one conv-output plane z (Ho*Wo,) into yk (Hq, Wq); route as in
-    conv2d_relu_maxpool (flat index of the window's first max, -1 when it is <= 0)."""
+    conv2d_relu_maxpool (flat index of the window's first max, the first NaN winning as in np.max; ~index
+    of the ReLU output's max where the max is not > 0: its first NaN, or its first element)."""
     Hq, Wq = yk.shape
     for i in range(Hq):
         for j in range(Wq):
@@ -45,12 +46,12 @@ def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
             for di in range(ps):
                 for dj in range(ps):
                     v = z[(r0 + di) * Wo + c0 + dj] + bk
-                    if v > m:
+                    if v > m or (v != v and m == m):
                         m = v
                         mi = (r0 + di) * Wo + c0 + dj
             yk[i, j] = 0.0 if m <= 0 else m
             if save:
-                rk[i, j] = mi if m > 0 else -1
+                rk[i, j] = mi if m > 0 else (~mi if m != m else ~(r0 * Wo + c0))
 
 
 @njit(parallel=True, cache=True, nogil=True)
