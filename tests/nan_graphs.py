@@ -104,6 +104,10 @@ def loss_feeds():
     soft[0] = [INF, 0, 0]
     soft[1] = [0, 1e-45, 1]                     # a denormal weight on a finite log p
     out["soft_inf_labels"] = {"z": z0, "y": y, "t": soft}
+    # two equal maxima beyond 2**53: log p = (z - max) - log 2 = -0.69 (inf * it: -inf); z - (max + log 2)
+    # loses the log 2 and gives 0 (inf * 0: NaN)
+    huge = np.array([[1e17, 1e17, 0], [0, 1, 2], [0, 0, 0]], np.float32)
+    out["huge_ties_soft_inf"] = {"z": huge, "y": y, "t": soft}
     # (2e19)**2 and 2e19 * 2e19 overflow float32; the float64 means (~4.4e37) do not
     out["squares_overflow"] = {"z": np.array([[2e19, -2e19, 1], [0, 0, 0], [0, 0, 0]], np.float32), "y": y,
                                "t": np.array([[2e19, 0, 0], [0, 0, 0], [0, 0, 0]], np.float32)}
