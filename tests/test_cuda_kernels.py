@@ -231,6 +231,11 @@ print(json.dumps({"seconds": time.time() - t, "ptxas": ptxas, "res": out}))
 """
 
 
+#: kernels that accumulate in float64 on purpose, as the reference: sums (a float32 partial sum overflows
+#: where the sum does not; memory-bound, so the wider adds do not show) and the cross-entropy rows
+F64_BY_DESIGN = ("reduce_keep_mid", "reduce_mid", "xent_rows", "xent_dense_rows")
+
+
 def test_every_kernel_compiles_to_ptx():
     rc, out, err = _wait(_ptx_child(), 900)
     assert rc == 0, f"a CUDA toolkit is installed and a kernel failed to compile to PTX:\n{(out + err)[-4000:]}"
@@ -243,8 +248,8 @@ def test_every_kernel_compiles_to_ptx():
         for name, info in res.items():
             assert info["sm_90"] and info["entry"], (dt, name)
             if dt == "float32":
-                # float32 kernels do float32 arithmetic only (no silent promotion to double)
-                assert info["f64"] == 0, (name, info)
+                # float32 kernels do float32 arithmetic only (no silent promotion to double), but these
+                assert (info["f64"] > 0) == (name.split("[")[0] in F64_BY_DESIGN), (name, info)
             if rep["ptxas"]:   # assembled for sm_90: no register spills, static shared memory within 48 KiB
                 assert info["ptxas_rc"] == 0 and info["spill"] == 0, (dt, name, info)
                 assert info["smem"] <= 48 * 1024, (dt, name, info)

@@ -24,11 +24,15 @@ ROWS_SIGNATURES = (ROWS_SIGNATURE, "fa, la, fa, f, fa, i64, i64, ia")     # int3
 
 
 def _mk_softmax_family(which):
-    """which: 0 softmax rows, 1 per-row cross-entropy loss, 2 cross-entropy gradient."""
+    """which: 0 softmax rows, 1 per-row cross-entropy loss, 2 cross-entropy gradient. The loss sums and
+    logs in float64 (the reference's loss); softmax and its gradient stay in the dtype (the reference's
+    softmax is float32 numpy for float32)."""
     def make(nbt):
+        acc = float64 if which == 1 else nbt
+
         def softmax_rows(x, labels, dy, dyscale, out, M, Ncol, flag):
             sm = cuda.shared.array((SM_ROWS, 32), nbt)
-            s64 = cuda.shared.array((SM_ROWS, 32), float64)
+            s64 = cuda.shared.array((SM_ROWS, 32), acc)
             tx = cuda.threadIdx.x
             ty = cuda.threadIdx.y
             neg_inf = nbt(-math.inf)
@@ -55,10 +59,10 @@ def _mk_softmax_family(which):
                     h //= 2
                 mx = sm[ty, 0]
                 cuda.syncthreads()
-                s = float64(0)
+                s = acc(0)
                 if active:
                     for j in range(tx, Ncol, 32):
-                        s += math.exp(float64(x[base + j]) - mx)
+                        s += math.exp(acc(x[base + j]) - mx)
                 s64[ty, tx] = s
                 cuda.syncthreads()
                 h = 16
@@ -78,7 +82,7 @@ def _mk_softmax_family(which):
                         if tx == 0:
                             lab = labels[row]
                             if lab >= 0 and lab < Ncol:
-                                out[row] = -((float64(x[base + lab]) - mx) - math.log(tot))
+                                out[row] = -((acc(x[base + lab]) - mx) - math.log(tot))
                             else:
                                 out[row] = nbt(math.nan)
                                 flag[0] = 1
