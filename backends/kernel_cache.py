@@ -108,7 +108,7 @@ _CHECKED_CACHE = []               # the FunctionCache subclass below, made on fi
 _WARNED = [False]
 
 
-def discard_corrupt(paths, err) -> None:
+def discard_corrupt(paths, err, what="a corrupted kernel cache entry") -> None:
     """Deletes the files of a corrupted cache entry (a truncated or garbage Numba index/data file or
     .pyc); warns once per process, in one line, what was found."""
     for p in paths:
@@ -117,9 +117,8 @@ def discard_corrupt(paths, err) -> None:
     if not _WARNED[0]:
         _WARNED[0] = True
         why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
-        warnings.warn_explicit(f"graphc: discarded a corrupted kernel cache entry ({paths[0]}: {why}); "
-                               "recompiling it (further corrupted entries are discarded silently)",
-                               RuntimeWarning, "graphc", 0)
+        warnings.warn_explicit(f"graphc: discarded {what} ({paths[0]}: {why}); the kernel is compiled "
+                               "instead (further such entries are discarded silently)", RuntimeWarning, "graphc", 0)
 
 
 def guard_numba_cache(*modules) -> None:
@@ -131,10 +130,10 @@ def guard_numba_cache(*modules) -> None:
         from numba.core.caching import FunctionCache
 
         class CheckedCache(FunctionCache):
-            def _discard(self, err):
+            def _discard(self, err, what="a corrupted kernel cache entry"):
                 f = self._cache_file
                 base = os.path.join(glob.escape(f._cache_path), glob.escape(f._index_name[:-len(".nbi")]))
-                discard_corrupt([f._index_path] + glob.glob(base + ".*.nbc"), err)
+                discard_corrupt([f._index_path] + glob.glob(base + ".*.nbc"), err, what)
 
             def load_overload(self, sig, target_context):
                 try:
@@ -146,8 +145,8 @@ def guard_numba_cache(*modules) -> None:
             def save_overload(self, sig, data):
                 try:
                     super().save_overload(sig, data)
-                except Exception as e:
-                    self._discard(e)
+                except Exception as e:       # a full disk, say: the compiled kernel still runs
+                    self._discard(e, "a kernel cache entry that could not be saved")
         _CHECKED_CACHE.append((FunctionCache, CheckedCache))
     plain, checked = _CHECKED_CACHE[0]
     for mod in modules:

@@ -311,3 +311,26 @@ def test_every_cached_numba_kernel_of_the_backend_is_guarded():
               if isinstance(getattr(v, "_cache", None), FunctionCache)]
     assert len(cached) > 20 and all(t is not FunctionCache for _, _, t in cached), \
         [f"{n}.{k}" for n, k, t in cached if t is FunctionCache]
+
+
+def test_a_kernel_cache_entry_that_cannot_be_saved_warns_once_and_the_kernel_runs(tmp_path, monkeypatch):
+    """A full disk under the kernel cache (Numba's save raises ENOSPC): one warning, the compiled kernel
+    still runs (it used to raise out of the run)."""
+    pytest.importorskip("numba")
+    import uuid
+    from numba.core import caching
+    from graphc.backends import kernel_cache
+
+    def full(self, key, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save", full)
+    monkeypatch.setattr(kernel_cache, "_WARNED", [False])
+    c = 1.0 + uuid.uuid4().int % 1000 / 1e4            # a kernel this process has not loaded yet
+    g = gc.Graph("nosave")
+    a = g.input("a", (None, 3))
+    g.output(g.relu(g.mul(a, c), name="r"))
+    with pytest.warns(RuntimeWarning, match="could not be saved") as w:
+        out = gc.compile(g, backend="numba").run({"a": np.ones((2, 3), np.float32)})
+    assert len(w) == 1 and "\n" not in str(w[0].message)
+    np.testing.assert_allclose(out["r"], np.full((2, 3), c, np.float32))
