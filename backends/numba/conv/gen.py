@@ -195,7 +195,8 @@ class _FwdWriter:
                     first = False
                 else:
                     a(f"{i3}        v = {src}")
-                    a(f"{i3}        gt = (v > m) | ((v != v) & (m == m))" if with_route else f"{i3}        gt = (v > m) | (v != v)")
+                    first_nan = "((v != v) & (m == m))" if with_route else "(v != v)"  # a route: the first NaN
+                    a(f"{i3}        gt = (v > m) | {first_nan}")
                     if with_route:
                         a(f"{i3}        mi = {idx} if gt else mi")
                     a(f"{i3}        m = v if gt else m")

@@ -177,7 +177,8 @@ def maxpool_route_source(kh, kw, sh, sw, parallel):
         for b in range(kw):
             if a == 0 and b == 0:
                 continue
-            L += [f"                v = xp[r0 + {a}, c0 + {b}]", "                gt = (v > best) | ((v != v) & (best == best))",
+            L += [f"                v = xp[r0 + {a}, c0 + {b}]",
+                  "                gt = (v > best) | ((v != v) & (best == best))",
                   f"                bp = r0 + {a} if gt else bp", f"                bq = c0 + {b} if gt else bq",
                   "                best = v if gt else best"]
     L.append("                gp[bp, bq] += dp[i, j]")
