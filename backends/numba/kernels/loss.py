@@ -42,6 +42,13 @@ def _log_sum_exp(z, i, m):
 
 
 @njit(**_JIT)
+def _weighted(y, logp):
+    """y * log p in float64, 0 where y == 0 and log p == -inf (graphc.ops.loss.label_dot's rule)."""
+    y = float(y)
+    return 0.0 if y == 0 and logp == -math.inf else y * logp
+
+
+@njit(**_JIT)
 def sce_int_k(z, labels, out):
     """mean over rows of -log softmax(z)[label]; returns the first row whose label is outside 0..ncls-1."""
     M, ncls = z.shape
@@ -66,10 +73,7 @@ def sce_dense_k(z, y, out):
         m = _row_max(z, i)
         lse = _log_sum_exp(z, i, m)
         for k in range(ncls):
-            logp = (z[i, k] - m) - lse
-            yk = float(y[i, k])
-            if not (yk == 0 and logp == -math.inf):
-                tot += yk * logp
+            tot += _weighted(y[i, k], (z[i, k] - m) - lse)
     out[0] = 0.0 - tot / M
     return -1
 
@@ -123,10 +127,7 @@ def ce_dense_k(p, y, out):
     tot = 0.0
     for i in range(M):
         for k in range(ncls):
-            logp = math.log(float(p[i, k]))
-            yk = float(y[i, k])
-            if not (yk == 0 and logp == -math.inf):
-                tot += yk * logp
+            tot += _weighted(y[i, k], math.log(float(p[i, k])))
     out[0] = 0.0 - tot / M
     return -1
 
