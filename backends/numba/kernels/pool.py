@@ -85,6 +85,26 @@ def _plane_loop(parallel):
             "        n = t // C", "        c = t - n * C"]
 
 
+def _window_max(kh, kw, index):
+    """Lines of a window's max over xp from (r0, c0): ``best`` and (index: lines updating the position
+    given the tap (a, b), when it wins). Unrolled compare/selects, the first max winning ties; a NaN
+    flag beside them, and for a window holding NaN (rare: a branch off the selects' fast path) a scan
+    that makes best its first NaN and the position that NaN's (np.max / np.argmax)."""
+    ind = "                "
+    L = [f"{ind}best = xp[r0, c0]", f"{ind}nan = best != best"] + [ind + s for s in index(0, 0)]
+    for a in range(kh):
+        for b in range(kw):
+            if a or b:
+                L += [f"{ind}v = xp[r0 + {a}, c0 + {b}]", f"{ind}gt = v > best"]
+                L += [f"{ind}{s} if gt else {s.split(' = ')[0]}" for s in index(a, b)]
+                L += [f"{ind}best = v if gt else best", f"{ind}nan |= v != v"]
+    L.append(f"{ind}if nan:")
+    for a, b in reversed([(a, b) for a in range(kh) for b in range(kw)]):
+        L += [f"{ind}    v = xp[r0 + {a}, c0 + {b}]", f"{ind}    isnan = v != v", f"{ind}    best = v if isnan else best"]
+        L += [f"{ind}    {s} if isnan else {s.split(' = ')[0]}" for s in index(a, b)]
+    return L
+
+
 def maxpool_source(kh, kw, sh, sw, save, relu, parallel):
     """kernel(x, y, route): y = window max; route (when save) = flat in-plane index of the first max
     (relu: ~index where that max is not > 0, maxpool_argmax's rule). NaN propagates as in the reference
@@ -95,18 +115,8 @@ def maxpool_source(kh, kw, sh, sw, save, relu, parallel):
     if save:
         L.append("        rp = route[n, c]")
     L += ["        for i in range(Ho):", f"            r0 = i * {sh}", "            for j in range(Wo):",
-          f"                c0 = j * {sw}", "                best = xp[r0, c0]"]
-    if save:
-        L.append("                bi = r0 * W + c0")
-    for a in range(kh):
-        for b in range(kw):
-            if a == 0 and b == 0:
-                continue
-            L.append(f"                v = xp[r0 + {a}, c0 + {b}]")
-            L.append("                gt = v > best or (v != v and best == best)")
-            if save:
-                L.append(f"                bi = (r0 + {a}) * W + c0 + {b} if gt else bi")
-            L.append("                best = v if gt else best")
+          f"                c0 = j * {sw}"]
+    L += _window_max(kh, kw, lambda a, b: [f"bi = (r0 + {a}) * W + c0 + {b}"] if save else [])
     L.append("                yp[i, j] = best")
     if save:
         L.append("                rp[i, j] = bi if best > 0 else ~bi" if relu else "                rp[i, j] = bi")
@@ -171,15 +181,7 @@ def maxpool_route_source(kh, kw, sh, sw, parallel):
     L += ["        xp = x[n, c]", "        dp = dy[n, c]", "        gp = dx[n, c]",
           "        for p in range(H):", "            for q in range(W):", "                gp[p, q] = 0.0",
           "        for i in range(Ho):", f"            r0 = i * {sh}", "            for j in range(Wo):",
-          f"                c0 = j * {sw}", "                best = xp[r0, c0]", "                bp = r0",
-          "                bq = c0"]
-    for a in range(kh):
-        for b in range(kw):
-            if a == 0 and b == 0:
-                continue
-            L += [f"                v = xp[r0 + {a}, c0 + {b}]",
-                  "                gt = (v > best) | ((v != v) & (best == best))",
-                  f"                bp = r0 + {a} if gt else bp", f"                bq = c0 + {b} if gt else bq",
-                  "                best = v if gt else best"]
+          f"                c0 = j * {sw}"]
+    L += _window_max(kh, kw, lambda a, b: [f"bp = r0 + {a}", f"bq = c0 + {b}"])
     L.append("                gp[bp, bq] += dp[i, j]")
     return "\n".join(L) + "\n"
