@@ -14,14 +14,22 @@ CLASS_LOSSES = ("softmax_cross_entropy", "cross_entropy", "softmax_ce_grad", "cr
 _PASS_THROUGH = ("identity", "copy", "reshape", "reshape_like")
 
 
+def label_source(graph, name):
+    """The value that class labels `name` come from, through pass-through ops."""
+    nodes = graph.nx.nodes
+    while nodes[name]["op"] in _PASS_THROUGH:
+        name = nodes[name]["inputs"][0]
+    return name
+
+
 def class_label_inputs(graph):
     """{int input (or const) name: (number of classes K, name of the loss reading it)} for every integer
     value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
-    0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
+    0..K-1. Labels computed otherwise (a concat with a const, a reshape of a 2-D input) are checked by
+    the class-loss kernels themselves (and the reference ops), which never index with a bad label."""
     nodes, found = graph.nx.nodes, {}
     for n, k, src in _class_losses(graph):
-        while nodes[src]["op"] in _PASS_THROUGH:
-            src = nodes[src]["inputs"][0]
+        src = label_source(graph, src)
         if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
             prev = found.get(src)
             found[src] = (k, n) if prev is None or k < prev[0] else prev

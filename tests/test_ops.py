@@ -647,11 +647,11 @@ def test_saved_route_ops():
     # flat index i*W + j (W = 8) of each window's FIRST max in row-major order: 4 at (1,1); the 0 at (0,2)
     # before the 0 at (1,3); the plateau's top-left (0,4); -1 at (0,6)
     np.testing.assert_array_equal(out["r"], [[[[9, 2, 4, 6]]]])
-    # relu=True: a window whose max is <= 0 -- exactly 0 included -- routes nowhere (-1)
-    np.testing.assert_array_equal(out["rr"], [[[[9, -1, 4, -1]]]])
+    # relu=True: a window whose max is <= 0 -- exactly 0 included -- is masked: ~ its first max (< 0)
+    np.testing.assert_array_equal(out["rr"], [[[[9, ~2, 4, ~6]]]])
     want = np.zeros((1, 1, 2, 8))
     want[0, 0, 1, 1], want[0, 0, 0, 4] = 10.0, 7.0
-    np.testing.assert_array_equal(out["dx"], want)                   # dropped where the route is -1
+    np.testing.assert_array_equal(out["dx"], want)                   # masked: dy * 0 there
     want[0, 0, 0, 2], want[0, 0, 0, 6] = 5.0, 3.0
     np.testing.assert_array_equal(out["dxr"], want)
 

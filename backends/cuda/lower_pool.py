@@ -38,7 +38,7 @@ def maxpool_argmax(ctx):
     pool = maxpool_step(ctx.array(ctx.inputs[0]), y, route, ctx.shape_of(ctx.inputs[0]), a["size"], a["stride"])
     if not a.get("relu", False):
         return pool
-    fix = elementwise_kernel("a1 if a0 > 0 else -1", 2)
+    fix = elementwise_kernel("a1 if a0 > 0 else -1 - a1", 2)
     return seq([pool, lambda: fix(y, route, out=route)])
 
 

@@ -119,7 +119,8 @@ class NumbaExecutable(CompiledExecutable):
     def _setup(self):
         self.state = HostState(self.state)
         nodes = self.graph.nx.nodes
-        self.consts = {n: np.ascontiguousarray(self._cast(np.asarray(nodes[n]["attrs"]["value"]), nodes[n]["dtype"]))
+        # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d value into shape (1,)
+        self.consts = {n: np.array(self._cast(np.asarray(nodes[n]["attrs"]["value"]), nodes[n]["dtype"]), order="C")
                        for n in self.schedule if nodes[n]["op"] == "const"}
 
     # ------------------------------------------------------------------ storage
@@ -163,7 +164,8 @@ class NumbaExecutable(CompiledExecutable):
     def _upload(self, b, feeds):
         values = b.values
         for name, i in b.feeds:
-            values[i] = np.ascontiguousarray(feeds[name])
+            a = feeds[name]
+            values[i] = a if a.flags.c_contiguous else np.array(a, order="C")     # 0-d stays 0-d
 
     def _fetch(self, b, i, shape):
         return np.array(b.values[i])
