@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,7 +210,8 @@ def test_train_graph_errors_are_one_line(capsys, monkeypatch):
 
 def test_console_script_exit_status():
     """The real process: exit status and stderr, no traceback."""
-    exe = shutil.which("graphc")
+    # the script installed beside this interpreter (a `graphc` elsewhere on PATH may be another install's)
+    exe = shutil.which("graphc", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "graphc.cli"]
     p = subprocess.run(cmd + ["summary", "nope"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stdout == ""
