@@ -131,6 +131,32 @@ def test_depthwise_edges_non_square_strides_nan_and_image_groups():
     np.testing.assert_allclose(dx, conv_dx_ref(dy, w, stride, pads, (7, 6), dil, 2), rtol=1e-11, atol=1e-11)
 
 
+def test_one_depthwise_kernel_serves_every_plane_size():
+    """The depthwise kernels are generated per filter, stride, dilation and multiplier only: layers of
+    other sizes and paddings share them (and their run-time geometry must not leak between layers)."""
+    rng = np.random.default_rng(7)
+    runs = []
+    for x_shape, pads in (((2, 3, 9, 7), (1, 1, 1, 1)), ((1, 5, 6, 11), (2, 0, 0, 1))):
+        w_shape = (x_shape[1], 1, 3, 3)
+        x, w = rng.standard_normal(x_shape), rng.standard_normal(w_shape)
+        y = conv_ref(x, w, None, (2, 2), pads, (1, 1), x_shape[1])
+        dy = rng.standard_normal(y.shape)
+        fwd = ndw.bind_forward(x_shape, w_shape, (2, 2), pads, (1, 1), np.float64)
+        dx = ndw.bind_grad_input(x_shape, w_shape, (2, 2), pads, (1, 1), np.float64)
+        dw = ndw.bind_grad_weights(x_shape, w_shape, (2, 2), pads, (1, 1), np.float64)
+        runs.append((x, w, y, dy, pads, fwd, dx, dw))
+    for x, w, y, dy, pads, fwd, dx, dw in runs + runs[::-1]:         # interleaved: nothing is left behind
+        out, gx, gw = np.empty(y.shape), np.empty(x.shape), np.empty(w.shape)
+        fwd(x, w, None, out)
+        dx(dy, w, gx)
+        dw(x, dy, gw)
+        np.testing.assert_allclose(out, y, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(gx, conv_dx_ref(dy, w, (2, 2), pads, x.shape[2:], (1, 1), x.shape[1]), atol=1e-11)
+        np.testing.assert_allclose(gw, conv_dw_ref(x, dy, (2, 2), pads, (3, 3), (1, 1), x.shape[1]), atol=1e-11)
+    for a, b in zip(runs[0][5:], runs[1][5:]):
+        assert a.kernel is b.kernel                                    # one kernel for both layers
+
+
 def test_grouped_pool_epilogue_and_narrow_dw():
     """conv2d_relu_maxpool on a grouped, dilated conv (the direct kernel's pool epilogue reads the group's
     channels); dL/dW of one input channel with dilation (the narrow kernel's shifted copies)."""

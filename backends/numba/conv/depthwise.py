@@ -1,17 +1,20 @@
 """Depthwise convolution (groups == C, K = M * C filters, M per input channel): a per-channel stencil.
 
 A depthwise layer does 2 * KH * KW flops per output element, so it is bound by memory, not arithmetic:
-no GEMM, no im2col. Each kernel is generated per shape (every size, stride, dilation and padding a
-literal; the taps unrolled with the weights in scalars) and runs one prange task per (image, channel)
-plane, so the input is read once and the output written once:
+no GEMM, no im2col. Each kernel is generated per filter size, stride, dilation and channel multiplier
+(the taps unrolled with the weights in scalars; plane sizes and padding are run-time arguments, so one
+kernel serves every layer of that kind: MobileNetV2 needs two forward kernels, 3x3 with stride 1 and
+2) and runs one prange task per (image, channel) plane, so the input is read once and the output
+written once:
 
 - the task copies its input plane, zero-padded, into a per-thread buffer (L1/L2-resident) as
   ``sh * sw`` *phase planes* (phase (a, b) holds the padded rows a, a + sh, ... and columns b, b + sw,
   ...), so every tap of a strided, dilated filter reads a contiguous run of one phase plane: tap
   (kh, kw) reads phase ((kh*dh) % sh, (kw*dw) % sw) at row offset (kh*dh) // sh, column offset
   (kw*dw) // sw, and output row i, column j at i * Wq + j of it;
-- forward: y = act(sum of taps + bias), vectorised along output rows, the activation (ReLU, ReLU6 or
-  any clip to [lo, hi], NaN passing through like torch's clamp) in the epilogue;
+- forward: the taps summed over "wide rows" (one vector loop over the Ho x Wq phase-plane positions,
+  the Wq - Wo extra columns discarded), then y = clip(sum + bias, lo, hi) row by row: ReLU, ReLU6 or
+  any clip in the epilogue, NaN passing through like torch's clamp;
 - dL/dX: the transposed stencil: each dy plane scattered (stride holes zero) into a plane padded by
   the filter's extent, then a stride-1 stencil with the 180-degree rotated filter (summed over the M
   filters of the channel);
@@ -59,10 +62,6 @@ class Geometry:
                                f"{self.KH}x{self.KW}, stride {stride}, dilation {dilation}, pads {pads}")
         self.T = self.KH * self.KW
 
-    def key(self):
-        return (self.N, self.C, self.M, self.H, self.W, self.KH, self.KW, self.sh, self.sw, self.dh, self.dw,
-                self.pt, self.pb, self.pl, self.pr)
-
 
 # --------------------------------------------------------------------------------------------------
 # phase planes: where each tap reads
@@ -71,81 +70,78 @@ class Geometry:
 class Phases:
     """Phase planes of a source plane (h, w) placed at row ot, column ol of a zero plane, possibly
     upsampled by (uh, uw) (dL/dX: stride holes), read with stride (sh, sw) and dilation (dh, dw) by a
-    KH x KW filter producing Ho x Wo outputs. Each phase plane is Hq x Wq plus a zero tail of ``tail``
-    elements (the wide-row reads of dL/dW run past the last row)."""
+    KH x KW filter producing Ho x Wo outputs. Each phase plane is Hq x Wq plus a zero tail (the wide-row
+    reads run past the last row). The generated code takes ``geo`` (run time) and the rest as literals."""
 
     def __init__(self, h, w, ot, ol, uh, uw, sh, sw, dh, dw, KH, KW, Ho, Wo):
-        self.h, self.w, self.ot, self.ol, self.uh, self.uw = h, w, ot, ol, uh, uw
-        self.sh, self.sw = sh, sw
-        self.Hq = -(-((Ho - 1) * sh + (KH - 1) * dh + 1) // sh)
-        self.Wq = -(-((Wo - 1) * sw + (KW - 1) * dw + 1) // sw)
-        self.tail = (KW - 1) * dw // sw
-        self.Lq = self.Hq * self.Wq + self.tail
-        self.L = sh * sw * self.Lq
-        self.offsets = [((kh * dh) % sh * sw + (kw * dw) % sw) * self.Lq + (kh * dh) // sh * self.Wq + (kw * dw) // sw
-                        for kh in range(KH) for kw in range(KW)]
+        self.uh, self.uw, self.sh, self.sw = uh, uw, sh, sw
+        Hq = -(-((Ho - 1) * sh + (KH - 1) * dh + 1) // sh)
+        Wq = -(-((Wo - 1) * sw + (KW - 1) * dw + 1) // sw)
+        self.Lq = Hq * Wq + (KW - 1) * dw // sw
+        self.planes = sh * sw
+        self.L = self.planes * self.Lq
+        self.P = Ho * Wq                                    # the wide rows of the outputs
+        self.geo = np.array([h, w, Ho, Wo, ot, ol, Hq, Wq, self.Lq], np.int64)
+        # per tap: (phase plane, row offset, column offset)
+        self.taps = [((kh * dh) % sh * sw + (kw * dw) % sw, (kh * dh) // sh, (kw * dw) // sw)
+                     for kh in range(KH) for kw in range(KW)]
+
+    def literal_key(self):
+        return (self.uh, self.uw, self.sh, self.sw, tuple(self.taps))
+
+    def prelude(self, ind):
+        """The run-time geometry and each tap's offset into the buffer (o0, o1, ...)."""
+        names = "h, w_, Ho, Wo, ot, ol, Hq, Wq, Lq"
+        L = [f"{ind}{names} = " + ", ".join(f"geo[{i}]" for i in range(9)), f"{ind}P = Ho * Wq"]
+        L += [f"{ind}o{t} = {ph} * Lq + {r} * Wq + {c}" for t, (ph, r, c) in enumerate(self.taps)]
+        return L
 
     def fill(self, src, base, ind):
-        """Source lines placing plane `src` (a 2-D array expression) at bp[base:]."""
+        """Lines placing the 2-D plane `src` (a name) at bp[base:]."""
         if self.uh == 1 and self.uw == 1:
             return self._fill_phases(src, base, ind)
         return self._fill_upsampled(src, base, ind)
 
-    def _valid(self, n_out, n_src, stride, phase, off, up):
-        """Range [lo, hi) of phase-plane indices q whose padded coordinate q*stride + phase - off is a
-        source index (up == 1)."""
-        lo = max(0, -(-(off - phase) // stride))
-        hi = min(n_out, (n_src - 1 + off - phase) // stride + 1)
-        return lo, max(lo, hi)
-
     def _fill_phases(self, src, base, ind):
-        L, Wq = [], self.Wq
-        a = L.append
-        for pa in range(self.sh):
-            r0, r1 = self._valid(self.Hq, self.h, self.sh, pa, self.ot, 1)
-            for pb in range(self.sw):
-                c0, c1 = self._valid(Wq, self.w, self.sw, pb, self.ol, 1)
-                o = base + (pa * self.sw + pb) * self.Lq
-                a(f"{ind}ph = bp[{o}:{o + self.Lq}]")
-                a(f"{ind}for q in range({r0 * Wq}):")
-                a(f"{ind}    ph[q] = 0")
-                if c1 > c0:
-                    a(f"{ind}for ii in range({r0}, {r1}):")
-                    a(f"{ind}    pr = ph[ii * {Wq}:]")
-                    a(f"{ind}    sr = {src}[ii * {self.sh} + {pa - self.ot}]")
-                    if c0:
-                        a(f"{ind}    for jj in range({c0}):")
-                        a(f"{ind}        pr[jj] = 0")
-                    col = f"jj * {self.sw} + {pb - self.ol}" if self.sw > 1 else f"jj + {pb - self.ol}"
-                    a(f"{ind}    for jj in range({c0}, {c1}):")
-                    a(f"{ind}        pr[jj] = sr[{col}]")
-                    if c1 < Wq:
-                        a(f"{ind}    for jj in range({c1}, {Wq}):")
-                        a(f"{ind}        pr[jj] = 0")
-                    a(f"{ind}for q in range({r1 * Wq}, {self.Lq}):")
-                else:
-                    a(f"{ind}for q in range({r0 * Wq}, {self.Lq}):")
-                a(f"{ind}    ph[q] = 0")
-        return L
+        SH, SW = self.sh, self.sw
+        body = f"""\
+for pa in range({SH}):
+    r0 = max(0, -((pa - ot) // {SH}))
+    r1 = max(r0, min(Hq, (h - 1 + ot - pa) // {SH} + 1))
+    for pb in range({SW}):
+        c0 = max(0, -((pb - ol) // {SW}))
+        c1 = max(c0, min(Wq, (w_ - 1 + ol - pb) // {SW} + 1))
+        ph = bp[{base} + (pa * {SW} + pb) * Lq:{base} + (pa * {SW} + pb + 1) * Lq]
+        for q in range(r0 * Wq):
+            ph[q] = 0
+        for ii in range(r0, r1):
+            pr = ph[ii * Wq:ii * Wq + Wq]
+            sr = {src}[ii * {SH} + pa - ot, c0 * {SW} + pb - ol:]
+            for jj in range(c0):
+                pr[jj] = 0
+            pc = pr[c0:]
+            for jj in range(c1 - c0):
+                pc[jj] = sr[jj{f' * {SW}' if SW > 1 else ''}]
+            for jj in range(c1, Wq):
+                pr[jj] = 0
+        for q in range(r1 * Wq, Lq):
+            ph[q] = 0"""
+        return [ind + line for line in body.split("\n")]
 
     def _fill_upsampled(self, src, base, ind):
         # one phase plane (stride 1): zeros, then every source element at (i*uh + ot, j*uw + ol)
-        L, Wq = [], self.Wq
-        a = L.append
-        i0 = max(0, -(-(-self.ot) // self.uh))
-        i1 = min(self.h, (self.Hq - 1 - self.ot) // self.uh + 1)
-        j0 = max(0, -(-(-self.ol) // self.uw))
-        j1 = min(self.w, (Wq - 1 - self.ol) // self.uw + 1)
-        a(f"{ind}ph = bp[{base}:{base + self.Lq}]")
-        a(f"{ind}for q in range({self.Lq}):")
-        a(f"{ind}    ph[q] = 0")
-        if i1 > i0 and j1 > j0:
-            a(f"{ind}for i in range({i0}, {i1}):")
-            a(f"{ind}    pr = ph[(i * {self.uh} + {self.ot}) * {Wq} + {self.ol}:]")
-            a(f"{ind}    sr = {src}[i]")
-            a(f"{ind}    for j in range({j0}, {j1}):")
-            a(f"{ind}        pr[j * {self.uw}] = sr[j]")
-        return L
+        UH, UW = self.uh, self.uw
+        body = f"""\
+ph = bp[{base}:{base} + Lq]
+for q in range(Lq):
+    ph[q] = 0
+for i in range(max(0, -(ot // {UH})), min(h, (Hq - 1 - ot) // {UH} + 1)):
+    j0 = max(0, -(ol // {UW}))
+    pr = ph[(i * {UH} + ot) * Wq + j0 * {UW} + ol:]
+    sr = {src}[i, j0:]
+    for j in range(min(w_, (Wq - 1 - ol) // {UW} + 1) - j0):
+        pr[j * {UW}] = sr[j]"""
+        return [ind + line for line in body.split("\n")]
 
 
 def fwd_phases(g: Geometry) -> Phases:
@@ -161,85 +157,88 @@ def dx_phases(g: Geometry) -> Phases:
 # generated kernels
 # --------------------------------------------------------------------------------------------------
 
-def _stencil(ph: Phases, planes, Ho, Wo, out, ind, epilogue):
-    """Lines of a stencil over `planes` [(buffer base, weight prefix)] into the 2-D array `out` (with
-    the epilogue: plus bias bq, clipped to [lo, hi]); a row view per row keeps the indices provably
-    non-negative."""
-    L = []
-    a = L.append
-    a(f"{ind}for i in range({Ho}):")
-    a(f"{ind}    rw = bp[i * {ph.Wq}:]")
-    a(f"{ind}    yr = {out}[i]")
-    a(f"{ind}    for j in range({Wo}):")
-    terms = [f"{wp}{t} * rw[j + {base + o}]" for base, wp in planes for t, o in enumerate(ph.offsets)]
+def _views(ph: Phases, planes, ind):
+    """x{u}_{t} = the buffer from tap t's offset in plane u (planes [(u, base)]): indexed by the wide-row
+    position alone, a loop index LLVM knows is non-negative (no wrap-around selects: vector loads)."""
+    return [f"{ind}x{u}_{t} = bp[{base} + o{t}:]" for u, base in planes for t in range(len(ph.taps))]
+
+
+def _wide_sum(ph: Phases, planes, acc, ind):
+    terms = " + ".join(f"w{u}_{t} * x{u}_{t}[p]" for u, _ in planes for t in range(len(ph.taps)))
+    return [f"{ind}for p in range(P):", f"{ind}    {acc}[p] = {terms}"]
+
+
+def _rows_out(acc, out, ind, epilogue):
+    """The Ho x Wo outputs of the wide rows into the 2-D array `out` (+ bias bq, clipped to [lo, hi])."""
+    L = [f"{ind}for i in range(Ho):", f"{ind}    ar = {acc}[i * Wq:]", f"{ind}    yr = {out}[i]",
+         f"{ind}    for j in range(Wo):"]
     if epilogue:
-        a(f"{ind}        v = bq + " + " + ".join(terms))
-        a(f"{ind}        v = lo if v < lo else v")
-        a(f"{ind}        yr[j] = hi if v > hi else v")
+        L += [f"{ind}        v = ar[j] + bq", f"{ind}        v = lo if v < lo else v",
+              f"{ind}        yr[j] = hi if v > hi else v"]
     else:
-        a(f"{ind}        yr[j] = " + " + ".join(terms))
+        L += [f"{ind}        yr[j] = ar[j]"]
     return L
 
 
-def _weights(wk, prefix, T, ind):
-    return [f"{ind}{prefix}{t} = {wk}[{t}]" for t in range(T)]
+def _weights(wk, u, T, ind):
+    return [f"{ind}w{u}_{t} = {wk}[{t}]" for t in range(T)]
 
 
-def gen_forward(g: Geometry) -> str:
-    """``kernel(x, w, b, y, buf, act)``: y (N, K, Ho, Wo) = clip(depthwise(x, w) + b, act[0], act[1]);
-    w (K, KH*KW), b (K,), buf (threads, L) scratch, act (2,) the clip bounds (+-inf: none)."""
-    ph = fwd_phases(g)
-    L = [HEADER, f"@njit(parallel=True, fastmath={FASTMATH}, cache=True, nogil=True)",
-         "def kernel(x, w, b, y, buf, act):", "    lo = act[0]", "    hi = act[1]",
-         f"    for t in prange(x.shape[0] * {g.C}):",
-         f"        n = t // {g.C}", f"        c = t - n * {g.C}", "        bp = buf[numba.get_thread_id()]"]
-    L += ph.fill("x[n, c]", 0, "        ")
-    L += [f"        for q in range({g.M}):", f"            k = c * {g.M} + q", "            wk = w[k]",
-          "            bq = b[k]"]
-    L += _weights("wk", "w", g.T, "            ")
-    L += _stencil(ph, [(0, "w")], g.Ho, g.Wo, "y[n, k]", "            ", True)
+_HEAD = [HEADER, f"@njit(parallel=True, fastmath={FASTMATH}, cache=True, nogil=True)"]
+
+
+def gen_forward(ph: Phases, M: int) -> str:
+    """``kernel(x, w, b, y, buf, act, geo)``: y (N, C*M, Ho, Wo) = clip(depthwise(x, w) + b, act[0],
+    act[1]); w (C*M, KH*KW), b (C*M,), buf (threads, L + P) scratch, act (2,) the clip bounds (+-inf:
+    none), geo the run-time geometry (Phases.geo)."""
+    T = len(ph.taps)
+    L = _HEAD + ["def kernel(x, w, b, y, buf, act, geo):", "    lo = act[0]", "    hi = act[1]",
+                 "    C = x.shape[1]"] + ph.prelude("    ")
+    L += ["    for t in prange(x.shape[0] * C):", "        n = t // C", "        c = t - n * C",
+          "        bp = buf[numba.get_thread_id()]", f"        acc = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]",
+          "        src = x[n, c]"]
+    L += ph.fill("src", 0, "        ") + _views(ph, [(0, 0)], "        ")
+    L += [f"        for q in range({M}):", f"            k = c * {M} + q", "            wk = w[k]",
+          "            bq = b[k]"] + _weights("wk", 0, T, "            ")
+    L += _wide_sum(ph, [(0, 0)], "acc", "            ") + _rows_out("acc", "y[n, k]", "            ", True)
     return "\n".join(L) + "\n"
 
 
-def gen_grad_input(g: Geometry) -> str:
-    """``kernel(dy, wr, dx, buf)``: dx (N, C, H, W) of the depthwise conv; wr (K, KH*KW) the filters
-    rotated by 180 degrees; the M dy planes of a channel are placed side by side in buf."""
-    ph = dx_phases(g)
-    L = [HEADER, f"@njit(parallel=True, fastmath={FASTMATH}, cache=True, nogil=True)",
-         "def kernel(dy, wr, dx, buf):",
-         f"    for t in prange(dy.shape[0] * {g.C}):",
-         f"        n = t // {g.C}", f"        c = t - n * {g.C}", "        bp = buf[numba.get_thread_id()]"]
-    for q in range(g.M):
-        L += ph.fill(f"dy[n, c * {g.M} + {q}]", q * ph.L, "        ")
-        L += _weights(f"wr[c * {g.M} + {q}]", f"w{q}_", g.T, "        ")
-    L += _stencil(ph, [(q * ph.L, f"w{q}_") for q in range(g.M)], g.H, g.W, "dx[n, c]", "        ", False)
+def gen_grad_input(ph: Phases, M: int) -> str:
+    """``kernel(dy, wr, dx, buf, geo)``: dx (N, C, H, W) of the depthwise conv; wr (C*M, KH*KW) the
+    filters rotated by 180 degrees; the M dy planes of a channel placed side by side in buf (threads,
+    M*L + P)."""
+    T = len(ph.taps)
+    planes = [(q, f"{q} * Lq") for q in range(M)]          # one phase plane per dy plane (stride 1)
+    L = _HEAD + ["def kernel(dy, wr, dx, buf, geo):", "    C = dx.shape[1]"] + ph.prelude("    ")
+    L += ["    for t in prange(dy.shape[0] * C):", "        n = t // C", "        c = t - n * C",
+          "        bp = buf[numba.get_thread_id()]", f"        acc = bp[{M} * Lq:{M} * Lq + P]"]
+    for q, base in planes:
+        L += [f"        src = dy[n, c * {M} + {q}]"] + ph.fill("src", base, "        ")
+        L += _weights(f"wr[c * {M} + {q}]", q, T, "        ")
+    L += _views(ph, planes, "        ") + _wide_sum(ph, planes, "acc", "        ")
+    L += _rows_out("acc", "dx[n, c]", "        ", False)
     return "\n".join(L) + "\n"
 
 
-def gen_grad_weights(g: Geometry) -> str:
-    """``kernel(x, dy, part, buf, per)``: part (NG, K, KH*KW) gets, per group of `per` images, the sums
-    of dy x input over the output planes (the caller sums over groups); buf (threads, L + Ho*Wq)."""
-    ph = fwd_phases(g)
-    Wq, T, M = ph.Wq, g.T, g.M
-    wide = g.Ho * Wq
-    L = [HEADER, f"@njit(parallel=True, fastmath={FASTMATH}, cache=True, nogil=True)",
-         "def kernel(x, dy, part, buf, per):", "    N = x.shape[0]", "    zero = part.dtype.type(0)",
-         f"    for t in prange(part.shape[0] * {g.C}):",
-         f"        grp = t // {g.C}", f"        c = t - grp * {g.C}", "        bp = buf[numba.get_thread_id()]",
-         f"        dyw = bp[{ph.L}:{ph.L + wide}]"]
+def gen_grad_weights(ph: Phases, M: int) -> str:
+    """``kernel(x, dy, part, buf, per, geo)``: part (NG, C*M, KH*KW) gets, per group of `per` images, the
+    sums of dy x input over the output planes (the caller sums over groups); buf (threads, L + P)."""
+    T = len(ph.taps)
+    L = _HEAD + ["def kernel(x, dy, part, buf, per, geo):", "    N = x.shape[0]", "    C = x.shape[1]",
+                 "    zero = part.dtype.type(0)"] + ph.prelude("    ")
+    L += ["    for t in prange(part.shape[0] * C):", "        grp = t // C", "        c = t - grp * C",
+          "        bp = buf[numba.get_thread_id()]", f"        dyw = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]"]
     L += [f"        s{q}_{k} = zero" for q in range(M) for k in range(T)]
-    L += ["        for n in range(grp * per, min(N, grp * per + per)):"]
-    L += ph.fill("x[n, c]", 0, "            ")
+    L += ["        for n in range(grp * per, min(N, grp * per + per)):", "            src = x[n, c]"]
+    L += ph.fill("src", 0, "            ") + _views(ph, [(0, 0)], "            ")
     for q in range(M):
-        L += [f"            dq = dy[n, c * {M} + {q}]", f"            for i in range({g.Ho}):",
-              f"                dr = dyw[i * {Wq}:]", "                sr = dq[i]",
-              f"                for j in range({g.Wo}):", "                    dr[j] = sr[j]"]
-        if Wq > g.Wo:
-            L += [f"                for j in range({g.Wo}, {Wq}):", "                    dr[j] = 0"]
-        # views starting at each tap's offset: the loop index alone indexes them (vectorises)
-        L += [f"            xt{k} = bp[{o}:{o + wide}]" for k, o in enumerate(ph.offsets)]
-        L += [f"            for p in range({wide}):", "                e = dyw[p]"]
-        L += [f"                s{q}_{k} += e * xt{k}[p]" for k in range(T)]
+        L += [f"            dq = dy[n, c * {M} + {q}]", "            for i in range(Ho):",
+              "                dr = dyw[i * Wq:i * Wq + Wq]", "                sr = dq[i]",
+              "                for j in range(Wo):", "                    dr[j] = sr[j]",
+              "                for j in range(Wo, Wq):", "                    dr[j] = 0",
+              "            for p in range(P):", "                e = dyw[p]"]
+        L += [f"                s{q}_{k} += e * x0_{k}[p]" for k in range(T)]
     for q in range(M):
         L += [f"        pk = part[grp, c * {M} + {q}]"] + [f"        pk[{k}] = s{q}_{k}" for k in range(T)]
     return "\n".join(L) + "\n"
@@ -250,16 +249,17 @@ def gen_grad_weights(g: Geometry) -> str:
 # --------------------------------------------------------------------------------------------------
 
 _KERNELS: dict = {}
+_MAKERS = {"fwd": gen_forward, "dx": gen_grad_input, "dw": gen_grad_weights}
 
 
-def kernel_for(kind, g: Geometry):
-    """The generated kernel of `kind` ("fwd", "dx", "dw") for this geometry (batch size aside)."""
-    key = (kind,) + g.key()[1:]
+def kernel_for(kind, ph: Phases, M: int):
+    """The generated kernel of `kind` ("fwd", "dx", "dw") for these literals (taps, strides, M): one
+    kernel for every plane size and padding."""
+    key = (kind, M) + ph.literal_key()
     k = _KERNELS.get(key)
     if k is None:
-        make = {"fwd": gen_forward, "dx": gen_grad_input, "dw": gen_grad_weights}[kind]
         # long dot products (dW) are faster without a masked remainder iteration
-        k = _KERNELS[key] = load_kernel(make(g), predicate=kind != "dw")
+        k = _KERNELS[key] = load_kernel(_MAKERS[kind](ph, M), predicate=kind != "dw")
     return k
 
 
@@ -277,16 +277,17 @@ def bind_forward(x_shape, w_shape, stride, pads, dilation, dtype, act=None):
     None); act = (lo, hi) clip bounds (None on a side: unbounded; (0, None) is ReLU)."""
     g = Geometry(x_shape, w_shape, stride, pads, dilation)
     dtype = np.dtype(dtype)
-    kern = kernel_for("fwd", g)
-    buf = _buffer("dw_fwd", fwd_phases(g).L, dtype)
+    ph = fwd_phases(g)
+    kern = kernel_for("fwd", ph, g.M)
+    buf = _buffer("dw_fwd", ph.L + ph.P, dtype)
     bounds = _bounds(act, dtype)
     nob = np.zeros(g.K, dtype)
 
     def run(x, w, b, y):
         args = (np.ascontiguousarray(x, dtype), np.ascontiguousarray(w, dtype).reshape(g.K, g.T),
-                nob if b is None else np.ascontiguousarray(b, dtype), y, buf, bounds)
+                nob if b is None else np.ascontiguousarray(b, dtype), y, buf, bounds, ph.geo)
         run_generated(kern, args, dtype)
-    run.geometry = g
+    run.geometry, run.kernel = g, kern
     return run
 
 
@@ -295,13 +296,14 @@ def bind_grad_input(x_shape, w_shape, stride, pads, dilation, dtype):
     caller's C-contiguous dx."""
     g = Geometry(x_shape, w_shape, stride, pads, dilation)
     dtype = np.dtype(dtype)
-    kern = kernel_for("dx", g)
-    buf = _buffer("dw_dx", g.M * dx_phases(g).L, dtype)
+    ph = dx_phases(g)
+    kern = kernel_for("dx", ph, g.M)
+    buf = _buffer("dw_dx", g.M * ph.L + ph.P, dtype)
 
     def run(dy, w, dx):
         wr = np.ascontiguousarray(np.asarray(w, dtype)[:, :, ::-1, ::-1]).reshape(g.K, g.T)
-        run_generated(kern, (np.ascontiguousarray(dy, dtype), wr, dx, buf), dtype)
-    run.geometry = g
+        run_generated(kern, (np.ascontiguousarray(dy, dtype), wr, dx, buf, ph.geo), dtype)
+    run.geometry, run.kernel = g, kern
     return run
 
 
@@ -309,9 +311,9 @@ def bind_grad_weights(x_shape, w_shape, stride, pads, dilation, dtype):
     """``run(x, dy, dw)``: dL/dW (K, 1, KH, KW) of the depthwise conv into the caller's C-contiguous dw."""
     g = Geometry(x_shape, w_shape, stride, pads, dilation)
     dtype = np.dtype(dtype)
-    kern = kernel_for("dw", g)
     ph = fwd_phases(g)
-    buf = _buffer("dw_dw", ph.L + g.Ho * ph.Wq, dtype)
+    kern = kernel_for("dw", ph, g.M)
+    buf = _buffer("dw_dw", ph.L + ph.P, dtype)
     nt = numba.config.NUMBA_NUM_THREADS
     groups = max(1, min(g.N, -(-4 * nt // g.C)))          # enough tasks for every thread
     per = -(-g.N // groups)
@@ -320,9 +322,9 @@ def bind_grad_weights(x_shape, w_shape, stride, pads, dilation, dtype):
 
     def run(x, dy, dw):
         args = (np.ascontiguousarray(x, dtype), np.ascontiguousarray(dy, dtype),
-                dw.reshape(1, g.K, g.T) if part is None else part, buf, per)
+                dw.reshape(1, g.K, g.T) if part is None else part, buf, per, ph.geo)
         run_generated(kern, args, dtype)
         if part is not None:
             dw.reshape(g.K, g.T)[...] = part.sum(axis=0, dtype=np.float64)
-    run.geometry = g
+    run.geometry, run.kernel = g, kern
     return run
