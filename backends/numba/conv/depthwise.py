@@ -92,7 +92,10 @@ class Phases:
     def prelude(self, ind):
         """The run-time geometry and each tap's offset into the buffer (o0, o1, ...)."""
         names = "h, w_, Ho, Wo, ot, ol, Hq, Wq, Lq"
-        L = [f"{ind}{names} = " + ", ".join(f"geo[{i}]" for i in range(9)), f"{ind}P = Ho * Wq"]
+        L = [f"{ind}{names} = " + ", ".join(f"geo[{i}]" for i in range(9)), f"{ind}P = Ho * Wq",
+             f"{ind}zero = buf.dtype.type(0)"]
+        if self.uh == 1 and self.uw == 1:
+            L += self.column_range(ind)
         L += [f"{ind}o{t} = {ph} * Lq + {r} * Wq + {c}" for t, (ph, r, c) in enumerate(self.taps)]
         return L
 
@@ -103,30 +106,37 @@ class Phases:
         return self._fill_upsampled(src, base, ind)
 
     def _fill_phases(self, src, base, ind):
+        """Every phase row of a source row in one loop (the sw column phases of consecutive source
+        elements: LLVM's interleaved loads and shuffles, no gathers); the columns at the edges, where
+        some phase falls into the padding, one at a time."""
         SH, SW = self.sh, self.sw
-        body = f"""\
-for pa in range({SH}):
-    r0 = max(0, -((pa - ot) // {SH}))
-    r1 = max(r0, min(Hq, (h - 1 + ot - pa) // {SH} + 1))
-    for pb in range({SW}):
-        c0 = max(0, -((pb - ol) // {SW}))
-        c1 = max(c0, min(Wq, (w_ - 1 + ol - pb) // {SW} + 1))
-        ph = bp[{base} + (pa * {SW} + pb) * Lq:{base} + (pa * {SW} + pb + 1) * Lq]
-        for q in range(r0 * Wq):
-            ph[q] = 0
-        for ii in range(r0, r1):
-            pr = ph[ii * Wq:ii * Wq + Wq]
-            sr = {src}[ii * {SH} + pa - ot, c0 * {SW} + pb - ol:]
-            for jj in range(c0):
-                pr[jj] = 0
-            pc = pr[c0:]
-            for jj in range(c1 - c0):
-                pc[jj] = sr[jj{f' * {SW}' if SW > 1 else ''}]
-            for jj in range(c1, Wq):
-                pr[jj] = 0
-        for q in range(r1 * Wq, Lq):
-            ph[q] = 0"""
-        return [ind + line for line in body.split("\n")]
+        pbs = range(SW)
+        lines = [f"for pa in range({SH}):",
+                 f"    r0 = max(0, -((pa - ot) // {SH}))",
+                 f"    r1 = max(r0, min(Hq, (h - 1 + ot - pa) // {SH} + 1))"]
+        for pb in pbs:
+            lines += [f"    p{pb} = bp[{base} + (pa * {SW} + {pb}) * Lq:{base} + (pa * {SW} + {pb} + 1) * Lq]",
+                      f"    for q in range(r0 * Wq):", f"        p{pb}[q] = 0",
+                      f"    for q in range(r1 * Wq, Lq):", f"        p{pb}[q] = 0"]
+        lines += ["    for ii in range(r0, r1):", f"        sr = {src}[ii * {SH} + pa - ot]",
+                  "        for e in range(jlo + Wq - jhi):",
+                  "            jj = e if e < jlo else jhi + e - jlo"]
+        for pb in pbs:
+            lines += [f"            col = jj * {SW} + {pb} - ol",
+                      f"            p{pb}[ii * Wq + jj] = sr[col] if col >= 0 and col < w_ else zero"]
+        lines += [f"        sv = sr[jlo * {SW} - ol:]"]
+        lines += [f"        q{pb} = p{pb}[ii * Wq + jlo:]" for pb in pbs]
+        lines += ["        for jj in range(jhi - jlo):"]
+        lines += [f"            q{pb}[jj] = sv[jj * {SW} + {pb}]" if SW > 1 else f"            q{pb}[jj] = sv[jj]"
+                  for pb in pbs]
+        return [ind + line for line in lines]
+
+    def column_range(self, ind):
+        """Prelude lines: [jlo, jhi), the phase-plane columns where every column phase reads the source."""
+        SW = self.sw
+        c0 = ", ".join(f"-(({pb} - ol) // {SW})" for pb in range(SW))
+        c1 = ", ".join(f"(w_ - 1 + ol - {pb}) // {SW} + 1" for pb in range(SW))
+        return [f"{ind}jlo = min(Wq, max(0, {c0}))", f"{ind}jhi = max(jlo, min(Wq, {c1}))"]
 
     def _fill_upsampled(self, src, base, ind):
         # one phase plane (stride 1): zeros, then every source element at (i*uh + ot, j*uw + ol)
