@@ -100,6 +100,16 @@ def copy_gbps(mbytes=64, repeats=5):
     return 2.0 * a.nbytes / (best * 1e-3) / 1e9
 
 
+def roofline(flops, nbytes, ms, sgemm, bw):
+    """(fraction, "sgemm" or "memory"): a kernel's share of the roofline. Below the ridge point (flops per
+    byte < SGEMM GFLOP/s / copy GB/s) it is bound by memory, and measured against the copy bandwidth
+    (GB/s of its inputs and output); above, against SGEMM (GFLOP/s)."""
+    secs = ms * 1e-3
+    if bw and flops * bw < nbytes * sgemm:
+        return nbytes / secs / 1e9 / bw, "memory"
+    return flops / secs / 1e9 / sgemm, "sgemm"
+
+
 def _compile(g, backend, train, fuse):
     import graphc as gc
     opt = gc.optim.SGD(LR) if train else None
@@ -419,10 +429,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
              "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
              "share": r["ms"] / step_ms if step_ms else 0.0,
              "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
-        if roof and "conv" in r["kind"]:
-            memory_bound = bw and r["flops"] < nbytes * roof / bw          # below the roofline's ridge point
-            k["roofline_fraction"] = k["gbps"] / bw if memory_bound else gfl / roof
-            k["roofline"] = "memory" if memory_bound else "sgemm"
+        if roof and "conv" in r["kind"] and r["ms"] > 0:
+            k["roofline_fraction"], k["roofline"] = roofline(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
     ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}

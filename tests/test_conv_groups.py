@@ -27,7 +27,7 @@ from graphc.backends.numba.conv import strategy as conv_strategy
 from graphc.ops.conv import conv_dw_ref, conv_dx_ref, conv_ref, effective
 
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-11)}
-KERNELS = settings(max_examples=10, deadline=None, derandomize=True,
+KERNELS = settings(max_examples=8, deadline=None, derandomize=True,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -270,3 +270,20 @@ def test_mobile_block_sgd_steps_match_the_reference(feeds):
     assert exe.fallbacks() == []
     ops = {exe.graph.nx.nodes[n]["op"] for n in exe.graph.nx}
     assert {"conv_dx", "conv_dw"} <= ops
+
+
+def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
+    from graphc import bench
+    assert bench.copy_gbps(mbytes=8, repeats=2) > 0
+    # a 3x3 depthwise layer (18 flops per 8 bytes moved) is memory-bound; a 3x3 conv of 64 channels is not
+    frac, which = bench.roofline(18e6, 8e6, 1.0, sgemm=100.0, bw=20.0)
+    assert which == "memory" and frac == pytest.approx(8e6 / 1e-3 / 1e9 / 20.0)
+    frac, which = bench.roofline(1152e6, 8e6, 10.0, sgemm=100.0, bw=20.0)
+    assert which == "sgemm" and frac == pytest.approx(1152e6 / 1e-2 / 1e9 / 100.0)
+    r = {"model": "m", "backend": "numba", "batch": 1, "mode": "infer", "fuse": True, "step_ms": 2.0,
+         "kernels": [{"name": "dw", "ops": ["conv", "clip"], "shapes": "s", "ms": 1.0, "gflops": 0.018, "gbps": 8.0,
+                      "share": 0.5, "roofline_fraction": 0.4, "roofline": "memory"}],
+         "kernel_count": 1, "kernel_ms_sum": 1.0, "compile_s": {"this_process": {"compile_s": 0, "first_step_s": 0}},
+         "roofline_gflops": 100.0, "bandwidth_gbps": 20.0, "compare": {}}
+    text = bench.report(r)
+    assert "40% of memory bandwidth" in text and "memory bandwidth 20.0 GB/s" in text
