@@ -100,7 +100,7 @@ def copy_gbps(mbytes=64, repeats=5):
     return 2.0 * a.nbytes / (best * 1e-3) / 1e9
 
 
-def roofline(flops, nbytes, ms, sgemm, bw):
+def roofline_share(flops, nbytes, ms, sgemm, bw):
     """(fraction, "sgemm" or "memory"): a kernel's share of the roofline. Below the ridge point (flops per
     byte < SGEMM GFLOP/s / copy GB/s) it is bound by memory, and measured against the copy bandwidth
     (GB/s of its inputs and output); above, against SGEMM (GFLOP/s)."""
@@ -430,7 +430,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
              "share": r["ms"] / step_ms if step_ms else 0.0,
              "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
         if roof and "conv" in r["kind"] and r["ms"] > 0:
-            k["roofline_fraction"], k["roofline"] = roofline(r["flops"], nbytes, r["ms"], roof, bw)
+            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
     ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}

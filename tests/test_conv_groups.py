@@ -276,9 +276,9 @@ def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
     from graphc import bench
     assert bench.copy_gbps(mbytes=8, repeats=2) > 0
     # a 3x3 depthwise layer (18 flops per 8 bytes moved) is memory-bound; a 3x3 conv of 64 channels is not
-    frac, which = bench.roofline(18e6, 8e6, 1.0, sgemm=100.0, bw=20.0)
+    frac, which = bench.roofline_share(18e6, 8e6, 1.0, sgemm=100.0, bw=20.0)
     assert which == "memory" and frac == pytest.approx(8e6 / 1e-3 / 1e9 / 20.0)
-    frac, which = bench.roofline(1152e6, 8e6, 10.0, sgemm=100.0, bw=20.0)
+    frac, which = bench.roofline_share(1152e6, 8e6, 10.0, sgemm=100.0, bw=20.0)
     assert which == "sgemm" and frac == pytest.approx(1152e6 / 1e-2 / 1e9 / 100.0)
     r = {"model": "m", "backend": "numba", "batch": 1, "mode": "infer", "fuse": True, "step_ms": 2.0,
          "kernels": [{"name": "dw", "ops": ["conv", "clip"], "shapes": "s", "ms": 1.0, "gflops": 0.018, "gbps": 8.0,

@@ -173,21 +173,20 @@ def _views(ph: Phases, planes, ind):
     return [f"{ind}x{u}_{t} = bp[{base} + o{t}:]" for u, base in planes for t in range(len(ph.taps))]
 
 
-def _wide_sum(ph: Phases, planes, acc, ind):
+def _wide_sum(ph: Phases, planes, acc, ind, epilogue):
+    """The taps summed over the wide rows into `acc` (with the epilogue: plus the bias bq, clipped to
+    [lo, hi]: in this long vector loop, not the short output rows)."""
     terms = " + ".join(f"w{u}_{t} * x{u}_{t}[p]" for u, _ in planes for t in range(len(ph.taps)))
-    return [f"{ind}for p in range(P):", f"{ind}    {acc}[p] = {terms}"]
+    if not epilogue:
+        return [f"{ind}for p in range(P):", f"{ind}    {acc}[p] = {terms}"]
+    return [f"{ind}for p in range(P):", f"{ind}    v = bq + {terms}", f"{ind}    v = lo if v < lo else v",
+            f"{ind}    {acc}[p] = hi if v > hi else v"]
 
 
-def _rows_out(acc, out, ind, epilogue):
-    """The Ho x Wo outputs of the wide rows into the 2-D array `out` (+ bias bq, clipped to [lo, hi])."""
-    L = [f"{ind}for i in range(Ho):", f"{ind}    ar = {acc}[i * Wq:]", f"{ind}    yr = {out}[i]",
-         f"{ind}    for j in range(Wo):"]
-    if epilogue:
-        L += [f"{ind}        v = ar[j] + bq", f"{ind}        v = lo if v < lo else v",
-              f"{ind}        yr[j] = hi if v > hi else v"]
-    else:
-        L += [f"{ind}        yr[j] = ar[j]"]
-    return L
+def _rows_out(acc, out, ind):
+    """The Ho x Wo outputs of the wide rows into the 2-D array `out`."""
+    return [f"{ind}for i in range(Ho):", f"{ind}    ar = {acc}[i * Wq:]", f"{ind}    yr = {out}[i]",
+            f"{ind}    for j in range(Wo):", f"{ind}        yr[j] = ar[j]"]
 
 
 def _weights(wk, u, T, ind):
@@ -210,7 +209,7 @@ def gen_forward(ph: Phases, M: int) -> str:
     L += ph.fill("src", 0, "        ") + _views(ph, [(0, 0)], "        ")
     L += [f"        for q in range({M}):", f"            k = c * {M} + q", "            wk = w[k]",
           "            bq = b[k]"] + _weights("wk", 0, T, "            ")
-    L += _wide_sum(ph, [(0, 0)], "acc", "            ") + _rows_out("acc", "y[n, k]", "            ", True)
+    L += _wide_sum(ph, [(0, 0)], "acc", "            ", True) + _rows_out("acc", "y[n, k]", "            ")
     return "\n".join(L) + "\n"
 
 
@@ -226,8 +225,8 @@ def gen_grad_input(ph: Phases, M: int) -> str:
     for q, base in planes:
         L += [f"        src = dy[n, c * {M} + {q}]"] + ph.fill("src", base, "        ")
         L += _weights(f"wr[c * {M} + {q}]", q, T, "        ")
-    L += _views(ph, planes, "        ") + _wide_sum(ph, planes, "acc", "        ")
-    L += _rows_out("acc", "dx[n, c]", "        ", False)
+    L += _views(ph, planes, "        ") + _wide_sum(ph, planes, "acc", "        ", False)
+    L += _rows_out("acc", "dx[n, c]", "        ")
     return "\n".join(L) + "\n"
 
 
@@ -268,8 +267,10 @@ def kernel_for(kind, ph: Phases, M: int):
     key = (kind, M) + ph.literal_key()
     k = _KERNELS.get(key)
     if k is None:
-        # long dot products (dW) are faster without a masked remainder iteration
-        k = _KERNELS[key] = load_kernel(_MAKERS[kind](ph, M), predicate=kind != "dw")
+        # short rows gain from a masked remainder iteration; strided (interleaved) loads and stores lose
+        # (masked, they become gathers) and so do the long dot products of dW
+        predicate = kind != "dw" and (ph.sw, ph.uw) == (1, 1)
+        k = _KERNELS[key] = load_kernel(_MAKERS[kind](ph, M), predicate=predicate)
     return k
 
 
