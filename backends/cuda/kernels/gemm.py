@@ -236,7 +236,8 @@ def igemm_step(name, asrc, bsrc, bias, out, M, P, R, dims=NO_DIMS, flags=0, allo
     if splits > 1:
         flags |= F_ATOMIC
     bias = dummy(out.dtype) if bias is None else bias
-    lo, hi = (float("-inf"), float("inf")) if clip is None else clip
+    lo, hi = clip if clip is not None else (None, None)          # None: unbounded on that side
+    lo, hi = float("-inf") if lo is None else lo, float("inf") if hi is None else hi
     dt = np.dtype(out.dtype).type
     launch = launcher(kernel(name, out.dtype), (gx, gy, splits * groups), (GDX, GDY, 1),
                       asrc, bsrc, bias, out, M, P, R, r_chunk, *dims, flags, dt(lo), dt(hi))
