@@ -14,7 +14,7 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
   make it compute-bound, of the copy bandwidth where they make it memory-bound (depthwise convs);
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (PERF_NOTES.md: torch and Numba in one process stall each other), running the same graph
+  process (torch and Numba in one process stall each other's threads, measured), running the same graph
   translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
   same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
   absent, never fatal.
@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 
+import networkx as nx
 import numpy as np
 
 DEFAULT_BATCH = 64
@@ -110,10 +111,11 @@ def roofline_share(flops, nbytes, ms, sgemm, bw):
     return flops / secs / 1e9 / sgemm, "sgemm"
 
 
-def _compile(g, backend, train, fuse):
+def _compile(g, backend, train, fuse, fold_bn=True):
     import graphc as gc
     opt = gc.optim.SGD(LR) if train else None
-    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse)
+    flags = {} if fold_bn else {"fold_bn": False}      # (the pipeline's default: on for numba and cuda)
+    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse, **flags)
 
 
 def _step_fn(exe, feeds, train):
@@ -125,12 +127,13 @@ def _step_fn(exe, feeds, train):
 def _probe_main(argv):
     """Child process: compile + bind/compile every kernel for one batch; prints JSON timings."""
     model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
+    fold_bn = argv[5] == "1" if len(argv) > 5 else True
     import graphc  # noqa: F401   (imports are not compile time)
     import numba  # noqa: F401
     g = _load(model)
     feeds = make_feeds(g, batch)
     t0 = time.perf_counter()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     t1 = time.perf_counter()
     if hasattr(exe, "precompile"):
         exe.precompile(batch, train=train, feeds=feeds)
@@ -140,9 +143,9 @@ def _probe_main(argv):
     print("GRAPHC_PROBE " + json.dumps({"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0}))
 
 
-def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
+def _run_probe(model, backend, batch, train, fuse, env, timeout=900, fold_bn=True):
     cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
-           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0"]
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", "1" if fold_bn else "0"]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -153,13 +156,13 @@ def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def compile_times(model, backend, batch, train, fuse):
+def compile_times(model, backend, batch, train, fuse, fold_bn=True):
     """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
     tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
     try:
-        cold, err = _run_probe(model, backend, batch, train, fuse, env)
-        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env) if cold else (None, err))
+        cold, err = _run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn) if cold else (None, err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
@@ -216,7 +219,10 @@ def _torch_forward_factory(g, torch, batch):
     from graphc import ops as optable
     F = torch.nn.functional
     nodes = g.nx.nodes
-    order = g.topo()
+    needed = set(g.outputs) | ({g.loss} if g.loss else set())
+    for o in list(needed):
+        needed |= nx.ancestors(g.nx, o)
+    order = [n for n in g.topo() if n in needed]      # (not the running-stat updates: F.batch_norm makes them)
     params = {}
     for n in g.state_names:
         params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
@@ -383,7 +389,7 @@ def _profile_generic(exe, feeds, train, repeats):
 
 
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
-              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False, fold_bn=True):
     """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
     (and optionally writes to json_path) the results dict described in the module doc."""
     from graphc.errors import GraphError
@@ -408,7 +414,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     feeds = make_feeds(g, batch)
 
     t0 = time.perf_counter()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if hasattr(exe, "precompile"):
@@ -432,7 +438,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         if roof and "conv" in r["kind"] and r["ms"] > 0:
             k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
-    ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
+    ctimes = compile_times(model, backend, batch, train, fuse, fold_bn) if measure_compile else \
+        {"cold": None, "warm": None}
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
 
     peers = {}
@@ -454,12 +461,14 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         peers[key] = res
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
+        "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
         "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
         "compare": peers,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
-                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else ""),
+                   + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn")
+                   + (f" --compare {','.join(compare)}" if compare else ""),
     }
     if hasattr(exe, "conv_module"):
         result["conv_kernels"] = exe.conv_module
@@ -482,7 +491,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
 
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
-             f"fuse={'on' if r['fuse'] else 'off'}"]
+             f"fuse={'on' if r['fuse'] else 'off'}  batch norms folded into convs: {len(r.get('fold_bn', ()))}"]
     lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>7s} {'share':>6s}")
     for k in r["kernels"]:
         ops = "+".join(k["ops"])
@@ -507,8 +516,11 @@ def report(r):
                         if r.get("bandwidth_gbps") else ""))
     if r.get("threads"):
         t = r["threads"]
-        lines.append(f"threads: {t['used']} (measured ms per run: {t['measured_ms']}); load average "
-                     f"{r['machine'].get('loadavg')}")
+        measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"
+                             for n, ms in sorted((t.get("measured_ms") or {}).items(), key=lambda kv: -int(kv[0])))
+        load = r["machine"].get("loadavg")
+        lines.append(f"threads: {t['used']}" + (f" (measured per run: {measured})" if measured else "")
+                     + (f"; load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""))
     if r.get("memory"):
         m = r["memory"]
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
@@ -549,6 +561,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--train", action="store_true")
     p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--no-fold-bn", action="store_true")
     p.add_argument("--compare", default="")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-compile-times", action="store_true")
@@ -556,7 +569,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from graphc.errors import GraphError
     try:
-        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
+        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse, fold_bn=not a.no_fold_bn,
                   compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
                   measure_compile=not a.no_compile_times)
     except GraphError as e:                      # BackendError among them: one line, no traceback

@@ -231,6 +231,11 @@ print(json.dumps({"seconds": time.time() - t, "ptxas": ptxas, "res": out}))
 """
 
 
+#: kernels that accumulate in float64 on purpose, as the reference: sums (a float32 partial sum overflows
+#: where the sum does not; memory-bound, so the wider adds do not show) and the cross-entropy rows
+F64_BY_DESIGN = ("reduce_keep_mid", "reduce_mid", "xent_rows", "xent_dense_rows")
+
+
 def test_every_kernel_compiles_to_ptx():
     rc, out, err = _wait(_ptx_child(), 900)
     assert rc == 0, f"a CUDA toolkit is installed and a kernel failed to compile to PTX:\n{(out + err)[-4000:]}"
@@ -243,8 +248,8 @@ def test_every_kernel_compiles_to_ptx():
         for name, info in res.items():
             assert info["sm_90"] and info["entry"], (dt, name)
             if dt == "float32":
-                # float32 kernels do float32 arithmetic only (no silent promotion to double)
-                assert info["f64"] == 0, (name, info)
+                # float32 kernels do float32 arithmetic only (no silent promotion to double), but these
+                assert (info["f64"] > 0) == (name.split("[")[0] in F64_BY_DESIGN), (name, info)
             if rep["ptxas"]:   # assembled for sm_90: no register spills, static shared memory within 48 KiB
                 assert info["ptxas_rc"] == 0 and info["spill"] == 0, (dt, name, info)
                 assert info["smem"] <= 48 * 1024, (dt, name, info)
@@ -346,8 +351,7 @@ def route_backward_ref(dy, route, hw):
     for n in range(N):
         for c in range(C):
             for o, r in zip(dy[n, c].ravel(), route[n, c].ravel()):
-                if r >= 0:
-                    dz[n, c, r] += o
+                dz[n, c, r if r >= 0 else ~r] += o if r >= 0 else o * 0       # ~r: masked by a ReLU
     return dz.reshape(N, C, *hw)
 
 
@@ -470,8 +474,8 @@ FUSED_CASES = [  # (N, C, H, W, K, k, stride, pads, pool, pool_stride)
 
 def _fused_ref(x, w, b, stride, pads, pool, pstride):
     z = conv_ref(x, w, b, stride, pads)
-    ym, r = maxpool_ref(z, pool, pstride)
-    return np.maximum(ym, 0), np.where(ym > 0, r, -1).astype(np.int32), z
+    ym, r = maxpool_ref(np.maximum(z, 0), pool, pstride)      # the first max of the ReLU output ...
+    return ym, np.where(ym > 0, r, ~r).astype(np.int32), z     # ... ~ it where it is not > 0
 
 
 @needs_cuda
@@ -481,7 +485,7 @@ def test_conv2d_relu_maxpool_and_route_backward(case):
     r = _rng(5)
     x = r.standard_normal((N, C, H, W)).astype(np.float32)
     w = r.standard_normal((K, C, k, k)).astype(np.float32)
-    b = np.linspace(-1.5, 0.5, K).astype(np.float32)      # some windows end all <= 0: route -1
+    b = np.linspace(-1.5, 0.5, K).astype(np.float32)      # some windows end all <= 0: route ~first
     yref, rref, z = _fused_ref(x, w, b, stride, pads, pool, pstride)
     y, route = ck.host.conv2d_relu_maxpool(x, w, b, stride, pads, pool, pstride, save_route=True)
     assert route.dtype == np.int32 and route.shape == y.shape == yref.shape
@@ -498,12 +502,12 @@ def test_conv2d_relu_maxpool_and_route_backward(case):
 def test_conv2d_relu_maxpool_ties_and_zero():
     x = np.zeros((1, 1, 4, 4), np.float32)
     w = np.ones((2, 1, 3, 3), np.float32)
-    b = np.array([0.5, 0.0], np.float32)        # channel 0: all equal and > 0 -> first; channel 1: all 0 -> -1
+    b = np.array([0.5, 0.0], np.float32)        # channel 0: all equal and > 0 -> first; channel 1: all 0 -> ~first
     y, route = ck.host.conv2d_relu_maxpool(x, w, b, 1, 1, 2, 2, save_route=True)
     np.testing.assert_array_equal(y[0, 0], np.full((2, 2), 0.5, np.float32))
     np.testing.assert_array_equal(route[0, 0], [[0, 2], [8, 10]])
     np.testing.assert_array_equal(y[0, 1], 0)
-    np.testing.assert_array_equal(route[0, 1], -1)
+    np.testing.assert_array_equal(route[0, 1], [[~0, ~2], [~8, ~10]])
 
 
 @needs_cuda

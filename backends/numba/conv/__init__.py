@@ -15,8 +15,8 @@ Grouped convs (w: (K, C / groups, KH, KW), as torch) and dilated filters (taps `
 on both strategies; depthwise convs (groups == C) have their own memory-bound stencil kernels in
 depthwise.py.
 
-Semantics follow PyTorch: ReLU gradient 0 at 0 (route -1 where a window's max is <= 0), max-pool ties go
-to the first element in row-major order, NaN propagates through max pooling and ReLU. Two strategies
+Semantics follow PyTorch: ReLU gradient 0 at 0 (route < 0 where a window's max is <= 0), max-pool ties go
+to the first element in row-major order, NaN propagates through max pooling and ReLU (numpy's rules). Two strategies
 compute them: ``direct`` (kernels generated per shape, direct.py + gen.py) and ``im2col`` (im2col +
 BLAS GEMM, im2col.py); ``strategy=None`` uses the remembered choice of strategy.py.
 """
@@ -64,8 +64,9 @@ def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_rout
     """Fused conv (+bias) -> ReLU -> max pool (floor output size, like PyTorch).
 
     With ``save_route`` also returns ``route`` (int32, shaped like y): the flat index ``i*Wo + j``
-    in the conv-output plane of each window's (first) maximum, or -1 where that maximum is <= 0 so
-    the ReLU killed it (the route_scatter kernel turns it into dL/d(pre-activation))."""
+    in the conv-output plane of each window's (first) maximum, or ~index (< 0) where that maximum is
+    not > 0 so the ReLU masked it (the route_scatter kernel turns it into dL/d(pre-activation));
+    graphc.ops.fused.maxpool_argmax_ref (relu=True) is the rule."""
     x, w, b, stride, pads = check_conv(x, w, b, stride, pads, dilation, groups)
     ps, pst = int(pool_size), int(pool_stride)
     N, C, H, W = x.shape

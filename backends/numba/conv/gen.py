@@ -81,7 +81,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
-                    the window, or -1 when that max is <= 0.
+                    the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
     """
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
@@ -178,8 +178,9 @@ class _FwdWriter:
             a(f"{ind2}        for j in range({self.Wo}):")
             a(f"{ind2}            yk[i, j] = a{q}[i * {Wp} + j] + bq")
             return
-        # pool: window taps unrolled into compare/selects (the first max in row-major order wins),
-        # so the loop over pooled columns vectorises (one masked iteration for short rows)
+        # pool: window taps unrolled into compare/selects (the first max in row-major order wins), so the
+        # loop over pooled columns vectorises (one masked iteration for short rows); NaN as np.max /
+        # np.argmax (maxpool_argmax's relu rule for the route: ~index where the max is not > 0)
         for with_route in (True, False):
             self._pool_epilogue(q, ind2, with_route)
 
@@ -193,24 +194,31 @@ class _FwdWriter:
         a(f"{i3}    r0 = i * {pst}")
         a(f"{i3}    for j in range({self.Wq}):")
         a(f"{i3}        c0 = j * {pst}")
-        first = True
-        for di in range(ps):
-            for dj in range(ps):
-                src = f"a{q}[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq"
-                idx = f"(r0 + {di}) * {self.Wo} + c0 + {dj}"
-                if first:
-                    a(f"{i3}        m = {src}")
-                    if with_route:
-                        a(f"{i3}        mi = {idx}")
-                    first = False
-                else:
-                    a(f"{i3}        v = {src}")
-                    if with_route:
-                        a(f"{i3}        mi = {idx} if v > m else mi")
-                    a(f"{i3}        m = v if v > m else m")
+        taps = [(f"a{q}[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
+                for di in range(ps) for dj in range(ps)]
+        a(f"{i3}        m = {taps[0][0]}")
+        a(f"{i3}        nan = m != m")
+        if with_route:
+            a(f"{i3}        mi = {taps[0][1]}")
+        for src, idx in taps[1:]:
+            a(f"{i3}        v = {src}")
+            a(f"{i3}        gt = v > m")
+            if with_route:
+                a(f"{i3}        mi = {idx} if gt else mi")
+            a(f"{i3}        m = v if gt else m")
+            a(f"{i3}        nan |= v != v")
+        # masked (max not > 0): ~ the first max of the ReLU output, its first element; a window holding
+        # NaN (rare: a branch off the selects' fast path) has max NaN and routes to its first NaN
+        a(f"{i3}        p0 = {taps[0][1]}")
+        a(f"{i3}        if nan:")
+        for src, idx in reversed(taps):
+            a(f"{i3}            v = {src}")
+            a(f"{i3}            m = v if v != v else m")
+            if with_route:
+                a(f"{i3}            p0 = {idx} if v != v else p0")
         a(f"{i3}        yk[i, j] = 0.0 if m <= 0 else m")
         if with_route:
-            a(f"{i3}        rk[i, j] = mi if m > 0 else -1")
+            a(f"{i3}        rk[i, j] = mi if m > 0 else ~p0")
 
 
 # --------------------------------------------------------------------------------------------------

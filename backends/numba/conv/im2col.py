@@ -46,9 +46,21 @@ def _group_dot(a, b, G):
 
 
 @njit(cache=True, nogil=True)
+def _first_nan(z, bk, r0, c0, Wo, ps):
+    """(the NaN, its flat index) of the first NaN of a pool window of z (+ bk) that holds one."""
+    for di in range(ps):
+        for dj in range(ps):
+            v = z[(r0 + di) * Wo + c0 + dj] + bk
+            if v != v:
+                return v, (r0 + di) * Wo + c0 + dj
+    return z[r0 * Wo + c0] + bk, r0 * Wo + c0
+
+
+@njit(cache=True, nogil=True)
 def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
     """bias + ReLU + max pool of one conv-output plane z (Ho*Wo,) into yk (Hq, Wq); route as in
-    conv2d_relu_maxpool (flat index of the window's first max, -1 when it is <= 0)."""
+    conv2d_relu_maxpool (flat index of the window's first max, the first NaN winning as in np.max; ~index
+    of the ReLU output's max where the max is not > 0: its first NaN, or its first element)."""
     Hq, Wq = yk.shape
     for i in range(Hq):
         for j in range(Wq):
@@ -56,15 +68,20 @@ def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
             c0 = j * pst
             m = z[r0 * Wo + c0] + bk
             mi = r0 * Wo + c0
+            nan = False
             for di in range(ps):
                 for dj in range(ps):
                     v = z[(r0 + di) * Wo + c0 + dj] + bk
                     if v > m:
                         m = v
                         mi = (r0 + di) * Wo + c0 + dj
+                    nan |= v != v
+            p0 = r0 * Wo + c0
+            if nan:                       # rare: off the fast path of selects
+                m, p0 = _first_nan(z, bk, r0, c0, Wo, ps)
             yk[i, j] = 0.0 if m <= 0 else m
             if save:
-                rk[i, j] = mi if m > 0 else -1
+                rk[i, j] = mi if m > 0 else ~p0
 
 
 @njit(parallel=True, cache=True, nogil=True)
