@@ -9,8 +9,10 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 - compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
   pointed at a new temporary directory) and warm (a second fresh process on the caches the first one
   filled): compile() plus binding and compiling/loading every kernel for the batch size;
-- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
-  fraction of it;
+- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul) and the memory bandwidth (a
+  64 MB numpy copy, bytes read + written per second); each kernel's GB/s (its inputs and output read or
+  written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
+  make it compute-bound, of the copy bandwidth where they make it memory-bound (depthwise convs);
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
   process (torch and Numba in one process stall each other's threads, measured), running the same graph
   translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
@@ -88,6 +90,25 @@ def sgemm_gflops(n=1024, repeats=5):
     np.matmul(a, b, out=c)
     ms = _median_ms(lambda: np.matmul(a, b, out=c), repeats, 1)
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e9
+
+
+def copy_gbps(mbytes=64, repeats=5):
+    """Memory bandwidth: a numpy copy of `mbytes` MB (read + written bytes per second, best of repeats)."""
+    a = np.ones(mbytes * (1 << 20) // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_median_ms(lambda: np.copyto(b, a), 1, 0) for _ in range(repeats))
+    return 2.0 * a.nbytes / (best * 1e-3) / 1e9
+
+
+def roofline_share(flops, nbytes, ms, sgemm, bw):
+    """(fraction, "sgemm" or "memory"): a kernel's share of the roofline. Below the ridge point (flops per
+    byte < SGEMM GFLOP/s / copy GB/s) it is bound by memory, and measured against the copy bandwidth
+    (GB/s of its inputs and output); above, against SGEMM (GFLOP/s)."""
+    secs = ms * 1e-3
+    if bw and flops * bw < nbytes * sgemm:
+        return nbytes / secs / 1e9 / bw, "memory"
+    return flops / secs / 1e9 / sgemm, "sgemm"
 
 
 def _compile(g, backend, train, fuse, fold_bn=True):
@@ -405,14 +426,17 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     else:
         rows = _profile_generic(exe, feeds, train, max(3, min(repeats, 10)))
     roof = sgemm_gflops() if roofline else None
+    bw = copy_gbps() if roofline else None
     kernels = []
     for r in rows:
         gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
+        nbytes = exe.dtype.itemsize * sum(int(np.prod(s)) for s in list(r["shapes"]["in"]) + [r["shapes"]["out"]])
         k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
-             "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
+             "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
+             "share": r["ms"] / step_ms if step_ms else 0.0,
              "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
-        if roof and "conv" in r["kind"]:
-            k["roofline_fraction"] = gfl / roof
+        if roof and "conv" in r["kind"] and r["ms"] > 0:
+            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
     ctimes = compile_times(model, backend, batch, train, fuse, fold_bn) if measure_compile else \
         {"cold": None, "warm": None}
@@ -438,7 +462,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
         "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
-        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof,
+        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
         "compare": peers,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -468,16 +492,17 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
              f"fuse={'on' if r['fuse'] else 'off'}  batch norms folded into convs: {len(r.get('fold_bn', ()))}"]
-    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'share':>6s}")
+    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>7s} {'share':>6s}")
     for k in r["kernels"]:
         ops = "+".join(k["ops"])
         extra = ""
         if "roofline_fraction" in k:
-            extra = f"  {100 * k['roofline_fraction']:.0f}% of SGEMM"
+            of = "memory bandwidth" if k.get("roofline") == "memory" else "SGEMM"
+            extra = f"  {100 * k['roofline_fraction']:.0f}% of {of}"
         if k.get("fallback"):
             extra += "  (fallback)"
         lines.append(f"{k['name'][:34]:34s} {ops[:34]:34s} {k['shapes'][:38]:38s} {k['ms']:8.3f} "
-                     f"{k['gflops']:8.1f} {100 * k['share']:5.1f}%{extra}")
+                     f"{k['gflops']:8.1f} {k.get('gbps', 0.0):7.1f} {100 * k['share']:5.1f}%{extra}")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
                  f"{r['step_ms']:.3f} ms")
     c = r["compile_s"]
@@ -486,7 +511,9 @@ def report(r):
                  f"this process: compile {c['this_process']['compile_s']:.2f} s + first step "
                  f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
     if r.get("roofline_gflops"):
-        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
+        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s"
+                     + (f", memory bandwidth {r['bandwidth_gbps']:.1f} GB/s (numpy copy: bytes read + written)"
+                        if r.get("bandwidth_gbps") else ""))
     if r.get("threads"):
         t = r["threads"]
         measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"

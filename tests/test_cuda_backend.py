@@ -689,7 +689,7 @@ def test_sim_b_pattern_without_a_cuda_lowering_runs_on_the_host():
 def test_sim_b_cnn_op_set_matches_reference():
     """Batch norm (both modes, running statistics), grouped/dilated conv, LRN, attribute elementwise ops,
     ceil-mode/padded pools, reflect padding, global max pool: forward, a training run and an SGD step.
-    Only the grouped/dilated convs may run on the host (no CUDA kernels for them yet)."""
+    Every op runs on the device (no fallbacks)."""
     rng = np.random.default_rng(7)
     g = gc.Graph("cnn_ops")
     x = g.input("x", (None, 2, 6, 6))
@@ -702,7 +702,7 @@ def test_sim_b_cnn_op_set_matches_reference():
     g.output(g.softmax_cross_entropy(g.dense(z, g.param("fc", value=rng.standard_normal((3, 8)))), g.input(
         "y", (None,), dtype="int64"), name="loss"))
     feeds = {"x": rng.standard_normal((2, 2, 6, 6)).astype(np.float32), "y": np.array([0, 2])}
-    allowed = {"conv", "conv_dx", "conv_dw"}
+    allowed = set()
     ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
     for training in (False, True):
         _close(exe.run(feeds, training=training)["loss"], ref.run(feeds, training=training)["loss"], "loss")
@@ -714,7 +714,6 @@ def test_sim_b_cnn_op_set_matches_reference():
         _close(t.state[k], v, k)
     ops = {t.graph.nx.nodes[n]["op"] for n in t.fallbacks()} | {exe.graph.nx.nodes[n]["op"] for n in exe.fallbacks()}
     assert ops <= allowed, ops
-
 
 def norm_net(dtype):
     """Batch norm on 4-D and 2-D values, LRN, reflect and edge padding, global max pool, a batched matmul
@@ -844,3 +843,32 @@ def test_sim_b_computed_labels_are_refused_and_zero_d_values_stay_zero_d():
     feeds = {"s": np.asarray(3.0, np.float32), "a": np.ones((2, 3), np.float32)}
     shapes = [{k: v.shape for k, v in gc.compile(g, backend=b).run(feeds).items()} for b in ("reference", "cuda")]
     assert shapes[0] == shapes[1] == {"c": (), "sa": (2, 3), "tot": (), "rs": ()}, shapes
+
+
+def grouped_convnet():
+    """1x1 conv + ReLU6 [conv_clip] -> depthwise 3x3 stride 2 + ReLU [conv_relu] -> grouped dilated conv +
+    ReLU + max pool [conv_relu_maxpool] -> depthwise conv with two filters per channel -> dense."""
+    rng = np.random.default_rng(11)
+    g = gc.Graph("grouped")
+    x = g.input("x", (None, 2, 6, 6))
+
+    def p(name, shape):
+        return g.param(name, value=(rng.standard_normal(shape) * 0.5).astype(np.float32))
+    h = g.clip(g.conv(x, p("e.w", (4, 2, 1, 1)), p("e.b", (4,))), 0.0, 6.0)
+    h = g.relu(g.conv(h, p("d.w", (4, 1, 3, 3)), p("d.b", (4,)), stride=2, pad=1, groups=4))
+    h = g.maxpool(g.relu(g.conv(h, p("g.w", (2, 2, 2, 2)), None, pad=2, dilation=2, groups=2)), 2)
+    h = g.conv(h, p("m.w", (4, 1, 2, 1)), p("m.b", (4,)), groups=2, dilation=(1, 1), pad=(1, 0))
+    logits = g.dense(g.flatten(h), p("fc", (3, 24)), name="logits")
+    g.output(g.softmax_cross_entropy(logits, g.input("y", (None,), "int64"), name="loss"))
+    return g
+
+
+@needs_cuda
+def test_sim_a_grouped_dilated_depthwise_convs_fused_with_grads():
+    g = grouped_convnet()
+    feeds = {"x": np.random.default_rng(12).standard_normal((2, 2, 6, 6)).astype(np.float32), "y": np.array([2, 0])}
+    exes = check_run(g, feeds)
+    assert _kinds(exes[0]) == ["conv_clip", "conv_relu", "conv_relu_maxpool"], _kinds(exes[0])
+    exe = _check_train(g, lambda: gc.optim.SGD(0.1, momentum=0.9), 1, True, feeds)
+    ops = {exe.graph.nx.nodes[n]["op"] for n in exe.graph.nx}
+    assert {"conv_dx", "conv_dw"} <= ops and "conv_relu" in _kinds(exe)

@@ -2,7 +2,7 @@
 one pooled output; blocks of up to 16x16 pooled pixels times up to FUSE_KZ output channels (block z), the
 filter slices of those channels staged in shared memory chunk by chunk; the grid is (pooled-width tiles,
 pooled-height tiles, N*K / block-z). Windows of more than FUSE_MAXWIN positions or filters of more than
-FUSE_FSM taps take conv + max pool + ReLU/route fix-up kernels instead."""
+FUSE_FSM taps, and grouped or dilated convs, take conv + max pool + ReLU/route fix-up kernels instead."""
 from __future__ import annotations
 
 import numpy as np
@@ -127,11 +127,11 @@ def _unfused_step(x, w, bias, y, route, geom, pool, pool_stride, scratch):
 def conv_pool_step(x, w, bias, y, route, geom, pool, pool_stride, scratch):
     """y = maxpool(relu(conv(x, w) + bias)) (+ the int32 route, ~ it where the window max is not > 0) on flat
     arrays; geom = gemm.conv_geometry(...); scratch(n, dtype) allocates work arrays."""
-    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = geom
+    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = geom[:13]
     PH, PW = pool
     psh, psw = pool_stride
     Hp, Wp = (Ho - PH) // psh + 1, (Wo - PW) // psw + 1
-    if PH * PW > FUSE_MAXWIN or KH * KW > FUSE_FSM:
+    if PH * PW > FUSE_MAXWIN or KH * KW > FUSE_FSM or tuple(geom[13:]) != (1, 1, 1):
         return _unfused_step(x, w, bias, y, route, geom, pool, pool_stride, scratch)
     cc = max(1, min(C, FUSE_FSM // (KH * KW)))
     bx, by = p2(Wp, 16), p2(Hp, 16)
