@@ -11,14 +11,14 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   filled): compile() plus binding and compiling/loading every kernel for the batch size;
 - the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
   fraction of it;
-- peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (torch and Numba in one process stall each other's threads, measured), running the same graph
-  translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
-  same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
-  absent, never fatal.
+- peers (`compare`): "torch" (PyTorch eager), "torch_compile", "onnxruntime", "jax", each in a SEPARATE
+  process, on the same model, batch, feeds and initial weights, checked to agree with graphc, with the
+  peak memory (RSS) of every step process, graphc's own included (graphc/bench_peers.py). A peer that
+  is not installed is reported as absent, never fatal.
 
 Returns a dict (also written to json_path) with at least: model, backend, batch, mode, step_ms,
-compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms}}.
+compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms,
+rss_peak_mb, rss_step_mb}}, graphc_process {step_ms, rss_peak_mb, rss_step_mb} (with compare).
 """
 from __future__ import annotations
 
@@ -35,8 +35,6 @@ import numpy as np
 
 DEFAULT_BATCH = 64
 LR = 0.01
-PEERS = {"torch": "torch_eager", "torch_eager": "torch_eager", "torch_compile": "torch_compile",
-         "jax": "jax_jit", "jax_jit": "jax_jit"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -132,13 +130,13 @@ def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def compile_times(model, backend, batch, train, fuse):
+def compile_times(model, backend, batch, train, fuse, timeout=900):
     """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
     tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
     try:
-        cold, err = _run_probe(model, backend, batch, train, fuse, env)
-        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env) if cold else (None, err))
+        cold, err = _run_probe(model, backend, batch, train, fuse, env, timeout=timeout)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, timeout=timeout) if cold else (None, err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
@@ -234,79 +232,6 @@ def _torch_forward_factory(g, torch, batch):
     return forward, params
 
 
-def _peer_main(argv):
-    """Child process: time one peer on the model; prints JSON."""
-    peer, model, batch, train, repeats = argv[0], argv[1], int(argv[2]), argv[3] == "1", int(argv[4])
-    g = _load(model)
-    feeds_np = make_feeds(g, batch)
-    out = {}
-    if peer in ("torch_eager", "torch_compile"):
-        try:
-            import torch
-        except ImportError as e:
-            print("GRAPHC_PEER " + json.dumps({"absent": f"torch not installed ({e})"}))
-            return
-        feeds = {k: torch.from_numpy(v) for k, v in feeds_np.items()}
-        forward, params = _torch_forward_factory(g, torch, batch)
-        loss_name = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), g.outputs[0])
-        trainable = [p for n, p in params.items() if p.requires_grad]
-        opt = torch.optim.SGD(trainable, lr=LR) if train else None
-        with torch.no_grad():          # the same model: its loss on these feeds, without dropout
-            r0 = forward(feeds, False)
-            if loss_name in r0:
-                out["loss_eval"] = float(r0[loss_name])
-        fwd = forward
-        t0 = time.perf_counter()
-        if peer == "torch_compile":
-            fwd = torch.compile(forward)
-
-        if train:
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = fwd(feeds, True)[loss_name]
-                loss.backward()
-                opt.step()
-        else:
-            outs = list(g.outputs)
-
-            def step():
-                with torch.no_grad():
-                    r = fwd(feeds, False)
-                    return [r[o] for o in outs]
-        step()
-        out["compile_s"] = time.perf_counter() - t0
-        out["step_ms"] = _median_ms(step, repeats, 3)
-        out["version"] = torch.__version__
-        out["threads"] = torch.get_num_threads()
-        if out["threads"] > 1 and peer == "torch_eager":
-            # for context (graphc picks its thread count by measurement): torch on one thread
-            torch.set_num_threads(1)
-            out["step_ms_1thread"] = _median_ms(step, repeats, 3)
-            torch.set_num_threads(out["threads"])
-    elif peer == "jax_jit":
-        try:
-            import jax  # noqa: F401
-        except ImportError as e:
-            print("GRAPHC_PEER " + json.dumps({"absent": f"jax not installed ({e})"}))
-            return
-        print("GRAPHC_PEER " + json.dumps({"absent": "jax peer not implemented for graph translation"}))
-        return
-    print("GRAPHC_PEER " + json.dumps(out))
-
-
-def run_peer(peer, model, batch, train, repeats, timeout=900):
-    cmd = [sys.executable, "-c", "import sys; from graphc.bench import _peer_main; _peer_main(sys.argv[1:])",
-           peer, model, str(batch), "1" if train else "0", str(repeats)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out"}
-    for line in p.stdout.splitlines():
-        if line.startswith("GRAPHC_PEER "):
-            return json.loads(line[len("GRAPHC_PEER "):])
-    return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
-
-
 # ------------------------------------------------------------------------------------ the benchmark
 
 def _fmt_shapes(sh):
@@ -362,9 +287,13 @@ def _profile_generic(exe, feeds, train, repeats):
 
 
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
-              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
-    """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
-    (and optionally writes to json_path) the results dict described in the module doc."""
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False,
+              random_weights=None, budget_s=None, timeout=900):
+    """Benchmarks `model` (zoo name, "path/file.py:function" or "model.onnx") on `backend`; prints a
+    report and returns (and optionally writes to json_path) the results dict described in the module doc.
+    random_weights: a seed for an .onnx MODEL's weights (graphc/bench_peers.py); budget_s: cap each
+    timing at about that many seconds (fewer repeats for slow steps); timeout: per child process."""
+    from graphc import bench_peers
     from graphc.errors import GraphError
     from graphc.files import check_writable
     out = out or sys.stdout
@@ -380,7 +309,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     mode = "train" if train else "infer"
     if backend == "cuda":
         _require_gpu()
-    g = _load(model)
+    src = bench_peers.ModelSource(model, random_weights)
+    g = _load(src.spec)
     if train and not any(g.nx.nodes[o]["shape"] == () for o in g.outputs):
         from graphc.errors import GraphError
         raise GraphError(f"model {model!r} has no scalar loss output to train")
@@ -393,6 +323,10 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if hasattr(exe, "precompile"):
         exe.precompile(batch, train=train, feeds=feeds)
     first_s = time.perf_counter() - t0
+    if budget_s:                                   # repeats adapt to the step time
+        t0 = time.perf_counter()
+        _step_fn(exe, feeds, train)()
+        repeats = bench_peers.repeats_for(time.perf_counter() - t0, repeats, budget_s)
     step_ms = _median_ms(_step_fn(exe, feeds, train), repeats, warmup)
     if hasattr(exe, "profile"):
         rows = exe.profile(feeds, train=train, repeats=max(5, repeats // 2), warmup=1)
@@ -408,34 +342,20 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         if roof and "conv" in r["kind"]:
             k["roofline_fraction"] = gfl / roof
         kernels.append(k)
-    ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
+    ctimes = (compile_times(src.spec, backend, batch, train, fuse, timeout) if measure_compile
+              else {"cold": None, "warm": None})
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
-
-    peers = {}
-    if compare:
-        lname = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), None)
-        if lname is not None:
-            import graphc as gc
-            ref_loss = float(gc.compile(g).run(feeds, outputs=[lname])[lname])
-    for c in compare:
-        key = PEERS.get(c, c)
-        if key not in ("torch_eager", "torch_compile", "jax_jit"):
-            peers[c] = {"error": f"unknown peer {c!r}; choose from torch, torch_compile, jax"}
-            continue
-        res = run_peer(key, model, batch, train, repeats)
-        if "step_ms" in res and step_ms:
-            res["ratio"] = step_ms / res["step_ms"]       # graphc time / peer time (< 1: graphc faster)
-        if "loss_eval" in res and lname is not None:
-            res["same_model"] = bool(abs(res["loss_eval"] - ref_loss) <= 1e-3 * max(1.0, abs(ref_loss)))
-        peers[key] = res
+    peers, own = bench_peers.compare(src, g, exe, feeds, compare, batch, train, repeats, step_ms, budget_s,
+                                     timeout, backend, fuse) if compare else ({}, None)
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
         "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
-        "compare": peers,
+        "compare": peers, "graphc_process": own, "weights": src.note, "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
-                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else ""),
+                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else "")
+                   + (f" --random-weights {random_weights}" if random_weights is not None else ""),
     }
     if hasattr(exe, "conv_module"):
         result["conv_kernels"] = exe.conv_module
@@ -453,6 +373,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if json_path:
         from graphc.files import atomic_write
         atomic_write(json_path, lambda f: json.dump(result, f, indent=1, default=str), "benchmark JSON", binary=False)
+    src.close()
     return result
 
 
@@ -490,16 +411,8 @@ def report(r):
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
                      f"{m['planned'] / 1e6:.1f} MB planned vs {m['unplanned'] / 1e6:.1f} MB unplanned, "
                      f"{m['inplace_updates']} in-place updates")
-    for peer, res in r["compare"].items():
-        if "step_ms" in res:
-            same = {True: ", same loss as graphc", False: ", LOSS DIFFERS from graphc"}.get(res.get("same_model"), "")
-            lines.append(f"{peer}: {res['step_ms']:.3f} ms  -> graphc/peer = {res['ratio']:.2f}x{same}"
-                         + (f"  (torch {res.get('version')}, {res.get('threads')} threads)" if "version" in res else ""))
-            if res.get("step_ms_1thread"):
-                lines.append(f"{peer} on 1 thread: {res['step_ms_1thread']:.3f} ms  -> graphc/peer = "
-                             f"{r['step_ms'] / res['step_ms_1thread']:.2f}x")
-        else:
-            lines.append(f"{peer}: {res.get('absent') or res.get('error')}")
+    from graphc.bench_peers import report_lines
+    lines += report_lines(r)
     return "\n".join(lines)
 
 
