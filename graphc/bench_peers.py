@@ -13,9 +13,10 @@ measured) on the same model, batch, feeds (seed 0) and initial weights:
 - "jax": reported absent (no graph translation for it yet).
 - graphc itself, for memory: a fresh process runs the benchmarked step (kernels from the disk cache).
 
-Memory, in every one of these processes (resource.getrusage(RUSAGE_SELF).ru_maxrss): "rss_peak_mb",
-the peak after warm-up (imports, compile and warm-up included), and "rss_step_mb", the peak over the
-timed steps alone (the high-water mark reset before them through /proc/self/clear_refs; Linux only).
+Memory, in every one of these processes (the peak resident set size: VmHWM on Linux, where ru_maxrss
+would report the parent's size in a child; ru_maxrss elsewhere): "rss_peak_mb", the peak after warm-up
+(imports, compile and warm-up included), and "rss_step_mb", the peak over the timed steps alone (the
+high-water mark reset before them through /proc/self/clear_refs; Linux only).
 graphc's memory plan's planned bytes are beside them in the report ("memory plan").
 
 An .onnx MODEL whose weights are ConstantOfShape placeholders (the onnx wheel's light/ models, all
@@ -49,7 +50,16 @@ TAG = "GRAPHC_PEER "
 # ------------------------------------------------------------------------------------------ memory
 
 def maxrss_mb():
-    """This process's peak resident set size in MB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size in MB: VmHWM of /proc/self/status on Linux, else ru_maxrss
+    (resource.getrusage(RUSAGE_SELF)). On Linux ru_maxrss is no use in a child: it starts at the size of
+    the parent it was forked from (the kernel keeps the pre-exec peak) and clear_refs cannot lower it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6          # kB
+    except (OSError, ValueError, IndexError):
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1e6 if sys.platform == "darwin" else r * 1024 / 1e6
 

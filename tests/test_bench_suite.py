@@ -54,6 +54,14 @@ def test_measure_reports_the_peak_of_the_timed_steps():
         assert r["rss_step_mb"] >= r["rss_peak_mb"] + 4 * 16 * 0.9     # they allocated 4 x 16 MB more
 
 
+def test_a_child_reports_its_own_peak_not_its_parents():
+    big = np.ones(50_000_000)                  # 400 MB resident in this process
+    res = bench_peers.run_child({"peer": "graphc", "model": "mlp", "batch": 2, "train": False, "repeats": 3,
+                                 "backend": "reference", "fuse": True})
+    assert bench_peers.maxrss_mb() > 400 and 0 < res["rss_peak_mb"] < bench_peers.maxrss_mb() - 300, res
+    del big
+
+
 def test_a_capped_child_is_reported_not_timed():
     spec = {"peer": "torch_compile", "model": "mlp", "batch": 2, "train": False, "repeats": 3}
     res = bench_peers.run_child(spec, timeout=0.01)
