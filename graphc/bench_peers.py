@@ -122,20 +122,14 @@ class ModelSource:
             self._randomize(model, random_weights)
 
     def _randomize(self, path, seed):
-        from graphc.onnx.importer import onnx_module
+        from graphc.onnx.importer import load_file, onnx_module
         from graphc.onnx.random_weights import constant_weights, randomize
-        onnx = onnx_module()
-        if not os.path.isfile(path):
-            raise FileNotFoundError(2, "No such ONNX model file", path)
-        try:
-            m = onnx.load(path)
-        except Exception as e:   # noqa: BLE001 - protobuf's DecodeError and friends
-            raise GraphError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+        m = load_file(path)
         if seed is None and not constant_weights(m):
             return
         m, count = randomize(m, 0 if seed is None else int(seed), initializers=seed is not None)
         self.spec = os.path.join(self.tmpdir(), os.path.basename(path))
-        onnx.save(m, self.spec)
+        onnx_module().save(m, self.spec)
         why = "" if seed is not None else " (its weights were constant placeholders)"
         self.note = f"seeded random weights (seed {0 if seed is None else seed}) in {count} tensors{why}"
 
