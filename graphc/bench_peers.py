@@ -368,7 +368,8 @@ def _peer_line(peer, res, step_ms):
     if "same_outputs" in res:
         same += (", same outputs as graphc" if res["same_outputs"] else ", OUTPUTS DIFFER from graphc") \
             + f" (max abs err {res['max_abs_err']:.3g})"
-    what = ("torch" if peer.startswith("torch") else peer) + f" {res.get('version')}, {res.get('threads')} threads"
+    n = res.get("threads")
+    what = ("torch" if peer.startswith("torch") else peer) + f" {res.get('version')}, {n} thread{'' if n == 1 else 's'}"
     line = f"{peer}: {res['step_ms']:.3f} ms  -> graphc/peer = {res['ratio']:.2f}x{same}  ({what})"
     if res.get("step_ms_1thread"):
         line += (f"\n{peer} on 1 thread: {res['step_ms_1thread']:.3f} ms  -> graphc/peer = "
