@@ -146,6 +146,11 @@ def test_cli_suite_forwards_and_refuses_what_does_not_apply(capsys, monkeypatch,
                               (["bench", "lenet5", "--random-weights", "3"], 1, "applies to an .onnx MODEL")):
         rc, _, err = run(capsys, *argv)
         assert rc == code and words in err and len(err.strip().splitlines()) == 1, err
+    import graphc.bench
+    monkeypatch.setattr(graphc.bench, "run_bench", lambda model, **kw: seen.update(model=model, **kw))
+    rc, _, _ = run(capsys, "bench", "m.onnx", "--compare", "onnxruntime,torch", "--random-weights", "3", "--timeout", "5")
+    assert rc == 0 and seen["model"] == "m.onnx" and seen["random_weights"] == 3 and seen["timeout"] == 5
+    assert seen["compare"] == ["onnxruntime", "torch"]
 
 
 # --------------------------------------------------- an .onnx model with placeholder weights
