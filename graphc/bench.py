@@ -205,28 +205,36 @@ def _torch_forward_factory(g, torch, batch):
             val = np.asarray(d["attrs"]["value"])
             fixed[n] = torch.tensor(val.astype(np.float32 if val.dtype.kind == "f" else np.int64))
     linear_of, dropout_of, skip = _torch_idioms(g, order)
+    # the program as plain tuples: torch.compile cannot trace into networkx (a graph break per op)
+    program = []
+    for n in order:
+        d = nodes[n]
+        opdef = optable.OPS[d["op"]]
+        if n in skip:
+            continue
+        if opdef.source:
+            program.append((n, "source", None, None))
+        elif n in linear_of:
+            program.append((n, "linear", linear_of[n], None))
+        elif n in dropout_of:
+            program.append((n, "dropout", dropout_of[n], None))
+        elif opdef.torch is not None:
+            program.append((n, opdef.torch, tuple(d["inputs"]), d["attrs"]))
+        else:
+            raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
 
     def forward(feeds, training=True):
         ctx = _TorchCtx(batch, training)
         v = {}
-        for n in order:
-            if n in skip:
-                continue
-            d = nodes[n]
-            opdef = optable.OPS[d["op"]]
-            if opdef.source:
-                r = feeds[n] if n in feeds else fixed[n]
-            elif n in linear_of:
-                x, w, b = linear_of[n]
-                r = F.linear(v[x], v[w], v[b])
-            elif n in dropout_of:
-                x, rate = dropout_of[n]
-                r = F.dropout(v[x], rate, training=training)
-            elif opdef.torch is not None:
-                r = opdef.torch(F, torch, [v[i] for i in d["inputs"]], d["attrs"], ctx)
+        for n, how, ins, attrs in program:
+            if how == "source":
+                v[n] = feeds[n] if n in feeds else fixed[n]
+            elif how == "linear":
+                v[n] = F.linear(v[ins[0]], v[ins[1]], v[ins[2]])
+            elif how == "dropout":
+                v[n] = F.dropout(v[ins[0]], ins[1], training=training)
             else:
-                raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
-            v[n] = r
+                v[n] = how(F, torch, [v[i] for i in ins], attrs, ctx)
         return v
 
     return forward, params

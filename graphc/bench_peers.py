@@ -215,7 +215,9 @@ def _torch_child(a):
         if loss_name in r0:
             out["loss_eval"] = float(r0[loss_name])
     t0 = time.perf_counter()
-    fwd = torch.compile(forward) if a["peer"] == "torch_compile" else forward
+    # static shapes: every call has the same ones (automatic dynamic shapes hit an inductor NameError
+    # on a recompile of the lenet5 training step, torch 2.13)
+    fwd = torch.compile(forward, dynamic=False) if a["peer"] == "torch_compile" else forward
     outs = list(g.outputs)
 
     def step():

@@ -135,7 +135,7 @@ def summarize(entry, r, wall_s):
     for p, res in r["compare"].items():
         agree = res.get("same_model", res.get("same_outputs"))
         peers[p] = {k: res.get(k) for k in ("step_ms", "ratio", "compile_s", "rss_step_mb", "rss_peak_mb", "repeats",
-                                             "threads", "max_abs_err") if res.get(k) is not None}
+                                             "threads", "step_ms_1thread", "max_abs_err") if res.get(k) is not None}
         peers[p]["agrees"] = agree
         note = res.get("error") or res.get("absent") or res.get("skipped")
         if note:
