@@ -187,9 +187,24 @@ def _torch_idioms(g, order):
     return linear_of, dropout_of, skip
 
 
+def _last_uses(program, keep):
+    """Per step of the program, the values no later step reads (and not in `keep`)."""
+    last = {}
+    for i, (n, how, ins, _) in enumerate(program):
+        reads = () if how == "source" else ins[:1] if how == "dropout" else ins
+        for x in (*reads, n):
+            last[x] = i
+    frees = [[] for _ in program]
+    for x, i in last.items():
+        if x not in keep:
+            frees[i].append(x)
+    return frees
+
+
 def _torch_forward_factory(g, torch, batch):
     """The graph translated op by op into torch calls (forward only; autograd gives the backward): each
-    op by its op-table ``torch`` field, dense layers and dropout by their torch idioms."""
+    op by its op-table ``torch`` field, dense layers and dropout by their torch idioms. Returns
+    (forward(feeds, training) -> {output or loss name: tensor}, {state name: tensor})."""
     from graphc import ops as optable
     F = torch.nn.functional
     nodes = g.nx.nodes
@@ -223,10 +238,14 @@ def _torch_forward_factory(g, torch, batch):
         else:
             raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
 
+    want = list(dict.fromkeys(list(g.outputs) + ([g.loss] if g.loss else [])))
+    frees = _last_uses(program, want)
+
     def forward(feeds, training=True):
+        """{output: tensor}; each value is dropped after its last use, as a torch model's would be."""
         ctx = _TorchCtx(batch, training)
         v = {}
-        for n, how, ins, attrs in program:
+        for (n, how, ins, attrs), dead in zip(program, frees):
             if how == "source":
                 v[n] = feeds[n] if n in feeds else fixed[n]
             elif how == "linear":
@@ -235,7 +254,9 @@ def _torch_forward_factory(g, torch, batch):
                 v[n] = F.dropout(v[ins[0]], ins[1], training=training)
             else:
                 v[n] = how(F, torch, [v[i] for i in ins], attrs, ctx)
-        return v
+            for x in dead:
+                del v[x]
+        return {o: v[o] for o in want}
 
     return forward, params
 
