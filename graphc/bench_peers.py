@@ -84,21 +84,23 @@ def repeats_for(seconds_per_step, repeats, budget_s):
 
 def measure(step, repeats, warmup=3, budget_s=None):
     """Warm-up, the peak RSS so far, then the timed steps with the peak reset before them:
-    {"step_ms" (median), "repeats", "rss_peak_mb", "rss_step_mb" (None where it cannot be reset)}."""
-    fastest = float("inf")
+    {"step_ms" (median), "repeats", "rss_peak_mb", "rss_step_mb" (None where it cannot be reset)}.
+    With budget_s the timed steps stop once they have taken that long (after at least 3)."""
+    warm = []
     for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         step()
-        fastest = min(fastest, time.perf_counter() - t0)
+        warm.append(time.perf_counter() - t0)
     out = {"rss_peak_mb": maxrss_mb()}
     was_reset = reset_peak()
-    n = repeats_for(fastest, repeats, budget_s)
-    ts = []
-    for _ in range(n):
+    ts, start = [], time.perf_counter()
+    for _ in range(repeats_for(float(np.mean(warm)), repeats, budget_s)):
         t0 = time.perf_counter()
         step()
         ts.append(time.perf_counter() - t0)
-    out.update(step_ms=1e3 * float(np.median(ts)), repeats=n, rss_step_mb=maxrss_mb() if was_reset else None)
+        if budget_s and len(ts) >= 3 and t0 + ts[-1] - start > budget_s:
+            break
+    out.update(step_ms=1e3 * float(np.median(ts)), repeats=len(ts), rss_step_mb=maxrss_mb() if was_reset else None)
     return out
 
 

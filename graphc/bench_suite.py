@@ -191,14 +191,14 @@ def _ms(v):
     return "n/a" if v is None else (f"{v:.3f} ms" if v < 1 else f"{v:.1f} ms" if v < 100 else f"{v:.0f} ms")
 
 
-def _cell(res):
+def _cell(res, compiles=False):
     if res is None:
         return "n/a"
     if "step_ms" not in res:
         note = res.get("note") or ""
         return "over the cap" if "cap" in note else "train n/a" if "inference only" in note else "n/a"
     flag = "" if res.get("agrees") is not False else " (disagrees!)"
-    extra = f", compile {res['compile_s']:.0f} s" if res.get("compile_s", 0) >= 1 else ""
+    extra = f", compile {res['compile_s']:.0f} s" if compiles and res.get("compile_s", 0) >= 1 else ""
     return f"{_ms(res['step_ms'])} ({res['ratio']:.2f}x{extra}){flag}"
 
 
@@ -233,7 +233,7 @@ def markdown(doc):
         cold, warm = g.get("compile_cold_s"), g.get("compile_warm_s")
         comp = " / ".join("n/a" if v is None else f"{v:.1f} s" for v in (cold, warm))
         mem = f"{_mb(g.get('rss_step_mb'))} / {_mb((ps.get('torch_eager') or {}).get('rss_step_mb'))}"
-        rows.append("| " + " | ".join([f"`{e['command']}`", _ms(g["step_ms"])] + [_cell(ps.get(p)) for p in peers]
+        rows.append("| " + " | ".join([f"`{e['command']}`", _ms(g["step_ms"])] + [_cell(ps.get(p), p == "torch_compile") for p in peers]
                                       + [comp, mem]) + " |")
     return _header(doc) + "\n\n" + "\n".join(rows)
 

@@ -46,6 +46,12 @@ def test_repeats_adapt_to_the_step_time():
     assert bench_peers.repeats_for(100.0, 50, None) == 50       # no budget: as asked
 
 
+def test_timed_steps_stop_at_the_budget():
+    import time
+    r = bench_peers.measure(lambda: time.sleep(0.05), 100, warmup=1, budget_s=0.2)
+    assert 3 <= r["repeats"] <= 5             # each step takes at least 0.05 s: over 0.2 s after 4
+
+
 def test_measure_reports_the_peak_of_the_timed_steps():
     held = []
     r = bench_peers.measure(lambda: held.append(np.ones(2_000_000)) if len(held) < 5 else None, 4, warmup=1)
