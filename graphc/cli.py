@@ -255,7 +255,8 @@ def _add_bench_parser(sub):
     p.add_argument("--table", default=None, metavar="FILE",
                    help="print the markdown table of a --suite JSON file (for the README)")
     p.add_argument("--repeats", type=int, default=None, metavar="R",
-                   help="timed runs per measurement (default 20, or 100 below batch 16)")
+                   help="timed runs per measurement (default 20, or 100 below batch 16; with --suite the most, "
+                        "default 50, within about 10 s)")
     p.add_argument("--no-compile-times", action="store_true",
                    help="skip the cold/warm compile probes (two fresh processes; 50-90 s on a cold cache)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
