@@ -9,8 +9,10 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 - compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
   pointed at a new temporary directory) and warm (a second fresh process on the caches the first one
   filled): compile() plus binding and compiling/loading every kernel for the batch size;
-- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
-  fraction of it;
+- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul) and the memory bandwidth (a
+  64 MB numpy copy, bytes read + written per second); each kernel's GB/s (its inputs and output read or
+  written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
+  make it compute-bound, of the copy bandwidth where they make it memory-bound (depthwise convs);
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "onnxruntime", "jax", each in a SEPARATE
   process, on the same model, batch, feeds and initial weights, checked to agree with graphc, with the
   peak memory (RSS) of every step process, graphc's own included (graphc/bench_peers.py). A peer that
@@ -31,6 +33,7 @@ import sys
 import tempfile
 import time
 
+import networkx as nx
 import numpy as np
 
 DEFAULT_BATCH = 64
@@ -87,10 +90,30 @@ def sgemm_gflops(n=1024, repeats=5):
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e9
 
 
-def _compile(g, backend, train, fuse):
+def copy_gbps(mbytes=64, repeats=5):
+    """Memory bandwidth: a numpy copy of `mbytes` MB (read + written bytes per second, best of repeats)."""
+    a = np.ones(mbytes * (1 << 20) // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_median_ms(lambda: np.copyto(b, a), 1, 0) for _ in range(repeats))
+    return 2.0 * a.nbytes / (best * 1e-3) / 1e9
+
+
+def roofline_share(flops, nbytes, ms, sgemm, bw):
+    """(fraction, "sgemm" or "memory"): a kernel's share of the roofline. Below the ridge point (flops per
+    byte < SGEMM GFLOP/s / copy GB/s) it is bound by memory, and measured against the copy bandwidth
+    (GB/s of its inputs and output); above, against SGEMM (GFLOP/s)."""
+    secs = ms * 1e-3
+    if bw and flops * bw < nbytes * sgemm:
+        return nbytes / secs / 1e9 / bw, "memory"
+    return flops / secs / 1e9 / sgemm, "sgemm"
+
+
+def _compile(g, backend, train, fuse, fold_bn=True):
     import graphc as gc
     opt = gc.optim.SGD(LR) if train else None
-    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse)
+    flags = {} if fold_bn else {"fold_bn": False}      # (the pipeline's default: on for numba and cuda)
+    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse, **flags)
 
 
 def _step_fn(exe, feeds, train):
@@ -102,12 +125,13 @@ def _step_fn(exe, feeds, train):
 def _probe_main(argv):
     """Child process: compile + bind/compile every kernel for one batch; prints JSON timings."""
     model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
+    fold_bn = argv[5] == "1" if len(argv) > 5 else True
     import graphc  # noqa: F401   (imports are not compile time)
     import numba  # noqa: F401
     g = _load(model)
     feeds = make_feeds(g, batch)
     t0 = time.perf_counter()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     t1 = time.perf_counter()
     if hasattr(exe, "precompile"):
         exe.precompile(batch, train=train, feeds=feeds)
@@ -117,9 +141,9 @@ def _probe_main(argv):
     print("GRAPHC_PROBE " + json.dumps({"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0}))
 
 
-def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
+def _run_probe(model, backend, batch, train, fuse, env, timeout=900, fold_bn=True):
     cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
-           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0"]
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", "1" if fold_bn else "0"]
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -130,13 +154,13 @@ def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def compile_times(model, backend, batch, train, fuse, timeout=900):
+def compile_times(model, backend, batch, train, fuse, fold_bn=True, timeout=900):
     """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
     tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
     try:
-        cold, err = _run_probe(model, backend, batch, train, fuse, env, timeout=timeout)
-        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, timeout=timeout) if cold else (None, err))
+        cold, err = _run_probe(model, backend, batch, train, fuse, env, timeout=timeout, fold_bn=fold_bn)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, timeout=timeout, fold_bn=fold_bn) if cold else (None, err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
@@ -208,7 +232,10 @@ def _torch_forward_factory(g, torch, batch):
     from graphc import ops as optable
     F = torch.nn.functional
     nodes = g.nx.nodes
-    order = g.topo()
+    needed = set(g.outputs) | ({g.loss} if g.loss else set())
+    for o in list(needed):
+        needed |= nx.ancestors(g.nx, o)
+    order = [n for n in g.topo() if n in needed]      # (not the running-stat updates: F.batch_norm makes them)
     params = {}
     for n in g.state_names:
         params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
@@ -317,7 +344,7 @@ def _profile_generic(exe, feeds, train, repeats):
 
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
               json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False,
-              random_weights=None, budget_s=None, timeout=900):
+              random_weights=None, budget_s=None, timeout=900, fold_bn=True):
     """Benchmarks `model` (zoo name, "path/file.py:function" or "model.onnx") on `backend`; prints a
     report and returns (and optionally writes to json_path) the results dict described in the module doc.
     random_weights: a seed for an .onnx MODEL's weights (graphc/bench_peers.py); budget_s: cap each
@@ -346,7 +373,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     feeds = make_feeds(g, batch)
 
     t0 = time.perf_counter()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if hasattr(exe, "precompile"):
@@ -362,28 +389,32 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     else:
         rows = _profile_generic(exe, feeds, train, max(3, min(repeats, 10)))
     roof = sgemm_gflops() if roofline else None
+    bw = copy_gbps() if roofline else None
     kernels = []
     for r in rows:
         gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
+        nbytes = exe.dtype.itemsize * sum(int(np.prod(s)) for s in list(r["shapes"]["in"]) + [r["shapes"]["out"]])
         k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
-             "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
+             "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
+             "share": r["ms"] / step_ms if step_ms else 0.0,
              "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
-        if roof and "conv" in r["kind"]:
-            k["roofline_fraction"] = gfl / roof
+        if roof and "conv" in r["kind"] and r["ms"] > 0:
+            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
-    ctimes = (compile_times(src.spec, backend, batch, train, fuse, timeout) if measure_compile
+    ctimes = (compile_times(src.spec, backend, batch, train, fuse, fold_bn, timeout) if measure_compile
               else {"cold": None, "warm": None})
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
     peers, own = bench_peers.compare(src, g, exe, feeds, compare, batch, train, repeats, step_ms, budget_s,
                                      timeout, backend, fuse) if compare else ({}, None)
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
-        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof,
+        "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
+        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
         "compare": peers, "graphc_process": own, "weights": src.note, "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
-                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else "")
+                   + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn") + (f" --compare {','.join(compare)}" if compare else "")
                    + (f" --random-weights {random_weights}" if random_weights is not None else ""),
     }
     if hasattr(exe, "conv_module"):
@@ -408,17 +439,18 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
 
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
-             f"fuse={'on' if r['fuse'] else 'off'}"]
-    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'share':>6s}")
+             f"fuse={'on' if r['fuse'] else 'off'}  batch norms folded into convs: {len(r.get('fold_bn', ()))}"]
+    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>7s} {'share':>6s}")
     for k in r["kernels"]:
         ops = "+".join(k["ops"])
         extra = ""
         if "roofline_fraction" in k:
-            extra = f"  {100 * k['roofline_fraction']:.0f}% of SGEMM"
+            of = "memory bandwidth" if k.get("roofline") == "memory" else "SGEMM"
+            extra = f"  {100 * k['roofline_fraction']:.0f}% of {of}"
         if k.get("fallback"):
             extra += "  (fallback)"
         lines.append(f"{k['name'][:34]:34s} {ops[:34]:34s} {k['shapes'][:38]:38s} {k['ms']:8.3f} "
-                     f"{k['gflops']:8.1f} {100 * k['share']:5.1f}%{extra}")
+                     f"{k['gflops']:8.1f} {k.get('gbps', 0.0):7.1f} {100 * k['share']:5.1f}%{extra}")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
                  f"{r['step_ms']:.3f} ms")
     c = r["compile_s"]
@@ -427,7 +459,9 @@ def report(r):
                  f"this process: compile {c['this_process']['compile_s']:.2f} s + first step "
                  f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
     if r.get("roofline_gflops"):
-        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
+        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s"
+                     + (f", memory bandwidth {r['bandwidth_gbps']:.1f} GB/s (numpy copy: bytes read + written)"
+                        if r.get("bandwidth_gbps") else ""))
     if r.get("threads"):
         t = r["threads"]
         measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"
@@ -467,6 +501,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--train", action="store_true")
     p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--no-fold-bn", action="store_true")
     p.add_argument("--compare", default="")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-compile-times", action="store_true")
@@ -474,7 +509,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from graphc.errors import GraphError
     try:
-        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
+        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse, fold_bn=not a.no_fold_bn,
                   compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
                   measure_compile=not a.no_compile_times)
     except GraphError as e:                      # BackendError among them: one line, no traceback

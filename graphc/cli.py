@@ -122,10 +122,16 @@ def cmd_bench(args):
     compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else None
     if args.repeats is not None and args.repeats < 1:
         raise GraphError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.ranks:
+        from graphc.bench_ranks import run_scaling
+        run_scaling(args.model, args.ranks, backend=args.backend, batch=args.batch, train=args.train,
+                    json_path=args.json)
+        return 0
     more = {k: v for k, v in (("random_weights", args.random_weights), ("timeout", args.timeout)) if v is not None}
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
                        fuse=not args.no_fuse, compare=compare, json_path=args.json, repeats=args.repeats,
-                       measure_compile=not args.no_compile_times, **more)
+                       measure_compile=not args.no_compile_times,
+                       fold_bn=not args.no_fold_bn, **more)
     return result if isinstance(result, int) else 0
 
 
@@ -232,13 +238,17 @@ def _add_bench_parser(sub):
                               "  graphc bench light_resnet50.onnx --batch 1 --compare onnxruntime,torch\n"
                               "  graphc bench --suite --json suite.json          # the README's table\n"
                               "  graphc bench --suite --only resnet18-train-b16,vgg16-infer-b2\n"
-                              "  graphc bench --table suite.json                 # its markdown table again")
+                              "  graphc bench --table suite.json                 # its markdown table again\n"
+                              "  graphc bench lenet5 --train --ranks 1,2         # data-parallel scaling (MPI)\n"
+                              "  graphc bench resnet18 --batch 1 --no-fold-bn    # the effect of BN folding")
     p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP)
     p.add_argument("--backend", choices=("numba", "reference", "cuda"), default="numba",
                    help="backend to time (default numba)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="batch size")
     p.add_argument("--train", action="store_true", help="time a training step (forward+backward+update)")
     p.add_argument("--no-fuse", action="store_true", help="switch the fusion pass off")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep inference batch norms apart from their convs (switch the fold_bn pass off)")
     p.add_argument("--compare", default=None, metavar="PEERS",
                    help="comma-separated peers to time in the same run, each in its own process and checked "
                         "to agree with graphc: torch, torch_compile, onnxruntime, jax")
@@ -260,6 +270,10 @@ def _add_bench_parser(sub):
     p.add_argument("--no-compile-times", action="store_true",
                    help="skip the cold/warm compile probes (two fresh processes; 50-90 s on a cold cache)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--ranks", default=None, metavar="LIST",
+                   help="with --train: launch the step on each number of MPI ranks (e.g. 1,2; mpiexec, "
+                        "graphc[mpi]) and report step time, images/s, scaling efficiency, the allreduce "
+                        "share and the projected efficiency of larger runs")
     p.set_defaults(func=cmd_bench)
 
 
@@ -319,7 +333,8 @@ def build_parser():
                               "  graphc train codelab_cnn --data cifar.npz --augment crop:4,flip --lr-schedule "
                               "warmup:1+cosine\n"
                               "  graphc train lenet5 --data images:photos/ --validation 0.1 --early-stopping 3 "
-                              "--log run.csv --plots plots/")
+                              "--log run.csv --plots plots/\n"
+                              "  mpiexec -n 4 graphc train resnet --batch 64     # 4 ranks x 64 = global batch 256")
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
@@ -349,10 +364,19 @@ def main(argv=None) -> int:
         if debug:
             raise
         print(f"graphc: error: {_one_line(_describe(e))}", file=sys.stderr)
+        _abort_ranks(EXIT_ERROR)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("graphc: interrupted", file=sys.stderr)
+        _abort_ranks(130)
         return 130
+
+
+def _abort_ranks(code):
+    """In a job of several MPI ranks, an error on this one ends them all, none is left waiting for it."""
+    dist = sys.modules.get("graphc.distributed")
+    if dist is not None:
+        dist.abort_after_error(code)
 
 
 def _describe(e):

@@ -483,13 +483,17 @@ def one_hot(labels, num_classes: int = 10, dtype=np.float32) -> np.ndarray:
 
 
 def batches(x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-            epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            epoch: int = 0, rank: int = 0, ranks: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(xb, yb)`` mini-batches along axis 0.
 
     With ``shuffle`` the order comes from ``np.random.default_rng([seed, epoch])``: the same
     (seed, epoch) always gives the same batches, and each epoch a different order, so training
     can be resumed exactly from any epoch. Every sample appears exactly once per epoch, except
     that ``drop_last`` drops a final batch smaller than ``batch_size``.
+    ``ranks`` > 1 (data-parallel training, as torch's DistributedSampler): rank ``rank`` gets every
+    ranks-th sample of the epoch's order, from its rank-th on, after the order is padded with its own
+    start to a multiple of ``ranks``: the shards are disjoint (but for the padding) and equally long,
+    and the ranks' k-th batches together are the k-th batch of ``batch_size * ranks`` of one process.
     Arguments are checked at call time, not at the first ``next``.
     """
     x, y = np.asarray(x), np.asarray(y)
@@ -499,8 +503,13 @@ def batches(x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_las
         raise DataError(f"batches: batch_size must be a positive integer, got {batch_size!r}")
     if int(seed) < 0 or int(epoch) < 0:
         raise DataError(f"batches: seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    if not (0 <= int(rank) < int(ranks)):
+        raise DataError(f"batches: rank must be in [0, ranks), got rank={rank}, ranks={ranks}")
     n, bs = x.shape[0], int(batch_size)
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else None
+    if ranks > 1:
+        order = np.resize(np.arange(n) if order is None else order, -(-n // ranks) * ranks)[rank::ranks]
+        n = len(order)
     stop = n - n % bs if drop_last else n
 
     def gen():

@@ -14,14 +14,22 @@ CLASS_LOSSES = ("softmax_cross_entropy", "cross_entropy", "softmax_ce_grad", "cr
 _PASS_THROUGH = ("identity", "copy", "reshape", "reshape_like")
 
 
+def label_source(graph, name):
+    """The value that class labels `name` come from, through pass-through ops."""
+    nodes = graph.nx.nodes
+    while nodes[name]["op"] in _PASS_THROUGH:
+        name = nodes[name]["inputs"][0]
+    return name
+
+
 def class_label_inputs(graph):
     """{int input (or const) name: (number of classes K, name of the loss reading it)} for every integer
     value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
-    0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
+    0..K-1. Labels computed otherwise (a concat with a const, a reshape of a 2-D input) are checked by
+    the class-loss kernels themselves (and the reference ops), which never index with a bad label."""
     nodes, found = graph.nx.nodes, {}
     for n, k, src in _class_losses(graph):
-        while nodes[src]["op"] in _PASS_THROUGH:
-            src = nodes[src]["inputs"][0]
+        src = label_source(graph, src)
         if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
             prev = found.get(src)
             found[src] = (k, n) if prev is None or k < prev[0] else prev
@@ -196,6 +204,8 @@ class Executable:
         """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch.
         training=True runs in training mode (dropout on, batch norm on batch statistics) and stores
         batch norm's new running statistics."""
+        if training and self.folded_bn():
+            return self._training_twin().run(feeds, outputs, True, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
@@ -206,6 +216,23 @@ class Executable:
         for s, u in stats.items():
             self.state[s] = np.array(vals[u])
         return {o: vals[o] for o in want}
+
+    def folded_bn(self):
+        """The batch norms this executable's forward folded into their convs (passes/fold_bn.py)."""
+        return tuple(getattr(self.graph, "bn_folded", ()) or ())
+
+    def _training_twin(self):
+        """A training-mode run needs batch statistics, which a forward with batch norm folded into its
+        convs no longer computes: such runs go to the same graph compiled without the fold (built on first
+        use; it shares this executable's state, so the running statistics it updates are this one's)."""
+        twin = getattr(self, "_twin", None)
+        if twin is None:
+            from graphc.compiler import compile
+            twin = compile(self.source, **dict(self.compile_args, fold_bn=False))
+            twin.state = self.state
+            self._twin = twin
+        twin.step_count = self.step_count
+        return twin
 
     def stat_updates(self, training):
         """{running statistic: its new value} that a run in this mode stores (none at inference)."""

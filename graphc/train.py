@@ -21,6 +21,8 @@ epochs of the run, so an interrupted run continues with the same command plus ``
 
 Before the first epoch the kernels are compiled (or loaded from the disk cache) in a phase of their
 own, so epoch 1's images/s measures training only.
+Data-parallel under ``mpiexec -n R`` (``distributed``): R shards of every global batch, evaluation split
+over the ranks, rank 0 prints, runs the callbacks and checkpoints (graphc.distributed, README "Scaling out").
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from graphc import data as gdata
+from graphc import distributed as dist
 from graphc.checkpoint import graph_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint
 from graphc.errors import BackendError, CheckpointError, DataError, GraphError
 from graphc.files import check_writable
@@ -197,17 +200,17 @@ def _check_model(graph, x_shape):
         raise GraphError(f"model {graph.name!r} takes images shaped {tuple(want)}, the data has {tuple(x_shape)}")
 
 
-def _compile(graph, backend, optimizer, log):
+def _compile(graph, backend, optimizer, log, dp=None):
     import graphc
     if backend == "numba":
         try:
-            return graphc.compile(graph, backend="numba", optimizer=optimizer), "numba"
+            return graphc.compile(graph, backend="numba", optimizer=optimizer, distributed=dp), "numba"
         except (ImportError, BackendError, NotImplementedError) as e:
             if log:
                 log(f"note: the numba backend is not available here ({type(e).__name__}: {e}); "
                     "using the reference backend (slower)")
             backend = "reference"
-    return graphc.compile(graph, backend=backend, optimizer=optimizer), backend
+    return graphc.compile(graph, backend=backend, optimizer=optimizer, distributed=dp), backend
 
 
 def _inference_exe(graph, backend):
@@ -253,9 +256,10 @@ class _DeferredInterrupt:
     step in flight, so parameters and optimizer state are consistent when the checkpoint is written.
     A second Ctrl-C raises KeyboardInterrupt at once (``forced``)."""
 
-    def __init__(self):
+    def __init__(self, enabled=True):
         self.requested = self.forced = False
         self._old = None
+        self.enabled = enabled       # off in a data-parallel run: ranks cannot agree on the step to stop at
 
     def _handler(self, signum, frame):
         if self.requested:
@@ -264,7 +268,7 @@ class _DeferredInterrupt:
         self.requested = True
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.enabled and threading.current_thread() is threading.main_thread():
             try:
                 self._old = signal.signal(signal.SIGINT, self._handler)
             except (ValueError, OSError):
@@ -285,7 +289,12 @@ class _Run:
     run() trains epoch by epoch. Callbacks see it as `run` (graphc.callbacks)."""
 
     def __init__(self, model, data, epochs, batch, optimizer, lr, backend, seed, save, resume, progress, log,
-                 allow_nonfinite, lr_schedule, validation, augment, normalization, callbacks, export):
+                 allow_nonfinite, lr_schedule, validation, augment, normalization, callbacks, export,
+                 distributed=None, sync_bn=False):
+        self.dp = dist.for_training(distributed, sync_bn)
+        self.ranks, self.rank = (self.dp.size, self.dp.rank) if self.dp is not None else (1, 0)
+        if self.rank != 0:               # rank 0 prints and runs the callbacks
+            log, progress = None, False
         self.say = log or (lambda *a, **k: None)
         self.log, self.progress, self.allow_nonfinite = log, progress, allow_nonfinite
         self.epochs = _count(epochs, "epochs")
@@ -293,7 +302,7 @@ class _Run:
         batch = None if batch is None else _count(batch, "batch", 1)
         self.save = None if save is None else check_writable(save, "checkpoint")   # now, not after an epoch
         self.export = None if export is None else _check_export(export)
-        self.callbacks = list(callbacks or ())
+        self.callbacks = list(callbacks or ()) if self.rank == 0 else []     # they print, log, write files
         self.resume = resume
         ckpt_meta = None
         if resume is not None:
@@ -303,6 +312,8 @@ class _Run:
         cm = self.cm = ckpt_meta or {}
         copt = cm.get("optimizer") or {}
         self.seed = int(_resolve(seed, "seed", ckpt_meta, cm.get("seed")))
+        if batch is None and ckpt_meta is not None:
+            batch = dist.resumed_batch(cm, self.ranks)       # on another number of ranks: the same global batch
         self.batch = int(_resolve(batch, "batch", ckpt_meta, cm.get("batch")))
         opt_name = _resolve(optimizer, "optimizer", ckpt_meta, copt.get("name"))
         self.lr_given = lr is not None
@@ -314,7 +325,9 @@ class _Run:
         self._setup_schedule(lr_schedule)
         self._check_resume()
         _check_model(self.graph, self.splits.x_train.shape)
-        self.exe, self.backend = _compile(self.graph, backend, self.opt, log)
+        self.exe, self.backend = _compile(self.graph, backend, self.opt, log, self.dp)
+        if self.dp is not None:
+            self.say(dist.describe(self.dp, self.batch))
         self.infer = _inference_exe(self.graph, self.backend)
         self._setup_result()
 
@@ -341,7 +354,8 @@ class _Run:
         self.augment = Augment.parse(augment if augment is not None else cm.get("augment"))
         self.classes = ds.classes
         self.num_classes = ds.num_classes
-        self.n_batches = (len(self.splits.x_train) + self.batch - 1) // self.batch
+        self.shard = -(-len(self.splits.x_train) // self.ranks)          # training images per rank and epoch
+        self.n_batches = (self.shard + self.batch - 1) // self.batch
 
     def _setup_schedule(self, spec):
         from graphc import schedules
@@ -365,8 +379,9 @@ class _Run:
         if cm.get("seed") not in (None, self.seed):
             say(f"note: the checkpoint was trained with seed {cm['seed']}, continuing with seed {self.seed}: "
                 "the batch order and dropout masks differ from an uninterrupted run")
-        if cm.get("batch") not in (None, self.batch):
-            say(f"note: the checkpoint was trained with batch {cm['batch']}, continuing with batch {self.batch}")
+        if cm.get("batch") not in (None, self.batch) or int(cm.get("ranks", 1)) != self.ranks:
+            say(f"note: the checkpoint was trained on {cm.get('ranks', 1)} rank(s) x batch {cm.get('batch')}, "
+                f"continuing on {self.ranks} x {self.batch}")
         if cm.get("data") not in (None, self.data_spec):
             say(f"note: the checkpoint was trained on {cm['data']!r}, continuing on {self.data_spec!r}")
 
@@ -383,7 +398,9 @@ class _Run:
         r.config = {"model": self.model_name, "data": self.data_spec, "epochs": self.epochs, "batch": self.batch,
                     "optimizer": self.opt_cfg, "backend": self.backend, "seed": self.seed,
                     "lr_schedule": self.schedule_spec, "validation": self.validation,
-                    "augment": self.augment.spec() if self.augment else None, "normalization": self.normalization}
+                    "augment": self.augment.spec() if self.augment else None, "normalization": self.normalization,
+                    "ranks": self.ranks, "global_batch": self.batch * self.ranks,
+                    "sync_bn": bool(self.dp is not None and self.dp.sync_bn)}
         self.step_losses_logged = len(r.step_losses)
 
     def _restore(self):
@@ -400,6 +417,7 @@ class _Run:
         self.start_epoch = int(cm.get("epoch", 0))
         self.skip_batches = int(cm.get("batch_in_epoch", 0))
         self.part = dict(cm.get("partial") or self.part)
+        self.skip_batches = dist.resumed_position(cm, self.skip_batches, self.part, self.batch, self.ranks, self.say)
         where = f"epoch {self.start_epoch} done" if not self.skip_batches else \
             f"epoch {self.start_epoch + 1} at batch {self.skip_batches}"
         self.say(f"resuming from {self.resume}: {where}, step {exe.step_count}")
@@ -445,7 +463,8 @@ class _Run:
         return {"model": self.model_name, "fingerprint": self.fingerprint, "epoch": int(epoch_done),
                 "batch_in_epoch": int(batch_in_epoch), "partial": partial, "step": int(self.exe.step_count),
                 "seed": self.seed, "batch": self.batch, "optimizer": self.opt_cfg, "data": self.data_spec,
-                "epochs": self.epochs, "backend": self.backend, "graph": self.graph.name,
+                "epochs": self.epochs, "backend": self.backend, "graph": self.graph.name, "ranks": self.ranks,
+                "global_batch": self.batch * self.ranks,
                 "lr_schedule": self.schedule_spec, "validation": self.validation,
                 "augment": r.config["augment"], "normalization": self.normalization,
                 **r.artifact.to_meta(), "history": {k: list(getattr(r, k)) for k in HISTORY}}
@@ -454,7 +473,7 @@ class _Run:
         """Saves unless the state is non-finite: then stop (default), or keep the file as it is."""
         exe, save = self.exe, self.save
         if _finite_state(exe):
-            save_checkpoint(save, exe, meta_now)
+            dist.save_on_rank0(save_checkpoint, save, exe, meta_now, self.dp)
         elif not self.allow_nonfinite:
             raise GraphError(f"training diverged: parameters are NaN or inf {where}; stopped without saving "
                              f"({save} keeps the last finite checkpoint). Fix: lower the learning rate "
@@ -463,7 +482,7 @@ class _Run:
             self.say(f"note: parameters are NaN or inf {where}; {save} is not overwritten (it keeps the last "
                      "checkpoint written)")
         else:
-            save_checkpoint(save, exe, meta_now)
+            dist.save_on_rank0(save_checkpoint, save, exe, meta_now, self.dp)
 
     # ------------------------------------------------------------------ training
     def compile_phase(self):
@@ -477,13 +496,14 @@ class _Run:
         t0 = time.perf_counter()
         def sizes(n, batch):         # the full batches and the last, smaller one, each bound once
             return sorted({min(batch, n)} | ({n % batch} if n % batch else set()))
-        with Ticker(bar):
-            for b in sizes(len(self.splits.x_train), self.batch):
+        with Ticker(bar), dist.compiling(self.dp):     # each rank on its own, then they wait for each other
+            for b in sizes(self.shard, self.batch):
                 self.exe.precompile(b)
             if bar is not None:
                 bar.update(1)
             if self.infer in exes:
-                for b in sizes(len(self.splits.x_test), EVAL_BATCH):
+                m = len(self.splits.x_test)        # (a rank evaluates m // ranks or one more test images)
+                for b in set(sizes(-(-m // self.ranks), EVAL_BATCH) + sizes(m // self.ranks or 1, EVAL_BATCH)):
                     self.infer.precompile(b)
         if bar is not None:
             bar.close()
@@ -494,7 +514,7 @@ class _Run:
         """The epoch's mini-batches from batch `first` on, augmented when asked (seeded per batch)."""
         s = self.splits
         it = itertools.islice(gdata.batches(s.x_train, s.y_train, self.batch, shuffle=True, seed=self.seed,
-                                            epoch=epoch), first, None)
+                                            epoch=epoch, rank=self.rank, ranks=self.ranks), first, None)
         for b, (xb, yb) in enumerate(it, first):
             yield (self.augment(xb, self.seed, epoch, b) if self.augment else xb), yb
 
@@ -508,7 +528,8 @@ class _Run:
                    unit="batch")
         b = first
         t0 = time.perf_counter()
-        with _DeferredInterrupt() as stop:
+        n_losses = len(result.step_losses)
+        with _DeferredInterrupt(enabled=self.dp is None) as stop:
             try:
                 for xb, yb in self.batches(epoch, first):
                     loss = exe.step({"x": xb, "labels": yb})
@@ -537,7 +558,8 @@ class _Run:
                 raise
         if bar is not None:
             bar.close()
-        return loss_sum, seen, seconds + time.perf_counter() - t0
+        return dist.epoch_totals(result.step_losses, n_losses, loss_sum, seen, seconds + time.perf_counter() - t0,
+                                 self.dp)
 
     def _diverged(self, loss, epoch, b):
         save = self.save
@@ -551,8 +573,9 @@ class _Run:
         """Evaluates, records and reports the epoch, runs the callbacks, saves; True: a callback stops."""
         r, s = self.result, self.splits
         _sync_params(self.exe, self.infer)
-        acc, test_loss = evaluate(self.infer, s.x_test, s.y_test)
-        val_acc, val_loss = evaluate(self.infer, s.x_val, s.y_val) if self.has_validation else (math.nan, math.nan)
+        acc, test_loss = dist.evaluate_shards(evaluate, self.infer, s.x_test, s.y_test, self.dp)
+        val_acc, val_loss = dist.evaluate_shards(evaluate, self.infer, s.x_val, s.y_val, self.dp) \
+            if self.has_validation else (math.nan, math.nan)
         logs = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_loss": val_loss,
                 "val_accuracy": val_acc, "test_loss": test_loss, "test_accuracy": acc, "lr": self.learning_rate(),
                 "images_per_second": seen / seconds if seconds > 0 else float("inf"), "seconds": seconds}
@@ -566,7 +589,7 @@ class _Run:
         self.say(f"epoch {epoch + 1}/{self.epochs}: train loss {logs['train_loss']:.4f}, {val}"
                  f"test loss {test_loss:.4f}, "
                  f"test accuracy {acc:.4f}, {logs['images_per_second']:,.0f} images/s ({seconds:.1f} s){lr}")
-        stop = any([bool(cb.on_epoch_end(self, logs)) for cb in self.callbacks])
+        stop = dist.any_rank(any([bool(cb.on_epoch_end(self, logs)) for cb in self.callbacks]), self.dp)
         if self.save is not None:
             self.checkpoint(self.meta(epoch + 1), f"after epoch {epoch + 1}")
         return stop
@@ -586,14 +609,17 @@ class _Run:
                 break
         for cb in self.callbacks:
             cb.on_train_end(self)
+        restored = dist.share_rank0_state(self.exe, self.dp, any(getattr(cb, "best_state", None) is not None
+                                                                 for cb in self.callbacks))
         _sync_params(self.exe, self.infer)
         from graphc.artifact import inference_graph
         from graphc.checkpoint import is_training_state
         r.artifact.graph = inference_graph(self.graph, {n: v for n, v in self.exe.state.items()
                                                         if not is_training_state(n)})
-        if not r.test_accuracy or any(getattr(cb, "best_state", None) is not None for cb in self.callbacks):
-            r.final_test_accuracy, _ = evaluate(self.infer, self.splits.x_test, self.splits.y_test)
-        if self.export is not None:
+        if not r.test_accuracy or restored:
+            r.final_test_accuracy, _ = dist.evaluate_shards(evaluate, self.infer, self.splits.x_test,
+                                                            self.splits.y_test, self.dp)
+        if self.export is not None and self.rank == 0:
             from graphc.artifact import export_onnx
             export_onnx(r, self.export)                  # `graphc train --export FILE.onnx`
             self.say(f"exported {self.export}")
@@ -611,7 +637,8 @@ def _check_export(path):
 
 def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backend="numba", seed=None,
           save=None, resume=None, progress=True, log=print, allow_nonfinite=False, lr_schedule=None,
-          validation=None, augment=None, normalization=None, callbacks=(), export=None) -> TrainResult:
+          validation=None, augment=None, normalization=None, callbacks=(), export=None, distributed=None,
+          sync_bn=False) -> TrainResult:
     """Trains ``model`` and returns a TrainResult.
 
     model: a graphc.Graph, a zoo name ("lenet5", "mnist_convnet", "mlp", ...) or "path.py:function";
@@ -639,9 +666,12 @@ def train(model, data=None, epochs=1, batch=None, optimizer=None, lr=None, backe
     allow_nonfinite: by default a NaN/inf loss or parameter stops the run with a GraphError (the last
         checkpoint, written before the divergence, is kept); True continues, and still never writes
         non-finite parameters over an existing checkpoint.
+    distributed: data-parallel over MPI ranks, `batch` per rank (None: when launched by mpiexec with several
+        ranks; True; False; a graphc.distributed Communicator or DataParallel). sync_bn: global-batch BN.
     """
     return _Run(model, data, epochs, batch, optimizer, lr, backend, seed, save, resume, progress, log,
-                allow_nonfinite, lr_schedule, validation, augment, normalization, callbacks, export).run()
+                allow_nonfinite, lr_schedule, validation, augment, normalization, callbacks, export,
+                distributed, sync_bn).run()
 
 
 # --------------------------------------------------------------------------- CLI glue
@@ -708,6 +738,8 @@ def add_train_arguments(parser: argparse.ArgumentParser, model=True) -> argparse
     parser.add_argument("--allow-nonfinite", action="store_true",
                         help="keep training when the loss or the parameters become NaN/inf (default: stop with "
                              "an error); a non-finite state never overwrites an existing checkpoint")
+    parser.add_argument("--sync-bn", action="store_true", help="under mpiexec: batch norm normalises with the "
+                        "global batch's statistics (allreduced mean and variance) instead of each rank's")
     return parser
 
 
@@ -736,7 +768,7 @@ def train_from_args(args, model=None) -> TrainResult:
                  seed=arg("seed"), save=arg("save"), resume=arg("resume"), progress=arg("progress", True), log=print,
                  allow_nonfinite=arg("allow_nonfinite", False), lr_schedule=arg("lr_schedule"),
                  validation=arg("validation"), augment=arg("augment"), normalization=arg("normalization"),
-                 callbacks=callbacks_from_args(args), export=arg("export"))
+                 callbacks=callbacks_from_args(args), export=arg("export"), sync_bn=arg("sync_bn", False))
 
 
 def main_from_args(args) -> int:

@@ -385,6 +385,17 @@ OP_BUILDERS = {
 }
 OP_BUILDERS.update(CNN_BUILDERS)      # batchnorm, lrn, prelu, ... (tests/cnn_gradcheck_builders.py)
 
+
+def b_allreduce(c):
+    """One rank (no launcher): the reduction is a copy and its gradient rule, another allreduce, the identity
+    (tests/test_mpi.py checks the rule on two ranks)."""
+    from graphc.distributed import world
+    from graphc.ops.collective import allreduce
+    return c.finish(allreduce(c.g, c.param("x", dims(c, c.int(1, 3))), world().id, c.pick(["mean", "sum"])))
+
+
+OP_BUILDERS.update(allreduce=b_allreduce, allreduce_wait=b_allreduce)
+
 DIFFERENTIABLE = sorted(n for n, d in OPS.items() if d.differentiable and not d.source)
 
 

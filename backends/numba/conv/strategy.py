@@ -23,13 +23,17 @@ _CHOICES: dict = {}
 _CHOICE_FILE = "conv_strategy.json"
 
 
-def _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool):
+def _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), groups=1):
     import llvmlite.binding as llvm
     cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()
     parts = [op, "x" + "x".join(map(str, x_shape)), "w" + "x".join(map(str, w_shape)), f"s{stride}",
              "p" + "_".join(map(str, pads)), np.dtype(dtype).name, f"t{numba.get_num_threads()}", cpu]
     if pool is not None:
         parts.append(f"pool{pool[0]}_{pool[1]}")
+    if tuple(dil) != (1, 1):
+        parts.append(f"d{dil[0]}_{dil[1]}")
+    if groups != 1:
+        parts.append(f"g{groups}")
     return "|".join(parts)
 
 
@@ -88,12 +92,13 @@ def _pick(times: dict) -> str:
 
 
 def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
-                         repeats=5) -> str:
+                         repeats=5, dilation=(1, 1), groups=1) -> str:
     """``"direct"`` or ``"im2col"`` for this convolution, timed once per shape (best of ``repeats``
     interleaved runs after a warm-up call each) and remembered in ``conv_strategy.json`` in
     the kernel cache directory, so later processes reuse the choice.  ``op`` is one of ``"conv2d"``, ``"conv2d_relu_maxpool"``
-    (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``.  ``$GRAPHC_CONV_STRATEGY``
-    forces a strategy everywhere."""
+    (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``; ``dilation`` (dh, dw) and
+    ``groups`` as conv2d's (w_shape is (K, C / groups, KH, KW)).  ``$GRAPHC_CONV_STRATEGY`` forces a
+    strategy everywhere."""
     forced = os.environ.get("GRAPHC_CONV_STRATEGY")
     if forced:
         if forced not in STRATEGIES:
@@ -101,7 +106,8 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         return forced
     x_shape = tuple(int(v) for v in x_shape)
     w_shape = tuple(int(v) for v in w_shape)
-    stride, pads = check_geometry(x_shape, w_shape, stride, pads)
+    dil, groups = tuple(int(d) for d in dilation), int(groups)
+    stride, pads = check_geometry(x_shape, w_shape, stride, pads, dil)
     dtype = np.dtype(dtype)
     if op not in ("conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw"):
         raise BackendError(f"choose_conv_strategy: unknown op {op!r}")
@@ -111,7 +117,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         pool = (int(pool[0]), int(pool[1]))
     else:
         pool = None
-    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool)
+    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
     got = _CHOICES.get(key)
     if got is not None:
         return got
@@ -135,7 +141,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         _CHOICES[key] = best
         return best
 
-    fns = _candidates(op, x_shape, w_shape, stride, pads, dtype, pool)
+    fns = _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
     times = _time_candidates(fns, repeats)
     best = _pick(times)
     _CHOICES[key] = best
@@ -144,12 +150,13 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     return best
 
 
-def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool):
+def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), groups=1):
     """{strategy: a call of it on random data of this geometry}."""
     rng = np.random.default_rng(0)
     N, C, H, W = x_shape
     K, _, KH, KW = w_shape
-    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, stride, pads)
+    geo = {} if (dil, groups) == ((1, 1), 1) else {"dil": dil, "groups": groups}
     x = rng.standard_normal(x_shape).astype(dtype)
     w = (rng.standard_normal(w_shape) * 0.1).astype(dtype)
     b = (rng.standard_normal(K) * 0.1).astype(dtype)
@@ -157,14 +164,14 @@ def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool):
     fns = {}
     for strat, impl in (("direct", direct), ("im2col", im2col)):
         if op == "conv2d":
-            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store")
+            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store", **geo)
         elif op == "conv2d_relu_maxpool":
             fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "pool", ps=pool[0], pst=pool[1],
-                                                   save_route=True)
+                                                   save_route=True, **geo)
         elif op == "conv2d_dx":
-            fns[strat] = lambda m=impl: m.grad_input(dy, w, stride, pads, (H, W))
+            fns[strat] = lambda m=impl: m.grad_input(dy, w, stride, pads, (H, W), **geo)
         else:
-            fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW))
+            fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW), **geo)
     return fns
 
 
@@ -186,9 +193,10 @@ def _retime(recorded_load):
     return recorded_load is None or (recorded_load > 0.75 and now < recorded_load / 2)
 
 
-def resolve(strategy, op, x_shape, w_shape, stride, pads, dtype, pool=None):
+def resolve(strategy, op, x_shape, w_shape, stride, pads, dtype, pool=None, dilation=(1, 1), groups=1):
     if strategy is None:
-        return choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool)
+        return choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool, dilation=dilation,
+                                    groups=groups)
     if strategy not in STRATEGIES:
         raise BackendError(f"unknown conv strategy {strategy!r}: expected one of {STRATEGIES} or None")
     return strategy
