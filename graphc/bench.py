@@ -13,14 +13,14 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   64 MB numpy copy, bytes read + written per second); each kernel's GB/s (its inputs and output read or
   written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
   make it compute-bound, of the copy bandwidth where they make it memory-bound (depthwise convs);
-- peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (torch and Numba in one process stall each other's threads, measured), running the same graph
-  translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
-  same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
-  absent, never fatal.
+- peers (`compare`): "torch" (PyTorch eager), "torch_compile", "onnxruntime", "jax", each in a SEPARATE
+  process, on the same model, batch, feeds and initial weights, checked to agree with graphc, with the
+  peak memory (RSS) of every step process, graphc's own included (graphc/bench_peers.py). A peer that
+  is not installed is reported as absent, never fatal.
 
 Returns a dict (also written to json_path) with at least: model, backend, batch, mode, step_ms,
-compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms}}.
+compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms,
+rss_peak_mb, rss_step_mb}}, graphc_process {step_ms, rss_peak_mb, rss_step_mb} (with compare).
 """
 from __future__ import annotations
 
@@ -38,8 +38,6 @@ import numpy as np
 
 DEFAULT_BATCH = 64
 LR = 0.01
-PEERS = {"torch": "torch_eager", "torch_eager": "torch_eager", "torch_compile": "torch_compile",
-         "jax": "jax_jit", "jax_jit": "jax_jit"}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -156,13 +154,13 @@ def _run_probe(model, backend, batch, train, fuse, env, timeout=900, fold_bn=Tru
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def compile_times(model, backend, batch, train, fuse, fold_bn=True):
+def compile_times(model, backend, batch, train, fuse, fold_bn=True, timeout=900):
     """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
     tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
     try:
-        cold, err = _run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn)
-        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn) if cold else (None, err))
+        cold, err = _run_probe(model, backend, batch, train, fuse, env, timeout=timeout, fold_bn=fold_bn)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, timeout=timeout, fold_bn=fold_bn) if cold else (None, err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
@@ -213,9 +211,24 @@ def _torch_idioms(g, order):
     return linear_of, dropout_of, skip
 
 
+def _last_uses(program, keep):
+    """Per step of the program, the values no later step reads (and not in `keep`)."""
+    last = {}
+    for i, (n, how, ins, _) in enumerate(program):
+        reads = () if how == "source" else ins[:1] if how == "dropout" else ins
+        for x in (*reads, n):
+            last[x] = i
+    frees = [[] for _ in program]
+    for x, i in last.items():
+        if x not in keep:
+            frees[i].append(x)
+    return frees
+
+
 def _torch_forward_factory(g, torch, batch):
     """The graph translated op by op into torch calls (forward only; autograd gives the backward): each
-    op by its op-table ``torch`` field, dense layers and dropout by their torch idioms."""
+    op by its op-table ``torch`` field, dense layers and dropout by their torch idioms. Returns
+    (forward(feeds, training) -> {output or loss name: tensor}, {state name: tensor})."""
     from graphc import ops as optable
     F = torch.nn.functional
     nodes = g.nx.nodes
@@ -234,104 +247,45 @@ def _torch_forward_factory(g, torch, batch):
             val = np.asarray(d["attrs"]["value"])
             fixed[n] = torch.tensor(val.astype(np.float32 if val.dtype.kind == "f" else np.int64))
     linear_of, dropout_of, skip = _torch_idioms(g, order)
+    # the program as plain tuples: torch.compile cannot trace into networkx (a graph break per op)
+    program = []
+    for n in order:
+        d = nodes[n]
+        opdef = optable.OPS[d["op"]]
+        if n in skip:
+            continue
+        if opdef.source:
+            program.append((n, "source", None, None))
+        elif n in linear_of:
+            program.append((n, "linear", linear_of[n], None))
+        elif n in dropout_of:
+            program.append((n, "dropout", dropout_of[n], None))
+        elif opdef.torch is not None:
+            program.append((n, opdef.torch, tuple(d["inputs"]), d["attrs"]))
+        else:
+            raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
+
+    want = list(dict.fromkeys(list(g.outputs) + ([g.loss] if g.loss else [])))
+    frees = _last_uses(program, want)
 
     def forward(feeds, training=True):
+        """{output: tensor}; each value is dropped after its last use, as a torch model's would be."""
         ctx = _TorchCtx(batch, training)
         v = {}
-        for n in order:
-            if n in skip:
-                continue
-            d = nodes[n]
-            opdef = optable.OPS[d["op"]]
-            if opdef.source:
-                r = feeds[n] if n in feeds else fixed[n]
-            elif n in linear_of:
-                x, w, b = linear_of[n]
-                r = F.linear(v[x], v[w], v[b])
-            elif n in dropout_of:
-                x, rate = dropout_of[n]
-                r = F.dropout(v[x], rate, training=training)
-            elif opdef.torch is not None:
-                r = opdef.torch(F, torch, [v[i] for i in d["inputs"]], d["attrs"], ctx)
+        for (n, how, ins, attrs), dead in zip(program, frees):
+            if how == "source":
+                v[n] = feeds[n] if n in feeds else fixed[n]
+            elif how == "linear":
+                v[n] = F.linear(v[ins[0]], v[ins[1]], v[ins[2]])
+            elif how == "dropout":
+                v[n] = F.dropout(v[ins[0]], ins[1], training=training)
             else:
-                raise NotImplementedError(f"torch peer: op {d['op']!r} has no torch equivalent (OpDef.torch)")
-            v[n] = r
-        return v
+                v[n] = how(F, torch, [v[i] for i in ins], attrs, ctx)
+            for x in dead:
+                del v[x]
+        return {o: v[o] for o in want}
 
     return forward, params
-
-
-def _peer_main(argv):
-    """Child process: time one peer on the model; prints JSON."""
-    peer, model, batch, train, repeats = argv[0], argv[1], int(argv[2]), argv[3] == "1", int(argv[4])
-    g = _load(model)
-    feeds_np = make_feeds(g, batch)
-    out = {}
-    if peer in ("torch_eager", "torch_compile"):
-        try:
-            import torch
-        except ImportError as e:
-            print("GRAPHC_PEER " + json.dumps({"absent": f"torch not installed ({e})"}))
-            return
-        feeds = {k: torch.from_numpy(v) for k, v in feeds_np.items()}
-        forward, params = _torch_forward_factory(g, torch, batch)
-        loss_name = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), g.outputs[0])
-        trainable = [p for n, p in params.items() if p.requires_grad]
-        opt = torch.optim.SGD(trainable, lr=LR) if train else None
-        with torch.no_grad():          # the same model: its loss on these feeds, without dropout
-            r0 = forward(feeds, False)
-            if loss_name in r0:
-                out["loss_eval"] = float(r0[loss_name])
-        fwd = forward
-        t0 = time.perf_counter()
-        if peer == "torch_compile":
-            fwd = torch.compile(forward)
-
-        if train:
-            def step():
-                opt.zero_grad(set_to_none=True)
-                loss = fwd(feeds, True)[loss_name]
-                loss.backward()
-                opt.step()
-        else:
-            outs = list(g.outputs)
-
-            def step():
-                with torch.no_grad():
-                    r = fwd(feeds, False)
-                    return [r[o] for o in outs]
-        step()
-        out["compile_s"] = time.perf_counter() - t0
-        out["step_ms"] = _median_ms(step, repeats, 3)
-        out["version"] = torch.__version__
-        out["threads"] = torch.get_num_threads()
-        if out["threads"] > 1 and peer == "torch_eager":
-            # for context (graphc picks its thread count by measurement): torch on one thread
-            torch.set_num_threads(1)
-            out["step_ms_1thread"] = _median_ms(step, repeats, 3)
-            torch.set_num_threads(out["threads"])
-    elif peer == "jax_jit":
-        try:
-            import jax  # noqa: F401
-        except ImportError as e:
-            print("GRAPHC_PEER " + json.dumps({"absent": f"jax not installed ({e})"}))
-            return
-        print("GRAPHC_PEER " + json.dumps({"absent": "jax peer not implemented for graph translation"}))
-        return
-    print("GRAPHC_PEER " + json.dumps(out))
-
-
-def run_peer(peer, model, batch, train, repeats, timeout=900):
-    cmd = [sys.executable, "-c", "import sys; from graphc.bench import _peer_main; _peer_main(sys.argv[1:])",
-           peer, model, str(batch), "1" if train else "0", str(repeats)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": "timed out"}
-    for line in p.stdout.splitlines():
-        if line.startswith("GRAPHC_PEER "):
-            return json.loads(line[len("GRAPHC_PEER "):])
-    return {"error": (p.stderr.strip().splitlines() or ["no output"])[-1]}
 
 
 # ------------------------------------------------------------------------------------ the benchmark
@@ -389,9 +343,13 @@ def _profile_generic(exe, feeds, train, repeats):
 
 
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
-              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False, fold_bn=True):
-    """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
-    (and optionally writes to json_path) the results dict described in the module doc."""
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False,
+              random_weights=None, budget_s=None, timeout=900, fold_bn=True):
+    """Benchmarks `model` (zoo name, "path/file.py:function" or "model.onnx") on `backend`; prints a
+    report and returns (and optionally writes to json_path) the results dict described in the module doc.
+    random_weights: a seed for an .onnx MODEL's weights (graphc/bench_peers.py); budget_s: cap each
+    timing at about that many seconds (fewer repeats for slow steps); timeout: per child process."""
+    from graphc import bench_peers
     from graphc.errors import GraphError
     from graphc.files import check_writable
     out = out or sys.stdout
@@ -407,7 +365,8 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     mode = "train" if train else "infer"
     if backend == "cuda":
         _require_gpu()
-    g = _load(model)
+    src = bench_peers.ModelSource(model, random_weights)
+    g = _load(src.spec)
     if train and not any(g.nx.nodes[o]["shape"] == () for o in g.outputs):
         from graphc.errors import GraphError
         raise GraphError(f"model {model!r} has no scalar loss output to train")
@@ -420,6 +379,10 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if hasattr(exe, "precompile"):
         exe.precompile(batch, train=train, feeds=feeds)
     first_s = time.perf_counter() - t0
+    if budget_s:                                   # repeats adapt to the step time
+        t0 = time.perf_counter()
+        _step_fn(exe, feeds, train)()
+        repeats = bench_peers.repeats_for(time.perf_counter() - t0, repeats, budget_s)
     step_ms = _median_ms(_step_fn(exe, feeds, train), repeats, warmup)
     if hasattr(exe, "profile"):
         rows = exe.profile(feeds, train=train, repeats=max(5, repeats // 2), warmup=1)
@@ -438,37 +401,21 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         if roof and "conv" in r["kind"] and r["ms"] > 0:
             k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
         kernels.append(k)
-    ctimes = compile_times(model, backend, batch, train, fuse, fold_bn) if measure_compile else \
-        {"cold": None, "warm": None}
+    ctimes = (compile_times(src.spec, backend, batch, train, fuse, fold_bn, timeout) if measure_compile
+              else {"cold": None, "warm": None})
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
-
-    peers = {}
-    if compare:
-        lname = g.loss or next((o for o in g.outputs if g.nx.nodes[o]["shape"] == ()), None)
-        if lname is not None:
-            import graphc as gc
-            ref_loss = float(gc.compile(g).run(feeds, outputs=[lname])[lname])
-    for c in compare:
-        key = PEERS.get(c, c)
-        if key not in ("torch_eager", "torch_compile", "jax_jit"):
-            peers[c] = {"error": f"unknown peer {c!r}; choose from torch, torch_compile, jax"}
-            continue
-        res = run_peer(key, model, batch, train, repeats)
-        if "step_ms" in res and step_ms:
-            res["ratio"] = step_ms / res["step_ms"]       # graphc time / peer time (< 1: graphc faster)
-        if "loss_eval" in res and lname is not None:
-            res["same_model"] = bool(abs(res["loss_eval"] - ref_loss) <= 1e-3 * max(1.0, abs(ref_loss)))
-        peers[key] = res
+    peers, own = bench_peers.compare(src, g, exe, feeds, compare, batch, train, repeats, step_ms, budget_s,
+                                     timeout, backend, fuse) if compare else ({}, None)
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
         "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
         "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
-        "compare": peers,
+        "compare": peers, "graphc_process": own, "weights": src.note, "repeats": repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
-                   + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn")
-                   + (f" --compare {','.join(compare)}" if compare else ""),
+                   + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn") + (f" --compare {','.join(compare)}" if compare else "")
+                   + (f" --random-weights {random_weights}" if random_weights is not None else ""),
     }
     if hasattr(exe, "conv_module"):
         result["conv_kernels"] = exe.conv_module
@@ -486,6 +433,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     if json_path:
         from graphc.files import atomic_write
         atomic_write(json_path, lambda f: json.dump(result, f, indent=1, default=str), "benchmark JSON", binary=False)
+    src.close()
     return result
 
 
@@ -526,16 +474,8 @@ def report(r):
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
                      f"{m['planned'] / 1e6:.1f} MB planned vs {m['unplanned'] / 1e6:.1f} MB unplanned, "
                      f"{m['inplace_updates']} in-place updates")
-    for peer, res in r["compare"].items():
-        if "step_ms" in res:
-            same = {True: ", same loss as graphc", False: ", LOSS DIFFERS from graphc"}.get(res.get("same_model"), "")
-            lines.append(f"{peer}: {res['step_ms']:.3f} ms  -> graphc/peer = {res['ratio']:.2f}x{same}"
-                         + (f"  (torch {res.get('version')}, {res.get('threads')} threads)" if "version" in res else ""))
-            if res.get("step_ms_1thread"):
-                lines.append(f"{peer} on 1 thread: {res['step_ms_1thread']:.3f} ms  -> graphc/peer = "
-                             f"{r['step_ms'] / res['step_ms_1thread']:.2f}x")
-        else:
-            lines.append(f"{peer}: {res.get('absent') or res.get('error')}")
+    from graphc.bench_peers import report_lines
+    lines += report_lines(r)
     return "\n".join(lines)
 
 

@@ -108,6 +108,13 @@ def cmd_render(args):
 
 
 def cmd_bench(args):
+    if args.only and not args.suite:
+        raise UsageError("bench: --only picks entries of --suite")
+    if args.suite or args.table:                  # the fixed benchmark table: graphc/bench_suite.py
+        from graphc.bench_suite import main_from_args
+        return main_from_args(args)
+    if not args.model:
+        raise UsageError("bench: give MODEL, or --suite (see `graphc bench --help`)")
     try:
         from graphc.bench import run_bench
     except ImportError as e:
@@ -120,9 +127,11 @@ def cmd_bench(args):
         run_scaling(args.model, args.ranks, backend=args.backend, batch=args.batch, train=args.train,
                     json_path=args.json)
         return 0
+    more = {k: v for k, v in (("random_weights", args.random_weights), ("timeout", args.timeout)) if v is not None}
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
                        fuse=not args.no_fuse, compare=compare, json_path=args.json, repeats=args.repeats,
-                       measure_compile=not args.no_compile_times, fold_bn=not args.no_fold_bn)
+                       measure_compile=not args.no_compile_times,
+                       fold_bn=not args.no_fold_bn, **more)
     return result if isinstance(result, int) else 0
 
 
@@ -226,9 +235,13 @@ def _add_bench_parser(sub):
                               "  graphc bench mnist_convnet --batch 1            # inference latency\n"
                               "  graphc bench lenet5 --train --no-fuse           # the effect of fusion\n"
                               "  graphc bench lenet5 --train --repeats 50 --no-compile-times   # quick\n"
+                              "  graphc bench light_resnet50.onnx --batch 1 --compare onnxruntime,torch\n"
+                              "  graphc bench --suite --json suite.json          # the README's table\n"
+                              "  graphc bench --suite --only resnet18-train-b16,vgg16-infer-b2\n"
+                              "  graphc bench --table suite.json                 # its markdown table again\n"
                               "  graphc bench lenet5 --train --ranks 1,2         # data-parallel scaling (MPI)\n"
                               "  graphc bench resnet18 --batch 1 --no-fold-bn    # the effect of BN folding")
-    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("model", metavar="MODEL", nargs="?", help=MODEL_HELP)
     p.add_argument("--backend", choices=("numba", "reference", "cuda"), default="numba",
                    help="backend to time (default numba)")
     p.add_argument("--batch", type=int, default=None, metavar="N", help="batch size")
@@ -237,9 +250,23 @@ def _add_bench_parser(sub):
     p.add_argument("--no-fold-bn", action="store_true",
                    help="keep inference batch norms apart from their convs (switch the fold_bn pass off)")
     p.add_argument("--compare", default=None, metavar="PEERS",
-                   help="comma-separated peers to time in the same run, e.g. torch,jax")
+                   help="comma-separated peers to time in the same run, each in its own process and checked "
+                        "to agree with graphc: torch, torch_compile, onnxruntime, jax")
+    p.add_argument("--random-weights", type=int, default=None, metavar="SEED",
+                   help="an .onnx MODEL's weights replaced by seeded random ones (done with seed 0 by itself "
+                        "when its weights are ConstantOfShape placeholders, as in onnx's light/ models)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="cap on each child process (peers, compile probes); default 900 s, 600 in --suite")
+    p.add_argument("--suite", action="store_true",
+                   help="run the fixed benchmark table (graphc.bench_suite.SUITE) with torch, torch_compile "
+                        "and onnxruntime; prints its markdown table, --json writes every result")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="with --suite: the comma-separated entries to run (e.g. resnet18-train-b16)")
+    p.add_argument("--table", default=None, metavar="FILE",
+                   help="print the markdown table of a --suite JSON file (for the README)")
     p.add_argument("--repeats", type=int, default=None, metavar="R",
-                   help="timed runs per measurement (default 20, or 100 below batch 16)")
+                   help="timed runs per measurement (default 20, or 100 below batch 16; with --suite the most, "
+                        "default 50, within about 10 s)")
     p.add_argument("--no-compile-times", action="store_true",
                    help="skip the cold/warm compile probes (two fresh processes; 50-90 s on a cold cache)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")

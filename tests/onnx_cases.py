@@ -272,49 +272,15 @@ def light_path(name):
     return os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light", f"light_{name}.onnx")
 
 
-def _weight(rng, consumer, slot, shape):
-    """A seeded random weight for input `slot` of `consumer`, scaled to keep activations O(1)."""
-    op = consumer.op_type if consumer is not None else ""
-    n = int(np.prod(shape))
-    if (op == "Conv" and slot == 1) or (op == "Gemm" and slot == 1):
-        fan_in = n // shape[0] if op == "Conv" else shape[-1]
-        return rng.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(2.0 / fan_in))
-    if op == "BatchNormalization" and slot == 4:          # running variance
-        return rng.uniform(1.0, 2.0, shape).astype(np.float32)
-    if (op == "BatchNormalization" and slot == 1) or op == "Mul":   # scales: residual sums stay O(1)
-        return rng.uniform(0.2, 0.6, shape).astype(np.float32)
-    return (0.1 * rng.standard_normal(shape)).astype(np.float32)
-
-
 def randomized(model, seed=0):
     """The model (changed in place) with every ConstantOfShape weight (all 0.02 in the wheel) replaced by
-    a seeded random initializer, and the logits (the final Softmax's input) added as an output."""
-    from onnx import helper, numpy_helper
-    rng = np.random.default_rng(seed)
-    m = model
-    inits = {t.name: t for t in m.graph.initializer}
-    users = {}
-    for n in m.graph.node:
-        for k, i in enumerate(n.input):
-            users.setdefault(i, (n, k))
-    keep, new_inits, dropped = [], [], set()
-    for n in m.graph.node:
-        if n.op_type != "ConstantOfShape":
-            keep.append(n)
-            continue
-        shape = tuple(int(d) for d in numpy_helper.to_array(inits[n.input[0]]))
-        consumer, slot = users.get(n.output[0], (None, 0))
-        new_inits.append(numpy_helper.from_array(_weight(rng, consumer, slot, shape), n.output[0]))
-        dropped.add(n.input[0])
-    del m.graph.node[:]
-    m.graph.node.extend(keep)
-    rest = [t for t in m.graph.initializer if t.name not in dropped]
-    del m.graph.initializer[:]
-    m.graph.initializer.extend(rest + new_inits)
-    inputs = [v for v in m.graph.input if v.name not in dropped]      # IR 3 lists initializers as inputs
-    del m.graph.input[:]
-    m.graph.input.extend(inputs)
-    soft = [n for n in keep if n.op_type == "Softmax" and n.output[0] in {o.name for o in m.graph.output}]
+    a seeded random initializer (graphc.onnx.random_weights), and the logits (the final Softmax's input)
+    added as an output."""
+    from onnx import helper
+    from graphc.onnx.random_weights import randomize
+    m, _ = randomize(model, seed)
+    outs = {o.name for o in m.graph.output}
+    soft = [n for n in m.graph.node if n.op_type == "Softmax" and n.output[0] in outs]
     if soft:
         m.graph.output.append(helper.make_empty_tensor_value_info(soft[0].input[0]))
     return m

@@ -56,18 +56,24 @@ class Const:
 
 # ------------------------------------------------------------------------------------------ reading
 
+def load_file(path):
+    """The ModelProto in an .onnx file, as it is (a missing or unreadable file is one error line)."""
+    onnx = onnx_module()
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(2, "No such ONNX model file", path)
+    try:
+        return onnx.load(path)
+    except Exception as e:   # noqa: BLE001 - protobuf's DecodeError and friends
+        raise OnnxError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+
+
 def read_model(model):
     """(ModelProto, its original opset) from a path, bytes or a ModelProto; opsets below 7 upgraded,
     local functions inlined."""
     onnx = onnx_module()
     if isinstance(model, (str, os.PathLike)):
-        path = os.fspath(model)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(2, "No such ONNX model file", path)
-        try:
-            model = onnx.load(path)
-        except Exception as e:   # noqa: BLE001 - protobuf's DecodeError and friends
-            raise OnnxError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from e
+        model = load_file(model)
     elif isinstance(model, bytes):
         model = onnx.load_from_string(model)
     elif not isinstance(model, onnx.ModelProto):

@@ -71,6 +71,19 @@ def agreement(got, want, rtol=1e-4, atol=None):
     return bool(np.allclose(got, want, rtol=rtol, atol=atol)), err
 
 
+def session_inputs(sess, feeds):
+    """The session's inputs from `feeds` (entries it does not take, such as labels, dropped; floats cast
+    to the model's input type)."""
+    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32}
+    inputs = {}
+    for i in sess.get_inputs():
+        if i.name not in feeds:
+            raise GraphError(f"onnxruntime peer: no feed for the model's input {i.name!r}")
+        inputs[i.name] = np.asarray(feeds[i.name]).astype(types.get(i.type, np.float32), copy=False)
+    return inputs
+
+
 def run_onnxruntime(model, feeds, threads=None, repeats=0, expect=None, rtol=1e-4, atol=None):
     """Runs `model` in onnxruntime on `feeds` (entries the model does not take, such as labels, are
     dropped; floats are cast to the model's input type).
@@ -81,13 +94,7 @@ def run_onnxruntime(model, feeds, threads=None, repeats=0, expect=None, rtol=1e-
     ort = _ort()
     threads = int(threads or default_threads())
     sess = session(model, threads)
-    types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
-             "tensor(int32)": np.int32}
-    inputs = {}
-    for i in sess.get_inputs():
-        if i.name not in feeds:
-            raise GraphError(f"onnxruntime peer: no feed for the model's input {i.name!r}")
-        inputs[i.name] = np.asarray(feeds[i.name]).astype(types.get(i.type, np.float32), copy=False)
+    inputs = session_inputs(sess, feeds)
     names = [o.name for o in sess.get_outputs()]
     outs = dict(zip(names, sess.run(names, inputs)))
     result = {"outputs": outs, "version": ort.__version__, "threads": threads, "step_ms": None,
