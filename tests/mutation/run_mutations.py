@@ -181,9 +181,11 @@ MUTATIONS = [
              "gate rules' gradients for values not on a path to the loss are kept (relevance test dropped)",
              "if gx is None or x.name not in relevant:", "if gx is None:",
              f"{AUTODIFF} tests/test_render.py -k 'not gradcheck_every_op'",
-             equivalent="the backward loop skips every value not on a path from wrt to the loss before "
-                        "using its gradient, and the unused nodes are pruned at the end: only wasted "
-                        "graph-building work"),
+             equivalent="the backward loop skips the contributions of every value not on a path from wrt "
+                        "to the loss before using them (`name not in relevant: continue`), and the gradient "
+                        "nodes the rules built for those values are pruned at the end either way; the shape "
+                        "check and the grad_of tag now also run on them, but every built-in rule gives each "
+                        "input its own node of the input's shape: only wasted graph-building work"),
     Mutation("copies-no-gate-for-two-uses",
              "copy gates inserted only for values used three or more times",
              "        if uses < 2:\n            continue", "        if uses < 3:\n            continue",
@@ -251,11 +253,11 @@ MUTATIONS = [
              "scale = 1.0",
              f"{NUMBA} -k 'reductions or broadcast or mse or losses'"),
     Mutation("numba-nonsquare-pool-routes-zero-windows",
-             "numba fused conv-ReLU + non-square pool: all-zero windows get a route (not -1)",
+             "numba fused conv-ReLU + non-square pool: windows the ReLU zeroed get a plain route (not ~index < 0)",
              "maxpool_source(kh, kw, sh, sw, save, True,", "maxpool_source(kh, kw, sh, sw, save, False,",
              f"{TIES} {NUMBA} -k 'conv_relu_maxpool or fused_conv'"),
     Mutation("numba-route-relu-bias-grad-counts-dropped",
-             "numba route_relu: the bias gradient also sums the dy of windows that route nowhere",
+             "numba route_relu: the bias gradient sums the whole dy of windows the ReLU masked (route < 0), not dy * 0",
              '"                acc += dp[i, j] if rp[i, j] >= 0 else dp[i, j] * 0.0"', '"                acc += dp[i, j]"',
              f"{TIES} {NUMBA} -k 'conv_relu_maxpool or fused_conv or variants'"),
     Mutation("numba-route-scatter-fast-path-overlaps",
