@@ -249,8 +249,8 @@ MUTATIONS = [
              f"{NUMBA} -k 'reductions or softmax or losses'"),
     Mutation("numba-broadcast-like-mean-no-scale",
              "numba broadcast_like(mean=True) spreads the gradient without dividing by the count",
-             'scale = 1.0 / max(int(np.prod([out.shape[d] for d in axes], dtype=np.int64)), 1) if ctx.attrs["mean"] else 1.0',
-             "scale = 1.0",
+             'scale = 1.0 / max(int(np.prod([out.shape[d] for d in axes], dtype=np.int64)), 1) if ctx.attrs["mean"]',
+             'scale = 1.0 if ctx.attrs["mean"]',
              f"{NUMBA} -k 'reductions or broadcast or mse or losses'"),
     Mutation("numba-nonsquare-pool-routes-zero-windows",
              "numba fused conv-ReLU + non-square pool: windows the ReLU zeroed get a plain route (not ~index < 0)",
@@ -276,7 +276,8 @@ MUTATIONS = [
              f"{NUMBA} tests/test_numba_large.py -k 'softmax or losses or large'"),
     Mutation("numba-sce-first-label",
              "numba softmax cross-entropy reads every row's label from row 0",
-             "        m = _row_max(z, i)\n        tot += (z[i, lab] - m)", "        m = _row_max(z, i)\n        tot += (z[i, labels[0]] - m)",
+             "        m = _row_max(z, i)\n        tot += (z[i, lab] - m)",
+             "        m = _row_max(z, i)\n        tot += (z[i, labels[0]] - m)",
              f"{NUMBA} -k 'losses or zoo'"),
 
     # ---------------------------------------------------------------- numba conv kernels
