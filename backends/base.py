@@ -64,6 +64,15 @@ def state_derived(graph, schedule):
     return {n: r for n, r in reads.items() if nodes[n]["op"] not in ("param", "const")}
 
 
+def _then_release(step, values, indices):
+    """step, then the arrays at `indices` of values dropped (their last reader has run)."""
+    def run():
+        step()
+        for i in indices:
+            values[i] = None
+    return run
+
+
 class Binding:
     """One binding: the value arrays (by index), the steps in order, what is fed and fetched."""
 
@@ -352,7 +361,25 @@ class CompiledExecutable(Executable):
             if u in b.index and u in set(want) and b.plan.kind.get(u) != "state" \
                     and b.values[b.index[u]] is not self._state_array(s):
                 b.copy_back.append((s, b.index[u]))
+        self._release_after_last_use(b)
         return b
+
+    def _release_after_last_use(self, b):
+        """Drops each run-time array (a kernel's new result, outside the memory plan) after the last
+        step that reads it, so it lives no longer than a planned value would: held until the next run,
+        ResNet-18's conv gradients alone outweighed the whole plan."""
+        keep = set(b.want) | {n for n, _ in b.feeds} | set(self.graph.updates.values())
+        nodes, last = self.graph.nx.nodes, {}
+        for k, (n, _) in enumerate(b.steps):
+            for i in nodes[n]["inputs"]:
+                if i in b.dynamic and i not in keep:
+                    last[i] = k
+        drops = {}
+        for name, k in last.items():
+            drops.setdefault(k, []).append(b.index[name])
+        for k, idx in drops.items():
+            n, f = b.steps[k]
+            b.steps[k] = (n, _then_release(f, b.values, tuple(idx)))
 
     def _out_array(self, b, name):
         i = b.slot(name)

@@ -22,17 +22,20 @@ def scratch(tag, shape, dtype):
 
     Fresh large numpy arrays come from mmap (glibc hands every allocation above its threshold
     straight back to the kernel on free), so each call would pay a page fault per 4 KiB touched --
-    about 1.4 us each on this VM, milliseconds per layer.  Never returned to callers."""
+    about 1.4 us each on this VM, milliseconds per layer.  One buffer per (tag, dtype), grown to the
+    largest shape asked for and handed out as a view of its start (every caller writes what it reads
+    before reading it), so the layers of a network share it instead of keeping one per shape.
+    Never returned to callers."""
     bufs = getattr(_TLS, "bufs", None)
     if bufs is None:
         bufs = _TLS.bufs = {}
-    key = (tag, tuple(shape), np.dtype(dtype).str)
-    a = bufs.get(key)
-    if a is None:
-        if len(bufs) > 64:
-            bufs.clear()
-        a = bufs[key] = aligned_empty(shape, dtype)
-    return a
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    n = int(np.prod(shape, dtype=np.int64))
+    a = bufs.get((tag, dtype.str))
+    if a is None or a.size < n:
+        a = bufs[(tag, dtype.str)] = aligned_empty(max(n, 1), dtype)
+    return a[:n].reshape(shape)
 
 
 def clear_scratch() -> None:
