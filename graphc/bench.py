@@ -102,13 +102,19 @@ def _step_fn(exe, feeds, train):
 # ------------------------------------------------------------------------ compile time (subprocess)
 
 def _probe_main(argv):
-    """Child process: compile + bind/compile every kernel for one batch; prints JSON timings."""
+    """Child process: compile + bind/compile every kernel for one batch; prints JSON timings (and, on the
+    numba backend, where the compile went: backends/numba/compile_stats.py)."""
     model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
+    spawned = float(argv[5]) if len(argv) > 5 else None
     import graphc  # noqa: F401   (imports are not compile time)
     import numba  # noqa: F401
+    rec = None
+    if backend == "numba":
+        from graphc.backends.numba.compile_stats import CompileRecorder
+        rec = CompileRecorder().start()
     g = _load(model)
     feeds = make_feeds(g, batch)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     exe = _compile(g, backend, train, fuse)
     t1 = time.perf_counter()
     if hasattr(exe, "precompile"):
@@ -116,19 +122,34 @@ def _probe_main(argv):
     else:
         _step_fn(exe, feeds, train)()
     t2 = time.perf_counter()
-    print("GRAPHC_PROBE " + json.dumps({"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0}))
+    out = {"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0, "cpu_s": time.process_time() - c0}
+    if spawned is not None:
+        out["since_start_s"] = time.time() - spawned     # interpreter start and imports included
+    if rec is not None:
+        out["breakdown"] = rec.stop().breakdown()
+        out["breakdown"]["bindings"] = exe.compile_times["bindings"]
+    print("GRAPHC_PROBE " + json.dumps(out, default=str))
 
 
 def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
     cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
-           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0"]
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", repr(time.time())]
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, "timed out"
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     for line in p.stdout.splitlines():
         if line.startswith("GRAPHC_PROBE "):
-            return json.loads(line[len("GRAPHC_PROBE "):]), None
+            out = json.loads(line[len("GRAPHC_PROBE "):])
+            # the whole child's CPU (interpreter start, imports, compile workers): wall time on a busy
+            # machine is not the compiler's alone
+            out["process_cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            if hasattr(os, "getloadavg"):
+                out["loadavg"] = os.getloadavg()
+            return out, None
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
@@ -456,6 +477,28 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     return result
 
 
+def compile_lines(c):
+    """The report's compile-time lines: cold and warm, and where the cold compile went."""
+    lines = []
+    fmt = (lambda v: f"{v:.2f} s" if isinstance(v, (int, float)) else "n/a")
+    here = c.get("this_process")
+    lines.append(f"compile: cold {fmt(c.get('cold'))}, warm {fmt(c.get('warm'))} (fresh processes"
+                 + (f"; this process: compile {here['compile_s']:.2f} s + first step {here['first_step_s']:.2f} s"
+                    if here else "") + ")" + (f"  [{c['error']}]" if c.get("error") else ""))
+    for which in ("cold", "warm"):
+        d = c.get(which + "_detail") or {}
+        if "cpu_s" in d:
+            lines.append(f"  {which}: compile() {d['compile_s']:.2f} s + first step {d['first_step_s']:.2f} s; "
+                         f"{d['cpu_s']:.2f} s CPU in the process, {d.get('process_cpu_s', 0):.2f} s with start-up "
+                         f"and workers" + (f"; {d['since_start_s']:.2f} s since the process started" if
+                                           "since_start_s" in d else "")
+                         + (f"; load average {d['loadavg'][0]:.2f}" if d.get("loadavg") else ""))
+        if which == "cold" and d.get("breakdown"):
+            from graphc.backends.numba.compile_stats import format_breakdown
+            lines += format_breakdown(d["breakdown"], "    ")
+    return lines
+
+
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
              f"fuse={'on' if r['fuse'] else 'off'}"]
@@ -471,11 +514,7 @@ def report(r):
                      f"{k['gflops']:8.1f} {100 * k['share']:5.1f}%{extra}")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
                  f"{r['step_ms']:.3f} ms")
-    c = r["compile_s"]
-    fmt = (lambda v: f"{v:.2f} s" if isinstance(v, (int, float)) else "n/a")
-    lines.append(f"compile: cold {fmt(c.get('cold'))}, warm {fmt(c.get('warm'))} (fresh processes; "
-                 f"this process: compile {c['this_process']['compile_s']:.2f} s + first step "
-                 f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
+    lines += compile_lines(r["compile_s"])
     if r.get("roofline_gflops"):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
     if r.get("threads"):

@@ -15,6 +15,7 @@ import numpy as np
 from graphc import shapes
 from graphc.backends.base import CompiledExecutable, LowerContext
 from graphc.backends.kernel_cache import BlasLimit, aligned_empty
+from graphc.backends.numba.compile_stats import add_tuning
 from graphc.backends.numba.kernels import PARALLEL_MIN
 from graphc.errors import BackendError
 
@@ -168,7 +169,9 @@ class NumbaExecutable(CompiledExecutable):
             t0 = time.perf_counter()
             self._run_steps(b, numba.get_num_threads())
             b.first_run_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             b.threads = self._choose_threads(b) if b.steps else 1
+            add_tuning("threads", time.perf_counter() - t0)
         self._run_steps(b, b.threads)
 
     def _choose_threads(self, b):
