@@ -24,6 +24,14 @@ GENERATED = {"graphc_kernel_": "conv (per shape)", "graphc_pool_": "pool (per ge
 TUNING = {"strategy_s": 0.0, "strategies_timed": 0, "threads_s": 0.0, "threads_timed": 0}
 
 
+# compilations done for this process by compile workers (backends/numba/precompile.py): their rows
+REMOTE: list = []
+
+
+def add_remote(rows) -> None:
+    REMOTE.extend(rows)
+
+
 def add_tuning(kind: str, seconds: float) -> None:
     TUNING[kind + "_s"] += seconds
     TUNING[kind + "_timed" if kind == "threads" else "strategies_timed"] += 1
@@ -45,6 +53,7 @@ class CompileRecorder:
         self._llvm = []
         self._listener = None
         self._tuning0 = dict(TUNING)
+        self._remote0 = len(REMOTE)
 
     def start(self):
         from numba.core import event
@@ -71,6 +80,7 @@ class CompileRecorder:
         for kind in ("numba:compile", "numba:llvm_lock"):
             event.register(kind, self._listener)
         self._tuning0 = dict(TUNING)
+        self._remote0 = len(REMOTE)
         return self
 
     def stop(self):
@@ -92,52 +102,59 @@ class CompileRecorder:
             return None
         return sum(t.run for passes in times.values() for name, t in passes.items() if "type_inference" in name)
 
-    def breakdown(self, top=12):
-        """{"totals": {...}, "by_kind": {kind: {count, wall_s, cpu_s}}, "kernels": [the `top` slowest]}."""
-        kernels, by_kind = [], {}
-        tot = {"compiles": 0, "kernels": 0, "signatures": 0, "wall_s": 0.0, "cpu_s": 0.0, "llvm_s": 0.0,
-               "typing_s": 0.0, "parallel_kernels": 0, "generated_kernels": 0, "nested_compiles": 0}
-        seen = set()
+    def kernel_rows(self):
+        """One dict per top-level compilation of this process (callees counted in their caller)."""
+        rows, nested = [], 0
         for depth, disp, args, wall, cpu, llvm in self.rows:
-            tot["compiles"] += 1
             if depth:
-                tot["nested_compiles"] += 1
+                nested += 1
                 continue
             fn = getattr(disp, "py_func", None)
             module = getattr(fn, "__module__", "?") or "?"
-            name = f"{module}.{getattr(fn, '__name__', '?')}"
-            kind = kernel_kind(module)
-            parallel = bool(getattr(disp, "targetoptions", {}).get("parallel"))
             typing = self._typing_s(disp, args)
-            tot["signatures"] += 1
-            if name not in seen:
-                seen.add(name)
+            rows.append({"kernel": f"{module}.{getattr(fn, '__name__', '?')}", "kind": kernel_kind(module),
+                         "parallel": bool(getattr(disp, "targetoptions", {}).get("parallel")),
+                         "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "llvm_s": round(llvm, 3),
+                         "typing_s": None if typing is None else round(typing, 3), "nested": nested})
+            nested = 0
+        return rows
+
+    def breakdown(self, top=12):
+        """{"totals": {...}, "by_kind": {kind: {count, wall_s, cpu_s}}, "tuning": {...}, "kernels": [the
+        `top` slowest]}, this process's compilations and those its compile workers reported."""
+        remote = REMOTE[self._remote0:]
+        rows = self.kernel_rows() + [dict(r, process="worker") for r in remote]
+        by_kind = {}
+        tot = {"kernels": 0, "signatures": len(rows), "wall_s": 0.0, "cpu_s": 0.0, "llvm_s": 0.0, "typing_s": 0.0,
+               "parallel_kernels": 0, "generated_kernels": 0, "nested_compiles": 0, "in_workers": len(remote)}
+        seen = set()
+        for r in rows:
+            if r["kernel"] not in seen:
+                seen.add(r["kernel"])
                 tot["kernels"] += 1
-                tot["parallel_kernels"] += parallel
-                tot["generated_kernels"] += not kind.startswith("generic")
-            tot["wall_s"] += wall
-            tot["cpu_s"] += cpu
-            tot["llvm_s"] += llvm
-            tot["typing_s"] += typing or 0.0
-            k = by_kind.setdefault(kind, {"count": 0, "wall_s": 0.0, "cpu_s": 0.0})
+                tot["parallel_kernels"] += r["parallel"]
+                tot["generated_kernels"] += not r["kind"].startswith("generic")
+            for k in ("wall_s", "cpu_s", "llvm_s"):
+                tot[k] += r[k]
+            tot["typing_s"] += r["typing_s"] or 0.0
+            tot["nested_compiles"] += r.get("nested", 0)
+            k = by_kind.setdefault(r["kind"], {"count": 0, "wall_s": 0.0, "cpu_s": 0.0})
             k["count"] += 1
-            k["wall_s"] += wall
-            k["cpu_s"] += cpu
-            kernels.append({"kernel": name, "kind": kind, "parallel": parallel, "wall_s": round(wall, 3),
-                            "cpu_s": round(cpu, 3), "llvm_s": round(llvm, 3),
-                            "typing_s": None if typing is None else round(typing, 3)})
-        kernels.sort(key=lambda r: -r["wall_s"])
+            k["wall_s"] += r["wall_s"]
+            k["cpu_s"] += r["cpu_s"]
+        rows.sort(key=lambda r: -r["wall_s"])
         tuning = {k: TUNING[k] - self._tuning0.get(k, 0) for k in TUNING}
         return {"totals": {k: round(v, 3) if isinstance(v, float) else v for k, v in tot.items()},
                 "by_kind": {k: {kk: round(vv, 3) for kk, vv in v.items()} for k, v in sorted(by_kind.items())},
                 "tuning": {k: round(v, 3) if isinstance(v, float) else v for k, v in tuning.items()},
-                "kernels": kernels[:top]}
+                "kernels": rows[:top]}
 
 
 def format_breakdown(bd, indent="  "):
     """The breakdown as report lines."""
     t, tu = bd["totals"], bd["tuning"]
-    lines = [f"{indent}{t['kernels']} kernels compiled ({t['signatures']} signatures, {t['generated_kernels']} "
+    lines = [f"{indent}{t['kernels']} kernels compiled ({t['signatures']} signatures, {t.get('in_workers', 0)} of them in "
+             f"compile workers, {t['generated_kernels']} "
              f"generated per shape/geometry, {t['parallel_kernels']} Numba-parallel, {t['nested_compiles']} "
              f"nested callees): {t['wall_s']:.2f} s wall, {t['cpu_s']:.2f} s CPU; typing {t['typing_s']:.2f} s, "
              f"LLVM {t['llvm_s']:.2f} s",
@@ -148,5 +165,6 @@ def format_breakdown(bd, indent="  "):
     for k in bd["kernels"]:
         lines.append(f"{indent}  {k['wall_s']:6.2f} s ({k['cpu_s']:.2f} CPU, LLVM {k['llvm_s']:.2f}"
                      f"{'' if k['typing_s'] is None else ', typing %.2f' % k['typing_s']})"
-                     f"{' parallel' if k['parallel'] else ''}  {k['kernel'][-60:]}")
+                     f"{' parallel' if k['parallel'] else ''}{' [worker]' if k.get('process') else ''}  "
+                     f"{k['kernel'][-60:]}")
     return lines

@@ -10,7 +10,7 @@ import numpy as np
 
 from graphc.backends.kernel_cache import load_generated
 from graphc.backends.numba import conv as nconv
-from graphc.backends.numba.executor import num_threads
+from graphc.backends.numba.threads import num_threads
 from graphc.backends.numba.kernels.pool import maxpool_source
 from graphc.backends.registry import lowerings
 from graphc.errors import BackendError
@@ -120,7 +120,8 @@ def conv_relu_maxpool(ctx):
         return None
     save = len(ctx.result_index) > 1
     y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
-    kern = load_generated(maxpool_source(kh, kw, sh, sw, save, True, ctx.parallel(y.size * kh * kw)), "graphc_pool_")
+    kern = ctx.split_batch(load_generated(maxpool_source(kh, kw, sh, sw, save, True, False), "graphc_pool_"),
+                           y.shape[0], y.size * kh * kw)
     strategy = _chooser("conv2d", ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype)
     values, ins = ctx.values, [ctx.index(i) for i in ctx.inputs]
 

@@ -18,9 +18,11 @@ import sys
 import numba
 import numpy as np
 
-from graphc.backends.kernel_cache import LOCK, aligned_empty, load_generated
+from graphc.backends.kernel_cache import aligned_empty, load_generated
 from graphc.backends.numba.conv import gen
 from graphc.backends.numba.conv.layout import out_hw, place, place_t, pool_hw, scratch, shift_copies
+from graphc.backends.numba.precompile import compile_for
+from graphc.backends.numba.threads import num_threads, parallel_for
 
 
 def _codegen_tag(predicate: bool) -> str:
@@ -104,24 +106,35 @@ def _codegen_options(width: int, predicate: bool = True):
             os.close(saved)
 
 
-def run_generated(kern, args, dtype):
-    """Call a generated kernel, compiling it first (under the wide-vector options) when no machine
-    code for these argument types is loaded yet; Numba's disk cache answers when it can.
+def ensure_compiled(kern, args, dtype) -> bool:
+    """Makes sure a generated kernel has machine code for these argument types, compiled under the
+    wide-vector options when none is loaded yet (Numba's disk cache answers when it can); False
+    while a kernel discovery records it instead (backends/numba/precompile.py).
 
-    The arguments are this module's own C-contiguous work arrays (plus flags), so their types
-    follow from the dtype; after the first call the type check is skipped (a caller's read-only
-    or unaligned array would make Numba compile one more specialisation, without the options)."""
+    The arguments are this module's own C-contiguous work arrays (plus flags and task bounds), so
+    their types follow from the dtype; after the first call the type check is skipped (a caller's
+    read-only or unaligned array would make Numba compile one more specialisation, without the
+    options)."""
     key = np.dtype(dtype).char
     ready = kern._graphc_ready
-    if key not in ready:
-        sig = tuple(numba.typeof(a) for a in args)
-        if sig not in kern.overloads:
-            with LOCK:
-                if sig not in kern.overloads:
-                    with _codegen_options(forced_vector_width(dtype), kern._graphc_predicate):
-                        kern.compile(sig)
-        ready.add(key)
-    return kern(*args)
+    if key in ready:
+        return True
+    sig = tuple(numba.typeof(a) for a in args)
+    if not compile_for(kern, sig, ("vector", forced_vector_width(dtype), kern._graphc_predicate)):
+        return False
+    ready.add(key)
+    return True
+
+
+def run_generated(kern, args, dtype, ntasks, acc=None):
+    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]], lo, hi)`` on Numba's thread
+    count (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
+    per_thread = () if acc is None else (acc[0],)
+    ensure_compiled(kern, tuple(args) + per_thread + (0, 0), dtype)
+    if acc is None:
+        parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks)
+    else:
+        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks)
 
 
 def _vec_len(dtype) -> int:
@@ -162,6 +175,12 @@ class FwdPlan:
         maxoff = (KH - 1) * Wp + KW - 1
         self.Lx = gen.round_up(max(Hp * Wp, self.PL + maxoff), VL)
         self.NKB = -(-K // self.KB)
+
+    def acc_shape(self, dtype):
+        """One accumulator block per thread (threads.parallel_for's k is below NUMBA_NUM_THREADS); rows
+        padded by 128 bytes and each block cache-line aligned: two threads writing the two ends of one
+        cache line made the kernel slower on 2 threads than on 1 (false sharing)."""
+        return numba.config.NUMBA_NUM_THREADS, self.KB, self.PL + 128 // np.dtype(dtype).itemsize
 
     def source(self):
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
@@ -210,12 +229,8 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False):
         y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    # one accumulator block per worker thread (numba.get_thread_id() is below NUMBA_NUM_THREADS);
-    # rows padded by 128 bytes and the block cache-line aligned: two threads writing the two ends
-    # of one cache line made the kernel slower on 2 threads than on 1 (false sharing)
-    nt = numba.config.NUMBA_NUM_THREADS
-    acc = scratch("fwd_acc", (nt, plan.KB, plan.PL + 128 // np.dtype(dtype).itemsize), dtype)
-    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc), dtype)
+    acc = scratch("fwd_acc", plan.acc_shape(dtype), dtype)
+    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, acc)
     return y, route
 
 
@@ -287,8 +302,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     maxoff = (plan.KH - 1) * Wp + plan.KW - 1
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
-    nt = numba.config.NUMBA_NUM_THREADS
-    acc = aligned_empty((nt, plan.KB, plan.PL + 128 // dtype.itemsize), dtype)
+    acc = list(aligned_empty(plan.acc_shape(dtype), dtype))      # acc[k]: thread k's
+    ntasks = N * plan.NKB
     nob = np.zeros(K, dtype)
     kern = plan.kern
     w3shape = (K, C, KH * KW)
@@ -330,11 +345,13 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                 x = np.array(x, dtype)
             place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
             xin = xb
-        if compiled:
-            kern(xin, w3, b, y, route, bool(flag), acc)
-        else:
-            run_generated(kern, (xin, w3, b, y, route, bool(flag), acc), dtype)
+        flag = bool(flag)
+        if not compiled and ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype):
             compiled.append(True)
+        if num_threads() == 1:          # (batch-1 inference: no parallel call in the way)
+            kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
+        else:
+            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
 
     run.plan = plan
     return run
@@ -356,8 +373,10 @@ def grad_input(dy, w, stride, pads, in_hw):
 
 
 def _dw_groups(N, Lx, NKB):
+    """Images per partial sum of the wide dL/dW kernel: enough tasks for 4 per thread of the most
+    Numba may run (not of the current count: the sums, so the bits, would depend on it)."""
     G = max(1, min(N, -(-2048 // Lx)))
-    want = 4 * numba.get_num_threads()
+    want = 4 * numba.config.NUMBA_NUM_THREADS
     while G > 1 and -(-N // G) * NKB < want:
         G = (G + 1) // 2
     return G
@@ -403,7 +422,7 @@ def _dw_stride1(x, dy, pads, KH, KW):
         shift_copies(x, xs, Hp, Wo, top, left)
         kern = _dw_kernel("narrow", C=C, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo)
         part = np.empty((N, NKB * KB, C, T), dtype)
-        run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype)
+        run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype, N * NKB)
     else:
         VL = _vec_len(dtype)
         Lx = gen.round_up(Hp * Wp, VL)
@@ -413,9 +432,9 @@ def _dw_stride1(x, dy, pads, KH, KW):
         place_t(x, xf, Hp, Wp, Lx, top, left)
         dyf = scratch("dw_dy", (NKB * KB, N * Lx), dtype)
         place_t(dy, dyf, Hp, Wp, Lx, 0, 0)
-        kern = _dw_kernel("wide", C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, G=G)
+        kern = _dw_kernel("wide", C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx)
         part = np.empty((-(-N // G), NKB * KB, C, T), dtype)
-        run_generated(kern, (xf, dyf, part, N, zero), dtype)
+        run_generated(kern, (xf, dyf, part, N, G, zero), dtype, part.shape[0] * NKB)
     dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
     return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=dtype)
 

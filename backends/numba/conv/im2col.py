@@ -9,7 +9,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from graphc.backends.kernel_cache import LOCK, BlasLimit, rescan_blas
+from graphc.backends.kernel_cache import BlasLimit, rescan_blas
+from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
 
 
@@ -124,9 +125,7 @@ def _i2c_compiled(fn, args):
     """First call of an im2col kernel for these types: compile it (it loads SciPy's BLAS), then
     look for BLAS libraries again so that the thread limit reaches that one too."""
     sig = tuple(numba.typeof(a) for a in args)
-    if sig not in fn.overloads:
-        with LOCK:
-            fn.compile(sig)
+    if sig not in fn.overloads and compile_for(fn, sig):
         rescan_blas()
 
 
