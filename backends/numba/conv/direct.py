@@ -36,9 +36,16 @@ def load_kernel(src: str, predicate: bool = True):
     see them, and machine code compiled under other options must not be picked up."""
     k = load_generated(_codegen_tag(predicate) + src, "graphc_kernel_")
     if not hasattr(k, "_graphc_ready"):
-        k._graphc_predicate = bool(predicate)
-        k._graphc_ready = set()
+        for f in (k, getattr(sys.modules[k.py_func.__module__], "kernel_par", None)):
+            if f is not None:
+                f._graphc_predicate = bool(predicate)
+                f._graphc_ready = set()
     return k
+
+
+def parallel_variant(kern):
+    """The generated module's Numba-parallel ``kernel_par`` (small batches), or None."""
+    return getattr(sys.modules[kern.py_func.__module__], "kernel_par", None)
 
 
 def _host_has_avx512() -> bool:
@@ -204,6 +211,7 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
+SMALL_CALL_FLOPS = 5e7        # a forward call below this runs on Numba's threads (kernel_par)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> FwdPlan:
@@ -302,8 +310,12 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     maxoff = (plan.KH - 1) * Wp + plan.KW - 1
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
-    acc = list(aligned_empty(plan.acc_shape(dtype), dtype))      # acc[k]: thread k's
+    acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
+    acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
+    # Numba's threads for a call of less than ~0.3 ms (SMALL_CALL_FLOPS), Python threads above
+    flops = 2 * N * K * C * KH * KW * Ho * Wo
+    kern_par = parallel_variant(plan.kern) if flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
     kern = plan.kern
     w3shape = (K, C, KH * KW)
@@ -346,10 +358,16 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
             place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
             xin = xb
         flag = bool(flag)
-        if not compiled and ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype):
-            compiled.append(True)
+        if not compiled:
+            done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
+            if kern_par is not None:     # both recorded by a discovery (it runs on one thread)
+                done = ensure_compiled(kern_par, (xin, w3, b, y, route, flag, acc3, 0), dtype) and done
+            if done:
+                compiled.append(True)
         if num_threads() == 1:          # (batch-1 inference: no parallel call in the way)
             kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
+        elif kern_par is not None:
+            kern_par(xin, w3, b, y, route, flag, acc3, ntasks)
         else:
             parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
 
