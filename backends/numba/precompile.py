@@ -191,6 +191,8 @@ class _Progress:
         self.total, self.done, self.callback, self.label = total, 0, callback, label
         self.lock = threading.Lock()
         self.t0 = time.perf_counter()
+        callback = None if callback is False else callback
+        self.callback = callback
         self.tty = callback == "auto" and _isatty()
         if callback == "auto":
             self._write(f"graphc: compiling {total} kernels{label}...", end="\n" if not self.tty else "")
