@@ -383,9 +383,15 @@ def _profile_generic(exe, feeds, train, repeats):
 
 
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
-              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False):
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False, tune=False):
     """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
-    (and optionally writes to json_path) the results dict described in the module doc."""
+    (and optionally writes to json_path) the results dict described in the module doc. tune: the numba
+    conv strategies of shapes never timed are timed (and remembered) first."""
+    if tune and backend == "numba":
+        from graphc.backends.numba.conv.strategy import tuning
+        with tuning():
+            return run_bench(model, backend, batch, train, fuse, compare, repeats, json_path, warmup,
+                             measure_compile, roofline, out, quiet, tune=False)
     from graphc.errors import GraphError
     from graphc.files import check_writable
     out = out or sys.stdout
@@ -565,12 +571,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-compile-times", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--tune", action="store_true")
     a = p.parse_args(argv)
     from graphc.errors import GraphError
     try:
         run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
                   compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
-                  measure_compile=not a.no_compile_times)
+                  measure_compile=not a.no_compile_times, tune=a.tune)
     except GraphError as e:                      # BackendError among them: one line, no traceback
         print(f"graphc bench: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -106,7 +106,7 @@ def cmd_bench(args):
         raise GraphError(f"`graphc bench` is not available in this build (graphc.bench: {e})") from e
     compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else None
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
-                       fuse=not args.no_fuse, compare=compare, json_path=args.json)
+                       fuse=not args.no_fuse, compare=compare, json_path=args.json, tune=args.tune)
     return result if isinstance(result, int) else 0
 
 
@@ -223,6 +223,9 @@ def build_parser():
     p.add_argument("--compare", default=None, metavar="PEERS",
                    help="comma-separated peers to time in the same run, e.g. torch,jax")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--tune", action="store_true",
+                   help="time the conv strategies of shapes never timed and remember the choices (a cold "
+                        "start takes a static rule instead)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="train a model on MNIST digits",

@@ -211,7 +211,7 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
-SMALL_CALL_FLOPS = 5e7        # a forward call below this runs on Numba's threads (kernel_par)
+SMALL_CALL_FLOPS = 1e7        # a forward call below this runs on Numba's threads (kernel_par)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> FwdPlan:
@@ -313,7 +313,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
     acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
-    # Numba's threads for a call of less than ~0.3 ms (SMALL_CALL_FLOPS), Python threads above
+    # Numba's threads for a call of less than ~0.1 ms (SMALL_CALL_FLOPS), Python threads above
     flops = 2 * N * K * C * KH * KW * Ho * Wo
     kern_par = parallel_variant(plan.kern) if flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
