@@ -211,7 +211,9 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
-SMALL_CALL_FLOPS = 1e7        # a forward call below this runs on Numba's threads (kernel_par)
+SMALL_CALL_FLOPS = 1e7        # a forward call below this runs on Numba's threads (kernel_par) ...
+TINY_CALL_FLOPS = 2e6         # ... and below this on the calling thread (batch-1 layer 1 of MNIST: no faster
+                              # on two threads than on one, 10 us either way)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> FwdPlan:
@@ -315,7 +317,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     ntasks = N * plan.NKB
     # Numba's threads for a call of less than ~0.1 ms (SMALL_CALL_FLOPS), Python threads above
     flops = 2 * N * K * C * KH * KW * Ho * Wo
-    kern_par = parallel_variant(plan.kern) if flops < SMALL_CALL_FLOPS else None
+    tiny = flops < TINY_CALL_FLOPS
+    kern_par = parallel_variant(plan.kern) if not tiny and flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
     kern = plan.kern
     w3shape = (K, C, KH * KW)
@@ -364,7 +367,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                 done = ensure_compiled(kern_par, (xin, w3, b, y, route, flag, acc3, 0), dtype) and done
             if done:
                 compiled.append(True)
-        if num_threads() == 1:          # (batch-1 inference: no parallel call in the way)
+        if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
             kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
         elif kern_par is not None:
             kern_par(xin, w3, b, y, route, flag, acc3, ntasks)
