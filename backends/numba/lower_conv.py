@@ -19,7 +19,7 @@ from graphc.ops.conv import is_plain as is_plain_conv
 lowering, pattern_lowering = lowerings("numba")
 
 _NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
-_STRATEGY = "direct or im2col+GEMM, chosen per shape by measurement and remembered"
+_STRATEGY = "direct or im2col+GEMM, chosen per shape (a static rule, or timed in a tuning run and remembered)"
 
 
 def _square_stride(attrs):

@@ -31,6 +31,7 @@ from graphc.backends.kernel_cache import LOCK, kernel_cache_dir
 
 MAX_WORKERS = 3
 _DISCOVERY = {"thread": None, "found": None}
+_DISCOVERY_LOCK = threading.Lock()
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -79,16 +80,13 @@ def discovering():
         found.setdefault((id(self), sig), (self, sig, None))
         return None
 
-    with LOCK:
-        if _DISCOVERY["thread"] is not None:
-            raise RuntimeError("a kernel discovery is already running")
+    with _DISCOVERY_LOCK:                # one discovery at a time (another thread's waits)
         _DISCOVERY.update(thread=me, found=found)
         Dispatcher.__call__ = call
-    try:
-        with np.errstate(all="ignore"):
-            yield found
-    finally:
-        with LOCK:
+        try:
+            with np.errstate(all="ignore"):
+                yield found
+        finally:
             del Dispatcher.__call__
             _DISCOVERY.update(thread=None, found=None)
 

@@ -187,7 +187,9 @@ def grad_weights(x, dy, stride, pads, k_hw):
     xp = _padded_images(x, pads, "i2c_x")
     nt = numba.config.NUMBA_NUM_THREADS
     cols = scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
-    part = np.empty((max(1, min(N, numba.get_num_threads())), K, C * KH * KW), x.dtype)
+    # partial sums per group of images: as many groups as Numba may run threads (not as it runs now: the
+    # sums, so the bits, would depend on the count, which the executor picks by timing)
+    part = np.empty((max(1, min(N, numba.config.NUMBA_NUM_THREADS)), K, C * KH * KW), x.dtype)
     args = (xp, dy, part, cols, KH, KW, stride)
     _i2c_compiled(_i2c_dw, args)
     with _ONE_BLAS_THREAD:
