@@ -12,10 +12,4 @@ parallel against 0.23 ms serial). So the backend runs them on one thread below P
 Conventions match the reference semantics: max-pool ties go to the first maximum in row-major window
 order; routes are flat in-plane indices ``i*W + j`` (int32), -1 = no gradient.
 """
-PARALLEL_MIN
-elements (1M; option parallel_min). Reductions accumulate in float64.
-
-Conventions match the reference semantics: max-pool ties go to the first maximum in row-major window
-order; routes are flat in-plane indices ``i*W + j`` (int32), -1 = no gradient.
-"""
 PARALLEL_MIN = 1 << 20
