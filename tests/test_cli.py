@@ -128,10 +128,10 @@ def test_bench_forwards_options(capsys, monkeypatch):
     fake.run_bench = lambda model, **kw: seen.update(model=model, **kw)
     monkeypatch.setitem(sys.modules, "graphc.bench", fake)
     rc, _, _ = run(capsys, "bench", "mnist_convnet", "--train", "--batch", "128", "--compare", "torch,jax",
-                   "--json", "out.json", "--no-fuse", "--backend", "reference")
+                   "--json", "out.json", "--no-fuse", "--backend", "reference", "--tune")
     assert rc == 0
     assert seen == dict(model="mnist_convnet", backend="reference", batch=128, train=True, fuse=False,
-                        compare=["torch", "jax"], json_path="out.json")
+                        compare=["torch", "jax"], json_path="out.json", tune=True)
 
 
 def test_bench_missing_is_one_line(capsys, monkeypatch):

@@ -142,7 +142,7 @@ def test_a_worker_process_compiles_into_the_shared_disk_cache():
     assert spec is not None and spec[0] == "file"
     results = []
     prog = precompile._Progress(1, None, "")
-    worker = precompile._WorkerProc(deque([(kern, sig, None, spec)]), threading.Lock(), prog, results)
+    worker = precompile._WorkerProc(deque([[(kern, sig, None, spec)]]), threading.Lock(), prog, results)
     tail = worker.join()
     assert results and results[0][1], tail
     assert not kern.overloads

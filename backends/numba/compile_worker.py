@@ -1,7 +1,8 @@
-"""A compile worker (backends/numba/precompile.py starts them): reads pickled jobs (argument types,
-where the kernel is, LLVM options) from stdin until a None, compiles each into Numba's disk cache
-(the environment, so the cache directories, are its parent's) and answers "ok" or "error" per job
-on stdout; at the end one "stats" line with its compile breakdown (compile_stats)."""
+"""A compile worker (backends/numba/precompile.py starts them): reads pickled jobs from stdin until a
+None, each the signatures of one kernel [(argument types, where the kernel is, LLVM options)],
+compiles them into Numba's disk cache (the environment, so the cache directories, are its parent's)
+and answers "ok" or "error" per job on stdout; at the end one "stats" line with its compile
+breakdown (compile_stats)."""
 from __future__ import annotations
 
 import importlib
@@ -28,18 +29,18 @@ def main():
     stdin, out = sys.stdin.buffer, sys.stdout
     while True:
         try:
-            job = pickle.load(stdin)
+            group = pickle.load(stdin)
         except EOFError:
             break
-        if job is None:
+        if group is None:
             break
-        sig, spec, options = job
         try:
-            disp = kernel_of(spec)
-            with options_context(options):
-                disp.compile(sig)
+            for sig, spec, options in group:        # every signature of one kernel
+                disp = kernel_of(spec)
+                with options_context(options):
+                    disp.compile(sig)
             out.write("ok\n")
-        except Exception as e:           # the parent compiles it itself
+        except Exception as e:           # the parent compiles them itself
             out.write("error " + " ".join(f"{type(e).__name__}: {e}".split())[:300] + "\n")
         out.flush()
     out.write("stats " + json.dumps(rec.stop().kernel_rows()) + "\n")

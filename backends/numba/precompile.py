@@ -17,6 +17,7 @@ Whatever discovery misses (a step that raised on garbage) is compiled when the r
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
 import subprocess
@@ -126,14 +127,24 @@ def job_spec(disp):
     return None
 
 
-def _cost(job):
+def _cost(group):
     """A rough compile cost for ordering the queue (largest first): a generated module's size, else
-    a fixed guess."""
-    spec = job[3]
+    a fixed guess; per signature."""
+    spec = group[0][3]
+    size = 2000
     if spec and spec[0] == "file":
         with contextlib.suppress(OSError):
-            return os.path.getsize(spec[1])
-    return 2000
+            size = os.path.getsize(spec[1])
+    return size * len(group)
+
+
+def _groups(jobs):
+    """Jobs grouped by kernel: one process compiles all the signatures of a kernel (two processes
+    saving entries of one Numba cache index at once could lose one)."""
+    by = {}
+    for job in jobs:
+        by.setdefault(id(job[0]), []).append(job)
+    return sorted(by.values(), key=lambda g: -_cost(g))
 
 
 def _cpu_times():
@@ -244,17 +255,18 @@ class _WorkerProc:
     def _feed(self):
         try:
             while True:
-                job = self._next()
-                pickle.dump(None if job is None else (job[1], job[3], job[2]), self.proc.stdin)
+                group = self._next()
+                pickle.dump(None if group is None else [(j[1], j[3], j[2]) for j in group], self.proc.stdin)
                 self.proc.stdin.flush()
-                if job is None:
+                if group is None:
                     break
                 reply = self.proc.stdout.readline().decode(errors="replace").split(maxsplit=1)
-                if not reply or reply[0] != "ok":
-                    self.results.append((job, False, None))
+                ok = bool(reply) and reply[0] == "ok"
+                self.results.extend((job, ok) for job in group)
+                if not ok:
                     break                          # a failed worker takes no more jobs
-                self.results.append((job, True, reply[1] if len(reply) > 1 else None))
-                self.progress.step()
+                for _ in group:
+                    self.progress.step()
         except (OSError, ValueError, EOFError):
             pass
         finally:
@@ -273,42 +285,34 @@ class _WorkerProc:
 
 
 def compile_jobs(jobs, progress="auto", label="", idle=None):
-    """Compiles [(disp, sig, options, spec)] here and in worker processes (one per idle CPU); returns
-    stats."""
+    """Compiles [(disp, sig, options, spec)] here and in worker processes (one per idle CPU), largest
+    kernels first from one queue; returns stats."""
     from graphc.backends.numba.compile_stats import add_remote
-    queue = deque(sorted(jobs, key=lambda j: -_cost(j)))
-    remote = deque(j for j in queue if j[3] is not None)
-    local_only = [j for j in queue if j[3] is None]
-    nworkers = workers_for(len(queue), idle)
-    prog = _Progress(len(queue), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
+    groups = _groups(jobs)
+    local_only = [g for g in groups if g[0][3] is None]          # no worker can find these kernels
+    queue = deque(g for g in groups if g[0][3] is not None)
+    nworkers = workers_for(len(jobs), idle)
+    prog = _Progress(len(jobs), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
     qlock = threading.Lock()
-    results, procs = [], []
-    if nworkers:
-        queue = remote
-        procs = [_WorkerProc(queue, qlock, prog, results) for _ in range(nworkers)]
-    for job in local_only:
-        compile_for(job[0], job[1], job[2])
-        prog.step()
+    results = []
+    procs = [_WorkerProc(queue, qlock, prog, results) for _ in range(nworkers)]
     while True:
         with qlock:
-            job = queue.popleft() if queue else None
-        if job is None:
+            group = local_only.pop(0) if local_only else (queue.popleft() if queue else None)
+        if group is None:
             break
-        compile_for(job[0], job[1], job[2])
-        prog.step()
-    failed = []
+        for job in group:
+            compile_for(job[0], job[1], job[2])
+            prog.step()
     for p in procs:
-        tail = p.join()
-        for line in tail.splitlines():
+        for line in p.join().splitlines():
             if line.startswith("stats "):
-                with contextlib.suppress(Exception):
-                    import json
+                with contextlib.suppress(ValueError):
                     add_remote(json.loads(line[6:]))
-    for job, ok, _ in results:
-        if not (ok and load_cached(job[0], job[1])):
-            failed.append(job)
+    failed = [job for job, ok in results if not (ok and load_cached(job[0], job[1]))]
     for job in failed:                  # a worker failed it (or its cache entry did not load): here
         compile_for(job[0], job[1], job[2])
+        prog.step()
     prog.close()
     return {"compiled": len(jobs), "workers": nworkers, "redone_here": len(failed)}
 
