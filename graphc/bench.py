@@ -8,7 +8,10 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   the ops fused into it, shapes, median ms, GFLOP/s, share of the step;
 - compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
   pointed at a new temporary directory) and warm (a second fresh process on the caches the first one
-  filled): compile() plus binding and compiling/loading every kernel for the batch size;
+  filled): compile() plus binding and compiling/loading every kernel for the batch size (the first
+  step), with the process's CPU seconds and the seconds since it started; on the numba backend the
+  cold one broken down (backends/numba/compile_stats.py): kernels compiled and in which processes,
+  typing and LLVM seconds, per kind of kernel, the slowest kernels, conv strategy and thread timing;
 - the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
   fraction of it;
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
