@@ -502,6 +502,13 @@ def compile_lines(c):
                          f"and workers" + (f"; {d['since_start_s']:.2f} s since the process started" if
                                            "since_start_s" in d else "")
                          + (f"; load average {d['loadavg'][0]:.2f}" if d.get("loadavg") else ""))
+        for bnd in (d.get("breakdown") or {}).get("bindings", []):
+            k = bnd.get("kernels") or {}
+            if k:
+                lines.append(f"    precompile: {k['kernels']} kernels found, {k['cached']} from the disk cache, "
+                             f"{k['compiled']} compiled in {k['workers'] + 1} process(es) (idle CPUs "
+                             f"{k.get('idle_cpus')}); discovery {k.get('discovery_s', 0):.3f} s, "
+                             f"{k.get('seconds', 0):.2f} s in all")
         if which == "cold" and d.get("breakdown"):
             from graphc.backends.numba.compile_stats import format_breakdown
             lines += format_breakdown(d["breakdown"], "    ")

@@ -19,9 +19,9 @@ from graphc.backends.numba.conv import strategy as conv_strategy
 
 
 def _fresh_kernel(tag="t"):
-    """A generated kernel no cache has seen (a unique constant in its text): kernel(x, y) y = 2x + c."""
+    """A generated kernel no cache has seen (a unique id in its text): kernel(x, y): y = 2x + c."""
     c = float(uuid.uuid4().int % 1000)
-    src = ("# graphc test kernel\nfrom numba import njit\n\n\n@njit(cache=True, nogil=True)\n"
+    src = (f"# graphc test kernel {uuid.uuid4().hex}\nfrom numba import njit\n\n\n@njit(cache=True, nogil=True)\n"
            f"def kernel(x, y):\n    for i in range(x.shape[0]):\n        y[i] = 2.0 * x[i] + {c!r}\n")
     return kernel_cache.load_generated(src, f"graphc_test{tag}_"), c
 

@@ -332,13 +332,16 @@ def precompile_steps(steps, progress="auto", label=""):
                 f()
             except Exception:           # garbage in a buffer upset a host-side step: the rest of it
                 pass                    # compiles when the real run gets there
+    t1 = time.perf_counter()
     jobs, cached = [], 0
     for disp, sig, options in found.values():
         if load_cached(disp, sig):
             cached += 1
         else:
             jobs.append((disp, sig, options, job_spec(disp)))
-    stats = {"kernels": len(found), "cached": cached, "compiled": 0, "workers": 0}
+    t2 = time.perf_counter()
+    stats = {"kernels": len(found), "cached": cached, "compiled": 0, "workers": 0,
+             "discovery_s": round(t1 - t0, 4), "cache_s": round(t2 - t1, 4)}
     if jobs:
         idle = idle_cpus(cpu0) if len(jobs) >= 3 else None
         stats.update(compile_jobs(jobs, progress, label, idle))
