@@ -26,6 +26,12 @@ def _fresh_kernel(tag="t"):
     return kernel_cache.load_generated(src, f"graphc_test{tag}_"), c
 
 
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path):
+    """Generated test kernels (and their Numba cache, beside them) go to a temporary directory."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "kernels"))
+
+
 # ------------------------------------------------------------------------------- parallel loops
 
 def test_parallel_for_covers_every_task_once_on_each_thread():
@@ -117,7 +123,7 @@ def test_thread_count_is_chosen_online_without_extra_runs():
 
 # ------------------------------------------------------------------- discovery and parallel compile
 
-def test_discovery_records_calls_without_running_them():
+def test_discovery_records_calls_without_running_them(own_cache):
     kern, c = _fresh_kernel("d")
     x, y = np.ones(4), np.zeros(4)
     other = []
@@ -134,7 +140,7 @@ def test_discovery_records_calls_without_running_them():
     np.testing.assert_array_equal(y, 2 * x + c)
 
 
-def test_a_worker_process_compiles_into_the_shared_disk_cache():
+def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     kern, c = _fresh_kernel("w")
     x, y = np.ones(3), np.zeros(3)
     sig = (numba.typeof(x), numba.typeof(y))
@@ -153,7 +159,7 @@ def test_a_worker_process_compiles_into_the_shared_disk_cache():
     assert "stats" in tail
 
 
-def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch):
+def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch, own_cache):
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "0")
     kernels = [_fresh_kernel("p") for _ in range(2)]
     x, y = np.ones(2), np.zeros(2)
@@ -183,10 +189,9 @@ def test_workers_follow_idle_cpus(monkeypatch):
 
 # ------------------------------------------------------------------------------ conv strategy, stats
 
-def test_cold_start_takes_the_static_rule_and_times_only_when_tuning(monkeypatch, tmp_path):
+def test_cold_start_takes_the_static_rule_and_times_only_when_tuning(monkeypatch, tmp_path, own_cache):
     monkeypatch.delenv("GRAPHC_CONV_STRATEGY", raising=False)
     monkeypatch.delenv("GRAPHC_CONV_TUNE", raising=False)
-    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
     conv_strategy._CHOICES.clear()
 
     def no_timing(fns, r):
@@ -196,16 +201,16 @@ def test_cold_start_takes_the_static_rule_and_times_only_when_tuning(monkeypatch
     assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "direct"
     assert conv_strategy.choose_conv_strategy((8, 3, 9, 9), (4, 3, 1, 1), 2, (0, 0, 0, 0), np.float32,
                                               op="conv2d_dw") == "im2col"
-    assert not (tmp_path / "conv_strategy.json").exists()
+    assert not (tmp_path / "kernels" / "conv_strategy.json").exists()
     monkeypatch.setattr(conv_strategy, "_time_candidates", lambda fns, r: {"direct": 2.0, "im2col": 1.0})
     with conv_strategy.tuning():
         assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "im2col"
-    assert "im2col" in (tmp_path / "conv_strategy.json").read_text()
+    assert "im2col" in (tmp_path / "kernels" / "conv_strategy.json").read_text()
     assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "im2col"     # remembered
     conv_strategy._CHOICES.clear()
 
 
-def test_compile_recorder_breaks_a_compile_down():
+def test_compile_recorder_breaks_a_compile_down(own_cache):
     kern, _ = _fresh_kernel("r")
     rec = CompileRecorder().start()
     kern(np.ones(2), np.zeros(2))
