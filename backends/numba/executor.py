@@ -38,7 +38,6 @@ class NumbaContext(LowerContext):
 
         def run(*args):
             parallel_for(batch_split(kern, args, batch), batch)
-        run.kernel = kern
         return run
 
     def call(self, kern, inputs, tail=(), fix=None):

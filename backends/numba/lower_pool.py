@@ -16,8 +16,8 @@ def _window(attrs):
     return kh, kw, sh, sw
 
 
-def _generated(ctx, source_fn, *args, elements, batch):
-    """The serial kernel of this geometry (its batch shared by threads above parallel_min elements)."""
+def _generated(ctx, source_fn, *args, elements, batch=1):
+    """The serial kernel of this geometry (its `batch` shared by threads above parallel_min elements)."""
     return ctx.split_batch(load_generated(source_fn(*args, False), "graphc_pool_"), batch, elements)
 
 
