@@ -9,6 +9,14 @@ lowers every node through the backend's registry (backends/registry.py) into a s
 argument arrays resolved, and keeps the list of steps. A run is then: feed the inputs, call the
 steps, fetch the wanted values. A backend supplies only what differs: buffers and views, feed upload,
 fetch, state storage, how the steps are run, and its lowerings.
+
+Values computed from the state alone. In an executable without updates (inference), a node whose inputs
+are all parameters, constants or such values (and whose op does not depend on the run's mode or step:
+OpDef.run_dependent) is computed ahead of the run, into a buffer of its own, and again only when the
+state changed: the prologue (e.g. the conv weights and biases that passes/fold_bn.py folds batch norm
+into). The state changes with a step or training run, load_state_dict, an assigned ``exe.state[name]``,
+and (numba) an array handed out by ``exe.state[name]``, which the caller may edit in place: it counts as
+changed at the next run, and at every run while the caller still holds it.
 """
 from __future__ import annotations
 
@@ -37,6 +45,25 @@ def scalar_consts(graph, inputs):
     return consts
 
 
+def state_derived(graph, schedule):
+    """{node: the states it reads} for every node computed from parameters and constants alone (through
+    ops that do not depend on the run's mode or step), in an executable without updates."""
+    from graphc import ops as optable
+    nodes = graph.nx.nodes
+    reads = {}
+    for n in schedule:
+        d = nodes[n]
+        if d["op"] in ("param", "const"):
+            reads[n] = {n} if d["op"] == "param" else set()
+            continue
+        ops = [bn["op"] for bn in d["attrs"]["body"]] if d["op"] == "fused" else [d["op"]]
+        if d["op"] == "input" or not d["inputs"] or any(optable.OPS[o].run_dependent for o in ops) \
+                or not all(i in reads for i in d["inputs"]):
+            continue
+        reads[n] = set().union(*(reads[i] for i in d["inputs"]))
+    return {n: r for n, r in reads.items() if nodes[n]["op"] not in ("param", "const")}
+
+
 class Binding:
     """One binding: the value arrays (by index), the steps in order, what is fed and fetched."""
 
@@ -46,6 +73,9 @@ class Binding:
         self.index = {}          # value name -> position in values
         self.dynamic = set()     # values whose array is known only at run time (feeds, new arrays)
         self.steps = []          # (node name, callable)
+        self.prologue = []       # (node name, callable): values of the state alone, run when it changed
+        self.prologue_state = set()      # the states the prologue reads
+        self.prologue_gen = None         # the state generation it was last run for
         self.kinds = {}          # node name -> (lowering key, kernel, runs on the host)
         self.feeds = []          # (input name, index)
         self.fetch = []          # (value name, index, shape)
@@ -179,6 +209,8 @@ class CompiledExecutable(Executable):
         self._bindings = {}
         self._last_binding = None
         self._ctx = RunContext({}, False, 0)
+        self._state_gen = 0                 # bumped whenever the state may have changed
+        self._derived = {} if graph.updates else state_derived(graph, self.schedule)
         nodes = graph.nx.nodes(data=True)
         self._fused_away = {b["name"] for _, d in nodes if d["op"] == "fused" for b in d["attrs"]["body"]
                             if b["name"] not in graph.nx} | \
@@ -230,7 +262,13 @@ class CompiledExecutable(Executable):
         np.copyto(dst, np.asarray(value).reshape(dst.shape), casting="unsafe")
 
     def _push_state(self):
-        """Makes the bound state agree with exe.state (a user may have replaced entries)."""
+        """Makes the bound state agree with exe.state (a user may have replaced entries); True when that
+        changed the bound state."""
+        return False
+
+    def _volatile_state(self):
+        """States a caller may have edited in place since the last run (arrays handed out by exe.state)."""
+        return ()
 
     def _copy_back(self, b, pairs):
         """Stores values of binding b into the state: pairs [(state name, value index)]."""
@@ -293,6 +331,10 @@ class CompiledExecutable(Executable):
                 self._bind_input(b, n, i)
             else:
                 b.values[i] = self._state_array(n) if op == "param" else self._const_array(n)
+        for n in b.plan.program:             # values of the state alone: buffers of their own (they live on)
+            if n in self._derived and b.plan.kind[n] == "buffer":
+                b.values[b.slot(n)] = self._scratch(tuple(shapes.resolve(nodes[n]["shape"], env)),
+                                                    self.np_dtype(nodes[n]["dtype"]))
         for n in b.plan.program:
             node = nodes[n]
             if node["op"] == "getitem":
@@ -303,7 +345,11 @@ class CompiledExecutable(Executable):
                     b.steps.append((n, step))
                     b.kinds[n] = ("view", registries.VIEW, False)
                 continue
-            b.steps.append((n, self._lower_node(b, n, node)))
+            if n in self._derived:
+                b.prologue.append((n, self._lower_node(b, n, node)))
+                b.prologue_state |= self._derived[n]
+            else:
+                b.steps.append((n, self._lower_node(b, n, node)))
         for w in want:
             b.fetch.append((w, b.slot(w), tuple(shapes.resolve(nodes[w]["shape"], env))))
         for s, u in self.graph.updates.items():
@@ -368,10 +414,16 @@ class CompiledExecutable(Executable):
     # ------------------------------------------------------------------ running
     def _execute(self, feeds, env, training, want, inplace=False):
         b = self._binding(env, want, inplace)
-        self._push_state()
+        if self._push_state():
+            self._state_gen += 1
         self._upload(b, feeds)
         ctx = self._ctx
         ctx.env, ctx.training, ctx.step = env, training, self.step_count
+        touched = self._volatile_state()     # (every run: it also forgets what callers no longer hold)
+        if b.prologue and (b.prologue_gen != self._state_gen or b.prologue_state & set(touched)):
+            for _, f in b.prologue:
+                f()
+            b.prologue_gen = self._state_gen
         if b.first_run_s is None:
             self._first_run(b)
         else:
@@ -390,7 +442,10 @@ class CompiledExecutable(Executable):
         b.first_run_s = time.perf_counter() - t0
 
     def run(self, feeds, outputs=None, training=False, check_finite=False):
-        feeds, env = self.check_feeds(feeds, check_finite)
+        if training and self.folded_bn():
+            out = self._training_twin().run(feeds, outputs, True, check_finite)
+            self._state_gen += 1                 # it updated the running statistics
+            return out
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
@@ -398,12 +453,15 @@ class CompiledExecutable(Executable):
                                  + ("" if o not in self._fused_away else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
         stats = self.stat_updates(training)      # batch norm's running statistics, in a training run
-        b = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
+        want_all = want + [u for u in stats.values() if u not in want]
+        feeds, env = self.check_feeds(feeds, check_finite, outputs=want_all)   # inputs they need, no others
+        b = self._execute(feeds, env, training, want_all)
         fetch = self._fetch
         out = {w: fetch(b, i, shp) for w, i, shp in b.fetch if w in want}
         if stats:
             self._copy_back(b, [(s, b.index[u]) for s, u in stats.items()])
             self._state_written(stats)
+            self._state_gen += 1
         return out
 
     def _train_want(self):
@@ -416,6 +474,7 @@ class CompiledExecutable(Executable):
         b = self._execute(feeds, env, True, self._train_want(), inplace=True)
         self._copy_back(b, b.copy_back)
         self._state_written(self.graph.updates)     # in place or copied back
+        self._state_gen += 1
         self.step_count += 1
         return float(self._fetch(b, b.index[self.graph.loss], ()))
 
@@ -426,6 +485,10 @@ class CompiledExecutable(Executable):
             s = tuple(batch if isinstance(d, str) else d for d in shape)
             f[n] = np.zeros(s, dtype=self.dtype if dt.startswith("float") else dt)
         return f
+
+    def load_state_dict(self, d):
+        super().load_state_dict(d)
+        self._state_gen += 1
 
     @contextlib.contextmanager
     def _state_saved(self):

@@ -8,12 +8,14 @@ and imported: a second process then loads machine code instead of compiling.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import importlib.util
 import os
 import sys
 import tempfile
 import threading
+import warnings
 
 import numpy as np
 
@@ -58,10 +60,10 @@ def write_atomic(path: str, text: str, keep_existing: bool = False) -> None:
 
 def write_once(path: str, text: str) -> None:
     """Makes ``path`` hold ``text``: a file with the right content is never rewritten (its mtime keys
-    Numba's cache index)."""
+    Numba's cache index); any other content (another text, truncated, garbage bytes) is replaced."""
     try:
-        with open(path, encoding="utf-8") as f:
-            if f.read() == text:
+        with open(path, "rb") as f:
+            if f.read() == text.encode("utf-8"):
                 return
         stale = True
     except FileNotFoundError:
@@ -90,9 +92,68 @@ def load_generated(src: str, prefix: str):
         # registered before running it: Numba finds the module by name when it reloads a cached
         # function's environment (an unregistered module cannot be cached)
         sys.modules[name] = mod
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:        # the source is right (write_once): a corrupted .pyc beside it
+            discard_corrupt([importlib.util.cache_from_source(path)], e)
+            spec.loader.exec_module(mod)
+        guard_numba_cache(mod)
         _MODULES[name] = mod.kernel
         return mod.kernel
+
+
+# ------------------------------------------------------------------------ corrupted cache entries
+
+_CHECKED_CACHE = []               # the FunctionCache subclass below, made on first use (imports Numba)
+_WARNED = [False]
+
+
+def discard_corrupt(paths, err, what="a corrupted kernel cache entry") -> None:
+    """Deletes the files of a corrupted cache entry (a truncated or garbage Numba index/data file or
+    .pyc); warns once per process, in one line, what was found."""
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+    if not _WARNED[0]:
+        _WARNED[0] = True
+        why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        warnings.warn_explicit(f"graphc: discarded {what} ({paths[0]}: {why}); the kernel is compiled "
+                               "instead (further such entries are discarded silently)", RuntimeWarning, "graphc", 0)
+
+
+def guard_numba_cache(*modules) -> None:
+    """Makes the cached @njit functions of these modules survive a corrupted Numba cache entry: a load
+    or save that fails (UnpicklingError, EOFError, ...) deletes that function's index and data files
+    (discard_corrupt) and Numba compiles it again, instead of every later run failing until the cache
+    directory is deleted by hand. (Numba itself only tolerates missing files.)"""
+    if not _CHECKED_CACHE:
+        from numba.core.caching import FunctionCache
+
+        class CheckedCache(FunctionCache):
+            def _discard(self, err, what="a corrupted kernel cache entry"):
+                f = self._cache_file
+                base = os.path.join(glob.escape(f._cache_path), glob.escape(f._index_name[:-len(".nbi")]))
+                discard_corrupt([f._index_path] + glob.glob(base + ".*.nbc"), err, what)
+
+            def load_overload(self, sig, target_context):
+                try:
+                    return super().load_overload(sig, target_context)
+                except Exception as e:       # None: Numba compiles (and save_overload stores it anew)
+                    self._discard(e)
+                    return None
+
+            def save_overload(self, sig, data):
+                try:
+                    super().save_overload(sig, data)
+                except Exception as e:       # a full disk, say: the compiled kernel still runs
+                    self._discard(e, "a kernel cache entry that could not be saved")
+        _CHECKED_CACHE.append((FunctionCache, CheckedCache))
+    plain, checked = _CHECKED_CACHE[0]
+    for mod in modules:
+        for obj in list(vars(mod).values()):
+            cache = getattr(obj, "_cache", None)
+            if type(cache) is plain:
+                cache.__class__ = checked       # the same object, its loads and saves checked
 
 
 def aligned_empty(shape, dtype, align=64):

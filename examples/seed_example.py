@@ -1,4 +1,4 @@
-"""The course unit's worked CNN example (SEED_NOTES.md), one SGD step at learning rate 0.5, every number.
+"""The course unit's worked CNN example (the course notes), one SGD step at learning rate 0.5, every number.
 
     python examples/seed_example.py
 
@@ -15,7 +15,7 @@ import numpy as np
 import graphc as gc
 from graphc import models
 
-# The values of SEED_NOTES.md ("The unit's worked CNN example").
+# The values of the course notes ("The unit's worked CNN example").
 COURSE = {
     "C": [1.9, 0.3, 0.3, 1.9],
     "h": [1.3, 3.06],

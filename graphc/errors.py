@@ -48,3 +48,8 @@ class FeedShapeError(FeedError, ShapeError):
 
 class FeedDTypeError(FeedError, DTypeError):
     """A fed array whose dtype the input cannot take."""
+
+
+class DistributedError(GraphError):
+    """Data-parallel training across processes failed: MPI is missing, a rank died or hung (a collective
+    timed out), or the ranks disagree (different graphs, batch sizes or a checkpoint only some can read)."""

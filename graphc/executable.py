@@ -14,14 +14,22 @@ CLASS_LOSSES = ("softmax_cross_entropy", "cross_entropy", "softmax_ce_grad", "cr
 _PASS_THROUGH = ("identity", "copy", "reshape", "reshape_like")
 
 
+def label_source(graph, name):
+    """The value that class labels `name` come from, through pass-through ops."""
+    nodes = graph.nx.nodes
+    while nodes[name]["op"] in _PASS_THROUGH:
+        name = nodes[name]["inputs"][0]
+    return name
+
+
 def class_label_inputs(graph):
     """{int input (or const) name: (number of classes K, name of the loss reading it)} for every integer
     value a class loss uses as indices: the feed check (for consts, compile) refuses labels outside
-    0..K-1, so no backend ever indexes outside the scores (compiled kernels do not check)."""
+    0..K-1. Labels computed otherwise (a concat with a const, a reshape of a 2-D input) are checked by
+    the class-loss kernels themselves (and the reference ops), which never index with a bad label."""
     nodes, found = graph.nx.nodes, {}
     for n, k, src in _class_losses(graph):
-        while nodes[src]["op"] in _PASS_THROUGH:
-            src = nodes[src]["inputs"][0]
+        src = label_source(graph, src)
         if nodes[src]["op"] in ("input", "const") and len(nodes[src]["shape"]) == 1 and isinstance(k, int):
             prev = found.get(src)
             found[src] = (k, n) if prev is None or k < prev[0] else prev
@@ -83,6 +91,19 @@ def _materialise(graph, name):
             from None
 
 
+class _Feeds(dict):
+    """Checked feeds. A caller that did not say which outputs it wants (outputs=None) learns of a
+    missing input when the run first reads it: one FeedError naming it."""
+
+    def __init__(self, takes):
+        super().__init__()
+        self.takes = takes
+
+    def __missing__(self, name):
+        raise FeedError(f"missing feed for input {name!r} (the values asked for depend on it); the graph takes "
+                        f"{self.takes}")
+
+
 class RunContext:
     """What a running op may need besides its inputs: symbolic-dim bindings, mode, step counter."""
     __slots__ = ("env", "training", "step", "out_shape")
@@ -93,6 +114,8 @@ class RunContext:
 
 class Executable:
     backend = "?"
+    #: set by gc.load / graphc.artifact: how the model was built, its preprocessing and class names
+    artifact = None
 
     def __init__(self, graph, dtype=None, pipeline=None):
         self.graph = graph
@@ -113,19 +136,39 @@ class Executable:
         return arr.astype(self.dtype if declared.startswith("float") else declared, copy=False)
 
     # ------------------------------------------------------------------ feeds
-    def check_feeds(self, feeds, check_finite=False):
-        """Validates feeds against the inputs; returns (cast feeds, symbolic-dim bindings)."""
+    def needed_inputs(self, outputs=None):
+        """The inputs the values `outputs` (default: the executable's outputs) depend on. An inference run
+        of a graph that also has a loss needs no labels: run({"x": x}, outputs=["logits"])."""
+        key = tuple(self.outputs if outputs is None else outputs)
+        cache = self.__dict__.setdefault("_needed_inputs", {})
+        if key not in cache:
+            import networkx as nx
+            need = set(key)
+            for o in key:
+                if o in self.graph.nx:
+                    need |= nx.ancestors(self.graph.nx, o)
+            cache[key] = [n for n in self.input_types if n in need]
+        return cache[key]
+
+    def check_feeds(self, feeds, check_finite=False, outputs=None):
+        """Validates feeds against the inputs; returns (cast feeds, symbolic-dim bindings).
+        Inputs that `outputs` (default: the executable's outputs) do not depend on may be left out; fed
+        ones are checked all the same (shapes, dtypes, label ranges)."""
         if not isinstance(feeds, dict):
             raise FeedError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        missing = [n for n in self.input_types if n not in feeds]
-        if missing:
-            raise FeedError(f"missing feed for input(s) {missing}; the graph takes "
-                            + ", ".join(f"{n}{shapes.fmt(s)} {d}" for n, (s, d) in self.input_types.items()))
+        takes = ", ".join(f"{n}{shapes.fmt(s)} {d}" for n, (s, d) in self.input_types.items())
+        if outputs is not None:
+            missing = [n for n in self.needed_inputs(outputs) if n not in feeds]
+            if missing:
+                raise FeedError(f"missing feed for input(s) {missing} (needed by {list(outputs)}); the graph "
+                                f"takes {takes}")
         unknown = [n for n in feeds if n not in self.input_types]
         if unknown:
             raise FeedError(f"unknown feed name(s) {unknown}; the graph's inputs are {list(self.input_types)}")
-        env, out = {}, {}
+        env, out = {}, _Feeds(takes)
         for name, (shape, dtype) in self.input_types.items():
+            if name not in feeds:
+                continue
             arr = np.asarray(feeds[name])
             if arr.ndim != len(shape):
                 raise FeedShapeError(f"input {name!r} expects shape {shapes.fmt(shape)} (rank {len(shape)}), "
@@ -151,6 +194,12 @@ class Executable:
             if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(arr)).sum())} of them)")
             out[name] = arr
+        if outputs is None:        # a missing input whose batch size nothing else gives: say so now
+            unbound = [n for n in self.needed_inputs() if n not in feeds
+                       and any(isinstance(d, str) and d not in env for d in self.input_types[n][0])]
+            if unbound:
+                raise FeedError(f"missing feed for input(s) {unbound} (needed by {self.outputs}); the graph takes "
+                                f"{takes}")
         return out, env
 
     # ------------------------------------------------------------------ running
@@ -158,16 +207,35 @@ class Executable:
         """Runs the graph; returns {output name: array}. `outputs` may name any value to fetch.
         training=True runs in training mode (dropout on, batch norm on batch statistics) and stores
         batch norm's new running statistics."""
-        feeds, env = self.check_feeds(feeds, check_finite)
+        if training and self.folded_bn():
+            return self._training_twin().run(feeds, outputs, True, check_finite)
         want = list(self.outputs if outputs is None else outputs)
         for o in want:
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}")
         stats = self.stat_updates(training)
+        feeds, env = self.check_feeds(feeds, check_finite, outputs=want + list(stats.values()))
         vals = self._execute(feeds, env, training, want + [u for u in stats.values() if u not in want])
         for s, u in stats.items():
             self.state[s] = np.array(vals[u])
         return {o: vals[o] for o in want}
+
+    def folded_bn(self):
+        """The batch norms this executable's forward folded into their convs (passes/fold_bn.py)."""
+        return tuple(getattr(self.graph, "bn_folded", ()) or ())
+
+    def _training_twin(self):
+        """A training-mode run needs batch statistics, which a forward with batch norm folded into its
+        convs no longer computes: such runs go to the same graph compiled without the fold (built on first
+        use; it shares this executable's state, so the running statistics it updates are this one's)."""
+        twin = getattr(self, "_twin", None)
+        if twin is None:
+            from graphc.compiler import compile
+            twin = compile(self.source, **dict(self.compile_args, fold_bn=False))
+            twin.state = self.state
+            self._twin = twin
+        twin.step_count = self.step_count
+        return twin
 
     def stat_updates(self, training):
         """{running statistic: its new value} that a run in this mode stores (none at inference)."""
@@ -177,8 +245,9 @@ class Executable:
         """One training step (forward, backward, update); returns the loss."""
         if not self.graph.updates:
             raise GraphError("this executable has no optimizer: compile(graph, optimizer=gc.optim.SGD(...))")
-        feeds, env = self.check_feeds(feeds, check_finite)
-        vals = self._execute(feeds, env, True, [self.graph.loss] + list(self.graph.updates.values()))
+        want = [self.graph.loss] + list(self.graph.updates.values())
+        feeds, env = self.check_feeds(feeds, check_finite, outputs=want)
+        vals = self._execute(feeds, env, True, want)
         self._apply_updates(vals)
         self.step_count += 1
         return float(vals[self.graph.loss])

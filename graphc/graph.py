@@ -381,6 +381,8 @@ class Graph:
     def sqrt(self, x, name=None): return self.add_node("sqrt", (x,), name=name)
     def sigmoid(self, x, name=None): return self.add_node("sigmoid", (x,), name=name)
     def tanh(self, x, name=None): return self.add_node("tanh", (x,), name=name)
+    def cos(self, x, name=None): return self.add_node("cos", (x,), name=name)
+    def floor(self, x, name=None): return self.add_node("floor", (x,), name=name)
     def identity(self, x, name=None): return self.add_node("identity", (x,), name=name)
     def gt(self, a, b, name=None): return self.add_node("gt", (a, b), name=name)
     def silu(self, x, name=None): return self.add_node("silu", (x,), name=name)

@@ -1,26 +1,25 @@
-"""Inference helpers: class predictions and probabilities, a confusion matrix, and optional plots.
+"""Inference helpers: class predictions and probabilities, top-k, a confusion matrix (plots: graphc.plots).
 
     from graphc.infer import predict, confusion_matrix
-    classes, probs = predict(result, ds.x_test)          # a TrainResult, an executable or a Graph
-    cm = confusion_matrix(ds.y_test, classes)            # rows: true digit, columns: predicted
+    classes, probs = predict(result, ds.x_test)          # a TrainResult, gc.load's executable, any executable
+    classes, probs = predict(exe, image)                 # one image: (H, W), (C, H, W) or (H, W, C); N = 1
+    top, p = topk(probs, 3)                              # the 3 likeliest classes of each image
+    cm = confusion_matrix(ds.y_test, classes)            # rows: true class, columns: predicted
 
-The plots (``plot_loss_curve``, ``plot_misclassified``) need matplotlib, an optional dependency
-(``pip install matplotlib``); without it they raise a PlotError saying so. Nothing else here does.
+Images are preprocessed as at training when the model records it (gc.load's executables, TrainResults):
+integer pixels scaled, channels standardised with the training split's statistics. Without a record,
+uint8 digits are scaled to [0, 1] and floats are taken as already normalised.
+The plots (``plot_loss_curve``, ``plot_misclassified``, ...) live in graphc.plots (matplotlib, optional)
+and are importable from here too.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from graphc.errors import GraphError
 
-__all__ = ["predict", "softmax", "confusion_matrix", "accuracy", "format_confusion_matrix",
-           "plot_loss_curve", "plot_misclassified", "PlotError"]
-
-
-class PlotError(GraphError, ImportError):
-    """A plot was asked for but matplotlib is not installed."""
+__all__ = ["predict", "topk", "softmax", "confusion_matrix", "accuracy", "format_confusion_matrix",
+           "preprocessing_of", "plot_loss_curve", "plot_misclassified", "PlotError"]
 
 
 def softmax(logits, axis=-1) -> np.ndarray:
@@ -31,8 +30,13 @@ def softmax(logits, axis=-1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def _images(images, dtype) -> np.ndarray:
+def _legacy_images(images, exe) -> np.ndarray:
+    """Images for a model with no recorded preprocessing: uint8 digits scaled to [0, 1], floats as given;
+    one image (H, W) or (C, H, W) of the graph's image shape becomes a batch of one."""
     a = np.asarray(images)
+    want = tuple(exe.graph.nx.nodes["x"]["shape"][1:]) if "x" in exe.graph else ()
+    if a.ndim == 2 or (a.ndim == 3 and tuple(a.shape) == want):
+        a = a[None]
     if a.dtype == np.uint8 or (np.issubdtype(a.dtype, np.integer) and a.ndim in (3, 4)):
         from graphc.data import normalize
         return normalize(a)          # uint8 digits (N, H, W) -> float (N, 1, H, W) in [0, 1]
@@ -40,7 +44,13 @@ def _images(images, dtype) -> np.ndarray:
         a = a[:, None]
     if a.ndim != 4:
         raise GraphError(f"predict expects images shaped (N, H, W) or (N, C, H, W), got {a.shape}")
-    return a.astype(dtype, copy=False)
+    return a.astype(exe.dtype, copy=False)
+
+
+def preprocessing_of(model):
+    """The Preprocess recorded with a model (gc.load's executable, a TrainResult), or None."""
+    art = getattr(model, "artifact", None)
+    return getattr(art, "preprocess", None)
 
 
 def _executable(model, backend):
@@ -55,42 +65,44 @@ def _executable(model, backend):
         import graphc
         g = model.clone()
         if "logits" in g:
-            g.output(g["logits"])
+            g.outputs = ["logits"]
         return graphc.compile(g, backend=backend)
     raise GraphError(f"predict takes a TrainResult, an executable or a graphc.Graph, got {type(model).__name__}")
 
 
-def predict(exe_or_graph, images, batch=256, backend="reference", logits="logits"):
-    """Predicted classes (N,) int64 and class probabilities (N, K) float for ``images``.
+def predict(model, images, batch=256, backend="reference", logits="logits", preprocess=None):
+    """Predicted classes (N,) int64 and class probabilities (N, K) for ``images``.
 
-    exe_or_graph: a TrainResult (uses its inference executable), an executable (training or inference;
-    it runs in inference mode, dropout off) or a Graph (compiled for ``backend`` with its initial weights).
-    images: uint8 digits (N, 28, 28) (normalized here as in training) or float (N, 1, 28, 28) already
-    normalized. The graph's "labels" input, if any, is fed zeros: only ``logits`` is read."""
-    exe = _executable(exe_or_graph, backend)
+    model: a TrainResult (its inference executable), an executable (gc.load's; or a training one, run in
+    inference mode, dropout off) or a Graph (compiled for ``backend`` with its initial weights).
+    images: one image ((H, W), (C, H, W) or (H, W, C): N = 1) or a batch, preprocessed as the model
+    records (``preprocess``, a graphc.preprocess.Preprocess, overrides it). Only "x" is fed: an input
+    "labels" that the scores do not depend on needs no feed."""
+    exe = _executable(model, backend)
     if logits not in exe.graph:
         raise GraphError(f"graph {exe.graph.name!r} has no value {logits!r} to read class scores from")
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise GraphError(f"batch must be a positive integer, got {batch!r}")
-    x = _images(images, exe.dtype)
-    extra = {}
-    for name, (shape, dtype) in exe.input_types.items():
-        if name != "x" and len(shape) == 1 and dtype.startswith("int"):
-            extra[name] = None                    # labels: fed zeros of the batch size
-        elif name != "x":
-            raise GraphError(f"predict feeds only the images \"x\"; the graph also takes input {name!r}")
-    chunks = []
-    for start in range(0, len(x), batch):
-        xb = x[start:start + batch]
-        feeds = {"x": xb}
-        feeds.update({n: np.zeros(len(xb), dtype=np.int64) for n in extra})
-        chunks.append(np.asarray(exe.run(feeds, outputs=[logits])[logits]))
+    pre = preprocess or preprocessing_of(model) or preprocessing_of(exe)
+    x = pre(images, dtype=exe.dtype) if pre is not None else _legacy_images(images, exe)
+    chunks = [np.asarray(exe.run({"x": x[i:i + batch]}, outputs=[logits])[logits]) for i in range(0, len(x), batch)]
     if not chunks:
         k = exe.graph.nx.nodes[logits]["shape"][-1]
         return np.zeros(0, dtype=np.int64), np.zeros((0, k if isinstance(k, int) else 0))
     scores = np.concatenate(chunks)
     probs = softmax(scores, axis=1)
     return np.argmax(scores, axis=1).astype(np.int64), probs.astype(scores.dtype)
+
+
+def topk(probs, k=5):
+    """(classes (N, k), probabilities (N, k)): each row's k likeliest classes, likeliest first (ties: the
+    lower class id first)."""
+    p = np.asarray(probs)
+    if p.ndim != 2:
+        raise GraphError(f"topk expects probabilities shaped (N, K), got {p.shape}")
+    k = max(1, min(int(k), p.shape[1]))
+    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    return order.astype(np.int64), np.take_along_axis(p, order, axis=1)
 
 
 def _labels(a, name):
@@ -131,83 +143,4 @@ def format_confusion_matrix(cm) -> str:
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def _pyplot(what):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")             # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotError(f"{what} needs matplotlib, which is not installed; install it with: "
-                        "pip install matplotlib") from None
-    return plt
-
-
-def plot_loss_curve(result, path) -> Path:
-    """Saves a figure of the training loss per step (and per-epoch means) and the test accuracy per epoch.
-    result: a TrainResult (or anything with step_losses / train_loss / test_accuracy lists)."""
-    plt = _pyplot("plot_loss_curve")
-    steps = list(getattr(result, "step_losses", []) or [])
-    epoch_loss = list(getattr(result, "train_loss", []) or [])
-    acc = list(getattr(result, "test_accuracy", []) or [])
-    if not steps and not epoch_loss:
-        raise GraphError("plot_loss_curve: the result holds no losses (was anything trained?)")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    try:
-        if steps:
-            ax.plot(np.arange(1, len(steps) + 1), steps, lw=0.8, alpha=0.6, label="loss per step")
-        if epoch_loss:
-            per_epoch = len(steps) / len(epoch_loss) if steps else 1
-            xs = [(i + 1) * per_epoch for i in range(len(epoch_loss))]
-            ax.plot(xs, epoch_loss, "o-", label="mean loss per epoch")
-        ax.set_xlabel("step" if steps else "epoch")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"{getattr(result, 'model', 'model')}: training loss")
-        handles, labels = ax.get_legend_handles_labels()
-        if acc:
-            ax2 = ax.twinx()
-            per_epoch = len(steps) / len(acc) if steps else 1
-            ax2.plot([(i + 1) * per_epoch for i in range(len(acc))], acc, "s--", color="tab:green",
-                     label="test accuracy")
-            ax2.set_ylabel("test accuracy")
-            h2, l2 = ax2.get_legend_handles_labels()
-            handles, labels = handles + h2, labels + l2
-        ax.legend(handles, labels, loc="center right")
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return Path(path)
-
-
-def plot_misclassified(images, y_true, y_pred, path, max_images=36) -> Path:
-    """Saves a grid of (up to max_images) misclassified digits titled "true -> predicted"."""
-    plt = _pyplot("plot_misclassified")
-    t, p = _labels(y_true, "y_true"), _labels(y_pred, "y_pred")
-    imgs = np.asarray(images)
-    if imgs.ndim == 4:
-        imgs = imgs[:, 0]
-    if imgs.ndim != 3 or len(imgs) != len(t) or len(t) != len(p):
-        raise GraphError(f"plot_misclassified: images {np.shape(images)}, y_true {t.shape} and y_pred {p.shape} "
-                         "must hold the same number of samples (images (N, H, W) or (N, 1, H, W))")
-    wrong = np.flatnonzero(t != p)[:max_images]
-    n = max(len(wrong), 1)
-    cols = min(n, 6)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
-    try:
-        for ax in axes.ravel():
-            ax.axis("off")
-        if not len(wrong):
-            axes[0, 0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-        for ax, i in zip(axes.ravel(), wrong):
-            ax.imshow(imgs[i], cmap="gray_r")
-            ax.set_title(f"{t[i]} -> {p[i]}", fontsize=9)
-        fig.suptitle(f"misclassified: {int((t != p).sum())} of {len(t)} (true -> predicted)", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return Path(path)
+from graphc.plots import PlotError, plot_loss_curve, plot_misclassified  # noqa: E402,F401  (their old home)

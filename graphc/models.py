@@ -1,6 +1,8 @@
 """The model zoo: each function returns a Graph with input "x" (NCHW images), input "labels" (int64
 class ids), a "logits" value and a "loss" output (softmax cross-entropy, mean over the batch).
-With loss=False the graph takes only "x" and outputs "logits".
+With loss=False the graph takes only "x" and outputs "logits". The digit models (mlp, lenet5,
+mnist_convnet, codelab_cnn, resnet, inception) take in_channels, image_size and num_classes too, so
+they fit other data (graphc train --data file.npz passes the data's).
 
 Architectures here as the course describes them; the torchvision ImageNet models (resnet18/34/50,
 mobilenet_v2, googlenet, vgg16_bn, squeezenet1_0) and the paper GoogLeNet are in models_imagenet.py.
@@ -21,50 +23,57 @@ from graphc.graph import Graph
 _finish = nn.finish
 
 
-def mlp(loss=True, seed=0):
+def _digits_input(g, in_channels, image_size):
+    """The input "x" of the digit models: (N, in_channels, H, W); image_size an int or (H, W). The
+    defaults are MNIST's (1, 28, 28); other values fit them to your own data (graphc train --data)."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return g.input("x", (None, in_channels, h, w))
+
+
+def mlp(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     """The course's 3-layer MLP: 784-16-16-10, ReLU, softmax."""
     g = Graph("mlp", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = nn.dense(g, g.flatten(x, name="flatten"), 16, name="fc1", act="relu")
     h = nn.dense(g, h, 16, name="fc2", act="relu")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
-def lenet5(loss=True, seed=0):
+def lenet5(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     """LeNet-5 for 28x28 digits (ReLU and max pooling): conv 6@5x5 pad 2 - pool - conv 16@5x5 - pool -
     120 - 84 - 10."""
     g = Graph("lenet5", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = g.maxpool(nn.conv2d(g, x, 6, 5, pad=2, name="c1"), 2, name="s2")
     h = g.maxpool(nn.conv2d(g, h, 16, 5, name="c3"), 2, name="s4")
     h = nn.dense(g, g.flatten(h, name="flatten"), 120, name="f5", act="relu")
     h = nn.dense(g, h, 84, name="f6", act="relu")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
-def mnist_convnet(loss=True, seed=0, dropout=0.5):
+def mnist_convnet(loss=True, seed=0, dropout=0.5, in_channels=1, image_size=28, num_classes=10):
     """The Keras "mnist_convnet" example: Conv2D(32, 3x3, relu) - MaxPool 2 - Conv2D(64, 3x3, relu) -
     MaxPool 2 - Flatten - Dropout(0.5) - Dense(10, softmax). Keras's glorot-uniform weights, zero biases."""
     g = Graph("mnist_convnet", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = g.maxpool(nn.conv2d(g, x, 32, 3, name="conv1", init="glorot"), 2, name="pool1")
     h = g.maxpool(nn.conv2d(g, h, 64, 3, name="conv2", init="glorot"), 2, name="pool2")
     h = g.flatten(h, name="flatten")
     if dropout:
         h = g.dropout(h, dropout, name="dropout")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
-def codelab_cnn(loss=True, seed=0):
+def codelab_cnn(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     """The TensorFlow MNIST codelab CNN: conv 3x3x12 same - conv 6x6x24 stride 2 same - conv 6x6x32
     stride 2 same (all relu) - flatten 7x7x32 = 1568 - dense 200 relu - dense 10."""
     g = Graph("codelab_cnn", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = nn.conv2d(g, x, 12, 3, pad="same", name="conv1")
     h = nn.conv2d(g, h, 24, 6, stride=2, pad="same", name="conv2")
     h = nn.conv2d(g, h, 32, 6, stride=2, pad="same", name="conv3")
     h = nn.dense(g, g.flatten(h, name="flatten"), 200, name="fc1", act="relu")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
 def alexnet(loss=True, seed=0, num_classes=1000, dropout=0.5, lrn=True):
@@ -122,18 +131,18 @@ def resnet_block(loss=True, seed=0, channels=8, image_size=8):
     return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
 
 
-def resnet(loss=True, seed=0):
+def resnet(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     """A small ResNet for 28x28 digits, with batch norm as ResNets have it: conv 16 + BN + ReLU - basic
     blocks 16, 32/2, 64/2 (conv-BN-ReLU-conv-BN plus the input, or its 1x1 conv + BN) - global average
     pool - 10."""
     g = Graph("resnet", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = nn.conv_bn_relu(g, x, 16, 3, pad=1, name="stem", act_name="stem.relu")
     h = nn.basic_block(g, h, 16, name="res1")
     h = nn.basic_block(g, h, 32, stride=2, name="res2")
     h = nn.basic_block(g, h, 64, stride=2, name="res3")
     h = g.global_avgpool(h, name="gap")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
 def inception_block(loss=True, seed=0, image_size=8):
@@ -145,19 +154,19 @@ def inception_block(loss=True, seed=0, image_size=8):
     return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
 
 
-def inception(loss=True, seed=0):
+def inception(loss=True, seed=0, in_channels=1, image_size=28, num_classes=10):
     """A small GoogLeNet-style net for 28x28 digits: stem conv, pool, two Inception blocks, GAP, 10."""
     g = Graph("inception", seed=seed)
-    x = g.input("x", (None, 1, 28, 28))
+    x = _digits_input(g, in_channels, image_size)
     h = g.maxpool(nn.conv2d(g, x, 16, 3, pad=1, name="stem"), 2, name="stem.pool")
     h = nn.inception_block(g, h, 8, 8, 16, 4, 8, 8, name="inc1")
     h = g.maxpool(h, 2, name="pool2")
     h = nn.inception_block(g, h, 16, 16, 32, 8, 16, 16, name="inc2")
     h = g.global_avgpool(h, name="gap")
-    return _finish(g, nn.dense(g, h, 10, name="logits", init="glorot"), loss)
+    return _finish(g, nn.dense(g, h, num_classes, name="logits", init="glorot"), loss)
 
 
-# The worked example of the course unit (SEED_NOTES.md), with its exact weights.
+# The worked example of the course unit (its notes), with its exact weights.
 SEED_X = np.array([[[[1, 0, 1], [0, 1, 0], [1, 0, 1]]]], dtype=np.float64)
 SEED_LABELS = np.array([0])          # one-hot (1.0, 0.0)
 
@@ -204,13 +213,20 @@ def load(spec, **kwargs) -> Graph:
     """A zoo name ("lenet5") or "path/to/file.py:function" returning a Graph, or "model.onnx". kwargs (e.g. seed) are
     passed on when the function takes them. A user's file or function that raises is one GraphError
     line ("cannot load model ...: ValueError: ..."), the traceback chained for --debug."""
+    return build(spec, **kwargs)[0]
+
+
+def build(spec, **kwargs):
+    """(graph, the kwargs the model function took): load(), telling which of kwargs were used (what a
+    checkpoint records to rebuild the graph)."""
     if isinstance(spec, str) and spec.lower().endswith(".onnx"):
         from graphc.onnx.cli import load_model
-        return load_model(spec, **kwargs)
+        return load_model(spec, **kwargs), {}
     if not isinstance(spec, str):
         raise GraphError(f"MODEL must be a zoo name or path/to/file.py:function, got {type(spec).__name__}")
     if spec in ZOO:
-        return ZOO[spec](**kwargs)
+        used = _accepted(ZOO[spec], kwargs)
+        return ZOO[spec](**used), used
     if ":" in spec:
         path, fn = spec.rsplit(":", 1)
         if not os.path.isfile(path):
@@ -224,13 +240,14 @@ def load(spec, **kwargs) -> Graph:
         if not callable(getattr(mod, fn, None)):
             raise GraphError(f"{path} has no function {fn!r}")
         fn = getattr(mod, fn)
+        used = _accepted(fn, kwargs)
         try:
-            g = fn(**_accepted(fn, kwargs))
+            g = fn(**used)
         except GraphError:
             raise
         except Exception as e:  # noqa: BLE001 - the user's own code raised
             raise GraphError(f"cannot load model {spec!r}: {type(e).__name__}: {e}") from e
         if not isinstance(g, Graph):
             raise GraphError(f"{spec} returned {type(g).__name__}, not a graphc.Graph")
-        return g
+        return g, used
     raise GraphError(f"unknown model {spec!r}; zoo models: {', '.join(names())}; or give path/to/file.py:function")

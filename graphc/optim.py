@@ -3,7 +3,9 @@ parameter's (and every state's) next value, so forward + backward + update is on
 
 Optimizer state (learning rate, momentum/velocity buffers, step count) are non-trainable `param` nodes
 named "optim/...": saved and restored with the parameters (`exe.state_dict()`), and the learning rate can
-be changed between steps without recompiling (`exe.state["optim/lr"][...] = 0.01`).
+be changed between steps without recompiling (`exe.state["optim/lr"][...] = 0.01`). A schedule
+(graphc.schedules: step decay, cosine, warm-up) multiplies it by a factor computed in the graph from a
+step counter that is state too, so schedules checkpoint and resume with the rest.
 """
 import math
 
@@ -27,6 +29,19 @@ def hyper(owner, name, value, low=0.0, high=math.inf, low_open=True, high_open=T
 
 class Optimizer:
     name = "optimizer"
+    schedule = None          # a graphc.schedules schedule: the learning rate's factor, computed in the graph
+
+    def _lr(self, g):
+        """The learning rate of this step: the state optim/lr, times the schedule's factor when there is one."""
+        lr = self._state(g, "optim/lr", value=self.lr)
+        return lr if self.schedule is None else self.schedule.attach(g, lr)
+
+    def _set_schedule(self, schedule):
+        from graphc.schedules import Schedule
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise GraphError(f"{type(self).__name__}: schedule must be a gc.schedules schedule "
+                             f"(gc.schedules.Cosine(1000), ...), got {type(schedule).__name__}")
+        self.schedule = schedule
 
     def build(self, g, grads):
         """Adds the update nodes to training graph `g`; grads maps param name -> gradient value."""
@@ -43,16 +58,17 @@ class Optimizer:
 
 
 class SGD(Optimizer):
-    """Mini-batch SGD, with momentum and weight decay as AlexNet's rule (SEED_NOTES):
+    """Mini-batch SGD, with momentum and weight decay as AlexNet's rule (the course notes):
     v = momentum*v - weight_decay*lr*w - lr*dL/dw;  w = w + v.   (momentum 0: w = w - lr*(dL/dw + wd*w))"""
 
-    def __init__(self, lr, momentum=0.0, weight_decay=0.0):
+    def __init__(self, lr, momentum=0.0, weight_decay=0.0, schedule=None):
         self.lr = hyper("SGD", "lr", lr)
         self.momentum = hyper("SGD", "momentum", momentum, 0.0, 1.0, low_open=False)
         self.weight_decay = hyper("SGD", "weight_decay", weight_decay, low_open=False)
+        self._set_schedule(schedule)
 
     def build(self, g, grads):
-        lr = self._state(g, "optim/lr", value=self.lr)
+        lr = self._lr(g)
         rule = "sgd:momentum" if self.momentum else "sgd"
         with g.role("update"), g.rule(rule):
             for p, gp in grads.items():
@@ -75,16 +91,17 @@ class Adam(Optimizer):
     w = w - lr * m_hat / (sqrt(v_hat) + eps) with the bias corrections m_hat = m/(1-b1^t), v_hat = v/(1-b2^t)
     of the Adam paper; bias_correction=False gives the seed's uncorrected form w - lr m/(sqrt(v)+eps)."""
 
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction=True):
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, bias_correction=True, schedule=None):
         self.lr = hyper("Adam", "lr", lr)
         self.beta1 = hyper("Adam", "beta1", beta1, 0.0, 1.0)     # open: the bias correction takes log(beta)
         self.beta2 = hyper("Adam", "beta2", beta2, 0.0, 1.0)
         self.eps = hyper("Adam", "eps", eps)
         self.bias_correction = bias_correction
+        self._set_schedule(schedule)
 
     def build(self, g, grads):
         b1, b2 = self.beta1, self.beta2
-        lr = self._state(g, "optim/lr", value=self.lr)
+        lr = self._lr(g)
         with g.role("update"), g.rule("adam"):
             if self.bias_correction:
                 t = self._state(g, "optim/t", value=0.0)
@@ -106,5 +123,5 @@ class Adam(Optimizer):
                 g.updates.update({m.name: m_new.name, v.name: v_new.name, p: new.name})
 
 
-def momentum(lr, momentum=0.9, weight_decay=0.0):
-    return SGD(lr, momentum=momentum, weight_decay=weight_decay)
+def momentum(lr, momentum=0.9, weight_decay=0.0, schedule=None):
+    return SGD(lr, momentum=momentum, weight_decay=weight_decay, schedule=schedule)

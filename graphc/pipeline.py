@@ -26,6 +26,8 @@ class Pass:
 
 PASSES = [
     Pass("check", "check:check", "refuse cycles, dangling inputs, unknown ops", ("reference", "numba", "cuda")),
+    Pass("fold_bn", "fold_bn:fold_bn", "inference: conv -> batch norm folded into the conv's weights and bias "
+                                       "(from the current parameters, each run)"),
     Pass("simplify", "simplify:simplify", "algebraic simplification: x*1, x+0, identity/copy, reshape of reshape"),
     Pass("fold", "fold:fold_constants", "constant folding"),
     Pass("cse", "cse:cse", "common-subexpression elimination"),

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from graphc import ops as optable
-from graphc.ops.conv import is_plain
 from graphc.passes.helpers.rewrite import consumers, data, is_const_fill, set_inputs
 
 
@@ -137,11 +136,6 @@ def relu_masks_on_outputs(g):
             set_inputs(g, n, (relus[0], z))
 
 
-def _plain_conv(g, n):
-    """Ungrouped, undilated: the only convs the fused conv kernels take."""
-    return is_plain(data(g, n)["attrs"])
-
-
 def _window(g, m):
     return {k: m.attrs(g, "pool")[k] for k in POOL_WINDOW}
 
@@ -159,7 +153,7 @@ def _per_channel_sum(g, m):
 
 CONV_RELU_MAXPOOL = Chain(
     "conv_relu_maxpool",
-    roles=(Role("conv", "conv", _plain_conv), Role("act", "relu"), Role("pool", "maxpool")),
+    roles=(Role("conv", "conv"), Role("act", "relu"), Role("pool", "maxpool")),
     prepare=relu_masks_on_outputs,
     # in a training graph the group also returns its pool route (int32 flat index of each window's max,
     # -1 where the ReLU zeroed the window), so the backward needs no full-resolution forward value
@@ -180,8 +174,15 @@ CONV_RELU_MAXPOOL = Chain(
     ),
 )
 
-CONV_RELU = Chain("conv_relu", roles=(Role("conv", "conv", _plain_conv), Role("act", "relu")),
+# every conv kind fuses (grouped, dilated, depthwise: the backends' conv kernels take them all)
+CONV_RELU = Chain("conv_relu", roles=(Role("conv", "conv"), Role("act", "relu")),
                   prepare=relu_masks_on_outputs)
+
+# conv -> clip (ReLU6 = clip(x, 0, 6), MobileNet's activation after a folded batch norm): the clip in the
+# depthwise kernels' epilogue (a memory-bound layer saves a pass over its output). Inference only in
+# practice: clip's gradient reads the conv output (lo <= x <= hi), so in a training graph the conv
+# output is read outside the group and the chain does not match.
+CONV_CLIP = Chain("conv_clip", roles=(Role("conv", "conv"), Role("act", "clip")))
 
 
 # --- elementwise chains ---------------------------------------------------------------------------------
@@ -204,4 +205,4 @@ def _same_loop(g, a, b):
 ELEMENTWISE = Region("elementwise", member=_elementwise, join=_same_loop, role="ew")
 
 
-PATTERNS = [CONV_RELU_MAXPOOL, CONV_RELU, ELEMENTWISE]
+PATTERNS = [CONV_RELU_MAXPOOL, CONV_RELU, CONV_CLIP, ELEMENTWISE]

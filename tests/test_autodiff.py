@@ -369,7 +369,7 @@ OP_BUILDERS = {
     "div": _binary("div", 0.5, 2.0),
     "copy": _unary("copy"), "identity": _unary("identity"), "neg": _unary("neg"), "exp": _unary("exp"),
     "log": _unary("log", 0.5, 2.0), "sqrt": _unary("sqrt", 0.5, 2.0), "sigmoid": _unary("sigmoid"),
-    "tanh": _unary("tanh"), "relu": _unary("relu"),
+    "tanh": _unary("tanh"), "relu": _unary("relu"), "cos": _unary("cos"),
     "matmul": b_matmul, "conv": b_conv, "conv_dx": b_conv_dx, "conv_dw": b_conv_dw,
     "maxpool": b_maxpool, "avgpool": b_avgpool, "maxpool_route": b_maxpool_route,
     "maxpool_gather": b_maxpool_gather, "avgpool_spread": b_avgpool_spread,
@@ -384,6 +384,17 @@ OP_BUILDERS = {
     "bce_with_sigmoid": _pair_loss("bce_with_sigmoid", False), "bce_grad": _pair_loss("bce_grad", True),
 }
 OP_BUILDERS.update(CNN_BUILDERS)      # batchnorm, lrn, prelu, ... (tests/cnn_gradcheck_builders.py)
+
+
+def b_allreduce(c):
+    """One rank (no launcher): the reduction is a copy and its gradient rule, another allreduce, the identity
+    (tests/test_mpi.py checks the rule on two ranks)."""
+    from graphc.distributed import world
+    from graphc.ops.collective import allreduce
+    return c.finish(allreduce(c.g, c.param("x", dims(c, c.int(1, 3))), world().id, c.pick(["mean", "sum"])))
+
+
+OP_BUILDERS.update(allreduce=b_allreduce, allreduce_wait=b_allreduce)
 
 DIFFERENTIABLE = sorted(n for n, d in OPS.items() if d.differentiable and not d.source)
 

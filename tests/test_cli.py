@@ -1,10 +1,12 @@
 """The `graphc` command line: every verb's --help, one-line errors with a non-zero status, summary's
 parameter counts, render's files, and bench/train forwarding their options."""
+import re
 import shutil
 import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import graphc as gc
@@ -44,6 +46,20 @@ def test_summary_parameter_counts(capsys):
     assert rc == 0 and "total trainable parameters: 61,706" in out
     rc, out, _ = run(capsys, "summary", "alexnet")
     assert rc == 0 and "total trainable parameters: 62,378,344" in out
+
+
+def test_summary_columns_and_backward_totals(capsys):
+    rc, out, _ = run(capsys, "summary", "lenet5")
+    assert rc == 0
+    head = next(line for line in out.splitlines() if line.startswith("node"))
+    assert head.split() == ["node", "op", "output", "shape", "params", "param", "bytes", "MACs", "activations"]
+    row = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in ("c1", "c3")}
+    # by hand: c1 6 filters 1x5x5 at 28x28 = 117,600 MACs, 156 params = 624 bytes, 6*28*28 float32 out = 18.8 KB
+    assert re.search(r"156\s+624 B\s+117,600\s+18\.8 KB$", row["c1"]) and re.search(r"240,000", row["c3"])
+    assert "parameter bytes: 246,824 (246.8 KB)" in out and "MACs per image: 416,520" in out
+    rc, out, _ = run(capsys, "summary", "lenet5", "--backward")
+    assert rc == 0 and "total trainable parameters: 61,706" in out            # not 123,240: no double count
+    assert "MACs per image: 1,131,960" in out                 # + dL/dW and dL/dX of each conv and dense
 
 
 def test_unknown_model_is_one_line(capsys):
@@ -92,8 +108,13 @@ def test_model_from_a_file(capsys, tmp_path):
 def test_render_writes_files(capsys, tmp_path):
     out_file = tmp_path / "seed.dot"
     rc, out, _ = run(capsys, "render", "seed_cnn", "--backward", "--values", "-o", str(out_file))
-    b = gc.grad(models.load("seed_cnn"))       # one drawn node per value, one drawn edge per graph edge
-    assert rc == 0 and out.startswith(f"wrote {out_file} ({len(b.nx)} nodes, {b.nx.number_of_edges()} edges")
+    b = gc.grad(models.load("seed_cnn"))
+    drawn = len(b.nx) - len(b.op_nodes("identity")) - sum(       # identities elided, scalar constants inlined
+        1 for n in b.op_nodes("const") if np.asarray(b.nx.nodes[n]["attrs"]["value"]).size == 1)
+    assert rc == 0 and out.startswith("values: the course's worked example, label 0\n")
+    # 41 edges: the graph's edges less those into and out of the elided and inlined nodes, each
+    # elided identity bridged by one edge that keeps its rule
+    assert out.splitlines()[1].startswith(f"wrote {out_file} ({drawn} nodes, 41 edges"), out
     text = out_file.read_text()
     assert "0.2539" in text and "0.5077" in text and "dir=back" in text
     rc, _, _ = run(capsys, "render", "lenet5", "--format", "json", "-o", str(tmp_path / "l.json"))
@@ -128,10 +149,29 @@ def test_bench_forwards_options(capsys, monkeypatch):
     fake.run_bench = lambda model, **kw: seen.update(model=model, **kw)
     monkeypatch.setitem(sys.modules, "graphc.bench", fake)
     rc, _, _ = run(capsys, "bench", "mnist_convnet", "--train", "--batch", "128", "--compare", "torch,jax",
-                   "--json", "out.json", "--no-fuse", "--backend", "reference", "--tune")
+                   "--json", "out.json", "--no-fuse", "--no-fold-bn", "--backend", "reference", "--tune")
     assert rc == 0
     assert seen == dict(model="mnist_convnet", backend="reference", batch=128, train=True, fuse=False,
-                        compare=["torch", "jax"], json_path="out.json", tune=True)
+                        compare=["torch", "jax"], json_path="out.json", repeats=None, measure_compile=True,
+                        fold_bn=False, tune=True)
+    seen.clear()
+    rc, _, _ = run(capsys, "bench", "lenet5", "--repeats", "7", "--no-compile-times")
+    assert rc == 0 and seen["repeats"] == 7 and seen["measure_compile"] is False
+    rc, _, err = run(capsys, "bench", "lenet5", "--repeats", "0")
+    assert rc == 1 and "--repeats must be at least 1" in err
+
+
+def test_bench_report_prints_tables_not_dicts():
+    from graphc.bench import report
+    r = {"model": "lenet5", "backend": "numba", "batch": 64, "mode": "train", "fuse": True, "step_ms": 2.5,
+         "kernels": [{"name": "k", "ops": ["conv"], "shapes": "(64, 1, 28, 28)", "ms": 1.0, "gflops": 3.0,
+                      "share": 0.4}], "kernel_count": 1, "kernel_ms_sum": 1.0,
+         "compile_s": {"cold": None, "warm": None, "this_process": {"compile_s": 0.1, "first_step_s": 0.2}},
+         "roofline_gflops": None, "threads": {"used": 2, "measured_ms": {2: 61.04035099997418, 1: 3.0512}},
+         "machine": {"loadavg": (1.5, 2.25, 3.0)}, "compare": {}}
+    text = report(r)
+    assert "{" not in text and "}" not in text
+    assert "threads: 2 (measured per run: 2 threads 61.04 ms, 1 thread 3.05 ms); load average 1.50 2.25 3.00" in text
 
 
 def test_bench_missing_is_one_line(capsys, monkeypatch):

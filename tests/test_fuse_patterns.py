@@ -17,7 +17,11 @@ more or less, a member more or less, another body — fails here.
 
 Re-recorded once since, when the op set of real CNNs landed: only alexnet (LRN after conv1/conv2) and the
 digit resnet (batch norm) changed among the models recorded before, as their definitions did; the new
-zoo models (resnet18/34/50, mobilenet_v2, googlenet(_lrn), vgg16_bn, squeezenet1_0) were added.
+zoo models (resnet18/34/50, mobilenet_v2, googlenet(_lrn), vgg16_bn, squeezenet1_0) were added. And
+again when batch norm's and LRN's backward became ops of their own (bn_grad_sums, bn_grad_x, lrn_grad:
+fewer elementwise groups in training) and inference graphs began to fold batch norm into the conv before
+it (passes/fold_bn.py: conv_relu groups, and the folded weights' elementwise groups): only the models
+with batch norm or LRN changed (alexnet, googlenet(_lrn), mobilenet_v2, resnet, resnet18/34/50, vgg16_bn).
 """
 from __future__ import annotations
 

@@ -15,8 +15,9 @@
 The examples are derandomized (the same cases on every run, so CI does not flake). To search new cases:
 GRAPHC_FUZZ_EXPLORE=1 python -m pytest tests/test_fuzz.py (random, 10x the examples).
 
-Exclusions from the numba comparison (documented; their fix belongs to the numba kernels):
-PENDING_NUMBA_NAN lists the backend paths whose NaN/inf handling still differs from numpy's.
+Nothing is excluded from the comparison: numba's kernels follow numpy's NaN/inf semantics (max pools and
+their routes, the fused conv-ReLU-pool, the loss kernels in float64, float32 elementwise chains), so
+every output of every accepted case is compared, NaN and inf positions included.
 """
 import os
 
@@ -315,54 +316,6 @@ def test_define_dropout_and_seeds(rate, seed, gseed):
 
 # ================================================================== feeds: reference vs numba
 
-def _as32(feeds, name):
-    return np.asarray(feeds[name]).astype(np.float32)
-
-
-def nonfinite(name):
-    return lambda feeds: not np.isfinite(_as32(feeds, name)).all()
-
-
-def huge(names, limit):
-    return lambda feeds: any(bool((np.abs(_as32(feeds, n)) > limit).any()) for n in names.split(","))
-
-
-def exp_overflows(name):
-    return lambda feeds: bool((np.abs(_as32(feeds, name)) > 88.0).any())   # exp(88.7) is float32's max
-
-
-#: The numba paths whose NaN/inf results still differ from numpy's (the reference's); their fix is the
-#: numba kernels' (the backend task after the restructure). Each entry: (fuzz graph, outputs whose values
-#: are not compared, when (a predicate on the feeds), why). Everything else is compared, and even these
-#: outputs must have the reference's shape and dtype, and both backends must accept or refuse alike.
-PENDING_NUMBA_NAN = [
-    ("cnn", {"logits", "loss"}, nonfinite("x"),
-     "fused conv->ReLU->maxpool forward (numba_conv.conv2d_relu_maxpool, direct and im2col): a NaN in a "
-     "pooling window is skipped when a larger number follows it (np.max gives NaN)"),
-    ("cnn-train", {"*"}, nonfinite("x"),
-     "max-pool backward (numba maxpool_route, the fused route_relu scatter): a window holding NaN sends its "
-     "gradient to its largest number, np.argmax's route to its first NaN"),
-    ("losses", {"mse", "bce"}, huge("z,t", 1e19),
-     "numba's mse/bce kernels multiply float32 operands in float32 (overflow beyond ~1e19 squared) and "
-     "sum in float64; the reference evaluates the loss in float64: inf - inf (NaN) vs -inf"),
-    ("losses", {"sce", "sce_soft"}, huge("z", 1e15),
-     "numba's softmax-cross-entropy kernels form z - (max + log(sum)) in float64: beyond |z| ~ 2**53 the "
-     "log term is lost (the reference's (z - max) - log(sum) keeps it; with a soft label inf: NaN vs inf)"),
-    ("elementwise", {"sqrtexp"}, exp_overflows("a"),
-     "fused elementwise chains keep math.exp/log/sqrt/tanh intermediates in float64: sqrt(exp(100)) is "
-     "finite in numba, inf in float32 numpy"),
-]
-
-
-def pending(graph, feeds):
-    """The outputs PENDING_NUMBA_NAN excludes from the value comparison for these feeds."""
-    skip = set()
-    for name, outs, when, _ in PENDING_NUMBA_NAN:
-        if name == graph and when(feeds):
-            skip |= outs
-    return skip
-
-
 def build_cnn():
     g = gc.Graph("fz_cnn", seed=1)
     x = g.input("x", (None, 1, 6, 6))
@@ -501,16 +454,14 @@ def magnitude(feeds):
     return m
 
 
-def same_values(ref, got, where, skip=(), feeds=None):
-    """numba's result equals the reference's: keys, shapes, dtypes, NaN and inf positions, values (not
-    compared for the outputs in `skip`, "*" = all; within a tolerance scaled by the fed magnitudes)."""
+def same_values(ref, got, where, feeds=None):
+    """numba's result equals the reference's: keys, shapes, dtypes, NaN and inf positions, values (within
+    a tolerance scaled by the fed magnitudes)."""
     big = magnitude(feeds) ** 2 if feeds else 0.0
     assert set(ref) == set(got), where
     for k in ref:
         r, n = np.asarray(ref[k]), np.asarray(got[k])
         assert r.shape == n.shape and r.dtype == n.dtype, f"{where} {k}: {r.shape} {r.dtype} vs {n.shape} {n.dtype}"
-        if k in skip or "*" in skip:
-            continue
         assert np.array_equal(np.isnan(r), np.isnan(n)), f"{where} {k}: NaN positions differ\n{r}\n{n}"
         assert np.array_equal(np.isposinf(r), np.isposinf(n)) and np.array_equal(np.isneginf(r), np.isneginf(n)), \
             f"{where} {k}: inf positions differ\n{r}\n{n}"
@@ -526,7 +477,7 @@ def compare_backends(name, ref, nb, feeds):
     assert rk == nk, f"{name}: reference {rk} ({rv!r}), numba {nk} ({nv!r})"
     if rk == "ok":
         COUNT["accepted"] += 1
-        same_values(rv, nv, name, pending(name, feeds), feeds)
+        same_values(rv, nv, name, feeds)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
@@ -565,7 +516,7 @@ def test_training_step_reference_vs_numba(trainers, data):
     if rk == "ok":
         COUNT["accepted"] += 1
         same_values({"loss": np.asarray(rloss), **ref.params}, {"loss": np.asarray(nloss), **nb.params}, "step",
-                    pending("cnn-train", feeds), feeds)
+                    feeds)
 
 
 def test_enough_cases():

@@ -1,7 +1,6 @@
 """Regression tests for the hardening issue's numbered defects (#1-#17): each reproduction from the
 issue, now a graphc error with one line (or the right value) instead of a crash, a traceback, a wrong
-value or lost data. #3 and #16 are backend fixes still pending: their tests are strict xfails, so they
-turn into failures (XPASS) the day the backends are fixed and the marks must go."""
+value or lost data."""
 import gzip
 import json
 import os
@@ -151,8 +150,6 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="backend fix pending: a truncated/garbage .nbi/.nbc cache entry is not "
-                                       "discarded and recompiled (UnpicklingError)")
 def test_03_corrupted_kernel_cache_is_discarded_and_recompiled(tmp_path):
     pytest.importorskip("numba")
     env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache")}
@@ -459,8 +456,6 @@ def test_15_stale_temp_files_are_cleaned_on_the_next_save_or_load(digits, tmp_pa
 
 # ------------------------------------------------------------------ 16: numba 0-d outputs
 
-@pytest.mark.xfail(strict=True, reason="backend fix pending: the numba executable stores constants with "
-                                       "np.ascontiguousarray, which makes 0-d values 1-d")
 def test_16_numba_keeps_zero_d_outputs_zero_d():
     pytest.importorskip("numba")
     g = gc.Graph()
@@ -468,6 +463,12 @@ def test_16_numba_keeps_zero_d_outputs_zero_d():
     g.output(v)
     assert gc.compile(g).run({})[v.name].shape == ()
     assert gc.compile(g, backend="numba").run({})[v.name].shape == ()
+    g = gc.Graph()                   # 0-d inputs, consts and results beside batched ones: the reference's shapes
+    s, a, c = g.input("s", ()), g.input("a", (None, 3)), g.const(np.asarray(2.0))
+    g.output(g.mul(s, c, name="sc"), g.add(a, s, name="as"), g.sum(a, name="tot"), g.relu(s, name="rs"))
+    feeds = {"s": np.asarray(3.0, np.float32), "a": np.ones((2, 3), np.float32)}
+    shapes = [{k: v.shape for k, v in gc.compile(g, backend=b).run(feeds).items()} for b in ("reference", "numba")]
+    assert shapes[0] == shapes[1] == {"sc": (), "as": (2, 3), "tot": (), "rs": ()}, shapes
 
 
 # ------------------------------------------------------------------ 17: minor API validation

@@ -200,10 +200,8 @@ def test_fused_matches_unfused(fcase, strategy, rng):
     yr, rr = maxpool_ref(a, ps, pst)
     close(y, yr, np.float32)
     assert route.dtype == np.int32 and route.shape == y.shape
-    # route: -1 exactly where the window max is <= 0; elsewhere the argmax of the pre-activation
-    assert np.array_equal(route < 0, yr <= 0)
-    pos = route >= 0
-    assert np.array_equal(route[pos], rr[pos])
+    # route: the first max of the ReLU output where it is > 0, else ~ that (maxpool_argmax's relu rule)
+    assert np.array_equal(route, np.where(yr > 0, rr, ~rr))
     # without the route: same values
     y2 = nc.conv2d_relu_maxpool(x, w, b, s, pads, ps, pst, strategy=strategy)
     close(y2, yr, np.float32)
@@ -215,7 +213,8 @@ def test_fused_matches_unfused(fcase, strategy, rng):
 
 
 def test_fused_route_relu_kills_and_ties(rng):
-    """All-negative windows route nothing; ties go to the first position in row-major order."""
+    """All-negative windows route ~(their first position): dy * 0 goes there; ties go to the first
+    position in row-major order."""
     x = np.zeros((1, 1, 4, 4), np.float32)
     x[0, 0] = [[1, 3, -1, -2],
                [3, 2, -3, -1],
@@ -227,10 +226,10 @@ def test_fused_route_relu_kills_and_ties(rng):
     for strategy in STRATS:
         y, route = nc.conv2d_relu_maxpool(x, w, b, 1, (0, 0, 0, 0), 2, 2, save_route=True,
                                           strategy=strategy)
-        assert route[0, 0].tolist() == [[1, -1], [-1, 10]]          # zeros window (max 0): -1
+        assert route[0, 0].tolist() == [[1, ~2], [~8, 10]]          # all <= 0, zeros: ~first position
         assert y[0, 0].tolist() == [[3, 0], [0, 5]]
         # channel 1 is -x: only the top-right window has a positive max (3 at row 1, column 2)
-        assert route[0, 1].tolist() == [[-1, 6], [-1, -1]]
+        assert route[0, 1].tolist() == [[~0, 6], [~8, ~10]]
         assert y[0, 1].tolist() == [[0, 3], [0, 0]]
 
 
@@ -425,7 +424,7 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
 @pytest.mark.parametrize("epi", ["store", "pool"])
 def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
     """Values and (pool) the saved route: the flat index in the conv-output plane of each window's
-    first maximum, -1 where it is <= 0. "ties": small integers (exact sums: compared with ==), an
+    first maximum, ~ that where it is <= 0. "ties": small integers (exact sums: compared with ==), an
     all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere."""
     N, C, H, W, K = 2, 3, 10, 9, 5
     if data == "ties":
@@ -444,7 +443,7 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
         if epi == "store":
             return z, None
         yq, rq = maxpool_ref(z, 2, 2)                    # the first max of the ReLU output ...
-        return yq, np.where(yq > 0, rq, -1)             # ... is the pre-activation's where it is > 0
+        return yq, np.where(yq > 0, rq, ~rq)            # ... is the pre-activation's where it is > 0
     ref, ref_route = reference()
     y = np.empty(ref.shape, np.float32)
     route = np.full(ref.shape if epi == "pool" else (1, 1, 1, 1), -7, np.int32)
@@ -462,7 +461,7 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
                 wo = W + pads[2] + pads[3] - 2  # conv-output width: the route's row length
                 top_left = (2 * np.arange(Hq))[:, None] * wo + 2 * np.arange(Wq)[None, :]
                 np.testing.assert_array_equal(route[1, 0], top_left)     # a plateau of 1: first position
-                np.testing.assert_array_equal(route[1, 1:3], -1)         # max exactly 0, max < 0: none
+                np.testing.assert_array_equal(route[1, 1:3], np.broadcast_to(~top_left, (2,) + top_left.shape))
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
 

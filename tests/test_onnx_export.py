@@ -153,3 +153,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["summary", str(tmp_path / "bad.onnx")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("graphc: error:") for line in err)
+
+
+def test_cli_train_export_runs_in_onnxruntime_with_the_trained_logits(tmp_path, capsys):
+    """`graphc train lenet5 --export model.onnx`: the exported file holds the trained weights, so
+    onnxruntime gives the logits of the trained model (gc.load of the same run's checkpoint), to 1e-5."""
+    ort = pytest.importorskip("onnxruntime")
+    from graphc.cli import main
+    ckpt, model = tmp_path / "run.npz", tmp_path / "lenet5.onnx"
+    assert main(["train", "lenet5", "--epochs", "1", "--batch", "128", "--no-progress", "--save", str(ckpt),
+                 "--export", str(model)]) == 0
+    assert f"exported {model}" in capsys.readouterr().out
+    x = np.random.default_rng(0).random((8, 1, 28, 28)).astype(np.float32)
+    want = gc.load(ckpt).run({"x": x}, outputs=["logits"])["logits"]
+    got = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(["logits"], {"x": x})[0]
+    untrained = gc.compile(gc.models.load("lenet5")).run({"x": x}, outputs=["logits"])["logits"]
+    assert np.abs(got - untrained).max() > 1e-2                  # the weights are the trained ones ...
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # ... and onnxruntime agrees with graphc

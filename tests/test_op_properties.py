@@ -150,7 +150,8 @@ def every_torch_op_graph():
     pos = g.add(g.sigmoid(t), g.scalar(0.5))
     flat = g.reshape(x, (None, 32))
     outs = [g.add(x, t), g.mul(x, t), g.max(x, t), g.relu(x), g.sub(x, t), g.neg(x), g.div(x, pos), g.exp(x),
-            g.log(pos), g.sqrt(pos), g.sigmoid(x), g.tanh(x), g.identity(x), g.copy(x),
+            g.log(pos), g.sqrt(pos), g.sigmoid(x), g.tanh(x), g.cos(x), g.floor(g.mul(x, 3.0)), g.identity(x),
+            g.copy(x),
             g.transpose(x, (0, 2, 3, 1)), g.concat([x, t], axis=1), g.slice(x, 1, 0, 1),
             g.pad2d(x, (1, 0, 2, 1), value=0.5), g.sum(x, axes=(1, 2)), g.mean(x, axes=(0, 3), keepdims=True),
             g.maxpool(x, 2), g.avgpool(x, 2), g.global_avgpool(x),

@@ -316,6 +316,14 @@ def test_unary_functions():
     np.testing.assert_array_equal(ext, [0.0, 1.0])
 
 
+@covers("cos", "floor")
+def test_cos_and_floor():
+    x = np.array([-2.5, -1.0, -0.0, 0.0, 0.5, 1.0, 3.999, np.pi])
+    c, f = run(lambda g: [g.cos(g.const(x)), g.floor("const1")])
+    np.testing.assert_allclose(c, np.cos(x), rtol=1e-15)
+    np.testing.assert_array_equal(f, [-3.0, -1.0, -0.0, 0.0, 0.0, 1.0, 3.0, 3.0])
+
+
 @covers("add", "mul", "input")
 def test_seed_001_f_equals_x_plus_y_times_z():
     # seeds/001: f = (x + y) z, "x = -2, y = 5, z = 4", forward f = -12, gradients df/dx = df/dy = -4 and
@@ -335,7 +343,7 @@ def test_seed_001_f_equals_x_plus_y_times_z():
 
 @covers("add", "mul", "sigmoid", "sum", "param")
 def test_seed_notes_neuron_z_is_one_and_sigmoid_0731():
-    # SEED_NOTES: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
+    # The course notes: z = (x1*w1 + x2*w2) + b with x1=-1, w1=-2, x2=-2, w2=3, b=-3 "gives z = 1.0, sigmoid 0.731".
     # Literally those values give 2 - 6 - 3 = -7; the course figure behind it has the weights' signs the
     # other way (w1 = 2, w2 = -3): -2 + 6 - 3 = 1.0 and sigmoid(1) = 0.731. Both are checked.
     g = gc.Graph("neuron", dtype="float64")
@@ -639,11 +647,11 @@ def test_saved_route_ops():
     # flat index i*W + j (W = 8) of each window's FIRST max in row-major order: 4 at (1,1); the 0 at (0,2)
     # before the 0 at (1,3); the plateau's top-left (0,4); -1 at (0,6)
     np.testing.assert_array_equal(out["r"], [[[[9, 2, 4, 6]]]])
-    # relu=True: a window whose max is <= 0 -- exactly 0 included -- routes nowhere (-1)
-    np.testing.assert_array_equal(out["rr"], [[[[9, -1, 4, -1]]]])
+    # relu=True: a window whose max is <= 0 -- exactly 0 included -- is masked: ~ its first max (< 0)
+    np.testing.assert_array_equal(out["rr"], [[[[9, ~2, 4, ~6]]]])
     want = np.zeros((1, 1, 2, 8))
     want[0, 0, 1, 1], want[0, 0, 0, 4] = 10.0, 7.0
-    np.testing.assert_array_equal(out["dx"], want)                   # dropped where the route is -1
+    np.testing.assert_array_equal(out["dx"], want)                   # masked: dy * 0 there
     want[0, 0, 0, 2], want[0, 0, 0, 6] = 5.0, 3.0
     np.testing.assert_array_equal(out["dxr"], want)
 
@@ -653,7 +661,8 @@ def test_every_op_has_a_reference_test(request):
     """Last in the file, so the tests it counts have run. A skipped test covers nothing."""
     from graphc.ops.elementwise import CUSTOM        # ops other tests declare as a user would
     import test_ops_cnn              # the CNN op set (batch norm, LRN, grouped conv, ...) is tested there
-    missing = sorted(set(OPS) - set(COVERS) - test_ops_cnn.COVERED - CONTAINERS - CUSTOM)
+    import test_distributed          # the collectives (allreduce) are tested there
+    missing = sorted(set(OPS) - set(COVERS) - test_ops_cnn.COVERED - test_distributed.COVERED - CONTAINERS - CUSTOM)
     assert not missing, f"ops with no reference-semantics test in tests/test_ops.py or test_ops_cnn.py: {missing}"
     selected = {it.originalname for it in request.session.items if it.module is request.module}
     ops = {op: tests for op, tests in COVERS.items() if op in OPS}

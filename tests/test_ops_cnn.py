@@ -133,6 +133,34 @@ def test_batchnorm_both_modes_and_running_stats_by_hand():
     assert g.stat_updates == {"rm": "update/rm", "rv": "update/rv"}
 
 
+@covers("bn_grad_sums", "bn_grad_x")
+def test_batchnorm_backward_ops_by_hand():
+    x, dy = [[1.0], [2.0], [3.0], [4.0]], [[1.0], [0.0], [0.0], [2.0]]
+    r5 = np.sqrt(1.25)
+
+    def both(training):
+        def build(g):
+            f = g.is_training()
+            s = g.apply("bn_grad_sums", const(g, x), const(g, dy), const(g, [0.0]), const(g, [1.0]), f, eps=0.0)
+            return g.concat([g.reshape(s, (1, 4)), g.reshape(g.apply("bn_grad_x", const(g, x), const(g, dy),
+                                                                       const(g, [2.0]), s, f), (1, 4))], axis=1)
+        return run(build, training=training)[0]
+    # training: mean 2.5, istd 1/sqrt(1.25), sum(dy) 3, sum(dy xhat) = (-1.5 + 2 * 1.5) / sqrt(1.25);
+    # dx = 2 istd (dy - (3 + xhat * 1.5 / sqrt(1.25)) / 4) = 2 istd (dy - (3 + 1.2 (x - 2.5)) / 4)
+    np.testing.assert_allclose(both(True), [2.5, 1 / r5, 3.0, 1.5 / r5] + list(2 / r5 * np.array([0.7, -0.6, -0.9, 0.8])))
+    # inference: the running statistics 0 / 1; sum(dy x) = 1 + 8; dx = gamma dy
+    np.testing.assert_allclose(both(False), [0.0, 1.0, 3.0, 9.0, 2.0, 0.0, 0.0, 4.0])
+
+
+@covers("lrn_grad")
+def test_lrn_backward_by_hand():
+    x = np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)
+    dy = np.array([1.0, 0.0, 0.0]).reshape(1, 3, 1, 1)
+    # as test_lrn_by_hand: s = 6, 15, 14; y0 = x0 / (1 + x0^2 + x1^2): dy0/dx0 = (6 - 2) / 36, dy0/dx1 = -4 / 36
+    dx = run(lambda g: g.apply("lrn_grad", const(g, x), const(g, dy), size=3, alpha=3.0, beta=1.0, k=1.0))
+    np.testing.assert_allclose(dx.ravel(), [1 / 9, -1 / 9, 0.0])
+
+
 @covers("lrn")
 def test_lrn_by_hand():
     x = np.array([1.0, 2.0, 3.0]).reshape(1, 3, 1, 1)

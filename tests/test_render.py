@@ -109,7 +109,7 @@ def test_lenet_forward_counts_and_colours(lenet):
 
 
 def test_lenet_backward_counts_colours_and_rules(lenet, lenet_grad):
-    src = gc.render(lenet, backward=True)
+    src = gc.render(lenet, backward=True, compact=False)         # one drawn node per graph node
     st = dot_stats(src)
     b = lenet_grad
     roles = nx.get_node_attributes(b.nx, "role")
@@ -144,7 +144,7 @@ def test_lenet_backward_counts_colours_and_rules(lenet, lenet_grad):
 def test_copy_add_rule_is_drawn():
     g = gc.models.load("resnet_block")
     b = grad(g, wrt=g.param_names + ["x"])          # x feeds the block and its projection: a fan-out
-    src = gc.render(b)
+    src = gc.render(b, compact=False)
     assert "copy:add" in dot_stats(src)["edge_labels"]
     assert "x.copy" in node_labels(src)
 
@@ -153,7 +153,7 @@ def test_layouts(lenet):
     sep = gc.render(lenet, backward=True, layout="separate")
     assert "cluster_role_forward" in sep and "cluster_role_backward" in sep
     assert "rank=same" not in sep and "dir=back" not in sep
-    only = gc.render(lenet, layout="backward-only")
+    only = gc.render(lenet, layout="backward-only", compact=False)
     st = dot_stats(only)
     assert FORWARD_COLOR not in st["colours"]                # no forward edges
     assert st["colours"][BACKWARD_COLOR] == LENET_GRAD_EDGES
@@ -172,7 +172,7 @@ def test_rankdir_defaults_and_override():
 
 def test_collapse_keeps_vgg16_backward_readable():
     vgg = gc.models.load("vgg16")
-    full = dot_stats(gc.render(vgg, backward=True))
+    full = dot_stats(gc.render(vgg, backward=True, compact=False))
     src = gc.render(vgg, backward=True, collapse=True)
     st = dot_stats(src)
     assert full["nodes"] > 200 and st["nodes"] <= 40
@@ -263,7 +263,7 @@ def test_real_fusion_pass_gives_clusters(lenet):
 def test_seed_cnn_trace_shows_the_worked_example():
     src = gc.render(gc.models.load("seed_cnn"), backward=True, values=SEED_FEEDS)
     labels = node_labels(src)
-    # forward values (SEED_NOTES): C, h, logits, softmax O
+    # forward values (the course notes): C, h, logits, softmax O
     assert "[[1.9, 0.3], [0.3, 1.9]]" in labels["C"]
     assert "[1.3, 3.06]" in labels["h"]
     assert "[1.042, 1.914]" in labels["logits"]
@@ -273,13 +273,16 @@ def test_seed_cnn_trace_shows_the_worked_example():
     assert "[-0.7052, 0.7052]" in labels["softmax_ce_grad1"]
     assert "[0.141, 0.141]" in labels["matmul1"]
     assert "[0.0846, 0.1128, 0.141, 0.1692]" in labels["matmul3"]
-    df = numbers(labels["grad/conv.w"].split("= ")[1])
+    # the grad/<param> identities are elided: their producers are the outputs, titled dL/d<param>
+    assert "grad/conv.w" not in labels and labels["conv_dw1"].startswith("dL/dconv.w\\nconv_dw")
+    df = numbers(labels["conv_dw1"].split("= ")[1])
     assert len(df) == 4 and np.allclose(df, 0.2538, atol=1.5e-4)    # exact 0.25386, shown 0.2539
-    db = numbers(labels["grad/conv.b"].split("= ")[1])
+    db = numbers(labels["sum1"].split("= ")[1])
     assert np.allclose(db, 0.5076, atol=1.5e-4)                      # exact 0.50772, shown 0.5077
-    # the gradient edges carry the same numbers
-    assert 'label="conv:dW\\n[[0.0846, 0.1128], [0.141, 0.1692]]"' in src
-    assert 'label="grad\\n[[0.2539, 0.2539], [0.2539, 0.2539]]"' in src
+    # the gradient edges carry the same numbers (a matrix one row per line)
+    assert 'label="conv:dW\\n[[0.0846, 0.1128],\\n [0.141, 0.1692]]"' in src
+    plain = gc.render(gc.models.load("seed_cnn"), backward=True, values=SEED_FEEDS, compact=False)
+    assert 'label="grad\\n[[0.2539, 0.2539],\\n [0.2539, 0.2539]]"' in plain
     for shown in ("0.2539", "0.2948", "0.7052", "0.5077"):
         assert shown in src
 

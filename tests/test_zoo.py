@@ -11,11 +11,11 @@ import graphc as gc
 from graphc import models, shapes
 from graphc.summarize import param_count
 
-ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)$")
+ROW = re.compile(r"^(\S+)\s+(\S+)\s+(\(.*?\))\s+([\d,]+)(?:\s.*)?$")   # then param bytes, MACs, activations
 
 
 def conv_params(k, c, n):
-    """SEED_NOTES: a conv layer has K*K*C*N weights + N biases."""
+    """The course notes: a conv layer has K*K*C*N weights + N biases."""
     return k * k * c * n + n
 
 
@@ -25,7 +25,7 @@ def bn_params(n):
 
 
 def fc_params(i, o):
-    """SEED_NOTES: a fully connected layer has inputs x outputs weights + outputs biases."""
+    """The course notes: a fully connected layer has inputs x outputs weights + outputs biases."""
     return i * o + o
 
 

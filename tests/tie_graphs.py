@@ -85,8 +85,8 @@ def relu_max_ties():
 # ------------------------------------------------------------------------------------ saved-route ops
 
 def route_ties():
-    """(graph, feeds): the saved-route ops on tie-heavy data: maxpool_argmax of relu(x) (relu=True: -1 for
-    all-zero windows) and of x (relu=False), non-overlapping and overlapping; route_scatter with the
+    """(graph, feeds): the saved-route ops on tie-heavy data: maxpool_argmax of relu(x) (relu=True: ~ the
+    top-left for all-zero windows) and of x (relu=False), non-overlapping and overlapping; route_scatter with the
     pool geometry (the non-overlapping fast path) and without (generic); maxpool_route, maxpool_gather."""
     g = gc.Graph("route_ties")
     x = g.input("x", (None, 2, 6, 6))
@@ -116,8 +116,8 @@ def route_ties():
              g.maxpool_gather(x, gv, 3, 2, name="gather_3s2"), g.maxpool_gather(r, gv, 2, 2, name="gather_relu_2s2"))
     f = int_feeds(g)
     f["x"][0, 0, :4, :4] = 1          # positive plateau: routes to each window's top-left
-    f["x"][1, 0] = 0                  # all-zero plane: every relu route -1, every x route top-left
-    f["x"][1, 1, :3, :3] = -1         # negative plateau: relu route -1, x route top-left
+    f["x"][1, 0] = 0                  # all-zero plane: every relu route ~top-left, every x route top-left
+    f["x"][1, 1, :3, :3] = -1         # negative plateau: relu route ~top-left, x route top-left
     return g, f
 
 
@@ -166,7 +166,7 @@ def plateau_pool():
 
 def plateau_route():
     """maxpool_argmax 2x2 stride 1 of a 3x3 plateau: the flat index i*W + j of each window's top-left;
-    with relu=True the same windows of zeros give -1."""
+    with relu=True the same windows of zeros give ~ that (= -1 - index: masked, the gradient dy * 0)."""
     g = gc.Graph("plateau_route")
     x = g.input("x", (None, 1, 3, 3))
     z = g.input("z", (None, 1, 3, 3))
@@ -174,7 +174,7 @@ def plateau_route():
     g.output(g.add_node("maxpool_argmax", (x,), dict(attrs, relu=True), name="route"),
              g.add_node("maxpool_argmax", (z,), dict(attrs, relu=True), name="route_zero"))
     feeds = {"x": np.full((1, 1, 3, 3), 2, np.float32), "z": np.zeros((1, 1, 3, 3), np.float32)}
-    want = {"route": np.array([[[[0, 1], [3, 4]]]], np.int32), "route_zero": np.full((1, 1, 2, 2), -1, np.int32)}
+    want = {"route": np.array([[[[0, 1], [3, 4]]]], np.int32), "route_zero": ~np.array([[[[0, 1], [3, 4]]]], np.int32)}
     return g, feeds, want
 
 

@@ -15,8 +15,8 @@ import numpy as np
 from graphc import shapes
 from graphc.backends import codegen, registry
 from graphc.backends.base import scalar_consts
-from graphc.backends.cuda import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_pool,  # noqa: F401
-                                  lower_reduce, lower_shape, lower_sources)
+from graphc.backends.cuda import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_norm,  # noqa: F401
+                                  lower_pool, lower_reduce, lower_shape, lower_sources)
 from graphc.backends.cuda.executor import CudaExecutable
 from graphc.backends.cuda.kernels import device
 from graphc.backends.cuda.kernels.elementwise import graph_kernel_source, pyfunc

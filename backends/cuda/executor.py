@@ -92,17 +92,19 @@ class DeviceState(MutableMapping):
         return self._dev[n]
 
     def push(self):
-        """Uploads the entries changed on the host since they were read or assigned."""
+        """Uploads the entries changed on the host since they were read or assigned; True when any was."""
         if not (self._dirty or self._read):
-            return
+            return False
         for n, before in self._read.items():
             if self._host[n].tobytes() != before:
                 self._dirty.add(n)
+        changed = bool(self._dirty)
         for n in self._dirty:
             if self._host[n].size:
                 self._dev[n].copy_to_device(self._host[n].reshape(-1))
         self._dirty.clear()
         self._read.clear()
+        return changed
 
     def mark_device_newer(self, names):
         self._stale.update(names)
@@ -159,7 +161,7 @@ class CudaExecutable(CompiledExecutable):
         return d
 
     def _push_state(self):
-        self.state.push()
+        return self.state.push()
 
     def _copy_back(self, b, pairs):
         for s, i in pairs:

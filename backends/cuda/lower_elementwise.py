@@ -16,8 +16,9 @@ def elementwise(ctx):
     return graph_step(src, rank, plan, ins, [ctx.out(k) for k in range(len(ctx.result_index))], ctx.dtype)
 
 
-def expression_step(ctx, expr, ins, out, out_shape, in_shapes):
-    """A generated kernel out = expr(a0, a1, ...) over flat arrays `ins` (broadcast to out_shape)."""
+def expression_step(ctx, expr, ins, out, out_shape, in_shapes, dtype=None):
+    """A generated kernel out = expr(a0, a1, ...) over flat arrays `ins` (broadcast to out_shape),
+    computed in `dtype` (default: the graph's; the inputs are read as it)."""
     plan = codegen.plan_loop(out_shape, in_shapes)
     src, rank = graph_kernel_source([(expr, [("in", k) for k in range(len(ins))])], [0], plan)
-    return graph_step(src, rank, plan, [ins[k] for k in plan.loaded()], [out], ctx.dtype)
+    return graph_step(src, rank, plan, [ins[k] for k in plan.loaded()], [out], dtype or ctx.dtype)

@@ -4,6 +4,7 @@ import numpy as np
 from graphc.backends.cuda.kernels.copy import copy_step, cstrides
 from graphc.backends.cuda.kernels.device import seq
 from graphc.backends.cuda.kernels.elementwise import elementwise_kernel
+from graphc.backends.cuda.kernels.plane import global_max_step
 from graphc.backends.cuda.kernels.pool import avgpool_step, gather_step, maxpool_step, route_scatter_step
 from graphc.backends.cuda.kernels.reduce import sum_outer_step, sum_step
 from graphc.backends.registry import lowerings
@@ -37,7 +38,7 @@ def maxpool_argmax(ctx):
     pool = maxpool_step(ctx.array(ctx.inputs[0]), y, route, ctx.shape_of(ctx.inputs[0]), a["size"], a["stride"])
     if not a.get("relu", False):
         return pool
-    fix = elementwise_kernel("a1 if a0 > 0 else -1", 2)
+    fix = elementwise_kernel("a1 if a0 > 0 else -1 - a1", 2)
     return seq([pool, lambda: fix(y, route, out=route)])
 
 
@@ -99,3 +100,8 @@ def global_avgpool_spread(ctx):
     shape = ctx.shape_of(ctx.name)
     n, c, h, w = shape
     return copy_step(ctx.array(ctx.inputs[0]), ctx.out(), shape, (c, 1, 0, 0), cstrides(shape), scale=1.0 / (h * w))
+
+
+@lowering("global_maxpool", kernel="kernels/plane.py global_max (a thread per plane; NaN propagates)")
+def global_maxpool(ctx):
+    return global_max_step(ctx.array(ctx.inputs[0]), ctx.out(), ctx.shape_of(ctx.inputs[0]))

@@ -8,10 +8,16 @@ The executable is backends/base.py's shared executor over host arrays (executor.
 pattern is lowered where it is registered (lower_*.py); ``kernel_table()`` lists what runs for each.
 Compile times: ``exe.compile_times``; ``exe.precompile(batch)`` binds and runs once on zero feeds.
 """
+import sys
+
 from graphc.backends import registry
-from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_pool,  # noqa: F401
-                                   lower_reduce, lower_shape, lower_sources)
+from graphc.backends.kernel_cache import guard_numba_cache
+from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_norm,  # noqa: F401
+                                   lower_pool, lower_reduce, lower_shape, lower_sources)
 from graphc.backends.numba.executor import NumbaExecutable
+
+# every cached @njit kernel of the backend's modules (imported above) survives a corrupted cache entry
+guard_numba_cache(*[m for n, m in list(sys.modules.items()) if n.startswith(__name__ + ".") and m is not None])
 
 __all__ = ["NumbaExecutable", "lower", "kernel_table"]
 

@@ -8,6 +8,7 @@ arrays, updated in place by the kernels. During a run every loaded BLAS is held 
 from __future__ import annotations
 
 import time
+import weakref
 
 import numba
 import numpy as np
@@ -60,6 +61,43 @@ class NumbaContext(LowerContext):
         return step
 
 
+class HostState(dict):
+    """``exe.state`` of the numba backend: name -> the executable's own array, which the kernels read and
+    update in place. What it hands out (``exe.state[name]``, ``get``, ``values()``, ``items()``) is a view
+    of that array, so the executor knows which states a caller may edit in place: those handed out since
+    the last run, or whose views are still alive, count as changed at the next run (values computed from
+    the state ahead of a run, such as folded batch norm, are then recomputed)."""
+
+    def __init__(self, d):
+        super().__init__(d)
+        self._handed = {}                # name -> weak references to the views handed out
+
+    def __getitem__(self, n):
+        v = dict.__getitem__(self, n).view()
+        self._handed.setdefault(n, []).append(weakref.ref(v))
+        return v
+
+    def get(self, n, default=None):
+        return self[n] if n in self else default
+
+    def values(self):
+        return [self[n] for n in self]
+
+    def items(self):
+        return [(n, self[n]) for n in self]
+
+    def raw(self, n):
+        """The array itself (the executor's own access; not handed out)."""
+        return dict.__getitem__(self, n)
+
+    def touched(self):
+        """States handed out since the last call or still held by a caller (forgets the others)."""
+        out = set(self._handed)
+        alive = {n: [r for r in refs if r() is not None] for n, refs in self._handed.items()}
+        self._handed = {n: refs for n, refs in alive.items() if refs}
+        return out
+
+
 class NumbaExecutable(CompiledExecutable):
     backend = "numba"
     conv_module = "numba conv (direct per-shape kernels or im2col+GEMM, chosen per shape)"
@@ -76,8 +114,10 @@ class NumbaExecutable(CompiledExecutable):
             raise BackendError(f"the numba backend runs float32 or float64, not {self.dtype}")
 
     def _setup(self):
+        self.state = HostState(self.state)
         nodes = self.graph.nx.nodes
-        self.consts = {n: np.ascontiguousarray(self._cast(np.asarray(nodes[n]["attrs"]["value"]), nodes[n]["dtype"]))
+        # np.array(order="C"), not np.ascontiguousarray, which turns a 0-d value into shape (1,)
+        self.consts = {n: np.array(self._cast(np.asarray(nodes[n]["attrs"]["value"]), nodes[n]["dtype"]), order="C")
                        for n in self.schedule if nodes[n]["op"] == "const"}
 
     # ------------------------------------------------------------------ storage
@@ -92,7 +132,7 @@ class NumbaExecutable(CompiledExecutable):
         return aligned_empty(shape, dtype)
 
     def _state_array(self, name):
-        arr = self._bound_state[name] = self.state[name]
+        arr = self._bound_state[name] = self.state.raw(name)
         return arr
 
     def _const_array(self, name):
@@ -121,19 +161,31 @@ class NumbaExecutable(CompiledExecutable):
     def _upload(self, b, feeds):
         values = b.values
         for name, i in b.feeds:
-            values[i] = np.ascontiguousarray(feeds[name])
+            a = feeds[name]
+            values[i] = a if a.flags.c_contiguous else np.array(a, order="C")     # 0-d stays 0-d
 
     def _fetch(self, b, i, shape):
         return np.array(b.values[i])
 
     def _push_state(self):
         """Bindings hold the state arrays themselves (updates are written in place); if a user replaced
-        an entry of exe.state, its values are copied into the bound array."""
+        an entry of exe.state, its values are copied into the bound array (True when one was)."""
+        changed = False
         for n, arr in self._bound_state.items():
-            cur = self.state[n]
+            cur = self.state.raw(n)
             if cur is not arr:
                 np.copyto(arr, np.asarray(cur, dtype=arr.dtype).reshape(arr.shape))
                 self.state[n] = arr
+                changed = True
+        return changed
+
+    def _volatile_state(self):
+        return self.state.touched()
+
+    def state_dict(self):
+        d = {n: np.array(self.state.raw(n)) for n in self.state}
+        d["__step__"] = np.array(self.step_count)
+        return d
 
     def load_state_dict(self, d):
         super().load_state_dict(d)
@@ -142,7 +194,7 @@ class NumbaExecutable(CompiledExecutable):
     def _copy_back(self, b, pairs):
         values = b.values
         for s, i in pairs:
-            np.copyto(self.state[s], values[i])
+            np.copyto(self.state.raw(s), values[i])
 
     # ------------------------------------------------------------------ running
     def _run_steps(self, b, threads=None):

@@ -5,21 +5,28 @@ call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM
 each time). Where the strategy is direct and the stride 1, the forward runs the prebound direct kernel
 (bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions return new
 arrays. Non-square strides fall back to the reference (the kernels take one stride for both axes).
+
+Grouped and dilated convs take the same strategies (groups and dilation passed through); depthwise convs
+(groups == C: one input channel per filter) run their own stencil kernels (conv/depthwise.py, any
+stride), with a ReLU or a clip (ReLU6) in the epilogue when fused (conv_relu, conv_clip).
 """
 import numpy as np
 
 from graphc.backends.kernel_cache import load_generated
 from graphc.backends.numba import conv as nconv
+from graphc.backends.numba.conv import depthwise as ndw
+from graphc.backends.numba.conv.layout import clip_inplace
 from graphc.backends.numba.threads import num_threads
 from graphc.backends.numba.kernels.pool import maxpool_source
 from graphc.backends.registry import lowerings
 from graphc.errors import BackendError
-from graphc.ops.conv import is_plain as is_plain_conv
+from graphc.ops.conv import geometry
 
 lowering, pattern_lowering = lowerings("numba")
 
 _NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
 _STRATEGY = "direct or im2col+GEMM, chosen per shape (a static rule, or timed in a tuning run and remembered)"
+_DEPTHWISE = "depthwise (groups == C): conv/depthwise.py per-channel stencil kernels"
 
 
 def _square_stride(attrs):
@@ -27,7 +34,12 @@ def _square_stride(attrs):
     return int(st[0]) if st[0] == st[1] else None
 
 
-def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None):
+def _geo(attrs):
+    """(dilation, groups) of a conv-family node."""
+    return geometry(attrs)[2:]
+
+
+def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 1)):
     """strategy(): the conv strategy for the current Numba thread count (chosen once per count)."""
     chosen = {}
 
@@ -35,49 +47,80 @@ def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None):
         t = num_threads()
         got = chosen.get(t)
         if got is None:
-            got = chosen[t] = nconv.choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool)
+            got = chosen[t] = nconv.choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool,
+                                                         dilation=geo[0], groups=geo[1])
         return got
     return strategy
 
 
-def _prebound(ctx, stride, pads, epi, pool=None):
+def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1)):
     """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses)."""
     if stride != 1:
         return None
     try:
         return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
-                                     stride, pads, ctx.dtype, epi, pool or (0, 0))
+                                     stride, pads, ctx.dtype, epi, pool or (0, 0), *geo)
     except BackendError:        # a geometry it refuses: the general path says why, or copes
         return None
+
+
+def _depthwise_forward(ctx, conv_attrs, act):
+    """The depthwise stencil into the planned buffer (act: (lo, hi) clip bounds, None: none), or None
+    when the conv is not depthwise."""
+    stride, pads, dil, groups = geometry(conv_attrs)
+    xs, ws = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
+    if groups == 1 or not ndw.is_depthwise(xs, ws, groups):
+        return None
+    run = ndw.bind_forward(xs, ws, stride, pads, dil, ctx.dtype, act)
+    if len(ctx.inputs) == 3:
+        return ctx.call(run, ctx.inputs, (ctx.out(0),))
+    return ctx.call(lambda x, w, y: run(x, w, None, y), ctx.inputs, (ctx.out(0),))
+
+
+def _with_clip(ctx, step, lo, hi):
+    """step, then its result clipped to [lo, hi] in place (grouped convs with a fused ReLU6)."""
+    if step is None:
+        return None
+    values, o = ctx.values, ctx.index(ctx.name)
+    lo = -np.inf if lo is None else float(lo)
+    hi = np.inf if hi is None else float(hi)
+
+    def clipped():
+        step()
+        clip_inplace(values[o].reshape(-1), lo, hi)
+    return clipped
 
 
 def _forward(ctx, conv_attrs, relu, pool=None):
     """The step of conv(x, w[, b]) (+ReLU, + a square max pool with its route when the node has a second
     result): the prebound direct kernel into the planned buffers when the strategy is direct, else the
-    conv functions' new arrays."""
+    conv functions' new arrays; grouped / dilated convs pass their geometry through."""
     stride, pads = _square_stride(conv_attrs), tuple(conv_attrs["pads"])
     if stride is None:
         return None
+    geo = _geo(conv_attrs)
+    odd = {} if geo == ((1, 1), 1) else {"dilation": geo[0], "groups": geo[1]}
     values = ctx.values
     xi, wi = ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
     bi = ctx.index(ctx.inputs[2]) if len(ctx.inputs) == 3 else None
     save = pool is not None and len(ctx.result_index) > 1
     res = [None if r is None else ctx.index(r) for r in ctx.results]     # None: a result nothing reads
     op = "conv2d" if pool is None else "conv2d_relu_maxpool"
-    strategy = _chooser(op, ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype, pool)
+    strategy = _chooser(op, ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype, pool,
+                        geo)
     ctx.dynamic_outputs()
     if pool is None:
         def general():
             values[res[0]] = nconv.conv2d(values[xi], values[wi], values[bi] if bi is not None else None, stride,
-                                          pads, relu=relu, strategy=strategy())
+                                          pads, relu=relu, strategy=strategy(), **odd)
     else:
         def general():
             out = nconv.conv2d_relu_maxpool(values[xi], values[wi], values[bi] if bi is not None else None, stride,
-                                            pads, pool[0], pool[1], save_route=save, strategy=strategy())
+                                            pads, pool[0], pool[1], save_route=save, strategy=strategy(), **odd)
             for i, v in zip(res, out if save else (out,)):
                 if i is not None:
                     values[i] = v
-    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool)
+    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo)
     y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
     if fast is None or route.dtype != np.int32 or not route.flags.c_contiguous:
         return general
@@ -95,16 +138,25 @@ def _forward(ctx, conv_attrs, relu, pool=None):
     return step
 
 
-@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}; groups and dilation too); {_DEPTHWISE}; "
+                         "non-square strides (not depthwise): fallback")
 def conv(ctx):
-    if not is_plain_conv(ctx.attrs):
-        return None                     # grouped / dilated: the reference until they have kernels
-    return _forward(ctx, ctx.attrs, relu=False)
+    return _depthwise_forward(ctx, ctx.attrs, None) or _forward(ctx, ctx.attrs, relu=False)
 
 
-@pattern_lowering("conv_relu", kernel=f"numba conv.conv2d with the ReLU in the epilogue ({_STRATEGY})")
+@pattern_lowering("conv_relu", kernel=f"numba conv.conv2d with the ReLU in the epilogue ({_STRATEGY}); "
+                                      f"{_DEPTHWISE}, the ReLU in their epilogue")
 def conv_relu(ctx):
-    return _forward(ctx, ctx.members["conv"]["attrs"], relu=True)
+    attrs = ctx.members["conv"]["attrs"]
+    return _depthwise_forward(ctx, attrs, (0.0, None)) or _forward(ctx, attrs, relu=True)
+
+
+@pattern_lowering("conv_clip", kernel=f"{_DEPTHWISE}, the clip (ReLU6) in their epilogue; other convs: "
+                                      f"numba conv.conv2d ({_STRATEGY}) then an in-place clip")
+def conv_clip(ctx):
+    attrs, act = ctx.members["conv"]["attrs"], ctx.members["act"]["attrs"]
+    lo, hi = act.get("lo"), act.get("hi")
+    return _depthwise_forward(ctx, attrs, (lo, hi)) or _with_clip(ctx, _forward(ctx, attrs, relu=False), lo, hi)
 
 
 @pattern_lowering("conv_relu_maxpool",
@@ -122,41 +174,57 @@ def conv_relu_maxpool(ctx):
     y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
     kern = ctx.split_batch(load_generated(maxpool_source(kh, kw, sh, sw, save, True, False), "graphc_pool_"),
                            y.shape[0], y.size * kh * kw)
-    strategy = _chooser("conv2d", ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype)
+    geo = _geo(conv_attrs)
+    strategy = _chooser("conv2d", ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype,
+                        geo=geo)
     values, ins = ctx.values, [ctx.index(i) for i in ctx.inputs]
 
     def step():
         z = nconv.conv2d(values[ins[0]], values[ins[1]], values[ins[2]] if len(ins) == 3 else None, stride, pads,
-                         relu=True, strategy=strategy())
+                         relu=True, strategy=strategy(), dilation=geo[0], groups=geo[1])
         kern(z, y, route)
     return step
 
 
 def _backward(ctx, op, fn, geometry, tail):
     stride = _square_stride(ctx.attrs)
-    if stride is None or not is_plain_conv(ctx.attrs):
+    if stride is None:
         return None
-    strategy = _chooser(op, *geometry(stride))
+    geo = _geo(ctx.attrs)
+    strategy = _chooser(op, *geometry(stride), geo=geo)
+    odd = {} if geo == ((1, 1), 1) else {"dilation": geo[0], "groups": geo[1]}
     values, (ai, bi), o = ctx.values, [ctx.index(i) for i in ctx.inputs], ctx.index(ctx.name)
     pads = tuple(ctx.attrs["pads"])
     ctx.dynamic_outputs()
 
     def step():
-        values[o] = fn(values[ai], values[bi], stride, pads, tail, strategy=strategy())
+        values[o] = fn(values[ai], values[bi], stride, pads, tail, strategy=strategy(), **odd)
     return step
 
 
-@lowering("conv_dx", kernel=f"numba conv.conv2d_dx ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+def _depthwise_backward(ctx, bind, x_shape, w_shape):
+    """The depthwise dL/dX or dL/dW kernel into the planned buffer, or None when not depthwise."""
+    stride, pads, dil, groups = geometry(ctx.attrs)
+    if groups == 1 or not ndw.is_depthwise(x_shape, w_shape, groups):
+        return None
+    return ctx.call(bind(x_shape, w_shape, stride, pads, dil, ctx.dtype), ctx.inputs, (ctx.out(0),))
+
+
+@lowering("conv_dx", kernel=f"numba conv.conv2d_dx ({_STRATEGY}; groups and dilation too); {_DEPTHWISE} "
+                            "(the transposed stencil); non-square strides (not depthwise): fallback")
 def conv_dx(ctx):
     hw = tuple(ctx.attrs["in_hw"])
     dys, ws = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
-    return _backward(ctx, "conv2d_dx", nconv.conv2d_dx,
-                     lambda s: ((dys[0], ws[1]) + hw, ws, s, tuple(ctx.attrs["pads"]), ctx.dtype), hw)
+    xs = (dys[0], ws[1] * _geo(ctx.attrs)[1]) + hw
+    return _depthwise_backward(ctx, ndw.bind_grad_input, xs, ws) or _backward(
+        ctx, "conv2d_dx", nconv.conv2d_dx, lambda s: (xs, ws, s, tuple(ctx.attrs["pads"]), ctx.dtype), hw)
 
 
-@lowering("conv_dw", kernel=f"numba conv.conv2d_dw ({_STRATEGY}); non-square strides, groups or dilation: fallback")
+@lowering("conv_dw", kernel=f"numba conv.conv2d_dw ({_STRATEGY}; groups and dilation too); {_DEPTHWISE} "
+                            "(per-channel reductions); non-square strides (not depthwise): fallback")
 def conv_dw(ctx):
     khw = tuple(ctx.attrs["k_hw"])
     xs, dys = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
-    return _backward(ctx, "conv2d_dw", nconv.conv2d_dw,
-                     lambda s: (xs, (dys[1], xs[1]) + khw, s, tuple(ctx.attrs["pads"]), ctx.dtype), khw)
+    ws = (dys[1], xs[1] // _geo(ctx.attrs)[1]) + khw
+    return _depthwise_backward(ctx, ndw.bind_grad_weights, xs, ws) or _backward(
+        ctx, "conv2d_dw", nconv.conv2d_dw, lambda s: (xs, ws, s, tuple(ctx.attrs["pads"]), ctx.dtype), khw)

@@ -4,6 +4,7 @@ from graphc.backends.kernel_cache import load_generated
 from graphc.backends.numba.kernels import loss as loss_kernels
 from graphc.backends.numba.kernels.reduce import softmax_rows_k
 from graphc.backends.registry import lowerings
+from graphc.executable import check_labels
 
 lowering, pattern_lowering = lowerings("numba")
 
@@ -18,28 +19,26 @@ def softmax(ctx):
 
 
 def _class_loss(int_kernel, dense_kernel, grad):
-    """Lowering of a loss over (logits or probabilities, labels[, dy]): int class labels or dense rows."""
+    """Lowering of a loss over (logits or probabilities, labels[, dy]): int class labels or dense rows.
+    The int-label kernels return the first row whose label is outside 0..K-1 (they skip it): labels
+    computed in the graph, which the feed check cannot see, are refused here."""
     def lower(ctx):
         dense = len(ctx.exe.graph.nx.nodes[ctx.inputs[1]]["shape"]) == 2
         kern, dtype = (dense_kernel if dense else int_kernel), ctx.dtype
         out = ctx.out()
         out = out.reshape(1) if out.ndim == 0 else out
-        values = ctx.values
-        zi, li = ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
-        if grad:
-            di = ctx.index(ctx.inputs[2])
+        values, name, src = ctx.values, ctx.name, ctx.inputs[1]
+        zi, li = ctx.index(ctx.inputs[0]), ctx.index(src)
+        di = ctx.index(ctx.inputs[2]) if grad else None
 
-            def step():
-                labels = values[li]
-                if dense and labels.dtype != dtype:
-                    labels = labels.astype(dtype)
-                kern(values[zi], labels, values[di].reshape(1), out)
-        else:
-            def step():
-                labels = values[li]
-                if dense and labels.dtype != dtype:
-                    labels = labels.astype(dtype)
-                kern(values[zi], labels, out)
+        def step():
+            labels = values[li]
+            if dense and labels.dtype != dtype:
+                labels = labels.astype(dtype)
+            z = values[zi]
+            bad = kern(z, labels, values[di].reshape(1), out) if grad else kern(z, labels, out)
+            if bad >= 0:
+                check_labels(src, labels, z.shape[1], name, "value")
         return step
     return lower
 

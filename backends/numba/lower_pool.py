@@ -2,6 +2,7 @@
 import numpy as np
 
 from graphc.backends.kernel_cache import load_generated
+from graphc.backends.numba.kernels import plane as plane_kernels
 from graphc.backends.numba.kernels import pool as pool_kernels
 from graphc.backends.numba.kernels.reduce import sum_rows_k
 from graphc.backends.registry import lowerings
@@ -40,11 +41,12 @@ def maxpool_argmax(ctx):
     return ctx.call(kern, ctx.inputs, (np.empty(route.shape, ctx.dtype), route))
 
 
-@lowering("maxpool_route", kernel=_GENERATED.format("maxpool_route_source"))
+@lowering("maxpool_route", kernel=_GENERATED.format("maxpool_route_source") + "; windows over 64 taps: "
+                                  "kernels/plane.py maxpool_route_loop_k")
 def maxpool_route(ctx):
     kh, kw, _, _ = _window(ctx.attrs)
-    if kh * kw > 64:
-        return None                     # (global max pool's plane-sized window: the kernel is unrolled)
+    if kh * kw > 64:                    # (global max pool's plane-sized window): loops, not unrolled
+        return ctx.call(plane_kernels.maxpool_route_loop_k, ctx.inputs, (ctx.out(), *_window(ctx.attrs)))
     dx = ctx.out()
     kern = _generated(ctx, pool_kernels.maxpool_route_source, *_window(ctx.attrs), elements=dx.size,
                       batch=dx.shape[0])
@@ -100,3 +102,9 @@ def global_avgpool(ctx):
 def global_avgpool_spread(ctx):
     n, c, h, w = ctx.shape_of(ctx.name)
     return ctx.call(pool_kernels.gap_spread_k, ctx.inputs[:1], (ctx.out().reshape(n, c, h * w),))
+
+
+@lowering("global_maxpool", kernel="kernels/plane.py global_max_k")
+def global_maxpool(ctx):
+    n, c, h, w = ctx.shape_of(ctx.inputs[0])
+    return ctx.call(plane_kernels.global_max_k, ctx.inputs, (ctx.out(),), fix=lambda a: a.reshape(n, c, h * w))

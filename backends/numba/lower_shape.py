@@ -1,8 +1,11 @@
 """Data movement (transpose, concat, slice, unslice, pad2d, crop2d): numpy copies into the planned
-buffer (no arithmetic: numpy's copy loops are as fast as a kernel)."""
+buffer (no arithmetic: numpy's copy loops are as fast as a kernel); reflect/edge padding and its crop:
+index-map kernels (kernels/plane.py)."""
 import numpy as np
 
+from graphc.backends.numba.kernels import plane as plane_kernels
 from graphc.backends.registry import lowerings
+from graphc.ops.shape import _source_index
 
 lowering, pattern_lowering = lowerings("numba")
 
@@ -51,20 +54,29 @@ def unslice(ctx):
     return _copy_in(ctx, dst=out[_along(out.ndim, a["axis"], a["start"], a["start"] + width)], fill=0)
 
 
-@lowering("pad2d", kernel="fill + " + _COPY)
+def _index_maps(ctx, hw):
+    """(rows, cols): the source row / column of each padded one (reflect/edge), for an hw-sized plane."""
+    t, b, l, r = ctx.attrs["pads"]
+    mode = ctx.attrs["mode"]
+    return _source_index(hw[0], t, b, mode).astype(np.int64), _source_index(hw[1], l, r, mode).astype(np.int64)
+
+
+@lowering("pad2d", kernel="fill + " + _COPY + "; reflect/edge: kernels/plane.py gather2d_k")
 def pad2d(ctx):
     if ctx.attrs.get("mode", "constant") != "constant":
-        return None                     # reflect / edge: the reference until they have kernels
+        maps = _index_maps(ctx, ctx.shape_of(ctx.inputs[0])[2:])
+        return ctx.call(plane_kernels.gather2d_k, ctx.inputs, (*maps, ctx.out()))
     out = ctx.out()
     t, bt, l, r = ctx.attrs["pads"]
     inner = out[:, :, t:out.shape[2] - bt, l:out.shape[3] - r]
     return _copy_in(ctx, dst=inner, fill=ctx.attrs["value"])
 
 
-@lowering("crop2d", kernel=_COPY)
+@lowering("crop2d", kernel=_COPY + "; reflect/edge: kernels/plane.py scatter2d_k")
 def crop2d(ctx):
     if ctx.attrs.get("mode", "constant") != "constant":
-        return None
+        maps = _index_maps(ctx, ctx.shape_of(ctx.name)[2:])
+        return ctx.call(plane_kernels.scatter2d_k, ctx.inputs, (*maps, ctx.out()))
     t, _, l, _ = ctx.attrs["pads"]
     h, w = ctx.shape_of(ctx.name)[2:]
     return _copy_in(ctx, lambda x: x[:, :, t:t + h, l:l + w])

@@ -35,6 +35,8 @@ class OpDef:
     source: bool = False                  # input/param/const/state: no inputs, value given from outside
     host: bool = False                    # runs on the host in every backend (e.g. random masks)
     differentiable: bool = True
+    run_dependent: bool = False           # its value depends on the run's mode or step, not only on its inputs
+                                          # (so it is never computed ahead of a run from the state alone)
     attrs: dict = field(default_factory=dict)   # attribute names -> defaults (documentation)
     # --- properties read by passes and tools
     alias: bool = False                   # the value is a view of input 0's elements (the memory plan shares
@@ -82,5 +84,6 @@ def scalar_expression(name: str, attrs: dict, literal=repr) -> str:
 
 
 # Importing the families fills the table.
-from graphc.ops import sources, elementwise, linalg, conv, pool, reduce, shape, loss, norm, fused  # noqa: E402,F401
+from graphc.ops import (sources, elementwise, linalg, conv, pool, reduce, shape, loss, norm, norm_grad,  # noqa: E402,F401
+                        fused, collective)
 from graphc.ops.elementwise import elementwise_op  # noqa: E402,F401  (user-declared ops: gc.ops.elementwise_op)

@@ -5,6 +5,7 @@ inserted at every fan-out by the autodiff pass) and max (gradient router; ``relu
 Ties in max go to the *second* input, so relu = max(x, 0) passes no gradient at x == 0 (as PyTorch).
 """
 import ast
+import math
 import numbers
 import re
 import string
@@ -161,6 +162,11 @@ def _tanh_grad(g, node, dy):
         return [g.mul(dy, g.sub(g.scalar(1.0), g.mul(t, t)))]
 
 
+def _cos_grad(g, node, dy):
+    with g.rule("cos:local"):            # d cos(x) / dx = -sin(x) = cos(x + pi/2)
+        return [g.mul(dy, g.cos(g.add(node.inputs[0], g.scalar(math.pi / 2))))]
+
+
 def _sigmoid(x):
     return (0.5 * (np.tanh(0.5 * x) + 1.0)).astype(x.dtype, copy=False)   # stable for large |x|
 
@@ -180,6 +186,10 @@ elementwise("sqrt", "math.sqrt(a0)", np.sqrt, _sqrt_grad, "square root", torch=_
 elementwise("sigmoid", "0.5 * (math.tanh(0.5 * a0) + 1.0)", _sigmoid, _sigmoid_grad, "1 / (1 + e^-x)", flops_per=4,
             torch=_torch("sigmoid"))
 elementwise("tanh", "math.tanh(a0)", np.tanh, _tanh_grad, "tanh", flops_per=4, torch=_torch("tanh"))
+elementwise("cos", "math.cos(a0)", np.cos, _cos_grad, "cosine (the cosine learning-rate schedule)", flops_per=4,
+            torch=_torch("cos"))
+elementwise("floor", "math.floor(a0)", np.floor, None, "largest integer <= x (the step learning-rate schedule); "
+            "not differentiable", differentiable=False, torch=_torch("floor"))
 elementwise("gt", "1.0 if a0 > a1 else 0.0", _mask(np.greater), None,
             "mask a > b as 0/1 (used by the max route); not differentiable", differentiable=False)
 

@@ -32,6 +32,7 @@ fused graph exactly as it runs the unfused one (that is how every pass is tested
 import numpy as np
 
 from graphc import shapes
+from graphc.errors import GraphError
 from graphc.ops import OPS, OpDef, register
 from graphc.ops.pool import argmax_index
 
@@ -120,13 +121,15 @@ register(OpDef("getitem", _getitem_infer, lambda ins, a, ctx: ins[0][a["index"]]
 # --- the saved max-pool route ----------------------------------------------------------------------
 
 def maxpool_argmax_ref(x, size, stride, relu):
-    """int32 flat index (i*W + j in x's plane) of each window's first maximum; with relu, -1 where that
-    maximum is <= 0 (x is a ReLU output there: the window is all zeros and passes no gradient)."""
+    """int32 flat index (i*W + j in x's plane) of each window's first maximum (its first NaN if it holds
+    one: np.argmax); with relu, ~index (= -1 - index) where that maximum is not > 0: x is a ReLU output
+    there, the window all zeros (index: its first element) or NaN, and the ReLU mask multiplies its
+    gradient by 0 (so dy * 0: 0, or NaN where dy is not finite, as the unfused maxpool_route * gt)."""
     idx = argmax_index(x, size, stride).astype(np.int32)
     if relu:
         win_max = np.take_along_axis(x.reshape(*x.shape[:2], -1), idx.reshape(*idx.shape[:2], -1).astype(np.intp),
                                      axis=2).reshape(idx.shape)
-        idx = np.where(win_max > 0, idx, np.int32(-1)).astype(np.int32)
+        idx = np.where(win_max > 0, idx, ~idx).astype(np.int32)
     return idx
 
 
@@ -144,18 +147,38 @@ register(OpDef("maxpool_argmax", _argmax_infer,
 
 
 def route_scatter_ref(dy, route, in_hw):
+    """dx: each dy added at its route r (r >= 0), dy * 0 at ~r (r < 0: a window the ReLU masked)."""
     n, c = dy.shape[:2]
     h, w = in_hw
     dx = np.zeros((n * c, h * w), dy.dtype)
-    r = route.reshape(n * c, -1).astype(np.intp)
-    rows = np.repeat(np.arange(n * c), r.shape[1])
-    keep = r.ravel() >= 0
-    np.add.at(dx, (rows[keep], r.ravel()[keep]), dy.reshape(n * c, -1).ravel()[keep])
+    r = route.reshape(-1).astype(np.intp)
+    masked = r < 0
+    r = np.where(masked, ~r, r)
+    if r.size and r.max() >= h * w:       # (routes are maxpool_argmax values: never, see _scatter_infer)
+        raise GraphError(f"route_scatter: route {int(r.max())} is outside the {h}x{w} plane")
+    with np.errstate(invalid="ignore"):
+        v = np.where(masked, dy.reshape(-1) * 0, dy.reshape(-1))
+    np.add.at(dx, (np.repeat(np.arange(n * c), r.size // max(n * c, 1)), r), v)
     return dx.reshape(n, c, h, w)
 
 
+def _computed_route(graph, name):
+    """Whether value `name` is a route graphc computes: a maxpool_argmax, or a fused group's result that is
+    one."""
+    d = graph.nx.nodes[name]
+    if d["op"] in ("getitem", "fused"):
+        f = graph.nx.nodes[d["inputs"][0]]["attrs"] if d["op"] == "getitem" else d["attrs"]
+        d = f["body"][f["results"][d["attrs"]["index"] if d["op"] == "getitem" else 0]]
+    return d["op"] == "maxpool_argmax"
+
+
 def _scatter_infer(node, in_types):
-    s = in_types[0][0]
+    """Only a route graphc computed can be scattered: a route is an index the kernels write through, so
+    user data (an input, a const) never becomes one."""
+    (s, _), (rs, rdt) = in_types[:2]
+    if not _computed_route(node.graph, node.inputs[1].name) or rdt != "int32" or tuple(rs) != tuple(s):
+        node.fail(GraphError, "the route must be a maxpool_argmax of the pooled input, int32 and shaped like dy",
+                  "use g.maxpool (its gradient makes the route)")
     return (s[0], s[1], *node.attrs["in_hw"]), in_types[0][1]
 
 

@@ -9,7 +9,7 @@ The softmax + cross-entropy pair has its own op whose gradient collapses to (O -
 import numpy as np
 
 from graphc import shapes
-from graphc.errors import DTypeError, ShapeError
+from graphc.errors import DTypeError, FeedError, ShapeError
 from graphc.ops import OpDef, register
 from graphc.ops.elementwise import _float_dtype
 
@@ -37,10 +37,22 @@ register(OpDef("softmax", _softmax_infer,
                torch=lambda F, torch, ins, a, ctx: F.softmax(ins[0], dim=a["axis"])))
 
 
+def class_ids(labels, k):
+    """Integer labels, checked against 0..k-1 before anything indexes with them: labels computed in the
+    graph (a concat with a const, a reshape of a 2-D input) escape the feed check; numpy would raise a
+    bare IndexError, or wrap -1 round to class k-1."""
+    if labels.size and (labels.min() < 0 or labels.max() >= k):
+        bad = np.flatnonzero((labels < 0) | (labels >= k))
+        raise FeedError(f"class labels computed in the graph: label {int(labels[bad[0]])} at position {int(bad[0])} "
+                        f"is outside 0..{k - 1} ({len(bad)} bad label(s)). Fix: labels must be class ids 0..{k - 1}")
+    return labels
+
+
 def labels_matrix(labels, k, dtype):
     """Integer labels (N,) or one-hot / soft labels (N, K) -> (N, K) float."""
     if labels.ndim == 2:
         return labels.astype(dtype, copy=False)
+    labels = class_ids(labels, k)
     out = np.zeros((labels.shape[0], k), dtype)
     out[np.arange(labels.shape[0]), labels] = 1
     return out
@@ -51,7 +63,7 @@ def label_dot(labels, logp):
     (y == 0 where logp is -inf contributes 0, not 0 * -inf = NaN: a saturated softmax has loss 0; a NaN
     still propagates)."""
     if labels.ndim == 1:
-        return logp[np.arange(labels.shape[0]), labels].sum()
+        return logp[np.arange(labels.shape[0]), class_ids(labels, logp.shape[1])].sum()
     y = labels.astype(logp.dtype, copy=False)
     with np.errstate(invalid="ignore"):
         return np.where((y == 0) & np.isneginf(logp), 0, y * logp).sum()

@@ -9,14 +9,16 @@ running_var (all (C,); the running statistics are non-trainable params, i.e. gra
   ``graph.stat_updates``; the executable stores them after a training run or step, like optimizer
   updates (a training graph lists them in ``graph.updates`` too).
 - Inference: normalise with the running statistics.
-The mode is a run-time flag (`is_training`), so one compiled graph serves both. The gradient rule is a
-small graph of table ops that blends the two modes with that flag (its rules are named bn:stats,
-bn:dgamma, bn:dbeta, bn:dX, bn:d-running): in training the batch statistics depend on x (the full
+The mode is a run-time flag (`is_training`), so one compiled graph serves both. The gradient rule reads
+that flag (rules bn:stats, bn:dgamma, bn:dbeta, bn:dX, bn:d-running): two ops of graphc/ops/norm_grad.py,
+one pass each over the activations (bn_grad_sums: the statistics and the sums dgamma, dbeta;
+bn_grad_x: dL/dx), then per-channel arithmetic. In training the batch statistics depend on x (the full
 batch-norm backward), in inference BN is an affine map per channel.
 
 LRN, as torch's LocalResponseNorm(size, alpha, beta, k) (AlexNet, GoogLeNet): over channels,
 y_c = x_c / (k + alpha / size * sum of x_j^2 for j in [c - size // 2, c + (size - 1) // 2])^beta, the
-sum over a zero-padded channel window (divided by size even at the borders, as torch).
+sum over a zero-padded channel window (divided by size even at the borders, as torch). Its gradient is
+one op, lrn_grad (graphc/ops/norm_grad.py).
 """
 import numpy as np
 
@@ -35,12 +37,17 @@ def _per_channel(v, rank):
     return v.reshape((1, -1) + (1,) * (rank - 2))
 
 
-def _batch_count(x):
-    n = x.size // x.shape[1]
+def batch_count(shape):
+    """Values per channel of a batch-norm input of `shape`; a FeedShapeError below 2 (training mode)."""
+    n = int(np.prod(shape, dtype=np.int64)) // shape[1]
     if n < 2:
         raise FeedShapeError(f"batch norm in training mode needs more than one value per channel; its input is "
-                             f"{x.shape}. Fix: train with a batch of 2 or more (torch refuses this too)")
+                             f"{tuple(shape)}. Fix: train with a batch of 2 or more (torch refuses this too)")
     return n
+
+
+def _batch_count(x):
+    return batch_count(x.shape)
 
 
 def _bn_infer(node, in_types):
@@ -70,35 +77,24 @@ def _bn_ref(inputs, attrs, ctx):
 
 
 def _bn_grad(g, node, dy):
+    """Two passes over the activations (graphc/ops/norm_grad.py): bn_grad_sums (the statistics of the
+    mode and the sums dgamma, dbeta), then bn_grad_x; the rest is per-channel arithmetic."""
+    from graphc.ops.norm_grad import sums_row
     x, gamma, beta, rm, rv = node.inputs
-    rank = len(x.shape)
-    axes = bn_axes(rank)
-
-    def col(v):          # (C,) -> broadcastable against x
-        return v if rank == 2 else g.reshape(v, (x.shape[1], 1, 1))
-
     with g.rule("bn:stats"):           # the statistics the forward used: batch (training) or running
         f = g.is_training()
-        nf = g.sub(g.scalar(1.0), f)
-        mu_b = g.mean(x, axes, keepdims=True)
-        xc = g.sub(x, mu_b)
-        var_b = g.mean(g.mul(xc, xc), axes, keepdims=True)
-        mu = g.add(g.mul(f, mu_b), g.mul(nf, col(rm)))
-        var = g.add(g.mul(f, var_b), g.mul(nf, col(rv)))
-        istd = g.div(g.scalar(1.0), g.sqrt(g.add(var, g.scalar(node.attrs["eps"]))))
-        xhat = g.mul(g.sub(x, mu), istd)
+        s = g.add_node("bn_grad_sums", (x, dy, rm, rv, f), {"eps": node.attrs["eps"]})
     with g.rule("bn:dbeta"):
-        dbeta = g.sum(dy, axes)
+        dbeta = sums_row(g, s, 2)
     with g.rule("bn:dgamma"):
-        dgamma = g.sum(g.mul(dy, xhat), axes)
-    with g.rule("bn:dX"):              # training: istd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))
-        dxh = g.mul(dy, col(gamma))
-        corr = g.add(g.mean(dxh, axes, keepdims=True),
-                     g.mul(xhat, g.mean(g.mul(dxh, xhat), axes, keepdims=True)))
-        dx = g.mul(istd, g.sub(dxh, g.mul(f, corr)))
+        dgamma = sums_row(g, s, 3)
+    with g.rule("bn:dX"):              # training: istd gamma (dy - mean(dy) - xhat mean(dy xhat))
+        dx = g.add_node("bn_grad_x", (x, dy, gamma, s, f), {})
     with g.rule("bn:d-running"):       # inference only: y depends on the running statistics
-        drm = g.mul(nf, g.neg(g.sum(g.mul(dxh, istd), axes)))
-        drv = g.mul(nf, g.mul(g.scalar(-0.5), g.sum(g.mul(dxh, g.mul(xhat, g.mul(istd, istd))), axes)))
+        nf = g.sub(g.scalar(1.0), f)
+        gi = g.mul(gamma, sums_row(g, s, 1))
+        drm = g.mul(nf, g.neg(g.mul(gi, dbeta)))
+        drv = g.mul(nf, g.mul(g.scalar(-0.5), g.mul(g.mul(gi, sums_row(g, s, 1)), dgamma)))
     return [dx, dgamma, dbeta, drm, drv]
 
 
@@ -106,7 +102,7 @@ def _bn_flops(in_shapes, out_shape, attrs):
     return 8 * int(np.prod(out_shape))
 
 
-register(OpDef("batchnorm", _bn_infer, _bn_ref, _bn_grad, flops=_bn_flops,
+register(OpDef("batchnorm", _bn_infer, _bn_ref, _bn_grad, flops=_bn_flops, run_dependent=True,
                doc="batch normalisation: batch statistics in training, running statistics at inference",
                attrs={"eps": 1e-5, "momentum": 0.1},
                # the running statistics are graphc's bn_running_stat nodes: torch updates copies
@@ -153,7 +149,7 @@ def _flag_infer(node, in_types):
 
 register(OpDef("is_training", _flag_infer,
                lambda ins, a, ctx: np.asarray(1.0 if ctx.training else 0.0, dtype=a["dtype"]),
-               differentiable=False,
+               differentiable=False, run_dependent=True,
                doc="1.0 in a training run (exe.step, exe.run(training=True)), else 0.0: blends batch "
                    "norm's two modes in its gradient",
                torch=lambda F, torch, ins, a, ctx: torch.tensor(1.0 if ctx.training else 0.0)))
@@ -191,17 +187,8 @@ def _window_mean(g, v, before, after, size):
 
 
 def _lrn_grad(g, node, dy):
-    x, = node.inputs
-    y = node.out
-    a = node.attrs
-    size, alpha, beta = a["size"], a["alpha"], a["beta"]
-    with g.rule("lrn:scale"):          # s = k + alpha * mean of x^2 over the window; s^-beta
-        s = g.add(g.scalar(a["k"]), g.mul(g.scalar(alpha), _window_mean(g, g.mul(x, x), size // 2,
-                                                                          (size - 1) // 2, size)))
-        p = g.exp(g.mul(g.scalar(-beta), g.log(s)))
-    with g.rule("lrn:dX"):             # dy s^-beta - 2 alpha beta x * (transposed window mean of dy y / s)
-        back = _window_mean(g, g.div(g.mul(dy, y), s), (size - 1) // 2, size // 2, size)
-        return [g.sub(g.mul(dy, p), g.mul(g.scalar(2.0 * alpha * beta), g.mul(x, back)))]
+    with g.rule("lrn:dX"):             # one op: graphc/ops/norm_grad.py lrn_grad
+        return [g.add_node("lrn_grad", (node.inputs[0], dy), dict(node.attrs))]
 
 
 register(OpDef("lrn", _lrn_infer, lambda ins, a, ctx: lrn_ref(ins[0], a["size"], a["alpha"], a["beta"], a["k"]),

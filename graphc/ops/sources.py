@@ -44,5 +44,6 @@ def _dropout_mask_torch(F, torch, ins, attrs, ctx):
 
 
 register(OpDef("dropout_mask", _dropout_mask_infer, _dropout_mask_ref, host=True, differentiable=False,
+               run_dependent=True,
                doc="Inverted-dropout mask shaped like its input: 0 or 1/(1-rate) in training, 1 at inference; "
                    "seeded by (seed, step).", torch=_dropout_mask_torch))

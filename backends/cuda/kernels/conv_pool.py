@@ -2,7 +2,7 @@
 one pooled output; blocks of up to 16x16 pooled pixels times up to FUSE_KZ output channels (block z), the
 filter slices of those channels staged in shared memory chunk by chunk; the grid is (pooled-width tiles,
 pooled-height tiles, N*K / block-z). Windows of more than FUSE_MAXWIN positions or filters of more than
-FUSE_FSM taps take conv + max pool + ReLU/route fix-up kernels instead."""
+FUSE_FSM taps, and grouped or dilated convs, take conv + max pool + ReLU/route fix-up kernels instead."""
 from __future__ import annotations
 
 import numpy as np
@@ -88,11 +88,12 @@ def _mk_conv_relu_pool(nbt):
                 if has_bias:
                     bv = b[k]
                 best = acc[0] + bv
-                bidx = (ph * psh) * Wo + pw * psw
+                first = (ph * psh) * Wo + pw * psw
+                bidx = first
                 for wi in range(PH):
                     for wj in range(PW):
                         v = acc[wi * PW + wj] + bv
-                        if v > best:
+                        if v > best or (v != v and best == best):      # the first NaN wins (np.max)
                             best = v
                             bidx = (ph * psh + wi) * Wo + pw * psw + wj
                 o = (nk * Hp + ph) * Wp + pw
@@ -100,38 +101,37 @@ def _mk_conv_relu_pool(nbt):
                     y[o] = best
                     if save_route:
                         route[o] = bidx
-                else:
-                    y[o] = zero
+                else:               # ReLU: 0, or NaN; the route: ~ the first max of the ReLU output
+                    y[o] = best if best != best else zero
                     if save_route:
-                        route[o] = -1
+                        route[o] = -1 - (bidx if best != best else first)
     return conv_relu_pool
 
 
 def _unfused_step(x, w, bias, y, route, geom, pool, pool_stride, scratch):
-    """conv (+bias) into scratch, max pool with its route, then the ReLU / route fix-ups."""
+    """conv (+bias, ReLU) into scratch, max pool with its route, then the route fix-up (maxpool_argmax's
+    relu rule: ~route where the max is not > 0)."""
     N, C, H, W, K, KH, KW, Ho, Wo = geom[:9]
     PH, PW = pool
     psh, psw = pool_stride
     Hp, Wp = (Ho - PH) // psh + 1, (Wo - PW) // psw + 1
     z = scratch(N * K * Ho * Wo, y.dtype)
     rt = route if route is not None else scratch(N * K * Hp * Wp, np.int32)
-    fix_y = elementwise_kernel("a0 if a0 > 0 else 0", 1)
-    fix_route = elementwise_kernel("a1 if a0 > 0 else -1", 2)
-    steps = [conv_step(x, w, bias, z, geom), maxpool_step(z, y, rt, (N, K, Ho, Wo), pool, pool_stride)]
+    fix_route = elementwise_kernel("a1 if a0 > 0 else -1 - a1", 2)
+    steps = [conv_step(x, w, bias, z, geom, relu=True), maxpool_step(z, y, rt, (N, K, Ho, Wo), pool, pool_stride)]
     if route is not None:
         steps.append(lambda: fix_route(y, rt, out=rt))
-    steps.append(lambda: fix_y(y, out=y))
     return seq(steps)
 
 
 def conv_pool_step(x, w, bias, y, route, geom, pool, pool_stride, scratch):
-    """y = maxpool(relu(conv(x, w) + bias)) (+ the int32 route, -1 where the window max is <= 0) on flat
+    """y = maxpool(relu(conv(x, w) + bias)) (+ the int32 route, ~ it where the window max is not > 0) on flat
     arrays; geom = gemm.conv_geometry(...); scratch(n, dtype) allocates work arrays."""
-    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = geom
+    N, C, H, W, K, KH, KW, Ho, Wo, sh, sw, pt, pl = geom[:13]
     PH, PW = pool
     psh, psw = pool_stride
     Hp, Wp = (Ho - PH) // psh + 1, (Wo - PW) // psw + 1
-    if PH * PW > FUSE_MAXWIN or KH * KW > FUSE_FSM:
+    if PH * PW > FUSE_MAXWIN or KH * KW > FUSE_FSM or tuple(geom[13:]) != (1, 1, 1):
         return _unfused_step(x, w, bias, y, route, geom, pool, pool_stride, scratch)
     cc = max(1, min(C, FUSE_FSM // (KH * KW)))
     bx, by = p2(Wp, 16), p2(Hp, 16)
@@ -148,7 +148,8 @@ def conv2d_relu_maxpool(x, w, b=None, stride=1, pads=0, pool_size=2, pool_stride
     """maxpool(relu(conv2d(x, w) + b)) in one kernel; the conv output never reaches global memory.
 
     ``route`` (int32, shaped like y) holds the flat index ``i*Wo + j`` of each window's max in the
-    conv-output plane, or -1 where that max was <= 0 (then y is 0 and the gradient is 0).
+    conv-output plane, or ~index (< 0) where that max was not > 0 (then y is 0 or NaN, and the gradient
+    dy * 0): graphc.ops.fused.maxpool_argmax_ref's relu rule.
     """
     check_shape(x, 4, "conv2d_relu_maxpool x")
     check_shape(w, 4, "conv2d_relu_maxpool w")

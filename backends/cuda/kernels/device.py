@@ -128,11 +128,43 @@ def factory(name, signature):
     return register
 
 
+class _DeviceMath:
+    """``math`` as the device computes it, for kernels run by the simulator: Python's math raises where a
+    GPU returns IEEE values (log(0) is -inf, exp(1000) inf, sqrt(-1) NaN), so the simulator could not
+    run the NaN/inf paths the device does. Its functions are numpy's (float32 stays float32, as on the
+    device); constants and the rest are math's."""
+
+    _IEEE = ("exp", "log", "log1p", "expm1", "sqrt", "pow", "tanh", "sin", "cos", "floor", "ceil", "fabs")
+
+    def __init__(self):
+        import math
+        self.__dict__.update({k: getattr(math, k) for k in dir(math) if not k.startswith("_")})
+        for name in self._IEEE:
+            self.__dict__[name] = self._quiet(getattr(np, {"pow": "power"}.get(name, name)))
+
+    @staticmethod
+    def _quiet(fn):
+        def ieee(*args):
+            with np.errstate(all="ignore"):
+                return fn(*args)
+        return ieee
+
+
+def kernel_math(c):
+    """The ``math`` kernels of numba.cuda module `c` are given: math itself, or _DeviceMath under the
+    simulator."""
+    import math
+    return _DeviceMath() if _is_sim_module(c) else math
+
+
 def bind_cuda_global(fn, c):
-    """Gives the module that defines `fn` its ``cuda`` global (the simulator swaps it per kernel)."""
+    """Gives the module that defines `fn` its ``cuda`` global (the simulator swaps it per kernel), and
+    under the simulator its ``math`` (kernel_math)."""
     mod = sys.modules.get(fn.__module__)
     if mod is not None and getattr(mod, "cuda", None) is None:
         mod.cuda = c
+        if _is_sim_module(c) and hasattr(mod, "math"):
+            mod.math = kernel_math(c)
 
 
 def kernel(name, dtype):
@@ -333,3 +365,9 @@ def dummy(dtype, value=0):
     if key not in _DUMMY:
         _DUMMY[key] = load_cuda().to_device(np.full(1, value, np.dtype(dtype)))
     return _DUMMY[key]
+
+
+def flag_sink():
+    """A 1-element int32 device array for a kernel flag that nobody reads (a dummy of its own: a kernel
+    setting it changes no argument another kernel reads)."""
+    return dummy(np.int32, -(2**31))

@@ -4,12 +4,12 @@ expressions (same-size inputs, scalars s<k>, several outputs)."""
 from __future__ import annotations
 
 import ast
-import math
 
 import numpy as np
 
 from graphc.backends import codegen
-from graphc.backends.cuda.kernels.device import EW_BLOCK, empty, flat, grid1d, launcher, load_cuda, nbtype, nothing
+from graphc.backends.cuda.kernels.device import (EW_BLOCK, empty, flat, grid1d, kernel_math, launcher, load_cuda,
+                                                 nbtype, nothing)
 from graphc.errors import BackendError
 
 _JITTED: dict = {}
@@ -17,8 +17,8 @@ _JITTED: dict = {}
 
 def pyfunc(src, dtype, cuda_module=None):
     """The Python kernel function of a generated source (what gets jitted or compiled to PTX)."""
-    ns = {"cuda": cuda_module if cuda_module is not None else load_cuda(check=False), "math": math,
-          "_T": nbtype(dtype)}
+    c = cuda_module if cuda_module is not None else load_cuda(check=False)
+    ns = {"cuda": c, "math": kernel_math(c), "_T": nbtype(dtype)}
     exec(compile(src, "<graphc cuda elementwise>", "exec"), ns)  # noqa: S102
     return ns["_ew_kernel"]
 

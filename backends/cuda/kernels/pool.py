@@ -1,5 +1,11 @@
 """Pooling kernels: max pool (with its route), the route scatter and gather, average pool and its
-gradient. 1-D grid-stride loops (consecutive threads touch consecutive outputs)."""
+gradient. 1-D grid-stride loops (consecutive threads touch consecutive outputs).
+
+NaN follows numpy: a window holding NaN has max NaN and routes to its first NaN (np.argmax). A route r
+< 0 is ~i (= -1 - i) for a window a ReLU masked: the scatter adds dy * 0 at i (0, or NaN where dy is not
+finite, as the unfused maxpool_route * gt). Routes are only ever values these kernels (or the fused
+conv-pool kernel) computed, window positions inside the plane (route_scatter refuses any other route at
+definition); the scatter checks the bound anyway."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,7 +36,7 @@ def _mk_maxpool(nbt):
                 for j in range(PW):
                     idx = (h0 + i) * W + w0 + j
                     v = x[base + idx]
-                    if v > best:
+                    if v > best or (v != v and best == best):
                         best = v
                         bi = idx
             y[o] = best
@@ -41,21 +47,27 @@ def _mk_maxpool(nbt):
 
 @factory("route_scatter", "fa, ia, fa, i64, i64, i64")
 def _mk_route_scatter(nbt):
-    """dz[nc, route[o]] += dy[o] for every pooled output o whose route is >= 0 (atomic: windows overlap)."""
+    """dz[nc, route[o]] += dy[o] for every pooled output o, dy[o] * 0 at -1 - route[o] where the route
+    is < 0 (atomic: windows overlap)."""
     def route_scatter(dy, route, dz, NC, HpWp, HW):
         start = cuda.grid(1)
         step = cuda.gridsize(1)
         for o in range(start, NC * HpWp, step):
             r = route[o]
-            if r >= 0:
+            v = dy[o]
+            if r < 0:
+                r = -1 - r
+                v = v * nbt(0)
+            if r < HW:
                 nc = o // HpWp
-                cuda.atomic.add(dz, nc * HW + r, dy[o])
+                cuda.atomic.add(dz, nc * HW + r, v)
     return route_scatter
 
 
 @factory("gather", "fa, ia, fa, i64, i64, i64")
 def _mk_gather(nbt):
-    """out[o] = g[nc * HW + route[o]] with nc = o // HpWp (the max-pool route's transpose)."""
+    """out[o] = g[nc * HW + route[o]] with nc = o // HpWp (the max-pool route's transpose; the route is
+    the maxpool kernel's, made in the same step: a window position in the plane)."""
     def gather_k(g, route, out, n, HpWp, HW):
         start = cuda.grid(1)
         step = cuda.gridsize(1)
@@ -138,7 +150,8 @@ def maxpool_step(x, y, route, x_shape, size, stride):
 
 
 def route_scatter_step(dy, route, dz, dy_shape, in_hw):
-    """dz (N, C, H, W) = 0, then each dy added at its route (-1: dropped); flat arrays."""
+    """dz (N, C, H, W) = 0, then each dy added at its route (dy * 0 at ~route where it is < 0); flat
+    arrays."""
     N, C, Hp, Wp = dy_shape
     H, W = in_hw
     scatter = launch1d("route_scatter", np.dtype(dz.dtype), N * C * Hp * Wp, dy, route, dz, N * C, Hp * Wp, H * W)
@@ -179,7 +192,8 @@ def maxpool2d(x, size=2, stride=None, save_route=False):
 
 
 def maxpool_route_backward(dy, route, conv_out_hw, out=None):
-    """dz (N, K, Ho, Wo): each dy lands on its route (flat index in the conv plane); -1 routes drop.
+    """dz (N, K, Ho, Wo): each dy lands on its route (flat index in the conv plane); a route < 0 puts dy * 0
+    at ~route (a window the ReLU masked).
     Scatter with atomic adds (pool windows may overlap); dz is zeroed first."""
     check_shape(dy, 4, "maxpool_route_backward dy")
     dt = fdtype(dy)

@@ -26,7 +26,8 @@ def _compiler():
     c = device.load_cuda(check=False)
     if device._is_sim_module(c) or not hasattr(c, "compile_ptx"):
         raise BackendError("PTX compilation needs the real numba.cuda target, not the simulator")
-    for mod in ("gemm", "conv_pool", "pool", "reduce", "softmax", "copy"):     # fill the factory registry
+    for mod in ("gemm", "conv_pool", "depthwise", "pool", "reduce", "softmax", "copy", "norm",
+                "plane"):  # fill the factory registry
         __import__(f"graphc.backends.cuda.kernels.{mod}")
     return c
 

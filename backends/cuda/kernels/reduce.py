@@ -1,9 +1,12 @@
 """Sums over any axes, deterministic (no atomics): one block per kept element (split over the reduced
 range when there are few kept elements, finished by a second pass), or a (32 columns x 8) block tree
-when the reduced axes are the middle ones."""
+when the reduced axes are the middle ones. They accumulate in float64, as the reference (and the numba
+kernels): a float32 partial sum overflows to inf where the sum itself is representable; the sums are
+memory-bound, so the wider adds cost nothing that shows."""
 from __future__ import annotations
 
 import numpy as np
+from numba import float64
 
 from graphc.backends.cuda.kernels.copy import copy_step
 from graphc.backends.cuda.kernels.device import (alloc_flat, cdiv, empty, factory, fdtype, fill_step, flat, kernel,
@@ -19,7 +22,7 @@ def _mk_reduce_keep_mid(nbt):
     """x viewed as (A, B, C): out[s, b] = scale * sum over (a, c) in slice s of x[a, b, c].
     1-D blocks of a power-of-two size <= RED_BLOCK (sized to the work by the launcher)."""
     def reduce_keep_mid(x, out, A, B, C, S, scale):
-        sm = cuda.shared.array(RED_BLOCK, nbt)
+        sm = cuda.shared.array(RED_BLOCK, float64)
         t = cuda.threadIdx.x
         nt = cuda.blockDim.x
         s = cuda.blockIdx.y
@@ -30,7 +33,7 @@ def _mk_reduce_keep_mid(nbt):
         if hi > AC:
             hi = AC
         for b in range(cuda.blockIdx.x, B, cuda.gridDim.x):
-            acc = nbt(0)
+            acc = float64(0)
             for e in range(lo + t, hi, nt):
                 a = e // C
                 acc += x[(a * B + b) * C + (e - a * C)]
@@ -52,13 +55,13 @@ def _mk_reduce_keep_mid(nbt):
 def _mk_reduce_mid(nbt):
     """x viewed as (A, B, C): out[a, c] = scale * sum_b x[a, b, c]; block = (<=32 columns) x (<=8 b-lanes)."""
     def reduce_mid(x, out, A, B, C, scale):
-        sm = cuda.shared.array((8, 33), nbt)
+        sm = cuda.shared.array((8, 33), float64)
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         bdy = cuda.blockDim.y
         c = cuda.blockIdx.x * cuda.blockDim.x + tx
         for a in range(cuda.blockIdx.y, A, cuda.gridDim.y):
-            acc = nbt(0)
+            acc = float64(0)
             if c < C:
                 for b in range(ty, B, bdy):
                     acc += x[(a * B + b) * C + c]
@@ -98,7 +101,7 @@ def sum_outer_step(x, A, B, C, scale, out, scratch):
     grid = (max(1, min(B, 1 << 20)), S)
     if S == 1:
         return launcher(k, grid, block, x, out, A, B, C, S, dt.type(scale))
-    part = scratch(S * B, dt)
+    part = scratch(S * B, np.float64)          # the partial sums stay float64 between the passes
     return seq([launcher(k, grid, block, x, part, A, B, C, S, dt.type(1.0)), sum_mid_step(part, 1, S, B, scale, out)])
 
 
@@ -124,7 +127,7 @@ def sum_step(x, shape, axes, scale, out, scratch):
     while last[0] - 1 in red:
         last.insert(0, last[0] - 1)
     new_shape = tuple(s for i, s in enumerate(shape) if i not in last)
-    part = scratch(int(np.prod(new_shape, dtype=np.int64)), out.dtype)
+    part = scratch(int(np.prod(new_shape, dtype=np.int64)), np.float64)
     first = sum_mid_step(x, prod(range(last[0])), prod(last), prod(range(last[-1] + 1, nd)), 1.0, part)
     return seq([first, sum_step(part, new_shape, [a for a in red if a < last[0]], scale, out, scratch)])
 

@@ -1,16 +1,22 @@
 """The numba backend's convolutions: plain functions on numpy arrays (NCHW activations, KCHW filters,
 float32 or float64; ``pads = (top, bottom, left, right)``; floor output sizes like PyTorch)::
 
-    conv2d(x, w, b, stride, pads, relu=False, strategy=None) -> y
+    conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1) -> y
     conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False,
-                        strategy=None) -> y or (y, route)
-    conv2d_dx(dy, w, stride, pads, in_hw, strategy=None) -> dx
-    conv2d_dw(x, dy, stride, pads, k_hw, strategy=None) -> dw
-    bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool) -> run(x, w, b, y, route, flag)
-    choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None) -> str
+                        strategy=None, dilation=1, groups=1) -> y or (y, route)
+    conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1) -> dx
+    conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1) -> dw
+    bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool, dil, groups)
+        -> run(x, w, b, y, route, flag)
+    choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None, dilation=(1, 1),
+                         groups=1) -> str
 
-Semantics follow PyTorch: ReLU gradient 0 at 0 (route -1 where a window's max is <= 0), max-pool ties go
-to the first element in row-major order, NaN propagates through max pooling and ReLU. Two strategies
+Grouped convs (w: (K, C / groups, KH, KW), as torch) and dilated filters (taps ``dilation`` apart) run
+on both strategies; depthwise convs (groups == C) have their own memory-bound stencil kernels in
+depthwise.py.
+
+Semantics follow PyTorch: ReLU gradient 0 at 0 (route < 0 where a window's max is <= 0), max-pool ties go
+to the first element in row-major order, NaN propagates through max pooling and ReLU (numpy's rules). Two strategies
 compute them: ``direct`` (kernels generated per shape, direct.py + gen.py) and ``im2col`` (im2col +
 BLAS GEMM, im2col.py); ``strategy=None`` uses the remembered choice of strategy.py.
 """
@@ -20,7 +26,8 @@ import numpy as np
 
 from graphc.backends.numba.conv import direct, im2col
 from graphc.backends.numba.conv.direct import bind_direct_fwd
-from graphc.backends.numba.conv.layout import check_conv, check_geometry, clear_scratch, float_array, out_hw, pool_hw
+from graphc.backends.numba.conv.layout import (check_conv, check_geometry, check_groups, clear_scratch, dilation_pair,
+                                              float_array, out_hw, pool_hw)
 from graphc.backends.numba.conv.strategy import STRATEGIES, choose_conv_strategy
 from graphc.backends.numba.conv.strategy import resolve as resolve_strategy
 from graphc.errors import BackendError
@@ -31,57 +38,84 @@ __all__ = ["conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw", "bind_dire
 _IMPL = {"direct": direct, "im2col": im2col}
 
 
-def conv2d(x, w, b, stride, pads, relu=False, strategy=None):
-    """Cross-correlation y (N, K, Ho, Wo) = x (N, C, H, W) * w (K, C, KH, KW) + b, zero padding
-    ``pads = (top, bottom, left, right)``; ``relu`` applies max(., 0) in the epilogue."""
-    x, w, b, stride, pads = check_conv(x, w, b, stride, pads)
-    s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype)
-    return _IMPL[s].forward(x, w, b, stride, pads, "store", relu=bool(relu))[0]
+def _geo(dilation, groups):
+    """The keyword arguments of the strategies for this dilation and groups (none for a plain conv)."""
+    dil = dilation_pair(dilation)
+    return {} if (dil, int(groups)) == ((1, 1), 1) else {"dil": dil, "groups": int(groups)}
 
 
-def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None):
+def _extent(k, d):
+    return (k - 1) * d + 1
+
+
+def conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1):
+    """Cross-correlation y (N, K, Ho, Wo) = x (N, C, H, W) * w (K, C / groups, KH, KW) + b, zero padding
+    ``pads = (top, bottom, left, right)``, filter taps ``dilation`` apart; ``relu`` applies max(., 0)
+    in the epilogue."""
+    x, w, b, stride, pads = check_conv(x, w, b, stride, pads, dilation, groups)
+    geo = _geo(dilation, groups)
+    s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype,
+                         dilation=dilation_pair(dilation), groups=int(groups))
+    return _IMPL[s].forward(x, w, b, stride, pads, "store", relu=bool(relu), **geo)[0]
+
+
+def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None,
+                        dilation=1, groups=1):
     """Fused conv (+bias) -> ReLU -> max pool (floor output size, like PyTorch).
 
     With ``save_route`` also returns ``route`` (int32, shaped like y): the flat index ``i*Wo + j``
-    in the conv-output plane of each window's (first) maximum, or -1 where that maximum is <= 0 so
-    the ReLU killed it (the route_scatter kernel turns it into dL/d(pre-activation))."""
-    x, w, b, stride, pads = check_conv(x, w, b, stride, pads)
+    in the conv-output plane of each window's (first) maximum, or ~index (< 0) where that maximum is
+    not > 0 so the ReLU masked it (the route_scatter kernel turns it into dL/d(pre-activation));
+    graphc.ops.fused.maxpool_argmax_ref (relu=True) is the rule."""
+    x, w, b, stride, pads = check_conv(x, w, b, stride, pads, dilation, groups)
     ps, pst = int(pool_size), int(pool_stride)
     N, C, H, W = x.shape
     K, _, KH, KW = w.shape
-    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    dil = dilation_pair(dilation)
+    Ho, Wo = out_hw(H, W, _extent(KH, dil[0]), _extent(KW, dil[1]), stride, pads)
     pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
-    s = resolve_strategy(strategy, "conv2d_relu_maxpool", x.shape, w.shape, stride, pads, x.dtype, (ps, pst))
-    y, route = _IMPL[s].forward(x, w, b, stride, pads, "pool", ps=ps, pst=pst, save_route=bool(save_route))
+    s = resolve_strategy(strategy, "conv2d_relu_maxpool", x.shape, w.shape, stride, pads, x.dtype, (ps, pst),
+                         dil, int(groups))
+    y, route = _IMPL[s].forward(x, w, b, stride, pads, "pool", ps=ps, pst=pst, save_route=bool(save_route),
+                                **_geo(dilation, groups))
     return (y, route) if save_route else y
 
 
-def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None):
+def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1):
     """dL/dX (N, C, H, W): full convolution of the stride-dilated dy with the 180-degree rotated
-    filters, cropped by the padding (input rows/columns no output reads get zero)."""
+    filters (per group), cropped by the padding (input rows/columns no output reads get zero)."""
     dy = float_array(dy, "dy")
     w = np.ascontiguousarray(np.asarray(w, dtype=dy.dtype))
     H, W = (int(v) for v in in_hw)
     N, K, Ho, Wo = dy.shape
-    x_shape = (N, w.shape[1], H, W)
-    stride, pads = check_geometry(x_shape, w.shape, stride, pads)
-    if (Ho, Wo) != out_hw(H, W, w.shape[2], w.shape[3], stride, pads) or K != w.shape[0]:
+    dil = dilation_pair(dilation)
+    x_shape = (N, w.shape[1] * int(groups), H, W)
+    check_groups(x_shape[1], w.shape, groups)
+    stride, pads = check_geometry(x_shape, w.shape, stride, pads, dil)
+    if (Ho, Wo) != out_hw(H, W, _extent(w.shape[2], dil[0]), _extent(w.shape[3], dil[1]), stride, pads) \
+            or K != w.shape[0]:
         raise BackendError(f"conv2d_dx: dy {dy.shape} does not fit w {w.shape}, input {H}x{W}")
-    s = resolve_strategy(strategy, "conv2d_dx", x_shape, w.shape, stride, pads, dy.dtype)
-    return _IMPL[s].grad_input(dy, w, stride, pads, (H, W))
+    s = resolve_strategy(strategy, "conv2d_dx", x_shape, w.shape, stride, pads, dy.dtype, dilation=dil,
+                         groups=int(groups))
+    return _IMPL[s].grad_input(dy, w, stride, pads, (H, W), **_geo(dilation, groups))
 
 
-def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None):
-    """dL/dW (K, C, KH, KW) = correlation of the padded input with dy (per-task partial sums over
-    groups of images, then a reduction)."""
+def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1):
+    """dL/dW (K, C / groups, KH, KW) = correlation of the padded input with dy (per-task partial sums
+    over groups of images, then a reduction)."""
     x = float_array(x, "x")
     dy = np.ascontiguousarray(np.asarray(dy, dtype=x.dtype))
     KH, KW = (int(v) for v in k_hw)
     N, C, H, W = x.shape
     K = dy.shape[1]
-    w_shape = (K, C, KH, KW)
-    stride, pads = check_geometry(x.shape, w_shape, stride, pads)
-    if dy.shape != (N, K) + out_hw(H, W, KH, KW, stride, pads):
+    dil = dilation_pair(dilation)
+    if int(groups) < 1 or C % int(groups):
+        raise BackendError(f"conv2d_dw: groups={groups} must divide the {C} input channels")
+    w_shape = (K, C // int(groups), KH, KW)
+    check_groups(C, w_shape, groups)
+    stride, pads = check_geometry(x.shape, w_shape, stride, pads, dil)
+    if dy.shape != (N, K) + out_hw(H, W, _extent(KH, dil[0]), _extent(KW, dil[1]), stride, pads):
         raise BackendError(f"conv2d_dw: dy {dy.shape} does not fit x {x.shape} and a {KH}x{KW} filter")
-    s = resolve_strategy(strategy, "conv2d_dw", x.shape, w_shape, stride, pads, x.dtype)
-    return _IMPL[s].grad_weights(x, dy, stride, pads, (KH, KW))
+    s = resolve_strategy(strategy, "conv2d_dw", x.shape, w_shape, stride, pads, x.dtype, dilation=dil,
+                         groups=int(groups))
+    return _IMPL[s].grad_weights(x, dy, stride, pads, (KH, KW), **_geo(dilation, groups))

@@ -1,8 +1,8 @@
 """The direct conv strategy: kernels generated per shape (gen.py) over zero-padded flat planes.
 
 Exact shape constants, the filter taps unrolled with the weights held in scalars, each zero-padded
-input plane read as one flat vector of "wide rows", each prange task computing a block of output
-channels of one image, bias/ReLU/max-pool (and the route) fused into the epilogue. dL/dX is the same
+input plane read as one flat vector of "wide rows", each task (threads.parallel_for) computing a block of
+output channels of one image, bias/ReLU/max-pool (and the route) fused into the epilogue. dL/dX is the same
 forward kernel on the (dilated, padded) output gradient with rotated filters; dL/dW is its own
 generated reduction (partial sums per group of images, then summed; for one input channel it reads
 dy in place). Strides > 1 become stride-1 convolutions by space-to-depth (input phases become
@@ -133,15 +133,15 @@ def ensure_compiled(kern, args, dtype) -> bool:
     return True
 
 
-def run_generated(kern, args, dtype, ntasks, acc=None):
+def run_generated(kern, args, dtype, ntasks, acc=None, threads=None):
     """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]], lo, hi)`` on Numba's thread
-    count (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
+    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
     per_thread = () if acc is None else (acc[0],)
     ensure_compiled(kern, tuple(args) + per_thread + (0, 0), dtype)
     if acc is None:
-        parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks)
+        parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks, threads)
     else:
-        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks)
+        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks, threads)
 
 
 def _vec_len(dtype) -> int:
@@ -162,14 +162,26 @@ def _pick_blocks(K: int, C: int, T: int):
     return (min(K, 2) if C == 1 else 1), 1   # 5x5: 25 weights per output channel already
 
 
-class FwdPlan:
-    """Geometry of one direct stride-1 forward call over flat padded planes."""
+def _group_block(KB, Kg):
+    """The largest block size <= KB dividing the Kg filters of a group (blocks never straddle groups)."""
+    while Kg % KB:
+        KB -= 1
+    return KB
 
-    def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked"):
+
+class FwdPlan:
+    """Geometry of one direct stride-1 forward call over flat padded planes (C: input channels per group;
+    taps dil = (dh, dw) apart)."""
+
+    def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
+                 dil=(1, 1)):
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
         self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
+        self.groups, self.dil = groups, tuple(dil)
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
+        if groups > 1:
+            self.KB = _group_block(self.KB, K // groups)
         if epi == "pool":
             self.Hq, self.Wq = pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
             rows = (self.Hq - 1) * pst + ps
@@ -179,8 +191,8 @@ class FwdPlan:
             rows, cols = Ho, Wo
         VL = _vec_len(dtype)
         self.PL = gen.round_up((rows - 1) * Wp + cols, VL)
-        maxoff = (KH - 1) * Wp + KW - 1
-        self.Lx = gen.round_up(max(Hp * Wp, self.PL + maxoff), VL)
+        self.maxoff = (KH - 1) * self.dil[0] * Wp + (KW - 1) * self.dil[1]
+        self.Lx = gen.round_up(max(Hp * Wp, self.PL + self.maxoff), VL)
         self.NKB = -(-K // self.KB)
 
     def acc_shape(self, dtype):
@@ -193,7 +205,9 @@ class FwdPlan:
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
                                  ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
-                                 **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}))
+                                 **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}),
+                                 **({} if (self.groups, self.dil) == (1, (1, 1)) else
+                                    {"groups": self.groups, "dil": self.dil}))
 
     def weights(self, w):
         """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
@@ -216,12 +230,13 @@ TINY_CALL_FLOPS = 2e6         # ... and below this on the calling thread (batch-
                               # on two threads than on one, 10 us either way)
 
 
-def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked") -> FwdPlan:
+def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
+             dil=(1, 1)) -> FwdPlan:
     """The (memoised) plan of a direct forward call, its kernel loaded."""
-    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout)
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout)
+        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil)
         plan.kern = load_kernel(plan.source())
         _PLANS[key] = plan
     return plan
@@ -249,7 +264,7 @@ def _space_to_depth(x, w, stride, pads):
     weights ws (K, C*s*s, ceil(KH/s), ceil(KW/s)) with phase (a, b) of channel c at c*s*s + a*s + b."""
     s = stride
     N, C, H, W = x.shape
-    K, _, KH, KW = w.shape
+    K, Cw, KH, KW = w.shape
     top, bottom, left, right = pads
     Ho, Wo = out_hw(H, W, KH, KW, s, pads)
     KHq, KWq = -(-KH // s), -(-KW // s)
@@ -259,25 +274,36 @@ def _space_to_depth(x, w, stride, pads):
     ww = min(W, Wq * s - left)
     xp[:, :, top:top + h, left:left + ww] = x[:, :, :h, :ww]
     xs = xp.reshape(N, C, Hq, s, Wq, s).transpose(0, 1, 3, 5, 2, 4).reshape(N, C * s * s, Hq, Wq)
-    wpad = np.zeros((K, C, KHq * s, KWq * s), w.dtype)
+    wpad = np.zeros((K, Cw, KHq * s, KWq * s), w.dtype)
     wpad[:, :, :KH, :KW] = w
-    ws = wpad.reshape(K, C, KHq, s, KWq, s).transpose(0, 1, 3, 5, 2, 4).reshape(K, C * s * s, KHq, KWq)
+    ws = wpad.reshape(K, Cw, KHq, s, KWq, s).transpose(0, 1, 3, 5, 2, 4).reshape(K, Cw * s * s, KHq, KWq)
     return np.ascontiguousarray(xs), np.ascontiguousarray(ws), (Ho, Wo)
 
 
-def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False):
+def dense_filter(w, dil):
+    """A dilated filter bank as an undilated one of its extent, zeros between the taps."""
+    if tuple(dil) == (1, 1):
+        return w
+    K, C, KH, KW = w.shape
+    wd = np.zeros((K, C, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1), w.dtype)
+    wd[:, :, ::dil[0], ::dil[1]] = w
+    return wd
+
+
+def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False, dil=(1, 1), groups=1):
     N, C, H, W = x.shape
-    K, _, KH, KW = w.shape
-    if stride > 1:
-        xs, ws, (Ho, Wo) = _space_to_depth(x, w, stride, pads)
-        x1, w1, p1 = xs, ws, (0, 0, 0, 0)
+    K = w.shape[0]
+    if stride > 1:           # a dilated filter becomes a sparse dense one: its phases are not dilated
+        xs, ws, (Ho, Wo) = _space_to_depth(x, dense_filter(w, dil), stride, pads)
+        x1, w1, p1, d1 = xs, ws, (0, 0, 0, 0), (1, 1)
     else:
-        Ho, Wo = out_hw(H, W, KH, KW, 1, pads)
-        x1, w1, p1 = x, w, pads
+        Ho, Wo = out_hw(H, W, (w.shape[2] - 1) * dil[0] + 1, (w.shape[3] - 1) * dil[1] + 1, 1, pads)
+        x1, w1, p1, d1 = x, w, pads, tuple(dil)
     top, bottom, left, right = p1
     Hp, Wp = x1.shape[2] + top + bottom, x1.shape[3] + left + right
-    plan = fwd_plan(K, x1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst)
-    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    plan = fwd_plan(K, w1.shape[1], w1.shape[2], w1.shape[3], Hp, Wp, Ho, Wo, x.dtype, epi, ps, pst,
+                    groups=groups, dil=d1)
+    maxoff = plan.maxoff
     if p1 == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp and x1.flags.writeable and x1.flags.aligned:
         # the kernel's reads stay inside each image plane: read x where it lies
         xb = x1.reshape(N, x1.shape[1], Hp * Wp)
@@ -287,7 +313,7 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
 
 
-def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0)):
+def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
@@ -302,26 +328,27 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         return None
     dtype = np.dtype(dtype)
     N, C, H, W = (int(v) for v in x_shape)
-    K, _, KH, KW = (int(v) for v in w_shape)
+    K, Cg, KH, KW = (int(v) for v in w_shape)
     pads = tuple(int(p) for p in pads)
+    dil = tuple(int(d) for d in dil)
     top, bottom, left, right = pads
-    Ho, Wo = out_hw(H, W, KH, KW, 1, pads)
+    Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, 1, pads)
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
-    plan = fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct")
-    maxoff = (plan.KH - 1) * Wp + plan.KW - 1
+    plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil)
+    maxoff = plan.maxoff
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
     acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
     acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
     # Numba's threads for a call of less than ~0.1 ms (SMALL_CALL_FLOPS), Python threads above
-    flops = 2 * N * K * C * KH * KW * Ho * Wo
+    flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     kern_par = parallel_variant(plan.kern) if not tiny and flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
     kern = plan.kern
-    w3shape = (K, C, KH * KW)
+    w3shape = (K, Cg, KH * KW)
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
@@ -378,18 +405,22 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     return run
 
 
-def grad_input(dy, w, stride, pads, in_hw):
+def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
     """dL/dX: stride-1 correlation of the (stride-dilated) output gradient, placed in planes of
-    (H+KH-1) x (W+KW-1), with the filters rotated by 180 degrees and in/out channels swapped."""
+    (H+EH-1) x (W+EW-1) (EH, EW: the dilated filter's extent), with the filters rotated by 180 degrees
+    and in/out channels swapped within each group."""
     N, K, Ho, Wo = dy.shape
-    _, C, KH, KW = w.shape
+    _, Cg, KH, KW = w.shape
     H, W = in_hw
     top, _, left, _ = pads
-    Hb, Wb = H + KH - 1, W + KW - 1
-    wf = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-    plan = fwd_plan(C, K, KH, KW, Hb, Wb, H, W, dy.dtype, "store")
+    EH, EW = (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1
+    Hb, Wb = H + EH - 1, W + EW - 1
+    G, Kg = groups, K // groups
+    wf = w[:, :, ::-1, ::-1].reshape(G, Kg, Cg, KH, KW).transpose(0, 2, 1, 3, 4)
+    wf = np.ascontiguousarray(wf).reshape(G * Cg, Kg, KH, KW)
+    plan = fwd_plan(G * Cg, Kg, KH, KW, Hb, Wb, H, W, dy.dtype, "store", groups=G, dil=dil)
     buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
-    place(dy, buf, Hb, Wb, stride, KH - 1 - top, KW - 1 - left)
+    place(dy, buf, Hb, Wb, stride, EH - 1 - top, EW - 1 - left)
     return _run_planes(buf, plan, wf, None)[0]
 
 
@@ -426,50 +457,58 @@ def _dw_kernel(kind, **geom):
     return k
 
 
-def _dw_stride1(x, dy, pads, KH, KW):
-    """dL/dW of a stride-1 correlation (x unpadded, pads applied here)."""
+def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1):
+    """dL/dW of a stride-1 correlation (x unpadded, pads applied here; taps dil apart; groups of
+    channels: dw is (K, C / groups, KH, KW))."""
     N, C, H, W = x.shape
     _, K, Ho, Wo = dy.shape
     top, bottom, left, right = pads
     Hp, Wp = H + top + bottom, W + left + right
     T = KH * KW
+    Cg, dil = C // groups, tuple(dil)
     dtype = x.dtype
     zero = dtype.type(0)
     KB = _dw_blocks(K, T)
+    if groups > 1:
+        KB = _group_block(KB, K // groups)
     NKB = -(-K // KB)
+    odd = {} if (groups, dil) == (1, (1, 1)) else {"cgroups": groups, "dil": dil}
     if C == 1 or (C * KW * Hp * Wo < K * Ho * Wp and Ho * Wo >= 256):
         # narrow: dy read where it lies; KW shifted copies of the (small) input
         xs = scratch("dw_xs", (N, C, KW, Hp * Wo), dtype)
-        shift_copies(x, xs, Hp, Wo, top, left)
-        kern = _dw_kernel("narrow", C=C, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo)
-        part = np.empty((N, NKB * KB, C, T), dtype)
+        shift_copies(x, xs, Hp, Wo, top, left, dil[1])
+        kern = _dw_kernel("narrow", C=Cg, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo, **odd)
+        part = np.empty((N, NKB * KB, Cg, T), dtype)
         run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype, N * NKB)
     else:
         VL = _vec_len(dtype)
         Lx = gen.round_up(Hp * Wp, VL)
-        tail = gen.round_up((KH - 1) * Wp + KW - 1, VL)
+        tail = gen.round_up((KH - 1) * dil[0] * Wp + (KW - 1) * dil[1], VL)
         G = _dw_groups(N, Lx, NKB)
         xf = scratch("dw_x", (C, N * Lx + tail), dtype)
         place_t(x, xf, Hp, Wp, Lx, top, left)
         dyf = scratch("dw_dy", (NKB * KB, N * Lx), dtype)
         place_t(dy, dyf, Hp, Wp, Lx, 0, 0)
-        kern = _dw_kernel("wide", C=C, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx)
-        part = np.empty((-(-N // G), NKB * KB, C, T), dtype)
+        if odd:
+            odd["Kg"] = K // groups
+        kern = _dw_kernel("wide", C=Cg, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, **odd)
+        part = np.empty((-(-N // G), NKB * KB, Cg, T), dtype)
         run_generated(kern, (xf, dyf, part, N, G, zero), dtype, part.shape[0] * NKB)
     dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
-    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=dtype)
+    return np.ascontiguousarray(dw.reshape(K, Cg, KH, KW), dtype=dtype)
 
 
-def grad_weights(x, dy, stride, pads, k_hw):
+def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
     KH, KW = k_hw
     if stride == 1:
-        return _dw_stride1(x, dy, pads, KH, KW)
+        return _dw_stride1(x, dy, pads, KH, KW, dil, groups)
     s = stride
     N, C, H, W = x.shape
-    K = dy.shape[1]
-    xs, _, (Ho, Wo) = _space_to_depth(x, np.zeros((1, C, KH, KW), x.dtype), s, pads)
+    K, Cg = dy.shape[1], C // groups
+    EH, EW = (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1       # a dilated filter as a sparse dense one
+    xs, _, (Ho, Wo) = _space_to_depth(x, np.zeros((1, Cg, EH, EW), x.dtype), s, pads)
     KHq, KWq = xs.shape[2] - Ho + 1, xs.shape[3] - Wo + 1
-    dws = _dw_stride1(xs, dy, (0, 0, 0, 0), KHq, KWq)        # (K, C*s*s, KHq, KWq)
-    dws = dws.reshape(K, C, s, s, KHq, KWq).transpose(0, 1, 4, 2, 5, 3).reshape(K, C, KHq * s, KWq * s)
-    return np.ascontiguousarray(dws[:, :, :KH, :KW])
+    dws = _dw_stride1(xs, dy, (0, 0, 0, 0), KHq, KWq, groups=groups)        # (K, Cg*s*s, KHq, KWq)
+    dws = dws.reshape(K, Cg, s, s, KHq, KWq).transpose(0, 1, 4, 2, 5, 3).reshape(K, Cg, KHq * s, KWq * s)
+    return np.ascontiguousarray(dws[:, :, :EH:dil[0], :EW:dil[1]])
 

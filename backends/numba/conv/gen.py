@@ -36,9 +36,16 @@ def round_up(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def _taps(KH: int, KW: int, Wp: int):
-    """[(t, kh, kw, flat offset)] for every tap of a KH x KW filter on rows Wp wide."""
-    return [(kh * KW + kw, kh, kw, kh * Wp + kw) for kh in range(KH) for kw in range(KW)]
+def _taps(KH: int, KW: int, Wp: int, dil=(1, 1)):
+    """[(t, kh, kw, flat offset)] for every tap of a KH x KW filter (taps dil = (dh, dw) apart) on rows Wp
+    wide."""
+    return [(kh * KW + kw, kh, kw, kh * dil[0] * Wp + kw * dil[1]) for kh in range(KH) for kw in range(KW)]
+
+
+def _group_base(groups: int, Kg: int, C: int, k0: str, ind: str):
+    """Grouped convs (blocks never straddle a group): the line setting ``cb``, the first input channel of
+    the group of output channel k0 (C: channels per group); nothing for one group."""
+    return [f"{ind}cb = ({k0} // {Kg}) * {C}"] if groups > 1 else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -47,7 +54,8 @@ def _taps(KH: int, KW: int, Wp: int):
 
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
-                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked") -> str:
+                 ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked",
+                 groups: int = 1, dil=(1, 1)) -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
     inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
@@ -67,15 +75,18 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     has K entries (no re-layout per call); the filters of a last, partial block are read from
     filter K-1 (their sums are never stored).
 
+    ``groups`` > 1: C is the channels per group and KB divides K / groups, so a block's filters all
+    read the group's channels ``cb .. cb + C - 1``; ``dil``: the filter taps' spacing (dh, dw).
+
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
-                    the window, or -1 when that max is <= 0.
+                    the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
     """
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
     w = _FwdWriter(C=C, KB=KB, K=K, KH=KH, KW=KW, Wp=Wp, PL=PL, CB=CB, epi=epi, Ho=Ho, Wo=Wo, ps=ps, pst=pst,
-                   Hq=Hq, Wq=Wq, wlayout=wlayout)
+                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "")
     a = w.lines.append
     a(HEADER)
     # one function, each piece written once (the task body inline, one epilogue looped over the KB
@@ -89,6 +100,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     a(f"        n = t // {NKB}")
     a(f"        kb = t - n * {NKB}")
     a(f"        k0 = kb * {KB}")
+    w.lines += _group_base(groups, K // groups, C, "k0", "        ")
     if wlayout != "blocked":
         for q in range(KB):
             a(f"        kq{q} = min(k0 + {q}, {K - 1})")
@@ -119,14 +131,14 @@ class _FwdWriter:
     def __init__(self, **geom):
         self.__dict__.update(geom)
         self.T = self.KH * self.KW
-        self.taps = _taps(self.KH, self.KW, self.Wp)
+        self.taps = _taps(self.KH, self.KW, self.Wp, self.dil)
         self.lines = []
 
     def block(self, c_expr: str, cb: int, first: bool, ind: str):
         """weights of channels c_expr .. c_expr+cb-1 into scalars, then the vector loop."""
         a, KB, T, taps, blocked = self.lines.append, self.KB, self.T, self.taps, self.wlayout == "blocked"
         for u in range(cb):
-            a(f"{ind}xc{u} = x[n, {c_expr} + {u}]")
+            a(f"{ind}xc{u} = x[n, {self.cbase}{c_expr} + {u}]")
             if blocked:
                 a(f"{ind}wv{u} = wt[kb, {c_expr} + {u}]")
         for u in range(cb):
@@ -173,8 +185,9 @@ class _FwdWriter:
             a(f"{ind2}        v = aq[i * {Wp} + j] + bq")
             a(f"{ind2}        yk[i, j] = (0.0 if v < 0 else v) if flag else v")
             return
-        # pool: window taps unrolled into compare/selects (the first max in row-major order wins),
-        # so the loop over pooled columns vectorises (one masked iteration for short rows)
+        # pool: window taps unrolled into compare/selects (the first max in row-major order wins), so the
+        # loop over pooled columns vectorises (one masked iteration for short rows); NaN as np.max /
+        # np.argmax (maxpool_argmax's relu rule for the route: ~index where the max is not > 0)
         self._pool_epilogue(ind2)
 
     def _pool_epilogue(self, ind2):
@@ -184,22 +197,30 @@ class _FwdWriter:
         a(f"{ind2}    r0 = i * {pst}")
         a(f"{ind2}    for j in range({self.Wq}):")
         a(f"{ind2}        c0 = j * {pst}")
-        first = True
-        for di in range(ps):
-            for dj in range(ps):
-                src = f"aq[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq"
-                idx = f"(r0 + {di}) * {self.Wo} + c0 + {dj}"
-                if first:
-                    a(f"{ind2}        m = {src}")
-                    a(f"{ind2}        mi = {idx}")
-                    first = False
-                else:
-                    a(f"{ind2}        v = {src}")
-                    a(f"{ind2}        mi = {idx} if v > m else mi")
-                    a(f"{ind2}        m = v if v > m else m")
-        a(f"{ind2}        yk[i, j] = 0.0 if m <= 0 else m")
-        a(f"{ind2}        if flag:")
-        a(f"{ind2}            rk[i, j] = mi if m > 0 else -1")
+        i3 = ind2 + "        "
+        taps = [(f"aq[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
+                for di in range(ps) for dj in range(ps)]
+        a(f"{i3}m = {taps[0][0]}")
+        a(f"{i3}nan = m != m")
+        a(f"{i3}mi = {taps[0][1]}")
+        for src, idx in taps[1:]:
+            a(f"{i3}v = {src}")
+            a(f"{i3}gt = v > m")
+            a(f"{i3}mi = {idx} if gt else mi")
+            a(f"{i3}m = v if gt else m")
+            a(f"{i3}nan |= v != v")
+        # masked (max not > 0): ~ the first max of the ReLU output, its first element; a window holding
+        # NaN (rare: a branch off the selects' fast path; a first-NaN compare in every select made this
+        # epilogue 1.5-2x slower) has max NaN and routes to its first NaN
+        a(f"{i3}p0 = {taps[0][1]}")
+        a(f"{i3}if nan:")
+        for src, idx in reversed(taps):
+            a(f"{i3}    v = {src}")
+            a(f"{i3}    m = v if v != v else m")
+            a(f"{i3}    p0 = {idx} if v != v else p0")
+        a(f"{i3}yk[i, j] = 0.0 if m <= 0 else m")
+        a(f"{i3}if flag:")
+        a(f"{i3}    rk[i, j] = mi if m > 0 else ~p0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,7 +239,8 @@ def _tap_groups(KH: int, KW: int, KB: int, max_acc: int = 20):
     return [list(range(t, min(T, t + per))) for t in range(0, T, per)]
 
 
-def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx: int) -> str:
+def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx: int, cgroups: int = 1,
+                     Kg: int = 0, dil=(1, 1)) -> str:
     """dL/dW of a stride-1 correlation with images laid end to end.
 
     ``xf (C, N*Lx + tail)``: channel-major, the padded plane of every image Lx long (rows Wp wide),
@@ -229,8 +251,9 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     its first axis.  ``kernel(xf, dyf, part, N, G, zero, lo, hi)`` runs tasks lo..hi-1, one per
     (image group, block of KB output channels); the reduction runs along G*Lx consecutive elements so the vector
     accumulators live in registers and are reduced horizontally only once per group.
+    ``cgroups`` > 1: C channels per group, KB divides the Kg filters of a group; ``dil``: tap spacing.
     """
-    taps = _taps(KH, KW, Wp)
+    taps = _taps(KH, KW, Wp, dil)
     groups = _tap_groups(KH, KW, KB)
     L = []
     a = L.append
@@ -241,6 +264,7 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     a(f"        g = task // {NKB}")
     a(f"        kb = task - g * {NKB}")
     a(f"        k0 = kb * {KB}")
+    L += _group_base(cgroups, Kg, C, "k0", "        ")
     a(f"        q0 = g * G * {Lx}")
     a(f"        q1 = min(N, g * G + G) * {Lx}")
     # views starting at q0 so that the loop index starts at 0: LLVM then knows every index is
@@ -248,7 +272,7 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     for q in range(KB):
         a(f"        d{q} = dyf[k0 + {q}, q0:q1]")
     a(f"        for c in range({C}):")
-    a("            xc = xf[c, q0:]")
+    a("            xc = xf[cb + c, q0:]" if cgroups > 1 else "            xc = xf[c, q0:]")
     for grp in groups:
         for q in range(KB):
             for t in grp:
@@ -267,7 +291,8 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     return "\n".join(L) + "\n"
 
 
-def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Ho: int, Wo: int) -> str:
+def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Ho: int, Wo: int, cgroups: int = 1,
+                       dil=(1, 1)) -> str:
     """dL/dW of a stride-1 correlation reading the output gradient in place (for few input channels,
     C = 1 above all, where moving dy would cost more than the arithmetic).
 
@@ -275,7 +300,9 @@ def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, H
     kw and cut to Wo columns, so tap (kh, kw) of output element q = i*Wo + j reads
     ``xs[n, c, kw, q + kh*Wo]``.  ``dy (N, K, Ho*Wo)`` as given.  ``part (N, NKB*KB, C, KH*KW)``:
     one partial sum per image (the caller sums over images). ``kernel(xs, dy, part, zero, lo, hi)``
-    runs tasks lo..hi-1, one per (image, block of KB output channels).
+    runs tasks lo..hi-1, one per (image, block of KB output channels). ``cgroups`` > 1: C channels per
+    group, KB divides the filters of a group; ``dil`` = (dh, dw): xs holds shifts by kw * dw, rows kh * dh
+    apart.
     """
     groups = _tap_groups(KH, KW, KB)
     HW = Ho * Wo
@@ -288,11 +315,12 @@ def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, H
     a(f"        n = task // {NKB}")
     a(f"        kb = task - n * {NKB}")
     a(f"        k0 = kb * {KB}")
+    L += _group_base(cgroups, K // cgroups, C, "k0", "        ")
     for q in range(KB):
         a(f"        d{q} = dy[n, min(k0 + {q}, {K - 1})]")
     a(f"        for c in range({C}):")
     for kw in range(KW):
-        a(f"            xs{kw} = xs[n, c, {kw}]")
+        a(f"            xs{kw} = xs[n, {'cb + ' if cgroups > 1 else ''}c, {kw}]")
     for grp in groups:
         for q in range(KB):
             for t in grp:
@@ -302,7 +330,7 @@ def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, H
             a(f"                e{q} = d{q}[p]")
         for t in grp:
             kh, kw = divmod(t, KW)
-            a(f"                x{t} = xs{kw}[p + {kh * Wo}]")
+            a(f"                x{t} = xs{kw}[p + {kh * dil[0] * Wo}]")
         for q in range(KB):
             for t in grp:
                 a(f"                s{q}_{t} += e{q} * x{t}")

@@ -1,7 +1,8 @@
 """The im2col conv strategy: one Numba parallel loop over images; im2col of each image into a per-thread
 buffer, a BLAS GEMM (numpy's dot inside @njit; BLAS held to one thread meanwhile: two thread pools on
 two cores fight), and the epilogue straight from the product (col2im for dL/dX, per-thread partial
-sums for dL/dW).
+sums for dL/dW). Dilated filters read taps ``dil`` apart in im2col (and col2im); grouped convs run one
+GEMM per group on the group's rows of the column matrix.
 """
 from __future__ import annotations
 
@@ -15,27 +16,52 @@ from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
 
 
 @njit(cache=True, nogil=True)
-def _cols_of(xp, cols, KH, KW, s, Ho, Wo):
-    """cols (C*KH*KW, Ho*Wo) of one padded image xp (C, Hp, Wp)."""
+def _cols_of(xp, cols, KH, KW, s, Ho, Wo, dh=1, dw=1):
+    """cols (C*KH*KW, Ho*Wo) of one padded image xp (C, Hp, Wp); filter taps (dh, dw) apart."""
     C = xp.shape[0]
     for c in range(C):
         for kh in range(KH):
             for kw in range(KW):
                 row = cols[(c * KH + kh) * KW + kw]
                 for i in range(Ho):
-                    src = xp[c, i * s + kh]
+                    src = xp[c, i * s + kh * dh]
                     if s == 1:
                         for j in range(Wo):
-                            row[i * Wo + j] = src[j + kw]
+                            row[i * Wo + j] = src[j + kw * dw]
                     else:
                         for j in range(Wo):
-                            row[i * Wo + j] = src[j * s + kw]
+                            row[i * Wo + j] = src[j * s + kw * dw]
+
+
+@njit(cache=True, nogil=True)
+def _group_dot(a, b, G):
+    """a @ b (G == 1), or the G products of the groups: rows g*M/G.. of a with rows g*R.. of b (R =
+    a's columns), stacked: (M, P)."""
+    if G == 1:
+        return np.dot(a, b)
+    Mg, R = a.shape[0] // G, a.shape[1]
+    out = np.empty((a.shape[0], b.shape[1]), a.dtype)
+    for g in range(G):
+        np.dot(a[g * Mg:(g + 1) * Mg], b[g * R:(g + 1) * R], out[g * Mg:(g + 1) * Mg])
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _first_nan(z, bk, r0, c0, Wo, ps):
+    """(the NaN, its flat index) of the first NaN of a pool window of z (+ bk) that holds one."""
+    for di in range(ps):
+        for dj in range(ps):
+            v = z[(r0 + di) * Wo + c0 + dj] + bk
+            if v != v:
+                return v, (r0 + di) * Wo + c0 + dj
+    return z[r0 * Wo + c0] + bk, r0 * Wo + c0
 
 
 @njit(cache=True, nogil=True)
 def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
     """bias + ReLU + max pool of one conv-output plane z (Ho*Wo,) into yk (Hq, Wq); route as in
-    conv2d_relu_maxpool (flat index of the window's first max, -1 when it is <= 0)."""
+    conv2d_relu_maxpool (flat index of the window's first max, the first NaN winning as in np.max; ~index
+    of the ReLU output's max where the max is not > 0: its first NaN, or its first element)."""
     Hq, Wq = yk.shape
     for i in range(Hq):
         for j in range(Wq):
@@ -43,30 +69,36 @@ def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
             c0 = j * pst
             m = z[r0 * Wo + c0] + bk
             mi = r0 * Wo + c0
+            nan = False
             for di in range(ps):
                 for dj in range(ps):
                     v = z[(r0 + di) * Wo + c0 + dj] + bk
                     if v > m:
                         m = v
                         mi = (r0 + di) * Wo + c0 + dj
+                    nan |= v != v
+            p0 = r0 * Wo + c0
+            if nan:                       # rare: off the fast path of selects
+                m, p0 = _first_nan(z, bk, r0, c0, Wo, ps)
             yk[i, j] = 0.0 if m <= 0 else m
             if save:
-                rk[i, j] = mi if m > 0 else -1
+                rk[i, j] = mi if m > 0 else ~p0
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst):
+def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst, dh=1, dw=1, G=1):
     """im2col + GEMM forward, one image per task: cols[thread] (C*KH*KW, Ho*Wo) is built from the
     padded image xp[n] (C, Hp, Wp), multiplied by wm (K, C*KH*KW) (BLAS; keep it to one thread
     around this call), and the epilogue writes y[n] straight from the product.
-    epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool (route when flag)."""
+    epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool (route when flag).
+    G groups: wm (K, C/G*KH*KW), one GEMM per group."""
     N = xp.shape[0]
     K = wm.shape[0]
     P = Ho * Wo
     for n in prange(N):
         cl = cols[numba.get_thread_id()]
-        _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
-        z = np.dot(wm, cl)                                   # (K, Ho*Wo)
+        _cols_of(xp[n], cl, KH, KW, s, Ho, Wo, dh, dw)
+        z = _group_dot(wm, cl, G)                            # (K, Ho*Wo)
         for k in range(K):
             bk = b[k]
             zk = z[k]
@@ -84,13 +116,14 @@ def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _i2c_dx(dy, wmt, dxp, KH, KW, s):
+def _i2c_dx(dy, wmt, dxp, KH, KW, s, dh=1, dw=1, G=1):
     """dL/dX by GEMM + col2im, one image per task: dcols = wmt (C*KH*KW, K) @ dy[n] (K, Ho*Wo),
-    summed into the padded gradient plane dxp[n] (C, Hp, Wp)."""
+    summed into the padded gradient plane dxp[n] (C, Hp, Wp). G groups: wmt (C*KH*KW, K/G), the
+    groups' transposed filters stacked."""
     N, K, Ho, Wo = dy.shape
     C = dxp.shape[1]
     for n in prange(N):
-        dcols = np.dot(wmt, dy[n].reshape(K, Ho * Wo))
+        dcols = _group_dot(wmt, dy[n].reshape(K, Ho * Wo), G)
         plane = dxp[n]
         plane[:, :, :] = 0
         for c in range(C):
@@ -98,24 +131,28 @@ def _i2c_dx(dy, wmt, dxp, KH, KW, s):
                 for kw in range(KW):
                     row = dcols[(c * KH + kh) * KW + kw]
                     for i in range(Ho):
-                        dst = plane[c, i * s + kh]
+                        dst = plane[c, i * s + kh * dh]
                         for j in range(Wo):
-                            dst[j * s + kw] += row[i * Wo + j]
+                            dst[j * s + kw * dw] += row[i * Wo + j]
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _i2c_dw(xp, dy, part, cols, KH, KW, s):
+def _i2c_dw(xp, dy, part, cols, KH, KW, s, dh=1, dw=1, groups=1):
     """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g of
-    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis."""
+    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis. With groups, part[g]
+    is (K, C/groups*KH*KW): filters of a group meet only its rows of cols."""
     N, K, Ho, Wo = dy.shape
     G = part.shape[0]
+    Kg, R = K // groups, part.shape[2]
     for g in prange(G):
         cl = cols[numba.get_thread_id()]
         acc = part[g]
         acc[:, :] = 0
         for n in range(g, N, G):
-            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo)
-            acc += np.dot(dy[n].reshape(K, Ho * Wo), cl.T)
+            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo, dh, dw)
+            dyn = dy[n].reshape(K, Ho * Wo)
+            for q in range(groups):
+                acc[q * Kg:(q + 1) * Kg] += np.dot(dyn[q * Kg:(q + 1) * Kg], cl[q * R:(q + 1) * R].T)
 
 
 _ONE_BLAS_THREAD = BlasLimit(1)
@@ -140,10 +177,11 @@ def _padded_images(x, pads, tag):
     return xb.reshape(N, C, Hp, Wp)
 
 
-def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False):
+def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False, dil=(1, 1), groups=1):
     N, C, H, W = x.shape
     K, _, KH, KW = w.shape
-    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    dh, dw = dil
+    Ho, Wo = out_hw(H, W, (KH - 1) * dh + 1, (KW - 1) * dw + 1, stride, pads)
     xp = _padded_images(x, pads, "i2c_x")
     cols = scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
     bb = b if b is not None else np.zeros(K, x.dtype)
@@ -152,26 +190,29 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
         y = np.empty((N, K, Hq, Wq), x.dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
         args = (xp, w.reshape(K, -1), bb, y, route, cols, KH, KW, stride, Ho, Wo, 1, bool(save_route),
-                ps, pst)
+                ps, pst, dh, dw, groups)
     else:
         y = np.empty((N, K, Ho, Wo), x.dtype)
         route = None
         args = (xp, w.reshape(K, -1), bb, y, np.empty((1, 1, 1, 1), np.int32), cols, KH, KW, stride,
-                Ho, Wo, 0, bool(relu), 0, 0)
+                Ho, Wo, 0, bool(relu), 0, 0, dh, dw, groups)
     _i2c_compiled(_i2c_fwd, args)
     with _ONE_BLAS_THREAD:
         _i2c_fwd(*args)
     return y, route
 
 
-def grad_input(dy, w, stride, pads, in_hw):
+def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
     N, K, Ho, Wo = dy.shape
-    _, C, KH, KW = w.shape
+    _, Cg, KH, KW = w.shape
+    C = Cg * groups
     H, W = in_hw
     top, bottom, left, right = pads
     shape = (N, C, H + top + bottom, W + left + right)
     dxp = np.empty(shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
-    args = (dy, np.ascontiguousarray(w.reshape(K, -1).T), dxp, KH, KW, stride)
+    # per group (Cg*KH*KW, K/G): the group's filters transposed, groups stacked along the rows
+    wmt = w.reshape(groups, K // groups, Cg * KH * KW).transpose(0, 2, 1).reshape(C * KH * KW, K // groups)
+    args = (dy, np.ascontiguousarray(wmt), dxp, KH, KW, stride, dil[0], dil[1], groups)
     _i2c_compiled(_i2c_dx, args)
     with _ONE_BLAS_THREAD:
         _i2c_dx(*args)
@@ -180,17 +221,18 @@ def grad_input(dy, w, stride, pads, in_hw):
     return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
 
 
-def grad_weights(x, dy, stride, pads, k_hw):
+def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
     N, K, Ho, Wo = dy.shape
     C = x.shape[1]
     KH, KW = k_hw
     xp = _padded_images(x, pads, "i2c_x")
     nt = numba.config.NUMBA_NUM_THREADS
     cols = scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
+    C //= groups
     # partial sums per group of images: as many groups as Numba may run threads (not as it runs now: the
     # sums, so the bits, would depend on the count, which the executor picks by timing)
     part = np.empty((max(1, min(N, numba.config.NUMBA_NUM_THREADS)), K, C * KH * KW), x.dtype)
-    args = (xp, dy, part, cols, KH, KW, stride)
+    args = (xp, dy, part, cols, KH, KW, stride, dil[0], dil[1], groups)
     _i2c_compiled(_i2c_dw, args)
     with _ONE_BLAS_THREAD:
         _i2c_dw(*args)

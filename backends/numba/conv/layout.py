@@ -140,7 +140,7 @@ def place_t(src, dst, Hd, Wd, L, pt, pl):
 
 
 @njit(cache=True, nogil=True)
-def shift_copies_k(src, dst, Hp, Wo, pt, pl, lo, hi):
+def shift_copies_k(src, dst, Hp, Wo, pt, pl, dw, lo, hi):
     """Tasks lo..hi-1 of shift_copies (task t: image t // C, channel t % C)."""
     N, C, h, w = src.shape
     KW = dst.shape[2]
@@ -152,18 +152,35 @@ def shift_copies_k(src, dst, Hp, Wo, pt, pl, lo, hi):
             for r in range(Hp):
                 i = r - pt
                 for j in range(Wo):
-                    jj = j + kw - pl
+                    jj = j + kw * dw - pl
                     if 0 <= i < h and 0 <= jj < w:
                         plane[r * Wo + j] = src[n, c, i, jj]
                     else:
                         plane[r * Wo + j] = 0
 
 
-def shift_copies(src, dst, Hp, Wo, pt, pl):
-    """dst (N, C, KW, Hp*Wo): dst[n, c, kw, r*Wo + j] = xpad[n, c, r, j + kw] where xpad is src
-    zero-padded by pt rows on top and pl columns on the left (and zeros beyond its end)."""
-    parallel_for(lambda lo, hi, k: shift_copies_k(src, dst, Hp, Wo, pt, pl, lo, hi), src.shape[0] * src.shape[1],
-                 _threads(dst))
+def shift_copies(src, dst, Hp, Wo, pt, pl, dw=1):
+    """dst (N, C, KW, Hp*Wo): dst[n, c, kw, r*Wo + j] = xpad[n, c, r, j + kw*dw] where xpad is src
+    zero-padded by pt rows on top and pl columns on the left (and zeros beyond its end); dw: the
+    filter's column dilation."""
+    parallel_for(lambda lo, hi, k: shift_copies_k(src, dst, Hp, Wo, pt, pl, dw, lo, hi),
+                 src.shape[0] * src.shape[1], _threads(dst))
+
+
+@njit(cache=True, nogil=True)
+def clip_k(y, lo, hi, a, b):
+    """y[a:b] clamped to [lo, hi] in place; NaN passes through (as the clip op)."""
+    lo_, hi_ = y.dtype.type(lo), y.dtype.type(hi)
+    for i in range(a, b):
+        v = y[i]
+        v = lo_ if v < lo_ else v
+        y[i] = hi_ if v > hi_ else v
+
+
+def clip_inplace(y, lo, hi):
+    """y (flat) clamped to [lo, hi] in place (chunks of 4096 elements as tasks)."""
+    n = y.shape[0]
+    parallel_for(lambda a, b, k: clip_k(y, lo, hi, a * 4096, min(n, b * 4096)), -(-n // 4096), _threads(y))
 
 
 def float_array(a, name):
@@ -173,22 +190,37 @@ def float_array(a, name):
     return np.ascontiguousarray(a)
 
 
-def check_conv(x, w, b, stride, pads):
+def dilation_pair(d):
+    """An int or an (dh, dw) pair of filter dilations, checked."""
+    dh, dw = (int(d), int(d)) if np.ndim(d) == 0 else (int(d[0]), int(d[1]))
+    if dh < 1 or dw < 1:
+        raise BackendError(f"conv2d: dilation must be >= 1, got {d}")
+    return dh, dw
+
+
+def check_groups(C, w_shape, groups):
+    groups = int(groups)
+    if groups < 1 or C % groups or w_shape[0] % groups or w_shape[1] * groups != C:
+        raise BackendError(f"conv2d: x has {C} channels but w {tuple(w_shape)} with groups={groups} expects "
+                           f"{w_shape[1] * groups} (and groups must divide the {w_shape[0]} filters)")
+    return groups
+
+
+def check_conv(x, w, b, stride, pads, dilation=(1, 1), groups=1):
     x = float_array(x, "x")
     w = np.ascontiguousarray(np.asarray(w, dtype=x.dtype))
     if x.ndim != 4 or w.ndim != 4:
         raise BackendError(f"conv2d wants x (N,C,H,W) and w (K,C,KH,KW), got {x.shape} and {w.shape}")
-    if x.shape[1] != w.shape[1]:
-        raise BackendError(f"conv2d: x has {x.shape[1]} channels but w expects {w.shape[1]}")
+    check_groups(x.shape[1], w.shape, groups)
     if b is not None:
         b = np.ascontiguousarray(np.asarray(b, dtype=x.dtype).reshape(-1))
         if b.shape[0] != w.shape[0]:
             raise BackendError(f"conv2d: bias has {b.shape[0]} entries for {w.shape[0]} filters")
-    stride, pads = check_geometry(x.shape, w.shape, stride, pads)
+    stride, pads = check_geometry(x.shape, w.shape, stride, pads, dilation)
     return x, w, b, stride, pads
 
 
-def check_geometry(x_shape, w_shape, stride, pads):
+def check_geometry(x_shape, w_shape, stride, pads, dilation=(1, 1)):
     stride = int(stride)
     if stride < 1:
         raise BackendError(f"conv2d: stride must be >= 1, got {stride}")
@@ -197,6 +229,8 @@ def check_geometry(x_shape, w_shape, stride, pads):
         raise BackendError(f"conv2d: pads must be (top, bottom, left, right) >= 0, got {pads}")
     _, _, H, W = x_shape
     _, _, KH, KW = w_shape
+    dh, dw = dilation_pair(dilation)
+    KH, KW = (KH - 1) * dh + 1, (KW - 1) * dw + 1                 # the dilated filter's extent
     if H + pads[0] + pads[1] < KH or W + pads[2] + pads[3] < KW:
         raise BackendError(f"conv2d: filter {KH}x{KW} larger than the padded input "
                            f"{H + pads[0] + pads[1]}x{W + pads[2] + pads[3]}")

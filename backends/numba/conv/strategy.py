@@ -31,13 +31,17 @@ _CHOICES: dict = {}
 _CHOICE_FILE = "conv_strategy.json"
 
 
-def _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool):
+def _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), groups=1):
     import llvmlite.binding as llvm
     cpu = numba.config.CPU_NAME or llvm.get_host_cpu_name()
     parts = [op, "x" + "x".join(map(str, x_shape)), "w" + "x".join(map(str, w_shape)), f"s{stride}",
              "p" + "_".join(map(str, pads)), np.dtype(dtype).name, f"t{numba.get_num_threads()}", cpu]
     if pool is not None:
         parts.append(f"pool{pool[0]}_{pool[1]}")
+    if tuple(dil) != (1, 1):
+        parts.append(f"d{dil[0]}_{dil[1]}")
+    if groups != 1:
+        parts.append(f"g{groups}")
     return "|".join(parts)
 
 
@@ -116,23 +120,30 @@ def tuning_on() -> bool:
     return os.environ.get("GRAPHC_CONV_TUNE", "") not in ("", "0")
 
 
-def static_rule(op, stride, w_shape) -> str:
+def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
     """The strategy a geometry runs before it was ever timed. One-thread timings (best of 5, float32)
     over the zoo's MNIST and small-ImageNet layers: direct won every stride-1 forward and dL/dX
     (im2col/direct median 2.6-3.1x) and stride-1 dL/dW but 1x1 (0.75x); im2col won 1x1 filters at
-    stride 2 (0.3-0.8x) and stride-2 dL/dX (0.5-0.8x)."""
+    stride 2 (0.3-0.8x) and stride-2 dL/dX (0.5-0.8x). Grouped and dilated convs (batch 16-32, 28x28
+    and 56x56 planes): the same at stride 1 (direct 1.8-4x; 1x1 dL/dW im2col 0.5x); at stride 2 a
+    dilated filter goes to im2col (0.55-0.8x: direct runs it as a dense filter of its extent, mostly zero
+    taps) and so does dL/dX unless each group's GEMM is tiny (C/groups * K/groups < 128: direct 1.2-2x,
+    e.g. a depthwise conv taken as a grouped one)."""
     one = tuple(w_shape[2:]) == (1, 1)
-    if stride > 1 and (one or op == "conv2d_dx"):
+    if stride > 1 and (one or tuple(dil) != (1, 1)):
         return "im2col"
+    if stride > 1 and op == "conv2d_dx":
+        return "direct" if groups > 1 and w_shape[1] * (w_shape[0] // groups) < 128 else "im2col"
     if op == "conv2d_dw" and one:
         return "im2col"
     return "direct"
 
 
-def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool):
+def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool, dilation, groups):
     x_shape = tuple(int(v) for v in x_shape)
     w_shape = tuple(int(v) for v in w_shape)
-    stride, pads = check_geometry(x_shape, w_shape, stride, pads)
+    dil, groups = tuple(int(d) for d in dilation), int(groups)
+    stride, pads = check_geometry(x_shape, w_shape, stride, pads, dil)
     if op not in ("conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw"):
         raise BackendError(f"choose_conv_strategy: unknown op {op!r}")
     if op == "conv2d_relu_maxpool":
@@ -141,7 +152,7 @@ def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool):
         pool = (int(pool[0]), int(pool[1]))
     else:
         pool = None
-    return x_shape, w_shape, stride, pads, np.dtype(dtype), pool
+    return x_shape, w_shape, stride, pads, np.dtype(dtype), pool, dil, groups
 
 
 def _remembered(got, tune):
@@ -157,20 +168,22 @@ def _remembered(got, tune):
 
 
 def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
-                         repeats=5) -> str:
+                         repeats=5, dilation=(1, 1), groups=1) -> str:
     """``"direct"`` or ``"im2col"`` for this convolution: the remembered choice (``conv_strategy.json``
     in the kernel cache directory), else the static rule; in a tuning run (``tuning()``,
     ``$GRAPHC_CONV_TUNE=1``) a geometry never timed is timed (best of ``repeats`` interleaved runs
     after a warm-up call each) and remembered.  ``op`` is one of ``"conv2d"``,
-    ``"conv2d_relu_maxpool"`` (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``.
+    ``"conv2d_relu_maxpool"`` (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``;
+    ``dilation`` (dh, dw) and ``groups`` as conv2d's (w_shape is (K, C / groups, KH, KW)).
     ``$GRAPHC_CONV_STRATEGY`` forces a strategy everywhere."""
     forced = os.environ.get("GRAPHC_CONV_STRATEGY")
     if forced:
         if forced not in STRATEGIES:
             raise BackendError(f"GRAPHC_CONV_STRATEGY={forced!r}: expected one of {STRATEGIES}")
         return forced
-    x_shape, w_shape, stride, pads, dtype, pool = _normalized(x_shape, w_shape, stride, pads, dtype, op, pool)
-    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool)
+    x_shape, w_shape, stride, pads, dtype, pool, dil, groups = _normalized(x_shape, w_shape, stride, pads, dtype,
+                                                                          op, pool, dilation, groups)
+    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
     got = _CHOICES.get(key)
     if got is not None:
         return got
@@ -183,12 +196,12 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     tune = tuning_on()
     best = _remembered(_read_choices(path).get(key), tune)
     if best is None and not tune:
-        best = static_rule(op, stride, w_shape)
+        best = static_rule(op, stride, w_shape, dil, groups)
     if best is not None:
         _CHOICES[key] = best
         return best
     t0 = time.perf_counter()
-    times = _time_candidates(_candidates(op, x_shape, w_shape, stride, pads, dtype, pool), repeats)
+    times = _time_candidates(_candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups), repeats)
     best = _pick(times)
     _CHOICES[key] = best
     _record_choice(key, {"strategy": best, "ms": {k: round(v * 1e3, 4) for k, v in times.items()},
@@ -197,12 +210,13 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     return best
 
 
-def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool):
+def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), groups=1):
     """{strategy: a call of it on random data of this geometry}."""
     rng = np.random.default_rng(0)
     N, C, H, W = x_shape
     K, _, KH, KW = w_shape
-    Ho, Wo = out_hw(H, W, KH, KW, stride, pads)
+    Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, stride, pads)
+    geo = {} if (dil, groups) == ((1, 1), 1) else {"dil": dil, "groups": groups}
     x = rng.standard_normal(x_shape).astype(dtype)
     w = (rng.standard_normal(w_shape) * 0.1).astype(dtype)
     b = (rng.standard_normal(K) * 0.1).astype(dtype)
@@ -210,14 +224,14 @@ def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool):
     fns = {}
     for strat, impl in (("direct", direct), ("im2col", im2col)):
         if op == "conv2d":
-            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store")
+            fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store", **geo)
         elif op == "conv2d_relu_maxpool":
             fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "pool", ps=pool[0], pst=pool[1],
-                                                   save_route=True)
+                                                   save_route=True, **geo)
         elif op == "conv2d_dx":
-            fns[strat] = lambda m=impl: m.grad_input(dy, w, stride, pads, (H, W))
+            fns[strat] = lambda m=impl: m.grad_input(dy, w, stride, pads, (H, W), **geo)
         else:
-            fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW))
+            fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW), **geo)
     return fns
 
 
@@ -239,9 +253,10 @@ def _retime(recorded_load):
     return recorded_load is None or (recorded_load > 0.75 and now < recorded_load / 2)
 
 
-def resolve(strategy, op, x_shape, w_shape, stride, pads, dtype, pool=None):
+def resolve(strategy, op, x_shape, w_shape, stride, pads, dtype, pool=None, dilation=(1, 1), groups=1):
     if strategy is None:
-        return choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool)
+        return choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool, dilation=dilation,
+                                    groups=groups)
     if strategy not in STRATEGIES:
         raise BackendError(f"unknown conv strategy {strategy!r}: expected one of {STRATEGIES} or None")
     return strategy

@@ -10,6 +10,7 @@ parallel against 0.23 ms serial). So the backend runs them on one thread below P
 (1M; option parallel_min). Reductions accumulate in float64.
 
 Conventions match the reference semantics: max-pool ties go to the first maximum in row-major window
-order; routes are flat in-plane indices ``i*W + j`` (int32), -1 = no gradient.
+order, a NaN wins over numbers (the first NaN); routes are flat in-plane indices ``i*W + j`` (int32),
+~index where a ReLU masked the window (its gradient is dy * 0 there).
 """
 PARALLEL_MIN = 1 << 20

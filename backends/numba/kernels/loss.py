@@ -1,60 +1,101 @@
 """Class loss kernels and their gradients: (rows M, classes ncls) logits or probabilities; labels as int
-class indices or dense (one-hot) rows; dy a 1-element array. (The mean losses mse and bce are generated
-from their formulas: the op table's loss_term / grad_term.)"""
+class indices or dense (one-hot or soft) rows; dy a 1-element array. (The mean losses mse and bce are
+generated from their formulas: the op table's loss_term / grad_term.)
+
+They follow the reference (graphc/ops/loss.py) operation by operation, so NaN and inf come out where
+numpy's do: the losses in float64, the row max NaN-propagating, log p = (z - max) - log(sum), a label
+weight of 0 on a log p of -inf contributes 0 (a saturated softmax has loss 0), the gradients' -y/p is 0
+where y == p == 0, and no ZeroDivisionError (error_model "numpy": 1/0 is inf). No fastmath: these rows
+are short, and reassociation would move the reference's NaN/inf cases.
+
+The int-label kernels check every label against 0..ncls-1 before they index with it (a label computed
+inside the graph, which the feed check cannot see, e.g. a concat of labels with a const) and return the
+first bad row (-1: all in range); a bad row reads column 0 instead, so nothing is read or written
+outside z and out, and the lowering raises the FeedError. (Measured: the check costs about nothing,
+a compare per row beside a row's exps; skipping the row with `continue` cost 2-3 %.)"""
 import math
 
 from numba import njit
 
-from graphc.backends.codegen import FASTMATH
 from graphc.backends.numba.kernels.reduce import softmax_row
 
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _logsumexp_row(z, i):
-    """log(sum(exp(z[i]))), max-subtracted."""
-    ncls = z.shape[1]
-    m = z[i, 0]
-    for k in range(1, ncls):
-        if z[i, k] > m:
-            m = z[i, k]
+
+@njit(**_JIT)
+def _row_max(z, i):
+    """max of z[i] as float64; NaN if the row holds one (np.max's rule)."""
+    m = float(z[i, 0])
+    for k in range(1, z.shape[1]):
+        v = z[i, k]
+        if v > m or v != v:
+            m = v
+    return m
+
+
+@njit(**_JIT)
+def _log_sum_exp(z, i, m):
+    """log(sum(exp(z[i] - m))) in float64."""
     s = 0.0
-    for k in range(ncls):
+    for k in range(z.shape[1]):
         s += math.exp(z[i, k] - m)
-    return m + math.log(s)
+    return math.log(s)
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
+def _weighted(y, logp):
+    """y * log p in float64, 0 where y == 0 and log p == -inf (graphc.ops.loss.label_dot's rule)."""
+    y = float(y)
+    return 0.0 if y == 0 and logp == -math.inf else y * logp
+
+
+@njit(**_JIT)
 def sce_int_k(z, labels, out):
-    """mean over rows of -log softmax(z)[label]"""
-    M = z.shape[0]
+    """mean over rows of -log softmax(z)[label]; returns the first row whose label is outside 0..ncls-1."""
+    M, ncls = z.shape
     tot = 0.0
+    bad = -1
     for i in range(M):
-        tot += _logsumexp_row(z, i) - z[i, labels[i]]
-    out[0] = tot / M
+        lab = labels[i]
+        if lab < 0 or lab >= ncls:
+            bad = i if bad < 0 else bad
+            lab = 0                       # an index inside the row; the caller raises
+        m = _row_max(z, i)
+        tot += (z[i, lab] - m) - _log_sum_exp(z, i, m)
+    out[0] = 0.0 - tot / M
+    return bad
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def sce_dense_k(z, y, out):
     M, ncls = z.shape
     tot = 0.0
     for i in range(M):
-        lse = _logsumexp_row(z, i)
+        m = _row_max(z, i)
+        lse = _log_sum_exp(z, i, m)
         for k in range(ncls):
-            tot -= y[i, k] * (z[i, k] - lse)
-    out[0] = tot / M
+            tot += _weighted(y[i, k], (z[i, k] - m) - lse)
+    out[0] = 0.0 - tot / M
+    return -1
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def sce_grad_int_k(z, labels, dy, out):
-    """(softmax(z) - onehot) * dy / M"""
-    M = z.shape[0]
+    """(softmax(z) - onehot) * dy / M; returns the first row with a label outside 0..ncls-1."""
+    M, ncls = z.shape
     scale = dy[0] / M
+    bad = -1
     for i in range(M):
         softmax_row(z, out, i, scale)
-        out[i, labels[i]] -= scale
+        lab = labels[i]
+        if lab < 0 or lab >= ncls:
+            bad = i if bad < 0 else bad
+            lab = 0                       # an index inside the row; the caller raises
+        out[i, lab] -= scale
+    return bad
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def sce_grad_dense_k(z, y, dy, out):
     M, ncls = z.shape
     scale = dy[0] / M
@@ -62,42 +103,63 @@ def sce_grad_dense_k(z, y, dy, out):
         softmax_row(z, out, i, scale)
         for k in range(ncls):
             out[i, k] -= y[i, k] * scale
+    return -1
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def ce_int_k(p, labels, out):
-    M = p.shape[0]
+    M, ncls = p.shape
     tot = 0.0
+    bad = -1
     for i in range(M):
-        tot -= math.log(p[i, labels[i]])
-    out[0] = tot / M
+        lab = labels[i]
+        if lab < 0 or lab >= ncls:
+            bad = i if bad < 0 else bad
+            lab = 0                       # an index inside the row; the caller raises
+        tot += math.log(float(p[i, lab]))
+    out[0] = 0.0 - tot / M
+    return bad
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def ce_dense_k(p, y, out):
     M, ncls = p.shape
     tot = 0.0
     for i in range(M):
         for k in range(ncls):
-            if y[i, k] != 0:
-                tot -= y[i, k] * math.log(p[i, k])
-    out[0] = tot / M
+            tot += _weighted(y[i, k], math.log(float(p[i, k])))
+    out[0] = 0.0 - tot / M
+    return -1
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def ce_grad_int_k(p, labels, dy, out):
+    """-(y / p) * dy / M in p's dtype, 0 where y == p == 0 (y one-hot: -(0 / p) is NaN where p is)."""
     M, ncls = p.shape
-    scale = dy[0] / M
+    T = out.dtype.type
+    scale = dy[0] / T(M)
+    zero, one = T(0), T(1)
+    bad = -1
     for i in range(M):
+        lab = labels[i]
+        if lab < 0 or lab >= ncls:
+            bad = i if bad < 0 else bad
+            lab = -1                      # no column matches; the caller raises
         for k in range(ncls):
-            out[i, k] = 0.0
-        out[i, labels[i]] = -scale / p[i, labels[i]]
+            y = one if k == lab else zero
+            pk = p[i, k]
+            out[i, k] = (zero if y == 0 and pk == 0 else -(y / pk)) * scale
+    return bad
 
 
-@njit(fastmath=FASTMATH, cache=True, nogil=True)
+@njit(**_JIT)
 def ce_grad_dense_k(p, y, dy, out):
     M, ncls = p.shape
-    scale = dy[0] / M
+    T = out.dtype.type
+    scale = dy[0] / T(M)
+    zero = T(0)
     for i in range(M):
         for k in range(ncls):
-            out[i, k] = -(y[i, k] / p[i, k]) * scale
+            yk, pk = y[i, k], p[i, k]
+            out[i, k] = (zero if yk == 0 and pk == 0 else -(yk / pk)) * scale
+    return -1

@@ -85,31 +85,49 @@ def _plane_loop(parallel):
             "        n = t // C", "        c = t - n * C"]
 
 
+def _window_max(kh, kw, index):
+    """Lines of a window's max over xp from (r0, c0): ``best`` and (index: lines updating the position
+    given the tap (a, b), when it wins). Unrolled compare/selects, the first max winning ties; a NaN
+    flag beside them, and for a window holding NaN (rare: a branch off the selects' fast path) a scan
+    that makes best its first NaN and the position that NaN's (np.max / np.argmax)."""
+    ind = "                "
+    L = [f"{ind}best = xp[r0, c0]", f"{ind}nan = best != best"] + [ind + s for s in index(0, 0)]
+    for a in range(kh):
+        for b in range(kw):
+            if a or b:
+                L += [f"{ind}v = xp[r0 + {a}, c0 + {b}]", f"{ind}gt = v > best"]
+                L += [f"{ind}{s} if gt else {s.split(' = ')[0]}" for s in index(a, b)]
+                L += [f"{ind}best = v if gt else best", f"{ind}nan |= v != v"]
+    L.append(f"{ind}if nan:")
+    for a, b in reversed([(a, b) for a in range(kh) for b in range(kw)]):
+        L += [f"{ind}    v = xp[r0 + {a}, c0 + {b}]", f"{ind}    isnan = v != v", f"{ind}    best = v if isnan else best"]
+        L += [f"{ind}    {s} if isnan else {s.split(' = ')[0]}" for s in index(a, b)]
+    return L
+
+
 def maxpool_source(kh, kw, sh, sw, save, relu, parallel):
-    """kernel(x, y, route): y = window max; route (when save) = flat in-plane index of the first max,
-    -1 where it is <= 0 (relu). NaN propagates as in the reference (a NaN wins over numbers)."""
+    """kernel(x, y, route): y = window max; route (when save) = flat in-plane index of the first max
+    (relu: ~index where that max is not > 0, maxpool_argmax's rule). NaN propagates as in the reference
+    (the first NaN wins over numbers)."""
     L = _head(parallel, "x, y, route") + ["    N, C, H, W = x.shape", "    Ho, Wo = y.shape[2], y.shape[3]"]
     L += _plane_loop(parallel)
     L += ["        xp = x[n, c]", "        yp = y[n, c]"]
     if save:
         L.append("        rp = route[n, c]")
     L += ["        for i in range(Ho):", f"            r0 = i * {sh}", "            for j in range(Wo):",
-          f"                c0 = j * {sw}", "                best = xp[r0, c0]"]
-    if save:
-        L.append("                bi = r0 * W + c0")
-    for a in range(kh):
-        for b in range(kw):
-            if a == 0 and b == 0:
-                continue
-            L.append(f"                v = xp[r0 + {a}, c0 + {b}]")
-            L.append("                gt = v > best or (v != v and best == best)")
-            if save:
-                L.append(f"                bi = (r0 + {a}) * W + c0 + {b} if gt else bi")
-            L.append("                best = v if gt else best")
+          f"                c0 = j * {sw}"]
+    L += _window_max(kh, kw, lambda a, b: [f"bi = (r0 + {a}) * W + c0 + {b}"] if save else [])
     L.append("                yp[i, j] = best")
     if save:
-        L.append("                rp[i, j] = bi if best > 0 else -1" if relu else "                rp[i, j] = bi")
+        L.append("                rp[i, j] = bi if best > 0 else ~bi" if relu else "                rp[i, j] = bi")
     return "\n".join(L) + "\n"
+
+
+def _routed_value(ind):
+    """r, v = the window's route and the value it adds: dy at r, or dy * 0 at ~r for a route < 0 (a
+    window the ReLU masked: 0, NaN where dy is not finite, as the unfused maxpool_route * gt)."""
+    return [f"{ind}r = rp[i, j]", f"{ind}v = dp[i, j]", f"{ind}neg = r < 0",
+            f"{ind}v = v * 0.0 if neg else v", f"{ind}r = ~r if neg else r"]
 
 
 def _scatter_disjoint(kh, kw, sh, sw):
@@ -120,8 +138,7 @@ def _scatter_disjoint(kh, kw, sh, sw):
         if a >= kh:
             L += ["            for q in range(W):", "                xp[row, q] = 0.0"]
             continue
-        L += ["            base = row * W", "            for j in range(Wo):",
-              "                r = rp[i, j]", "                v = dp[i, j]"]
+        L += ["            base = row * W", "            for j in range(Wo):"] + _routed_value("                ")
         for b in range(sw):
             col = f"j * {sw} + {b}"
             if b < kw:
@@ -135,9 +152,11 @@ def _scatter_disjoint(kh, kw, sh, sw):
 
 
 def route_scatter_source(kh, kw, sh, sw, want_db, parallel):
-    """kernel(dy, route, dx, dbp): dx = dy added at the routed positions (-1: dropped); dbp (N, C) =
-    each plane's routed-dy sum when want_db. Non-overlapping windows (sh >= kh, sw >= kw, or an unknown
-    geometry given as 0s) write every dx element once, branch-free; overlapping ones zero then add."""
+    """kernel(dy, route, dx, dbp): dx = dy added at the routed positions (dy * 0 at ~route where it is
+    < 0); dbp (N, C) = each plane's sum of those when want_db. Non-overlapping windows (sh >= kh,
+    sw >= kw) write every dx element once, branch-free (comparing positions with the route: no index
+    from it); overlapping ones (or an unknown geometry, given as 0s) zero, then add at the route, which
+    is a maxpool_argmax value (route_scatter takes no other), so inside the plane: checked anyway."""
     L = _head(parallel, "dy, route, dx, dbp") + ["    N, C, Ho, Wo = dy.shape", "    H, W = dx.shape[2], dx.shape[3]"]
     L += _plane_loop(parallel)
     L += ["        rp = route[n, c]", "        dp = dy[n, c]", "        xp = dx[n, c]"]
@@ -145,30 +164,24 @@ def route_scatter_source(kh, kw, sh, sw, want_db, parallel):
         L += _scatter_disjoint(kh, kw, sh, sw)
     else:
         L += ["        for p in range(H):", "            for q in range(W):", "                xp[p, q] = 0.0",
-              "        for i in range(Ho):", "            for j in range(Wo):", "                r = rp[i, j]",
-              "                if r >= 0:", "                    p = r // W",
-              "                    xp[p, r - p * W] += dp[i, j]"]
+              "        for i in range(Ho):", "            for j in range(Wo):"] + _routed_value("                ")
+        L += ["                if r < H * W:", "                    p = r // W",
+              "                    xp[p, r - p * W] += v"]
     if want_db:
         L += ["        acc = 0.0", "        for i in range(Ho):", "            for j in range(Wo):",
-              "                acc += dp[i, j] if rp[i, j] >= 0 else 0.0", "        dbp[n, c] = acc"]
+              "                acc += dp[i, j] if rp[i, j] >= 0 else dp[i, j] * 0.0", "        dbp[n, c] = acc"]
     return "\n".join(L) + "\n"
 
 
 def maxpool_route_source(kh, kw, sh, sw, parallel):
-    """kernel(x, dy, dx): each window's dy added at its first max in x (the maxpool_route op)."""
+    """kernel(x, dy, dx): each window's dy added at its first max in x (the maxpool_route op); a window
+    holding NaN routes to its first NaN (np.argmax's rule)."""
     L = _head(parallel, "x, dy, dx") + ["    N, C, H, W = x.shape", "    Ho, Wo = dy.shape[2], dy.shape[3]"]
     L += _plane_loop(parallel)
     L += ["        xp = x[n, c]", "        dp = dy[n, c]", "        gp = dx[n, c]",
           "        for p in range(H):", "            for q in range(W):", "                gp[p, q] = 0.0",
           "        for i in range(Ho):", f"            r0 = i * {sh}", "            for j in range(Wo):",
-          f"                c0 = j * {sw}", "                best = xp[r0, c0]", "                bp = r0",
-          "                bq = c0"]
-    for a in range(kh):
-        for b in range(kw):
-            if a == 0 and b == 0:
-                continue
-            L += [f"                v = xp[r0 + {a}, c0 + {b}]", "                gt = v > best",
-                  f"                bp = r0 + {a} if gt else bp", f"                bq = c0 + {b} if gt else bq",
-                  "                best = v if gt else best"]
+          f"                c0 = j * {sw}"]
+    L += _window_max(kh, kw, lambda a, b: [f"bp = r0 + {a}", f"bq = c0 + {b}"])
     L.append("                gp[bp, bq] += dp[i, j]")
     return "\n".join(L) + "\n"

@@ -70,12 +70,14 @@ def sum_rows_k(a, out):
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def softmax_row(z, out, i, scale):
-    """out[i] = softmax(z[i]) * scale (max-subtracted)."""
+    """out[i] = softmax(z[i]) * scale (max-subtracted; a NaN in the row makes the max, so the row, NaN
+    as numpy's max does)."""
     ncls = z.shape[1]
     m = z[i, 0]
     for k in range(1, ncls):
-        if z[i, k] > m:
-            m = z[i, k]
+        v = z[i, k]
+        if v > m or v != v:
+            m = v
     s = 0.0
     for k in range(ncls):
         e = math.exp(z[i, k] - m)
