@@ -6,7 +6,7 @@ read-only or missing directory), and must leave the previous file byte-identical
 Real faults come from a tiny tmpfs (full) and a read-only bind mount; mounting needs root and
 CAP_SYS_ADMIN, so those tests skip cleanly elsewhere, and the same faults are also injected by making
 the OS calls raise OSError(EROFS / ENOSPC), which runs everywhere. (The truncated/garbage kernel cache
-fault is test_hardening.py's test_03.)"""
+fault: test_hardening.py's test_03 and test_corrupted_numba_and_python_caches_are_rewritten here.)"""
 import contextlib
 import errno
 import json
@@ -250,3 +250,88 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(tmp_path):
     save_checkpoint(ck, exe)                                     # ... or save cleans it
     assert temps(tmp_path) == []
     assert checkpoint.read_checkpoint(ck)[0]["w"][0] == 1.0
+
+
+# ------------------------------------------------------------------ corrupted kernel caches
+
+CACHE_CHILD = textwrap.dedent("""
+    import numpy as np, graphc as gc
+    g = gc.Graph("cachefault2")
+    x, y = g.input("x", (None, 1, 4, 4)), g.input("y", (None,), dtype="int64")
+    z = g.flatten(g.maxpool(g.relu(g.mul(x, x)), 2))
+    g.output(g.softmax_cross_entropy(z, y, name="loss"), g.sum(z, axes=1, name="s"))
+    exe = gc.compile(g, backend="numba", progress=None)        # (no "compiling N kernels" line on stderr)
+    out = exe.run({"x": np.arange(32.0).reshape(2, 1, 4, 4) / 8, "y": np.array([1, 3])})
+    print("out", repr(float(out["loss"])), out["s"].tolist())
+""")
+
+
+def test_corrupted_numba_and_python_caches_are_rewritten(tmp_path):
+    """Beyond test_hardening's test_03 (truncated indexes of generated kernels): garbage data files
+    behind intact indexes, of the generated kernels and of the backend's own @njit kernels (loss,
+    reductions; under NUMBA_CACHE_DIR here), garbage and truncated generated sources and a truncated
+    .pyc: the run gives the same values with one warning line, and the next run none (rewritten)."""
+    pytest.importorskip("numba")
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+           "PYTHONWARNINGS": "default"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)                          # the .pyc files are part of the test
+
+    def child():
+        r = subprocess.run([sys.executable, "-c", CACHE_CHILD], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [ln for ln in r.stdout.splitlines() if ln.startswith("out")], \
+            [ln for ln in r.stderr.splitlines() if ln.strip()]
+    want, err = child()
+    assert len(want) == 1 and not err, err
+    data = list((tmp_path / "numba").rglob("*.nbc"))
+    assert any("sce_int_k" in p.name for p in data) and any("graphc_ew_" in p.name for p in data), data
+    for p in data:
+        p.write_bytes(os.urandom(200))
+    sources = sorted((tmp_path / "cache").glob("graphc_*.py"))
+    assert len(sources) >= 2
+    sources[0].write_bytes(b"\xff\xfe" + os.urandom(50))           # not even UTF-8
+    sources[1].write_text(sources[1].read_text()[:40])               # truncated mid-line
+    pycs = list((tmp_path / "cache" / "__pycache__").glob("*.pyc"))
+    assert pycs
+    pycs[-1].write_bytes(pycs[-1].read_bytes()[:24])                # header intact, code cut
+    got, err = child()
+    assert got == want and len(err) == 1 and "discarded a corrupted kernel cache entry" in err[0], err
+    got, err = child()
+    assert got == want and not err, err
+
+
+def test_every_cached_numba_kernel_of_the_backend_is_guarded():
+    """Every @njit(cache=True) kernel of graphc.backends.numba's modules loads and saves through the
+    checked cache (kernel_cache.guard_numba_cache): a kernel module the backend's __init__ does not
+    import before it guards them would fail like before on a corrupted entry."""
+    pytest.importorskip("numba")
+    import graphc.backends.numba  # noqa: F401
+    from numba.core.caching import FunctionCache
+    mods = {n: m for n, m in list(sys.modules.items()) if n.startswith("graphc.backends.numba.") and m is not None}
+    cached = [(n, k, type(v._cache)) for n, m in mods.items() for k, v in vars(m).items()
+              if isinstance(getattr(v, "_cache", None), FunctionCache)]
+    assert len(cached) > 20 and all(t is not FunctionCache for _, _, t in cached), \
+        [f"{n}.{k}" for n, k, t in cached if t is FunctionCache]
+
+
+def test_a_kernel_cache_entry_that_cannot_be_saved_warns_once_and_the_kernel_runs(tmp_path, monkeypatch):
+    """A full disk under the kernel cache (Numba's save raises ENOSPC): one warning, the compiled kernel
+    still runs (it used to raise out of the run)."""
+    pytest.importorskip("numba")
+    import uuid
+    from numba.core import caching
+    from graphc.backends import kernel_cache
+
+    def full(self, key, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(caching.IndexDataCacheFile, "save", full)
+    monkeypatch.setattr(kernel_cache, "_WARNED", [False])
+    c = 1.0 + uuid.uuid4().int % 1000 / 1e4            # a kernel this process has not loaded yet
+    g = gc.Graph("nosave")
+    a = g.input("a", (None, 3))
+    g.output(g.relu(g.mul(a, c), name="r"))
+    with pytest.warns(RuntimeWarning, match="could not be saved") as w:
+        out = gc.compile(g, backend="numba").run({"a": np.ones((2, 3), np.float32)})
+    assert len(w) == 1 and "\n" not in str(w[0].message)
+    np.testing.assert_allclose(out["r"], np.full((2, 3), c, np.float32))

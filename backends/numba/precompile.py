@@ -281,6 +281,9 @@ class _WorkerProc:
         except Exception:
             self.proc.kill()
             rest = ""
+        finally:
+            with contextlib.suppress(Exception):
+                self.proc.stdout.close()
         return rest
 
 
