@@ -195,6 +195,7 @@ class _FwdWriter:
         a(f"{ind2}rk = route[n, k] if flag else route[0, 0]")
         a(f"{ind2}for i in range({self.Hq}):")
         a(f"{ind2}    r0 = i * {pst}")
+        a(f"{ind2}    anynan = False")
         a(f"{ind2}    for j in range({self.Wq}):")
         a(f"{ind2}        c0 = j * {pst}")
         i3 = ind2 + "        "
@@ -209,18 +210,25 @@ class _FwdWriter:
             a(f"{i3}mi = {idx} if gt else mi")
             a(f"{i3}m = v if gt else m")
             a(f"{i3}nan |= v != v")
-        # masked (max not > 0): ~ the first max of the ReLU output, its first element; a window holding
-        # NaN (rare: a branch off the selects' fast path; a first-NaN compare in every select made this
-        # epilogue 1.5-2x slower) has max NaN and routes to its first NaN
-        a(f"{i3}p0 = {taps[0][1]}")
-        a(f"{i3}if nan:")
-        for src, idx in reversed(taps):
-            a(f"{i3}    v = {src}")
-            a(f"{i3}    m = v if v != v else m")
-            a(f"{i3}    p0 = {idx} if v != v else p0")
+        # masked (max not > 0): ~ the first max of the ReLU output, its first element
         a(f"{i3}yk[i, j] = 0.0 if m <= 0 else m")
         a(f"{i3}if flag:")
-        a(f"{i3}    rk[i, j] = mi if m > 0 else ~p0")
+        a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][1]})")
+        a(f"{i3}anynan |= nan")
+        # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
+        # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down)
+        a(f"{ind2}    if anynan:")
+        a(f"{ind2}        for j in range({self.Wq}):")
+        a(f"{ind2}            c0 = j * {pst}")
+        a(f"{ind2}            p0 = -1")
+        for src, idx in reversed(taps):
+            a(f"{ind2}            v = {src}")
+            a(f"{ind2}            m = v if v != v else m")
+            a(f"{ind2}            p0 = {idx} if v != v else p0")
+        a(f"{ind2}            if p0 >= 0:")
+        a(f"{ind2}                yk[i, j] = m")
+        a(f"{ind2}                if flag:")
+        a(f"{ind2}                    rk[i, j] = ~p0")
 
 
 # --------------------------------------------------------------------------------------------------
