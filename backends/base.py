@@ -95,6 +95,8 @@ class Binding:
         self.first_run_s = None
         self.threads = None
         self.thread_times = {}
+        self.thread_trials = []     # thread counts the next runs try (numba: the count is chosen online)
+        self.compile_stats = None   # what the backend's precompile found, loaded and compiled
 
     def slot(self, name):
         i = self.index.get(name)
@@ -301,9 +303,11 @@ class CompiledExecutable(Executable):
     @property
     def compile_times(self):
         """{"lower_s": building the executable, "bindings": [{batch env, want, bind_s, first_run_s
-        (compiling or loading every kernel), threads, thread_ms}]} for every binding made so far."""
+        (compiling or loading every kernel), threads, thread_ms, kernels (found, cached, compiled,
+        workers)}]} for every binding made so far."""
         rows = [{"env": dict(env), "step": inplace, "outputs": list(want), "bind_s": b.bind_s,
-                 "first_run_s": b.first_run_s, "threads": b.threads, "thread_ms": dict(b.thread_times)}
+                 "first_run_s": b.first_run_s, "threads": b.threads, "thread_ms": dict(b.thread_times),
+                 "kernels": b.compile_stats}
                 for (env, want, inplace), b in self._bindings.items()]
         return {"lower_s": self._lower_s, "bindings": rows}
 
@@ -450,8 +454,12 @@ class CompiledExecutable(Executable):
         if b.first_run_s is None:
             self._first_run(b)
         else:
-            self._run_steps(b, b.threads)
+            self._run_binding(b)
         return b
+
+    def _run_binding(self, b):
+        """A run of a binding after its first."""
+        self._run_steps(b, b.threads)
 
     def _first_run(self, b):
         """The first run of a binding compiles (or loads) every kernel it meets: timed."""

@@ -8,7 +8,10 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
   the ops fused into it, shapes, median ms, GFLOP/s, share of the step;
 - compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
   pointed at a new temporary directory) and warm (a second fresh process on the caches the first one
-  filled): compile() plus binding and compiling/loading every kernel for the batch size;
+  filled): compile() plus binding and compiling/loading every kernel for the batch size (the first
+  step), with the process's CPU seconds and the seconds since it started; on the numba backend the
+  cold one broken down (backends/numba/compile_stats.py): kernels compiled and in which processes,
+  typing and LLVM seconds, per kind of kernel, the slowest kernels, conv strategy and thread timing;
 - the roofline: numpy's SGEMM GFLOP/s measured here (1024^2 float32 matmul) and the memory bandwidth (a
   64 MB numpy copy, bytes read + written per second); each kernel's GB/s (its inputs and output read or
   written once) and each conv kernel's fraction of the roofline: of SGEMM where its flops per byte
@@ -123,14 +126,20 @@ def _step_fn(exe, feeds, train):
 # ------------------------------------------------------------------------ compile time (subprocess)
 
 def _probe_main(argv):
-    """Child process: compile + bind/compile every kernel for one batch; prints JSON timings."""
+    """Child process: compile + bind/compile every kernel for one batch; prints JSON timings (and, on the
+    numba backend, where the compile went: backends/numba/compile_stats.py)."""
     model, backend, batch, train, fuse = argv[0], argv[1], int(argv[2]), argv[3] == "1", argv[4] == "1"
     fold_bn = argv[5] == "1" if len(argv) > 5 else True
+    spawned = float(argv[6]) if len(argv) > 6 else None
     import graphc  # noqa: F401   (imports are not compile time)
     import numba  # noqa: F401
+    rec = None
+    if backend == "numba":
+        from graphc.backends.numba.compile_stats import CompileRecorder
+        rec = CompileRecorder().start()
     g = _load(model)
     feeds = make_feeds(g, batch)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     exe = _compile(g, backend, train, fuse, fold_bn)
     t1 = time.perf_counter()
     if hasattr(exe, "precompile"):
@@ -138,19 +147,35 @@ def _probe_main(argv):
     else:
         _step_fn(exe, feeds, train)()
     t2 = time.perf_counter()
-    print("GRAPHC_PROBE " + json.dumps({"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0}))
+    out = {"compile_s": t1 - t0, "first_step_s": t2 - t1, "total_s": t2 - t0, "cpu_s": time.process_time() - c0}
+    if spawned is not None:
+        out["since_start_s"] = time.time() - spawned     # interpreter start and imports included
+    if rec is not None:
+        out["breakdown"] = rec.stop().breakdown()
+        out["breakdown"]["bindings"] = exe.compile_times["bindings"]
+    print("GRAPHC_PROBE " + json.dumps(out, default=str))
 
 
 def _run_probe(model, backend, batch, train, fuse, env, timeout=900, fold_bn=True):
     cmd = [sys.executable, "-c", "import sys; from graphc.bench import _probe_main; _probe_main(sys.argv[1:])",
-           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", "1" if fold_bn else "0"]
+           model, backend, str(batch), "1" if train else "0", "1" if fuse else "0", "1" if fold_bn else "0",
+           repr(time.time())]
+    import resource
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, "timed out"
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     for line in p.stdout.splitlines():
         if line.startswith("GRAPHC_PROBE "):
-            return json.loads(line[len("GRAPHC_PROBE "):]), None
+            out = json.loads(line[len("GRAPHC_PROBE "):])
+            # the whole child's CPU (interpreter start, imports, compile workers): wall time on a busy
+            # machine is not the compiler's alone
+            out["process_cpu_s"] = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            if hasattr(os, "getloadavg"):
+                out["loadavg"] = os.getloadavg()
+            return out, None
     return None, (p.stderr.strip().splitlines() or ["no output"])[-1]
 
 
@@ -342,13 +367,35 @@ def _profile_generic(exe, feeds, train, repeats):
     return rows
 
 
+def _kernel_rows(rows, itemsize, step_ms, roof, bw):
+    """The report's kernel table from the profiling rows: GFLOP/s, GB/s, share of the step, roofline."""
+    kernels = []
+    for r in rows:
+        gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
+        nbytes = itemsize * sum(int(np.prod(s)) for s in list(r["shapes"]["in"]) + [r["shapes"]["out"]])
+        k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
+             "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
+             "share": r["ms"] / step_ms if step_ms else 0.0,
+             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
+        if roof and "conv" in r["kind"] and r["ms"] > 0:
+            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
+        kernels.append(k)
+    return kernels
+
+
 def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compare=(), repeats=None,
               json_path=None, warmup=3, measure_compile=True, roofline=True, out=None, quiet=False,
-              random_weights=None, budget_s=None, timeout=900, fold_bn=True):
+              random_weights=None, budget_s=None, timeout=900, fold_bn=True, tune=False):
     """Benchmarks `model` (zoo name, "path/file.py:function" or "model.onnx") on `backend`; prints a
     report and returns (and optionally writes to json_path) the results dict described in the module doc.
     random_weights: a seed for an .onnx MODEL's weights (graphc/bench_peers.py); budget_s: cap each
-    timing at about that many seconds (fewer repeats for slow steps); timeout: per child process."""
+    timing at about that many seconds (fewer repeats for slow steps); timeout: per child process; tune: the
+    numba conv strategies of shapes never timed are timed (and remembered) first."""
+    if tune and backend == "numba":
+        from graphc.backends.numba.conv.strategy import tuning
+        with tuning():
+            return run_bench(model, backend, batch, train, fuse, compare, repeats, json_path, warmup,
+                             measure_compile, roofline, out, quiet, random_weights, budget_s, timeout, fold_bn)
     from graphc import bench_peers
     from graphc.errors import GraphError
     from graphc.files import check_writable
@@ -390,17 +437,7 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         rows = _profile_generic(exe, feeds, train, max(3, min(repeats, 10)))
     roof = sgemm_gflops() if roofline else None
     bw = copy_gbps() if roofline else None
-    kernels = []
-    for r in rows:
-        gfl = (r["flops"] / (r["ms"] * 1e-3) / 1e9) if r["ms"] > 0 and r["flops"] else 0.0
-        nbytes = exe.dtype.itemsize * sum(int(np.prod(s)) for s in list(r["shapes"]["in"]) + [r["shapes"]["out"]])
-        k = {"name": r["name"], "kind": r["kind"], "ops": r["ops"], "shapes": _fmt_shapes(r["shapes"]),
-             "ms": r["ms"], "gflops": gfl, "gbps": nbytes / (r["ms"] * 1e-3) / 1e9 if r["ms"] > 0 else 0.0,
-             "share": r["ms"] / step_ms if step_ms else 0.0,
-             "fallback": r.get("fallback", False), "kernel": r.get("kernel")}   # kind, kernel: the backend's registry
-        if roof and "conv" in r["kind"] and r["ms"] > 0:
-            k["roofline_fraction"], k["roofline"] = roofline_share(r["flops"], nbytes, r["ms"], roof, bw)
-        kernels.append(k)
+    kernels = _kernel_rows(rows, exe.dtype.itemsize, step_ms, roof, bw)
     ctimes = (compile_times(src.spec, backend, batch, train, fuse, fold_bn, timeout) if measure_compile
               else {"cold": None, "warm": None})
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
@@ -437,6 +474,35 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     return result
 
 
+def compile_lines(c):
+    """The report's compile-time lines: cold and warm, and where the cold compile went."""
+    lines = []
+    fmt = (lambda v: f"{v:.2f} s" if isinstance(v, (int, float)) else "n/a")
+    here = c.get("this_process")
+    lines.append(f"compile: cold {fmt(c.get('cold'))}, warm {fmt(c.get('warm'))} (fresh processes"
+                 + (f"; this process: compile {here['compile_s']:.2f} s + first step {here['first_step_s']:.2f} s"
+                    if here else "") + ")" + (f"  [{c['error']}]" if c.get("error") else ""))
+    for which in ("cold", "warm"):
+        d = c.get(which + "_detail") or {}
+        if "cpu_s" in d:
+            lines.append(f"  {which}: compile() {d['compile_s']:.2f} s + first step {d['first_step_s']:.2f} s; "
+                         f"{d['cpu_s']:.2f} s CPU in the process, {d.get('process_cpu_s', 0):.2f} s with start-up "
+                         f"and workers" + (f"; {d['since_start_s']:.2f} s since the process started" if
+                                           "since_start_s" in d else "")
+                         + (f"; load average {d['loadavg'][0]:.2f}" if d.get("loadavg") else ""))
+        for bnd in (d.get("breakdown") or {}).get("bindings", []):
+            k = bnd.get("kernels") or {}
+            if k:
+                lines.append(f"    precompile: {k['kernels']} kernels found, {k['cached']} from the disk cache, "
+                             f"{k['compiled']} compiled in {k['workers'] + 1} process(es) (idle CPUs "
+                             f"{k.get('idle_cpus')}); discovery {k.get('discovery_s', 0):.3f} s, "
+                             f"{k.get('seconds', 0):.2f} s in all")
+        if which == "cold" and d.get("breakdown"):
+            from graphc.backends.numba.compile_stats import format_breakdown
+            lines += format_breakdown(d["breakdown"], "    ")
+    return lines
+
+
 def report(r):
     lines = [f"graphc bench {r['model']}  backend={r['backend']}  batch={r['batch']}  mode={r['mode']}  "
              f"fuse={'on' if r['fuse'] else 'off'}  batch norms folded into convs: {len(r.get('fold_bn', ()))}"]
@@ -453,11 +519,7 @@ def report(r):
                      f"{k['gflops']:8.1f} {k.get('gbps', 0.0):7.1f} {100 * k['share']:5.1f}%{extra}")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
                  f"{r['step_ms']:.3f} ms")
-    c = r["compile_s"]
-    fmt = (lambda v: f"{v:.2f} s" if isinstance(v, (int, float)) else "n/a")
-    lines.append(f"compile: cold {fmt(c.get('cold'))}, warm {fmt(c.get('warm'))} (fresh processes; "
-                 f"this process: compile {c['this_process']['compile_s']:.2f} s + first step "
-                 f"{c['this_process']['first_step_s']:.2f} s)" + (f"  [{c['error']}]" if c.get("error") else ""))
+    lines += compile_lines(r["compile_s"])
     if r.get("roofline_gflops"):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s"
                      + (f", memory bandwidth {r['bandwidth_gbps']:.1f} GB/s (numpy copy: bytes read + written)"
@@ -506,12 +568,13 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--no-compile-times", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--tune", action="store_true")
     a = p.parse_args(argv)
     from graphc.errors import GraphError
     try:
         run_bench(a.model, backend=a.backend, batch=a.batch, train=a.train, fuse=not a.no_fuse, fold_bn=not a.no_fold_bn,
                   compare=[c for c in a.compare.split(",") if c], repeats=a.repeats, json_path=a.json,
-                  measure_compile=not a.no_compile_times)
+                  measure_compile=not a.no_compile_times, tune=a.tune)
     except GraphError as e:                      # BackendError among them: one line, no traceback
         print(f"graphc bench: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -131,7 +131,7 @@ def cmd_bench(args):
     result = run_bench(args.model, backend=args.backend, batch=args.batch, train=args.train,
                        fuse=not args.no_fuse, compare=compare, json_path=args.json, repeats=args.repeats,
                        measure_compile=not args.no_compile_times,
-                       fold_bn=not args.no_fold_bn, **more)
+                       fold_bn=not args.no_fold_bn, tune=args.tune, **more)
     return result if isinstance(result, int) else 0
 
 
@@ -270,6 +270,9 @@ def _add_bench_parser(sub):
     p.add_argument("--no-compile-times", action="store_true",
                    help="skip the cold/warm compile probes (two fresh processes; 50-90 s on a cold cache)")
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--tune", action="store_true",
+                   help="time the conv strategies of shapes never timed and remember the choices (a cold "
+                        "start takes a static rule instead)")
     p.add_argument("--ranks", default=None, metavar="LIST",
                    help="with --train: launch the step on each number of MPI ranks (e.g. 1,2; mpiexec, "
                         "graphc[mpi]) and report step time, images/s, scaling efficiency, the allreduce "

@@ -17,7 +17,9 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
     distributed: data-parallel training across the ranks of an MPI job (True, a graphc.distributed
     Communicator or DataParallel): the step averages the gradients over the ranks with allreduce nodes
     before the update (and with sync_bn, batch norm uses the global batch's statistics); `exe.distributed`.
-    flags: switch passes on/off, e.g. fuse=False; see `exe.pipeline`."""
+    flags: switch passes on/off, e.g. fuse=False; see `exe.pipeline`. Backend options: threads ("auto" or a
+    count), progress ("auto": a "compiling N kernels" line on stderr while kernels compile; None; or a
+    callable(done, total)), parallel_min (numba: elements from which a kernel runs in parallel)."""
     from graphc.graph import Graph
     if not isinstance(graph, Graph):
         raise GraphError(f"compile() takes a graphc.Graph, got {type(graph).__name__}")
@@ -25,10 +27,15 @@ def compile(graph, backend="reference", optimizer=None, loss=None, dtype=None, k
         raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if dtype is not None and str(dtype) not in ("float32", "float64"):
         raise GraphError(f"dtype must be float32 or float64, got {dtype!r}")
-    options = {k: flags.pop(k) for k in list(flags) if k in ("threads", "strategy", "verbose")}
+    options = {k: flags.pop(k) for k in list(flags) if k in ("threads", "strategy", "verbose", "parallel_min",
+                                                             "progress")}
     threads = options.get("threads", "auto")
     if threads != "auto" and not (isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1):
         raise GraphError(f"threads must be 'auto' or a positive int, got {threads!r}")
+    progress = options.get("progress", "auto")
+    if not (progress in ("auto", None, False) or callable(progress)):
+        raise GraphError(f"progress must be 'auto' (a line on stderr while kernels compile), None or a "
+                         f"callable(done, total), got {progress!r}")
     _check_optimizer(optimizer)
     pipeline = Pipeline(backend, **flags)
     from graphc import distributed as dist

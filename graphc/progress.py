@@ -3,10 +3,11 @@ every few seconds when stderr is piped to a file) and a ticker that keeps a bar'
 one long call (kernel compilation) blocks."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 
-__all__ = ["progress_bar", "Ticker", "kernel_count"]
+__all__ = ["progress_bar", "Ticker", "kernel_count", "executors_quiet"]
 
 
 def _isatty(f) -> bool:
@@ -47,6 +48,20 @@ class Ticker:
             self.done.set()
             self.thread.join()
         return False
+
+
+@contextlib.contextmanager
+def executors_quiet(exes):
+    """Within the block the executables' own "graphc: compiling N kernels" lines (the numba backend's
+    ``progress``) are off: a caller's bar reports the compilation instead."""
+    saved = [(e, e.progress) for e in exes if hasattr(e, "progress")]
+    for e, _ in saved:
+        e.progress = None
+    try:
+        yield
+    finally:
+        for e, p in saved:
+            e.progress = p
 
 
 def kernel_count(exe) -> int:

@@ -44,7 +44,7 @@ from graphc.checkpoint import graph_fingerprint, load_checkpoint, read_checkpoin
 from graphc.errors import BackendError, CheckpointError, DataError, GraphError
 from graphc.files import check_writable
 from graphc.preprocess import prepare_splits
-from graphc.progress import Ticker, kernel_count, progress_bar
+from graphc.progress import Ticker, executors_quiet, kernel_count, progress_bar
 
 __all__ = ["train", "TrainResult", "evaluate", "make_optimizer", "add_train_arguments", "main_from_args",
            "train_from_args",
@@ -496,7 +496,8 @@ class _Run:
         t0 = time.perf_counter()
         def sizes(n, batch):         # the full batches and the last, smaller one, each bound once
             return sorted({min(batch, n)} | ({n % batch} if n % batch else set()))
-        with Ticker(bar), dist.compiling(self.dp):     # each rank on its own, then they wait for each other
+        # each rank on its own, then they wait for each other; the bar, not the executors, says what compiles
+        with Ticker(bar), dist.compiling(self.dp), executors_quiet(exes):
             for b in sizes(self.shard, self.batch):
                 self.exe.precompile(b)
             if bar is not None:

@@ -174,8 +174,17 @@ def test_plots_dir(tiny, tmp_path, capsys):
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3
 
 
-def test_progress_bars_and_the_compile_phase(tiny, capsys):
+def test_progress_bars_and_the_compile_phase(tiny, capsys, monkeypatch):
+    from graphc.backends.numba import executor as nexec
     from graphc.progress import progress_bar
+    said = []                                          # (progress, kernels compiled) of each precompile
+    real = nexec.precompile_steps
+
+    def spy(steps, progress, label):
+        stats = real(steps, progress, label)
+        said.append((progress, stats["compiled"]))
+        return stats
+    monkeypatch.setattr(nexec, "precompile_steps", spy)
     bar = progress_bar(True, total=3)
     assert bar.mininterval == 5.0                      # stderr is not a terminal here: redrawn every 5 s
     bar.close()
@@ -187,3 +196,5 @@ def test_progress_bars_and_the_compile_phase(tiny, capsys):
     assert "kernels in" in lines[compiled[0]] and "(training step and evaluation" in lines[compiled[0]]
     err = capsys.readouterr().err
     assert "compiling" in err and "epoch 1/1" in err          # the bars went to stderr
+    # the phase's executors said nothing of their own amid its bar; nothing was left to compile after it
+    assert [p for p, _ in said[:2]] == [None, None] and all(n == 0 for _, n in said[2:]), said

@@ -150,11 +150,11 @@ def test_bench_forwards_options(capsys, monkeypatch):
     fake.run_bench = lambda model, **kw: seen.update(model=model, **kw)
     monkeypatch.setitem(sys.modules, "graphc.bench", fake)
     rc, _, _ = run(capsys, "bench", "mnist_convnet", "--train", "--batch", "128", "--compare", "torch,jax",
-                   "--json", "out.json", "--no-fuse", "--no-fold-bn", "--backend", "reference")
+                   "--json", "out.json", "--no-fuse", "--no-fold-bn", "--backend", "reference", "--tune")
     assert rc == 0
     assert seen == dict(model="mnist_convnet", backend="reference", batch=128, train=True, fuse=False,
                         compare=["torch", "jax"], json_path="out.json", repeats=None, measure_compile=True,
-                        fold_bn=False)
+                        fold_bn=False, tune=True)
     seen.clear()
     rc, _, _ = run(capsys, "bench", "lenet5", "--repeats", "7", "--no-compile-times")
     assert rc == 0 and seen["repeats"] == 7 and seen["measure_compile"] is False

@@ -4,13 +4,16 @@
 - the conv package's kernels on hypothesis-drawn geometries (groups 1, 2 or C, dilation 1-3, stride 1
   or 2, padding including 'same'; float32 and float64): forward, dL/dX and dL/dW by both strategies
   (direct and im2col+GEMM) and, for groups == C, the depthwise stencils with their clip epilogue;
-- the strategy choice for grouped/dilated geometries: timed once, remembered under its own key;
+- the strategy choice for grouped/dilated geometries: a static rule on a cold start; timed once in a
+  tuning run, remembered under its own key;
 - graphs: conv, conv_relu (ReLU), conv_clip (ReLU6) and conv_relu_maxpool fused around grouped,
   dilated and depthwise convs give the reference's values with nothing falling back, inference and
-  SGD training steps.
+  SGD training steps; their kernels found by the precompile discovery, training bit-identical on one
+  and two threads.
 
 Shapes are tiny and the examples few: every distinct shape compiles generated kernels.
 """
+import contextlib
 import json
 import os
 
@@ -22,6 +25,8 @@ from hypothesis import strategies as st
 import graphc as gc
 from graphc import shapes
 from graphc.backends.numba import conv as nc
+from graphc.backends.numba import precompile
+from graphc.backends.numba.conv import direct
 from graphc.backends.numba.conv import depthwise as ndw
 from graphc.backends.numba.conv import strategy as conv_strategy
 from graphc.ops.conv import conv_dw_ref, conv_dx_ref, conv_ref, effective
@@ -174,7 +179,7 @@ def test_grouped_pool_epilogue_and_narrow_dw():
     np.testing.assert_allclose(got, conv_dw_ref(x1, dy, (1, 1), (0,) * 4, (3, 2), (2, 6)), rtol=1e-10, atol=1e-10)
 
 
-def test_strategy_for_grouped_dilated_geometry_is_timed_once_and_remembered(monkeypatch):
+def test_strategy_for_grouped_dilated_geometry_is_timed_once_in_a_tuning_run_and_remembered(monkeypatch):
     # a choice file of its own (the generated kernels stay in the kernel cache: warm after one run)
     from graphc.backends.kernel_cache import kernel_cache_dir
     name = f"conv_strategy_test_{os.getpid()}.json"
@@ -188,12 +193,18 @@ def test_strategy_for_grouped_dilated_geometry_is_timed_once_and_remembered(monk
     monkeypatch.setattr(conv_strategy, "_time_candidates", lambda fns, r: calls.append(sorted(fns)) or real(fns, 1))
     args = ((4, 4, 8, 8), (4, 2, 3, 3), 1, (2, 2, 2, 2), np.float32)
     try:
-        got = nc.choose_conv_strategy(*args, op="conv2d_dw", dilation=(2, 2), groups=2)
-        assert got in nc.STRATEGIES and calls == [["direct", "im2col"]]
-        plain = nc.choose_conv_strategy((4, 4, 8, 8), (4, 4, 3, 3), 1, (2, 2, 2, 2), np.float32, op="conv2d_dw")
-        assert len(calls) == 2 and plain in nc.STRATEGIES               # another key: timed on its own
-        monkeypatch.setattr(conv_strategy, "_CHOICES", {})              # a new process: read from the file
-        assert nc.choose_conv_strategy(*args, op="conv2d_dw", dilation=(2, 2), groups=2) == got and len(calls) == 2
+        with conv_strategy.tuning(False):                               # a cold start: the static rule, untimed
+            assert nc.choose_conv_strategy(*args, op="conv2d_dw", dilation=(2, 2), groups=2) == \
+                conv_strategy.static_rule("conv2d_dw", 1, args[1], (2, 2), 2)
+        assert calls == [] and not os.path.exists(path)
+        with conv_strategy.tuning():
+            got = nc.choose_conv_strategy(*args, op="conv2d_dw", dilation=(2, 2), groups=2)
+            assert got in nc.STRATEGIES and calls == [["direct", "im2col"]]
+            plain = nc.choose_conv_strategy((4, 4, 8, 8), (4, 4, 3, 3), 1, (2, 2, 2, 2), np.float32, op="conv2d_dw")
+            assert len(calls) == 2 and plain in nc.STRATEGIES           # another key: timed on its own
+            monkeypatch.setattr(conv_strategy, "_CHOICES", {})          # a new process: read from the file
+            assert nc.choose_conv_strategy(*args, op="conv2d_dw", dilation=(2, 2), groups=2) == got
+            assert len(calls) == 2
         keys = json.load(open(path))
         assert sum("|d2_2|g2" in k for k in keys) == 1 and sum("|g" in k for k in keys) == 1
     finally:
@@ -270,6 +281,47 @@ def test_mobile_block_sgd_steps_match_the_reference(feeds):
     assert exe.fallbacks() == []
     ops = {exe.graph.nx.nodes[n]["op"] for n in exe.graph.nx}
     assert {"conv_dx", "conv_dw"} <= ops
+
+
+def test_mobile_block_kernels_are_found_before_the_first_step_and_train_alike_on_any_thread_count(feeds,
+                                                                                                monkeypatch):
+    """The precompile discovery finds the depthwise kernels (forward, dL/dX, dL/dW) and the grouped direct
+    ones; every kernel on Python threads (no call too small to share), one and two threads train
+    bit-identically."""
+    found = []
+    real = precompile.discovering
+
+    @contextlib.contextmanager
+    def spy():
+        with real() as f:
+            yield f
+        found.extend(d for d, _, _ in f.values())
+    monkeypatch.setattr(precompile, "discovering", spy)
+    monkeypatch.setattr(direct, "TINY_CALL_FLOPS", 0)
+    monkeypatch.setattr(direct, "SMALL_CALL_FLOPS", 0)
+    g = mobile_block("float64")
+    runs = {}
+    for t in (1, 2):
+        exe = gc.compile(g, backend="numba", optimizer=gc.optim.SGD(0.05), threads=t, parallel_min=1, progress=None)
+        runs[t] = ([exe.step(feeds) for _ in range(2)], exe.state_dict())
+    kinds = {key[0] for key, k in ndw._KERNELS.items() if any(k is d for d in found)}
+    assert kinds == {"fwd", "dx", "dw"}
+    assert any(getattr(d, "_graphc_ready", None) is not None and d not in ndw._KERNELS.values() for d in found)
+    assert runs[1][0] == runs[2][0]
+    for k in runs[1][1]:
+        np.testing.assert_array_equal(runs[1][1][k], runs[2][1][k], err_msg=k)
+
+
+def test_static_rule_for_grouped_and_dilated_convs():
+    """A cold start's strategies: dilated and grouped convs as plain ones at stride 1; at stride 2 a
+    dilated filter and (unless each group's GEMM is tiny) dL/dX on im2col."""
+    rule = conv_strategy.static_rule
+    assert rule("conv2d", 1, (32, 32, 3, 3), (2, 2), 1) == rule("conv2d_dx", 1, (32, 4, 3, 3), (1, 1), 8) == "direct"
+    assert rule("conv2d_dw", 2, (32, 32, 3, 3), (2, 2), 1) == rule("conv2d", 2, (32, 32, 3, 3), (2, 2), 1) == "im2col"
+    assert rule("conv2d_dx", 2, (64, 8, 3, 3), (1, 1), 8) == "direct"            # 8 x 8 per group
+    assert rule("conv2d_dx", 2, (32, 1, 3, 3), (1, 1), 32) == "direct"           # depthwise as grouped
+    assert rule("conv2d_dx", 2, (128, 16, 3, 3), (1, 1), 4) == "im2col"          # 16 x 32 per group
+    assert rule("conv2d_dw", 1, (64, 8, 1, 1), (1, 1), 8) == "im2col"            # 1x1 dL/dW as plain
 
 
 def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():

@@ -260,7 +260,8 @@ CACHE_CHILD = textwrap.dedent("""
     x, y = g.input("x", (None, 1, 4, 4)), g.input("y", (None,), dtype="int64")
     z = g.flatten(g.maxpool(g.relu(g.mul(x, x)), 2))
     g.output(g.softmax_cross_entropy(z, y, name="loss"), g.sum(z, axes=1, name="s"))
-    out = gc.compile(g, backend="numba").run({"x": np.arange(32.0).reshape(2, 1, 4, 4) / 8, "y": np.array([1, 3])})
+    exe = gc.compile(g, backend="numba", progress=None)        # (no "compiling N kernels" line on stderr)
+    out = exe.run({"x": np.arange(32.0).reshape(2, 1, 4, 4) / 8, "y": np.array([1, 3])})
     print("out", repr(float(out["loss"])), out["s"].tolist())
 """)
 

@@ -22,6 +22,8 @@ again when batch norm's and LRN's backward became ops of their own (bn_grad_sums
 fewer elementwise groups in training) and inference graphs began to fold batch norm into the conv before
 it (passes/fold_bn.py: conv_relu groups, and the folded weights' elementwise groups): only the models
 with batch norm or LRN changed (alexnet, googlenet(_lrn), mobilenet_v2, resnet, resnet18/34/50, vgg16_bn).
+And when the conv_clip pattern (conv -> clip, ReLU6) met the folded batch norms: only mobilenet_v2's
+inference graph changed (35 conv_clip groups where conv -> folded batch norm -> clip was unfused).
 """
 from __future__ import annotations
 
@@ -107,7 +109,7 @@ def test_recording_covers_every_case(recorded):
     assert sorted(recorded) == sorted(CASES)
     # the recording is not trivially empty: the conv patterns and their backward are all in it
     pats = {grp[0] for groups in recorded.values() for grp in groups}
-    assert pats == {"conv_relu", "conv_relu_maxpool", "route_relu", "elementwise"}
+    assert pats == {"conv_relu", "conv_relu_maxpool", "conv_clip", "route_relu", "elementwise"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

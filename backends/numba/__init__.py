@@ -29,7 +29,8 @@ def kernel_table():
 
 def lower(graph, dtype=None, pipeline=None, **options):
     """graph (after the pipeline) -> NumbaExecutable. options: blas_threads (default 1; None leaves BLAS
-    alone), parallel_min (elements above which elementwise/reduction kernels run in parallel), threads
-    ("auto" or a count)."""
+    alone), parallel_min (elements above which kernels share their work between threads), threads
+    ("auto" or a count), progress ("auto": a line on stderr while kernels compile; None; or a
+    callable(done, total))."""
     options.pop("strategy", None)
     return NumbaExecutable(graph, dtype=dtype, pipeline=pipeline, **options)

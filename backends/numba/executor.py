@@ -16,34 +16,30 @@ import numpy as np
 from graphc import shapes
 from graphc.backends.base import CompiledExecutable, LowerContext
 from graphc.backends.kernel_cache import BlasLimit, aligned_empty
+from graphc.backends.numba.compile_stats import add_tuning
 from graphc.backends.numba.kernels import PARALLEL_MIN
+from graphc.backends.numba.precompile import precompile_steps
+from graphc.backends.numba.threads import batch_split, num_threads, parallel_for
 from graphc.errors import BackendError
-
-_RAW_NUM_THREADS = []
-
-
-def num_threads():
-    """numba.get_num_threads() without its Python wrapper (0.7 us -> 0.15 us; called by every conv
-    step) once Numba's thread pool is up."""
-    if _RAW_NUM_THREADS:
-        return _RAW_NUM_THREADS[0]()
-    t = numba.get_num_threads()          # launches the pool
-    raw = getattr(getattr(numba.np.ufunc, "parallel", None), "_get_num_threads", None)
-    if callable(raw):
-        try:
-            if raw() == t:
-                _RAW_NUM_THREADS.append(raw)
-        except Exception:                # pragma: no cover - another Numba: keep the public call
-            pass
-    return t
-
 
 class NumbaContext(LowerContext):
     """LowerContext with the numba backend's call helpers."""
 
     def parallel(self, elements):
-        """Whether a kernel over `elements` runs Numba-parallel (above the option parallel_min)."""
+        """Whether a kernel over `elements` runs in parallel (above the option parallel_min)."""
         return elements >= self.exe.parallel_min
+
+    def split_batch(self, kern, batch, elements):
+        """kern itself, or (above parallel_min elements) a function running it on Numba's thread count,
+        each thread on a contiguous share of the `batch` (the first axis of every array argument whose
+        first axis is that long; threads.batch_split): a serial kernel compiles in a third to half
+        the time of a prange one."""
+        if not self.parallel(elements) or batch < 2:
+            return kern
+
+        def run(*args):
+            parallel_for(batch_split(kern, args, batch), batch)
+        return run
 
     def call(self, kern, inputs, tail=(), fix=None):
         """A step kern(*inputs, *tail), the input arrays bound now when static, read per call when
@@ -107,9 +103,10 @@ class NumbaExecutable(CompiledExecutable):
     conv_module = "numba conv (direct per-shape kernels or im2col+GEMM, chosen per shape)"
 
     def __init__(self, graph, dtype=None, pipeline=None, blas_threads=1, parallel_min=PARALLEL_MIN,
-                 threads="auto", **options):
+                 threads="auto", progress="auto", **options):
         self.parallel_min = parallel_min
         self.threads = threads
+        self.progress = progress        # "auto": a line on stderr; a callable(done, total); None: silent
         self._blas = BlasLimit(blas_threads)
         self._bound_state = {}
         super().__init__(graph, dtype, pipeline, **options)
@@ -214,43 +211,71 @@ class NumbaExecutable(CompiledExecutable):
                 numba.set_num_threads(prev)
 
     def _first_run(self, b):
-        # the first run compiles (or loads from the disk cache) every kernel; then the thread count
-        # is chosen; both on a snapshot of the state, so the real run below starts from it
-        with self._state_saved():
-            t0 = time.perf_counter()
-            self._run_steps(b, numba.get_num_threads())
-            b.first_run_s = time.perf_counter() - t0
-            b.threads = self._choose_threads(b) if b.steps else 1
-        self._run_steps(b, b.threads)
-
-    def _choose_threads(self, b):
-        """threads="auto": time the bound program with all Numba threads and with one, keep the faster.
-        On a quiet 2-core machine two threads win on big batches; on a loaded, shared one an OpenMP
-        region waiting for a descheduled worker made a batch-128 training step 2.6x slower than one
-        thread (176 ms vs 68 ms measured), and batch-1 kernels 50x slower. Programs slower than
-        0.5 s a run keep all threads (timing them would cost too much)."""
-        maxt = numba.config.NUMBA_NUM_THREADS
-        if self.threads != "auto":
-            return max(1, min(int(self.threads), maxt))
-        if maxt == 1:
-            return 1
-        self._run_steps(b, 1)                # compiles what a one-thread run needs (conv strategies)
+        # every kernel is found and loaded from the disk cache or compiled (in parallel; discovery on a
+        # snapshot of the state), then the first real run, timed like the next ones while the thread
+        # count is being chosen
         t0 = time.perf_counter()
-        self._run_steps(b, 1)
-        if time.perf_counter() - t0 > 0.5:
-            return maxt
-        times = {maxt: [], 1: []}
-        for rnd in range(3):
-            for n in (maxt, 1):
-                t0 = time.perf_counter()
-                self._run_steps(b, n)
-                times[n].append(time.perf_counter() - t0)
-            if rnd >= 1:
-                a, c = min(times[maxt]), min(times[1])
-                if max(a, c) > 1.3 * min(a, c):
-                    break                    # clear winner: stop early (tuning is part of compile time)
-        b.thread_times = {n: 1e3 * float(min(v)) for n, v in times.items()}
-        return min(b.thread_times, key=b.thread_times.get)
+        with self._state_saved():
+            self._precompile(b)
+        self._start_thread_choice(b)
+        self._run_binding(b)
+        b.first_run_s = time.perf_counter() - t0
+
+    def _run_binding(self, b):
+        if not b.thread_trials:
+            self._run_steps(b, b.threads)
+            return
+        n = b.thread_trials.pop(0)
+        t0 = time.perf_counter()
+        self._run_steps(b, n)
+        b.thread_times.setdefault(n, []).append(time.perf_counter() - t0)
+        self._thread_choice(b)
+
+    def _precompile(self, b):
+        """backends/numba/precompile.py over this binding's steps (discovery on one thread)."""
+        prev = num_threads()
+        numba.set_num_threads(1)
+        try:
+            with self._blas:
+                env = ", ".join(f"{k}={v}" for k, v in sorted(b.env.items()))
+                b.compile_stats = precompile_steps([f for _, f in b.steps], self.progress,
+                                                   f" for {self.graph.name}" + (f" ({env})" if env else ""))
+        finally:
+            numba.set_num_threads(prev)
+
+    def _start_thread_choice(self, b):
+        """threads="auto": the binding's first runs alternate all Numba threads and one (three rounds at
+        most), then it keeps the faster. Results do not depend on the count (every parallel kernel
+        splits work whose sums do not depend on how it is split), so the choice is made on real runs
+        and costs nothing. On a quiet 2-core machine two threads win on big batches; on a loaded,
+        shared one a parallel region waiting for a descheduled worker made a batch-128 training step
+        2.6x slower than one thread (176 ms vs 68 ms measured), and batch-1 kernels 50x slower."""
+        maxt = numba.config.NUMBA_NUM_THREADS
+        b.thread_times = {}
+        if self.threads != "auto":
+            b.threads, b.thread_trials = max(1, min(int(self.threads), maxt)), []
+        elif maxt == 1 or not b.steps:
+            b.threads, b.thread_trials = 1, []
+        else:
+            b.threads, b.thread_trials = maxt, [maxt, 1] * 3
+
+    def _thread_choice(self, b):
+        """After each trial run: stop when a program is slow (over 0.5 s a run: all threads) or one count
+        clearly wins (1.3x, after two rounds); keep the faster."""
+        times = b.thread_times
+        maxt = numba.config.NUMBA_NUM_THREADS
+        rounds = min(len(times.get(maxt, ())), len(times.get(1, ())))
+        if max(times.get(maxt, [0.0])) > 0.5 and rounds == 0:
+            b.thread_trials = []
+        elif rounds >= 2:
+            a, c = min(times[maxt]), min(times[1])
+            if max(a, c) > 1.3 * min(a, c):
+                b.thread_trials = []
+        if not b.thread_trials:
+            best = {n: 1e3 * float(min(v)) for n, v in times.items()}
+            b.threads = min(best, key=best.get) if best else b.threads
+            b.thread_times = best
+            add_tuning("threads", 0.0)
 
     def _profiling(self, b):
         return _ThreadsAndBlas(b.threads, self._blas)

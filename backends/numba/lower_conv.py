@@ -16,7 +16,7 @@ from graphc.backends.kernel_cache import load_generated
 from graphc.backends.numba import conv as nconv
 from graphc.backends.numba.conv import depthwise as ndw
 from graphc.backends.numba.conv.layout import clip_inplace
-from graphc.backends.numba.executor import num_threads
+from graphc.backends.numba.threads import num_threads
 from graphc.backends.numba.kernels.pool import maxpool_source
 from graphc.backends.registry import lowerings
 from graphc.errors import BackendError
@@ -25,7 +25,7 @@ from graphc.ops.conv import geometry
 lowering, pattern_lowering = lowerings("numba")
 
 _NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
-_STRATEGY = "direct or im2col+GEMM, chosen per shape by measurement and remembered"
+_STRATEGY = "direct or im2col+GEMM, chosen per shape (a static rule, or timed in a tuning run and remembered)"
 _DEPTHWISE = "depthwise (groups == C): conv/depthwise.py per-channel stencil kernels"
 
 
@@ -172,7 +172,8 @@ def conv_relu_maxpool(ctx):
         return None
     save = len(ctx.result_index) > 1
     y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
-    kern = load_generated(maxpool_source(kh, kw, sh, sw, save, True, ctx.parallel(y.size * kh * kw)), "graphc_pool_")
+    kern = ctx.split_batch(load_generated(maxpool_source(kh, kw, sh, sw, save, True, False), "graphc_pool_"),
+                           y.shape[0], y.size * kh * kw)
     geo = _geo(conv_attrs)
     strategy = _chooser("conv2d", ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype,
                         geo=geo)

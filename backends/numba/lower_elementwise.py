@@ -1,4 +1,4 @@
-"""Elementwise ops and fused elementwise groups: one generated @njit loop nest per node or group."""
+"""Elementwise ops and fused elementwise groups: one generated serial @njit loop nest per node or group."""
 import numpy as np
 
 from graphc.backends import codegen
@@ -13,9 +13,10 @@ lowering, pattern_lowering = lowerings("numba")
 def elementwise(ctx):
     plan = ctx.loop_plan()
     total = int(np.prod(ctx.out_shape, dtype=np.int64))
-    src = codegen.NumbaDialect().source(codegen.graph_body(ctx.body), ctx.result_index, plan, ctx.dtype.name,
-                                        ctx.parallel(total))
-    kern = load_generated(src, "graphc_ew_")
+    # one serial kernel per group (compiled once for every size); large ones shared between threads
+    # along the outer loop dim
+    src = codegen.NumbaDialect().source(codegen.graph_body(ctx.body), ctx.result_index, plan, ctx.dtype.name, False)
+    kern = ctx.split_batch(load_generated(src, "graphc_ew_"), plan.dims[0] if plan.dims else 1, total)
     args = [ctx.out(k).reshape(plan.dims) for k in range(len(ctx.result_index))]
     dynamic = []                    # (argument position, value index, shape) read per call
     for k in plan.loaded():

@@ -17,15 +17,17 @@ def _window(attrs):
     return kh, kw, sh, sw
 
 
-def _generated(ctx, source_fn, *args, elements):
-    return load_generated(source_fn(*args, ctx.parallel(elements)), "graphc_pool_")
+def _generated(ctx, source_fn, *args, elements, batch=1):
+    """The serial kernel of this geometry (its `batch` shared by threads above parallel_min elements)."""
+    return ctx.split_batch(load_generated(source_fn(*args, False), "graphc_pool_"), batch, elements)
 
 
 @lowering("maxpool", kernel=_GENERATED.format("maxpool_source"))
 def maxpool(ctx):
     y = ctx.out()
     kh, kw, sh, sw = _window(ctx.attrs)
-    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, False, False, elements=y.size * kh * kw)
+    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, False, False, elements=y.size * kh * kw,
+                      batch=y.shape[0])
     return ctx.call(kern, ctx.inputs, (y, np.empty((1, 1, 1, 1), np.int32)))
 
 
@@ -34,7 +36,8 @@ def maxpool_argmax(ctx):
     route = ctx.out()
     kh, kw, sh, sw = _window(ctx.attrs)
     relu = bool(ctx.attrs.get("relu", False))
-    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, True, relu, elements=route.size * kh * kw)
+    kern = _generated(ctx, pool_kernels.maxpool_source, kh, kw, sh, sw, True, relu, elements=route.size * kh * kw,
+                      batch=route.shape[0])
     return ctx.call(kern, ctx.inputs, (np.empty(route.shape, ctx.dtype), route))
 
 
@@ -45,7 +48,8 @@ def maxpool_route(ctx):
     if kh * kw > 64:                    # (global max pool's plane-sized window): loops, not unrolled
         return ctx.call(plane_kernels.maxpool_route_loop_k, ctx.inputs, (ctx.out(), *_window(ctx.attrs)))
     dx = ctx.out()
-    kern = _generated(ctx, pool_kernels.maxpool_route_source, *_window(ctx.attrs), elements=dx.size)
+    kern = _generated(ctx, pool_kernels.maxpool_route_source, *_window(ctx.attrs), elements=dx.size,
+                      batch=dx.shape[0])
     return ctx.call(kern, ctx.inputs, (dx,))
 
 
@@ -53,7 +57,8 @@ def _route_scatter(ctx, window, dz, db):
     """dz = route scatter of dy (+ db = its per-channel sum): one generated pass."""
     kh, kw = window.get("size") or (0, 0)
     sh, sw = window.get("stride") or (0, 0)
-    kern = _generated(ctx, pool_kernels.route_scatter_source, kh, kw, sh, sw, db is not None, elements=dz.size)
+    kern = _generated(ctx, pool_kernels.route_scatter_source, kh, kw, sh, sw, db is not None, elements=dz.size,
+                      batch=dz.shape[0])
     plane_sums = np.empty(dz.shape[:2] if db is not None else (1, 1), np.float64)
     if db is None:
         return ctx.call(kern, ctx.inputs, (dz, plane_sums))

@@ -4,8 +4,8 @@ A depthwise layer does 2 * KH * KW flops per output element, so it is bound by m
 no GEMM, no im2col. Each kernel is generated per filter size, stride, dilation and channel multiplier
 (the taps unrolled with the weights in scalars; plane sizes and padding are run-time arguments, so one
 kernel serves every layer of that kind: MobileNetV2 needs two forward kernels, 3x3 with stride 1 and
-2) and runs one prange task per (image, channel) plane, so the input is read once and the output
-written once:
+2) and runs one task per (image, channel) plane (tasks lo..hi-1 per call, split between threads by
+threads.parallel_for), so the input is read once and the output written once:
 
 - the task copies its input plane, zero-padded, into a per-thread buffer (L1/L2-resident) as
   ``sh * sw`` *phase planes* (phase (a, b) holds the padded rows a, a + sh, ... and columns b, b + sw,
@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
+from graphc.backends.numba.conv import direct
 from graphc.backends.numba.conv.direct import load_kernel, run_generated
 from graphc.backends.numba.conv.gen import HEADER
 from graphc.backends.numba.conv.layout import scratch
@@ -93,7 +94,7 @@ class Phases:
         """The run-time geometry and each tap's offset into the buffer (o0, o1, ...)."""
         names = "h, w_, Ho, Wo, ot, ol, Hq, Wq, Lq"
         L = [f"{ind}{names} = " + ", ".join(f"geo[{i}]" for i in range(9)), f"{ind}P = Ho * Wq",
-             f"{ind}zero = buf.dtype.type(0)"]
+             f"{ind}zero = bp.dtype.type(0)"]
         if self.uh == 1 and self.uw == 1:
             L += self.column_range(ind)
         L += [f"{ind}o{t} = {ph} * Lq + {r} * Wq + {c}" for t, (ph, r, c) in enumerate(self.taps)]
@@ -193,19 +194,19 @@ def _weights(wk, u, T, ind):
     return [f"{ind}w{u}_{t} = {wk}[{t}]" for t in range(T)]
 
 
-_HEAD = [HEADER, f"@njit(parallel=True, fastmath={FASTMATH}, cache=True, nogil=True)"]
+_HEAD = [HEADER, f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)"]
 
 
 def gen_forward(ph: Phases, M: int) -> str:
-    """``kernel(x, w, b, y, buf, act, geo)``: y (N, C*M, Ho, Wo) = clip(depthwise(x, w) + b, act[0],
-    act[1]); w (C*M, KH*KW), b (C*M,), buf (threads, L + P) scratch, act (2,) the clip bounds (+-inf:
-    none), geo the run-time geometry (Phases.geo)."""
+    """``kernel(x, w, b, y, act, geo, bp, t0, t1)``: planes t0..t1-1 (task t: image t // C, channel t % C)
+    of y (N, C*M, Ho, Wo) = clip(depthwise(x, w) + b, act[0], act[1]); w (C*M, KH*KW), b (C*M,), bp
+    (L + P,) the calling thread's scratch, act (2,) the clip bounds (+-inf: none), geo the run-time
+    geometry (Phases.geo)."""
     T = len(ph.taps)
-    L = _HEAD + ["def kernel(x, w, b, y, buf, act, geo):", "    lo = act[0]", "    hi = act[1]",
+    L = _HEAD + ["def kernel(x, w, b, y, act, geo, bp, t0, t1):", "    lo = act[0]", "    hi = act[1]",
                  "    C = x.shape[1]"] + ph.prelude("    ")
-    L += ["    for t in prange(x.shape[0] * C):", "        n = t // C", "        c = t - n * C",
-          "        bp = buf[numba.get_thread_id()]", f"        acc = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]",
-          "        src = x[n, c]"]
+    L += ["    for t in range(t0, t1):", "        n = t // C", "        c = t - n * C",
+          f"        acc = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]", "        src = x[n, c]"]
     L += ph.fill("src", 0, "        ") + _views(ph, [(0, 0)], "        ")
     L += [f"        for q in range({M}):", f"            k = c * {M} + q", "            wk = w[k]",
           "            bq = b[k]"] + _weights("wk", 0, T, "            ")
@@ -214,14 +215,14 @@ def gen_forward(ph: Phases, M: int) -> str:
 
 
 def gen_grad_input(ph: Phases, M: int) -> str:
-    """``kernel(dy, wr, dx, buf, geo)``: dx (N, C, H, W) of the depthwise conv; wr (C*M, KH*KW) the
-    filters rotated by 180 degrees; the M dy planes of a channel placed side by side in buf (threads,
-    M*L + P)."""
+    """``kernel(dy, wr, dx, geo, bp, t0, t1)``: planes t0..t1-1 (image, channel) of dx (N, C, H, W) of the
+    depthwise conv; wr (C*M, KH*KW) the filters rotated by 180 degrees; the M dy planes of a channel
+    placed side by side in the calling thread's scratch bp (M*L + P,)."""
     T = len(ph.taps)
     planes = [(q, f"{q} * Lq") for q in range(M)]          # one phase plane per dy plane (stride 1)
-    L = _HEAD + ["def kernel(dy, wr, dx, buf, geo):", "    C = dx.shape[1]"] + ph.prelude("    ")
-    L += ["    for t in prange(dy.shape[0] * C):", "        n = t // C", "        c = t - n * C",
-          "        bp = buf[numba.get_thread_id()]", f"        acc = bp[{M} * Lq:{M} * Lq + P]"]
+    L = _HEAD + ["def kernel(dy, wr, dx, geo, bp, t0, t1):", "    C = dx.shape[1]"] + ph.prelude("    ")
+    L += ["    for t in range(t0, t1):", "        n = t // C", "        c = t - n * C",
+          f"        acc = bp[{M} * Lq:{M} * Lq + P]"]
     for q, base in planes:
         L += [f"        src = dy[n, c * {M} + {q}]"] + ph.fill("src", base, "        ")
         L += _weights(f"wr[c * {M} + {q}]", q, T, "        ")
@@ -231,13 +232,14 @@ def gen_grad_input(ph: Phases, M: int) -> str:
 
 
 def gen_grad_weights(ph: Phases, M: int) -> str:
-    """``kernel(x, dy, part, buf, per, geo)``: part (NG, C*M, KH*KW) gets, per group of `per` images, the
-    sums of dy x input over the output planes (the caller sums over groups); buf (threads, L + P)."""
+    """``kernel(x, dy, part, per, geo, bp, t0, t1)``: part (NG, C*M, KH*KW) gets, per group of `per`
+    images, the sums of dy x input over the output planes (the caller sums over groups); tasks t0..t1-1
+    (task t: group t // C, channel t % C); bp (L + P,) the calling thread's scratch."""
     T = len(ph.taps)
-    L = _HEAD + ["def kernel(x, dy, part, buf, per, geo):", "    N = x.shape[0]", "    C = x.shape[1]",
-                 "    zero = part.dtype.type(0)"] + ph.prelude("    ")
-    L += ["    for t in prange(part.shape[0] * C):", "        grp = t // C", "        c = t - grp * C",
-          "        bp = buf[numba.get_thread_id()]", f"        dyw = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]"]
+    L = _HEAD + ["def kernel(x, dy, part, per, geo, bp, t0, t1):", "    N = x.shape[0]", "    C = x.shape[1]"]
+    L += ph.prelude("    ")
+    L += ["    for t in range(t0, t1):", "        grp = t // C", "        c = t - grp * C",
+          f"        dyw = bp[{ph.planes} * Lq:{ph.planes} * Lq + P]"]
     L += [f"        s{q}_{k} = zero" for q in range(M) for k in range(T)]
     L += ["        for n in range(grp * per, min(N, grp * per + per)):", "            src = x[n, c]"]
     L += ph.fill("src", 0, "            ") + _views(ph, [(0, 0)], "            ")
@@ -280,7 +282,14 @@ def _bounds(act, dtype):
 
 
 def _buffer(tag, length, dtype):
-    return scratch(tag, (numba.config.NUMBA_NUM_THREADS, max(1, length)), dtype)
+    """One scratch row per thread (acc[k]: thread k's; threads.parallel_for's k)."""
+    return list(scratch(tag, (numba.config.NUMBA_NUM_THREADS, max(1, length)), dtype))
+
+
+def _threads(g: Geometry):
+    """1 for a call too small to share between threads (a parallel call on Python threads costs 20-40
+    us), else None (Numba's thread count)."""
+    return 1 if 2 * g.N * g.K * g.Ho * g.Wo * g.T < direct.TINY_CALL_FLOPS else None
 
 
 def bind_forward(x_shape, w_shape, stride, pads, dilation, dtype, act=None):
@@ -293,11 +302,12 @@ def bind_forward(x_shape, w_shape, stride, pads, dilation, dtype, act=None):
     buf = _buffer("dw_fwd", ph.L + ph.P, dtype)
     bounds = _bounds(act, dtype)
     nob = np.zeros(g.K, dtype)
+    threads = _threads(g)
 
     def run(x, w, b, y):
         args = (np.ascontiguousarray(x, dtype), np.ascontiguousarray(w, dtype).reshape(g.K, g.T),
-                nob if b is None else np.ascontiguousarray(b, dtype), y, buf, bounds, ph.geo)
-        run_generated(kern, args, dtype)
+                nob if b is None else np.ascontiguousarray(b, dtype), y, bounds, ph.geo)
+        run_generated(kern, args, dtype, g.N * g.C, buf, threads)
     run.geometry, run.kernel = g, kern
     return run
 
@@ -310,10 +320,11 @@ def bind_grad_input(x_shape, w_shape, stride, pads, dilation, dtype):
     ph = dx_phases(g)
     kern = kernel_for("dx", ph, g.M)
     buf = _buffer("dw_dx", g.M * ph.L + ph.P, dtype)
+    threads = _threads(g)
 
     def run(dy, w, dx):
         wr = np.ascontiguousarray(np.asarray(w, dtype)[:, :, ::-1, ::-1]).reshape(g.K, g.T)
-        run_generated(kern, (np.ascontiguousarray(dy, dtype), wr, dx, buf, ph.geo), dtype)
+        run_generated(kern, (np.ascontiguousarray(dy, dtype), wr, dx, ph.geo), dtype, g.N * g.C, buf, threads)
     run.geometry, run.kernel = g, kern
     return run
 
@@ -330,11 +341,12 @@ def bind_grad_weights(x_shape, w_shape, stride, pads, dilation, dtype):
     per = -(-g.N // groups)
     groups = -(-g.N // per)
     part = np.empty((groups, g.K, g.T), dtype) if groups > 1 else None
+    threads = _threads(g)
 
     def run(x, dy, dw):
         args = (np.ascontiguousarray(x, dtype), np.ascontiguousarray(dy, dtype),
-                dw.reshape(1, g.K, g.T) if part is None else part, buf, per, ph.geo)
-        run_generated(kern, args, dtype)
+                dw.reshape(1, g.K, g.T) if part is None else part, per, ph.geo)
+        run_generated(kern, args, dtype, groups * g.C, buf, threads)
         if part is not None:
             dw.reshape(g.K, g.T)[...] = part.sum(axis=0, dtype=np.float64)
     run.geometry, run.kernel = g, kern

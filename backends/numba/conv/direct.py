@@ -1,8 +1,8 @@
 """The direct conv strategy: kernels generated per shape (gen.py) over zero-padded flat planes.
 
 Exact shape constants, the filter taps unrolled with the weights held in scalars, each zero-padded
-input plane read as one flat vector of "wide rows", each prange task computing a block of output
-channels of one image, bias/ReLU/max-pool (and the route) fused into the epilogue. dL/dX is the same
+input plane read as one flat vector of "wide rows", each task (threads.parallel_for) computing a block of
+output channels of one image, bias/ReLU/max-pool (and the route) fused into the epilogue. dL/dX is the same
 forward kernel on the (dilated, padded) output gradient with rotated filters; dL/dW is its own
 generated reduction (partial sums per group of images, then summed; for one input channel it reads
 dy in place). Strides > 1 become stride-1 convolutions by space-to-depth (input phases become
@@ -18,9 +18,11 @@ import sys
 import numba
 import numpy as np
 
-from graphc.backends.kernel_cache import LOCK, aligned_empty, load_generated
+from graphc.backends.kernel_cache import aligned_empty, load_generated
 from graphc.backends.numba.conv import gen
 from graphc.backends.numba.conv.layout import out_hw, place, place_t, pool_hw, scratch, shift_copies
+from graphc.backends.numba.precompile import compile_for
+from graphc.backends.numba.threads import num_threads, parallel_for
 
 
 def _codegen_tag(predicate: bool) -> str:
@@ -34,9 +36,16 @@ def load_kernel(src: str, predicate: bool = True):
     see them, and machine code compiled under other options must not be picked up."""
     k = load_generated(_codegen_tag(predicate) + src, "graphc_kernel_")
     if not hasattr(k, "_graphc_ready"):
-        k._graphc_predicate = bool(predicate)
-        k._graphc_ready = set()
+        for f in (k, getattr(sys.modules[k.py_func.__module__], "kernel_par", None)):
+            if f is not None:
+                f._graphc_predicate = bool(predicate)
+                f._graphc_ready = set()
     return k
+
+
+def parallel_variant(kern):
+    """The generated module's Numba-parallel ``kernel_par`` (small batches), or None."""
+    return getattr(sys.modules[kern.py_func.__module__], "kernel_par", None)
 
 
 def _host_has_avx512() -> bool:
@@ -104,24 +113,35 @@ def _codegen_options(width: int, predicate: bool = True):
             os.close(saved)
 
 
-def run_generated(kern, args, dtype):
-    """Call a generated kernel, compiling it first (under the wide-vector options) when no machine
-    code for these argument types is loaded yet; Numba's disk cache answers when it can.
+def ensure_compiled(kern, args, dtype) -> bool:
+    """Makes sure a generated kernel has machine code for these argument types, compiled under the
+    wide-vector options when none is loaded yet (Numba's disk cache answers when it can); False
+    while a kernel discovery records it instead (backends/numba/precompile.py).
 
-    The arguments are this module's own C-contiguous work arrays (plus flags), so their types
-    follow from the dtype; after the first call the type check is skipped (a caller's read-only
-    or unaligned array would make Numba compile one more specialisation, without the options)."""
+    The arguments are this module's own C-contiguous work arrays (plus flags and task bounds), so
+    their types follow from the dtype; after the first call the type check is skipped (a caller's
+    read-only or unaligned array would make Numba compile one more specialisation, without the
+    options)."""
     key = np.dtype(dtype).char
     ready = kern._graphc_ready
-    if key not in ready:
-        sig = tuple(numba.typeof(a) for a in args)
-        if sig not in kern.overloads:
-            with LOCK:
-                if sig not in kern.overloads:
-                    with _codegen_options(forced_vector_width(dtype), kern._graphc_predicate):
-                        kern.compile(sig)
-        ready.add(key)
-    return kern(*args)
+    if key in ready:
+        return True
+    sig = tuple(numba.typeof(a) for a in args)
+    if not compile_for(kern, sig, ("vector", forced_vector_width(dtype), kern._graphc_predicate)):
+        return False
+    ready.add(key)
+    return True
+
+
+def run_generated(kern, args, dtype, ntasks, acc=None, threads=None):
+    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]], lo, hi)`` on Numba's thread
+    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
+    per_thread = () if acc is None else (acc[0],)
+    ensure_compiled(kern, tuple(args) + per_thread + (0, 0), dtype)
+    if acc is None:
+        parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks, threads)
+    else:
+        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks, threads)
 
 
 def _vec_len(dtype) -> int:
@@ -175,6 +195,12 @@ class FwdPlan:
         self.Lx = gen.round_up(max(Hp * Wp, self.PL + self.maxoff), VL)
         self.NKB = -(-K // self.KB)
 
+    def acc_shape(self, dtype):
+        """One accumulator block per thread (threads.parallel_for's k is below NUMBA_NUM_THREADS); rows
+        padded by 128 bytes and each block cache-line aligned: two threads writing the two ends of one
+        cache line made the kernel slower on 2 threads than on 1 (false sharing)."""
+        return numba.config.NUMBA_NUM_THREADS, self.KB, self.PL + 128 // np.dtype(dtype).itemsize
+
     def source(self):
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
@@ -199,6 +225,9 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
+SMALL_CALL_FLOPS = 1e7        # a forward call below this runs on Numba's threads (kernel_par) ...
+TINY_CALL_FLOPS = 2e6         # ... and below this on the calling thread (batch-1 layer 1 of MNIST: no faster
+                              # on two threads than on one, 10 us either way)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
@@ -225,12 +254,8 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False):
         y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    # one accumulator block per worker thread (numba.get_thread_id() is below NUMBA_NUM_THREADS);
-    # rows padded by 128 bytes and the block cache-line aligned: two threads writing the two ends
-    # of one cache line made the kernel slower on 2 threads than on 1 (false sharing)
-    nt = numba.config.NUMBA_NUM_THREADS
-    acc = scratch("fwd_acc", (nt, plan.KB, plan.PL + 128 // np.dtype(dtype).itemsize), dtype)
-    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag, acc), dtype)
+    acc = scratch("fwd_acc", plan.acc_shape(dtype), dtype)
+    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, acc)
     return y, route
 
 
@@ -314,8 +339,13 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     maxoff = plan.maxoff
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
-    nt = numba.config.NUMBA_NUM_THREADS
-    acc = aligned_empty((nt, plan.KB, plan.PL + 128 // dtype.itemsize), dtype)
+    acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
+    acc = list(acc3)                                             # acc[k]: thread k's
+    ntasks = N * plan.NKB
+    # Numba's threads for a call of less than ~0.1 ms (SMALL_CALL_FLOPS), Python threads above
+    flops = 2 * N * K * Cg * KH * KW * Ho * Wo
+    tiny = flops < TINY_CALL_FLOPS
+    kern_par = parallel_variant(plan.kern) if not tiny and flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
     kern = plan.kern
     w3shape = (K, Cg, KH * KW)
@@ -357,11 +387,19 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                 x = np.array(x, dtype)
             place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
             xin = xb
-        if compiled:
-            kern(xin, w3, b, y, route, bool(flag), acc)
+        flag = bool(flag)
+        if not compiled:
+            done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
+            if kern_par is not None:     # both recorded by a discovery (it runs on one thread)
+                done = ensure_compiled(kern_par, (xin, w3, b, y, route, flag, acc3, 0), dtype) and done
+            if done:
+                compiled.append(True)
+        if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
+            kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
+        elif kern_par is not None:
+            kern_par(xin, w3, b, y, route, flag, acc3, ntasks)
         else:
-            run_generated(kern, (xin, w3, b, y, route, bool(flag), acc), dtype)
-            compiled.append(True)
+            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
 
     run.plan = plan
     return run
@@ -387,8 +425,10 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
 
 
 def _dw_groups(N, Lx, NKB):
+    """Images per partial sum of the wide dL/dW kernel: enough tasks for 4 per thread of the most
+    Numba may run (not of the current count: the sums, so the bits, would depend on it)."""
     G = max(1, min(N, -(-2048 // Lx)))
-    want = 4 * numba.get_num_threads()
+    want = 4 * numba.config.NUMBA_NUM_THREADS
     while G > 1 and -(-N // G) * NKB < want:
         G = (G + 1) // 2
     return G
@@ -439,7 +479,7 @@ def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1):
         shift_copies(x, xs, Hp, Wo, top, left, dil[1])
         kern = _dw_kernel("narrow", C=Cg, KB=KB, NKB=NKB, K=K, KH=KH, KW=KW, Ho=Ho, Wo=Wo, **odd)
         part = np.empty((N, NKB * KB, Cg, T), dtype)
-        run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype)
+        run_generated(kern, (xs, dy.reshape(N, K, Ho * Wo), part, zero), dtype, N * NKB)
     else:
         VL = _vec_len(dtype)
         Lx = gen.round_up(Hp * Wp, VL)
@@ -451,9 +491,9 @@ def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1):
         place_t(dy, dyf, Hp, Wp, Lx, 0, 0)
         if odd:
             odd["Kg"] = K // groups
-        kern = _dw_kernel("wide", C=Cg, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, G=G, **odd)
+        kern = _dw_kernel("wide", C=Cg, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, **odd)
         part = np.empty((-(-N // G), NKB * KB, Cg, T), dtype)
-        run_generated(kern, (xf, dyf, part, N, zero), dtype)
+        run_generated(kern, (xf, dyf, part, N, G, zero), dtype, part.shape[0] * NKB)
     dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
     return np.ascontiguousarray(dw.reshape(K, Cg, KH, KW), dtype=dtype)
 

@@ -10,7 +10,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from graphc.backends.kernel_cache import LOCK, BlasLimit, rescan_blas
+from graphc.backends.kernel_cache import BlasLimit, rescan_blas
+from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
 
 
@@ -161,9 +162,7 @@ def _i2c_compiled(fn, args):
     """First call of an im2col kernel for these types: compile it (it loads SciPy's BLAS), then
     look for BLAS libraries again so that the thread limit reaches that one too."""
     sig = tuple(numba.typeof(a) for a in args)
-    if sig not in fn.overloads:
-        with LOCK:
-            fn.compile(sig)
+    if sig not in fn.overloads and compile_for(fn, sig):
         rescan_blas()
 
 
@@ -230,7 +229,9 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
     nt = numba.config.NUMBA_NUM_THREADS
     cols = scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
     C //= groups
-    part = np.empty((max(1, min(N, numba.get_num_threads())), K, C * KH * KW), x.dtype)
+    # partial sums per group of images: as many groups as Numba may run threads (not as it runs now: the
+    # sums, so the bits, would depend on the count, which the executor picks by timing)
+    part = np.empty((max(1, min(N, numba.config.NUMBA_NUM_THREADS)), K, C * KH * KW), x.dtype)
     args = (xp, dy, part, cols, KH, KW, stride, dil[0], dil[1], groups)
     _i2c_compiled(_i2c_dw, args)
     with _ONE_BLAS_THREAD:

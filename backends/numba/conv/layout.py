@@ -9,9 +9,10 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from graphc.backends.kernel_cache import aligned_empty
+from graphc.backends.numba.threads import parallel_for
 from graphc.errors import BackendError
 
 _TLS = threading.local()
@@ -44,6 +45,12 @@ def clear_scratch() -> None:
 
 
 _SERIAL_BELOW = 1 << 16       # elements: smaller placements run on the calling thread
+
+
+def _threads(dst):
+    """1 for a placement too small to share (a parallel call costs more than the copy), else None
+    (Numba's thread count)."""
+    return 1 if dst.size < _SERIAL_BELOW else None
 
 
 @njit(cache=True, nogil=True)
@@ -83,65 +90,64 @@ def fill_plane(out, off, end, img, Hd, Wd, s, pt, pl):
         out[q] = 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(cache=True, nogil=True)
+def place_k(src, dst, Hd, Wd, s, pt, pl, lo, hi):
+    """Tasks lo..hi-1 of place (task t: image t // C', channel t % C')."""
+    C = src.shape[1]
+    Cd = dst.shape[1]
+    L = dst.shape[2]
+    off = L - L                   # an int64, not the literal 0 (one compiled fill_plane for all callers)
+    for t in range(lo, hi):
+        n = t // Cd
+        c = t - n * Cd
+        plane = dst[n, c]
+        if c < C:
+            fill_plane(plane, off, L, src[n, c], Hd, Wd, s, pt, pl)
+        else:
+            for q in range(L):
+                plane[q] = 0
+
+
 def place(src, dst, Hd, Wd, s, pt, pl):
     """dst (N, C', L): plane (n, c) becomes a zero (Hd x Wd, rows Wd wide, flat) plane followed by
     zeros up to L, with src[n, c, i, j] at row i*s+pt, column j*s+pl (entries falling outside are
     dropped).  Channels c >= src.shape[1] stay all zero."""
-    N = src.shape[0]
-    Cd = dst.shape[1]
-    L = dst.shape[2]
-    if N * Cd * L < _SERIAL_BELOW:            # a parallel launch costs more than the copy
-        for t in range(N * Cd):
-            place_one(src, dst, t, Hd, Wd, s, pt, pl)
-    else:
-        for t in prange(N * Cd):
-            place_one(src, dst, t, Hd, Wd, s, pt, pl)
+    parallel_for(lambda lo, hi, k: place_k(src, dst, Hd, Wd, s, pt, pl, lo, hi), src.shape[0] * dst.shape[1],
+                 _threads(dst))
 
 
 @njit(cache=True, nogil=True)
-def place_one(src, dst, t, Hd, Wd, s, pt, pl):
-    C = src.shape[1]
-    Cd = dst.shape[1]
-    L = dst.shape[2]
-    n = t // Cd
-    c = t - n * Cd
-    plane = dst[n, c]
-    if c < C:
-        fill_plane(plane, 0, L, src[n, c], Hd, Wd, s, pt, pl)
-    else:
-        for q in range(L):
-            plane[q] = 0
-
-
-@njit(parallel=True, cache=True, nogil=True)
-def place_t(src, dst, Hd, Wd, L, pt, pl):
-    """Channel-major placement for the dL/dW kernels: dst (C', N*L + tail); the (Hd x Wd) plane of
-    image n, channel c starts at dst[c, n*L] and holds src[n, c, i, j] at row i+pt, column j+pl;
-    everything else (borders, the rest of L, the tail, channels c >= src.shape[1]) is zero."""
+def place_t_k(src, dst, Hd, Wd, L, pt, pl, lo, hi):
+    """Tasks lo..hi-1 of place_t (task t: channel t // N, image t % N)."""
     N, C = src.shape[0], src.shape[1]
-    Cd = dst.shape[0]
     tot = dst.shape[1]
-    for t in prange(Cd * N):
+    s = L // L                    # an int64 1 (see place_k)
+    for t in range(lo, hi):
         c = t // N
         n = t - c * N
         row = dst[c]
         end = (n + 1) * L if n < N - 1 else tot
         if c < C:
-            fill_plane(row, n * L, end, src[n, c], Hd, Wd, 1, pt, pl)
+            fill_plane(row, n * L, end, src[n, c], Hd, Wd, s, pt, pl)
         else:
             for q in range(n * L, end):
                 row[q] = 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def shift_copies(src, dst, Hp, Wo, pt, pl, dw=1):
-    """dst (N, C, KW, Hp*Wo): dst[n, c, kw, r*Wo + j] = xpad[n, c, r, j + kw*dw] where xpad is src
-    zero-padded by pt rows on top and pl columns on the left (and zeros beyond its end); dw: the
-    filter's column dilation."""
+def place_t(src, dst, Hd, Wd, L, pt, pl):
+    """Channel-major placement for the dL/dW kernels: dst (C', N*L + tail); the (Hd x Wd) plane of
+    image n, channel c starts at dst[c, n*L] and holds src[n, c, i, j] at row i+pt, column j+pl;
+    everything else (borders, the rest of L, the tail, channels c >= src.shape[1]) is zero."""
+    parallel_for(lambda lo, hi, k: place_t_k(src, dst, Hd, Wd, L, pt, pl, lo, hi), dst.shape[0] * src.shape[0],
+                 _threads(dst))
+
+
+@njit(cache=True, nogil=True)
+def shift_copies_k(src, dst, Hp, Wo, pt, pl, dw, lo, hi):
+    """Tasks lo..hi-1 of shift_copies (task t: image t // C, channel t % C)."""
     N, C, h, w = src.shape
     KW = dst.shape[2]
-    for t in prange(N * C):
+    for t in range(lo, hi):
         n = t // C
         c = t - n * C
         for kw in range(KW):
@@ -156,14 +162,28 @@ def shift_copies(src, dst, Hp, Wo, pt, pl, dw=1):
                         plane[r * Wo + j] = 0
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def clip_inplace(y, lo, hi):
-    """y (flat) clamped to [lo, hi] in place; NaN passes through (as the clip op)."""
+def shift_copies(src, dst, Hp, Wo, pt, pl, dw=1):
+    """dst (N, C, KW, Hp*Wo): dst[n, c, kw, r*Wo + j] = xpad[n, c, r, j + kw*dw] where xpad is src
+    zero-padded by pt rows on top and pl columns on the left (and zeros beyond its end); dw: the
+    filter's column dilation."""
+    parallel_for(lambda lo, hi, k: shift_copies_k(src, dst, Hp, Wo, pt, pl, dw, lo, hi),
+                 src.shape[0] * src.shape[1], _threads(dst))
+
+
+@njit(cache=True, nogil=True)
+def clip_k(y, lo, hi, a, b):
+    """y[a:b] clamped to [lo, hi] in place; NaN passes through (as the clip op)."""
     lo_, hi_ = y.dtype.type(lo), y.dtype.type(hi)
-    for i in prange(y.shape[0]):
+    for i in range(a, b):
         v = y[i]
         v = lo_ if v < lo_ else v
         y[i] = hi_ if v > hi_ else v
+
+
+def clip_inplace(y, lo, hi):
+    """y (flat) clamped to [lo, hi] in place (chunks of 4096 elements as tasks)."""
+    n = y.shape[0]
+    parallel_for(lambda a, b, k: clip_k(y, lo, hi, a * 4096, min(n, b * 4096)), -(-n // 4096), _threads(y))
 
 
 def float_array(a, name):

@@ -1,6 +1,13 @@
-"""Which conv strategy (direct or im2col) runs a convolution of a given geometry: timed once per
-shape, op and thread count, remembered in ``conv_strategy.json`` in the kernel cache directory so
-later processes reuse the choice. ``$GRAPHC_CONV_STRATEGY`` (``direct``/``im2col``) skips the timing.
+"""Which conv strategy (direct or im2col) runs a convolution of a given geometry.
+
+A cold start never times: a geometry with no remembered choice takes the static rule (`static_rule`,
+from timings of both strategies on MNIST- to small-ImageNet-sized layers), because timing both means
+compiling both (the im2col kernels alone took 7.7 s of CPU on a cold mnist_convnet training step, and
+the direct forward was compiled twice, once for the timing). Timing is deferred to an explicit
+tuning run (``$GRAPHC_CONV_TUNE=1``, ``graphc bench --tune``, or ``tuning()``), which times what was
+never timed, per shape, op and thread count, and remembers it in ``conv_strategy.json`` in the kernel
+cache directory; every later process reuses it. ``$GRAPHC_CONV_STRATEGY`` (``direct``/``im2col``)
+forces a strategy everywhere.
 """
 from __future__ import annotations
 
@@ -13,6 +20,7 @@ import numba
 import numpy as np
 
 from graphc.backends.kernel_cache import LOCK, kernel_cache_dir, write_atomic
+from graphc.backends.numba.compile_stats import add_tuning
 from graphc.backends.numba.conv import direct, im2col
 from graphc.backends.numba.conv.layout import check_geometry, out_hw
 from graphc.errors import BackendError
@@ -91,24 +99,51 @@ def _pick(times: dict) -> str:
     return min(times, key=times.get)
 
 
-def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
-                         repeats=5, dilation=(1, 1), groups=1) -> str:
-    """``"direct"`` or ``"im2col"`` for this convolution, timed once per shape (best of ``repeats``
-    interleaved runs after a warm-up call each) and remembered in ``conv_strategy.json`` in
-    the kernel cache directory, so later processes reuse the choice.  ``op`` is one of ``"conv2d"``, ``"conv2d_relu_maxpool"``
-    (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``; ``dilation`` (dh, dw) and
-    ``groups`` as conv2d's (w_shape is (K, C / groups, KH, KW)).  ``$GRAPHC_CONV_STRATEGY`` forces a
-    strategy everywhere."""
-    forced = os.environ.get("GRAPHC_CONV_STRATEGY")
-    if forced:
-        if forced not in STRATEGIES:
-            raise BackendError(f"GRAPHC_CONV_STRATEGY={forced!r}: expected one of {STRATEGIES}")
-        return forced
+_TUNING = []          # tuning(True/False) contexts in force (innermost last)
+
+
+@contextlib.contextmanager
+def tuning(on=True):
+    """Within the block, choose_conv_strategy times geometries it has no timing for (on) or never
+    times (off), whatever $GRAPHC_CONV_TUNE says."""
+    _TUNING.append(bool(on))
+    _CHOICES.clear()                     # answers given under the other setting are not kept
+    try:
+        yield
+    finally:
+        _TUNING.pop()
+
+
+def tuning_on() -> bool:
+    if _TUNING:
+        return _TUNING[-1]
+    return os.environ.get("GRAPHC_CONV_TUNE", "") not in ("", "0")
+
+
+def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
+    """The strategy a geometry runs before it was ever timed. One-thread timings (best of 5, float32)
+    over the zoo's MNIST and small-ImageNet layers: direct won every stride-1 forward and dL/dX
+    (im2col/direct median 2.6-3.1x) and stride-1 dL/dW but 1x1 (0.75x); im2col won 1x1 filters at
+    stride 2 (0.3-0.8x) and stride-2 dL/dX (0.5-0.8x). Grouped and dilated convs (batch 16-32, 28x28
+    and 56x56 planes): the same at stride 1 (direct 1.8-4x; 1x1 dL/dW im2col 0.5x); at stride 2 a
+    dilated filter goes to im2col (0.55-0.8x: direct runs it as a dense filter of its extent, mostly zero
+    taps) and so does dL/dX unless each group's GEMM is tiny (C/groups * K/groups < 128: direct 1.2-2x,
+    e.g. a depthwise conv taken as a grouped one)."""
+    one = tuple(w_shape[2:]) == (1, 1)
+    if stride > 1 and (one or tuple(dil) != (1, 1)):
+        return "im2col"
+    if stride > 1 and op == "conv2d_dx":
+        return "direct" if groups > 1 and w_shape[1] * (w_shape[0] // groups) < 128 else "im2col"
+    if op == "conv2d_dw" and one:
+        return "im2col"
+    return "direct"
+
+
+def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool, dilation, groups):
     x_shape = tuple(int(v) for v in x_shape)
     w_shape = tuple(int(v) for v in w_shape)
     dil, groups = tuple(int(d) for d in dilation), int(groups)
     stride, pads = check_geometry(x_shape, w_shape, stride, pads, dil)
-    dtype = np.dtype(dtype)
     if op not in ("conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw"):
         raise BackendError(f"choose_conv_strategy: unknown op {op!r}")
     if op == "conv2d_relu_maxpool":
@@ -117,36 +152,61 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         pool = (int(pool[0]), int(pool[1]))
     else:
         pool = None
+    return x_shape, w_shape, stride, pads, np.dtype(dtype), pool, dil, groups
+
+
+def _remembered(got, tune):
+    """The strategy of a remembered entry, or None when a tuning run should time it (again)."""
+    if not (isinstance(got, dict) and got.get("strategy") in STRATEGIES):
+        return None
+    ms = got.get("ms")
+    if tune and (ms is None or _retime(got.get("load"))):
+        return None                      # never timed, or timed on a busy machine that is quieter now
+    if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
+        return _pick(ms)                 # entries recorded before the margin rule
+    return got["strategy"]
+
+
+def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
+                         repeats=5, dilation=(1, 1), groups=1) -> str:
+    """``"direct"`` or ``"im2col"`` for this convolution: the remembered choice (``conv_strategy.json``
+    in the kernel cache directory), else the static rule; in a tuning run (``tuning()``,
+    ``$GRAPHC_CONV_TUNE=1``) a geometry never timed is timed (best of ``repeats`` interleaved runs
+    after a warm-up call each) and remembered.  ``op`` is one of ``"conv2d"``,
+    ``"conv2d_relu_maxpool"`` (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``;
+    ``dilation`` (dh, dw) and ``groups`` as conv2d's (w_shape is (K, C / groups, KH, KW)).
+    ``$GRAPHC_CONV_STRATEGY`` forces a strategy everywhere."""
+    forced = os.environ.get("GRAPHC_CONV_STRATEGY")
+    if forced:
+        if forced not in STRATEGIES:
+            raise BackendError(f"GRAPHC_CONV_STRATEGY={forced!r}: expected one of {STRATEGIES}")
+        return forced
+    x_shape, w_shape, stride, pads, dtype, pool, dil, groups = _normalized(x_shape, w_shape, stride, pads, dtype,
+                                                                          op, pool, dilation, groups)
     key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
     got = _CHOICES.get(key)
     if got is not None:
         return got
-    path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
     if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT:
-        # im2col runs one image per prange task (one thread at batch 1) and its GEMMs are tiny;
-        # a timing taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
+        # im2col runs one image per task (one thread at batch 1) and its GEMMs are tiny; a timing
+        # taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
         _CHOICES[key] = "direct"
-        entry = {"strategy": "direct", "rule": f"batch <= {SMALL_BATCH_DIRECT}"}
-        if _read_choices(path).get(key) != entry:
-            _record_choice(key, entry)
         return "direct"
-    got = _read_choices(path).get(key)
-    if isinstance(got, dict) and got.get("ms") is not None and _retime(got.get("load")):
-        got = None                       # timed on a busy machine and it is quieter now: time again
-    if isinstance(got, dict) and got.get("strategy") in STRATEGIES:
-        best = got["strategy"]
-        ms = got.get("ms")
-        if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
-            best = _pick(ms)             # entries recorded before the margin rule
+    path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
+    tune = tuning_on()
+    best = _remembered(_read_choices(path).get(key), tune)
+    if best is None and not tune:
+        best = static_rule(op, stride, w_shape, dil, groups)
+    if best is not None:
         _CHOICES[key] = best
         return best
-
-    fns = _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
-    times = _time_candidates(fns, repeats)
+    t0 = time.perf_counter()
+    times = _time_candidates(_candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups), repeats)
     best = _pick(times)
     _CHOICES[key] = best
     _record_choice(key, {"strategy": best, "ms": {k: round(v * 1e3, 4) for k, v in times.items()},
                          "load": round(_load_per_cpu(), 2)})
+    add_tuning("strategy", time.perf_counter() - t0)
     return best
 
 

@@ -1,0 +1,353 @@
+"""Compiling a binding's kernels before its first run: all of them found first, those in the disk cache
+loaded, the others compiled at once by this process and worker processes sharing the disk cache,
+with a "compiling N kernels" progress line.
+
+1. Discovery: the binding's steps are run once with every Numba dispatcher call (and every explicit
+   compile through `compile_for`) on this thread recorded instead of executed: the kernels and their
+   argument types, in program order, without computing anything (so garbage in the buffers is
+   harmless: no kernel reads it). Parallel calls run on this one thread meanwhile.
+2. Each (kernel, types) found is loaded from Numba's disk cache when it is there.
+3. The rest is compiled: a queue, largest first, shared by this process and `workers` processes
+   (``python -m graphc.backends.numba.compile_worker``: each rebuilds a kernel from its module or
+   its generated file, compiles it under the same LLVM options and writes Numba's disk cache); this
+   process then loads what they compiled. A kernel of a failed worker is compiled here.
+
+Whatever discovery misses (a step that raised on garbage) is compiled when the real run calls it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from graphc.backends.kernel_cache import LOCK, kernel_cache_dir
+
+MAX_WORKERS = 3
+_DISCOVERY = {"thread": None, "found": None}
+_DISCOVERY_LOCK = threading.Lock()
+
+
+# ------------------------------------------------------------------------------------------ options
+
+def options_context(options):
+    """The context an options spec compiles under: None, or ("vector", width, predicate) for the
+    conv kernels' LLVM loop-vectoriser options (conv/direct.py)."""
+    if not options:
+        return contextlib.nullcontext()
+    from graphc.backends.numba.conv.direct import _codegen_options
+    _, width, predicate = options
+    return _codegen_options(width, predicate)
+
+
+def compile_for(disp, sig, options=None) -> bool:
+    """Compiles `disp` for the argument types `sig` (under `options`) unless it has them; during a
+    discovery on this thread, records it instead and returns False."""
+    sig = tuple(sig)
+    if _DISCOVERY["thread"] == threading.get_ident():
+        _DISCOVERY["found"].setdefault((id(disp), sig), (disp, sig, options))
+        return False
+    if sig not in disp.overloads:
+        with LOCK:
+            if sig not in disp.overloads:
+                with options_context(options):
+                    disp.compile(sig)
+    return True
+
+
+# ---------------------------------------------------------------------------------------- discovery
+
+@contextlib.contextmanager
+def discovering():
+    """Within the block, dispatcher calls on this thread are recorded (see the module doc); yields the
+    {(id, types): (dispatcher, types, options)} found, in call order."""
+    from numba import _dispatcher
+    from numba.core.dispatcher import Dispatcher
+    base_call = _dispatcher.Dispatcher.__call__
+    me = threading.get_ident()
+    found = {}
+
+    def call(self, *args, **kws):
+        if threading.get_ident() != me:
+            return base_call(self, *args, **kws)
+        sig = tuple(self.typeof_pyval(a) for a in args)
+        found.setdefault((id(self), sig), (self, sig, None))
+        return None
+
+    with _DISCOVERY_LOCK:                # one discovery at a time (another thread's waits)
+        _DISCOVERY.update(thread=me, found=found)
+        Dispatcher.__call__ = call
+        try:
+            with np.errstate(all="ignore"):
+                yield found
+        finally:
+            del Dispatcher.__call__
+            _DISCOVERY.update(thread=None, found=None)
+
+
+def load_cached(disp, sig) -> bool:
+    """Whether `disp` has machine code for `sig`, loading it from Numba's disk cache if it is there
+    (Dispatcher.compile's cache branch without its compile fallback)."""
+    if sig in disp.overloads:
+        return True
+    try:
+        from numba.core.compiler_lock import global_compiler_lock
+        with global_compiler_lock:
+            cres = disp._cache.load_overload(sig, disp.targetctx)
+            if cres is None:
+                return False
+            disp._cache_hits[sig] += 1
+            if not cres.objectmode:
+                disp.targetctx.insert_user_function(cres.entry_point, cres.fndesc, [cres.library])
+            disp.add_overload(cres)
+        return True
+    except Exception:          # another Numba's internals: let the caller compile (it loads from cache)
+        return False
+
+
+# ------------------------------------------------------------------------------------------ jobs
+
+def job_spec(disp):
+    """How a worker finds this kernel: ("file", path, prefix) for a generated module in the kernel
+    cache directory, ("module", module, name) for a kernel of a package module; None: neither."""
+    fn = disp.py_func
+    module = fn.__module__
+    path = getattr(sys.modules.get(module), "__file__", None) or ""
+    if os.path.dirname(os.path.abspath(path)) == os.path.abspath(kernel_cache_dir()) and len(module) > 24:
+        return ("file", path, module[:-24], fn.__name__)
+    if module in sys.modules and getattr(sys.modules[module], fn.__name__, None) is disp:
+        return ("module", module, fn.__name__)
+    return None
+
+
+def _cost(group):
+    """A rough compile cost for ordering the queue (largest first): a generated module's size, else
+    a fixed guess; per signature."""
+    spec = group[0][3]
+    size = 2000
+    if spec and spec[0] == "file":
+        with contextlib.suppress(OSError):
+            size = os.path.getsize(spec[1])
+    return size * len(group)
+
+
+def _groups(jobs):
+    """Jobs grouped by kernel: one process compiles all the signatures of a kernel (two processes
+    saving entries of one Numba cache index at once could lose one)."""
+    by = {}
+    for job in jobs:
+        by.setdefault(id(job[0]), []).append(job)
+    return sorted(by.values(), key=lambda g: -_cost(g))
+
+
+def _cpu_times():
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def idle_cpus(since, window=0.05):
+    """CPUs idle since `since` (a _cpu_times() sample), waiting until `window` seconds have passed;
+    None when unknown."""
+    if since is None:
+        return None
+    t_end = since[2] + window
+    while True:
+        now = _cpu_times()
+        if now is None or time.perf_counter() >= t_end:
+            break
+        time.sleep(max(0.0, t_end - time.perf_counter()))
+    if now is None or now[1] <= since[1]:
+        return None
+    return (os.cpu_count() or 1) * (now[0] - since[0]) / (now[1] - since[1])
+
+
+def workers_for(n_jobs, idle=None) -> int:
+    """Worker processes for n_jobs compilations: one per idle CPU (this process keeps one busy; on a
+    shared machine whose other CPU is taken, a worker only slows this process down: measured 10-12 s
+    against 7-10 s alone under a load of 4 on 2 CPUs), at most MAX_WORKERS, none for fewer than 3
+    jobs (starting one costs about a second of imports and Numba set-up);
+    ``$GRAPHC_COMPILE_WORKERS`` overrides."""
+    env = os.environ.get("GRAPHC_COMPILE_WORKERS")
+    if env not in (None, ""):
+        try:
+            want = max(0, int(env))
+        except ValueError:
+            want = 0
+    elif n_jobs < 3:
+        want = 0
+    else:
+        free = (os.cpu_count() or 1) - 1 if idle is None else int(idle + 0.35)
+        want = min(MAX_WORKERS, free, (os.cpu_count() or 1) - 1)
+    return max(0, min(want, n_jobs - 1))
+
+
+class _Progress:
+    """Counts finished compilations and reports them: callback(done, total), or a line on stderr."""
+
+    def __init__(self, total, callback, label):
+        self.total, self.done, self.callback, self.label = total, 0, callback, label
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        callback = None if callback is False else callback
+        self.callback = callback
+        self.tty = callback == "auto" and _isatty()
+        if callback == "auto":
+            self._write(f"graphc: compiling {total} kernels{label}...", end="\n" if not self.tty else "")
+        elif callable(callback):
+            callback(0, total)
+
+    def step(self):
+        with self.lock:
+            self.done += 1
+            if callable(self.callback):
+                self.callback(self.done, self.total)
+            elif self.tty:
+                self._write(f"\rgraphc: compiling {self.total} kernels{self.label}... {self.done}/{self.total}", end="")
+
+    def close(self):
+        if self.callback == "auto":
+            self._write(f"{chr(13) if self.tty else ''}graphc: compiled {self.total} kernels{self.label} in "
+                        f"{time.perf_counter() - self.t0:.1f} s" + (" " * 12 if self.tty else ""))
+
+    @staticmethod
+    def _write(text, end="\n"):
+        with contextlib.suppress(Exception):
+            sys.stderr.write(text + end)
+            sys.stderr.flush()
+
+
+def _isatty():
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ------------------------------------------------------------------------------------- compiling
+
+class _WorkerProc:
+    """A compile worker process fed one job at a time from the shared queue by a thread here."""
+
+    def __init__(self, queue, qlock, progress, results):
+        self.queue, self.qlock, self.progress, self.results = queue, qlock, progress, results
+        self.proc = subprocess.Popen([sys.executable, "-m", "graphc.backends.numba.compile_worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     env=dict(os.environ))
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+        self.thread.start()
+
+    def _next(self):
+        with self.qlock:
+            return self.queue.popleft() if self.queue else None
+
+    def _feed(self):
+        try:
+            while True:
+                group = self._next()
+                pickle.dump(None if group is None else [(j[1], j[3], j[2]) for j in group], self.proc.stdin)
+                self.proc.stdin.flush()
+                if group is None:
+                    break
+                reply = self.proc.stdout.readline().decode(errors="replace").split(maxsplit=1)
+                ok = bool(reply) and reply[0] == "ok"
+                self.results.extend((job, ok) for job in group)
+                if not ok:
+                    break                          # a failed worker takes no more jobs
+                for _ in group:
+                    self.progress.step()
+        except (OSError, ValueError, EOFError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                self.proc.stdin.close()
+
+    def join(self):
+        self.thread.join()
+        try:
+            rest = self.proc.stdout.read().decode(errors="replace")
+            self.proc.wait(timeout=60)
+        except Exception:
+            self.proc.kill()
+            rest = ""
+        finally:
+            with contextlib.suppress(Exception):
+                self.proc.stdout.close()
+        return rest
+
+
+def compile_jobs(jobs, progress="auto", label="", idle=None):
+    """Compiles [(disp, sig, options, spec)] here and in worker processes (one per idle CPU), largest
+    kernels first from one queue; returns stats."""
+    from graphc.backends.numba.compile_stats import add_remote
+    groups = _groups(jobs)
+    local_only = [g for g in groups if g[0][3] is None]          # no worker can find these kernels
+    queue = deque(g for g in groups if g[0][3] is not None)
+    nworkers = workers_for(len(jobs), idle)
+    prog = _Progress(len(jobs), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
+    qlock = threading.Lock()
+    results = []
+    procs = [_WorkerProc(queue, qlock, prog, results) for _ in range(nworkers)]
+    while True:
+        with qlock:
+            group = local_only.pop(0) if local_only else (queue.popleft() if queue else None)
+        if group is None:
+            break
+        for job in group:
+            compile_for(job[0], job[1], job[2])
+            prog.step()
+    for p in procs:
+        for line in p.join().splitlines():
+            if line.startswith("stats "):
+                with contextlib.suppress(ValueError):
+                    add_remote(json.loads(line[6:]))
+    failed = [job for job, ok in results if not (ok and load_cached(job[0], job[1]))]
+    for job in failed:                  # a worker failed it (or its cache entry did not load): here
+        compile_for(job[0], job[1], job[2])
+        prog.step()
+    prog.close()
+    return {"compiled": len(jobs), "workers": nworkers, "redone_here": len(failed)}
+
+
+def precompile_steps(steps, progress="auto", label=""):
+    """Discovers the kernels `steps` call (callables run once in discovery, fallbacks skipped), loads
+    those in the disk cache and compiles the rest in parallel. Returns {"kernels", "cached",
+    "compiled", "workers", "seconds", ...}."""
+    t0 = time.perf_counter()
+    cpu0 = _cpu_times()
+    cpu0 = None if cpu0 is None else cpu0 + (t0,)
+    with discovering() as found:
+        for f in steps:
+            if getattr(f, "fallback", False):
+                continue
+            try:
+                f()
+            except Exception:           # garbage in a buffer upset a host-side step: the rest of it
+                pass                    # compiles when the real run gets there
+    t1 = time.perf_counter()
+    jobs, cached = [], 0
+    for disp, sig, options in found.values():
+        if load_cached(disp, sig):
+            cached += 1
+        else:
+            jobs.append((disp, sig, options, job_spec(disp)))
+    t2 = time.perf_counter()
+    stats = {"kernels": len(found), "cached": cached, "compiled": 0, "workers": 0,
+             "discovery_s": round(t1 - t0, 4), "cache_s": round(t2 - t1, 4)}
+    if jobs:
+        idle = idle_cpus(cpu0) if len(jobs) >= 3 else None
+        stats.update(compile_jobs(jobs, progress, label, idle))
+        stats["idle_cpus"] = None if idle is None else round(idle, 2)
+    stats["seconds"] = time.perf_counter() - t0
+    return stats

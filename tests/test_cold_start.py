@@ -1,0 +1,221 @@
+"""Time to first step (issue 14): parallel loops on Python threads, kernel discovery and parallel
+compilation, the static conv strategy of a cold start, the compile breakdown, the progress line, and
+results that do not depend on the thread count (which the executor picks by timing)."""
+import threading
+import uuid
+from collections import deque
+
+import numba
+import numpy as np
+import pytest
+
+import graphc as gc
+from graphc.backends import kernel_cache
+from graphc.backends.numba import precompile
+from graphc.backends.numba import threads as nthreads
+from graphc.backends.numba.compile_stats import CompileRecorder, format_breakdown
+from graphc.backends.numba.conv import direct
+from graphc.backends.numba.conv import strategy as conv_strategy
+
+
+def _fresh_kernel(tag="t"):
+    """A generated kernel no cache has seen (a unique id in its text): kernel(x, y): y = 2x + c."""
+    c = float(uuid.uuid4().int % 1000)
+    src = (f"# graphc test kernel {uuid.uuid4().hex}\nfrom numba import njit\n\n\n@njit(cache=True, nogil=True)\n"
+           f"def kernel(x, y):\n    for i in range(x.shape[0]):\n        y[i] = 2.0 * x[i] + {c!r}\n")
+    return kernel_cache.load_generated(src, f"graphc_test{tag}_"), c
+
+
+@pytest.fixture
+def own_cache(monkeypatch, tmp_path):
+    """Generated test kernels (and their Numba cache, beside them) go to a temporary directory."""
+    monkeypatch.setenv("GRAPHC_CACHE_DIR", str(tmp_path / "kernels"))
+
+
+# ------------------------------------------------------------------------------- parallel loops
+
+def test_parallel_for_covers_every_task_once_on_each_thread():
+    seen, lock = [], threading.Lock()
+
+    def fn(lo, hi, k):
+        with lock:
+            seen.append((lo, hi, k, threading.get_ident()))
+    nthreads.parallel_for(fn, 10, 3)
+    assert sorted(t for lo, hi, _, _ in seen for t in range(lo, hi)) == list(range(10))
+    assert sorted(k for _, _, k, _ in seen) == [0, 1, 2] and len({t for *_, t in seen}) == 3
+    seen.clear()
+    nthreads.parallel_for(fn, 7, 1)
+    assert [s[:3] for s in seen] == [(0, 7, 0)]
+
+
+def test_parallel_for_raises_a_workers_error_and_stays_usable():
+    def fn(lo, hi, k):
+        if k == 1:
+            raise ValueError("chunk 1 failed")
+    with pytest.raises(ValueError, match="chunk 1"):
+        nthreads.parallel_for(fn, 4, 2)
+    out = np.zeros(4)
+    nthreads.parallel_for(lambda lo, hi, k: out.__setitem__(slice(lo, hi), k + 1), 4, 2)
+    assert out.tolist() == [1, 1, 2, 2]
+
+
+def test_batch_split_slices_only_batch_arrays():
+    got = []
+    fn = nthreads.batch_split(lambda *a: got.append([np.shape(v) for v in a]), (np.zeros((6, 2)), np.zeros((1, 1)), 3), 6)
+    fn(2, 5, 0)
+    assert got == [[(3, 2), (1, 1), ()]]
+
+
+# --------------------------------------------------------------- thread count does not change results
+
+def _small_cnn():
+    g = gc.Graph("cold_cnn", seed=3)
+    x = g.input("x", (None, 2, 10, 10))
+    y = g.input("labels", (None,), dtype="int64")
+    h = g.maxpool(g.relu(g.conv(x, g.param("c1.w", (4, 2, 3, 3), init="he"), g.param("c1.b", (4,), init="zeros"))), 2)
+    h = g.relu(g.conv(h, g.param("c2.w", (6, 4, 3, 3), init="he"), g.param("c2.b", (6,), init="zeros")))
+    h = g.flatten(h)
+    logits = g.dense(h, g.param("fc.w", (3, 6 * 2 * 2), init="glorot"), g.param("fc.b", (3,), init="zeros"),
+                     name="logits")
+    g.output(g.softmax_cross_entropy(logits, y, name="loss"))
+    return g
+
+
+@pytest.mark.parametrize("small_call", ["numba_threads", "python_threads"])
+def test_thread_count_does_not_change_training(monkeypatch, small_call):
+    """Every parallel kernel splits work whose sums do not depend on the split (the executor picks the
+    count by timing, so results must not depend on it): one and two threads train bit-identically,
+    with every kernel on its parallel path (parallel_min=1) and the conv forward on Numba's threads
+    (small calls) or on Python threads; both agree with the reference."""
+    if small_call == "python_threads":
+        monkeypatch.setattr(direct, "SMALL_CALL_FLOPS", 0)
+    g = _small_cnn()
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((6, 2, 10, 10)).astype(np.float32), "labels": rng.integers(0, 3, 6)}
+    runs = {}
+    for t in (1, 2):
+        exe = gc.compile(g, backend="numba", optimizer=gc.optim.SGD(0.1), threads=t, parallel_min=1, progress=None)
+        losses = [exe.step(feeds) for _ in range(3)]
+        runs[t] = (losses, {k: np.array(v) for k, v in exe.params.items()})
+    assert runs[1][0] == runs[2][0]
+    for k in runs[1][1]:
+        np.testing.assert_array_equal(runs[1][1][k], runs[2][1][k])
+    ref = gc.compile(g, backend="reference", optimizer=gc.optim.SGD(0.1))
+    ref_losses = [ref.step(feeds) for _ in range(3)]
+    np.testing.assert_allclose(runs[2][0], ref_losses, rtol=1e-4, atol=1e-5)
+
+
+def test_thread_count_is_chosen_online_without_extra_runs():
+    g = _small_cnn()
+    feeds = {"x": np.ones((2, 2, 10, 10), np.float32), "labels": np.array([0, 1])}
+    exe = gc.compile(g, backend="numba", optimizer=gc.optim.SGD(0.1), progress=None)
+    calls = []
+    orig = exe._run_steps
+    exe._run_steps = lambda b, threads=None: calls.append(threads) or orig(b, threads)
+    exe.step(feeds)
+    assert len(calls) == 1                   # the first step runs the program once
+    for _ in range(6):
+        exe.step(feeds)
+    b = exe._last_binding[3]
+    assert not b.thread_trials and b.threads in (1, numba.config.NUMBA_NUM_THREADS)
+    assert set(b.thread_times) <= {1, numba.config.NUMBA_NUM_THREADS}
+
+
+# ------------------------------------------------------------------- discovery and parallel compile
+
+def test_discovery_records_calls_without_running_them(own_cache):
+    kern, c = _fresh_kernel("d")
+    x, y = np.ones(4), np.zeros(4)
+    other = []
+    with precompile.discovering() as found:
+        assert kern(x, y) is None
+        th = threading.Thread(target=lambda: other.append(nthreads.num_threads()))
+        th.start()
+        th.join()
+    assert (y == 0).all(), "a discovered kernel must not run"
+    ((disp, sig, options),) = found.values()
+    assert disp is kern and sig == (numba.typeof(x), numba.typeof(y)) and options is None
+    assert other                                      # other threads are not intercepted
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+
+
+def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
+    kern, c = _fresh_kernel("w")
+    x, y = np.ones(3), np.zeros(3)
+    sig = (numba.typeof(x), numba.typeof(y))
+    spec = precompile.job_spec(kern)
+    assert spec is not None and spec[0] == "file"
+    results = []
+    prog = precompile._Progress(1, None, "")
+    worker = precompile._WorkerProc(deque([[(kern, sig, None, spec)]]), threading.Lock(), prog, results)
+    tail = worker.join()
+    assert results and results[0][1], tail
+    assert not kern.overloads
+    assert precompile.load_cached(kern, sig)           # machine code from the worker, no compile here
+    assert sum(kern.stats.cache_misses.values()) == 0
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+    assert "stats" in tail
+
+
+def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch, own_cache):
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "0")
+    kernels = [_fresh_kernel("p") for _ in range(2)]
+    x, y = np.ones(2), np.zeros(2)
+    steps = [lambda k=k: k(x, y) for k, _ in kernels]
+    seen = []
+    stats = precompile.precompile_steps(steps, progress=lambda d, n: seen.append((d, n)))
+    assert stats["kernels"] == 2 and stats["compiled"] == 2 and stats["cached"] == 0
+    assert seen == [(0, 2), (1, 2), (2, 2)]
+    assert all(k.overloads for k, _ in kernels) and (y == 0).all()
+    stats = precompile.precompile_steps(steps, progress="auto")      # all there: nothing said
+    assert stats["compiled"] == 0 and capsys.readouterr().err == ""
+    kern3, _ = _fresh_kernel("p")
+    precompile.precompile_steps([lambda: kern3(x, y)] + steps, progress="auto")
+    err = capsys.readouterr().err
+    assert "graphc: compiling 1 kernels" in err and "compiled 1 kernels" in err
+
+
+def test_workers_follow_idle_cpus(monkeypatch):
+    monkeypatch.delenv("GRAPHC_COMPILE_WORKERS", raising=False)
+    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 4)
+    assert precompile.workers_for(10, idle=0.1) == 0          # the other CPUs are busy
+    assert precompile.workers_for(10, idle=2.9) == 3
+    assert precompile.workers_for(2, idle=3.0) == 0           # too few jobs to pay a start-up
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
+    assert precompile.workers_for(10, idle=0.0) == 1
+
+
+# ------------------------------------------------------------------------------ conv strategy, stats
+
+def test_cold_start_takes_the_static_rule_and_times_only_when_tuning(monkeypatch, tmp_path, own_cache):
+    monkeypatch.delenv("GRAPHC_CONV_STRATEGY", raising=False)
+    monkeypatch.delenv("GRAPHC_CONV_TUNE", raising=False)
+    conv_strategy._CHOICES.clear()
+
+    def no_timing(fns, r):
+        raise AssertionError("a cold start must not time conv strategies")
+    monkeypatch.setattr(conv_strategy, "_time_candidates", no_timing)
+    args = ((8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32)
+    assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "direct"
+    assert conv_strategy.choose_conv_strategy((8, 3, 9, 9), (4, 3, 1, 1), 2, (0, 0, 0, 0), np.float32,
+                                              op="conv2d_dw") == "im2col"
+    assert not (tmp_path / "kernels" / "conv_strategy.json").exists()
+    monkeypatch.setattr(conv_strategy, "_time_candidates", lambda fns, r: {"direct": 2.0, "im2col": 1.0})
+    with conv_strategy.tuning():
+        assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "im2col"
+    assert "im2col" in (tmp_path / "kernels" / "conv_strategy.json").read_text()
+    assert conv_strategy.choose_conv_strategy(*args, op="conv2d_dw") == "im2col"     # remembered
+    conv_strategy._CHOICES.clear()
+
+
+def test_compile_recorder_breaks_a_compile_down(own_cache):
+    kern, _ = _fresh_kernel("r")
+    rec = CompileRecorder().start()
+    kern(np.ones(2), np.zeros(2))
+    bd = rec.stop().breakdown()
+    assert bd["totals"]["kernels"] == 1 and bd["totals"]["cpu_s"] > 0
+    assert bd["kernels"][0]["kernel"] == kern.py_func.__module__ + ".kernel"
+    lines = format_breakdown(bd)
+    assert "1 kernels compiled" in lines[0] and "conv strategy timing" in lines[1]
