@@ -156,7 +156,9 @@ class Executable:
         ones are checked all the same (shapes, dtypes, label ranges)."""
         if not isinstance(feeds, dict):
             raise FeedError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        takes = ", ".join(f"{n}{shapes.fmt(s)} {d}" for n, (s, d) in self.input_types.items())
+        takes = self.__dict__.get("_takes")
+        if takes is None:              # (formatted once: the error messages' list of the inputs)
+            takes = self._takes = ", ".join(f"{n}{shapes.fmt(s)} {d}" for n, (s, d) in self.input_types.items())
         if outputs is not None:
             missing = [n for n in self.needed_inputs(outputs) if n not in feeds]
             if missing:
