@@ -324,6 +324,15 @@ def test_static_rule_for_grouped_and_dilated_convs():
     assert rule("conv2d_dw", 1, (64, 8, 1, 1), (1, 1), 8) == "im2col"            # 1x1 dL/dW as plain
 
 
+def test_static_rule_sends_deep_strided_forward_convs_to_im2col():
+    """Stride 2 with channels x taps >= 512 (ResNet's 3x3 downsampling convs): im2col; a shallow patch
+    (the 7x7 first layer on 3 channels) and stride 1 stay direct."""
+    rule = conv_strategy.static_rule
+    assert rule("conv2d", 2, (128, 64, 3, 3)) == rule("conv2d_relu_maxpool", 2, (512, 256, 3, 3)) == "im2col"
+    assert rule("conv2d", 2, (64, 3, 7, 7)) == rule("conv2d", 1, (512, 512, 3, 3)) == "direct"
+    assert rule("conv2d", 2, (64, 32, 3, 3), (1, 1), 2) == "direct"              # 32 x 9 per group
+
+
 def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
     from graphc import bench
     assert bench.copy_gbps(mbytes=8, repeats=2) > 0

@@ -128,15 +128,25 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
     and 56x56 planes): the same at stride 1 (direct 1.8-4x; 1x1 dL/dW im2col 0.5x); at stride 2 a
     dilated filter goes to im2col (0.55-0.8x: direct runs it as a dense filter of its extent, mostly zero
     taps) and so does dL/dX unless each group's GEMM is tiny (C/groups * K/groups < 128: direct 1.2-2x,
-    e.g. a depthwise conv taken as a grouped one)."""
+    e.g. a depthwise conv taken as a grouped one). A strided forward with a deep patch (channels per group
+    x taps >= 512) goes to im2col too: ResNet-18's stride-2 3x3 convs at batch 1, 224x224 (2 threads),
+    64->128 1.64 / 1.51 ms, 128->256 3.00 / 1.33 ms, 256->512 8.12 / 1.36 ms (direct / im2col), while
+    its 7x7 first layer (3 x 49 taps) stays direct (1.72 / 3.76 ms)."""
     one = tuple(w_shape[2:]) == (1, 1)
     if stride > 1 and (one or tuple(dil) != (1, 1)):
+        return "im2col"
+    if _deep_strided_forward(op, stride, w_shape):
         return "im2col"
     if stride > 1 and op == "conv2d_dx":
         return "direct" if groups > 1 and w_shape[1] * (w_shape[0] // groups) < 128 else "im2col"
     if op == "conv2d_dw" and one:
         return "im2col"
     return "direct"
+
+
+def _deep_strided_forward(op, stride, w_shape):
+    """A strided forward conv whose patch (channels per group x taps) is deep enough for im2col's GEMM."""
+    return stride > 1 and op in ("conv2d", "conv2d_relu_maxpool") and w_shape[1] * w_shape[2] * w_shape[3] >= 512
 
 
 def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool, dilation, groups):
@@ -187,9 +197,11 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     got = _CHOICES.get(key)
     if got is not None:
         return got
-    if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT:
+    if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT \
+            and not _deep_strided_forward(op, stride, w_shape):
         # im2col runs one image per task (one thread at batch 1) and its GEMMs are tiny; a timing
-        # taken under load picked it for MNIST's batch-1 layers, 3x slower than direct
+        # taken under load picked it for MNIST's batch-1 layers, 3x slower than direct (a deep strided
+        # conv is the exception: see static_rule)
         _CHOICES[key] = "direct"
         return "direct"
     path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
