@@ -371,12 +371,15 @@ class CompiledExecutable(Executable):
     def _release_after_last_use(self, b):
         """Drops each run-time array (a kernel's new result, outside the memory plan) after the last
         step that reads it, so it lives no longer than a planned value would: held until the next run,
-        ResNet-18's conv gradients alone outweighed the whole plan."""
-        keep = set(b.want) | {n for n, _ in b.feeds} | set(self.graph.updates.values())
-        nodes, last = self.graph.nx.nodes, {}
+        ResNet-18's conv gradients alone outweighed the whole plan. Only what the steps make: a value of
+        the prologue (made when the state changes, not on every run) stays."""
+        nodes, g = self.graph.nx.nodes, self.graph.nx
+        made = {n for n, _ in b.steps} | {s for n, _ in b.steps for s in g.successors(n) if nodes[s]["op"] == "getitem"}
+        droppable = (b.dynamic & made) - set(b.want) - set(self.graph.updates.values())
+        last = {}
         for k, (n, _) in enumerate(b.steps):
             for i in nodes[n]["inputs"]:
-                if i in b.dynamic and i not in keep:
+                if i in droppable:
                     last[i] = k
         drops = {}
         for name, k in last.items():

@@ -288,7 +288,7 @@ MUTATIONS = [
              f"{TIES} tests/test_numba_conv.py -k 'fused or ties or route'"),
     Mutation("numba-direct-pool-epilogue-ties-last",
              "numba generated direct conv-ReLU-pool kernel: ties go to the last maximum",
-             'a(f"{i3}        gt = v > m")', 'a(f"{i3}        gt = v >= m")',
+             'a(f"{i3}gt = v > m")', 'a(f"{i3}gt = v >= m")',
              f"{TIES} tests/test_numba_conv.py -k 'fused or ties or route or bind_direct'"),
     Mutation("numba-maxpool-route-loop-ties-last",
              "numba max-pool route for windows over 64 taps (maxpool_route_loop_k, global max pool's "
