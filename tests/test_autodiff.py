@@ -6,7 +6,7 @@
 - zoo models at small size; a deliberately wrong rule is caught; structure of the backward graph
   (table ops only, a rule on every backward node and edge, copy gates at fan-outs);
 - the seeds' worked backward examples and optimizer steps, to the printed precision.
-The seeds' numbers are copied in here; nothing reads ../shared at run time.
+The seeds' numbers are copied in here; nothing outside the project is read at run time.
 """
 import math
 import os

@@ -1,7 +1,7 @@
 """Reference semantics of every op in the table, against hand-computed values.
 
 The seeds' worked forward examples (the course notes graphc was built from) are copied in as numbers;
-nothing here reads ../shared at run time. Every test declares the ops it checks with @covers, and
+nothing outside the project is read at run time. Every test declares the ops it checks with @covers, and
 test_every_op_has_a_reference_test fails when an op is added to the table without one, or when every
 test of an op was skipped (or failed) in the run: only a test that passed covers its ops.
 """
