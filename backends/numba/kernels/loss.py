@@ -50,16 +50,23 @@ def _weighted(y, logp):
 
 
 @njit(**_JIT)
+def _label(labels, i, ncls, bad, outside):
+    """(labels[i], bad) when the label is in 0..ncls-1; else (`outside`: a column the kernel may use, or
+    -1 for none, and the first bad row so far): no kernel indexes with a bad label, the caller raises."""
+    lab = labels[i]
+    if lab < 0 or lab >= ncls:
+        return outside, (i if bad < 0 else bad)
+    return lab, bad
+
+
+@njit(**_JIT)
 def sce_int_k(z, labels, out):
     """mean over rows of -log softmax(z)[label]; returns the first row whose label is outside 0..ncls-1."""
     M, ncls = z.shape
     tot = 0.0
     bad = -1
     for i in range(M):
-        lab = labels[i]
-        if lab < 0 or lab >= ncls:
-            bad = i if bad < 0 else bad
-            lab = 0                       # an index inside the row; the caller raises
+        lab, bad = _label(labels, i, ncls, bad, 0)
         m = _row_max(z, i)
         tot += (z[i, lab] - m) - _log_sum_exp(z, i, m)
     out[0] = 0.0 - tot / M
@@ -87,10 +94,7 @@ def sce_grad_int_k(z, labels, dy, out):
     bad = -1
     for i in range(M):
         softmax_row(z, out, i, scale)
-        lab = labels[i]
-        if lab < 0 or lab >= ncls:
-            bad = i if bad < 0 else bad
-            lab = 0                       # an index inside the row; the caller raises
+        lab, bad = _label(labels, i, ncls, bad, 0)
         out[i, lab] -= scale
     return bad
 
@@ -112,10 +116,7 @@ def ce_int_k(p, labels, out):
     tot = 0.0
     bad = -1
     for i in range(M):
-        lab = labels[i]
-        if lab < 0 or lab >= ncls:
-            bad = i if bad < 0 else bad
-            lab = 0                       # an index inside the row; the caller raises
+        lab, bad = _label(labels, i, ncls, bad, 0)
         tot += math.log(float(p[i, lab]))
     out[0] = 0.0 - tot / M
     return bad
@@ -141,10 +142,7 @@ def ce_grad_int_k(p, labels, dy, out):
     zero, one = T(0), T(1)
     bad = -1
     for i in range(M):
-        lab = labels[i]
-        if lab < 0 or lab >= ncls:
-            bad = i if bad < 0 else bad
-            lab = -1                      # no column matches; the caller raises
+        lab, bad = _label(labels, i, ncls, bad, -1)
         for k in range(ncls):
             y = one if k == lab else zero
             pk = p[i, k]
