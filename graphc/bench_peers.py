@@ -169,11 +169,22 @@ def child_main(arg):
     print(TAG + json.dumps(res, default=float), flush=True)
 
 
+def peer_environment():
+    """The environment a peer runs in: the user's, without what graphc's numba backend set for itself
+    (its GOMP_SPINCOUNT default would also reach torch's OpenMP threads)."""
+    env = dict(os.environ)
+    threads = sys.modules.get("graphc.backends.numba.threads")
+    if threads is not None and threads.SPINCOUNT_DEFAULTED:
+        env.pop("GOMP_SPINCOUNT", None)
+    return env
+
+
 def run_child(spec, timeout=PEER_TIMEOUT):
     """Runs one peer process (its own session, so torch.compile's workers go with it on a timeout)."""
     cmd = [sys.executable, "-c", "import sys; from graphc.bench_peers import child_main; child_main(sys.argv[1])",
            json.dumps(spec)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=peer_environment())
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -59,6 +59,27 @@ def test_parallel_for_raises_a_workers_error_and_stays_usable():
     assert out.tolist() == [1, 1, 2, 2]
 
 
+@pytest.mark.parametrize("user_env, expect", [({}, "30000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+                                               ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
+def test_openmp_workers_spin_briefly_unless_the_user_says(user_env, expect):
+    """The numba backend sets libgomp's spin count on import (a spinning OpenMP worker took the core the
+    next kernel's Python worker needs), keeps what the user set, and keeps its own default away from
+    bench peers (torch's OpenMP threads)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    code = ("import os, graphc.backends.numba\n"
+            "from graphc.bench_peers import peer_environment\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), peer_environment().get('GOMP_SPINCOUNT'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, **user_env})
+    assert out.returncode == 0, out.stderr
+    own, peer = out.stdout.split()
+    assert own == str(expect)
+    assert peer == (str(expect) if user_env else "None")
+
+
 def test_batch_split_slices_only_batch_arrays():
     got = []
     fn = nthreads.batch_split(lambda *a: got.append([np.shape(v) for v in a]), (np.zeros((6, 2)), np.zeros((1, 1)), 3), 6)

@@ -173,6 +173,35 @@ def test_conv2d_forward_float64(strategy, rng):
     close(y, conv_ref(x, w, b, s, pads), np.float64)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("geo", ["3x3_s2_pad", "1x1_s1"])
+@pytest.mark.parametrize("N", [1, 3])
+def test_im2col_forward_split_over_filters_and_unbuilt_columns(N, geo, threads, rng):
+    """im2col's forward with fewer images than threads (batch 1 on 2 threads): columns built in
+    parallel, each image's GEMM split over blocks of 16 filters; a 1x1 stride-1 unpadded conv uses the
+    image as its column matrix (no copy). Each against the reference, with ReLU and with the fused pool
+    and its route, on 1 thread (one image per task) and 2."""
+    import numba
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip("needs 2 Numba threads")
+    KH, s, pads = (3, 2, (1, 1, 1, 1)) if geo == "3x3_s2_pad" else (1, 1, (0, 0, 0, 0))
+    C, K, H = 3, 40, 8                     # 40 filters: blocks of 20 on 2 threads
+    x = rand(rng, (N, C, H, H), np.float32)
+    w = rand(rng, (K, C, KH, KH), np.float32, 0.5)
+    b = rand(rng, (K,), np.float32)
+    prev = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        z = conv_ref(x, w, b, s, pads)
+        close(nc.conv2d(x, w, b, s, pads, relu=True, strategy="im2col"), np.maximum(z, 0), np.float32)
+        y, route = nc.conv2d_relu_maxpool(x, w, b, s, pads, 2, 2, save_route=True, strategy="im2col")
+        yr, rr = maxpool_ref(np.maximum(z, 0), 2, 2)
+        close(y, yr, np.float32)
+        np.testing.assert_array_equal(route[yr > 0], rr[yr > 0])
+    finally:
+        numba.set_num_threads(prev)
+
+
 # --------------------------------------------------------------------------------------------------
 # fused conv + relu + max pool
 # --------------------------------------------------------------------------------------------------
@@ -415,6 +444,13 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     key = conv_strategy._choice_key("conv2d", (8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.dtype(np.float32), None)
     conv_strategy._record_choice(key, {"strategy": "im2col", "ms": {"direct": 1.0, "im2col": 0.95}, "load": 0.1})
     assert nc.choose_conv_strategy((8, 3, 9, 9), (4, 3, 3, 3), 1, (0, 0, 0, 0), np.float32) == "direct"
+    assert not timed
+    # an untimed entry (an older version's rule answer) is not a measurement: the static rule answers
+    conv_strategy._CHOICES.clear()
+    key = conv_strategy._choice_key("conv2d", (8, 8, 9, 9), (4, 8, 1, 1), 2, (0, 0, 0, 0), np.dtype(np.float32), None)
+    conv_strategy._record_choice(key, {"rule": "batch <= 2", "strategy": "direct"})
+    assert conv_strategy.static_rule("conv2d", 2, (4, 8, 1, 1)) == "im2col"
+    assert nc.choose_conv_strategy((8, 8, 9, 9), (4, 8, 1, 1), 2, (0, 0, 0, 0), np.float32) == "im2col"
     assert not timed
     conv_strategy._CHOICES.clear()
 

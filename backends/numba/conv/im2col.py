@@ -1,8 +1,11 @@
-"""The im2col conv strategy: one Numba parallel loop over images; im2col of each image into a per-thread
-buffer, a BLAS GEMM (numpy's dot inside @njit; BLAS held to one thread meanwhile: two thread pools on
-two cores fight), and the epilogue straight from the product (col2im for dL/dX, per-thread partial
-sums for dL/dW). Dilated filters read taps ``dil`` apart in im2col (and col2im); grouped convs run one
-GEMM per group on the group's rows of the column matrix.
+"""The im2col conv strategy: the forward runs one image per task (threads.parallel_for, Python threads
+over serial nogil kernels); im2col of each image into a per-thread buffer, a BLAS GEMM (numpy's dot
+inside @njit; BLAS held to one thread meanwhile: two thread pools on two cores fight), and the
+epilogue straight from the product. With fewer images than threads (batch 1) the columns are built in
+parallel first and each image's GEMM is split over blocks of filters. dL/dX (col2im) and dL/dW
+(per-thread partial sums) are Numba-parallel loops over images. Dilated filters read taps ``dil``
+apart in im2col (and col2im); grouped convs run one GEMM per group on the group's rows of the column
+matrix.
 """
 from __future__ import annotations
 
@@ -13,24 +16,30 @@ from numba import njit, prange
 from graphc.backends.kernel_cache import BlasLimit, rescan_blas
 from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
+from graphc.backends.numba.threads import num_threads, parallel_for
 
 
 @njit(cache=True, nogil=True)
 def _cols_of(xp, cols, KH, KW, s, Ho, Wo, dh=1, dw=1):
     """cols (C*KH*KW, Ho*Wo) of one padded image xp (C, Hp, Wp); filter taps (dh, dw) apart."""
-    C = xp.shape[0]
-    for c in range(C):
-        for kh in range(KH):
-            for kw in range(KW):
-                row = cols[(c * KH + kh) * KW + kw]
-                for i in range(Ho):
-                    src = xp[c, i * s + kh * dh]
-                    if s == 1:
-                        for j in range(Wo):
-                            row[i * Wo + j] = src[j + kw * dw]
-                    else:
-                        for j in range(Wo):
-                            row[i * Wo + j] = src[j * s + kw * dw]
+    for r in range(xp.shape[0] * KH):
+        _cols_band(xp, cols, r, KH, KW, s, Ho, Wo, dh, dw)
+
+
+@njit(cache=True, nogil=True)
+def _cols_band(xp, cols, r, KH, KW, s, Ho, Wo, dh, dw):
+    """The KW rows of cols for channel r // KH and filter row r % KH."""
+    c, kh = r // KH, r % KH
+    for kw in range(KW):
+        row = cols[(c * KH + kh) * KW + kw]
+        for i in range(Ho):
+            src = xp[c, i * s + kh * dh]
+            if s == 1:
+                for j in range(Wo):
+                    row[i * Wo + j] = src[j + kw * dw]
+            else:
+                for j in range(Wo):
+                    row[i * Wo + j] = src[j * s + kw * dw]
 
 
 @njit(cache=True, nogil=True)
@@ -85,34 +94,69 @@ def _pool_epilogue(z, bk, yk, rk, Wo, ps, pst, save):
                 rk[i, j] = mi if m > 0 else ~p0
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _i2c_fwd(xp, wm, b, y, route, cols, KH, KW, s, Ho, Wo, epi, flag, ps, pst, dh=1, dw=1, G=1):
-    """im2col + GEMM forward, one image per task: cols[thread] (C*KH*KW, Ho*Wo) is built from the
-    padded image xp[n] (C, Hp, Wp), multiplied by wm (K, C*KH*KW) (BLAS; keep it to one thread
-    around this call), and the epilogue writes y[n] straight from the product.
-    epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool (route when flag).
-    G groups: wm (K, C/G*KH*KW), one GEMM per group."""
-    N = xp.shape[0]
-    K = wm.shape[0]
-    P = Ho * Wo
-    for n in prange(N):
-        cl = cols[numba.get_thread_id()]
-        _cols_of(xp[n], cl, KH, KW, s, Ho, Wo, dh, dw)
-        z = _group_dot(wm, cl, G)                            # (K, Ho*Wo)
-        for k in range(K):
-            bk = b[k]
-            zk = z[k]
-            if epi == 0:
-                yk = y[n, k].reshape(P)
-                if flag:
-                    for q in range(P):
-                        v = zk[q] + bk
-                        yk[q] = 0.0 if v < 0 else v
-                else:
-                    for q in range(P):
-                        yk[q] = zk[q] + bk
+@njit(cache=True, nogil=True)
+def _route_of(route, n):
+    """Image n's route planes, or the (1, 1, 1, 1) placeholder's when no route is saved."""
+    return route[n] if route.shape[0] > 1 else route[0]
+
+
+@njit(cache=True, nogil=True)
+def _epilogue(z, k0, yn, rn, b, Wo, epi, flag, ps, pst):
+    """Rows k0.. of one image's output yn (K, ...) from z (rows, Ho*Wo), the product for filters
+    k0..k0+rows-1. epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU + max pool into yn with
+    the route rn (when flag)."""
+    P = z.shape[1]
+    for r in range(z.shape[0]):
+        k = k0 + r
+        bk = b[k]
+        zk = z[r]
+        if epi == 0:
+            yk = yn[k].reshape(P)
+            if flag:
+                for q in range(P):
+                    v = zk[q] + bk
+                    yk[q] = 0.0 if v < 0 else v
             else:
-                _pool_epilogue(zk, bk, y[n, k], route[n, k], Wo, ps, pst, flag)
+                for q in range(P):
+                    yk[q] = zk[q] + bk
+        else:
+            _pool_epilogue(zk, bk, yn[k], rn[k if flag else 0], Wo, ps, pst, flag)
+
+
+@njit(cache=True, nogil=True)
+def _i2c_fwd(xp, wm, b, y, route, cl, KH, KW, s, Ho, Wo, epi, flag, ps, pst, dh, dw, G, lo, hi):
+    """im2col + GEMM forward of the images lo..hi-1 (a task range of threads.parallel_for): cl
+    (C*KH*KW, Ho*Wo), the thread's column matrix, is built from the padded image xp[n] (C, Hp, Wp),
+    multiplied by wm (K, C*KH*KW) (BLAS; keep it to one thread around this call), and the epilogue
+    writes y[n] straight from the product. epi 0: store (+bias, ReLU when flag); epi 1: bias + ReLU +
+    max pool (route when flag). G groups: wm (K, C/G*KH*KW), one GEMM per group."""
+    for n in range(lo, hi):
+        if KH * KW * s == 1 and xp.shape[2] * xp.shape[3] == Ho * Wo:
+            z = _group_dot(wm, xp[n].reshape(xp.shape[1], Ho * Wo), G)   # 1x1, stride 1: no columns to build
+        else:
+            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo, dh, dw)
+            z = _group_dot(wm, cl, G)                        # (K, Ho*Wo)
+        _epilogue(z, 0, y[n], _route_of(route, n), b, Wo, epi, flag, ps, pst)
+
+
+@njit(cache=True, nogil=True)
+def _cols_tasks(xp, cols, KH, KW, s, Ho, Wo, dh, dw, lo, hi):
+    """Tasks lo..hi-1 of building every image's column matrix cols[n]: task t is image
+    t // (C*KH), band t % (C*KH) (one channel's filter row: KW rows of cols[n])."""
+    CK = xp.shape[1] * KH
+    for t in range(lo, hi):
+        _cols_band(xp[t // CK], cols[t // CK], t % CK, KH, KW, s, Ho, Wo, dh, dw)
+
+
+@njit(cache=True, nogil=True)
+def _gemm_tasks(wm, b, y, route, cols, Wo, epi, flag, ps, pst, nb, lo, hi):
+    """Tasks lo..hi-1 of a forward split over filters: task t is image t // nb, filters block t % nb
+    (of nb), a (K/nb, C*KH*KW) @ cols[n] (C*KH*KW, Ho*Wo) product and its epilogue."""
+    K = wm.shape[0]
+    for t in range(lo, hi):
+        n, j = t // nb, t % nb
+        k0, k1 = K * j // nb, K * (j + 1) // nb
+        _epilogue(np.dot(wm[k0:k1], cols[n]), k0, y[n], _route_of(route, n), b, Wo, epi, flag, ps, pst)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -183,22 +227,41 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     dh, dw = dil
     Ho, Wo = out_hw(H, W, (KH - 1) * dh + 1, (KW - 1) * dw + 1, stride, pads)
     xp = _padded_images(x, pads, "i2c_x")
-    cols = scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
+    wm = w.reshape(K, -1)
     bb = b if b is not None else np.zeros(K, x.dtype)
     if epi == "pool":
         Hq, Wq = pool_hw(Ho, Wo, ps, pst, "conv2d_relu_maxpool")
         y = np.empty((N, K, Hq, Wq), x.dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
-        args = (xp, w.reshape(K, -1), bb, y, route, cols, KH, KW, stride, Ho, Wo, 1, bool(save_route),
-                ps, pst, dh, dw, groups)
+        epi_args = (1, bool(save_route), ps, pst)
     else:
         y = np.empty((N, K, Ho, Wo), x.dtype)
         route = None
-        args = (xp, w.reshape(K, -1), bb, y, np.empty((1, 1, 1, 1), np.int32), cols, KH, KW, stride,
-                Ho, Wo, 0, bool(relu), 0, 0, dh, dw, groups)
-    _i2c_compiled(_i2c_fwd, args)
+        epi_args = (0, bool(relu), 0, 0)
+    out = (bb, y, np.empty((1, 1, 1, 1), np.int32) if route is None else route)
+    geo = (KH, KW, stride, Ho, Wo)
+    nt = num_threads()
     with _ONE_BLAS_THREAD:
-        _i2c_fwd(*args)
+        if N < nt and groups == 1:
+            # fewer images than threads (batch 1): every image's columns first, then each image's
+            # GEMM split over blocks of filters, so that every thread works (one image per task,
+            # as below, left the second core idle at batch 1)
+            nb = max(1, min(nt // N, K // 16))       # blocks of >= 16 filters (whole GEMM tiles)
+            if KH * KW * stride == 1 and (H, W) == (Ho, Wo):
+                cols = xp.reshape(N, C, H * W)           # 1x1, stride 1, unpadded: the image is its columns
+            else:
+                cols = scratch("i2c_cols", (N, C * KH * KW, Ho * Wo), x.dtype)
+                cargs = (xp, cols) + geo + (dh, dw)
+                _i2c_compiled(_cols_tasks, cargs + (0, 0))
+                parallel_for(lambda lo, hi, k: _cols_tasks(*cargs, lo, hi), N * C * KH)
+            gargs = (wm,) + out + (cols, Wo) + epi_args + (nb,)
+            _i2c_compiled(_gemm_tasks, gargs + (0, 0))
+            parallel_for(lambda lo, hi, k: _gemm_tasks(*gargs, lo, hi), N * nb)
+        else:
+            cols = scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
+            head, tail = (xp, wm) + out, geo + epi_args + (dh, dw, groups)
+            _i2c_compiled(_i2c_fwd, head + (cols[0],) + tail + (0, 0))
+            parallel_for(lambda lo, hi, k: _i2c_fwd(*head, cols[k], *tail, lo, hi), N)
     return y, route
 
 

@@ -170,8 +170,13 @@ def _remembered(got, tune):
     if not (isinstance(got, dict) and got.get("strategy") in STRATEGIES):
         return None
     ms = got.get("ms")
-    if tune and (ms is None or _retime(got.get("load"))):
-        return None                      # never timed, or timed on a busy machine that is quieter now
+    if ms is None:
+        # an untimed entry (older versions recorded their rule's answer, e.g. {"rule": "batch <= 2"}):
+        # not a measurement, so today's static rule answers (such a stale entry kept ResNet-18's
+        # 256->512 stride-2 conv at batch 1 on direct: 8.5 ms against im2col's 1.4)
+        return None
+    if tune and _retime(got.get("load")):
+        return None                      # timed on a busy machine that is quieter now
     if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
         return _pick(ms)                 # entries recorded before the margin rule
     return got["strategy"]
@@ -198,10 +203,10 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     if got is not None:
         return got
     if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT \
-            and not _deep_strided_forward(op, stride, w_shape):
-        # im2col runs one image per task (one thread at batch 1) and its GEMMs are tiny; a timing
-        # taken under load picked it for MNIST's batch-1 layers, 3x slower than direct (a deep strided
-        # conv is the exception: see static_rule)
+            and static_rule(op, stride, w_shape, dil, groups) == "direct":
+        # a timing taken under load picked im2col for MNIST's batch-1 layers, 3x slower than direct:
+        # small forward batches keep the static rule's direct (its im2col cases, deep or 1x1 strided
+        # filters, may be timed)
         _CHOICES[key] = "direct"
         return "direct"
     path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
