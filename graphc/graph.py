@@ -299,7 +299,10 @@ class Graph:
     def _shape_arg(what, shape, symbolic=False):
         """A declared shape: a tuple/list of positive ints (and, for inputs, None/str batch dims)."""
         if not isinstance(shape, (tuple, list)):
-            raise ShapeError(f"{what}: shape must be a tuple of dims, e.g. (None, 1, 28, 28), got {shape!r}")
+            got = f"an array of shape {shape.shape}" if isinstance(shape, np.ndarray) else repr(shape)[:80]
+            fix = ". Fix: to give the values, pass value=..." if isinstance(shape, np.ndarray) and what.startswith("param") \
+                else ""
+            raise ShapeError(f"{what}: shape must be a tuple of dims, e.g. (None, 1, 28, 28), got {got}{fix}")
         out = tuple("N" if (d is None and symbolic) else d for d in shape)
         for d in out:
             if not ((symbolic and isinstance(d, str) and d) or (shapes.is_int(d) and d > 0)):

@@ -393,3 +393,15 @@ def test_grad_wrt_unknown_value_and_no_params():
     with pytest.raises(gc.GradError) as e:
         gc.grad(g, wrt=["nope"])
     words_in(str(e.value), "'nope'")
+
+
+def test_param_given_an_array_as_its_shape_says_so_in_one_line():
+    g = gc.Graph("p")
+    with pytest.raises(gc.ShapeError) as e:
+        g.param("w", np.zeros((64, 3, 7, 7), np.float32))
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 200, msg
+    assert "an array of shape (64, 3, 7, 7)" in msg and "value=" in msg
+    with pytest.raises(gc.ShapeError) as e:
+        g.input("x", "x" * 500)
+    assert len(str(e.value)) < 200
