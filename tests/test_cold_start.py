@@ -2,6 +2,7 @@
 compilation, the static conv strategy of a cold start, the compile breakdown, the progress line, and
 results that do not depend on the thread count (which the executor picks by timing)."""
 import threading
+import time
 import uuid
 from collections import deque
 
@@ -46,6 +47,22 @@ def test_parallel_for_covers_every_task_once_on_each_thread():
     seen.clear()
     nthreads.parallel_for(fn, 7, 1)
     assert [s[:3] for s in seen] == [(0, 7, 0)]
+
+
+def test_spin_wait_sees_another_threads_store_and_gives_up_after_its_reads():
+    flags = np.zeros(4, np.int64)
+    assert not nthreads._spin_until(flags, 1, 0, 1000)              # nothing changes: False after 1000 reads
+
+    def store():
+        time.sleep(0.02)
+        flags[1] = 5
+    t = threading.Thread(target=store)
+    t.start()
+    t0 = time.perf_counter()
+    assert nthreads._spin_until(flags, 1, 0, 10 ** 12)              # would spin for hours unless it re-reads
+    assert time.perf_counter() - t0 < 5
+    t.join()
+    assert nthreads._spin_reads() > 0
 
 
 def test_parallel_for_raises_a_workers_error_and_stays_usable():
