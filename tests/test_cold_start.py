@@ -15,7 +15,6 @@ from graphc.backends import kernel_cache
 from graphc.backends.numba import precompile
 from graphc.backends.numba import threads as nthreads
 from graphc.backends.numba.compile_stats import CompileRecorder, format_breakdown
-from graphc.backends.numba.conv import direct
 from graphc.backends.numba.conv import strategy as conv_strategy
 
 
@@ -119,14 +118,10 @@ def _small_cnn():
     return g
 
 
-@pytest.mark.parametrize("small_call", ["numba_threads", "python_threads"])
-def test_thread_count_does_not_change_training(monkeypatch, small_call):
+def test_thread_count_does_not_change_training():
     """Every parallel kernel splits work whose sums do not depend on the split (the executor picks the
     count by timing, so results must not depend on it): one and two threads train bit-identically,
-    with every kernel on its parallel path (parallel_min=1) and the conv forward on Numba's threads
-    (small calls) or on Python threads; both agree with the reference."""
-    if small_call == "python_threads":
-        monkeypatch.setattr(direct, "SMALL_CALL_FLOPS", 0)
+    with every kernel on its parallel path (parallel_min=1); both agree with the reference."""
     g = _small_cnn()
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((6, 2, 10, 10)).astype(np.float32), "labels": rng.integers(0, 3, 6)}

@@ -298,7 +298,6 @@ def test_mobile_block_kernels_are_found_before_the_first_step_and_train_alike_on
         found.extend(d for d, _, _ in f.values())
     monkeypatch.setattr(precompile, "discovering", spy)
     monkeypatch.setattr(direct, "TINY_CALL_FLOPS", 0)
-    monkeypatch.setattr(direct, "SMALL_CALL_FLOPS", 0)
     g = mobile_block("float64")
     runs = {}
     for t in (1, 2):

@@ -36,16 +36,9 @@ def load_kernel(src: str, predicate: bool = True):
     see them, and machine code compiled under other options must not be picked up."""
     k = load_generated(_codegen_tag(predicate) + src, "graphc_kernel_")
     if not hasattr(k, "_graphc_ready"):
-        for f in (k, getattr(sys.modules[k.py_func.__module__], "kernel_par", None)):
-            if f is not None:
-                f._graphc_predicate = bool(predicate)
-                f._graphc_ready = set()
+        k._graphc_predicate = bool(predicate)
+        k._graphc_ready = set()
     return k
-
-
-def parallel_variant(kern):
-    """The generated module's Numba-parallel ``kernel_par`` (small batches), or None."""
-    return getattr(sys.modules[kern.py_func.__module__], "kernel_par", None)
 
 
 def _host_has_avx512() -> bool:
@@ -225,9 +218,8 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
-SMALL_CALL_FLOPS = 1e7        # a forward call below this runs on Numba's threads (kernel_par) ...
-TINY_CALL_FLOPS = 2e6         # ... and below this on the calling thread (batch-1 layer 1 of MNIST: no faster
-                              # on two threads than on one, 10 us either way)
+TINY_CALL_FLOPS = 2e6         # a forward call below this runs on the calling thread (batch-1 layer 1 of
+                              # MNIST: no faster on two threads than on one, 10 us either way)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
@@ -342,10 +334,12 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
     acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
-    # Numba's threads for a call of less than ~0.1 ms (SMALL_CALL_FLOPS), Python threads above
+    # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for
+    # calls under 1e7 FLOPs, once faster than waking a sleeping Python thread, is gone: its OpenMP
+    # workers, spinning after each call, stalled the next kernel's Python worker by up to 0.8 ms,
+    # and MobileNetV2 at batch 1 ran 10.0 ms on 2 threads instead of 7.8)
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
-    kern_par = parallel_variant(plan.kern) if not tiny and flops < SMALL_CALL_FLOPS else None
     nob = np.zeros(K, dtype)
     kern = plan.kern
     w3shape = (K, Cg, KH * KW)
@@ -390,14 +384,10 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         flag = bool(flag)
         if not compiled:
             done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
-            if kern_par is not None:     # both recorded by a discovery (it runs on one thread)
-                done = ensure_compiled(kern_par, (xin, w3, b, y, route, flag, acc3, 0), dtype) and done
             if done:
                 compiled.append(True)
         if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
             kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
-        elif kern_par is not None:
-            kern_par(xin, w3, b, y, route, flag, acc3, ntasks)
         else:
             parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
 
