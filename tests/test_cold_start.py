@@ -75,7 +75,7 @@ def test_parallel_for_raises_a_workers_error_and_stays_usable():
     assert out.tolist() == [1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("user_env, expect", [({}, "30000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+@pytest.mark.parametrize("user_env, expect", [({}, "3000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
                                                ({"OMP_WAIT_POLICY": "ACTIVE"}, None)])
 def test_openmp_workers_spin_briefly_unless_the_user_says(user_env, expect):
     """The numba backend sets libgomp's spin count on import (a spinning OpenMP worker took the core the

@@ -33,13 +33,13 @@ from numba.core.extending import intrinsic
 # Numba's OpenMP workers (the prange kernels that remain) spin only briefly after a parallel loop. By
 # libgomp's default (300000 spins) a spinning worker holds the core that the next kernel's Python
 # worker thread needs: on 2 cores ResNet-18's batch-1 step took 26.9 ms and its first conv 3.9 ms
-# instead of 18.5 and 1.8 (OMP_WAIT_POLICY=ACTIVE: 48 ms). Sleeping at once (PASSIVE) costs the
-# small kernels their wake-up instead (mnist_convnet batch 1: 0.053 against 0.040 ms); 30000 spins
-# served both (graphc bench, 2026-11-30). libgomp reads it when Numba first launches its pool, so it
-# is set on import, unless the user set either variable.
+# instead of 18.5 and 1.8 (OMP_WAIT_POLICY=ACTIVE: 48 ms); with 30000 spins beside this module's own
+# spinning waits, its batch-16 training step took 5.8 s instead of 1.24 (3000 spins, or PASSIVE).
+# 3000 served every workload of `graphc bench --suite` (2026-11-30). libgomp reads it when Numba first
+# launches its pool, so it is set on import, unless the user set it or OMP_WAIT_POLICY.
 SPINCOUNT_DEFAULTED = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if SPINCOUNT_DEFAULTED:
-    os.environ["GOMP_SPINCOUNT"] = "30000"
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 _RAW_NUM_THREADS = []
 

@@ -218,8 +218,8 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
-TINY_CALL_FLOPS = 2e6         # a forward call below this runs on the calling thread (batch-1 layer 1 of
-                              # MNIST: no faster on two threads than on one, 10 us either way)
+TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling thread (MNIST's batch-1 layers,
+                              # 10-30 us: no faster on two threads than on one)
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
