@@ -12,7 +12,7 @@ from numba import njit, prange
 
 from graphc.backends.kernel_cache import BlasLimit, rescan_blas
 from graphc.backends.numba.precompile import compile_for
-from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
+from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch, sum_partials
 
 
 @njit(cache=True, nogil=True)
@@ -202,14 +202,15 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return y, route
 
 
-def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
+def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     N, K, Ho, Wo = dy.shape
     _, Cg, KH, KW = w.shape
     C = Cg * groups
     H, W = in_hw
     top, bottom, left, right = pads
     shape = (N, C, H + top + bottom, W + left + right)
-    dxp = np.empty(shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
+    # unpadded: col2im sums straight into the result; else into a padded work array, cropped into it
+    dxp = new_or(out, shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
     # per group (Cg*KH*KW, K/G): the group's filters transposed, groups stacked along the rows
     wmt = w.reshape(groups, K // groups, Cg * KH * KW).transpose(0, 2, 1).reshape(C * KH * KW, K // groups)
     args = (dy, np.ascontiguousarray(wmt), dxp, KH, KW, stride, dil[0], dil[1], groups)
@@ -218,10 +219,12 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
         _i2c_dx(*args)
     if pads == (0, 0, 0, 0):
         return dxp
-    return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
+    dx = new_or(out, (N, C, H, W), dy.dtype)
+    dx[...] = dxp[:, :, top:top + H, left:left + W]
+    return dx
 
 
-def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
+def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     N, K, Ho, Wo = dy.shape
     C = x.shape[1]
     KH, KW = k_hw
@@ -236,6 +239,5 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
     _i2c_compiled(_i2c_dw, args)
     with _ONE_BLAS_THREAD:
         _i2c_dw(*args)
-    dw = part.sum(axis=0, dtype=np.float64) if part.shape[0] > 1 else part[0]
-    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=x.dtype)
+    return sum_partials(part, new_or(out, (K, C, KH, KW), x.dtype))
 
