@@ -210,7 +210,9 @@ def check_out(out, shape, dtype, what, inputs=()):
         return None
     if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype \
             or not out.flags.c_contiguous or not out.flags.writeable:
-        got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+        got = type(out).__name__ if not isinstance(out, np.ndarray) else \
+            f"{out.dtype} {out.shape}" + ("" if out.flags.c_contiguous else ", not C-contiguous") \
+            + ("" if out.flags.writeable else ", read-only")
         raise BackendError(f"{what}: out= must be a writeable C-contiguous {np.dtype(dtype)} array of shape "
                            f"{tuple(shape)}, got {got}")
     if any(a is not None and np.may_share_memory(out, a) for a in inputs):
