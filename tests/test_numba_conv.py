@@ -547,3 +547,16 @@ def test_bind_direct_fwd_shared_planes_follow_other_calls(rng, monkeypatch):
         run(x, w, None, y, np.empty((1, 1, 1, 1), np.int32), False)
         close(y, conv_ref(x, w, None, 1, pads), np.float32)
         x = x[::-1].copy()
+
+
+@pytest.mark.parametrize("inner", [1, 100, 10 ** 6])
+def test_im2col_dw_images_per_gemm(inner, rng, monkeypatch):
+    """im2col's dL/dW takes several images per GEMM (their columns side by side): one image per GEMM
+    (accumulated), a few (the last batch of a group shorter), all of a group's, give dw_ref's values."""
+    from graphc.backends.numba.conv import im2col
+    monkeypatch.setattr(im2col, "DW_INNER", inner)
+    N, C, K, H, W, KH, KW, s, pads = CASES["3x3_asym_pad_Kodd"]
+    N = 7
+    x = rand(rng, (N, C, H, W), np.float32)
+    dy = rand(rng, (N, K) + conv_ref(x, rand(rng, (K, C, KH, KW), np.float32), None, s, pads).shape[2:], np.float32)
+    close(nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy="im2col"), dw_ref(x, dy, s, pads, (KH, KW)), np.float32)
