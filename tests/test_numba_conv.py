@@ -419,6 +419,16 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     conv_strategy._CHOICES.clear()
 
 
+def test_static_rule_strided_dw():
+    """A strided, ungrouped dL/dW with a deep patch (channels x taps >= 512) takes im2col; a shallow one
+    (a first layer on RGB) and grouped ones stay direct."""
+    rule = conv_strategy.static_rule
+    assert rule("conv2d_dw", 2, (128, 64, 3, 3)) == "im2col"
+    assert rule("conv2d_dw", 2, (64, 3, 7, 7)) == "direct"
+    assert rule("conv2d_dw", 2, (64, 64, 3, 3), groups=2) == "direct"
+    assert rule("conv2d_dw", 1, (128, 64, 3, 3)) == "direct"
+
+
 @pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
