@@ -17,7 +17,8 @@ Kinds of value:
     buffer                  everything else: slot k (plan.slot_of[name])
 
 A value's buffer is freed after its last reader has run; a node's outputs never share a slot with its
-own inputs. Slot sizes depend on the batch size, so the plan keeps shapes symbolic and
+own inputs. Slots are assigned two ways (greedily in program order, and largest value first into the
+first slot free for its whole lifetime) and the plan keeps the smaller total. Slot sizes depend on the batch size, so the plan keeps shapes symbolic and
 `slot_nbytes(env, itemsize)` gives the sizes for one binding.
 """
 from __future__ import annotations
