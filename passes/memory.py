@@ -17,10 +17,13 @@ Kinds of value:
     buffer                  everything else: slot k (plan.slot_of[name])
 
 A value's buffer is freed after its last reader has run; a node's outputs never share a slot with its
-own inputs. Slot sizes depend on the batch size, so the plan keeps shapes symbolic and
+own inputs. Slots are assigned two ways (greedily in program order, and largest value first into the
+first slot free for its whole lifetime) and the plan keeps the smaller total. Slot sizes depend on the batch size, so the plan keeps shapes symbolic and
 `slot_nbytes(env, itemsize)` gives the sizes for one binding.
 """
 from __future__ import annotations
+
+import bisect
 
 import networkx as nx
 
@@ -116,7 +119,7 @@ def build_plan(graph, want, inplace_updates=False, schedule=None):
         last_use[root[w]] = end
 
     inplace = _inplace_updates(graph, program, idx, kind, root, want) if inplace_updates else {}
-    slot_of = _assign_slots(nodes, program, kind, def_idx, last_use)
+    slot_of = _assign(nodes, program, kind, def_idx, last_use)
     return MemoryPlan(graph, program, want, kind, root, slot_of, inplace, def_idx, last_use)
 
 
@@ -146,6 +149,54 @@ def _inplace_updates(graph, program, idx, kind, root, want):
         kind[u] = "state"
         root[u] = s
     return inplace
+
+
+def _rep_size(node):
+    """Bytes of a value at the representative batch size (REP_BATCH for every symbolic dimension)."""
+    shape = tuple(node["shape"])
+    return (shapes.numel(shape, {d: REP_BATCH for d in shape if isinstance(d, str)}) or 1) * _itemsize(node["dtype"], 4)
+
+
+def _assign(nodes, program, kind, def_idx, last_use):
+    """{buffer value: slot}: of the two assignments below, the one with the smaller total (at REP_BATCH).
+    Greedy in program order lets a small value take a large free slot, so that a large value defined
+    later needs a new one: ResNet-18's training step planned 541 MB at batch 16 where at most 404 MB are
+    live at once; largest first took 420 MB."""
+    ways = [_assign_slots(nodes, program, kind, def_idx, last_use),
+            _assign_by_size(nodes, program, kind, def_idx, last_use)]
+
+    def total(slot_of):
+        sizes = {}
+        for n, k in slot_of.items():
+            sizes[k] = max(sizes.get(k, 0), _rep_size(nodes[n]))
+        return sum(sizes.values())
+    return min(ways, key=total)
+
+
+def _assign_by_size(nodes, program, kind, def_idx, last_use):
+    """{buffer value: slot}: the largest values first, each into the first slot that holds no value live
+    at the same time (a value is live from its definition to its last read, both included)."""
+    end = len(program)
+    vals = [n for n in program if kind[n] == "buffer"]
+    vals.sort(key=lambda n: (-_rep_size(nodes[n]), def_idx[n]))
+    starts, ends, slot_of = [], [], {}          # per slot: its values' intervals, sorted (disjoint)
+    for n in vals:
+        a = def_idx[n]
+        b = last_use.get(n, a)                  # never read: free right after it is written
+        b = end if b >= end else b
+        for k in range(len(starts)):
+            i = bisect.bisect_right(starts[k], b) - 1      # the last interval starting at or before b
+            if i < 0 or ends[k][i] < a:
+                break
+        else:
+            k = len(starts)
+            starts.append([])
+            ends.append([])
+        i = bisect.bisect_right(starts[k], a)
+        starts[k].insert(i, a)
+        ends[k].insert(i, b)
+        slot_of[n] = k
+    return slot_of
 
 
 def _assign_slots(nodes, program, kind, def_idx, last_use):

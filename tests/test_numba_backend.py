@@ -465,3 +465,28 @@ def test_direct_prebound_conv_odd_filter_count_and_plain_conv(monkeypatch):
         check_run(g, feeds=_feeds(g, n=n, seed=3), fuse=(True,))
     check_train(g, fuse=(True, False), steps=3)
     assert exe.run(_feeds(g, n=1))["loss"].shape == ()
+
+
+@pytest.mark.parametrize("strategy", ["direct", "im2col"])
+def test_conv_results_written_into_the_memory_plan(strategy, monkeypatch):
+    """Convs, dL/dX and dL/dW write into their planned buffers (no run-time arrays beside the plan): a
+    training step agrees with the reference, and no value shares memory with one live at the same time
+    (a kernel's result with its inputs included)."""
+    from graphc import nn
+    monkeypatch.setenv("GRAPHC_CONV_STRATEGY", strategy)
+    g = gc.Graph("planned_convs")
+    x = g.input("x", (None, 3, 9, 8))
+    h = nn.residual_block(g, x, 6, stride=2, name="res")          # 3x3 stride 2, 3x3, 1x1 stride 2
+    h = nn.residual_block(g, h, 6, name="res2")                     # the identity skip
+    nn.finish(g, nn.dense(g, g.global_avgpool(h, name="gap"), 4, name="logits"), True)
+    (exe,) = check_train(g, fuse=(True,), steps=2, n=3)
+    b = next(iter(exe._bindings.values()))
+    nodes, plan = exe.graph.nx.nodes, b.plan
+    convs = [n for n in plan.program if nodes[n]["op"] in ("conv", "conv_dx", "conv_dw")
+             or (nodes[n]["op"] == "fused" and nodes[n]["attrs"]["pattern"].startswith("conv"))]
+    assert {nodes[n]["op"] for n in convs} >= {"conv_dx", "conv_dw"} and not set(convs) & b.dynamic
+    live = [(n, plan.def_idx[n], plan.last_use.get(n, plan.def_idx[n])) for n in plan.slot_of]
+    for i, (a, da, la) in enumerate(live):
+        for c, dc, lc in live[i + 1:]:
+            if not (la < dc or lc < da):
+                assert not np.shares_memory(b.values[b.index[a]], b.values[b.index[c]]), (a, c)

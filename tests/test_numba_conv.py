@@ -455,6 +455,16 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     conv_strategy._CHOICES.clear()
 
 
+def test_static_rule_strided_dw():
+    """A strided, ungrouped dL/dW with a deep patch (channels x taps >= 512) takes im2col; a shallow one
+    (a first layer on RGB) and grouped ones stay direct."""
+    rule = conv_strategy.static_rule
+    assert rule("conv2d_dw", 2, (128, 64, 3, 3)) == "im2col"
+    assert rule("conv2d_dw", 2, (64, 3, 7, 7)) == "direct"
+    assert rule("conv2d_dw", 2, (64, 64, 3, 3), groups=2) == "direct"
+    assert rule("conv2d_dw", 1, (128, 64, 3, 3)) == "direct"
+
+
 @pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
@@ -510,3 +520,89 @@ def test_choice_timed_under_load_is_retimed_when_quiet(monkeypatch):
     assert not conv_strategy._retime(0.2)        # quiet then: keep
     monkeypatch.setattr(conv_strategy, "_load_per_cpu", lambda: 2.0)
     assert not conv_strategy._retime(3.0)        # still busy: timing again would not be better
+
+
+# --------------------------------------------------------------------------------------------------
+# out=: results written into the caller's array (the executor's planned buffers)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", STRATS)
+@pytest.mark.parametrize("case", ["3x3_asym_pad_Kodd", "even_4x2_stride2", "1x1"])
+def test_out_argument_gives_the_same_values(case, strategy, rng):
+    """conv2d, conv2d_dx and conv2d_dw with out= write the very values of a call without it into out
+    (bit for bit) and return it: padded and unpadded, stride 1 and 2 (space-to-depth, im2col's crop)."""
+    N, C, K, H, W, KH, KW, s, pads = CASES[case]
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, KH, KW), np.float32, 0.5)
+    b = rand(rng, (K,), np.float32)
+    y = nc.conv2d(x, w, b, s, pads, relu=True, strategy=strategy)
+    dy = rand(rng, y.shape, np.float32)
+    calls = {"conv2d": (lambda out: nc.conv2d(x, w, b, s, pads, relu=True, strategy=strategy, out=out), y),
+             "conv2d_dx": (lambda out: nc.conv2d_dx(dy, w, s, pads, (H, W), strategy=strategy, out=out), None),
+             "conv2d_dw": (lambda out: nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy=strategy, out=out), None)}
+    for what, (call, expect) in calls.items():
+        expect = call(None) if expect is None else expect
+        out = np.full(expect.shape, np.nan, np.float32)
+        assert call(out) is out, what
+        np.testing.assert_array_equal(out, expect, err_msg=what)
+    close(calls["conv2d_dx"][0](None), dx_ref(dy, w, s, pads, (H, W)), np.float32)
+
+
+def test_out_argument_is_checked(rng):
+    x = rand(rng, (2, 3, 7, 6), np.float32)
+    w = rand(rng, (5, 3, 3, 3), np.float32)
+    dy = np.zeros((2, 5, 7, 6), np.float32)
+    bad = {"shape": np.empty((2, 5, 7, 5), np.float32), "dtype": np.empty((2, 5, 7, 6), np.float64),
+           "layout": np.empty((2, 5, 6, 7), np.float32).transpose(0, 1, 3, 2), "list": [[0.0]]}
+    for what, out in bad.items():
+        with pytest.raises(BackendError, match="out="):
+            nc.conv2d(x, w, None, 1, (1, 1, 1, 1), strategy="direct", out=out)
+    with pytest.raises(BackendError, match="overlaps an input"):
+        nc.conv2d_dx(dy, w, 1, (1, 1, 1, 1), (7, 6), strategy="direct", out=dy.reshape(-1)[:2 * 3 * 7 * 6].reshape(2, 3, 7, 6))
+    with pytest.raises(BackendError, match="out="):
+        nc.conv2d_dw(x, dy, 1, (1, 1, 1, 1), (3, 3), strategy="im2col", out=np.empty((5, 3, 3, 2), np.float32))
+
+
+def test_dw_partial_sums_rounded_once_in_chunks(monkeypatch):
+    """sum_partials: the float64 sum over the partial sums, rounded once, whatever the chunk of rows."""
+    from graphc.backends.numba.conv import layout
+    rng = np.random.default_rng(5)
+    part = rng.standard_normal((3, 7, 2, 5)).astype(np.float32) * np.float32(1e4)
+    expect = part[:, :6].sum(axis=0, dtype=np.float64).astype(np.float32)
+    for chunk in (1, 10, 1 << 17):
+        monkeypatch.setattr(layout, "_SUM_CHUNK", chunk)
+        out = np.empty((6, 2, 5), np.float32)
+        np.testing.assert_array_equal(layout.sum_partials(part, out), expect)
+    np.testing.assert_array_equal(layout.sum_partials(part[:1], np.empty((6, 2, 5), np.float32)), part[0, :6])
+
+
+def test_bind_direct_fwd_shared_planes_follow_other_calls(rng, monkeypatch):
+    """A prebound forward whose padded planes are too big to keep its own places its input into the
+    shared work array on every call: right after other conv calls wrote that array, and with x changed."""
+    from graphc.backends.numba.conv import direct
+    monkeypatch.setattr(direct, "OWN_PLANES_MAX", 0)
+    N, C, K, H, W, KH, KW, s, pads = CASES["3x3_asym_pad_Kodd"]
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, KH, KW), np.float32)
+    run = nc.bind_direct_fwd(x.shape, w.shape, False, 1, pads, np.float32, "store")
+    y = np.empty((N, K) + conv_ref(x, w, None, 1, pads).shape[2:], np.float32)
+    for _ in range(2):
+        # the other calls write the shared planes (an input placed, larger than this one's)
+        nc.conv2d(rand(rng, (3, 1, 10, 10), np.float32), rand(rng, (4, 1, 5, 5), np.float32), None, 1,
+                  (2, 2, 2, 2), strategy="direct")
+        run(x, w, None, y, np.empty((1, 1, 1, 1), np.int32), False)
+        close(y, conv_ref(x, w, None, 1, pads), np.float32)
+        x = x[::-1].copy()
+
+
+@pytest.mark.parametrize("inner", [1, 100, 10 ** 6])
+def test_im2col_dw_images_per_gemm(inner, rng, monkeypatch):
+    """im2col's dL/dW takes several images per GEMM (their columns side by side): one image per GEMM
+    (accumulated), a few (the last batch of a group shorter), all of a group's, give dw_ref's values."""
+    from graphc.backends.numba.conv import im2col
+    monkeypatch.setattr(im2col, "DW_INNER", inner)
+    N, C, K, H, W, KH, KW, s, pads = CASES["3x3_asym_pad_Kodd"]
+    N = 7
+    x = rand(rng, (N, C, H, W), np.float32)
+    dy = rand(rng, (N, K) + conv_ref(x, rand(rng, (K, C, KH, KW), np.float32), None, s, pads).shape[2:], np.float32)
+    close(nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy="im2col"), dw_ref(x, dy, s, pads, (KH, KW)), np.float32)

@@ -181,15 +181,40 @@ def test_memory_plan_reuses_and_updates_in_place():
     assert set(plan.inplace.values()) == set(g.param_names)
     # no two values live at the same time share a slot
     prog = plan.program
-    for a, sa in plan.slot_of.items():
-        for b, sb in plan.slot_of.items():
+    _no_two_live_share_a_slot(plan, plan.slot_of)
+    # a run that only wants the loss updates nothing in place
+    run_plan = build_plan(g, [g.loss])
+    assert not run_plan.inplace and len(run_plan.program) < len(prog)
+
+
+def _no_two_live_share_a_slot(plan, slot_of):
+    for a, sa in slot_of.items():
+        for b, sb in slot_of.items():
             if a < b and sa == sb:
                 la = plan.last_use.get(a, plan.def_idx[a])
                 lb = plan.last_use.get(b, plan.def_idx[b])
                 assert la < plan.def_idx[b] or lb < plan.def_idx[a], (a, b)
-    # a run that only wants the loss updates nothing in place
-    run_plan = build_plan(g, [g.loss])
-    assert not run_plan.inplace and len(run_plan.program) < len(prog)
+
+
+def test_memory_plan_takes_the_smaller_slot_assignment():
+    """Largest-first and program-order greedy assignments both keep values live at the same time apart;
+    the plan takes the smaller. In a ResNet block's training step largest-first wins (program order lets
+    small early values take slots a large later one then cannot use)."""
+    from graphc.passes import memory
+    g = plan_memory(schedule(fuse(dce(cse(fold_constants(simplify(_graph("resnet_block", True))))))))
+    plan, nodes = g.memory_plan, g.nx.nodes
+    args = (nodes, plan.program, plan.kind, plan.def_idx, plan.last_use)
+    env = {"N": memory.REP_BATCH}
+    totals = []
+    for way in (memory._assign_slots, memory._assign_by_size):
+        slot_of = way(*args)
+        assert set(slot_of) == set(plan.slot_of)
+        _no_two_live_share_a_slot(plan, slot_of)
+        sizes = {}
+        for n, k in slot_of.items():
+            sizes[k] = max(sizes.get(k, 0), plan.nbytes(n, env))
+        totals.append(sum(sizes.values()))
+    assert sum(plan.slot_nbytes(env)) == min(totals) and totals[1] < totals[0]
 
 
 def test_pipeline_prints_and_switches():

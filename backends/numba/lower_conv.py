@@ -3,8 +3,10 @@
 The strategy (direct or im2col) is looked up once per Numba thread count and passed explicitly, so a
 call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM for the host CPU name
 each time). Where the strategy is direct and the stride 1, the forward runs the prebound direct kernel
-(bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions return new
-arrays. Non-square strides fall back to the reference (the kernels take one stride for both axes).
+(bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions write into
+them too (out=: a result outside the plan lived on beside it, ResNet-18's conv gradients alone ~200 MB
+at batch 16), but for the fused conv + ReLU + max pool, whose conv function returns new arrays.
+Non-square strides fall back to the reference (the kernels take one stride for both axes).
 
 Grouped and dilated convs take the same strategies (groups and dilation passed through); depthwise convs
 (groups == C: one input channel per filter) run their own stencil kernels (conv/depthwise.py, any
@@ -94,7 +96,8 @@ def _with_clip(ctx, step, lo, hi):
 def _forward(ctx, conv_attrs, relu, pool=None):
     """The step of conv(x, w[, b]) (+ReLU, + a square max pool with its route when the node has a second
     result): the prebound direct kernel into the planned buffers when the strategy is direct, else the
-    conv functions' new arrays; grouped / dilated convs pass their geometry through."""
+    conv functions (a plain conv into its planned buffer, a pooled one returning new arrays); grouped /
+    dilated convs pass their geometry through."""
     stride, pads = _square_stride(conv_attrs), tuple(conv_attrs["pads"])
     if stride is None:
         return None
@@ -108,12 +111,14 @@ def _forward(ctx, conv_attrs, relu, pool=None):
     op = "conv2d" if pool is None else "conv2d_relu_maxpool"
     strategy = _chooser(op, ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype, pool,
                         geo)
-    ctx.dynamic_outputs()
+    y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
     if pool is None:
         def general():
-            values[res[0]] = nconv.conv2d(values[xi], values[wi], values[bi] if bi is not None else None, stride,
-                                          pads, relu=relu, strategy=strategy(), **odd)
+            nconv.conv2d(values[xi], values[wi], values[bi] if bi is not None else None, stride, pads, relu=relu,
+                         strategy=strategy(), out=y, **odd)
     else:
+        ctx.dynamic_outputs()
+
         def general():
             out = nconv.conv2d_relu_maxpool(values[xi], values[wi], values[bi] if bi is not None else None, stride,
                                             pads, pool[0], pool[1], save_route=save, strategy=strategy(), **odd)
@@ -121,7 +126,6 @@ def _forward(ctx, conv_attrs, relu, pool=None):
                 if i is not None:
                     values[i] = v
     fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo)
-    y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
     if fast is None or route.dtype != np.int32 or not route.flags.c_contiguous:
         return general
     flag = save if pool is not None else relu
@@ -193,12 +197,11 @@ def _backward(ctx, op, fn, geometry, tail):
     geo = _geo(ctx.attrs)
     strategy = _chooser(op, *geometry(stride), geo=geo)
     odd = {} if geo == ((1, 1), 1) else {"dilation": geo[0], "groups": geo[1]}
-    values, (ai, bi), o = ctx.values, [ctx.index(i) for i in ctx.inputs], ctx.index(ctx.name)
+    values, (ai, bi), out = ctx.values, [ctx.index(i) for i in ctx.inputs], ctx.out(0)
     pads = tuple(ctx.attrs["pads"])
-    ctx.dynamic_outputs()
 
-    def step():
-        values[o] = fn(values[ai], values[bi], stride, pads, tail, strategy=strategy(), **odd)
+    def step():                     # into the planned buffer
+        fn(values[ai], values[bi], stride, pads, tail, strategy=strategy(), out=out, **odd)
     return step
 
 

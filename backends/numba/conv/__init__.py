@@ -1,15 +1,18 @@
 """The numba backend's convolutions: plain functions on numpy arrays (NCHW activations, KCHW filters,
 float32 or float64; ``pads = (top, bottom, left, right)``; floor output sizes like PyTorch)::
 
-    conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1) -> y
+    conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1, out=None) -> y
     conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False,
                         strategy=None, dilation=1, groups=1) -> y or (y, route)
-    conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1) -> dx
-    conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1) -> dw
+    conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1, out=None) -> dx
+    conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1, out=None) -> dw
     bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool, dil, groups)
         -> run(x, w, b, y, route, flag)
     choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None, dilation=(1, 1),
                          groups=1) -> str
+
+``out``: the array to write the result into (C-contiguous, of the result's shape and dtype; returned),
+so that the executor's memory plan holds conv results like any other value; else a new array.
 
 Grouped convs (w: (K, C / groups, KH, KW), as torch) and dilated filters (taps ``dilation`` apart) run
 on both strategies; depthwise convs (groups == C) have their own memory-bound stencil kernels in
@@ -26,8 +29,8 @@ import numpy as np
 
 from graphc.backends.numba.conv import direct, im2col
 from graphc.backends.numba.conv.direct import bind_direct_fwd
-from graphc.backends.numba.conv.layout import (check_conv, check_geometry, check_groups, clear_scratch, dilation_pair,
-                                              float_array, out_hw, pool_hw)
+from graphc.backends.numba.conv.layout import (check_conv, check_geometry, check_groups, check_out, clear_scratch,
+                                              dilation_pair, float_array, out_hw, pool_hw)
 from graphc.backends.numba.conv.strategy import STRATEGIES, choose_conv_strategy
 from graphc.backends.numba.conv.strategy import resolve as resolve_strategy
 from graphc.errors import BackendError
@@ -48,15 +51,25 @@ def _extent(k, d):
     return (k - 1) * d + 1
 
 
-def conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1):
+def conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=1, out=None):
     """Cross-correlation y (N, K, Ho, Wo) = x (N, C, H, W) * w (K, C / groups, KH, KW) + b, zero padding
     ``pads = (top, bottom, left, right)``, filter taps ``dilation`` apart; ``relu`` applies max(., 0)
     in the epilogue."""
     x, w, b, stride, pads = check_conv(x, w, b, stride, pads, dilation, groups)
     geo = _geo(dilation, groups)
-    s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype,
-                         dilation=dilation_pair(dilation), groups=int(groups))
-    return _IMPL[s].forward(x, w, b, stride, pads, "store", relu=bool(relu), **geo)[0]
+    dil = dilation_pair(dilation)
+    out = check_out(out, (x.shape[0], w.shape[0]) + out_hw(x.shape[2], x.shape[3], _extent(w.shape[2], dil[0]),
+                                                            _extent(w.shape[3], dil[1]), stride, pads),
+                    x.dtype, "conv2d", (x, w, b))
+    s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype, dilation=dil,
+                         groups=int(groups))
+    if s == "direct":
+        return direct.forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
+    y = im2col.forward(x, w, b, stride, pads, "store", relu=bool(relu), **geo)[0]
+    if out is None:
+        return y
+    out[...] = y              # (im2col's forward makes its own result: copied)
+    return out
 
 
 def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None,
@@ -81,7 +94,7 @@ def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_rout
     return (y, route) if save_route else y
 
 
-def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1):
+def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1, out=None):
     """dL/dX (N, C, H, W): full convolution of the stride-dilated dy with the 180-degree rotated
     filters (per group), cropped by the padding (input rows/columns no output reads get zero)."""
     dy = float_array(dy, "dy")
@@ -95,12 +108,13 @@ def conv2d_dx(dy, w, stride, pads, in_hw, strategy=None, dilation=1, groups=1):
     if (Ho, Wo) != out_hw(H, W, _extent(w.shape[2], dil[0]), _extent(w.shape[3], dil[1]), stride, pads) \
             or K != w.shape[0]:
         raise BackendError(f"conv2d_dx: dy {dy.shape} does not fit w {w.shape}, input {H}x{W}")
+    out = check_out(out, x_shape, dy.dtype, "conv2d_dx", (dy, w))
     s = resolve_strategy(strategy, "conv2d_dx", x_shape, w.shape, stride, pads, dy.dtype, dilation=dil,
                          groups=int(groups))
-    return _IMPL[s].grad_input(dy, w, stride, pads, (H, W), **_geo(dilation, groups))
+    return _IMPL[s].grad_input(dy, w, stride, pads, (H, W), out=out, **_geo(dilation, groups))
 
 
-def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1):
+def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1, out=None):
     """dL/dW (K, C / groups, KH, KW) = correlation of the padded input with dy (per-task partial sums
     over groups of images, then a reduction)."""
     x = float_array(x, "x")
@@ -116,6 +130,7 @@ def conv2d_dw(x, dy, stride, pads, k_hw, strategy=None, dilation=1, groups=1):
     stride, pads = check_geometry(x.shape, w_shape, stride, pads, dil)
     if dy.shape != (N, K) + out_hw(H, W, _extent(KH, dil[0]), _extent(KW, dil[1]), stride, pads):
         raise BackendError(f"conv2d_dw: dy {dy.shape} does not fit x {x.shape} and a {KH}x{KW} filter")
+    out = check_out(out, w_shape, x.dtype, "conv2d_dw", (x, dy))
     s = resolve_strategy(strategy, "conv2d_dw", x.shape, w_shape, stride, pads, x.dtype, dilation=dil,
                          groups=int(groups))
-    return _IMPL[s].grad_weights(x, dy, stride, pads, (KH, KW), **_geo(dilation, groups))
+    return _IMPL[s].grad_weights(x, dy, stride, pads, (KH, KW), out=out, **_geo(dilation, groups))

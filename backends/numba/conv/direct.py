@@ -20,7 +20,8 @@ import numpy as np
 
 from graphc.backends.kernel_cache import aligned_empty, load_generated
 from graphc.backends.numba.conv import gen
-from graphc.backends.numba.conv.layout import out_hw, place, place_t, pool_hw, scratch, shift_copies
+from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_t, pool_hw, scratch, shift_copies,
+                                              sum_partials)
 from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.threads import num_threads, parallel_for
 
@@ -218,6 +219,7 @@ class FwdPlan:
 
 
 _PLANS: dict = {}
+OWN_PLANES_MAX = 1 << 20      # bytes: a prebound forward's padded input planes up to this size are its own
 TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling thread (MNIST's batch-1 layers,
                               # 10-30 us: no faster on two threads than on one)
 
@@ -234,16 +236,16 @@ def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blo
     return plan
 
 
-def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False):
-    """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx)."""
+def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None):
+    """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx), into out (y) when given."""
     N = xb.shape[0]
     dtype = xb.dtype
     kern = plan.kern
     if plan.epi == "pool":
-        y = np.empty((N, plan.K, plan.Hq, plan.Wq), dtype)
+        y = new_or(out, (N, plan.K, plan.Hq, plan.Wq), dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
     else:
-        y = np.empty((N, plan.K, plan.Ho, plan.Wo), dtype)
+        y = new_or(out, (N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
     acc = scratch("fwd_acc", plan.acc_shape(dtype), dtype)
@@ -282,7 +284,8 @@ def dense_filter(w, dil):
     return wd
 
 
-def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False, dil=(1, 1), groups=1):
+def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=False, dil=(1, 1), groups=1,
+            out=None):
     N, C, H, W = x.shape
     K = w.shape[0]
     if stride > 1:           # a dilated filter becomes a sparse dense one: its phases are not dilated
@@ -302,7 +305,7 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     else:
         xb = scratch("fwd_x", (N, x1.shape[1], plan.Lx), x.dtype)
         place(x1, xb, Hp, Wp, 1, top, left)
-    return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route)
+    return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1):
@@ -330,7 +333,10 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil)
     maxoff = plan.maxoff
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
-    xb = None if inplace else aligned_empty((N, C, plan.Lx), dtype)
+    # the padded planes: small ones its own (no look-up per call), large ones in the shared work array
+    # (one per conv held ~100 MB in ResNet-18 training at batch 16)
+    own = not inplace and N * C * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
+    xb = aligned_empty((N, C, plan.Lx), dtype) if own else None
     acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
     acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
@@ -379,8 +385,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         else:
             if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
                 x = np.array(x, dtype)
-            place(x.reshape(xshape), xb, Hp, Wp, 1, top, left)
-            xin = xb
+            xin = xb if xb is not None else scratch("fwd_x", (N, C, plan.Lx), dtype)
+            place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
         flag = bool(flag)
         if not compiled:
             done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
@@ -395,7 +401,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     return run
 
 
-def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
+def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     """dL/dX: stride-1 correlation of the (stride-dilated) output gradient, placed in planes of
     (H+EH-1) x (W+EW-1) (EH, EW: the dilated filter's extent), with the filters rotated by 180 degrees
     and in/out channels swapped within each group."""
@@ -411,7 +417,7 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
     plan = fwd_plan(G * Cg, Kg, KH, KW, Hb, Wb, H, W, dy.dtype, "store", groups=G, dil=dil)
     buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
     place(dy, buf, Hb, Wb, stride, EH - 1 - top, EW - 1 - left)
-    return _run_planes(buf, plan, wf, None)[0]
+    return _run_planes(buf, plan, wf, None, out=out)[0]
 
 
 def _dw_groups(N, Lx, NKB):
@@ -447,9 +453,9 @@ def _dw_kernel(kind, **geom):
     return k
 
 
-def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1):
+def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1, out=None):
     """dL/dW of a stride-1 correlation (x unpadded, pads applied here; taps dil apart; groups of
-    channels: dw is (K, C / groups, KH, KW))."""
+    channels: dw is (K, C / groups, KH, KW)), into out when given."""
     N, C, H, W = x.shape
     _, K, Ho, Wo = dy.shape
     top, bottom, left, right = pads
@@ -484,14 +490,13 @@ def _dw_stride1(x, dy, pads, KH, KW, dil=(1, 1), groups=1):
         kern = _dw_kernel("wide", C=Cg, KB=KB, NKB=NKB, KH=KH, KW=KW, Wp=Wp, Lx=Lx, **odd)
         part = np.empty((-(-N // G), NKB * KB, Cg, T), dtype)
         run_generated(kern, (xf, dyf, part, N, G, zero), dtype, part.shape[0] * NKB)
-    dw = part.sum(axis=0, dtype=np.float64)[:K] if part.shape[0] > 1 else part[0, :K]
-    return np.ascontiguousarray(dw.reshape(K, Cg, KH, KW), dtype=dtype)
+    return sum_partials(part, new_or(out, (K, Cg, KH, KW), dtype))
 
 
-def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
+def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     KH, KW = k_hw
     if stride == 1:
-        return _dw_stride1(x, dy, pads, KH, KW, dil, groups)
+        return _dw_stride1(x, dy, pads, KH, KW, dil, groups, out)
     s = stride
     N, C, H, W = x.shape
     K, Cg = dy.shape[1], C // groups
@@ -500,5 +505,7 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
     KHq, KWq = xs.shape[2] - Ho + 1, xs.shape[3] - Wo + 1
     dws = _dw_stride1(xs, dy, (0, 0, 0, 0), KHq, KWq, groups=groups)        # (K, Cg*s*s, KHq, KWq)
     dws = dws.reshape(K, Cg, s, s, KHq, KWq).transpose(0, 1, 4, 2, 5, 3).reshape(K, Cg, KHq * s, KWq * s)
-    return np.ascontiguousarray(dws[:, :, :EH:dil[0], :EW:dil[1]])
+    dw = new_or(out, (K, Cg, KH, KW), x.dtype)
+    dw[...] = dws[:, :, :EH:dil[0], :EW:dil[1]]
+    return dw
 

@@ -15,7 +15,7 @@ from numba import njit, prange
 
 from graphc.backends.kernel_cache import BlasLimit, rescan_blas
 from graphc.backends.numba.precompile import compile_for
-from graphc.backends.numba.conv.layout import out_hw, place, pool_hw, scratch
+from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch, sum_partials
 from graphc.backends.numba.threads import num_threads, parallel_for
 
 
@@ -181,22 +181,35 @@ def _i2c_dx(dy, wmt, dxp, KH, KW, s, dh=1, dw=1, G=1):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _i2c_dw(xp, dy, part, cols, KH, KW, s, dh=1, dw=1, groups=1):
-    """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g of
-    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis. With groups, part[g]
-    is (K, C/groups*KH*KW): filters of a group meet only its rows of cols."""
+def _i2c_dw(xp, dy, part, cols, dyb, B, KH, KW, s, dh=1, dw=1, groups=1):
+    """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g (g, g + G, ...) of
+    dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis. B images per GEMM, their
+    columns side by side in cols[thread] and dy rows in dyb[thread] (flat): the inner dimension is
+    B*Ho*Wo, not Ho*Wo (49 on 7x7 planes), and part[g] is added to once per B images, not per image.
+    With groups, part[g] is (K, C/groups*KH*KW): filters of a group meet only its rows of cols."""
     N, K, Ho, Wo = dy.shape
     G = part.shape[0]
+    P = Ho * Wo
     Kg, R = K // groups, part.shape[2]
+    RC = R * groups
     for g in prange(G):
-        cl = cols[numba.get_thread_id()]
+        t = numba.get_thread_id()
         acc = part[g]
-        acc[:, :] = 0
-        for n in range(g, N, G):
-            _cols_of(xp[n], cl, KH, KW, s, Ho, Wo, dh, dw)
-            dyn = dy[n].reshape(K, Ho * Wo)
+        mine = (N - g + G - 1) // G                      # images g, g + G, ...
+        for j in range(0, mine, B):
+            nb = min(B, mine - j)
+            cl = cols[t][:RC * nb * P].reshape(RC, nb * P)
+            db = dyb[t][:K * nb * P].reshape(K, nb * P)
+            for b in range(nb):
+                n = g + (j + b) * G
+                _cols_of(xp[n], cl[:, b * P:(b + 1) * P], KH, KW, s, Ho, Wo, dh, dw)
+                db[:, b * P:(b + 1) * P] = dy[n].reshape(K, P)
             for q in range(groups):
-                acc[q * Kg:(q + 1) * Kg] += np.dot(dyn[q * Kg:(q + 1) * Kg], cl[q * R:(q + 1) * R].T)
+                prod = np.dot(db[q * Kg:(q + 1) * Kg], cl[q * R:(q + 1) * R].T)
+                if j == 0:
+                    acc[q * Kg:(q + 1) * Kg] = prod
+                else:
+                    acc[q * Kg:(q + 1) * Kg] += prod
 
 
 _ONE_BLAS_THREAD = BlasLimit(1)
@@ -265,14 +278,15 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return y, route
 
 
-def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
+def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     N, K, Ho, Wo = dy.shape
     _, Cg, KH, KW = w.shape
     C = Cg * groups
     H, W = in_hw
     top, bottom, left, right = pads
     shape = (N, C, H + top + bottom, W + left + right)
-    dxp = np.empty(shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
+    # unpadded: col2im sums straight into the result; else into a padded work array, cropped into it
+    dxp = new_or(out, shape, dy.dtype) if pads == (0, 0, 0, 0) else scratch("i2c_dx", shape, dy.dtype)
     # per group (Cg*KH*KW, K/G): the group's filters transposed, groups stacked along the rows
     wmt = w.reshape(groups, K // groups, Cg * KH * KW).transpose(0, 2, 1).reshape(C * KH * KW, K // groups)
     args = (dy, np.ascontiguousarray(wmt), dxp, KH, KW, stride, dil[0], dil[1], groups)
@@ -281,24 +295,40 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1):
         _i2c_dx(*args)
     if pads == (0, 0, 0, 0):
         return dxp
-    return np.ascontiguousarray(dxp[:, :, top:top + H, left:left + W])
+    dx = new_or(out, (N, C, H, W), dy.dtype)
+    dx[...] = dxp[:, :, top:top + H, left:left + W]
+    return dx
 
 
-def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1):
+def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     N, K, Ho, Wo = dy.shape
     C = x.shape[1]
     KH, KW = k_hw
     xp = _padded_images(x, pads, "i2c_x")
     nt = numba.config.NUMBA_NUM_THREADS
-    cols = scratch("i2c_cols", (nt, C * KH * KW, Ho * Wo), x.dtype)
-    C //= groups
     # partial sums per group of images: as many groups as Numba may run threads (not as it runs now: the
     # sums, so the bits, would depend on the count, which the executor picks by timing)
-    part = np.empty((max(1, min(N, numba.config.NUMBA_NUM_THREADS)), K, C * KH * KW), x.dtype)
-    args = (xp, dy, part, cols, KH, KW, stride, dil[0], dil[1], groups)
+    G = max(1, min(N, nt))
+    P = Ho * Wo
+    B = _dw_batch(-(-N // G), C * KH * KW + K, P, x.dtype.itemsize)
+    cols = scratch("i2c_cols", (nt, C * KH * KW * B * P), x.dtype)
+    dyb = scratch("i2c_dyb", (nt, K * B * P), x.dtype)
+    C //= groups
+    part = np.empty((G, K, C * KH * KW), x.dtype)
+    args = (xp, dy, part, cols, dyb, B, KH, KW, stride, dil[0], dil[1], groups)
     _i2c_compiled(_i2c_dw, args)
     with _ONE_BLAS_THREAD:
         _i2c_dw(*args)
-    dw = part.sum(axis=0, dtype=np.float64) if part.shape[0] > 1 else part[0]
-    return np.ascontiguousarray(dw.reshape(K, C, KH, KW), dtype=x.dtype)
+    return sum_partials(part, new_or(out, (K, C, KH, KW), x.dtype))
 
+
+DW_INNER = 512                 # a dL/dW GEMM's inner dimension (images x output pixels) to aim for ...
+DW_WORK_BYTES = 4 << 20        # ... within this much work per thread (the columns and dy of its images)
+
+
+def _dw_batch(per_group, rows, P, itemsize):
+    """Images per GEMM of _i2c_dw: enough for an inner dimension of DW_INNER, at most the images of a
+    group and what fits DW_WORK_BYTES (rows: columns' rows + dy's, per output pixel of one image)."""
+    want = -(-DW_INNER // P)
+    fits = DW_WORK_BYTES // max(1, rows * P * itemsize)
+    return int(max(1, min(per_group, want, fits)))

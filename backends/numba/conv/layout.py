@@ -18,21 +18,30 @@ from graphc.errors import BackendError
 _TLS = threading.local()
 
 
+# The tags of work arrays no conv call holds at the same time share one buffer (ResNet-18 batch 16 kept
+# 126 MB of work arrays, one per tag, against 54 MB pooled): "planes" holds a call's input placed in
+# padded planes, "work" what it holds beside them (the per-thread im2col columns, the dL/dW kernels'
+# placed dy, the direct kernels' accumulators). A tag not listed has a buffer of its own.
+_POOLS = {**dict.fromkeys(("fwd_x", "i2c_x", "dx_dy", "dw_x", "dw_xs", "i2c_dx"), "planes"),
+          **dict.fromkeys(("i2c_cols", "dw_dy", "fwd_acc"), "work")}
+
+
 def scratch(tag, shape, dtype):
     """A work array private to this module, kept per thread and reused from call to call.
 
     Fresh large numpy arrays come from mmap (glibc hands every allocation above its threshold
     straight back to the kernel on free), so each call would pay a page fault per 4 KiB touched --
-    about 1.4 us each on this VM, milliseconds per layer.  One buffer per (tag, dtype), grown to the
-    largest shape asked for and handed out as a view of its start (every caller writes what it reads
-    before reading it), so the layers of a network share it instead of keeping one per shape.
-    Never returned to callers."""
+    about 1.4 us each on this VM, milliseconds per layer.  One buffer per (pool of the tag, dtype),
+    grown to the largest shape asked for and handed out as a view of its start (every caller writes
+    what it reads before reading it), so the layers of a network share it instead of keeping one per
+    shape. Never returned to callers; a call holds at most one array of each pool (_POOLS)."""
     bufs = getattr(_TLS, "bufs", None)
     if bufs is None:
         bufs = _TLS.bufs = {}
     dtype = np.dtype(dtype)
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64))
+    tag = _POOLS.get(tag, tag)
     a = bufs.get((tag, dtype.str))
     if a is None or a.size < n:
         a = bufs[(tag, dtype.str)] = aligned_empty(max(n, 1), dtype)
@@ -191,6 +200,49 @@ def float_array(a, name):
     if a.dtype not in (np.float32, np.float64):
         raise BackendError(f"{name}: numba conv kernels take float32 or float64, got {a.dtype}")
     return np.ascontiguousarray(a)
+
+
+def check_out(out, shape, dtype, what, inputs=()):
+    """``out`` (None, or the array a conv function is to write its result into: the executor passes the
+    value's planned buffer), checked: C-contiguous, writeable, of this shape and dtype, and apart from
+    the inputs (the kernels write parts of the result before they have read all of them)."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype \
+            or not out.flags.c_contiguous or not out.flags.writeable:
+        got = type(out).__name__ if not isinstance(out, np.ndarray) else \
+            f"{out.dtype} {out.shape}" + ("" if out.flags.c_contiguous else ", not C-contiguous") \
+            + ("" if out.flags.writeable else ", read-only")
+        raise BackendError(f"{what}: out= must be a writeable C-contiguous {np.dtype(dtype)} array of shape "
+                           f"{tuple(shape)}, got {got}")
+    if any(a is not None and np.may_share_memory(out, a) for a in inputs):
+        raise BackendError(f"{what}: out= overlaps an input; pass a separate array")
+    return out
+
+
+def new_or(out, shape, dtype):
+    """out, or a new array (a conv function's result)."""
+    return np.empty(shape, dtype) if out is None else out
+
+
+_SUM_CHUNK = 1 << 17          # elements of float64 partial sums made at a time (1 MB)
+
+
+def sum_partials(part, out):
+    """out (K, ...) = the sum over part's first axis of part[:, :K] (part (P, K' >= K, ...)), summed in
+    float64 and rounded once, so the result does not depend on how many partial sums there were; a
+    few rows at a time, so the float64 temporary stays small (a whole one was as large as dL/dW twice)."""
+    P, K = part.shape[0], out.shape[0]
+    o = out.reshape(K, -1)
+    p = part.reshape(P, part.shape[1], -1)
+    if P == 1:
+        o[...] = p[0, :K]
+        return out
+    rows = max(1, _SUM_CHUNK // max(1, o.shape[1]))
+    for k0 in range(0, K, rows):
+        k1 = min(K, k0 + rows)
+        o[k0:k1] = p[:, k0:k1].sum(axis=0, dtype=np.float64)
+    return out
 
 
 def dilation_pair(d):

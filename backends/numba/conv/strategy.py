@@ -131,11 +131,18 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
     e.g. a depthwise conv taken as a grouped one). A strided forward with a deep patch (channels per group
     x taps >= 512) goes to im2col too: ResNet-18's stride-2 3x3 convs at batch 1, 224x224 (2 threads),
     64->128 1.64 / 1.51 ms, 128->256 3.00 / 1.33 ms, 256->512 8.12 / 1.36 ms (direct / im2col), while
-    its 7x7 first layer (3 x 49 taps) stays direct (1.72 / 3.76 ms)."""
+    its 7x7 first layer (3 x 49 taps) stays direct (1.72 / 3.76 ms). A strided dL/dW (ungrouped) with a
+    patch that deep goes to im2col too, whose GEMMs take several images at once (ResNet-18 b16's stride-2
+    3x3 convs 64->128, 128->256, 256->512, CPU ms on one thread: 27.8 / 24.8, 23.2 / 19.5, 26.5 / 19.6;
+    best of 2 x 11 on 2 threads at load 1.2: 17.8 / 14.9, 14.2 / 12.0, 16.8 / 11.4 (direct / im2col);
+    direct runs them as 2x2 filters over 4 phases); shallower patches stay direct (32 x 9: 9.3 / 9.4;
+    ResNet's first layer 3 x 49: 35.1 / 58.6; AlexNet's 3 x 121: 16.7 / 20.3)."""
     one = tuple(w_shape[2:]) == (1, 1)
     if stride > 1 and (one or tuple(dil) != (1, 1)):
         return "im2col"
     if _deep_strided_forward(op, stride, w_shape):
+        return "im2col"
+    if stride > 1 and op == "conv2d_dw" and groups == 1 and w_shape[1] * w_shape[2] * w_shape[3] >= 512:
         return "im2col"
     if stride > 1 and op == "conv2d_dx":
         return "direct" if groups > 1 and w_shape[1] * (w_shape[0] // groups) < 128 else "im2col"
