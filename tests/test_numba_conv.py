@@ -193,7 +193,11 @@ def test_im2col_forward_split_over_filters_and_unbuilt_columns(N, geo, threads, 
     numba.set_num_threads(threads)
     try:
         z = conv_ref(x, w, b, s, pads)
-        close(nc.conv2d(x, w, b, s, pads, relu=True, strategy="im2col"), np.maximum(z, 0), np.float32)
+        y = nc.conv2d(x, w, b, s, pads, relu=True, strategy="im2col")
+        close(y, np.maximum(z, 0), np.float32)
+        out = np.full_like(y, np.nan)
+        assert nc.conv2d(x, w, b, s, pads, relu=True, strategy="im2col", out=out) is out
+        np.testing.assert_array_equal(out, y)                       # into the caller's array, same bits
         y, route = nc.conv2d_relu_maxpool(x, w, b, s, pads, 2, 2, save_route=True, strategy="im2col")
         yr, rr = maxpool_ref(np.maximum(z, 0), 2, 2)
         close(y, yr, np.float32)

@@ -65,11 +65,7 @@ def conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=
                          groups=int(groups))
     if s == "direct":
         return direct.forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
-    y = im2col.forward(x, w, b, stride, pads, "store", relu=bool(relu), **geo)[0]
-    if out is None:
-        return y
-    out[...] = y              # (im2col's forward makes its own result: copied)
-    return out
+    return im2col.forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
 
 
 def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None,
