@@ -35,12 +35,16 @@ def child(model, batch, optimizer):
     t_compiled = time.time()
     loss = exe.step(feeds)
     t_step1 = time.time()
+    import resource
+    cpu_main = time.process_time()
+    w = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_workers = w.ru_utime + w.ru_stime
     exe.step(feeds)
     t_step2 = time.time()
     kernels = exe.compile_times["bindings"][0]["kernels"]
     out = {"start": t_import, "imported": t_imported, "built": t_built, "compiled": t_compiled,
            "step1": t_step1, "step2": t_step2, "loss": loss, "kernels": kernels,
-           "finite": bool(np.isfinite(loss))}
+           "finite": bool(np.isfinite(loss)), "cpu_main": cpu_main, "cpu_workers": cpu_workers}
     print("FIRST_STEP " + json.dumps(out, default=str))
 
 
@@ -66,11 +70,13 @@ def show(label, r):
     k = r["kernels"] or {}
     print(f"{label}: interpreter up {r['start']:.2f}  imports {r['imported']:.2f}  model {r['built']:.2f}  "
           f"compile() {r['compiled']:.2f}  first step {r['step1']:.2f}  second step {r['step2']:.2f}  "
-          f"(s since start; loss {r['loss']:.5f}; {r['cpu']:.2f} s CPU in all)")
+          f"(s since start; loss {r['loss']:.5f})")
+    print(f"    CPU to the first step: {r['cpu_main']:.2f} s in the process, {r['cpu_workers']:.2f} s in its compile "
+          f"workers; {r['cpu']:.2f} s in all")
     if k:
         print(f"    kernels {k.get('kernels')}: {k.get('cached')} cached, {k.get('compiled')} compiled in "
               f"{k.get('workers', 0) + 1} process(es); discovery {k.get('discovery_s', 0):.3f} s, "
-              f"precompile {k.get('seconds', 0):.2f} s")
+              f"precompile {k.get('seconds', 0):.2f} s; idle CPUs seen {k.get('idle_cpus')}")
 
 
 def main():
