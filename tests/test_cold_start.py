@@ -186,6 +186,27 @@ def test_a_forked_worker_compiles_into_the_shared_disk_cache(own_cache):
         np.testing.assert_array_equal(y, 2 * x + c)
 
 
+def test_a_refused_fork_starts_a_new_process_instead(own_cache, monkeypatch):
+    if not precompile.can_fork():
+        pytest.skip("compile workers are forked on Linux only")
+
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(precompile.os, "fork", no_fork)
+    kern, c = _fresh_kernel("n")
+    x, y = np.ones(3), np.zeros(3)
+    sig = (numba.typeof(x), numba.typeof(y))
+    results = []
+    queue = deque([[(kern, sig, None, precompile.job_spec(kern))]])
+    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(1, None, ""), results)
+    assert not isinstance(worker.proc, precompile._Forked)
+    tail = worker.join()
+    assert results and results[0][1], tail
+    assert precompile.load_cached(kern, sig)
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+
+
 _TRAIN_COLD = """
 import hashlib, json, sys
 import numpy as np

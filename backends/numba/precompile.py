@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -266,10 +267,18 @@ class _Forked:
         from numba.core.compiler_lock import global_compiler_lock
         jobs_r, jobs_w = os.pipe()
         replies_r, replies_w = os.pipe()
-        with LOCK, global_compiler_lock:        # no other thread of this process is inside a compile
-            pid = os.fork()
-            if pid == 0:                        # the child: never returns
-                _forked_main(groups, jobs_r, replies_w, [jobs_w, replies_r, *others])
+        try:
+            # no other thread of this process is inside a compile; Python 3.12+ warns of forking with
+            # threads (BLAS's, a thread pool's): the child only compiles, it takes none of their locks
+            with LOCK, global_compiler_lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+                if pid == 0:                    # the child: never returns
+                    _forked_main(groups, jobs_r, replies_w, [jobs_w, replies_r, *others])
+        except OSError:                         # (no memory for the fork): the caller starts new processes
+            for fd in (jobs_r, jobs_w, replies_r, replies_w):
+                os.close(fd)
+            raise
         os.close(jobs_r)
         os.close(replies_w)
         self.pid, self.returncode = pid, None
@@ -403,9 +412,11 @@ def _start_workers(n, queue, qlock, prog, results):
         groups = list(queue)
         positions = {id(g): k for k, g in enumerate(groups)}
         forked = []
-        for _ in range(n):
-            forked.append(_Forked(groups, [fd for f in forked for fd in f.fds()]))
-        return [_WorkerProc(queue, qlock, prog, results, proc=f, positions=positions) for f in forked]
+        with contextlib.suppress(OSError):          # a fork refused: new processes for the rest
+            while len(forked) < n:
+                forked.append(_Forked(groups, [fd for f in forked for fd in f.fds()]))
+        return [_WorkerProc(queue, qlock, prog, results, proc=f, positions=positions) for f in forked] + \
+            [_WorkerProc(queue, qlock, prog, results) for _ in range(n - len(forked))]
     return [_WorkerProc(queue, qlock, prog, results) for _ in range(n)]
 
 
