@@ -230,15 +230,22 @@ print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.h
 """
 
 
-def _train_cold(tmp_path, name, **env):
-    """Two training steps in a fresh process on new, empty kernel caches: losses, a hash of the
-    parameters and the precompile stats."""
-    env = dict(os.environ, GRAPHC_CACHE_DIR=str(tmp_path / name / "kernels"),
-               NUMBA_CACHE_DIR=str(tmp_path / name / "numba"), **env)
-    p = subprocess.run([sys.executable, "-c", _TRAIN_COLD], env=env, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, p.stderr[-2000:]
-    return json.loads(lines[0][7:])
+def _train_cold(tmp_path, runs):
+    """For each {name: environment}, two training steps in a fresh process (all at once) on new, empty
+    kernel caches: {name: {losses, params (a hash), kernels (the precompile stats)}}."""
+    procs = {}
+    for name, extra in runs.items():
+        env = dict(os.environ, GRAPHC_CACHE_DIR=str(tmp_path / name / "kernels"),
+                   NUMBA_CACHE_DIR=str(tmp_path / name / "numba"), **extra)
+        procs[name] = subprocess.Popen([sys.executable, "-c", _TRAIN_COLD], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, stderr[-2000:]
+        out[name] = json.loads(lines[0][7:])
+    return out
 
 
 def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
@@ -246,8 +253,8 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     same losses and parameters as one whose kernels this process compiled alone."""
     if not precompile.can_fork():
         pytest.skip("compile workers are forked on Linux only")
-    alone = _train_cold(tmp_path, "alone", GRAPHC_COMPILE_WORKERS="0")
-    forked = _train_cold(tmp_path, "forked", GRAPHC_COMPILE_WORKERS="2")
+    r = _train_cold(tmp_path, {"alone": {"GRAPHC_COMPILE_WORKERS": "0"}, "forked": {"GRAPHC_COMPILE_WORKERS": "2"}})
+    alone, forked = r["alone"], r["forked"]
     assert alone["kernels"]["workers"] == 0 and forked["kernels"]["workers"] == 2
     assert forked["kernels"]["compiled"] == alone["kernels"]["compiled"] > 3
     assert forked["kernels"]["redone_here"] == 0
@@ -280,6 +287,7 @@ def test_workers_follow_idle_cpus(monkeypatch):
     assert precompile.workers_for(2, idle=3.0) == 0           # too few jobs to pay a start-up
     assert precompile.workers_for(10, idle=0.1, forked=True) == 1     # a fork costs milliseconds
     assert precompile.workers_for(10, idle=1.9, forked=True) == 2
+    assert precompile.workers_for(2, idle=0.0, forked=True) == 1
     monkeypatch.setattr(precompile.os, "cpu_count", lambda: 1)
     assert precompile.workers_for(10, idle=0.0, forked=True) == 0     # no second CPU
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")

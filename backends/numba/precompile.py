@@ -180,13 +180,13 @@ def idle_cpus(since, window=0.05):
 
 def workers_for(n_jobs, idle=None, forked=False) -> int:
     """Worker processes for n_jobs compilations: one per idle CPU (this process keeps one busy), at most
-    MAX_WORKERS, none for fewer than 3 jobs; ``$GRAPHC_COMPILE_WORKERS`` overrides. A new Python process
-    costs about 0.7 s CPU of imports and Numba set-up before its first compile: on a shared machine
-    whose other CPU is taken it only slowed this process down (10-12 s against 7-10 s alone under a
-    load of 4 on 2 CPUs). A `forked` one costs milliseconds, so one is started even then, on a machine
-    with a second CPU: two processes get a larger share of a busy machine than one (mnist_convnet's
-    training step under a load of 2.5-3 on 2 CPUs: 4.5-5.6 s to the first step against 6.7 s alone,
-    examples/first_step_time.py)."""
+    MAX_WORKERS; ``$GRAPHC_COMPILE_WORKERS`` overrides. A new Python process costs about 0.7 s CPU of
+    imports and Numba set-up before its first compile: none for fewer than 3 jobs, and on a shared
+    machine whose other CPU is taken it only slowed this process down (10-12 s against 7-10 s alone
+    under a load of 4 on 2 CPUs). A `forked` one costs milliseconds: one from 2 jobs on, on any machine
+    with a second CPU, even when the others look busy, where two processes get a larger share of the
+    machine than one (mnist_convnet's training step under a load of 2.5-3 on 2 CPUs: 4.5-5.6 s to the
+    first step against 6.7 s alone, examples/first_step_time.py)."""
     env = os.environ.get("GRAPHC_COMPILE_WORKERS")
     cpus = os.cpu_count() or 1
     if env not in (None, ""):
@@ -194,7 +194,7 @@ def workers_for(n_jobs, idle=None, forked=False) -> int:
             want = max(0, int(env))
         except ValueError:
             want = 0
-    elif n_jobs < 3:
+    elif n_jobs < (2 if forked else 3):
         want = 0
     else:
         free = cpus - 1 if idle is None else int(idle + 0.35)
