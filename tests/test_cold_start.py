@@ -253,9 +253,9 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     same losses and parameters as one whose kernels this process compiled alone."""
     if not precompile.can_fork():
         pytest.skip("compile workers are forked on Linux only")
-    r = _train_cold(tmp_path, {"alone": {"GRAPHC_COMPILE_WORKERS": "0"}, "forked": {"GRAPHC_COMPILE_WORKERS": "2"}})
+    r = _train_cold(tmp_path, {"alone": {"GRAPHC_COMPILE_WORKERS": "0"}, "forked": {"GRAPHC_COMPILE_WORKERS": "1"}})
     alone, forked = r["alone"], r["forked"]
-    assert alone["kernels"]["workers"] == 0 and forked["kernels"]["workers"] == 2
+    assert alone["kernels"]["workers"] == 0 and forked["kernels"]["workers"] == 1
     assert forked["kernels"]["compiled"] == alone["kernels"]["compiled"] > 3
     assert forked["kernels"]["redone_here"] == 0
     assert forked["losses"] == alone["losses"] and forked["params"] == alone["params"]
@@ -285,11 +285,8 @@ def test_workers_follow_idle_cpus(monkeypatch):
     assert precompile.workers_for(10, idle=0.1) == 0          # the other CPUs are busy
     assert precompile.workers_for(10, idle=2.9) == 3
     assert precompile.workers_for(2, idle=3.0) == 0           # too few jobs to pay a start-up
-    assert precompile.workers_for(10, idle=0.1, forked=True) == 1     # a fork costs milliseconds
-    assert precompile.workers_for(10, idle=1.9, forked=True) == 2
-    assert precompile.workers_for(2, idle=0.0, forked=True) == 1
-    monkeypatch.setattr(precompile.os, "cpu_count", lambda: 1)
-    assert precompile.workers_for(10, idle=0.0, forked=True) == 0     # no second CPU
+    assert precompile.workers_for(2, idle=3.0, forked=True) == 1      # a fork costs milliseconds
+    assert precompile.workers_for(10, idle=0.1, forked=True) == 0     # busy: a worker only splits our share
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     assert precompile.workers_for(10, idle=0.0) == 1
 

@@ -180,13 +180,12 @@ def idle_cpus(since, window=0.05):
 
 def workers_for(n_jobs, idle=None, forked=False) -> int:
     """Worker processes for n_jobs compilations: one per idle CPU (this process keeps one busy), at most
-    MAX_WORKERS; ``$GRAPHC_COMPILE_WORKERS`` overrides. A new Python process costs about 0.7 s CPU of
-    imports and Numba set-up before its first compile: none for fewer than 3 jobs, and on a shared
-    machine whose other CPU is taken it only slowed this process down (10-12 s against 7-10 s alone
-    under a load of 4 on 2 CPUs). A `forked` one costs milliseconds: one from 2 jobs on, on any machine
-    with a second CPU, even when the others look busy, where two processes get a larger share of the
-    machine than one (mnist_convnet's training step under a load of 2.5-3 on 2 CPUs: 4.5-5.6 s to the
-    first step against 6.7 s alone, examples/first_step_time.py)."""
+    MAX_WORKERS; ``$GRAPHC_COMPILE_WORKERS`` overrides. None on a machine whose other CPUs are taken: the
+    scheduler shares the CPUs between sessions (Linux's autogroups), not processes, so a worker only
+    splits this session's share and repeats per-process work (10-12 s against 7-10 s alone under a load
+    of 4 on 2 CPUs; with a forked worker, under a load of 3.4-4.2: 4.3-20.8 s against 5.9-9.1 s alone).
+    A new Python process costs about 0.7 s CPU of imports and Numba set-up before its first compile, so
+    none for fewer than 3 jobs; a `forked` one costs milliseconds: one from 2 jobs on."""
     env = os.environ.get("GRAPHC_COMPILE_WORKERS")
     cpus = os.cpu_count() or 1
     if env not in (None, ""):
@@ -198,8 +197,6 @@ def workers_for(n_jobs, idle=None, forked=False) -> int:
         want = 0
     else:
         free = cpus - 1 if idle is None else int(idle + 0.35)
-        if forked:
-            free = max(free, 1)
         want = min(MAX_WORKERS, free, cpus - 1)
     return max(0, min(want, n_jobs - 1))
 
@@ -319,25 +316,9 @@ def _forked_main(groups, jobs_fd, replies_fd, close):
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         sys.stdout = sys.stderr = open(os.devnull, "w", encoding="utf-8")
-        from graphc.backends.numba.compile_stats import CompileRecorder
-        rec = CompileRecorder().start()
-        jobs, out = os.fdopen(jobs_fd, "rb"), os.fdopen(replies_fd, "w", encoding="utf-8")
-        while True:
-            try:
-                k = pickle.load(jobs)
-            except EOFError:
-                break
-            if k is None:
-                break
-            try:
-                for disp, sig, options, _ in groups[k]:
-                    compile_for(disp, sig, options)     # Numba's disk cache is written as it compiles
-                out.write("ok\n")
-            except Exception as e:           # the parent compiles them itself
-                out.write("error " + " ".join(f"{type(e).__name__}: {e}".split())[:300] + "\n")
-            out.flush()
-        out.write("stats " + json.dumps(rec.stop().kernel_rows()) + "\n")
-        out.flush()
+        from graphc.backends.numba.compile_worker import serve
+        with os.fdopen(jobs_fd, "rb") as jobs, os.fdopen(replies_fd, "w", encoding="utf-8") as out:
+            serve(jobs, out, lambda k: [job[:3] for job in groups[k]])
         code = 0
     finally:
         os._exit(code)
@@ -479,7 +460,7 @@ def precompile_steps(steps, progress="auto", label=""):
     stats = {"kernels": len(found), "cached": cached, "compiled": 0, "workers": 0,
              "discovery_s": round(t1 - t0, 4), "cache_s": round(t2 - t1, 4)}
     if jobs:
-        idle = idle_cpus(cpu0) if len(jobs) >= 3 else None
+        idle = idle_cpus(cpu0) if len(jobs) >= 2 else None
         stats.update(compile_jobs(jobs, progress, label, idle))
         stats["idle_cpus"] = None if idle is None else round(idle, 2)
     stats["seconds"] = time.perf_counter() - t0
