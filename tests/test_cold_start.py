@@ -287,6 +287,7 @@ def test_workers_follow_idle_cpus(monkeypatch):
     assert precompile.workers_for(2, idle=3.0) == 0           # too few jobs to pay a start-up
     assert precompile.workers_for(2, idle=3.0, forked=True) == 1      # a fork costs milliseconds
     assert precompile.workers_for(10, idle=0.1, forked=True) == 0     # busy: a worker only splits our share
+    assert precompile.workers_for(10, idle=0.5, forked=True) == 1 and precompile.workers_for(10, idle=0.5) == 0
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     assert precompile.workers_for(10, idle=0.0) == 1
 

@@ -184,8 +184,11 @@ def workers_for(n_jobs, idle=None, forked=False) -> int:
     scheduler shares the CPUs between sessions (Linux's autogroups), not processes, so a worker only
     splits this session's share and repeats per-process work (10-12 s against 7-10 s alone under a load
     of 4 on 2 CPUs; with a forked worker, under a load of 3.4-4.2: 4.3-20.8 s against 5.9-9.1 s alone).
-    A new Python process costs about 0.7 s CPU of imports and Numba set-up before its first compile, so
-    none for fewer than 3 jobs; a `forked` one costs milliseconds: one from 2 jobs on."""
+    A new Python process costs about 0.7 s CPU of imports and Numba set-up before its first compile:
+    none for fewer than 3 jobs or under 0.65 idle CPUs. A `forked` one costs milliseconds: one from 2
+    jobs and 0.4 idle CPUs on (a machine whose other CPU is half taken still gives a second process
+    about half a CPU more: mnist_convnet's training step with 0.5-0.6 idle CPUs seen, 3.3-3.4 s to the
+    first step with a forked worker, 3.8-3.9 s with a new process, 5.6-5.8 s alone)."""
     env = os.environ.get("GRAPHC_COMPILE_WORKERS")
     cpus = os.cpu_count() or 1
     if env not in (None, ""):
@@ -196,7 +199,7 @@ def workers_for(n_jobs, idle=None, forked=False) -> int:
     elif n_jobs < (2 if forked else 3):
         want = 0
     else:
-        free = cpus - 1 if idle is None else int(idle + 0.35)
+        free = cpus - 1 if idle is None else int(idle + (0.6 if forked else 0.35))
         want = min(MAX_WORKERS, free, cpus - 1)
     return max(0, min(want, n_jobs - 1))
 
