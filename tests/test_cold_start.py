@@ -1,6 +1,10 @@
 """Time to first step (issue 14): parallel loops on Python threads, kernel discovery and parallel
 compilation, the static conv strategy of a cold start, the compile breakdown, the progress line, and
 results that do not depend on the thread count (which the executor picks by timing)."""
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -192,6 +196,104 @@ def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     assert "stats" in tail
 
 
+def test_a_forked_worker_compiles_into_the_shared_disk_cache(own_cache):
+    """A worker forked from this process finds each kernel by its place in the queue and compiles it
+    into the disk cache; this process then loads the machine code without compiling."""
+    if not precompile.can_fork():
+        pytest.skip("compile workers are forked on Linux only")
+    kernels = [_fresh_kernel("f") for _ in range(2)]
+    x, y = np.ones(3), np.zeros(3)
+    sig = (numba.typeof(x), numba.typeof(y))
+    queue = deque([[(k, sig, None, None)] for k, _ in kernels])      # no spec: no new process could find them
+    results = []
+    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(2, None, ""), results)
+    assert isinstance(worker.proc, precompile._Forked)
+    tail = worker.join()
+    assert [ok for _, ok in results] == [True, True], tail
+    assert worker.proc.returncode == 0 and "stats" in tail
+    for kern, c in kernels:
+        assert not kern.overloads
+        assert precompile.load_cached(kern, sig)
+        assert sum(kern.stats.cache_misses.values()) == 0
+        kern(x, y)
+        np.testing.assert_array_equal(y, 2 * x + c)
+
+
+def test_a_refused_fork_starts_a_new_process_instead(own_cache, monkeypatch):
+    if not precompile.can_fork():
+        pytest.skip("compile workers are forked on Linux only")
+
+    def no_fork():
+        raise OSError(12, "Cannot allocate memory")
+    monkeypatch.setattr(precompile.os, "fork", no_fork)
+    kern, c = _fresh_kernel("n")
+    x, y = np.ones(3), np.zeros(3)
+    sig = (numba.typeof(x), numba.typeof(y))
+    results = []
+    queue = deque([[(kern, sig, None, precompile.job_spec(kern))]])
+    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(1, None, ""), results)
+    assert not isinstance(worker.proc, precompile._Forked)
+    tail = worker.join()
+    assert results and results[0][1], tail
+    assert precompile.load_cached(kern, sig)
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+
+
+_TRAIN_COLD = """
+import hashlib, json, sys
+import numpy as np
+import graphc as gc
+g = gc.Graph("fork_cnn", seed=5)
+x = g.input("x", (None, 2, 9, 9))
+y = g.input("labels", (None,), dtype="int64")
+h = g.maxpool(g.relu(g.conv(x, g.param("c1.w", (5, 2, 3, 3), init="he"), g.param("c1.b", (5,), init="zeros"))), 2)
+h = g.flatten(h)
+logits = g.dense(h, g.param("fc.w", (3, 5 * 3 * 3), init="glorot"), g.param("fc.b", (3,), init="zeros"), name="logits")
+g.output(g.softmax_cross_entropy(logits, y, name="loss"))
+rng = np.random.default_rng(1)
+feeds = {"x": rng.standard_normal((5, 2, 9, 9)).astype(np.float32), "labels": rng.integers(0, 3, 5)}
+exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(0.01), progress=None)
+losses = [exe.step(feeds) for _ in range(2)]
+h = hashlib.sha256()
+for k in sorted(exe.params):
+    h.update(np.ascontiguousarray(exe.params[k]).tobytes())
+k = exe.compile_times["bindings"][0]["kernels"]
+print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k}))
+"""
+
+
+def _train_cold(tmp_path, runs):
+    """For each {name: environment}, two training steps in a fresh process (all at once) on new, empty
+    kernel caches: {name: {losses, params (a hash), kernels (the precompile stats)}}."""
+    procs = {}
+    for name, extra in runs.items():
+        env = dict(os.environ, GRAPHC_CACHE_DIR=str(tmp_path / name / "kernels"),
+                   NUMBA_CACHE_DIR=str(tmp_path / name / "numba"), **extra)
+        procs[name] = subprocess.Popen([sys.executable, "-c", _TRAIN_COLD], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)
+    out = {}
+    for name, p in procs.items():
+        stdout, stderr = p.communicate(timeout=600)
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, stderr[-2000:]
+        out[name] = json.loads(lines[0][7:])
+    return out
+
+
+def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
+    """From empty caches, a training step whose kernels were compiled by forked workers gives the very
+    same losses and parameters as one whose kernels this process compiled alone."""
+    if not precompile.can_fork():
+        pytest.skip("compile workers are forked on Linux only")
+    r = _train_cold(tmp_path, {"alone": {"GRAPHC_COMPILE_WORKERS": "0"}, "forked": {"GRAPHC_COMPILE_WORKERS": "1"}})
+    alone, forked = r["alone"], r["forked"]
+    assert alone["kernels"]["workers"] == 0 and forked["kernels"]["workers"] == 1
+    assert forked["kernels"]["compiled"] == alone["kernels"]["compiled"] > 3
+    assert forked["kernels"]["redone_here"] == 0
+    assert forked["losses"] == alone["losses"] and forked["params"] == alone["params"]
+
+
 def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch, own_cache):
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "0")
     kernels = [_fresh_kernel("p") for _ in range(2)]
@@ -216,6 +318,9 @@ def test_workers_follow_idle_cpus(monkeypatch):
     assert precompile.workers_for(10, idle=0.1) == 0          # the other CPUs are busy
     assert precompile.workers_for(10, idle=2.9) == 3
     assert precompile.workers_for(2, idle=3.0) == 0           # too few jobs to pay a start-up
+    assert precompile.workers_for(2, idle=3.0, forked=True) == 1      # a fork costs milliseconds
+    assert precompile.workers_for(10, idle=0.1, forked=True) == 0     # busy: a worker only splits our share
+    assert precompile.workers_for(10, idle=0.5, forked=True) == 1 and precompile.workers_for(10, idle=0.5) == 0
     monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "1")
     assert precompile.workers_for(10, idle=0.0) == 1
 

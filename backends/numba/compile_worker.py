@@ -22,29 +22,33 @@ def kernel_of(spec):
     return getattr(sys.modules[os.path.basename(spec[1])[:-3]], spec[3])
 
 
-def main():
+def serve(jobs, out, kernels):
+    """The worker's loop: pickled jobs read from `jobs` until a None or the end, each turned by
+    `kernels(job)` into [(dispatcher, argument types, LLVM options)] and compiled (into Numba's disk
+    cache); "ok" or "error ..." written to `out` per job, then a "stats" line."""
     from graphc.backends.numba.compile_stats import CompileRecorder
-    from graphc.backends.numba.precompile import options_context
+    from graphc.backends.numba.precompile import compile_for
     rec = CompileRecorder().start()
-    stdin, out = sys.stdin.buffer, sys.stdout
     while True:
         try:
-            group = pickle.load(stdin)
+            job = pickle.load(jobs)
         except EOFError:
             break
-        if group is None:
+        if job is None:
             break
         try:
-            for sig, spec, options in group:        # every signature of one kernel
-                disp = kernel_of(spec)
-                with options_context(options):
-                    disp.compile(sig)
+            for disp, sig, options in kernels(job):      # every signature of one kernel
+                compile_for(disp, sig, options)
             out.write("ok\n")
         except Exception as e:           # the parent compiles them itself
             out.write("error " + " ".join(f"{type(e).__name__}: {e}".split())[:300] + "\n")
         out.flush()
     out.write("stats " + json.dumps(rec.stop().kernel_rows()) + "\n")
     out.flush()
+
+
+def main():
+    serve(sys.stdin.buffer, sys.stdout, lambda group: [(kernel_of(spec), sig, options) for sig, spec, options in group])
 
 
 if __name__ == "__main__":

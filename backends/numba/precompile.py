@@ -7,10 +7,14 @@ with a "compiling N kernels" progress line.
    argument types, in program order, without computing anything (so garbage in the buffers is
    harmless: no kernel reads it). Parallel calls run on this one thread meanwhile.
 2. Each (kernel, types) found is loaded from Numba's disk cache when it is there.
-3. The rest is compiled: a queue, largest first, shared by this process and `workers` processes
-   (``python -m graphc.backends.numba.compile_worker``: each rebuilds a kernel from its module or
-   its generated file, compiles it under the same LLVM options and writes Numba's disk cache); this
-   process then loads what they compiled. A kernel of a failed worker is compiled here.
+3. The rest is compiled: a queue, largest first, shared by this process and `workers` processes,
+   each compiling under the same LLVM options and writing Numba's disk cache; this process then loads
+   what they compiled. A kernel of a failed worker is compiled here. On Linux a worker is forked from
+   this process (it has every module loaded and Numba's compiler set up, and finds a kernel by its
+   place in the queue); elsewhere, or with ``GRAPHC_COMPILE_FORK=0``, it is a new Python process
+   (``python -m graphc.backends.numba.compile_worker``) that rebuilds each kernel from its module or
+   its generated file. Compiled machine code does not depend on which process compiled it: results
+   are the same either way.
 
 Whatever discovery misses (a step that raised on garbage) is compiled when the real run calls it.
 """
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -173,23 +178,29 @@ def idle_cpus(since, window=0.05):
     return (os.cpu_count() or 1) * (now[0] - since[0]) / (now[1] - since[1])
 
 
-def workers_for(n_jobs, idle=None) -> int:
-    """Worker processes for n_jobs compilations: one per idle CPU (this process keeps one busy; on a
-    shared machine whose other CPU is taken, a worker only slows this process down: measured 10-12 s
-    against 7-10 s alone under a load of 4 on 2 CPUs), at most MAX_WORKERS, none for fewer than 3
-    jobs (starting one costs about a second of imports and Numba set-up);
-    ``$GRAPHC_COMPILE_WORKERS`` overrides."""
+def workers_for(n_jobs, idle=None, forked=False) -> int:
+    """Worker processes for n_jobs compilations: one per idle CPU (this process keeps one busy), at most
+    MAX_WORKERS; ``$GRAPHC_COMPILE_WORKERS`` overrides. None on a machine whose other CPUs are taken: the
+    scheduler shares the CPUs between sessions (Linux's autogroups), not processes, so a worker only
+    splits this session's share and repeats per-process work (10-12 s against 7-10 s alone under a load
+    of 4 on 2 CPUs; with a forked worker, under a load of 3.4-4.2: 4.3-20.8 s against 5.9-9.1 s alone).
+    A new Python process costs about 0.7 s CPU of imports and Numba set-up before its first compile:
+    none for fewer than 3 jobs or under 0.65 idle CPUs. A `forked` one costs milliseconds: one from 2
+    jobs and 0.4 idle CPUs on (a machine whose other CPU is half taken still gives a second process
+    about half a CPU more: mnist_convnet's training step with 0.5-0.6 idle CPUs seen, 3.3-3.4 s to the
+    first step with a forked worker, 3.8-3.9 s with a new process, 5.6-5.8 s alone)."""
     env = os.environ.get("GRAPHC_COMPILE_WORKERS")
+    cpus = os.cpu_count() or 1
     if env not in (None, ""):
         try:
             want = max(0, int(env))
         except ValueError:
             want = 0
-    elif n_jobs < 3:
+    elif n_jobs < (2 if forked else 3):
         want = 0
     else:
-        free = (os.cpu_count() or 1) - 1 if idle is None else int(idle + 0.35)
-        want = min(MAX_WORKERS, free, (os.cpu_count() or 1) - 1)
+        free = cpus - 1 if idle is None else int(idle + (0.6 if forked else 0.35))
+        want = min(MAX_WORKERS, free, cpus - 1)
     return max(0, min(want, n_jobs - 1))
 
 
@@ -237,14 +248,96 @@ def _isatty():
 
 # ------------------------------------------------------------------------------------- compiling
 
-class _WorkerProc:
-    """A compile worker process fed one job at a time from the shared queue by a thread here."""
+def can_fork() -> bool:
+    """Whether compile workers are forked from this process (Linux, unless ``$GRAPHC_COMPILE_FORK`` is
+    0, and not under MPI, whose libraries do not survive a fork); else they are started as new Python
+    processes."""
+    return (sys.platform.startswith("linux") and hasattr(os, "fork") and "mpi4py.MPI" not in sys.modules
+            and os.environ.get("GRAPHC_COMPILE_FORK", "1") != "0")
 
-    def __init__(self, queue, qlock, progress, results):
+
+class _Forked:
+    """A compile worker forked from this process: it inherits the loaded modules and Numba's
+    initialised compiler (a new process spends about 0.7 s CPU on imports and Numba's set-up before its
+    first compile; a fork, milliseconds), and finds each kernel by its group's position in `groups`,
+    the queue it was forked with, so kernels no other process could rebuild are fine too. It has the
+    stdin, stdout, wait and kill of a Popen; `others` are pipe ends of earlier workers, closed in it."""
+
+    def __init__(self, groups, others=()):
+        from numba.core.compiler_lock import global_compiler_lock
+        jobs_r, jobs_w = os.pipe()
+        replies_r, replies_w = os.pipe()
+        try:
+            # no other thread of this process is inside a compile; Python 3.12+ warns of forking with
+            # threads (BLAS's, a thread pool's): the child only compiles, it takes none of their locks
+            with LOCK, global_compiler_lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+                if pid == 0:                    # the child: never returns
+                    _forked_main(groups, jobs_r, replies_w, [jobs_w, replies_r, *others])
+        except OSError:                         # (no memory for the fork): the caller starts new processes
+            for fd in (jobs_r, jobs_w, replies_r, replies_w):
+                os.close(fd)
+            raise
+        os.close(jobs_r)
+        os.close(replies_w)
+        self.pid, self.returncode = pid, None
+        self.stdin, self.stdout = os.fdopen(jobs_w, "wb"), os.fdopen(replies_r, "rb")
+
+    def fds(self):
+        return [self.stdin.fileno(), self.stdout.fileno()]
+
+    def wait(self, timeout=None):
+        t_end = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if t_end is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > t_end:
+                raise TimeoutError(f"compile worker {self.pid} did not exit")
+            else:
+                time.sleep(0.01)
+        return self.returncode
+
+    def kill(self):
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, 9)
+        with contextlib.suppress(Exception):
+            self.wait(5)
+
+
+def _forked_main(groups, jobs_fd, replies_fd, close):
+    """A forked worker's life: the protocol of compile_worker.py, with group positions for jobs. It
+    writes nothing to this process's stdout or stderr and leaves by os._exit (no atexit handlers, no
+    second flush of buffers inherited from the parent)."""
+    code = 1
+    try:
+        for fd in close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        sys.stdout = sys.stderr = open(os.devnull, "w", encoding="utf-8")
+        from graphc.backends.numba.compile_worker import serve
+        with os.fdopen(jobs_fd, "rb") as jobs, os.fdopen(replies_fd, "w", encoding="utf-8") as out:
+            serve(jobs, out, lambda k: [job[:3] for job in groups[k]])
+        code = 0
+    finally:
+        os._exit(code)
+
+
+class _WorkerProc:
+    """A compile worker process fed one job at a time from the shared queue by a thread here: a new
+    Python process (compile_worker.py), or `proc`, a _Forked one, which is sent the position of each
+    group in `positions` instead of where its kernels are."""
+
+    def __init__(self, queue, qlock, progress, results, proc=None, positions=None):
         self.queue, self.qlock, self.progress, self.results = queue, qlock, progress, results
-        self.proc = subprocess.Popen([sys.executable, "-m", "graphc.backends.numba.compile_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     env=dict(os.environ))
+        self.positions = positions
+        self.proc = proc or subprocess.Popen([sys.executable, "-m", "graphc.backends.numba.compile_worker"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                             stderr=subprocess.DEVNULL, env=dict(os.environ))
         self.thread = threading.Thread(target=self._feed, daemon=True)
         self.thread.start()
 
@@ -252,11 +345,18 @@ class _WorkerProc:
         with self.qlock:
             return self.queue.popleft() if self.queue else None
 
+    def _message(self, group):
+        if group is None:
+            return None
+        if self.positions is not None:
+            return self.positions[id(group)]
+        return [(j[1], j[3], j[2]) for j in group]
+
     def _feed(self):
         try:
             while True:
                 group = self._next()
-                pickle.dump(None if group is None else [(j[1], j[3], j[2]) for j in group], self.proc.stdin)
+                pickle.dump(self._message(group), self.proc.stdin)
                 self.proc.stdin.flush()
                 if group is None:
                     break
@@ -287,6 +387,23 @@ class _WorkerProc:
         return rest
 
 
+def _start_workers(n, queue, qlock, prog, results):
+    """n workers on the queue: forked from this process where it can (all forked before any feeding
+    thread starts), else new Python processes."""
+    if not n:
+        return []
+    if can_fork():
+        groups = list(queue)
+        positions = {id(g): k for k, g in enumerate(groups)}
+        forked = []
+        with contextlib.suppress(OSError):          # a fork refused: new processes for the rest
+            while len(forked) < n:
+                forked.append(_Forked(groups, [fd for f in forked for fd in f.fds()]))
+        return [_WorkerProc(queue, qlock, prog, results, proc=f, positions=positions) for f in forked] + \
+            [_WorkerProc(queue, qlock, prog, results) for _ in range(n - len(forked))]
+    return [_WorkerProc(queue, qlock, prog, results) for _ in range(n)]
+
+
 def compile_jobs(jobs, progress="auto", label="", idle=None):
     """Compiles [(disp, sig, options, spec)] here and in worker processes (one per idle CPU), largest
     kernels first from one queue; returns stats."""
@@ -294,11 +411,11 @@ def compile_jobs(jobs, progress="auto", label="", idle=None):
     groups = _groups(jobs)
     local_only = [g for g in groups if g[0][3] is None]          # no worker can find these kernels
     queue = deque(g for g in groups if g[0][3] is not None)
-    nworkers = workers_for(len(jobs), idle)
+    nworkers = workers_for(len(jobs), idle, forked=can_fork())
     prog = _Progress(len(jobs), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
     qlock = threading.Lock()
     results = []
-    procs = [_WorkerProc(queue, qlock, prog, results) for _ in range(nworkers)]
+    procs = _start_workers(nworkers, queue, qlock, prog, results)
     while True:
         with qlock:
             group = local_only.pop(0) if local_only else (queue.popleft() if queue else None)
@@ -346,7 +463,7 @@ def precompile_steps(steps, progress="auto", label=""):
     stats = {"kernels": len(found), "cached": cached, "compiled": 0, "workers": 0,
              "discovery_s": round(t1 - t0, 4), "cache_s": round(t2 - t1, 4)}
     if jobs:
-        idle = idle_cpus(cpu0) if len(jobs) >= 3 else None
+        idle = idle_cpus(cpu0) if len(jobs) >= 2 else None
         stats.update(compile_jobs(jobs, progress, label, idle))
         stats["idle_cpus"] = None if idle is None else round(idle, 2)
     stats["seconds"] = time.perf_counter() - t0
