@@ -100,6 +100,28 @@ def test_openmp_workers_spin_briefly_unless_the_user_says(user_env, expect):
     assert peer == (str(expect) if user_env else "None")
 
 
+def test_scipy_blas_is_loaded_single_threaded_and_the_environment_restored():
+    """Numba's np.dot calls SciPy's OpenBLAS: im2col loads it set up for one thread (a two-thread
+    OpenBLAS kept a thread spinning on the other core during runs), without changing the environment."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    code = ("import os, numpy, threadpoolctl\n"
+            "from graphc.backends import kernel_cache\n"
+            "kernel_cache.load_scipy_blas_single_threaded()\n"
+            "libs = [d for d in threadpoolctl.threadpool_info() if 'scipy.libs' in d['filepath']]\n"
+            "print(len(libs), libs[0]['num_threads'] if libs else -1, os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    n, threads, envvar = out.stdout.split()
+    if n == "0":
+        pytest.skip("SciPy's BLAS is not a separate scipy.libs OpenBLAS here")
+    assert threads == "1" and envvar == "None", out.stdout
+
+
 def test_batch_split_slices_only_batch_arrays():
     got = []
     fn = nthreads.batch_split(lambda *a: got.append([np.shape(v) for v in a]), (np.zeros((6, 2)), np.zeros((1, 1)), 3), 6)
