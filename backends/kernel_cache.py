@@ -169,7 +169,7 @@ def aligned_empty(shape, dtype, align=64):
 # ------------------------------------------------------------------------------------ BLAS threads
 
 _BLAS_LIBS: list = []
-_BLAS_SCANNED = [False]
+_BLAS_SCANNED = [False, False]      # scanned; SciPy's BLAS was loaded then
 
 
 def rescan_blas():
@@ -178,14 +178,23 @@ def rescan_blas():
 
 
 def load_scipy_blas_single_threaded():
-    """Loads SciPy's BLAS (the one Numba's np.dot calls) with OpenBLAS set up for one thread, unless
-    it is loaded already. An OpenBLAS started with two threads kept a server thread spinning on the
+    """Loads SciPy's BLAS (the one Numba's np.dot calls; Numba loads it on its first compile) with
+    OpenBLAS set up for one thread; one loaded already is held to one thread from now on. An OpenBLAS started with two threads kept a server thread spinning on the
     other core during graphc's runs although every call was held to one thread: with it, ResNet-18's
     conv kernels ran at half speed on 2 threads in a batch-16 training step (layer4's 3x3 conv 31 ms,
     16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
     library can still be given more threads later (threadpoolctl)."""
     import sys
-    if "scipy.linalg.cython_blas" in sys.modules:
+    if "scipy.linalg" in sys.modules:
+        # loaded by someone else, maybe with two threads: held to one from now on (once used with
+        # two, its thread spun beside graphc's even under a BlasLimit: ResNet-18's training step
+        # after an AlexNet run in the same process, 1224-1331 ms instead of 820)
+        if not _SCIPY_HELD[0]:
+            _SCIPY_HELD[0] = True
+            rescan_blas()
+            for lc in _blas_libs():
+                if "scipy.libs" in lc.filepath or "scipy/linalg" in lc.filepath:
+                    lc.set_num_threads(1)
         return
     saved = os.environ.get("OPENBLAS_NUM_THREADS")
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
@@ -201,8 +210,15 @@ def load_scipy_blas_single_threaded():
     rescan_blas()
 
 
+_SCIPY_HELD = [False]
+
+
 def _blas_libs():
+    import sys
+    if _BLAS_SCANNED[0] and not _BLAS_SCANNED[1] and "scipy.linalg" in sys.modules:
+        _BLAS_SCANNED[0] = False          # SciPy's BLAS was loaded since the last look: look again
     if not _BLAS_SCANNED[0]:
+        _BLAS_SCANNED[1] = "scipy.linalg" in sys.modules
         try:
             from threadpoolctl import ThreadpoolController
             _BLAS_LIBS[:] = [lc for lc in ThreadpoolController().lib_controllers if lc.user_api == "blas"]

@@ -101,14 +101,20 @@ def test_openmp_workers_spin_briefly_unless_the_user_says(user_env, expect):
 
 
 def test_scipy_blas_is_loaded_single_threaded_and_the_environment_restored():
-    """Numba's np.dot calls SciPy's OpenBLAS: im2col loads it set up for one thread (a two-thread
-    OpenBLAS kept a thread spinning on the other core during runs), without changing the environment."""
+    """Numba's np.dot calls SciPy's OpenBLAS: the numba backend loads it set up for one thread (a
+    two-thread OpenBLAS kept a thread spinning on the other core during runs), without changing the
+    environment; one loaded before is held to one thread."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    _blas_threads_after_load("")
+    _blas_threads_after_load("import scipy.linalg\n")          # loaded before, with two: held to one
+
+
+def _blas_threads_after_load(first):
     import os
     import subprocess
     import sys
-    pytest.importorskip("scipy")
-    pytest.importorskip("threadpoolctl")
-    code = ("import os, numpy, threadpoolctl\n"
+    code = (first + "import os, numpy, threadpoolctl\n"
             "from graphc.backends import kernel_cache\n"
             "kernel_cache.load_scipy_blas_single_threaded()\n"
             "libs = [d for d in threadpoolctl.threadpool_info() if 'scipy.libs' in d['filepath']]\n"
