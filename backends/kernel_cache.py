@@ -179,8 +179,9 @@ def rescan_blas():
 
 def load_scipy_blas_single_threaded():
     """Loads SciPy's BLAS (the one Numba's np.dot calls; Numba loads it on its first compile) with
-    OpenBLAS set up for one thread; one loaded already is held to one thread from now on. An OpenBLAS started with two threads kept a server thread spinning on the
-    other core during graphc's runs although every call was held to one thread: with it, ResNet-18's
+    OpenBLAS set up for one thread; one loaded already is held to one thread from now on. An OpenBLAS
+    started with two threads kept a server thread spinning on the other core during graphc's runs
+    although every call was held to one thread: with it, ResNet-18's
     conv kernels ran at half speed on 2 threads in a batch-16 training step (layer4's 3x3 conv 31 ms,
     16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
     library can still be given more threads later (threadpoolctl)."""

@@ -35,7 +35,8 @@ from numba.core.extending import intrinsic
 # worker thread needs: on 2 cores ResNet-18's batch-1 step took 26.9 ms and its first conv 3.9 ms
 # instead of 18.5 and 1.8 (OMP_WAIT_POLICY=ACTIVE: 48 ms); with 30000 spins beside this module's own
 # spinning waits, its batch-16 training step took 5.8 s instead of 1.24 (3000 spins, or PASSIVE).
-# 3000 served every workload of `graphc bench --suite` (2026-11-30). libgomp reads it when Numba first
+# Against PASSIVE and 300 spins (one run each, 2026-11-30): mobilenet_v2 b1 7.0 ms (PASSIVE 9.9, 300: 10.9),
+# resnet18 b1 16.5 (16.7, 29.7), lenet5 train 2.3 (1.9, 2.5). libgomp reads it when Numba first
 # launches its pool, so it is set on import, unless the user set it or OMP_WAIT_POLICY.
 SPINCOUNT_DEFAULTED = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
 if SPINCOUNT_DEFAULTED:
