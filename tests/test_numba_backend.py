@@ -490,3 +490,26 @@ def test_conv_results_written_into_the_memory_plan(strategy, monkeypatch):
         for c, dc, lc in live[i + 1:]:
             if not (la < dc or lc < da):
                 assert not np.shares_memory(b.values[b.index[a]], b.values[b.index[c]]), (a, c)
+
+
+@pytest.mark.parametrize("rows, K, N", [(4, 2048, 2048), (64, 512, 512)])
+def test_large_matmul_split_over_threads_matches_reference_and_not_the_thread_count(rows, K, N):
+    """A 2-D product over SPLIT_FLOPS runs as blocks (of columns for 4 rows, of rows for 64) on graphc's
+    threads, BLAS held to one thread: the reference's values, and the same bits on 1 and 2 threads."""
+    from graphc.backends.numba import lower_linalg
+    assert 2 * rows * K * N >= lower_linalg.SPLIT_FLOPS
+    g = gc.Graph("mm")
+    x = g.input("x", (None, K))
+    w = g.param("w", (K, N))
+    y = g.matmul(x, w)
+    g.output(y)
+    feeds = {"x": np.random.default_rng(0).standard_normal((rows, K)).astype(np.float32)}
+    ref_exe = gc.compile(g, backend="reference")
+    ref = np.asarray(ref_exe.run(feeds)[y.name])
+    outs = {}
+    for t in (1, 2):
+        exe = gc.compile(g, backend="numba", threads=t, progress=None)
+        exe.load_state_dict(ref_exe.state_dict())
+        outs[t] = np.array(exe.run(feeds)[y.name])
+    np.testing.assert_allclose(outs[2], ref, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(outs[1], outs[2])
