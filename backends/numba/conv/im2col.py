@@ -13,7 +13,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from graphc.backends.kernel_cache import BlasLimit, load_scipy_blas_single_threaded, rescan_blas
+from graphc.backends.kernel_cache import BlasLimit, rescan_blas
 from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch, sum_partials
 from graphc.backends.numba.threads import num_threads, parallel_for
@@ -219,10 +219,8 @@ def _i2c_compiled(fn, args):
     """First call of an im2col kernel for these types: compile it (it loads SciPy's BLAS), then
     look for BLAS libraries again so that the thread limit reaches that one too."""
     sig = tuple(numba.typeof(a) for a in args)
-    if sig not in fn.overloads:
-        load_scipy_blas_single_threaded()
-        if compile_for(fn, sig):
-            rescan_blas()
+    if sig not in fn.overloads and compile_for(fn, sig):
+        rescan_blas()
 
 
 def _padded_images(x, pads, tag):
