@@ -170,6 +170,7 @@ def aligned_empty(shape, dtype, align=64):
 
 _BLAS_LIBS: list = []
 _BLAS_SCANNED = [False, False]      # scanned; SciPy's BLAS was loaded then
+_SCIPY_HELD = [False]               # a SciPy BLAS loaded by someone else was held to one thread
 
 
 def rescan_blas():
@@ -181,11 +182,9 @@ def load_scipy_blas_single_threaded():
     """Loads SciPy's BLAS (the one Numba's np.dot calls; Numba loads it on its first compile) with
     OpenBLAS set up for one thread; one loaded already is held to one thread from now on. An OpenBLAS
     started with two threads kept a server thread spinning on the other core during graphc's runs
-    although every call was held to one thread: with it, ResNet-18's
-    conv kernels ran at half speed on 2 threads in a batch-16 training step (layer4's 3x3 conv 31 ms,
-    16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
+    although every call was held to one thread: with it, ResNet-18's conv kernels ran at half speed on
+    2 threads in a batch-16 training step (layer4's 3x3 conv 31 ms, 16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
     library can still be given more threads later (threadpoolctl)."""
-    import sys
     if "scipy.linalg" in sys.modules:
         # loaded by someone else, maybe with two threads: held to one from now on (once used with
         # two, its thread spun beside graphc's even under a BlasLimit: ResNet-18's training step
@@ -211,11 +210,7 @@ def load_scipy_blas_single_threaded():
     rescan_blas()
 
 
-_SCIPY_HELD = [False]
-
-
 def _blas_libs():
-    import sys
     if _BLAS_SCANNED[0] and not _BLAS_SCANNED[1] and "scipy.linalg" in sys.modules:
         _BLAS_SCANNED[0] = False          # SciPy's BLAS was loaded since the last look: look again
     if not _BLAS_SCANNED[0]:

@@ -2,9 +2,9 @@
 the same BLAS through SciPy).
 
 BLAS is held to one thread during a run (its own threads beside graphc's fought for the cores), so a
-large 2-D product is split into SPLIT_PARTS blocks of rows (or of columns, for few rows) run on graphc's
-threads. The split does not depend on how many threads run it (Numba's maximum), so neither do the
-bits: AlexNet's training step at batch 8 spent 59 ms of its 329 in fully-connected products on one
+large 2-D product is split into blocks of rows (or of columns, for few rows) run on graphc's threads, as
+many blocks as Numba may run threads: the split does not depend on how many run it, so neither do the
+bits. AlexNet's training step at batch 8 spent 59 ms of its 329 in fully-connected products on one
 thread."""
 import numba
 import numpy as np
