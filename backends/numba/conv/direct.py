@@ -168,9 +168,9 @@ class FwdPlan:
     taps dil = (dh, dw) apart)."""
 
     def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
-                 dil=(1, 1)):
+                 dil=(1, 1), clip=None):
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
-        self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
+        self.epi, self.ps, self.pst, self.wlayout, self.clip = epi, ps, pst, wlayout, clip
         self.groups, self.dil = groups, tuple(dil)
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
@@ -201,7 +201,8 @@ class FwdPlan:
                                  ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
                                  **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}),
                                  **({} if (self.groups, self.dil) == (1, (1, 1)) else
-                                    {"groups": self.groups, "dil": self.dil}))
+                                    {"groups": self.groups, "dil": self.dil}),
+                                 **({} if self.clip is None else {"clip": self.clip}))
 
     def weights(self, w):
         """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
@@ -225,12 +226,12 @@ TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling th
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
-             dil=(1, 1)) -> FwdPlan:
+             dil=(1, 1), clip=None) -> FwdPlan:
     """The (memoised) plan of a direct forward call, its kernel loaded."""
-    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil))
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil), clip)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil)
+        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil, clip)
         plan.kern = load_kernel(plan.source())
         _PLANS[key] = plan
     return plan
@@ -308,11 +309,12 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
-def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1):
+def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
+                    clip=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
-    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
-    route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
+    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store" (with
+    ``clip`` = (lo, hi): the clip instead, MobileNet's ReLU6), save the route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
     a call is the kernel and a few attribute checks (the per-call Python of conv2d -- checks,
     plan look-up, weight re-layout, allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
@@ -330,7 +332,9 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, 1, pads)
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
-    plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil)
+    clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
+    plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil,
+                    clip=clip)
     maxoff = plan.maxoff
     inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     # the padded planes: small ones its own (no look-up per call), large ones in the shared work array
