@@ -332,6 +332,15 @@ def test_static_rule_sends_deep_strided_forward_convs_to_im2col():
     assert rule("conv2d", 2, (64, 32, 3, 3), (1, 1), 2) == "direct"              # 32 x 9 per group
 
 
+def test_static_rule_runs_deep_1x1_forward_convs_as_gemms():
+    """A 1x1 stride-1 forward conv of >= DEEP_1X1 input channels: im2col (a GEMM on the image); fewer
+    channels, a grouped one, and its gradients keep their rules."""
+    rule, deep = conv_strategy.static_rule, conv_strategy.DEEP_1X1
+    assert rule("conv2d", 1, (1280, deep, 1, 1)) == "im2col"
+    assert rule("conv2d", 1, (1280, deep - 1, 1, 1)) == rule("conv2d_dx", 1, (1280, deep, 1, 1)) == "direct"
+    assert rule("conv2d", 1, (512, deep, 1, 1), (1, 1), 2) == "direct"
+
+
 def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
     from graphc import bench
     assert bench.copy_gbps(mbytes=8, repeats=2) > 0
