@@ -135,6 +135,8 @@ CASES = {
     "1x1": (2, 4, 3, 5, 5, 1, 1, 1, (0, 0, 0, 0)),
     # a top pad larger than the filter: dL/dX crops the output gradient
     "batch1_stride2_3x3": (1, 2, 3, 7, 7, 3, 3, 2, (3, 0, 2, 1)),
+    # 4x4 taps after space-to-depth: the direct forward splits the filter rows into channels
+    "7x7_stride2": (2, 3, 4, 13, 12, 7, 7, 2, (3, 3, 2, 3)),
 }
 
 
