@@ -471,23 +471,27 @@ def test_static_rule_strided_dw():
     assert rule("conv2d_dw", 1, (128, 64, 3, 3)) == "direct"
 
 
+@pytest.mark.parametrize("ks", [3, 5])
 @pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
-def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
+def test_bind_direct_fwd_matches_reference(rng, pads, epi, data, ks, monkeypatch):
     """Values and (pool) the saved route: the flat index in the conv-output plane of each window's
     first maximum, ~ that where it is <= 0. "ties": small integers (exact sums: compared with ==), an
-    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere."""
+    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere. 5x5
+    filters run with their rows as channels (1x5 taps)."""
     N, C, H, W, K = 2, 3, 10, 9, 5
     if data == "ties":
         x = rng.integers(-1, 2, (N, C, H, W)).astype(np.float32)
         x[1] = 0
-        w = rng.integers(-1, 2, (K, C, 3, 3)).astype(np.float32)
+        w = rng.integers(-1, 2, (K, C, ks, ks)).astype(np.float32)
         b = np.array([1, 0, -1, 1, 0], np.float32)
     else:
         x = rand(rng, (N, C, H, W), np.float32)
-        w = rand(rng, (K, C, 3, 3), np.float32)
+        w = rand(rng, (K, C, ks, ks), np.float32)
         b = rand(rng, (K,), np.float32)
+    from graphc.backends.numba.conv import direct
+    monkeypatch.setattr(direct, "ROW_SPLIT_CHANNELS", C)
     run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, pads, np.float32, epi, (2, 2))
 
     def reference():
@@ -510,12 +514,13 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
             np.testing.assert_array_equal(route, ref_route)
             if data == "ties":                 # image 1 is all zero: its planes are the biases 1, 0, -1
                 Hq, Wq = route.shape[2:]
-                wo = W + pads[2] + pads[3] - 2  # conv-output width: the route's row length
+                wo = W + pads[2] + pads[3] - ks + 1  # conv-output width: the route's row length
                 top_left = (2 * np.arange(Hq))[:, None] * wo + 2 * np.arange(Wq)[None, :]
                 np.testing.assert_array_equal(route[1, 0], top_left)     # a plateau of 1: first position
                 np.testing.assert_array_equal(route[1, 1:3], np.broadcast_to(~top_left, (2,) + top_left.shape))
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
+    assert (run.plan.KH, run.plan.C) == ((1, C * ks) if ks == 5 else (ks, C))     # 5x5: rows as channels
 
 
 def test_choice_timed_under_load_is_retimed_when_quiet(monkeypatch):

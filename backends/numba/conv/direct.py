@@ -293,6 +293,7 @@ def _row_split(xs, ws, Ho, epi, ps, pst, groups):
 
 
 ROW_SPLIT_TAPS = 9          # a strided conv with more taps than this after space-to-depth is row-split
+ROW_SPLIT_CHANNELS = 16     # ... and a stride-1 one of at least this many input channels (bind_direct_fwd)
 
 
 def dense_filter(w, dil):
@@ -356,14 +357,23 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
     clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
-    plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil,
-                    clip=clip)
+    # a filter the kernel would take one output channel per pass (over 9 taps): its rows become channels
+    # (_row_split; AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms; its inference step 98 -> 90 ms). Not
+    # for few input channels: LeNet-5's 6 -> 16 channel 5x5 conv made its training step slower (1.9 -> 2.1 ms)
+    rows = KH if (int(groups) == 1 and dil == (1, 1) and KH > 1 and Cg >= ROW_SPLIT_CHANNELS and K > 1
+                  and _pick_blocks(K, Cg, KH * KW)[0] == 1) else 1
+    if rows > 1:
+        plan = fwd_plan(K, Cg * KH, 1, KW, Ho, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", clip=clip)
+    else:
+        plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups),
+                        dil=dil, clip=clip)
     maxoff = plan.maxoff
-    inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    inplace = rows == 1 and pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    CP = C * rows                               # channels of the kernel's planes
     # the padded planes: small ones its own (no look-up per call), large ones in the shared work array
     # (one per conv held ~100 MB in ResNet-18 training at batch 16)
-    own = not inplace and N * C * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
-    xb = aligned_empty((N, C, plan.Lx), dtype) if own else None
+    own = not inplace and N * CP * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
+    xb = aligned_empty((N, CP, plan.Lx), dtype) if own else None
     acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
     acc = list(acc3)                                             # acc[k]: thread k's
     ntasks = N * plan.NKB
@@ -375,7 +385,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
     kern = plan.kern
-    w3shape = (K, Cg, KH * KW)
+    w3shape = (K, Cg * rows, KH * KW // rows)
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
@@ -412,8 +422,12 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         else:
             if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
                 x = np.array(x, dtype)
-            xin = xb if xb is not None else scratch("fwd_x", (N, C, plan.Lx), dtype)
-            place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
+            xin = xb if xb is not None else scratch("fwd_x", (N, CP, plan.Lx), dtype)
+            if rows == 1:
+                place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
+            else:                               # plane c*KH + kh: the padded image moved up kh rows
+                for kh in range(rows):
+                    place(x.reshape(xshape), xin[:, kh::rows], Ho, Wp, 1, top - kh, left)
         flag = bool(flag)
         if not compiled:
             done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
