@@ -296,6 +296,13 @@ ROW_SPLIT_TAPS = 9          # a strided conv with more taps than this after spac
 ROW_SPLIT_CHANNELS = 16     # ... and a stride-1 one of at least this many input channels (bind_direct_fwd)
 
 
+def _splits_rows(K, C, KH, KW, groups, dil):
+    """Whether a stride-1 direct conv (K filters over C channels per group) runs with its filter rows as
+    channels: the kernel would take one output channel per pass, and there are enough channels."""
+    return (groups == 1 and tuple(dil) == (1, 1) and KH > 1 and K > 1 and C >= ROW_SPLIT_CHANNELS
+            and _pick_blocks(K, C, KH * KW)[0] == 1)
+
+
 def dense_filter(w, dil):
     """A dilated filter bank as an undilated one of its extent, zeros between the taps."""
     if tuple(dil) == (1, 1):
@@ -360,8 +367,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     # a filter the kernel would take one output channel per pass (over 9 taps): its rows become channels
     # (_row_split; AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms; its inference step 98 -> 90 ms). Not
     # for few input channels: LeNet-5's 6 -> 16 channel 5x5 conv made its training step slower (1.9 -> 2.1 ms)
-    rows = KH if (int(groups) == 1 and dil == (1, 1) and KH > 1 and Cg >= ROW_SPLIT_CHANNELS and K > 1
-                  and _pick_blocks(K, Cg, KH * KW)[0] == 1) else 1
+    rows = KH if _splits_rows(K, Cg, KH, KW, int(groups), dil) else 1
     if rows > 1:
         plan = fwd_plan(K, Cg * KH, 1, KW, Ho, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", clip=clip)
     else:
@@ -455,6 +461,13 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     G, Kg = groups, K // groups
     wf = w[:, :, ::-1, ::-1].reshape(G, Kg, Cg, KH, KW).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(G * Cg, Kg, KH, KW)
+    if _splits_rows(G * Cg, Kg, KH, KW, G, dil):
+        # the filter rows as channels, as the forward's (AlexNet's 5x5 conv2 at batch 8: 32 -> 23 ms)
+        plan = fwd_plan(G * Cg, Kg * KH, 1, KW, H, Wb, H, W, dy.dtype, "store")
+        buf = scratch("dx_dy", (N, K * KH, plan.Lx), dy.dtype)
+        for kh in range(KH):
+            place(dy, buf[:, kh::KH], H, Wb, stride, EH - 1 - top - kh, EW - 1 - left)
+        return _run_planes(buf, plan, wf.reshape(G * Cg, Kg * KH, 1, KW), None, out=out)[0]
     plan = fwd_plan(G * Cg, Kg, KH, KW, Hb, Wb, H, W, dy.dtype, "store", groups=G, dil=dil)
     buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
     place(dy, buf, Hb, Wb, stride, EH - 1 - top, EW - 1 - left)
