@@ -137,9 +137,9 @@ CASES = {
     "batch1_stride2_3x3": (1, 2, 3, 7, 7, 3, 3, 2, (3, 0, 2, 1)),
     # 4x4 taps after space-to-depth: the direct forward splits the filter rows into channels
     "7x7_stride2": (2, 3, 4, 13, 12, 7, 7, 2, (3, 3, 2, 3)),
-    # dL/dX of a 5x5 filter over >= 16 output channels: the dy planes split by filter row, at strides 1, 2
-    "5x5_K16": (2, 3, 16, 9, 8, 5, 5, 1, (2, 2, 1, 2)),
-    "5x5_K16_stride2": (1, 2, 16, 11, 10, 5, 5, 2, (2, 1, 2, 2)),
+    # 5x5 filters, 16 channels in and out: split by filter row (the forward; dL/dX's dy planes at strides 1, 2)
+    "5x5_C16_K16": (2, 16, 16, 9, 8, 5, 5, 1, (2, 2, 1, 2)),
+    "5x5_C16_K16_stride2": (1, 16, 16, 11, 10, 5, 5, 2, (2, 1, 2, 2)),
 }
 
 
@@ -275,8 +275,8 @@ def test_fused_route_relu_kills_and_ties(rng):
 # backward
 # --------------------------------------------------------------------------------------------------
 
-BWD_CASES = ["3x3_asym_pad_Kodd", "even_4x2_stride2", "C1_5x5_pad2", "batch1_stride2_3x3", "5x5_K16",
-             "5x5_K16_stride2"]
+BWD_CASES = ["3x3_asym_pad_Kodd", "even_4x2_stride2", "C1_5x5_pad2", "batch1_stride2_3x3", "5x5_C16_K16",
+             "5x5_C16_K16_stride2"]
 
 
 @pytest.mark.parametrize("strategy", STRATS)
