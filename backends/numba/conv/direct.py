@@ -341,14 +341,25 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
+def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil, clip):
+    """(plan, rows) of a prebound forward: rows = KH where a filter the kernel would take one output channel
+    per pass (over 9 taps) runs with its rows as channels (AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms;
+    its inference step 98 -> 90 ms), else 1."""
+    if _splits_rows(K, Cg, KH, KW, groups, dil):
+        return fwd_plan(K, Cg * KH, 1, KW, Ho, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", clip=clip), KH
+    return fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=groups, dil=dil,
+                    clip=clip), 1
+
+
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
                     clip=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store" (with
-    ``clip`` = (lo, hi): the clip instead, MobileNet's ReLU6), save the route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
-    a call is the kernel and a few attribute checks (the per-call Python of conv2d -- checks,
-    plan look-up, weight re-layout, allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
+    ``clip`` = (lo, hi): the clip instead, MobileNet's ReLU6), save the route for "pool". Everything
+    shape-dependent (plan, kernel, work arrays) is made here, once, so a call is the kernel and a few
+    attribute checks (the per-call Python of conv2d -- checks, plan look-up, weight re-layout,
+    allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. Returns None where the direct strategy needs more than a stride-1
@@ -365,15 +376,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
     clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
-    # a filter the kernel would take one output channel per pass (over 9 taps): its rows become channels
-    # (_row_split; AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms; its inference step 98 -> 90 ms). Not
-    # for few channels (ROW_SPLIT_CHANNELS)
-    rows = KH if _splits_rows(K, Cg, KH, KW, int(groups), dil) else 1
-    if rows > 1:
-        plan = fwd_plan(K, Cg * KH, 1, KW, Ho, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", clip=clip)
-    else:
-        plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups),
-                        dil=dil, clip=clip)
+    plan, rows = _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, int(groups), dil, clip)
     maxoff = plan.maxoff
     inplace = rows == 1 and pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
     CP = C * rows                               # channels of the kernel's planes
