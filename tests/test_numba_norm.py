@@ -48,12 +48,13 @@ def test_forward_gradients_and_steps(dtype):
     assert nt.fallbacks() == []
 
 
-@pytest.mark.parametrize("size", [1, 2, 5, 8])
-def test_lrn_window_sizes_forward_and_backward(size):
+@pytest.mark.parametrize("size,beta", [(1, 0.75), (2, 0.75), (5, 0.75), (8, 0.75), (5, 0.6)])
+def test_lrn_window_sizes_forward_and_backward(size, beta):
+    """(beta 0.75, the papers', is computed with square roots; others with pow)"""
     g = gc.Graph("lrn", dtype="float64")
     x = g.input("x", (None, 6, 2, 3))
     r = g.const(np.random.default_rng(size).standard_normal((1, 6, 2, 3)))
-    g.output(g.sum(g.mul(g.lrn(x, size, 0.5, 0.75, 1.5), r), name="l"))
+    g.output(g.sum(g.mul(g.lrn(x, size, 0.5, beta, 1.5), r), name="l"))
     gg = gc.grad(g, wrt=["x"], loss="l")
     f = {"x": np.random.default_rng(0).standard_normal((2, 6, 2, 3)) * 2}
     ref, got = gc.compile(gg).run(f), gc.compile(gg, backend="numba", threads=1).run(f)
