@@ -282,12 +282,22 @@ g.output(g.softmax_cross_entropy(logits, y, name="loss"))
 rng = np.random.default_rng(1)
 feeds = {"x": rng.standard_normal((5, 2, 9, 9)).astype(np.float32), "labels": rng.integers(0, 3, 5)}
 exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(0.01), progress=None)
+import graphc.backends.numba.executor as nexec
+from graphc.backends.numba.compile_stats import CompileRecorder
+late, run = [], nexec.NumbaExecutable._run_binding
+def counted(self, b):                      # compilations during real runs: kernels discovery missed
+    rec = CompileRecorder().start()
+    try:
+        run(self, b)
+    finally:
+        late.extend(r["kernel"] for r in rec.stop().kernel_rows())
+nexec.NumbaExecutable._run_binding = counted
 losses = [exe.step(feeds) for _ in range(2)]
 h = hashlib.sha256()
 for k in sorted(exe.params):
     h.update(np.ascontiguousarray(exe.params[k]).tobytes())
 k = exe.compile_times["bindings"][0]["kernels"]
-print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k}))
+print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k, "late": late}))
 """
 
 
@@ -320,6 +330,42 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     assert forked["kernels"]["compiled"] == alone["kernels"]["compiled"] > 3
     assert forked["kernels"]["redone_here"] == 0
     assert forked["losses"] == alone["losses"] and forked["params"] == alone["params"]
+    # every kernel the runs call was compiled with the others: the parallel loops' spin-wait kernel too
+    # (discovery runs the steps on one thread, so no parallel call waits there)
+    assert alone["late"] == [] and forked["late"] == []
+
+
+def test_queue_puts_kernels_sharing_a_callee_together_largest_first(own_cache):
+    """One group per kernel and per shared @njit callee (compiled once, in one process), ordered by
+    bytecode size: conv/layout.py's place_k and place_t_k share fill_plane."""
+    from graphc.backends.numba.conv import layout
+    small, _ = _fresh_kernel("q")
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    jobs = [(small, (numba.typeof(np.ones(2)),) * 2, None, None),
+            (layout.place_k, (numba.typeof(x), numba.typeof(np.zeros((1, 1, 9), np.float32))) + (numba.int64,) * 7,
+             None, None),
+            (layout.place_t_k, (numba.typeof(x), numba.typeof(np.zeros((1, 9), np.float32))) + (numba.int64,) * 7,
+             None, None)]
+    groups = precompile._groups(jobs)
+    assert [[j[0] for j in g] for g in groups] == [[layout.place_k, layout.place_t_k], [small]]
+    assert precompile._cost(groups[0]) > precompile._cost(groups[1])
+
+
+def test_fused_pool_kernels_share_one_nan_fixup(own_cache):
+    """The direct conv+ReLU+maxpool kernels of different shapes call one compiled NaN fix-up (its ints
+    are made at run time: literal arguments would compile it once per kernel)."""
+    from graphc.backends.numba import conv as nconv
+    from graphc.backends.numba.conv.pool_nan import fix_nan_row
+    rng = np.random.default_rng(0)
+    for H, ps in ((8, 2), (11, 3)):
+        x = rng.standard_normal((2, 2, H, H)).astype(np.float32)
+        x[0, 0, 1, 1] = np.nan
+        w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+        y, _ = nconv.conv2d_relu_maxpool(x, w, np.zeros(3, np.float32), 1, (1, 1, 1, 1), ps, 2, save_route=True,
+                                         strategy="direct")
+        assert np.isnan(y).any()
+    sigs = [s for s in fix_nan_row.signatures if s[0].dtype == numba.float32]
+    assert len(sigs) == 1 and not any(isinstance(t, numba.types.Literal) for t in sigs[0]), sigs
 
 
 def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch, own_cache):
