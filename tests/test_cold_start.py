@@ -292,12 +292,22 @@ def counted(self, b):                      # compilations during real runs: kern
     finally:
         late.extend(r["kernel"] for r in rec.stop().kernel_rows())
 nexec.NumbaExecutable._run_binding = counted
+from numba.core import event
+compiled = []                              # every compilation of this process, callees included
+class Seen(event.Listener):
+    def on_start(self, ev):
+        f = ev.data["dispatcher"].py_func
+        compiled.append(f.__module__ + "." + f.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
 losses = [exe.step(feeds) for _ in range(2)]
 h = hashlib.sha256()
 for k in sorted(exe.params):
     h.update(np.ascontiguousarray(exe.params[k]).tobytes())
 k = exe.compile_times["bindings"][0]["kernels"]
-print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k, "late": late}))
+print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k, "late": late,
+                              "compiled": compiled}))
 """
 
 
@@ -333,6 +343,10 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     # every kernel the runs call was compiled with the others: the parallel loops' spin-wait kernel too
     # (discovery runs the steps on one thread, so no parallel call waits there)
     assert alone["late"] == [] and forked["late"] == []
+    # no function of graphc compiled twice in one process (one float32 program): e.g. the loss kernels'
+    # _label, once with a literal argument and once without
+    twice = {f for f in alone["compiled"] if f.startswith("graphc") and alone["compiled"].count(f) > 1}
+    assert not twice and any(f.endswith("._label") for f in alone["compiled"]), alone["compiled"]
 
 
 def test_queue_puts_kernels_sharing_a_callee_together_largest_first(own_cache):
