@@ -17,7 +17,8 @@ Layout conventions (all arrays C-contiguous):
     garbage that the epilogue never reads; in exchange the vector loop is ``Ho*Wp`` long (rounded up
     to a multiple of the SIMD width) instead of ``Wo`` long.
 
-Nothing in this module imports Numba: it only builds strings.
+Nothing in this module imports Numba: it only builds strings. (No min/max of ints in them either: Numba
+compiles each as a function of its own, about 0.02 s a signature in each process.)
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     w.lines += _group_base(groups, K // groups, C, "k0", "        ")
     if wlayout != "blocked":
         for q in range(KB):
-            a(f"        kq{q} = min(k0 + {q}, {K - 1})")
+            a(f"        kq{q} = k0 + {q} if k0 + {q} < {K - 1} else {K - 1}")
     # the first CB channels initialise the accumulators (a zeroing pass instead was 10% slower on
     # mnist_convnet's layer 2)
     cb0 = min(CB, C)
@@ -274,7 +275,7 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     a(f"        k0 = kb * {KB}")
     L += _group_base(cgroups, Kg, C, "k0", "        ")
     a(f"        q0 = g * G * {Lx}")
-    a(f"        q1 = min(N, g * G + G) * {Lx}")
+    a(f"        q1 = (N if N < g * G + G else g * G + G) * {Lx}")
     # views starting at q0 so that the loop index starts at 0: LLVM then knows every index is
     # non-negative and drops Numba's wrap-around selects (which otherwise turn loads into gathers)
     for q in range(KB):
@@ -325,7 +326,7 @@ def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, H
     a(f"        k0 = kb * {KB}")
     L += _group_base(cgroups, K // cgroups, C, "k0", "        ")
     for q in range(KB):
-        a(f"        d{q} = dy[n, min(k0 + {q}, {K - 1})]")
+        a(f"        d{q} = dy[n, k0 + {q} if k0 + {q} < {K - 1} else {K - 1}]")
     a(f"        for c in range({C}):")
     for kw in range(KW):
         a(f"            xs{kw} = xs[n, {'cb + ' if cgroups > 1 else ''}c, {kw}]")
