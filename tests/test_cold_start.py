@@ -349,20 +349,29 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     assert not twice and any(f.endswith("._label") for f in alone["compiled"]), alone["compiled"]
 
 
-def test_queue_puts_kernels_sharing_a_callee_together_largest_first(own_cache):
-    """One group per kernel and per shared @njit callee (compiled once, in one process), ordered by
-    bytecode size: conv/layout.py's place_k and place_t_k share fill_plane."""
+def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
+    """One group per kernel, and one for kernels sharing a callee bigger than the smaller of them
+    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); a small
+    shared callee (the loss kernels' _label) keeps its callers apart; the queue runs largest first."""
     from graphc.backends.numba.conv import layout
+    from graphc.backends.numba.kernels import loss
     small, _ = _fresh_kernel("q")
-    x = np.zeros((1, 1, 2, 2), np.float32)
-    jobs = [(small, (numba.typeof(np.ones(2)),) * 2, None, None),
-            (layout.place_k, (numba.typeof(x), numba.typeof(np.zeros((1, 1, 9), np.float32))) + (numba.int64,) * 7,
-             None, None),
-            (layout.place_t_k, (numba.typeof(x), numba.typeof(np.zeros((1, 9), np.float32))) + (numba.int64,) * 7,
-             None, None)]
+    f32 = numba.float32
+    arr = lambda nd, dt=f32: numba.types.Array(dt, nd, "C")       # noqa: E731
+    place = (arr(4), arr(3)) + (numba.int64,) * 7
+    jobs = [(small, (arr(1, numba.float64),) * 2, None, None),
+            (layout.place_k, place, None, None),
+            (layout.place_t_k, (arr(4), arr(2)) + (numba.int64,) * 7, None, None),
+            (loss.sce_int_k, (arr(2), arr(1, numba.int64), arr(1)), None, None),
+            (loss.sce_grad_int_k, (arr(2), arr(1, numba.int64), arr(1), arr(2)), None, None),
+            (layout.place_k, (arr(4, numba.float64), arr(3, numba.float64)) + place[2:], None, None)]
     groups = precompile._groups(jobs)
-    assert [[j[0] for j in g] for g in groups] == [[layout.place_k, layout.place_t_k], [small]]
-    assert precompile._cost(groups[0]) > precompile._cost(groups[1])
+    kernels = [[j[0] for j in g] for g in groups]
+    assert kernels[0] == [layout.place_k, layout.place_t_k, layout.place_k]
+    rest = kernels[1:]
+    assert all(len(g) == 1 for g in rest) and {g[0] for g in rest} == {small, loss.sce_int_k, loss.sce_grad_int_k}
+    costs = [precompile._cost(g) for g in groups]
+    assert costs == sorted(costs, reverse=True) and groups[-1][0][0] is small
 
 
 def test_fused_pool_kernels_share_one_nan_fixup(own_cache):

@@ -169,11 +169,11 @@ def _cost(group):
 
 
 def _groups(jobs):
-    """Jobs grouped, largest first, so that one process compiles all the signatures of a kernel (two
-    processes saving entries of one Numba cache index at once could lose one) and all the kernels
-    sharing an @njit callee (compiled once there, not once in each process: conv/layout.py's
-    fill_plane, 0.36 s, under both place_k and place_t_k)."""
-    owner = {}                       # id of a kernel or callee -> its group's root job index
+    """Jobs grouped, largest first: all the signatures of a kernel in one group (two processes saving
+    entries of one Numba cache index at once could lose one), and two kernels calling one @njit callee
+    in one group when compiling that callee twice (once in each process) would cost more than the
+    smaller of them: conv/layout.py's place_k and place_t_k share fill_plane, 0.36 s; the fused conv
+    kernels' small NaN fix-up is compiled in each process instead, so that they compile in parallel."""
     parent = list(range(len(jobs)))
 
     def root(i):
@@ -181,12 +181,19 @@ def _groups(jobs):
             parent[i] = parent[parent[i]]
             i = parent[i]
         return i
+    own = [_size(job[0].py_func) + _SIG_COST for job in jobs]
+    first, users = {}, {}
     for i, job in enumerate(jobs):
-        for key in [id(job[0]), *_callees(job[0].py_func)]:
-            if key in owner:
-                parent[root(i)] = root(owner[key])
-            else:
-                owner[key] = i
+        parent[i] = root(first.setdefault(id(job[0]), i))
+        for key, f in _callees(job[0].py_func).items():
+            users.setdefault(key, (f, []))[1].append(i)
+    for f, idx in sorted(users.values(), key=lambda u: -_size(u[0].py_func)):
+        for i in idx[1:]:
+            ra, rb = root(idx[0]), root(i)
+            if ra != rb:
+                cost = {r: sum(c for j, c in enumerate(own) if root(j) == r) for r in (ra, rb)}
+                if _size(f.py_func) >= min(cost.values()):
+                    parent[rb] = ra
     by = {}
     for i, job in enumerate(jobs):
         by.setdefault(root(i), []).append(job)
