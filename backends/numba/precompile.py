@@ -9,8 +9,8 @@ with a "compiling N kernels" progress line.
 2. Each (kernel, types) found is loaded from Numba's disk cache when it is there.
 3. The rest is compiled: a queue, largest first (by bytecode), shared by this process and `workers`
    processes, each compiling under the same LLVM options and writing Numba's disk cache (kernels that
-   share an @njit callee go to one process, which compiles the callee once); this process loads what
-   they compiled between its own compilations. A kernel of a failed worker is compiled here. On Linux a worker is forked from
+   share a big @njit callee go to one process, which compiles it once); this process loads what they
+   compiled between its own compilations. A kernel of a failed worker is compiled here. On Linux a worker is forked from
    this process (it has every module loaded and Numba's compiler set up, and finds a kernel by its
    place in the queue); elsewhere, or with ``GRAPHC_COMPILE_FORK=0``, it is a new Python process
    (``python -m graphc.backends.numba.compile_worker``) that rebuilds each kernel from its module or
