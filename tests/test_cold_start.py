@@ -282,12 +282,32 @@ g.output(g.softmax_cross_entropy(logits, y, name="loss"))
 rng = np.random.default_rng(1)
 feeds = {"x": rng.standard_normal((5, 2, 9, 9)).astype(np.float32), "labels": rng.integers(0, 3, 5)}
 exe = gc.compile(g, backend="numba", optimizer=gc.optim.Adam(0.01), progress=None)
+import graphc.backends.numba.executor as nexec
+from graphc.backends.numba.compile_stats import CompileRecorder
+late, run = [], nexec.NumbaExecutable._run_binding
+def counted(self, b):                      # compilations during real runs: kernels discovery missed
+    rec = CompileRecorder().start()
+    try:
+        run(self, b)
+    finally:
+        late.extend(r["kernel"] for r in rec.stop().kernel_rows())
+nexec.NumbaExecutable._run_binding = counted
+from numba.core import event
+compiled = []                              # every compilation of this process, callees included
+class Seen(event.Listener):
+    def on_start(self, ev):
+        f = ev.data["dispatcher"].py_func
+        compiled.append(f.__module__ + "." + f.__qualname__)
+    def on_end(self, ev):
+        pass
+event.register("numba:compile", Seen())
 losses = [exe.step(feeds) for _ in range(2)]
 h = hashlib.sha256()
 for k in sorted(exe.params):
     h.update(np.ascontiguousarray(exe.params[k]).tobytes())
 k = exe.compile_times["bindings"][0]["kernels"]
-print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k}))
+print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k, "late": late,
+                              "compiled": compiled}))
 """
 
 
@@ -320,6 +340,55 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     assert forked["kernels"]["compiled"] == alone["kernels"]["compiled"] > 3
     assert forked["kernels"]["redone_here"] == 0
     assert forked["losses"] == alone["losses"] and forked["params"] == alone["params"]
+    # every kernel the runs call was compiled with the others: the parallel loops' spin-wait kernel too
+    # (discovery runs the steps on one thread, so no parallel call waits there)
+    assert alone["late"] == [] and forked["late"] == []
+    # no function of graphc compiled twice in one process (one float32 program): e.g. the loss kernels'
+    # _label, once with a literal argument and once without
+    twice = {f for f in alone["compiled"] if f.startswith("graphc") and alone["compiled"].count(f) > 1}
+    assert not twice and any(f.endswith("._label") for f in alone["compiled"]), alone["compiled"]
+
+
+def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
+    """One group per kernel, and one for kernels sharing a callee bigger than the smaller of them
+    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); a small
+    shared callee (the loss kernels' _label) keeps its callers apart; the queue runs largest first."""
+    from graphc.backends.numba.conv import layout
+    from graphc.backends.numba.kernels import loss
+    small, _ = _fresh_kernel("q")
+    f32 = numba.float32
+    arr = lambda nd, dt=f32: numba.types.Array(dt, nd, "C")       # noqa: E731
+    place = (arr(4), arr(3)) + (numba.int64,) * 7
+    jobs = [(small, (arr(1, numba.float64),) * 2, None, None),
+            (layout.place_k, place, None, None),
+            (layout.place_t_k, (arr(4), arr(2)) + (numba.int64,) * 7, None, None),
+            (loss.sce_int_k, (arr(2), arr(1, numba.int64), arr(1)), None, None),
+            (loss.sce_grad_int_k, (arr(2), arr(1, numba.int64), arr(1), arr(2)), None, None),
+            (layout.place_k, (arr(4, numba.float64), arr(3, numba.float64)) + place[2:], None, None)]
+    groups = precompile._groups(jobs)
+    kernels = [[j[0] for j in g] for g in groups]
+    assert kernels[0] == [layout.place_k, layout.place_t_k, layout.place_k]
+    rest = kernels[1:]
+    assert all(len(g) == 1 for g in rest) and {g[0] for g in rest} == {small, loss.sce_int_k, loss.sce_grad_int_k}
+    costs = [precompile._cost(g) for g in groups]
+    assert costs == sorted(costs, reverse=True) and groups[-1][0][0] is small
+
+
+def test_fused_pool_kernels_share_one_nan_fixup(own_cache):
+    """The direct conv+ReLU+maxpool kernels of different shapes call one compiled NaN fix-up (its ints
+    are made at run time: literal arguments would compile it once per kernel)."""
+    from graphc.backends.numba import conv as nconv
+    from graphc.backends.numba.conv.pool_nan import fix_nan_row
+    rng = np.random.default_rng(0)
+    for H, ps in ((8, 2), (11, 3)):
+        x = rng.standard_normal((2, 2, H, H)).astype(np.float32)
+        x[0, 0, 1, 1] = np.nan
+        w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+        y, _ = nconv.conv2d_relu_maxpool(x, w, np.zeros(3, np.float32), 1, (1, 1, 1, 1), ps, 2, save_route=True,
+                                         strategy="direct")
+        assert np.isnan(y).any()
+    sigs = [s for s in fix_nan_row.signatures if s[0].dtype == numba.float32]
+    assert len(sigs) == 1 and not any(isinstance(t, numba.types.Literal) for t in sigs[0]), sigs
 
 
 def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkeypatch, own_cache):

@@ -19,7 +19,7 @@ from graphc.backends.kernel_cache import BlasLimit, aligned_empty
 from graphc.backends.numba.compile_stats import add_tuning
 from graphc.backends.numba.kernels import PARALLEL_MIN
 from graphc.backends.numba.precompile import precompile_steps
-from graphc.backends.numba.threads import batch_split, num_threads, parallel_for
+from graphc.backends.numba.threads import batch_split, discover_spin, num_threads, parallel_for
 from graphc.errors import BackendError
 
 RECHECK_RUNS = 200     # threads="auto": the count is chosen again once, this many runs after the first choice,
@@ -248,7 +248,8 @@ class NumbaExecutable(CompiledExecutable):
         try:
             with self._blas:
                 env = ", ".join(f"{k}={v}" for k, v in sorted(b.env.items()))
-                b.compile_stats = precompile_steps([f for _, f in b.steps], self.progress,
+                steps = [f for _, f in b.steps] + ([discover_spin] if numba.config.NUMBA_NUM_THREADS > 1 else [])
+                b.compile_stats = precompile_steps(steps, self.progress,
                                                    f" for {self.graph.name}" + (f" ({env})" if env else ""))
         finally:
             numba.set_num_threads(prev)

@@ -17,8 +17,11 @@ def reduction(ctx):
     if form is None:
         return None
     out = ctx.out().reshape(form[1], form[3])
-    kern = sum4_par if ctx.parallel(int(np.prod(xs, dtype=np.int64))) and form[1] >= 2 else sum4_ser
-    return ctx.call(kern, ctx.inputs[:1], (out, scale), fix=lambda a: a.reshape(form))
+    if ctx.parallel(int(np.prod(xs, dtype=np.int64))) and form[1] >= 2:
+        kern, tail = sum4_par, (out, scale)
+    else:                                              # its float64 accumulators: one row, kept
+        kern, tail = sum4_ser, (out, scale, np.empty(form[3], np.float64))
+    return ctx.call(kern, ctx.inputs[:1], tail, fix=lambda a: a.reshape(form))
 
 
 @lowering("broadcast_like", kernel="numpy broadcast multiply into the planned buffer")

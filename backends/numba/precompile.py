@@ -7,9 +7,10 @@ with a "compiling N kernels" progress line.
    argument types, in program order, without computing anything (so garbage in the buffers is
    harmless: no kernel reads it). Parallel calls run on this one thread meanwhile.
 2. Each (kernel, types) found is loaded from Numba's disk cache when it is there.
-3. The rest is compiled: a queue, largest first, shared by this process and `workers` processes,
-   each compiling under the same LLVM options and writing Numba's disk cache; this process then loads
-   what they compiled. A kernel of a failed worker is compiled here. On Linux a worker is forked from
+3. The rest is compiled: a queue, largest first (by bytecode), shared by this process and `workers`
+   processes, each compiling under the same LLVM options and writing Numba's disk cache (kernels that
+   share a big @njit callee go to one process, which compiles it once); this process loads what they
+   compiled between its own compilations. A kernel of a failed worker is compiled here. On Linux a worker is forked from
    this process (it has every module loaded and Numba's compiler set up, and finds a kernel by its
    place in the queue); elsewhere, or with ``GRAPHC_COMPILE_FORK=0``, it is a new Python process
    (``python -m graphc.backends.numba.compile_worker``) that rebuilds each kernel from its module or
@@ -132,23 +133,70 @@ def job_spec(disp):
     return None
 
 
+_SIG_COST = 200          # a compilation's fixed cost, in bytes of bytecode (about 0.05 s, as a 200-byte kernel)
+
+
+def _callees(fn, found=None):
+    """The @njit functions `fn` calls by a global name, and theirs: the nested compilations a kernel
+    brings (an @njit callee is compiled apart, once per process, before its caller)."""
+    from numba.core.dispatcher import Dispatcher
+    found = {} if found is None else found
+    for name in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        f = getattr(fn, "__globals__", {}).get(name)
+        if isinstance(f, Dispatcher) and id(f) not in found:
+            found[id(f)] = f
+            _callees(f.py_func, found)
+    return found
+
+
+def _size(fn) -> int:
+    return len(getattr(getattr(fn, "__code__", None), "co_code", b""))
+
+
 def _cost(group):
-    """A rough compile cost for ordering the queue (largest first): a generated module's size, else
-    a fixed guess; per signature."""
-    spec = group[0][3]
-    size = 2000
-    if spec and spec[0] == "file":
-        with contextlib.suppress(OSError):
-            size = os.path.getsize(spec[1])
-    return size * len(group)
+    """A compile cost for ordering the queue, largest first: the bytecode of the group's kernels (per
+    signature, plus a fixed cost each) and of their @njit callees (once). Numba's typing and lowering
+    grow with the code; over mnist_convnet's training kernels the seconds follow the bytes, from 0.06 s
+    (a 150-byte elementwise kernel) to 1.0 s (a 3,300-byte conv). (A generated file's size, as before,
+    put the 0.47 s pool kernel behind library kernels guessed at 2,000 bytes: last in the queue, the
+    other process idle meanwhile.)"""
+    kernels, callees = set(), {}
+    for disp, *_ in group:
+        kernels.add(id(disp))
+        _callees(disp.py_func, callees)
+    return (sum(_size(job[0].py_func) + _SIG_COST for job in group)
+            + sum(_size(f.py_func) for k, f in callees.items() if k not in kernels))
 
 
 def _groups(jobs):
-    """Jobs grouped by kernel: one process compiles all the signatures of a kernel (two processes
-    saving entries of one Numba cache index at once could lose one)."""
+    """Jobs grouped, largest first: all the signatures of a kernel in one group (two processes saving
+    entries of one Numba cache index at once could lose one), and two kernels calling one @njit callee
+    in one group when compiling that callee twice (once in each process) would cost more than the
+    smaller of them: conv/layout.py's place_k and place_t_k share fill_plane, 0.36 s; the fused conv
+    kernels' small NaN fix-up is compiled in each process instead, so that they compile in parallel."""
+    parent = list(range(len(jobs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    own = [_size(job[0].py_func) + _SIG_COST for job in jobs]
+    first, users = {}, {}
+    for i, job in enumerate(jobs):
+        parent[i] = root(first.setdefault(id(job[0]), i))
+        for key, f in _callees(job[0].py_func).items():
+            users.setdefault(key, (f, []))[1].append(i)
+    for f, idx in sorted(users.values(), key=lambda u: -_size(u[0].py_func)):
+        for i in idx[1:]:
+            ra, rb = root(idx[0]), root(i)
+            if ra != rb:
+                cost = {r: sum(c for j, c in enumerate(own) if root(j) == r) for r in (ra, rb)}
+                if _size(f.py_func) >= min(cost.values()):
+                    parent[rb] = ra
     by = {}
-    for job in jobs:
-        by.setdefault(id(job[0]), []).append(job)
+    for i, job in enumerate(jobs):
+        by.setdefault(root(i), []).append(job)
     return sorted(by.values(), key=lambda g: -_cost(g))
 
 
@@ -406,16 +454,24 @@ def _start_workers(n, queue, qlock, prog, results):
 
 def compile_jobs(jobs, progress="auto", label="", idle=None):
     """Compiles [(disp, sig, options, spec)] here and in worker processes (one per idle CPU), largest
-    kernels first from one queue; returns stats."""
+    kernels first from one queue; returns stats. What a worker compiled is loaded here between this
+    process's own compilations (about 10 ms a kernel), not all after the last one."""
     from graphc.backends.numba.compile_stats import add_remote
     groups = _groups(jobs)
-    local_only = [g for g in groups if g[0][3] is None]          # no worker can find these kernels
-    queue = deque(g for g in groups if g[0][3] is not None)
+    local_only = [g for g in groups if any(job[3] is None for job in g)]     # no worker can find these
+    queue = deque(g for g in groups if all(job[3] is not None for job in g))
     nworkers = workers_for(len(jobs), idle, forked=can_fork())
     prog = _Progress(len(jobs), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
     qlock = threading.Lock()
-    results = []
+    results, failed, taken = [], [], [0]      # results: (job, ok), appended by the workers' threads
     procs = _start_workers(nworkers, queue, qlock, prog, results)
+
+    def load_results():
+        while taken[0] < len(results):
+            job, ok = results[taken[0]]
+            taken[0] += 1
+            if not (ok and load_cached(job[0], job[1])):
+                failed.append(job)
     while True:
         with qlock:
             group = local_only.pop(0) if local_only else (queue.popleft() if queue else None)
@@ -424,12 +480,13 @@ def compile_jobs(jobs, progress="auto", label="", idle=None):
         for job in group:
             compile_for(job[0], job[1], job[2])
             prog.step()
+        load_results()
     for p in procs:
         for line in p.join().splitlines():
             if line.startswith("stats "):
                 with contextlib.suppress(ValueError):
                     add_remote(json.loads(line[6:]))
-    failed = [job for job, ok in results if not (ok and load_cached(job[0], job[1]))]
+    load_results()
     for job in failed:                  # a worker failed it (or its cache entry did not load): here
         compile_for(job[0], job[1], job[2])
         prog.step()

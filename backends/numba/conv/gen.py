@@ -17,12 +17,16 @@ Layout conventions (all arrays C-contiguous):
     garbage that the epilogue never reads; in exchange the vector loop is ``Ho*Wp`` long (rounded up
     to a multiple of the SIMD width) instead of ``Wo`` long.
 
-Nothing in this module imports Numba: it only builds strings.
+Nothing in this module imports Numba: it only builds strings. (No min/max of ints in them either: Numba
+compiles each as a function of its own, about 0.02 s a signature in each process.)
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import os
 
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
 
@@ -32,6 +36,15 @@ import numpy as np
 from numba import njit
 
 """
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_nan_import() -> str:
+    """The import of pool_nan.fix_nan_row, with the hash of that file: Numba's cache of a generated kernel
+    holds its callees' machine code but checks only the kernel's own file, so their text is in it."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pool_nan.py"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"from graphc.backends.numba.conv.pool_nan import fix_nan_row  # pool_nan.py {digest}\n"
 
 
 def round_up(v: int, m: int) -> int:
@@ -92,6 +105,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
                    Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "", clip=clip)
     a = w.lines.append
     a(HEADER)
+    if epi == "pool":
+        a(_pool_nan_import())
     # one function, each piece written once (the task body inline, one epilogue looped over the KB
     # channels, ReLU and route stores under run-time flags): Numba's typing and lowering cost grows
     # with the source, and a separate task function was optimised twice (alone and inlined)
@@ -110,7 +125,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     w.lines += _group_base(groups, K // groups, C, "k0", "        ")
     if wlayout != "blocked":
         for q in range(KB):
-            a(f"        kq{q} = min(k0 + {q}, {K - 1})")
+            a(f"        kq{q} = k0 + {q} if k0 + {q} < {K - 1} else {K - 1}")
     # the first CB channels initialise the accumulators (a zeroing pass instead was 10% slower on
     # mnist_convnet's layer 2)
     cb0 = min(CB, C)
@@ -225,19 +240,13 @@ class _FwdWriter:
         a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][1]})")
         a(f"{i3}anynan |= nan")
         # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
-        # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down)
+        # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down), by
+        # one compiled function for all shapes (pool_nan.py); its ints are made at run time (a literal
+        # argument would compile it once per kernel)
         a(f"{ind2}    if anynan:")
-        a(f"{ind2}        for j in range({self.Wq}):")
-        a(f"{ind2}            c0 = j * {pst}")
-        a(f"{ind2}            p0 = -1")
-        for src, idx in reversed(taps):
-            a(f"{ind2}            v = {src}")
-            a(f"{ind2}            m = v if v != v else m")
-            a(f"{ind2}            p0 = {idx} if v != v else p0")
-        a(f"{ind2}            if p0 >= 0:")
-        a(f"{ind2}                yk[i, j] = m")
-        a(f"{ind2}                if flag:")
-        a(f"{ind2}                    rk[i, j] = ~p0")
+        a(f"{ind2}        z = lo - lo")
+        a(f"{ind2}        fix_nan_row(aq, bq, yk, rk, flag, i, r0, z + {self.Wq}, z + {ps}, z + {pst}, z + {self.Wp}, "
+          f"z + {self.Wo})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +292,7 @@ def gen_conv_dw_wide(*, C: int, KB: int, NKB: int, KH: int, KW: int, Wp: int, Lx
     a(f"        k0 = kb * {KB}")
     L += _group_base(cgroups, Kg, C, "k0", "        ")
     a(f"        q0 = g * G * {Lx}")
-    a(f"        q1 = min(N, g * G + G) * {Lx}")
+    a(f"        q1 = (N if N < g * G + G else g * G + G) * {Lx}")
     # views starting at q0 so that the loop index starts at 0: LLVM then knows every index is
     # non-negative and drops Numba's wrap-around selects (which otherwise turn loads into gathers)
     for q in range(KB):
@@ -334,7 +343,7 @@ def gen_conv_dw_narrow(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, H
     a(f"        k0 = kb * {KB}")
     L += _group_base(cgroups, K // cgroups, C, "k0", "        ")
     for q in range(KB):
-        a(f"        d{q} = dy[n, min(k0 + {q}, {K - 1})]")
+        a(f"        d{q} = dy[n, k0 + {q} if k0 + {q} < {K - 1} else {K - 1}]")
     a(f"        for c in range({C}):")
     for kw in range(KW):
         a(f"            xs{kw} = xs[n, {'cb + ' if cgroups > 1 else ''}c, {kw}]")

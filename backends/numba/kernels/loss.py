@@ -64,7 +64,7 @@ def sce_int_k(z, labels, out):
     """mean over rows of -log softmax(z)[label]; returns the first row whose label is outside 0..ncls-1."""
     M, ncls = z.shape
     tot = 0.0
-    bad = -1
+    bad = M - M - 1       # an int64, not the literal -1: one compiled _label for the whole loop
     for i in range(M):
         lab, bad = _label(labels, i, ncls, bad, 0)
         m = _row_max(z, i)
@@ -91,7 +91,7 @@ def sce_grad_int_k(z, labels, dy, out):
     """(softmax(z) - onehot) * dy / M; returns the first row with a label outside 0..ncls-1."""
     M, ncls = z.shape
     scale = dy[0] / M
-    bad = -1
+    bad = M - M - 1
     for i in range(M):
         softmax_row(z, out, i, scale)
         lab, bad = _label(labels, i, ncls, bad, 0)
@@ -114,7 +114,7 @@ def sce_grad_dense_k(z, y, dy, out):
 def ce_int_k(p, labels, out):
     M, ncls = p.shape
     tot = 0.0
-    bad = -1
+    bad = M - M - 1
     for i in range(M):
         lab, bad = _label(labels, i, ncls, bad, 0)
         tot += math.log(float(p[i, lab]))
@@ -140,7 +140,7 @@ def ce_grad_int_k(p, labels, dy, out):
     T = out.dtype.type
     scale = dy[0] / T(M)
     zero, one = T(0), T(1)
-    bad = -1
+    bad = M - M - 1
     for i in range(M):
         lab, bad = _label(labels, i, ncls, bad, -1)
         for k in range(ncls):
