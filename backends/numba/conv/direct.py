@@ -128,14 +128,15 @@ def ensure_compiled(kern, args, dtype) -> bool:
 
 
 def run_generated(kern, args, dtype, ntasks, acc=None, threads=None):
-    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]], lo, hi)`` on Numba's thread
-    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
-    per_thread = () if acc is None else (acc[0],)
-    ensure_compiled(kern, tuple(args) + per_thread + (0, 0), dtype)
-    if acc is None:
+    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]...], lo, hi)`` on Numba's thread
+    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k, or a
+    tuple of such arrays)."""
+    work = () if acc is None else (acc if isinstance(acc, tuple) else (acc,))
+    ensure_compiled(kern, tuple(args) + tuple(a[0] for a in work) + (0, 0), dtype)
+    if not work:
         parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks, threads)
     else:
-        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks, threads)
+        parallel_for(lambda lo, hi, k: kern(*args, *(a[k] for a in work), lo, hi), ntasks, threads)
 
 
 def _vec_len(dtype) -> int:
@@ -195,6 +196,15 @@ class FwdPlan:
         cache line made the kernel slower on 2 threads than on 1 (false sharing)."""
         return numba.config.NUMBA_NUM_THREADS, self.KB, self.PL + 128 // np.dtype(dtype).itemsize
 
+    def work(self, dtype, alloc):
+        """The per-thread work arrays the kernel takes after ``flag``, each made by ``alloc(name, shape)``:
+        (acc,), and for epi "pool" (acc, pw): pw (threads, pooled wide rows), the inference pool's."""
+        acc = alloc("fwd_acc", self.acc_shape(dtype))
+        if self.epi != "pool":
+            return (acc,)
+        n = gen.round_up(gen.pool_wide_len(self.Hq, self.Wq, self.Wp), _vec_len(dtype))
+        return acc, alloc("fwd_pw", (numba.config.NUMBA_NUM_THREADS, n + 128 // np.dtype(dtype).itemsize))
+
     def source(self):
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
@@ -248,8 +258,8 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
         y = new_or(out, (N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    acc = scratch("fwd_acc", plan.acc_shape(dtype), dtype)
-    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, acc)
+    work = plan.work(dtype, lambda name, shape: scratch(name, shape, dtype))
+    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, work)
     return y, route
 
 
@@ -337,8 +347,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     # (one per conv held ~100 MB in ResNet-18 training at batch 16)
     own = not inplace and N * C * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
     xb = aligned_empty((N, C, plan.Lx), dtype) if own else None
-    acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
-    acc = list(acc3)                                             # acc[k]: thread k's
+    # work[k]: thread k's work arrays
+    work = list(zip(*(list(a) for a in plan.work(dtype, lambda name, shape: aligned_empty(shape, dtype)))))
     ntasks = N * plan.NKB
     # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for
     # calls under 1e7 FLOPs, once faster than waking a sleeping Python thread, is gone: its OpenMP
@@ -389,13 +399,13 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
             place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
         flag = bool(flag)
         if not compiled:
-            done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
+            done = ensure_compiled(kern, (xin, w3, b, y, route, flag) + work[0] + (0, 0), dtype)
             if done:
                 compiled.append(True)
         if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
-            kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
+            kern(xin, w3, b, y, route, flag, *work[0], 0, ntasks)
         else:
-            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
+            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, *work[k], lo, hi), ntasks)
 
     run.plan = plan
     return run

@@ -67,7 +67,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     blocks at once was measured: no faster, the taps' overlapping reads hit L1 anyway.)
 
     ``kernel(x, wt, b, y, route, flag, acc, lo, hi)`` runs tasks lo..hi-1 (task t: image t // NKB,
-    block t % NKB; threads.parallel_for splits them); acc (KB, PL) is the calling thread's scratch;
+    block t % NKB; threads.parallel_for splits them); acc (KB, PL) is the calling thread's scratch
+    (epi "pool": ``kernel(x, wt, b, y, route, flag, acc, pw, lo, hi)``, pw (>= pool_wide_len(...),) too);
     ``flag`` (bool, at run time so one compiled kernel serves
     both uses) means "apply ReLU" for epi "store" and "save the route" for epi "pool".
 
@@ -83,6 +84,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
                     the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
     """
+    if epi == "pool" and Hq * Wq == 0:  # pragma: no cover - programming error
+        raise ValueError("an empty pool")
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
     w = _FwdWriter(C=C, KB=KB, K=K, KH=KH, KW=KW, Wp=Wp, PL=PL, CB=CB, epi=epi, Ho=Ho, Wo=Wo, ps=ps, pst=pst,
@@ -93,7 +96,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     # channels, ReLU and route stores under run-time flags): Numba's typing and lowering cost grows
     # with the source, and a separate task function was optimised twice (alone and inlined)
     a(f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)")
-    a("def kernel(x, wt, b, y, route, flag, acc, lo, hi):")
+    a(f"def kernel(x, wt, b, y, route, flag, acc, {'pw, ' if epi == 'pool' else ''}lo, hi):")
     for q in range(KB):
         a(f"    a{q} = acc[{q}]")
     a("    for t in range(lo, hi):")
@@ -182,29 +185,64 @@ class _FwdWriter:
         self._pool_epilogue(ind2)
 
     def _pool_epilogue(self, ind2):
-        a, ps, pst = self.lines.append, self.ps, self.pst
-        a(f"{ind2}rk = route[n, k] if flag else route[0, 0]")
+        a, ps, pst, Wp = self.lines.append, self.ps, self.pst, self.Wp
+        taps = [(di * Wp + dj, f"(r0 + {di}) * {Wp} + c0 + {dj}", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
+                for di in range(ps) for dj in range(ps)]
+        # inference (no route): pooled "wide rows" -- pooled (i, j) at pw[i*Wp + j] is the window at
+        # acc[pst*(i*Wp + j) + tap offset] -- in one long loop with stride-pst reads, which LLVM
+        # vectorises (interleaved loads), then copied out row by row. A loop per pooled row is not
+        # vectorised: rows of 5 to 14 are unrolled first, and its index selects and route stores kept it
+        # scalar too (the pool took 7 of the 10 us of mnist_convnet's first layer at batch 1). The bias
+        # is added after the max (rounding is monotonic: the same bits); NaN propagates through the max
+        # compares, the first (not the largest) of the window's NaNs when it holds several.
+        a(f"{ind2}if not flag:")
+        i3 = ind2 + "    "
+        a(f"{i3}z = bq - bq")
+        n = round_up(pool_wide_len(self.Hq, self.Wq, Wp), 16)
+        a(f"{i3}for p in range({n}):")
+        a(f"{i3}    m = aq[{pst} * p + {taps[0][0]}]")
+        a(f"{i3}    s = m")
+        for off, _, _ in taps[1:]:
+            a(f"{i3}    v = aq[{pst} * p + {off}]")
+            a(f"{i3}    m = v if v > m else m")
+            a(f"{i3}    s += v")
+        a(f"{i3}    z += s")
+        a(f"{i3}    m += bq")
+        a(f"{i3}    pw[p] = 0.0 if m <= 0 else m")
+        a(f"{i3}if z != z:")
+        a(f"{i3}    for p in range({n}):")
+        a(f"{i3}        m = aq[{pst} * p + {taps[0][0]}]")
+        for off, _, _ in taps[1:]:
+            a(f"{i3}        v = aq[{pst} * p + {off}]")
+            a(f"{i3}        m = v if (v > m) | (v != v) else m")
+        a(f"{i3}        m += bq")
+        a(f"{i3}        pw[p] = 0.0 if m <= 0 else m")
+        a(f"{i3}for i in range({self.Hq}):")
+        a(f"{i3}    for j in range({self.Wq}):")
+        a(f"{i3}        yk[i, j] = pw[i * {Wp} + j]")
+        a(f"{i3}continue")
+        # training: the route too -- window taps unrolled into compare/selects (the first max in row-major
+        # order wins); NaN as np.max / np.argmax (maxpool_argmax's relu rule for the route: ~index where
+        # the max is not > 0)
+        a(f"{ind2}rk = route[n, k]")
         a(f"{ind2}for i in range({self.Hq}):")
         a(f"{ind2}    r0 = i * {pst}")
         a(f"{ind2}    anynan = False")
         a(f"{ind2}    for j in range({self.Wq}):")
         a(f"{ind2}        c0 = j * {pst}")
         i3 = ind2 + "        "
-        taps = [(f"aq[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
-                for di in range(ps) for dj in range(ps)]
-        a(f"{i3}m = {taps[0][0]}")
+        a(f"{i3}m = aq[{taps[0][1]}] + bq")
         a(f"{i3}nan = m != m")
-        a(f"{i3}mi = {taps[0][1]}")
-        for src, idx in taps[1:]:
-            a(f"{i3}v = {src}")
+        a(f"{i3}mi = {taps[0][2]}")
+        for _, src, idx in taps[1:]:
+            a(f"{i3}v = aq[{src}] + bq")
             a(f"{i3}gt = v > m")
             a(f"{i3}mi = {idx} if gt else mi")
             a(f"{i3}m = v if gt else m")
             a(f"{i3}nan |= v != v")
         # masked (max not > 0): ~ the first max of the ReLU output, its first element
         a(f"{i3}yk[i, j] = 0.0 if m <= 0 else m")
-        a(f"{i3}if flag:")
-        a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][1]})")
+        a(f"{i3}rk[i, j] = mi if m > 0 else ~({taps[0][2]})")
         a(f"{i3}anynan |= nan")
         # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
         # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down)
@@ -212,14 +250,18 @@ class _FwdWriter:
         a(f"{ind2}        for j in range({self.Wq}):")
         a(f"{ind2}            c0 = j * {pst}")
         a(f"{ind2}            p0 = -1")
-        for src, idx in reversed(taps):
-            a(f"{ind2}            v = {src}")
+        for _, src, idx in reversed(taps):
+            a(f"{ind2}            v = aq[{src}] + bq")
             a(f"{ind2}            m = v if v != v else m")
             a(f"{ind2}            p0 = {idx} if v != v else p0")
         a(f"{ind2}            if p0 >= 0:")
         a(f"{ind2}                yk[i, j] = m")
-        a(f"{ind2}                if flag:")
-        a(f"{ind2}                    rk[i, j] = ~p0")
+        a(f"{ind2}                rk[i, j] = ~p0")
+
+
+def pool_wide_len(Hq: int, Wq: int, Wp: int) -> int:
+    """Length of the pooled wide rows of a pool epilogue (pooled (i, j) at i*Wp + j)."""
+    return (Hq - 1) * Wp + Wq
 
 
 # --------------------------------------------------------------------------------------------------
