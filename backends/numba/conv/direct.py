@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from graphc.backends.kernel_cache import aligned_empty, load_generated
-from graphc.backends.numba.conv import gen
+from graphc.backends.numba.conv import gen, winograd
 from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_t, pool_hw, scratch, shift_copies,
                                               sum_partials)
 from graphc.backends.numba.precompile import compile_for
@@ -318,7 +318,8 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
-def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1):
+def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
+                    weights_version=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
@@ -328,7 +329,13 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. Returns None where the direct strategy needs more than a stride-1
-    kernel (stride > 1: space-to-depth per call)."""
+    kernel (stride > 1: space-to-depth per call).
+
+    ``weights_version``: a callable whose value changes whenever the filters' values may have changed
+    (the executor's state version, for filters that are state); with it, calls without a route of the
+    geometries winograd.py serves (3x3 conv + ReLU + 2x2/2 pool, >= 8 input channels) run its kernel,
+    the filters transformed only when the version or the filter array changes (on the calling thread:
+    where the direct kernel would run there too)."""
     if int(stride) != 1:
         return None
     dtype = np.dtype(dtype)
@@ -358,6 +365,10 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
     kern = plan.kern
+    wino = None
+    if weights_version is not None and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq, plan.Wq, Wp,
+                                                         dtype.itemsize):
+        wino = winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, dtype)
     w3shape = (K, Cg, KH * KW)
     xshape = (N, C, H, W)
     ok = (True, True, True)
@@ -398,16 +409,20 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
             xin = xb if xb is not None else scratch("fwd_x", (N, C, plan.Lx), dtype)
             place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
         flag = bool(flag)
+        serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
+        if wino is not None and not flag and serial and wino(xin, w3, b, y, weights_version):
+            return
         if not compiled:
             done = ensure_compiled(kern, (xin, w3, b, y, route, flag) + work[0] + (0, 0), dtype)
             if done:
                 compiled.append(True)
-        if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
+        if serial:
             kern(xin, w3, b, y, route, flag, *work[0], 0, ntasks)
         else:
             parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, *work[k], lo, hi), ntasks)
 
     run.plan = plan
+    run.winograd = wino
     return run
 
 
