@@ -318,6 +318,27 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
+def _filters_and_bias(w, b, memo, dtype, w3shape, nob):
+    """(w as (K, C, T), b) for a prebound call: views of the same arrays as last call are reused (params
+    and planned buffers are the same objects every run; a view follows in-place updates); copies are
+    never remembered (memo[0:2]: w and its view, memo[4]: b)."""
+    if w is memo[0]:
+        w3 = memo[1]
+    elif w.dtype == dtype and w.flags.c_contiguous:
+        w3 = w.reshape(w3shape)
+        memo[0], memo[1] = w, w3
+    else:
+        w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
+    if b is None:
+        return w3, nob
+    if b is not memo[4]:
+        if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
+            memo[4] = b
+        else:
+            b = np.ascontiguousarray(b, dtype).reshape(-1)
+    return w3, b
+
+
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
                     weights_version=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
@@ -377,22 +398,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     compiled = []
 
     def run(x, w, b, y, route, flag):
-        # views of the same arrays as last call are reused (params and planned buffers are the same
-        # objects every run; a view follows in-place updates); copies are never remembered
-        if w is memo[0]:
-            w3 = memo[1]
-        elif w.dtype == dtype and w.flags.c_contiguous:
-            w3 = w.reshape(w3shape)
-            memo[0], memo[1] = w, w3
-        else:
-            w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
-        if b is None:
-            b = nob
-        elif b is not memo[4]:
-            if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
-                memo[4] = b
-            else:
-                b = np.ascontiguousarray(b, dtype).reshape(-1)
+        w3, b = _filters_and_bias(w, b, memo, dtype, w3shape, nob)
         if inplace:
             if x is memo[2]:
                 xin = memo[3]

@@ -31,7 +31,7 @@ from numba import njit
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
 from graphc.backends.kernel_cache import aligned_empty
 
-MIN_CHANNELS = 8
+MIN_CHANNELS = 8         # (on one, mnist_convnet's first layer: 6.5 us against the direct kernel's 4.2)
 MAX_V_BYTES = 1 << 20    # an L2 cache (larger images would want tiles of the plane: not written)
 TB, CB = 5, 4            # tiles per block of the products (accumulators), input channels per pass (measured:
                          # CB 2 as fast, 8 half as fast again)
@@ -103,9 +103,9 @@ def _tile_block(a, t0, nb, C, K, Wp, Wq, LT, ind):
     a(f"{ind}    mb = xi * {TB * K}")
     a(f"{ind}    for c0 in range(0, {C - C % CB}, {CB}):")
     _products(a, nb, CB, C, K, LT, ind + "        ", None)
-    if C % CB:                 # (C >= MIN_CHANNELS >= CB: the remaining channels add to the sums)
+    if C % CB:                 # the remaining channels (all of them when C < CB: they start the sums)
         a(f"{ind}    c0 = {C - C % CB}")
-        _products(a, nb, C % CB, C, K, LT, ind + "    ", False)
+        _products(a, nb, C % CB, C, K, LT, ind + "    ", C < CB)
     a(f"{ind}for tb in range({nb}):")
     a(f"{ind}    t = {t0} + tb")
     a(f"{ind}    i = t // {Wq}")
