@@ -189,12 +189,14 @@ class FwdPlan:
         self.maxoff = (KH - 1) * self.dil[0] * Wp + (KW - 1) * self.dil[1]
         self.Lx = gen.round_up(max(Hp * Wp, self.PL + self.maxoff), VL)
         self.NKB = -(-K // self.KB)
+        # an accumulator row as long as the inference pool loop reads (whole vectors: past PL)
+        self.acc_len = self.PL if epi != "pool" else gen.pool_acc_len(self.PL, ps, pst, self.Hq, self.Wq, Wp)
 
     def acc_shape(self, dtype):
         """One accumulator block per thread (threads.parallel_for's k is below NUMBA_NUM_THREADS); rows
         padded by 128 bytes and each block cache-line aligned: two threads writing the two ends of one
         cache line made the kernel slower on 2 threads than on 1 (false sharing)."""
-        return numba.config.NUMBA_NUM_THREADS, self.KB, self.PL + 128 // np.dtype(dtype).itemsize
+        return numba.config.NUMBA_NUM_THREADS, self.KB, self.acc_len + 128 // np.dtype(dtype).itemsize
 
     def work(self, dtype, alloc):
         """The per-thread work arrays the kernel takes after ``flag``, each made by ``alloc(name, shape)``:
@@ -202,7 +204,7 @@ class FwdPlan:
         acc = alloc("fwd_acc", self.acc_shape(dtype))
         if self.epi != "pool":
             return (acc,)
-        n = gen.round_up(gen.pool_wide_len(self.Hq, self.Wq, self.Wp), _vec_len(dtype))
+        n = gen.pool_loop_len(self.Hq, self.Wq, self.Wp)
         return acc, alloc("fwd_pw", (numba.config.NUMBA_NUM_THREADS, n + 128 // np.dtype(dtype).itemsize))
 
     def source(self):

@@ -190,15 +190,20 @@ class _FwdWriter:
                 for di in range(ps) for dj in range(ps)]
         # inference (no route): pooled "wide rows" -- pooled (i, j) at pw[i*Wp + j] is the window at
         # acc[pst*(i*Wp + j) + tap offset] -- in one long loop with stride-pst reads, which LLVM
-        # vectorises (interleaved loads), then copied out row by row. A loop per pooled row is not
-        # vectorised: rows of 5 to 14 are unrolled first, and its index selects and route stores kept it
-        # scalar too (the pool took 7 of the 10 us of mnist_convnet's first layer at batch 1). The bias
-        # is added after the max (rounding is monotonic: the same bits); NaN propagates through the max
-        # compares, the first (not the largest) of the window's NaNs when it holds several.
+        # vectorises (interleaved loads; a whole number of vectors: a masked remainder made them
+        # gathers, 40% slower), then copied out row by row. A loop per pooled row is not vectorised: rows
+        # of 5 to 14 are unrolled first, and its index selects and route stores kept it scalar too (the
+        # pool took 7 of the 10 us of mnist_convnet's first layer at batch 1). The bias is added after
+        # the max (rounding is monotonic: the same bits). A NaN in a window (its sum z is NaN then;
+        # rare) is pooled again with NaN-propagating compares.
         a(f"{ind2}if not flag:")
         i3 = ind2 + "    "
         a(f"{i3}z = bq - bq")
-        n = round_up(pool_wide_len(self.Hq, self.Wq, Wp), 16)
+        n = pool_loop_len(self.Hq, self.Wq, Wp)
+        tail = pool_acc_len(self.PL, ps, pst, self.Hq, self.Wq, Wp)
+        if tail > self.PL:         # read past what the conv wrote: zeros, not a NaN left there
+            a(f"{i3}for p in range({self.PL}, {tail}):")
+            a(f"{i3}    aq[p] = 0.0")
         a(f"{i3}for p in range({n}):")
         a(f"{i3}    m = aq[{pst} * p + {taps[0][0]}]")
         a(f"{i3}    s = m")
@@ -262,6 +267,16 @@ class _FwdWriter:
 def pool_wide_len(Hq: int, Wq: int, Wp: int) -> int:
     """Length of the pooled wide rows of a pool epilogue (pooled (i, j) at i*Wp + j)."""
     return (Hq - 1) * Wp + Wq
+
+
+def pool_loop_len(Hq: int, Wq: int, Wp: int) -> int:
+    """The inference pool loop's trip count: the pooled wide rows rounded up to 16 (the widest vector)."""
+    return round_up(pool_wide_len(Hq, Wq, Wp), 16)
+
+
+def pool_acc_len(PL: int, ps: int, pst: int, Hq: int, Wq: int, Wp: int) -> int:
+    """Accumulator row length the inference pool loop reads (past the PL the conv writes: zeroed first)."""
+    return max(PL, pst * (pool_loop_len(Hq, Wq, Wp) - 1) + (ps - 1) * (Wp + 1) + 1)
 
 
 # --------------------------------------------------------------------------------------------------
