@@ -185,9 +185,19 @@ class _FwdWriter:
         self._pool_epilogue(ind2)
 
     def _pool_epilogue(self, ind2):
-        a, ps, pst, Wp = self.lines.append, self.ps, self.pst, self.Wp
-        taps = [(di * Wp + dj, f"(r0 + {di}) * {Wp} + c0 + {dj}", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
-                for di in range(ps) for dj in range(ps)]
+        """The pool epilogue of one output channel: with the route (training: flag) or without."""
+        a = self.lines.append
+        a(f"{ind2}if flag:")
+        self._pool_route(ind2 + "    ")
+        a(f"{ind2}else:")
+        self._pool_infer(ind2 + "    ")
+
+    def _taps(self):
+        Wp = self.Wp
+        return [(di * Wp + dj, f"(r0 + {di}) * {Wp} + c0 + {dj}", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
+                for di in range(self.ps) for dj in range(self.ps)]
+
+    def _pool_infer(self, i3):
         # inference (no route): pooled "wide rows" -- pooled (i, j) at pw[i*Wp + j] is the window at
         # acc[pst*(i*Wp + j) + tap offset] -- in one long loop with stride-pst reads, which LLVM
         # vectorises (interleaved loads; a whole number of vectors: a masked remainder made them
@@ -196,8 +206,7 @@ class _FwdWriter:
         # pool took 7 of the 10 us of mnist_convnet's first layer at batch 1). The bias is added after
         # the max (rounding is monotonic: the same bits). A NaN in a window (its sum z is NaN then;
         # rare) is pooled again with NaN-propagating compares.
-        a(f"{ind2}if not flag:")
-        i3 = ind2 + "    "
+        a, ps, pst, Wp, taps = self.lines.append, self.ps, self.pst, self.Wp, self._taps()
         a(f"{i3}z = bq - bq")
         n = pool_loop_len(self.Hq, self.Wq, Wp)
         tail = pool_acc_len(self.PL, ps, pst, self.Hq, self.Wq, Wp)
@@ -225,17 +234,19 @@ class _FwdWriter:
         a(f"{i3}for i in range({self.Hq}):")
         a(f"{i3}    for j in range({self.Wq}):")
         a(f"{i3}        yk[i, j] = pw[i * {Wp} + j]")
-        a(f"{i3}continue")
+
+    def _pool_route(self, ind):
+        a, pst, taps = self.lines.append, self.pst, self._taps()
         # training: the route too -- window taps unrolled into compare/selects (the first max in row-major
         # order wins); NaN as np.max / np.argmax (maxpool_argmax's relu rule for the route: ~index where
         # the max is not > 0)
-        a(f"{ind2}rk = route[n, k]")
-        a(f"{ind2}for i in range({self.Hq}):")
-        a(f"{ind2}    r0 = i * {pst}")
-        a(f"{ind2}    anynan = False")
-        a(f"{ind2}    for j in range({self.Wq}):")
-        a(f"{ind2}        c0 = j * {pst}")
-        i3 = ind2 + "        "
+        a(f"{ind}rk = route[n, k]")
+        a(f"{ind}for i in range({self.Hq}):")
+        a(f"{ind}    r0 = i * {pst}")
+        a(f"{ind}    anynan = False")
+        a(f"{ind}    for j in range({self.Wq}):")
+        a(f"{ind}        c0 = j * {pst}")
+        i3 = ind + "        "
         a(f"{i3}m = aq[{taps[0][1]}] + bq")
         a(f"{i3}nan = m != m")
         a(f"{i3}mi = {taps[0][2]}")
@@ -251,17 +262,17 @@ class _FwdWriter:
         a(f"{i3}anynan |= nan")
         # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
         # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down)
-        a(f"{ind2}    if anynan:")
-        a(f"{ind2}        for j in range({self.Wq}):")
-        a(f"{ind2}            c0 = j * {pst}")
-        a(f"{ind2}            p0 = -1")
+        a(f"{ind}    if anynan:")
+        a(f"{ind}        for j in range({self.Wq}):")
+        a(f"{ind}            c0 = j * {pst}")
+        a(f"{ind}            p0 = -1")
         for _, src, idx in reversed(taps):
-            a(f"{ind2}            v = aq[{src}] + bq")
-            a(f"{ind2}            m = v if v != v else m")
-            a(f"{ind2}            p0 = {idx} if v != v else p0")
-        a(f"{ind2}            if p0 >= 0:")
-        a(f"{ind2}                yk[i, j] = m")
-        a(f"{ind2}                rk[i, j] = ~p0")
+            a(f"{ind}            v = aq[{src}] + bq")
+            a(f"{ind}            m = v if v != v else m")
+            a(f"{ind}            p0 = {idx} if v != v else p0")
+        a(f"{ind}            if p0 >= 0:")
+        a(f"{ind}                yk[i, j] = m")
+        a(f"{ind}                rk[i, j] = ~p0")
 
 
 def pool_wide_len(Hq: int, Wq: int, Wp: int) -> int:
