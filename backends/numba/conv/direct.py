@@ -173,6 +173,7 @@ class FwdPlan:
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
         self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
         self.groups, self.dil = groups, tuple(dil)
+        self.kerns = {}
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
         if groups > 1:
@@ -207,13 +208,23 @@ class FwdPlan:
         n = gen.pool_loop_len(self.Hq, self.Wq, self.Wp)
         return acc, alloc("fwd_pw", (numba.config.NUMBA_NUM_THREADS, n + 128 // np.dtype(dtype).itemsize))
 
-    def source(self):
+    def source(self, route=True):
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
                                  ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
                                  **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}),
                                  **({} if (self.groups, self.dil) == (1, (1, 1)) else
-                                    {"groups": self.groups, "dil": self.dil}))
+                                    {"groups": self.groups, "dil": self.dil}),
+                                 **({} if route or self.epi != "pool" else {"route": False}))
+
+    def kernel(self, flag):
+        """The generated kernel of a call with this flag: for epi "pool" one saving the route (flag) and
+        one not, each loaded on first use; for epi "store" one (flag: ReLU, at run time)."""
+        key = bool(flag) or self.epi != "pool"
+        k = self.kerns.get(key)
+        if k is None:
+            k = self.kerns[key] = load_kernel(self.source(route=key))
+        return k
 
     def weights(self, w):
         """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
@@ -238,13 +249,11 @@ TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling th
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
              dil=(1, 1)) -> FwdPlan:
-    """The (memoised) plan of a direct forward call, its kernel loaded."""
+    """The (memoised) plan of a direct forward call (its kernels: plan.kernel(flag))."""
     key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil))
     plan = _PLANS.get(key)
     if plan is None:
-        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil)
-        plan.kern = load_kernel(plan.source())
-        _PLANS[key] = plan
+        plan = _PLANS[key] = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil)
     return plan
 
 
@@ -252,7 +261,6 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
     """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx), into out (y) when given."""
     N = xb.shape[0]
     dtype = xb.dtype
-    kern = plan.kern
     if plan.epi == "pool":
         y = new_or(out, (N, plan.K, plan.Hq, plan.Wq), dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
@@ -261,7 +269,7 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
     work = plan.work(dtype, lambda name, shape: scratch(name, shape, dtype))
-    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, work)
+    run_generated(plan.kernel(flag), (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, work)
     return y, route
 
 
@@ -387,7 +395,6 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
-    kern = plan.kern
     wino = None
     if weights_version is not None and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq, plan.Wq, Wp,
                                                          dtype.itemsize):
@@ -397,7 +404,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     ok = (True, True, True)
 
     memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
-    compiled = []
+    ready = {}                                       # flag -> its kernel, compiled
 
     def run(x, w, b, y, route, flag):
         w3, b = _filters_and_bias(w, b, memo, dtype, w3shape, nob)
@@ -420,10 +427,11 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
         if wino is not None and not flag and serial and wino(xin, w3, b, y, weights_version):
             return
-        if not compiled:
-            done = ensure_compiled(kern, (xin, w3, b, y, route, flag) + work[0] + (0, 0), dtype)
-            if done:
-                compiled.append(True)
+        kern = ready.get(flag)
+        if kern is None:
+            kern = plan.kernel(flag)
+            if ensure_compiled(kern, (xin, w3, b, y, route, flag) + work[0] + (0, 0), dtype):
+                ready[flag] = kern
         if serial:
             kern(xin, w3, b, y, route, flag, *work[0], 0, ntasks)
         else:

@@ -55,7 +55,7 @@ def _group_base(groups: int, Kg: int, C: int, k0: str, ind: str):
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
                  ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked",
-                 groups: int = 1, dil=(1, 1)) -> str:
+                 groups: int = 1, dil=(1, 1), route: bool = True) -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
     inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
@@ -80,16 +80,20 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     read the group's channels ``cb .. cb + C - 1``; ``dil``: the filter taps' spacing (dh, dw).
 
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
-    epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
+    epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); with ``route``, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
                     the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
+                    A kernel of each kind (``flag`` unused): each compiles in about 0.6 s, one with
+                    both epilogues under the flag in 1.0-1.3 s, which a training step's cold start
+                    paid without running the second.
     """
     if epi == "pool" and Hq * Wq == 0:  # pragma: no cover - programming error
         raise ValueError("an empty pool")
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
     w = _FwdWriter(C=C, KB=KB, K=K, KH=KH, KW=KW, Wp=Wp, PL=PL, CB=CB, epi=epi, Ho=Ho, Wo=Wo, ps=ps, pst=pst,
-                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "")
+                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "",
+                   route=bool(route))
     a = w.lines.append
     a(HEADER)
     # one function, each piece written once (the task body inline, one epilogue looped over the KB
@@ -185,12 +189,11 @@ class _FwdWriter:
         self._pool_epilogue(ind2)
 
     def _pool_epilogue(self, ind2):
-        """The pool epilogue of one output channel: with the route (training: flag) or without."""
-        a = self.lines.append
-        a(f"{ind2}if flag:")
-        self._pool_route(ind2 + "    ")
-        a(f"{ind2}else:")
-        self._pool_infer(ind2 + "    ")
+        """The pool epilogue of one output channel: with the route (training) or without."""
+        if self.route:
+            self._pool_route(ind2)
+        else:
+            self._pool_infer(ind2)
 
     def _taps(self):
         Wp = self.Wp
@@ -240,7 +243,10 @@ class _FwdWriter:
         # training: the route too -- window taps unrolled into compare/selects (the first max in row-major
         # order wins); NaN as np.max / np.argmax (maxpool_argmax's relu rule for the route: ~index where
         # the max is not > 0)
-        a(f"{ind}rk = route[n, k]")
+        # (the route stores under the run-time flag, as when one kernel served both uses: LLVM keeps
+        # these loops as they were, unvectorised where they were; vectorised with masked gathers, the
+        # 5-wide rows of mnist_convnet's layer 2 were slower and compiled longer)
+        a(f"{ind}rk = route[n, k] if flag else route[0, 0]")
         a(f"{ind}for i in range({self.Hq}):")
         a(f"{ind}    r0 = i * {pst}")
         a(f"{ind}    anynan = False")
@@ -258,7 +264,8 @@ class _FwdWriter:
             a(f"{i3}nan |= v != v")
         # masked (max not > 0): ~ the first max of the ReLU output, its first element
         a(f"{i3}yk[i, j] = 0.0 if m <= 0 else m")
-        a(f"{i3}rk[i, j] = mi if m > 0 else ~({taps[0][2]})")
+        a(f"{i3}if flag:")
+        a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][2]})")
         a(f"{i3}anynan |= nan")
         # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
         # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down)
@@ -272,7 +279,8 @@ class _FwdWriter:
             a(f"{ind}            p0 = {idx} if v != v else p0")
         a(f"{ind}            if p0 >= 0:")
         a(f"{ind}                yk[i, j] = m")
-        a(f"{ind}                rk[i, j] = ~p0")
+        a(f"{ind}                if flag:")
+        a(f"{ind}                    rk[i, j] = ~p0")
 
 
 def pool_wide_len(Hq: int, Wq: int, Wp: int) -> int:
