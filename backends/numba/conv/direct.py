@@ -395,10 +395,10 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
-    wino = None
+    wino = None                 # [its WinogradPool, made at the first call that runs it] where it applies
     if weights_version is not None and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq, plan.Wq, Wp,
                                                          dtype.itemsize):
-        wino = winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, dtype)
+        wino = []
     w3shape = (K, Cg, KH * KW)
     xshape = (N, C, H, W)
     ok = (True, True, True)
@@ -425,8 +425,11 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
             place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
         flag = bool(flag)
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
-        if wino is not None and not flag and serial and wino(xin, w3, b, y, weights_version):
-            return
+        if wino is not None and not flag and serial:
+            if not wino:
+                wino.append(winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, dtype))
+            if wino[0](xin, w3, b, y, weights_version):
+                return
         kern = ready.get(flag)
         if kern is None:
             kern = plan.kernel(flag)
