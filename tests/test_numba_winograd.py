@@ -108,12 +108,14 @@ def test_not_finite_values_are_the_direct_kernels():
 
 
 def test_applies_only_where_it_pays():
-    assert winograd.applies(8, 3, 3, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4)
-    assert not winograd.applies(4, 3, 3, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4)         # few channels
-    assert not winograd.applies(8, 3, 3, (1, 1), 1, "pool", 3, 2, 5, 5, 13, 4)         # a 3x3 pool
-    assert not winograd.applies(8, 5, 5, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4)         # a 5x5 filter
-    assert not winograd.applies(8, 3, 3, (1, 1), 1, "store", 0, 0, 5, 5, 13, 4)        # no pool
-    assert not winograd.applies(64, 3, 3, (1, 1), 1, "pool", 2, 2, 111, 111, 224, 4)   # V would not fit L2
+    assert winograd.applies(8, 3, 3, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4, 64)
+    assert not winograd.applies(4, 3, 3, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4, 64)         # few channels
+    assert not winograd.applies(8, 3, 3, (1, 1), 1, "pool", 3, 2, 5, 5, 13, 4, 64)         # a 3x3 pool
+    assert not winograd.applies(8, 5, 5, (1, 1), 1, "pool", 2, 2, 5, 5, 13, 4, 64)         # a 5x5 filter
+    assert not winograd.applies(8, 3, 3, (1, 1), 1, "store", 0, 0, 5, 5, 13, 4, 64)        # no pool
+    assert not winograd.applies(64, 3, 3, (1, 1), 1, "pool", 2, 2, 111, 111, 224, 4, 64)   # V would not fit L2
+    assert winograd.applies(512, 3, 3, (1, 1), 1, "pool", 2, 2, 3, 3, 9, 4, 64)
+    assert not winograd.applies(512, 3, 3, (1, 1), 1, "pool", 2, 2, 3, 3, 9, 4, 512)    # U: 16 MB
 
 
 def test_executable_follows_the_state(monkeypatch):

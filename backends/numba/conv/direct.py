@@ -269,7 +269,8 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
     work = plan.work(dtype, lambda name, shape: scratch(name, shape, dtype))
-    run_generated(plan.kernel(flag), (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, work)
+    run_generated(plan.kernel(flag), (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype,
+                  N * plan.NKB, work)
     return y, route
 
 
@@ -397,7 +398,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     nob = np.zeros(K, dtype)
     wino = None                 # [its WinogradPool, made at the first call that runs it] where it applies
     if weights_version is not None and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq, plan.Wq, Wp,
-                                                         dtype.itemsize):
+                                                         dtype.itemsize, K):
         wino = []
     w3shape = (K, Cg, KH * KW)
     xshape = (N, C, H, W)

@@ -33,6 +33,7 @@ from graphc.backends.kernel_cache import aligned_empty
 
 MIN_CHANNELS = 8         # (on one, mnist_convnet's first layer: 6.5 us against the direct kernel's 4.2)
 MAX_V_BYTES = 1 << 20    # an L2 cache (larger images would want tiles of the plane: not written)
+MAX_U_BYTES = 4 << 20    # (kept beside the filters for as long as the binding lives)
 TB, CB = 5, 4            # tiles per block of the products (accumulators), input channels per pass (measured:
                          # CB 2 as fast, 8 half as fast again)
 _ROWS = {0: ("-", 0, 2), 1: ("+", 1, 2), 2: ("-", 2, 1), 3: ("-", 1, 3)}    # B^T: row r = d[a] op d[b]
@@ -45,11 +46,13 @@ from numba import njit
 """
 
 
-def applies(C, KH, KW, dil, groups, epi, ps, pst, Hq, Wq, Wp, itemsize) -> bool:
+def applies(C, KH, KW, dil, groups, epi, ps, pst, Hq, Wq, Wp, itemsize, K) -> bool:
     """Whether a direct forward of this geometry has a Winograd inference kernel (its transformed
-    input, V, at most MAX_V_BYTES: one image's, whole)."""
+    input, V, one image's whole, and its transformed filters, U, 16/9 of the filters' size, at most
+    MAX_V_BYTES and MAX_U_BYTES)."""
     return ((KH, KW) == (3, 3) and tuple(dil) == (1, 1) and groups == 1 and epi == "pool" and (ps, pst) == (2, 2)
-            and C >= MIN_CHANNELS and C * 16 * wide_tiles(Hq, Wq, Wp) * itemsize <= MAX_V_BYTES)
+            and C >= MIN_CHANNELS and C * 16 * wide_tiles(Hq, Wq, Wp) * itemsize <= MAX_V_BYTES
+            and 16 * C * K * itemsize <= MAX_U_BYTES)
 
 
 def wide_tiles(Hq, Wq, Wp) -> int:
