@@ -96,6 +96,8 @@ class Binding:
         self.threads = None
         self.thread_times = {}
         self.thread_trials = []     # thread counts the next runs try (numba: the count is chosen online)
+        self.runs_since_choice = 0  # (numba: the count is chosen once more, later)
+        self.recheck = False
         self.compile_stats = None   # what the backend's precompile found, loaded and compiled
 
     def slot(self, name):

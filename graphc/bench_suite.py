@@ -107,9 +107,29 @@ def _commit():
         return None
 
 
+def blas_kernels():
+    """"SciPy's OpenBLAS 0.3.30 SkylakeX, numpy's 0.3.31 SkylakeX": the kernel sets of the BLAS libraries graphc's
+    numba backend calls (SciPy's for im2col's GEMMs, numpy's for matmul), as loaded by this process with its
+    environment. They matter: $OPENBLAS_CORETYPE=Haswell (set on some machines for old OpenBLAS builds) runs
+    AVX2 kernels on AVX-512 CPUs, one-thread SGEMM 115-133 GFLOP/s against 193-242 on an AMD EPYC (Zen 5)."""
+    try:
+        import graphc.backends.numba  # noqa: F401  (loads SciPy's BLAS as the backend does)
+        from threadpoolctl import threadpool_info
+        libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+    except Exception:   # noqa: BLE001 - only a label
+        return None
+    parts = []
+    for i in libs:
+        path = i.get("filepath") or ""
+        who = "SciPy's" if "scipy.libs" in path or "scipy/" in path else "numpy's" if "numpy" in path else path
+        parts.append(f"{who} {i.get('internal_api', '')} {i.get('version') or ''} {i.get('architecture') or ''}".strip())
+    return ", ".join(parts) or None
+
+
 def machine():
     model, llvm_name = _cpu_model()
-    return {"cpus": os.cpu_count(), "cpu_model": model, "cpu_llvm": llvm_name, "platform": platform.platform(),
+    return {"cpus": os.cpu_count(), "cpu_model": model, "cpu_llvm": llvm_name, "blas": blas_kernels(),
+            "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"), "platform": platform.platform(),
             "python": platform.python_version(), "versions": _versions(), "graphc_commit": _commit(),
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
@@ -212,7 +232,9 @@ def _header(doc):
     load = " / ".join(f"{x[0]:.2f}" for x in (doc.get("loadavg_start"), doc.get("loadavg_end")) if x)
     return (f"Measured {m['date'][:10]} with `graphc bench --suite` (graphc {m.get('graphc_commit') or '?'}, "
             f"backend {doc['backend']}) on {m['cpus']} cores of {m.get('cpu_model') or '?'} (Numba/LLVM: "
-            f"{m.get('cpu_llvm') or '?'}), load average {load or '?'} at start / end; PyTorch {v.get('torch') or '-'}, "
+            f"{m.get('cpu_llvm') or '?'}; BLAS: {m.get('blas') or '?'}"
+            f"{', OPENBLAS_CORETYPE=' + m['openblas_coretype'] if m.get('openblas_coretype') else ''}), "
+            f"load average {load or '?'} at start / end; PyTorch {v.get('torch') or '-'}, "
             f"onnxruntime {v.get('onnxruntime') or '-'}, numba {v.get('numba') or '-'}. Ratios are graphc's time "
             f"/ the peer's (< 1: graphc faster); peak RSS is over the timed steps of each step process.")
 

@@ -4,6 +4,7 @@ memory reported for every step process, the suite on a fake table (JSON, markdow
 the command line. No timing is asserted: speed is measured by `graphc bench`, not by tests."""
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,6 +112,8 @@ def test_suite_writes_every_entry_to_json(suite_run):
     assert [e["name"] for e in saved["entries"]] == ["mlp-infer-b2", "mlp-train-b2"]
     m = saved["machine"]
     assert m["cpus"] >= 1 and m["date"] and "cpu_model" in m and "cpu_llvm" in m
+    # the BLAS kernel sets graphc's GEMMs ran (an environment forcing OpenBLAS's AVX2 kernels halves them)
+    assert "SciPy's openblas" in m["blas"] and m["openblas_coretype"] == os.environ.get("OPENBLAS_CORETYPE")
     for e in saved["entries"]:
         g = e["graphc"]
         assert g["step_ms"] > 0 and g["compile_cold_s"] is None        # probes off here
@@ -144,13 +147,14 @@ def test_suite_prints_a_line_per_entry_and_the_markdown_table(suite_run, capsys)
 def test_markdown_marks_caps_and_disagreement():
     doc = {"backend": "numba", "loadavg_start": [0.5, 0, 0], "loadavg_end": [0.7, 0, 0],
            "machine": {"cpus": 2, "cpu_model": "AMD EPYC", "cpu_llvm": "znver5", "date": "2030-01-02T03:04:05",
-                       "versions": {}},
+                       "versions": {}, "blas": "SciPy's openblas 0.3.30 Haswell", "openblas_coretype": "Haswell"},
            "entries": [{"name": "a", "command": "graphc bench a --batch 1", "graphc": {"step_ms": 2.0},
                         "peers": {"torch_eager": {"step_ms": 4.0, "ratio": 0.5, "agrees": False, "rss_step_mb": 300},
                                   "torch_compile": {"agrees": None, "note": "over the 600 s cap (compile included)"}}},
                        {"name": "b", "error": "model 'b' not found"}]}
     table = bench_suite.markdown(doc)
     assert "2030-01-02" in table and "AMD EPYC" in table and "znver5" in table and "0.50 / 0.70" in table
+    assert "BLAS: SciPy's openblas 0.3.30 Haswell, OPENBLAS_CORETYPE=Haswell)" in table
     row = table.splitlines()[4]
     assert "4.0 ms (0.50x) (disagrees!)" in row and "over the cap" in row and "n/a / 300" in row
     assert "| b | error: model 'b' not found |" in table

@@ -407,3 +407,25 @@ def test_compile_recorder_breaks_a_compile_down(own_cache):
     assert bd["kernels"][0]["kernel"] == kern.py_func.__module__ + ".kernel"
     lines = format_breakdown(bd)
     assert "1 kernels compiled" in lines[0] and "conv strategy timing" in lines[1]
+
+
+def test_thread_count_is_chosen_again_once_later(monkeypatch):
+    """threads="auto": RECHECK_RUNS runs after the first choice the counts are tried again (a busy moment
+    during the first runs must not decide for good), then never again; results stay the reference's."""
+    from graphc.backends.numba import executor
+    monkeypatch.setattr(executor, "RECHECK_RUNS", 4)
+    g = _small_cnn()
+    feeds = {"x": np.ones((2, 2, 10, 10), np.float32), "labels": np.array([0, 1])}
+    exe = gc.compile(g, backend="numba", progress=None)
+    tried = []
+    orig = exe._run_steps
+    exe._run_steps = lambda b, threads=None: tried.append(threads) or orig(b, threads)
+    outs = [exe.run(feeds)["loss"] for _ in range(30)]
+    b = exe._last_binding[3]
+    maxt = numba.config.NUMBA_NUM_THREADS
+    if maxt > 1:
+        settled = next(i for i in range(4, len(tried)) if len(set(tried[i - 4:i])) == 1)   # 4 runs on the choice
+        assert {1, maxt} <= set(tried[settled:]), tried                      # then both counts again
+        assert len(set(tried[-10:])) == 1 and not b.recheck and not b.thread_trials, tried   # and never again
+    ref = gc.compile(g).run(feeds)["loss"]
+    np.testing.assert_allclose(outs, [ref] * 30, rtol=1e-5)

@@ -332,6 +332,15 @@ def test_static_rule_sends_deep_strided_forward_convs_to_im2col():
     assert rule("conv2d", 2, (64, 32, 3, 3), (1, 1), 2) == "direct"              # 32 x 9 per group
 
 
+def test_static_rule_runs_deep_1x1_forward_convs_as_gemms():
+    """A 1x1 stride-1 forward conv of >= DEEP_1X1 input channels: im2col (a GEMM on the image); fewer
+    channels, a grouped one, and its gradients keep their rules."""
+    rule, deep = conv_strategy.static_rule, conv_strategy.DEEP_1X1
+    assert rule("conv2d", 1, (1280, deep, 1, 1)) == "im2col"
+    assert rule("conv2d", 1, (1280, deep - 1, 1, 1)) == rule("conv2d_dx", 1, (1280, deep, 1, 1)) == "direct"
+    assert rule("conv2d", 1, (512, deep, 1, 1), (1, 1), 2) == "direct"
+
+
 def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
     from graphc import bench
     assert bench.copy_gbps(mbytes=8, repeats=2) > 0
@@ -347,3 +356,29 @@ def test_bench_measures_memory_bound_kernels_against_the_copy_bandwidth():
          "roofline_gflops": 100.0, "bandwidth_gbps": 20.0, "compare": {}}
     text = bench.report(r)
     assert "40% of memory bandwidth" in text and "memory bandwidth 20.0 GB/s" in text
+
+
+@pytest.mark.parametrize("strategy", ["direct", "im2col"])
+@pytest.mark.parametrize("bounds", [(-1.0, 0.5), (0.0, None), (None, 0.25)])
+def test_conv_clip_in_the_direct_epilogue_and_after_im2col(strategy, bounds, monkeypatch):
+    """conv -> clip fuses (conv_clip); the direct kernel clips in its epilogue (the bounds in its source; an
+    absent bound clips nothing), im2col clips its output in place: both equal the reference, which
+    both bounds cut here, and a NaN input passes through as the clip op's."""
+    monkeypatch.setenv("GRAPHC_CONV_STRATEGY", strategy)
+    rng = np.random.default_rng(4)
+    g = gc.Graph("conv_clip")
+    x = g.input("x", (None, 3, 7, 7))
+    y = g.clip(g.conv(x, g.param("w", value=rng.standard_normal((5, 3, 3, 3))), g.param("b", value=rng.standard_normal(5)),
+                      pad=1), *bounds, name="y")
+    g.output(y)
+    xv = rng.standard_normal((2, 3, 7, 7)).astype(np.float32)
+    xv[1, 0, 3, 3] = np.nan
+    ref = np.asarray(gc.compile(g).run({"x": xv})["y"])
+    exe = gc.compile(g, backend="numba")
+    got = np.asarray(exe.run({"x": xv})["y"])
+    assert _fused_kinds(exe) == ["conv_clip"]
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    finite = ref[np.isfinite(ref)]
+    lo, hi = bounds
+    assert (lo is None or (finite == lo).any()) and (hi is None or (finite == hi).any())   # both bounds cut
+    assert np.isnan(got[1]).any() and np.array_equal(np.isnan(got), np.isnan(ref))

@@ -513,3 +513,31 @@ def test_large_matmul_split_over_threads_matches_reference_and_not_the_thread_co
         outs[t] = np.array(exe.run(feeds)[y.name])
     np.testing.assert_allclose(outs[2], ref, rtol=1e-4, atol=1e-3)
     np.testing.assert_array_equal(outs[1], outs[2])
+
+
+def test_batch1_padded_max_pool_shares_planes_between_threads():
+    """With fewer images than threads the forward max pools (maxpool, and maxpool_argmax in training)
+    split the N*C planes between threads, and the constant pad2d before them fills only its border:
+    the reference's values on 1 and 2 threads, the same bits on both (parallel_min=1: every kernel on
+    its parallel path)."""
+    g = gc.Graph("pad_pool", seed=2)
+    x = g.input("x", (None, 3, 11, 11))
+    h = g.relu(g.conv(x, g.param("w", (5, 3, 3, 3), init="he"), pad=1))
+    h = g.maxpool(h, 3, 2, pad=1, ceil_mode=True)
+    h = g.flatten(h)
+    g.output(g.softmax_cross_entropy(g.dense(h, g.param("fc", (4, 5 * 6 * 6), init="glorot"), name="logits"),
+                                     g.input("labels", (None,), dtype="int64"), name="loss"))
+    feeds = {"x": np.random.default_rng(1).standard_normal((1, 3, 11, 11)).astype(np.float32),
+             "labels": np.array([2])}
+    ref = gc.compile(g, optimizer=gc.optim.SGD(0.1))
+    ref_out = ref.run(feeds, outputs=["logits"])["logits"]
+    ref_losses = [ref.step(feeds) for _ in range(2)]
+    runs = {}
+    for t in (1, 2):
+        exe = gc.compile(g, backend="numba", optimizer=gc.optim.SGD(0.1), threads=t, parallel_min=1, progress=None)
+        out = np.array(exe.run(feeds, outputs=["logits"])["logits"])
+        runs[t] = (out, [exe.step(feeds) for _ in range(2)])
+        _close(out, ref_out, f"{t} threads: logits")
+        _close(runs[t][1], ref_losses, f"{t} threads: losses", np.float32)
+    np.testing.assert_array_equal(runs[1][0], runs[2][0])
+    assert runs[1][1] == runs[2][1]

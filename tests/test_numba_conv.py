@@ -135,6 +135,11 @@ CASES = {
     "1x1": (2, 4, 3, 5, 5, 1, 1, 1, (0, 0, 0, 0)),
     # a top pad larger than the filter: dL/dX crops the output gradient
     "batch1_stride2_3x3": (1, 2, 3, 7, 7, 3, 3, 2, (3, 0, 2, 1)),
+    # 4x4 taps after space-to-depth: the direct forward splits the filter rows into channels
+    "7x7_stride2": (2, 3, 4, 13, 12, 7, 7, 2, (3, 3, 2, 3)),
+    # 5x5 filters, 16 channels in and out: split by filter row (the forward; dL/dX's dy planes at strides 1, 2)
+    "5x5_C16_K16": (2, 16, 16, 9, 8, 5, 5, 1, (2, 2, 1, 2)),
+    "5x5_C16_K16_stride2": (1, 16, 16, 11, 10, 5, 5, 2, (2, 1, 2, 2)),
 }
 
 
@@ -270,7 +275,8 @@ def test_fused_route_relu_kills_and_ties(rng):
 # backward
 # --------------------------------------------------------------------------------------------------
 
-BWD_CASES = ["3x3_asym_pad_Kodd", "even_4x2_stride2", "C1_5x5_pad2", "batch1_stride2_3x3"]
+BWD_CASES = ["3x3_asym_pad_Kodd", "even_4x2_stride2", "C1_5x5_pad2", "batch1_stride2_3x3", "5x5_C16_K16",
+             "5x5_C16_K16_stride2"]
 
 
 @pytest.mark.parametrize("strategy", STRATS)
@@ -469,23 +475,27 @@ def test_static_rule_strided_dw():
     assert rule("conv2d_dw", 1, (128, 64, 3, 3)) == "direct"
 
 
+@pytest.mark.parametrize("ks", [3, 5])
 @pytest.mark.parametrize("data", ["normal", "ties"])
 @pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 1, 1, 1), (0, 1, 2, 0)])
 @pytest.mark.parametrize("epi", ["store", "pool"])
-def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
+def test_bind_direct_fwd_matches_reference(rng, pads, epi, data, ks, monkeypatch):
     """Values and (pool) the saved route: the flat index in the conv-output plane of each window's
     first maximum, ~ that where it is <= 0. "ties": small integers (exact sums: compared with ==), an
-    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere."""
+    all-zero image whose planes are the biases (plateaus of 1, 0, -1), tied windows everywhere. 5x5
+    filters run with their rows as channels (1x5 taps)."""
     N, C, H, W, K = 2, 3, 10, 9, 5
     if data == "ties":
         x = rng.integers(-1, 2, (N, C, H, W)).astype(np.float32)
         x[1] = 0
-        w = rng.integers(-1, 2, (K, C, 3, 3)).astype(np.float32)
+        w = rng.integers(-1, 2, (K, C, ks, ks)).astype(np.float32)
         b = np.array([1, 0, -1, 1, 0], np.float32)
     else:
         x = rand(rng, (N, C, H, W), np.float32)
-        w = rand(rng, (K, C, 3, 3), np.float32)
+        w = rand(rng, (K, C, ks, ks), np.float32)
         b = rand(rng, (K,), np.float32)
+    from graphc.backends.numba.conv import direct
+    monkeypatch.setattr(direct, "ROW_SPLIT_CHANNELS", C)
     run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, pads, np.float32, epi, (2, 2))
 
     def reference():
@@ -511,12 +521,13 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data):
             np.testing.assert_array_equal(y2, y)
             if data == "ties":                 # image 1 is all zero: its planes are the biases 1, 0, -1
                 Hq, Wq = route.shape[2:]
-                wo = W + pads[2] + pads[3] - 2  # conv-output width: the route's row length
+                wo = W + pads[2] + pads[3] - ks + 1  # conv-output width: the route's row length
                 top_left = (2 * np.arange(Hq))[:, None] * wo + 2 * np.arange(Wq)[None, :]
                 np.testing.assert_array_equal(route[1, 0], top_left)     # a plateau of 1: first position
                 np.testing.assert_array_equal(route[1, 1:3], np.broadcast_to(~top_left, (2,) + top_left.shape))
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
+    assert (run.plan.KH, run.plan.C) == ((1, C * ks) if ks == 5 else (ks, C))     # 5x5: rows as channels
 
 
 @pytest.mark.parametrize("pool", [(2, 2), (3, 2), (2, 3)])

@@ -55,7 +55,7 @@ def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 
     return strategy
 
 
-def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1)):
+def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None):
     """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses). Filters that
     are state (or made from it ahead of the run) change only with the executable's state version: kernels
     may keep what they derive from them (winograd.py's transformed filters)."""
@@ -65,7 +65,8 @@ def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1)):
     version = (lambda: exe.state_version) if ctx.static([ctx.inputs[1]]) is not None else None
     try:
         return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
-                                     stride, pads, ctx.dtype, epi, pool or (0, 0), *geo, weights_version=version)
+                                     stride, pads, ctx.dtype, epi, pool or (0, 0), *geo, clip=clip,
+                                     weights_version=version)
     except BackendError:        # a geometry it refuses: the general path says why, or copes
         return None
 
@@ -83,25 +84,16 @@ def _depthwise_forward(ctx, conv_attrs, act):
     return ctx.call(lambda x, w, y: run(x, w, None, y), ctx.inputs, (ctx.out(0),))
 
 
-def _with_clip(ctx, step, lo, hi):
-    """step, then its result clipped to [lo, hi] in place (grouped convs with a fused ReLU6)."""
-    if step is None:
-        return None
-    values, o = ctx.values, ctx.index(ctx.name)
-    lo = -np.inf if lo is None else float(lo)
-    hi = np.inf if hi is None else float(hi)
-
-    def clipped():
-        step()
-        clip_inplace(values[o].reshape(-1), lo, hi)
-    return clipped
+def _clip_bounds(lo, hi):
+    return (-np.inf if lo is None else float(lo)), (np.inf if hi is None else float(hi))
 
 
-def _forward(ctx, conv_attrs, relu, pool=None):
-    """The step of conv(x, w[, b]) (+ReLU, + a square max pool with its route when the node has a second
-    result): the prebound direct kernel into the planned buffers when the strategy is direct, else the
-    conv functions (a plain conv into its planned buffer, a pooled one returning new arrays); grouped /
-    dilated convs pass their geometry through."""
+def _forward(ctx, conv_attrs, relu, pool=None, clip=None):
+    """The step of conv(x, w[, b]) (+ReLU, or + a clip to clip = (lo, hi), + a square max pool with its
+    route when the node has a second result): the prebound direct kernel into the planned buffers when
+    the strategy is direct (the clip in its epilogue), else the conv functions (a plain conv into its
+    planned buffer, then the clip in place; a pooled one returning new arrays); grouped / dilated convs
+    pass their geometry through."""
     stride, pads = _square_stride(conv_attrs), tuple(conv_attrs["pads"])
     if stride is None:
         return None
@@ -120,6 +112,8 @@ def _forward(ctx, conv_attrs, relu, pool=None):
         def general():
             nconv.conv2d(values[xi], values[wi], values[bi] if bi is not None else None, stride, pads, relu=relu,
                          strategy=strategy(), out=y, **odd)
+            if clip is not None:
+                clip_inplace(y.reshape(-1), *clip)
     else:
         ctx.dynamic_outputs()
 
@@ -129,10 +123,10 @@ def _forward(ctx, conv_attrs, relu, pool=None):
             for i, v in zip(res, out if save else (out,)):
                 if i is not None:
                     values[i] = v
-    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo)
+    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo, clip)
     if fast is None or route.dtype != np.int32 or not route.flags.c_contiguous:
         return general
-    flag = save if pool is not None else relu
+    flag = save if pool is not None else (relu or clip is not None)
     oy, oroute = res[0], (res[1] if save else None)
 
     def step():
@@ -160,11 +154,12 @@ def conv_relu(ctx):
 
 
 @pattern_lowering("conv_clip", kernel=f"{_DEPTHWISE}, the clip (ReLU6) in their epilogue; other convs: "
-                                      f"numba conv.conv2d ({_STRATEGY}) then an in-place clip")
+                                      f"numba conv.conv2d ({_STRATEGY}), the clip in the direct kernel's "
+                                      "epilogue, after im2col in place")
 def conv_clip(ctx):
     attrs, act = ctx.members["conv"]["attrs"], ctx.members["act"]["attrs"]
     lo, hi = act.get("lo"), act.get("hi")
-    return _depthwise_forward(ctx, attrs, (lo, hi)) or _with_clip(ctx, _forward(ctx, attrs, relu=False), lo, hi)
+    return _depthwise_forward(ctx, attrs, (lo, hi)) or _forward(ctx, attrs, relu=False, clip=_clip_bounds(lo, hi))
 
 
 @pattern_lowering("conv_relu_maxpool",

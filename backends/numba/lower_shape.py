@@ -68,8 +68,19 @@ def pad2d(ctx):
         return ctx.call(plane_kernels.gather2d_k, ctx.inputs, (*maps, ctx.out()))
     out = ctx.out()
     t, bt, l, r = ctx.attrs["pads"]
-    inner = out[:, :, t:out.shape[2] - bt, l:out.shape[3] - r]
-    return _copy_in(ctx, dst=inner, fill=ctx.attrs["value"])
+    H, W = out.shape[2:]
+    inner = out[:, :, t:H - bt, l:W - r]
+    # only the border is filled (the copy writes the rest): filling the whole plane first made ResNet-18's
+    # padded max-pool input (64 x 114 x 114) take 0.125 ms instead of 0.08
+    border = [b for b in (out[:, :, :t], out[:, :, H - bt:], out[:, :, t:H - bt, :l], out[:, :, t:H - bt, W - r:])
+              if b.size]
+    value, values, xi = ctx.attrs["value"], ctx.values, ctx.index(ctx.inputs[0])
+
+    def step():
+        for b in border:
+            b.fill(value)
+        np.copyto(inner, values[xi])
+    return step
 
 
 @lowering("crop2d", kernel=_COPY + "; reflect/edge: kernels/plane.py scatter2d_k")

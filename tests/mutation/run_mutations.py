@@ -86,9 +86,10 @@ MUTATIONS = [
     # ---------------------------------------------------------------- the three of issue 17's table
     Mutation("numba-maxpool-route-ties-last",
              "numba unfused max-pool backward (maxpool_route_source): ties go to the LAST maximum",
-             '    L += _window_max(kh, kw, lambda a, b: [f"bp = r0 + {a}", f"bq = c0 + {b}"])',
+             '    L += _window_max(kh, kw, lambda a, b: [f"bi = (r0 + {a}) * W + c0 + {b}"])\n    L += ["                rp[i, j] = bi",',
              '    L += [s.replace("gt = v > best", "gt = v >= best")\n'
-             '          for s in _window_max(kh, kw, lambda a, b: [f"bp = r0 + {a}", f"bq = c0 + {b}"])]',
+             '          for s in _window_max(kh, kw, lambda a, b: [f"bi = (r0 + {a}) * W + c0 + {b}"])]\n'
+             '    L += ["                rp[i, j] = bi",',
              f"{TIES} {NUMBA} -k 'pool or route or ties'"),
     Mutation("numba-maxpool-argmax-ties-last",
              "numba maxpool_argmax / max-pool kernel source (maxpool_source): the route takes ties",

@@ -169,9 +169,9 @@ class FwdPlan:
     taps dil = (dh, dw) apart)."""
 
     def __init__(self, K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
-                 dil=(1, 1)):
+                 dil=(1, 1), clip=None):
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
-        self.epi, self.ps, self.pst, self.wlayout = epi, ps, pst, wlayout
+        self.epi, self.ps, self.pst, self.wlayout, self.clip = epi, ps, pst, wlayout, clip
         self.groups, self.dil = groups, tuple(dil)
         self.kerns = {}
         T = KH * KW
@@ -215,6 +215,7 @@ class FwdPlan:
                                  **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}),
                                  **({} if (self.groups, self.dil) == (1, (1, 1)) else
                                     {"groups": self.groups, "dil": self.dil}),
+                                 **({} if self.clip is None else {"clip": self.clip}),
                                  **({} if route or self.epi != "pool" else {"route": False}))
 
     def kernel(self, flag):
@@ -248,12 +249,13 @@ TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling th
 
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
-             dil=(1, 1)) -> FwdPlan:
+             dil=(1, 1), clip=None) -> FwdPlan:
     """The (memoised) plan of a direct forward call (its kernels: plan.kernel(flag))."""
-    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil))
+    key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil), clip)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil)
+        plan = _PLANS[key] = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil,
+                                     clip)
     return plan
 
 
@@ -295,6 +297,35 @@ def _space_to_depth(x, w, stride, pads):
     return np.ascontiguousarray(xs), np.ascontiguousarray(ws), (Ho, Wo)
 
 
+def _row_split(xs, ws, Ho, epi, ps, pst, groups):
+    """(flat planes, plan, weights) of a stride-1 conv with KH x KW taps run as one with 1 x KW taps over
+    KH times the channels: channel c*KH + kh is input channel c moved up kh rows, copied once straight
+    into the kernel's flat planes. The kernel holds KB*CB*KH*KW weights in registers; over 9 taps it
+    takes one output channel per pass, each loaded input vector feeding one FMA: ResNet's 7x7/2 first
+    layer at batch 1 (4x4 taps after space-to-depth) ran 1.43 ms, as 12 x 4 channels of 1x4 taps 0.92."""
+    N, C, _, Wq = xs.shape
+    K, _, KH, KW = ws.shape
+    Wo = Wq - KW + 1
+    plan = fwd_plan(K, C * KH, 1, KW, Ho, Wq, Ho, Wo, xs.dtype, epi, ps, pst, groups=groups)
+    xb = scratch("fwd_x", (N, C * KH, plan.Lx), xs.dtype)
+    for kh in range(KH):
+        xb[:, kh::KH, :Ho * Wq] = xs[:, :, kh:kh + Ho].reshape(N, C, Ho * Wq)
+    xb[:, :, Ho * Wq:] = 0
+    return xb, plan, ws.reshape(K, C * KH, 1, KW)
+
+
+ROW_SPLIT_TAPS = 9          # a strided conv with more taps than this after space-to-depth is row-split
+ROW_SPLIT_CHANNELS = 16     # ... and a stride-1 one of at least this many input and output channels (LeNet-5's
+                            # 6 -> 16 channel 5x5 conv was slower split: its training step 2.4 -> 2.9 ms)
+
+
+def _splits_rows(K, C, KH, KW, groups, dil):
+    """Whether a stride-1 direct conv (K filters over C channels per group) runs with its filter rows as
+    channels: the kernel would take one output channel per pass, and there are enough channels."""
+    return (groups == 1 and tuple(dil) == (1, 1) and KH > 1 and min(K, C) >= ROW_SPLIT_CHANNELS
+            and _pick_blocks(K, C, KH * KW)[0] == 1)
+
+
 def dense_filter(w, dil):
     """A dilated filter bank as an undilated one of its extent, zeros between the taps."""
     if tuple(dil) == (1, 1):
@@ -311,6 +342,9 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     K = w.shape[0]
     if stride > 1:           # a dilated filter becomes a sparse dense one: its phases are not dilated
         xs, ws, (Ho, Wo) = _space_to_depth(x, dense_filter(w, dil), stride, pads)
+        if groups == 1 and ws.shape[2] > 1 and ws.shape[2] * ws.shape[3] > ROW_SPLIT_TAPS:
+            xb, plan, w1 = _row_split(xs, ws, Ho, epi, ps, pst, groups)
+            return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
         x1, w1, p1, d1 = xs, ws, (0, 0, 0, 0), (1, 1)
     else:
         Ho, Wo = out_hw(H, W, (w.shape[2] - 1) * dil[0] + 1, (w.shape[3] - 1) * dil[1] + 1, 1, pads)
@@ -350,24 +384,34 @@ def _filters_and_bias(w, b, memo, dtype, w3shape, nob):
     return w3, b
 
 
+def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil, clip):
+    """(plan, rows) of a prebound forward: rows = KH where a filter the kernel would take one output channel
+    per pass (over 9 taps) runs with its rows as channels (AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms;
+    its inference step 98 -> 90 ms), else 1."""
+    if _splits_rows(K, Cg, KH, KW, groups, dil):
+        return fwd_plan(K, Cg * KH, 1, KW, Ho, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", clip=clip), KH
+    return fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=groups, dil=dil,
+                    clip=clip), 1
+
+
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
-                    weights_version=None):
+                    clip=None, weights_version=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
-    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store", save the
-    route for "pool". Everything shape-dependent (plan, kernel, work arrays) is made here, once, so
-    a call is the kernel and a few attribute checks (the per-call Python of conv2d -- checks,
-    plan look-up, weight re-layout, allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
+    ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store" (with
+    ``clip`` = (lo, hi): the clip instead, MobileNet's ReLU6), save the route for "pool". Everything
+    shape-dependent (plan, kernel, work arrays) is made here, once, so a call is the kernel and a few
+    attribute checks (the per-call Python of conv2d -- checks, plan look-up, weight re-layout,
+    allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. Returns None where the direct strategy needs more than a stride-1
     kernel (stride > 1: space-to-depth per call).
 
     ``weights_version``: a callable whose value changes whenever the filters' values may have changed
-    (the executor's state version, for filters that are state); with it, calls without a route of the
-    geometries winograd.py serves (3x3 conv + ReLU + 2x2/2 pool, >= 8 input channels) run its kernel,
-    the filters transformed only when the version or the filter array changes (on the calling thread:
-    where the direct kernel would run there too)."""
+    (the executor's state version, for filters that are state); with it, calls without a route (on the
+    calling thread) of the geometries winograd.py serves run its kernel (3x3 conv + ReLU + 2x2/2 pool,
+    >= 8 input channels), the filters transformed again only when the version or the array changes."""
     if int(stride) != 1:
         return None
     dtype = np.dtype(dtype)
@@ -379,13 +423,15 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, 1, pads)
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
-    plan = fwd_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout="kct", groups=int(groups), dil=dil)
+    clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
+    plan, rows = _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, int(groups), dil, clip)
     maxoff = plan.maxoff
-    inplace = pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    inplace = rows == 1 and pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp
+    CP = C * rows                               # channels of the kernel's planes
     # the padded planes: small ones its own (no look-up per call), large ones in the shared work array
     # (one per conv held ~100 MB in ResNet-18 training at batch 16)
-    own = not inplace and N * C * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
-    xb = aligned_empty((N, C, plan.Lx), dtype) if own else None
+    own = not inplace and N * CP * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
+    xb = aligned_empty((N, CP, plan.Lx), dtype) if own else None
     # work[k]: thread k's work arrays
     work = list(zip(*(list(a) for a in plan.work(dtype, lambda name, shape: aligned_empty(shape, dtype)))))
     ntasks = N * plan.NKB
@@ -397,10 +443,10 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
     wino = None                 # [its WinogradPool, made at the first call that runs it] where it applies
-    if weights_version is not None and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq, plan.Wq, Wp,
-                                                         dtype.itemsize, K):
+    if weights_version is not None and rows == 1 and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq,
+                                                                      plan.Wq, Wp, dtype.itemsize, K):
         wino = []
-    w3shape = (K, Cg, KH * KW)
+    w3shape = (K, Cg * rows, KH * KW // rows)
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
@@ -422,8 +468,12 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         else:
             if x.dtype != dtype or not x.flags.writeable or not x.flags.aligned:
                 x = np.array(x, dtype)
-            xin = xb if xb is not None else scratch("fwd_x", (N, C, plan.Lx), dtype)
-            place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
+            xin = xb if xb is not None else scratch("fwd_x", (N, CP, plan.Lx), dtype)
+            if rows == 1:
+                place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
+            else:                               # plane c*KH + kh: the padded image moved up kh rows
+                for kh in range(rows):
+                    place(x.reshape(xshape), xin[:, kh::rows], Ho, Wp, 1, top - kh, left)
         flag = bool(flag)
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
         if wino is not None and not flag and serial:
@@ -459,6 +509,13 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     G, Kg = groups, K // groups
     wf = w[:, :, ::-1, ::-1].reshape(G, Kg, Cg, KH, KW).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(G * Cg, Kg, KH, KW)
+    if _splits_rows(G * Cg, Kg, KH, KW, G, dil):
+        # the filter rows as channels, as the forward's (AlexNet's 5x5 conv2 at batch 8: 32 -> 23 ms)
+        plan = fwd_plan(G * Cg, Kg * KH, 1, KW, H, Wb, H, W, dy.dtype, "store")
+        buf = scratch("dx_dy", (N, K * KH, plan.Lx), dy.dtype)
+        for kh in range(KH):
+            place(dy, buf[:, kh::KH], H, Wb, stride, EH - 1 - top - kh, EW - 1 - left)
+        return _run_planes(buf, plan, wf.reshape(G * Cg, Kg * KH, 1, KW), None, out=out)[0]
     plan = fwd_plan(G * Cg, Kg, KH, KW, Hb, Wb, H, W, dy.dtype, "store", groups=G, dil=dil)
     buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)
     place(dy, buf, Hb, Wb, stride, EH - 1 - top, EW - 1 - left)

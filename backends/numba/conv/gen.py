@@ -22,6 +22,8 @@ Nothing in this module imports Numba: it only builds strings.
 
 from __future__ import annotations
 
+import math
+
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
 
 HEADER = """\
@@ -55,7 +57,7 @@ def _group_base(groups: int, Kg: int, C: int, k0: str, ind: str):
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
                  ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked",
-                 groups: int = 1, dil=(1, 1), route: bool = True) -> str:
+                 groups: int = 1, dil=(1, 1), clip=None, route: bool = True) -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
     inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
@@ -79,7 +81,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     ``groups`` > 1: C is the channels per group and KB divides K / groups, so a block's filters all
     read the group's channels ``cb .. cb + C - 1``; ``dil``: the filter taps' spacing (dh, dw).
 
-    epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag).
+    epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag; with ``clip`` = (lo, hi), the
+                    clip to [lo, hi] instead, e.g. ReLU6: NaN passes through both).
     epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); with ``route``, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
                     the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
@@ -92,7 +95,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
     w = _FwdWriter(C=C, KB=KB, K=K, KH=KH, KW=KW, Wp=Wp, PL=PL, CB=CB, epi=epi, Ho=Ho, Wo=Wo, ps=ps, pst=pst,
-                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "",
+                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "", clip=clip,
                    route=bool(route))
     a = w.lines.append
     a(HEADER)
@@ -103,6 +106,10 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     a(f"def kernel(x, wt, b, y, route, flag, acc, {'pw, ' if epi == 'pool' else ''}lo, hi):")
     for q in range(KB):
         a(f"    a{q} = acc[{q}]")
+    if clip is not None:
+        # the bounds in y's dtype (no float64 arithmetic in a float32 epilogue)
+        a(f"    clo = y.dtype.type({float(clip[0])!r})" if math.isfinite(clip[0]) else "    clo = 0")
+        a(f"    chi = y.dtype.type({float(clip[1])!r})" if math.isfinite(clip[1]) else "    chi = 0")
     a("    for t in range(lo, hi):")
     a(f"        n = t // {NKB}")
     a(f"        kb = t - n * {NKB}")
@@ -181,7 +188,18 @@ class _FwdWriter:
             a(f"{ind2}for i in range({self.Ho}):")
             a(f"{ind2}    for j in range({self.Wo}):")
             a(f"{ind2}        v = aq[i * {Wp} + j] + bq")
-            a(f"{ind2}        yk[i, j] = (0.0 if v < 0 else v) if flag else v")
+            if self.clip is None:
+                a(f"{ind2}        yk[i, j] = (0.0 if v < 0 else v) if flag else v")
+            else:
+                lo, hi = (float(c) for c in self.clip)     # an infinite bound clips nothing on its side
+                # min/max, not selects: the select chain kept LLVM from vectorising the kernel at all (10x
+                # slower); Numba's min/max pass NaN through, as the clip op
+                c = "v"
+                if math.isfinite(lo):
+                    c = f"max({c}, clo)"
+                if math.isfinite(hi):
+                    c = f"min({c}, chi)"
+                a(f"{ind2}        yk[i, j] = {c} if flag else v")
             return
         # pool: window taps unrolled into compare/selects (the first max in row-major order wins), so the
         # loop over pooled columns vectorises (one masked iteration for short rows); NaN as np.max /

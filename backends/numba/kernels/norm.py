@@ -52,8 +52,14 @@ def bn_running_k(x, r, out, unbiased_var, momentum):
     """out = (1 - momentum) r + momentum * (the batch mean, or the unbiased batch variance)."""
     N, C, P = x.shape
     for c in prange(C):
-        mu, v = _mean_var(x, c)
-        s = v / (N * P - 1) if unbiased_var else mu
+        if unbiased_var:
+            s = _mean_var(x, c)[1] / (N * P - 1)
+        else:                                    # the mean alone: one pass, not two
+            s = 0.0
+            for n in range(N):
+                for p in range(P):
+                    s += x[n, c, p]
+            s = s / (N * P)
         out[c] = (1.0 - momentum) * r[c] + momentum * s
 
 
