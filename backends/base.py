@@ -221,6 +221,8 @@ class CompiledExecutable(Executable):
         self._last_binding = None
         self._ctx = RunContext({}, False, 0)
         self._state_gen = 0                 # bumped whenever the state may have changed
+        self.state_version = 0              # bumped at a run when the state may have changed since the last
+        self._version_gen = 0
         self._derived = {} if graph.updates else state_derived(graph, self.schedule)
         nodes = graph.nx.nodes(data=True)
         self._fused_away = {b["name"] for _, d in nodes if d["op"] == "fused" for b in d["attrs"]["body"]
@@ -452,6 +454,9 @@ class CompiledExecutable(Executable):
         ctx = self._ctx
         ctx.env, ctx.training, ctx.step = env, training, self.step_count
         touched = self._volatile_state()     # (every run: it also forgets what callers no longer hold)
+        if touched or self._version_gen != self._state_gen:     # (what kernels derive from the state and keep)
+            self.state_version += 1
+            self._version_gen = self._state_gen
         if b.prologue and (b.prologue_gen != self._state_gen or b.prologue_state & set(touched)):
             for _, f in b.prologue:
                 f()

@@ -128,6 +128,28 @@ def _blas_threads_after_load(first):
     assert threads == "1" and envvar == "None", out.stdout
 
 
+def test_blas_limit_holds_every_blas_and_restores_it():
+    """BlasLimit(1) (around every numba run): each loaded BLAS at one thread inside, as threadpoolctl sees
+    it (the OpenBLAS calls are made directly, not through threadpoolctl), its own count after; nested."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from graphc.backends import kernel_cache
+
+    def counts():
+        return {d["filepath"]: d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"}
+    before = counts()
+    if not before:
+        pytest.skip("no BLAS that threadpoolctl sees")
+    lim = kernel_cache.BlasLimit(1)
+    with lim:
+        assert set(counts().values()) == {1}
+        with kernel_cache.BlasLimit(2):
+            assert set(counts().values()) == {2}
+        assert set(counts().values()) == {1}
+    assert counts() == before
+    with kernel_cache.BlasLimit(None):
+        assert counts() == before
+
+
 def test_batch_split_slices_only_batch_arrays():
     got = []
     fn = nthreads.batch_split(lambda *a: got.append([np.shape(v) for v in a]), (np.zeros((6, 2)), np.zeros((1, 1)), 3), 6)

@@ -516,6 +516,9 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data, ks, monkeypatch
             close(y, ref, np.float32)
         if epi == "pool":
             np.testing.assert_array_equal(route, ref_route)
+            y2 = np.full_like(y, 7.0)
+            run(x, w, b, y2, np.empty((1, 1, 1, 1), np.int32), False)    # inference: its own pool loop
+            np.testing.assert_array_equal(y2, y)
             if data == "ties":                 # image 1 is all zero: its planes are the biases 1, 0, -1
                 Hq, Wq = route.shape[2:]
                 wo = W + pads[2] + pads[3] - ks + 1  # conv-output width: the route's row length
@@ -525,6 +528,35 @@ def test_bind_direct_fwd_matches_reference(rng, pads, epi, data, ks, monkeypatch
         w *= 0.5
     assert nc.bind_direct_fwd(x.shape, w.shape, True, 2, pads, np.float32, epi, (2, 2)) is None
     assert (run.plan.KH, run.plan.C) == ((1, C * ks) if ks == 5 else (ks, C))     # 5x5: rows as channels
+
+
+@pytest.mark.parametrize("pool", [(2, 2), (3, 2), (2, 3)])
+def test_inference_pool_nan_at_every_window_position(pool, rng):
+    """The fused conv + ReLU + max pool without a route (inference: one strided loop over pooled wide
+    rows, NaN found by a sum and fixed up after it): a NaN at any position of a window makes it NaN (a
+    1x1 conv keeps it in one place), +-inf does not; overlapping, non-overlapping and gapped windows."""
+    ps, pst = pool
+    N, C, H, W, K = 1, 2, 9, 11, 3
+    x = rand(rng, (N, C, H, W), np.float32)
+    w = rand(rng, (K, C, 1, 1), np.float32)
+    b = rand(rng, (K,), np.float32)
+    run = nc.bind_direct_fwd(x.shape, w.shape, True, 1, (0, 0, 0, 0), np.float32, "pool", pool)
+    no_route = np.empty((1, 1, 1, 1), np.int32)
+    Hq, Wq = (H - ps) // pst + 1, (W - ps) // pst + 1
+    for i, j in [(0, 0), (ps - 1, ps - 1), (0, ps - 1), (H - 1, W - 1), (2, 5)]:
+        for v in (np.nan, np.inf, -np.inf):
+            xv = x.copy()
+            xv[0, 1, i, j] = v
+            with np.errstate(all="ignore"):
+                ref = maxpool_ref(np.maximum(conv_ref(xv, w, b, 1, (0, 0, 0, 0)), 0), ps, pst)[0]
+            y = np.empty((N, K, Hq, Wq), np.float32)
+            with np.errstate(all="ignore"):
+                run(xv, w, b, y, no_route, False)
+            assert np.array_equal(np.isnan(y), np.isnan(ref)), (i, j, v)
+            assert np.isnan(ref).any() == (np.isnan(v) and i < (Hq - 1) * pst + ps and j < (Wq - 1) * pst + ps
+                                          and (i % pst < ps) and (j % pst < ps))
+            fin = ~np.isnan(ref)
+            np.testing.assert_allclose(y[fin], ref[fin], rtol=1e-5, atol=1e-6)
 
 
 def test_choice_timed_under_load_is_retimed_when_quiet(monkeypatch):

@@ -56,12 +56,17 @@ def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 
 
 
 def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None):
-    """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses)."""
+    """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses). Filters that
+    are state (or made from it ahead of the run) change only with the executable's state version: kernels
+    may keep what they derive from them (winograd.py's transformed filters)."""
     if stride != 1:
         return None
+    exe = ctx.exe
+    version = (lambda: exe.state_version) if ctx.static([ctx.inputs[1]]) is not None else None
     try:
         return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
-                                     stride, pads, ctx.dtype, epi, pool or (0, 0), *geo, clip=clip)
+                                     stride, pads, ctx.dtype, epi, pool or (0, 0), *geo, clip=clip,
+                                     weights_version=version)
     except BackendError:        # a geometry it refuses: the general path says why, or copes
         return None
 

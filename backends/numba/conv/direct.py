@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from graphc.backends.kernel_cache import aligned_empty, load_generated
-from graphc.backends.numba.conv import gen
+from graphc.backends.numba.conv import gen, winograd
 from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_t, pool_hw, scratch, shift_copies,
                                               sum_partials)
 from graphc.backends.numba.precompile import compile_for
@@ -128,14 +128,15 @@ def ensure_compiled(kern, args, dtype) -> bool:
 
 
 def run_generated(kern, args, dtype, ntasks, acc=None, threads=None):
-    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]], lo, hi)`` on Numba's thread
-    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k)."""
-    per_thread = () if acc is None else (acc[0],)
-    ensure_compiled(kern, tuple(args) + per_thread + (0, 0), dtype)
-    if acc is None:
+    """Tasks 0..ntasks-1 of a generated kernel ``kern(*args[, acc[k]...], lo, hi)`` on Numba's thread
+    count, or ``threads`` (threads.parallel_for; acc: a work array per thread, acc[k] for thread k, or a
+    tuple of such arrays)."""
+    work = () if acc is None else (acc if isinstance(acc, tuple) else (acc,))
+    ensure_compiled(kern, tuple(args) + tuple(a[0] for a in work) + (0, 0), dtype)
+    if not work:
         parallel_for(lambda lo, hi, k: kern(*args, lo, hi), ntasks, threads)
     else:
-        parallel_for(lambda lo, hi, k: kern(*args, acc[k], lo, hi), ntasks, threads)
+        parallel_for(lambda lo, hi, k: kern(*args, *(a[k] for a in work), lo, hi), ntasks, threads)
 
 
 def _vec_len(dtype) -> int:
@@ -172,6 +173,7 @@ class FwdPlan:
         self.K, self.C, self.KH, self.KW, self.Hp, self.Wp, self.Ho, self.Wo = K, C, KH, KW, Hp, Wp, Ho, Wo
         self.epi, self.ps, self.pst, self.wlayout, self.clip = epi, ps, pst, wlayout, clip
         self.groups, self.dil = groups, tuple(dil)
+        self.kerns = {}
         T = KH * KW
         self.KB, self.CB = _pick_blocks(K, C, T)
         if groups > 1:
@@ -188,21 +190,42 @@ class FwdPlan:
         self.maxoff = (KH - 1) * self.dil[0] * Wp + (KW - 1) * self.dil[1]
         self.Lx = gen.round_up(max(Hp * Wp, self.PL + self.maxoff), VL)
         self.NKB = -(-K // self.KB)
+        # an accumulator row as long as the inference pool loop reads (whole vectors: past PL)
+        self.acc_len = self.PL if epi != "pool" else gen.pool_acc_len(self.PL, ps, pst, self.Hq, self.Wq, Wp)
 
     def acc_shape(self, dtype):
         """One accumulator block per thread (threads.parallel_for's k is below NUMBA_NUM_THREADS); rows
         padded by 128 bytes and each block cache-line aligned: two threads writing the two ends of one
         cache line made the kernel slower on 2 threads than on 1 (false sharing)."""
-        return numba.config.NUMBA_NUM_THREADS, self.KB, self.PL + 128 // np.dtype(dtype).itemsize
+        return numba.config.NUMBA_NUM_THREADS, self.KB, self.acc_len + 128 // np.dtype(dtype).itemsize
 
-    def source(self):
+    def work(self, dtype, alloc):
+        """The per-thread work arrays the kernel takes after ``flag``, each made by ``alloc(name, shape)``:
+        (acc,), and for epi "pool" (acc, pw): pw (threads, pooled wide rows), the inference pool's."""
+        acc = alloc("fwd_acc", self.acc_shape(dtype))
+        if self.epi != "pool":
+            return (acc,)
+        n = gen.pool_loop_len(self.Hq, self.Wq, self.Wp)
+        return acc, alloc("fwd_pw", (numba.config.NUMBA_NUM_THREADS, n + 128 // np.dtype(dtype).itemsize))
+
+    def source(self, route=True):
         return gen.gen_conv_fwd(C=self.C, KB=self.KB, NKB=self.NKB, K=self.K, KH=self.KH, KW=self.KW,
                                  Wp=self.Wp, PL=self.PL, CB=self.CB, epi=self.epi, Ho=self.Ho, Wo=self.Wo,
                                  ps=self.ps, pst=self.pst, Hq=self.Hq, Wq=self.Wq,
                                  **({} if self.wlayout == "blocked" else {"wlayout": self.wlayout}),
                                  **({} if (self.groups, self.dil) == (1, (1, 1)) else
                                     {"groups": self.groups, "dil": self.dil}),
-                                 **({} if self.clip is None else {"clip": self.clip}))
+                                 **({} if self.clip is None else {"clip": self.clip}),
+                                 **({} if route or self.epi != "pool" else {"route": False}))
+
+    def kernel(self, flag):
+        """The generated kernel of a call with this flag: for epi "pool" one saving the route (flag) and
+        one not, each loaded on first use; for epi "store" one (flag: ReLU, at run time)."""
+        key = bool(flag) or self.epi != "pool"
+        k = self.kerns.get(key)
+        if k is None:
+            k = self.kerns[key] = load_kernel(self.source(route=key))
+        return k
 
     def weights(self, w):
         """(K, C, KH, KW) -> (NKB, C, KB*KH*KW), zero filters padding the last blocks."""
@@ -227,13 +250,12 @@ TINY_CALL_FLOPS = 5e6         # a forward call below this runs on the calling th
 
 def fwd_plan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps=0, pst=0, wlayout="blocked", groups=1,
              dil=(1, 1), clip=None) -> FwdPlan:
-    """The (memoised) plan of a direct forward call, its kernel loaded."""
+    """The (memoised) plan of a direct forward call (its kernels: plan.kernel(flag))."""
     key = (K, C, KH, KW, Hp, Wp, Ho, Wo, np.dtype(dtype).str, epi, ps, pst, wlayout, groups, tuple(dil), clip)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil, clip)
-        plan.kern = load_kernel(plan.source())
-        _PLANS[key] = plan
+        plan = _PLANS[key] = FwdPlan(K, C, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, wlayout, groups, dil,
+                                     clip)
     return plan
 
 
@@ -241,7 +263,6 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
     """Run the generated forward kernel on padded flat planes xb (N, C, plan.Lx), into out (y) when given."""
     N = xb.shape[0]
     dtype = xb.dtype
-    kern = plan.kern
     if plan.epi == "pool":
         y = new_or(out, (N, plan.K, plan.Hq, plan.Wq), dtype)
         route = np.empty(y.shape if save_route else (1, 1, 1, 1), np.int32)
@@ -249,8 +270,9 @@ def _run_planes(xb, plan: FwdPlan, w1, b, relu=False, save_route=False, out=None
         y = new_or(out, (N, plan.K, plan.Ho, plan.Wo), dtype)
         route = np.empty((1, 1, 1, 1), np.int32)
     flag = bool(save_route) if plan.epi == "pool" else bool(relu)
-    acc = scratch("fwd_acc", plan.acc_shape(dtype), dtype)
-    run_generated(kern, (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype, N * plan.NKB, acc)
+    work = plan.work(dtype, lambda name, shape: scratch(name, shape, dtype))
+    run_generated(plan.kernel(flag), (xb, plan.weights(w1), plan.bias(b, dtype), y, route, flag), dtype,
+                  N * plan.NKB, work)
     return y, route
 
 
@@ -341,6 +363,27 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     return _run_planes(xb, plan, w1, b, relu=relu, save_route=save_route, out=out)
 
 
+def _filters_and_bias(w, b, memo, dtype, w3shape, nob):
+    """(w as (K, C, T), b) for a prebound call: views of the same arrays as last call are reused (params
+    and planned buffers are the same objects every run; a view follows in-place updates); copies are
+    never remembered (memo[0:2]: w and its view, memo[4]: b)."""
+    if w is memo[0]:
+        w3 = memo[1]
+    elif w.dtype == dtype and w.flags.c_contiguous:
+        w3 = w.reshape(w3shape)
+        memo[0], memo[1] = w, w3
+    else:
+        w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
+    if b is None:
+        return w3, nob
+    if b is not memo[4]:
+        if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
+            memo[4] = b
+        else:
+            b = np.ascontiguousarray(b, dtype).reshape(-1)
+    return w3, b
+
+
 def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil, clip):
     """(plan, rows) of a prebound forward: rows = KH where a filter the kernel would take one output channel
     per pass (over 9 taps) runs with its rows as channels (AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms;
@@ -352,7 +395,7 @@ def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil,
 
 
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
-                    clip=None):
+                    clip=None, weights_version=None):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store" (with
@@ -363,7 +406,12 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. Returns None where the direct strategy needs more than a stride-1
-    kernel (stride > 1: space-to-depth per call)."""
+    kernel (stride > 1: space-to-depth per call).
+
+    ``weights_version``: a callable whose value changes whenever the filters' values may have changed
+    (the executor's state version, for filters that are state); with it, calls without a route (on the
+    calling thread) of the geometries winograd.py serves run its kernel (3x3 conv + ReLU + 2x2/2 pool,
+    >= 8 input channels), the filters transformed again only when the version or the array changes."""
     if int(stride) != 1:
         return None
     dtype = np.dtype(dtype)
@@ -384,8 +432,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     # (one per conv held ~100 MB in ResNet-18 training at batch 16)
     own = not inplace and N * CP * plan.Lx * dtype.itemsize <= OWN_PLANES_MAX
     xb = aligned_empty((N, CP, plan.Lx), dtype) if own else None
-    acc3 = aligned_empty(plan.acc_shape(dtype), dtype)
-    acc = list(acc3)                                             # acc[k]: thread k's
+    # work[k]: thread k's work arrays
+    work = list(zip(*(list(a) for a in plan.work(dtype, lambda name, shape: aligned_empty(shape, dtype)))))
     ntasks = N * plan.NKB
     # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for
     # calls under 1e7 FLOPs, once faster than waking a sleeping Python thread, is gone: its OpenMP
@@ -394,31 +442,19 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
-    kern = plan.kern
+    wino = None                 # [its WinogradPool, made at the first call that runs it] where it applies
+    if weights_version is not None and rows == 1 and winograd.applies(Cg, KH, KW, dil, groups, epi, ps, pst, plan.Hq,
+                                                                      plan.Wq, Wp, dtype.itemsize, K):
+        wino = []
     w3shape = (K, Cg * rows, KH * KW // rows)
     xshape = (N, C, H, W)
     ok = (True, True, True)
 
     memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
-    compiled = []
+    ready = {}                                       # flag -> its kernel, compiled
 
     def run(x, w, b, y, route, flag):
-        # views of the same arrays as last call are reused (params and planned buffers are the same
-        # objects every run; a view follows in-place updates); copies are never remembered
-        if w is memo[0]:
-            w3 = memo[1]
-        elif w.dtype == dtype and w.flags.c_contiguous:
-            w3 = w.reshape(w3shape)
-            memo[0], memo[1] = w, w3
-        else:
-            w3 = np.ascontiguousarray(w, dtype).reshape(w3shape)
-        if b is None:
-            b = nob
-        elif b is not memo[4]:
-            if b.dtype == dtype and b.ndim == 1 and b.flags.c_contiguous:
-                memo[4] = b
-            else:
-                b = np.ascontiguousarray(b, dtype).reshape(-1)
+        w3, b = _filters_and_bias(w, b, memo, dtype, w3shape, nob)
         if inplace:
             if x is memo[2]:
                 xin = memo[3]
@@ -439,16 +475,24 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                 for kh in range(rows):
                     place(x.reshape(xshape), xin[:, kh::rows], Ho, Wp, 1, top - kh, left)
         flag = bool(flag)
-        if not compiled:
-            done = ensure_compiled(kern, (xin, w3, b, y, route, flag, acc[0], 0, 0), dtype)
-            if done:
-                compiled.append(True)
-        if tiny or num_threads() == 1:      # (batch-1 inference: no parallel call in the way)
-            kern(xin, w3, b, y, route, flag, acc[0], 0, ntasks)
+        serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
+        if wino is not None and not flag and serial:
+            if not wino:
+                wino.append(winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, dtype))
+            if wino[0](xin, w3, b, y, weights_version):
+                return
+        kern = ready.get(flag)
+        if kern is None:
+            kern = plan.kernel(flag)
+            if ensure_compiled(kern, (xin, w3, b, y, route, flag) + work[0] + (0, 0), dtype):
+                ready[flag] = kern
+        if serial:
+            kern(xin, w3, b, y, route, flag, *work[0], 0, ntasks)
         else:
-            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, acc[k], lo, hi), ntasks)
+            parallel_for(lambda lo, hi, k: kern(xin, w3, b, y, route, flag, *work[k], lo, hi), ntasks)
 
     run.plan = plan
+    run.winograd = wino
     return run
 
 

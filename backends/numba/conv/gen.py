@@ -70,7 +70,7 @@ def _group_base(groups: int, Kg: int, C: int, k0: str, ind: str):
 def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int, PL: int,
                  CB: int, epi: str, Ho: int, Wo: int,
                  ps: int = 0, pst: int = 0, Hq: int = 0, Wq: int = 0, wlayout: str = "blocked",
-                 groups: int = 1, dil=(1, 1), clip=None) -> str:
+                 groups: int = 1, dil=(1, 1), clip=None, route: bool = True) -> str:
     """Stride-1 valid correlation of padded planes ``x (N, C, Lx)`` (rows ``Wp`` wide) with weights
     ``wt (NKB, C, KB*KH*KW)`` (block ``kb`` holds output channels ``kb*KB .. kb*KB+KB-1``, tap-major
     inside a channel; zero filters pad the last block), bias ``b (NKB*KB,)``.
@@ -82,7 +82,8 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     blocks at once was measured: no faster, the taps' overlapping reads hit L1 anyway.)
 
     ``kernel(x, wt, b, y, route, flag, acc, lo, hi)`` runs tasks lo..hi-1 (task t: image t // NKB,
-    block t % NKB; threads.parallel_for splits them); acc (KB, PL) is the calling thread's scratch;
+    block t % NKB; threads.parallel_for splits them); acc (KB, PL) is the calling thread's scratch
+    (epi "pool": ``kernel(x, wt, b, y, route, flag, acc, pw, lo, hi)``, pw (>= pool_wide_len(...),) too);
     ``flag`` (bool, at run time so one compiled kernel serves
     both uses) means "apply ReLU" for epi "store" and "save the route" for epi "pool".
 
@@ -95,23 +96,29 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
 
     epi == "store": ``y (N, K, Ho, Wo) = acc + b`` (then ReLU when flag; with ``clip`` = (lo, hi), the
                     clip to [lo, hi] instead, e.g. ReLU6: NaN passes through both).
-    epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); when flag, the
+    epi == "pool":  ``y (N, K, Hq, Wq)`` = max pool (ps, pst) of ReLU(acc + b); with ``route``, the
                     int32 ``route`` (same shape) gets the flat index ``i*Wo + j`` of the first max in
                     the window, or ~index (< 0) when that max is not > 0 (maxpool_argmax, relu=True).
+                    A kernel of each kind (``flag`` unused): each compiles in about 0.6 s, one with
+                    both epilogues under the flag in 1.0-1.3 s, which a training step's cold start
+                    paid without running the second.
     """
+    if epi == "pool" and Hq * Wq == 0:  # pragma: no cover - programming error
+        raise ValueError("an empty pool")
     if epi not in ("store", "pool"):  # pragma: no cover - programming error
         raise ValueError(epi)
     w = _FwdWriter(C=C, KB=KB, K=K, KH=KH, KW=KW, Wp=Wp, PL=PL, CB=CB, epi=epi, Ho=Ho, Wo=Wo, ps=ps, pst=pst,
-                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "", clip=clip)
+                   Hq=Hq, Wq=Wq, wlayout=wlayout, dil=tuple(dil), cbase="cb + " if groups > 1 else "", clip=clip,
+                   route=bool(route))
     a = w.lines.append
     a(HEADER)
-    if epi == "pool":
+    if epi == "pool" and route:
         a(_pool_nan_import())
     # one function, each piece written once (the task body inline, one epilogue looped over the KB
     # channels, ReLU and route stores under run-time flags): Numba's typing and lowering cost grows
     # with the source, and a separate task function was optimised twice (alone and inlined)
     a(f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)")
-    a("def kernel(x, wt, b, y, route, flag, acc, lo, hi):")
+    a(f"def kernel(x, wt, b, y, route, flag, acc, {'pw, ' if epi == 'pool' else ''}lo, hi):")
     for q in range(KB):
         a(f"    a{q} = acc[{q}]")
     if clip is not None:
@@ -215,21 +222,75 @@ class _FwdWriter:
         self._pool_epilogue(ind2)
 
     def _pool_epilogue(self, ind2):
-        a, ps, pst = self.lines.append, self.ps, self.pst
-        a(f"{ind2}rk = route[n, k] if flag else route[0, 0]")
-        a(f"{ind2}for i in range({self.Hq}):")
-        a(f"{ind2}    r0 = i * {pst}")
-        a(f"{ind2}    anynan = False")
-        a(f"{ind2}    for j in range({self.Wq}):")
-        a(f"{ind2}        c0 = j * {pst}")
-        i3 = ind2 + "        "
-        taps = [(f"aq[(r0 + {di}) * {self.Wp} + c0 + {dj}] + bq", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
-                for di in range(ps) for dj in range(ps)]
-        a(f"{i3}m = {taps[0][0]}")
+        """The pool epilogue of one output channel: with the route (training) or without."""
+        if self.route:
+            self._pool_route(ind2)
+        else:
+            self._pool_infer(ind2)
+
+    def _taps(self):
+        Wp = self.Wp
+        return [(di * Wp + dj, f"(r0 + {di}) * {Wp} + c0 + {dj}", f"(r0 + {di}) * {self.Wo} + c0 + {dj}")
+                for di in range(self.ps) for dj in range(self.ps)]
+
+    def _pool_infer(self, i3):
+        # inference (no route): pooled "wide rows" -- pooled (i, j) at pw[i*Wp + j] is the window at
+        # acc[pst*(i*Wp + j) + tap offset] -- in one long loop with stride-pst reads, which LLVM
+        # vectorises (interleaved loads; a whole number of vectors: a masked remainder made them
+        # gathers, 40% slower), then copied out row by row. A loop per pooled row is not vectorised: rows
+        # of 5 to 14 are unrolled first, and its index selects and route stores kept it scalar too (the
+        # pool took 7 of the 10 us of mnist_convnet's first layer at batch 1). The bias is added after
+        # the max (rounding is monotonic: the same bits). A NaN in a window (its sum z is NaN then;
+        # rare) is pooled again with NaN-propagating compares.
+        a, ps, pst, Wp, taps = self.lines.append, self.ps, self.pst, self.Wp, self._taps()
+        a(f"{i3}z = bq - bq")
+        n = pool_loop_len(self.Hq, self.Wq, Wp)
+        tail = pool_acc_len(self.PL, ps, pst, self.Hq, self.Wq, Wp)
+        if tail > self.PL:         # read past what the conv wrote: zeros, not a NaN left there
+            a(f"{i3}for p in range({self.PL}, {tail}):")
+            a(f"{i3}    aq[p] = 0.0")
+        a(f"{i3}for p in range({n}):")
+        a(f"{i3}    m = aq[{pst} * p + {taps[0][0]}]")
+        a(f"{i3}    s = m")
+        for off, _, _ in taps[1:]:
+            a(f"{i3}    v = aq[{pst} * p + {off}]")
+            a(f"{i3}    m = v if v > m else m")
+            a(f"{i3}    s += v")
+        a(f"{i3}    z += s")
+        a(f"{i3}    m += bq")
+        a(f"{i3}    pw[p] = 0.0 if m <= 0 else m")
+        a(f"{i3}if z != z:")
+        a(f"{i3}    for p in range({n}):")
+        a(f"{i3}        m = aq[{pst} * p + {taps[0][0]}]")
+        for off, _, _ in taps[1:]:
+            a(f"{i3}        v = aq[{pst} * p + {off}]")
+            a(f"{i3}        m = v if (v > m) | (v != v) else m")
+        a(f"{i3}        m += bq")
+        a(f"{i3}        pw[p] = 0.0 if m <= 0 else m")
+        a(f"{i3}for i in range({self.Hq}):")
+        a(f"{i3}    for j in range({self.Wq}):")
+        a(f"{i3}        yk[i, j] = pw[i * {Wp} + j]")
+
+    def _pool_route(self, ind):
+        a, pst, taps = self.lines.append, self.pst, self._taps()
+        # training: the route too -- window taps unrolled into compare/selects (the first max in row-major
+        # order wins); NaN as np.max / np.argmax (maxpool_argmax's relu rule for the route: ~index where
+        # the max is not > 0)
+        # (the route stores under the run-time flag, as when one kernel served both uses: LLVM keeps
+        # these loops as they were, unvectorised where they were; vectorised with masked gathers, the
+        # 5-wide rows of mnist_convnet's layer 2 were slower and compiled longer)
+        a(f"{ind}rk = route[n, k] if flag else route[0, 0]")
+        a(f"{ind}for i in range({self.Hq}):")
+        a(f"{ind}    r0 = i * {pst}")
+        a(f"{ind}    anynan = False")
+        a(f"{ind}    for j in range({self.Wq}):")
+        a(f"{ind}        c0 = j * {pst}")
+        i3 = ind + "        "
+        a(f"{i3}m = aq[{taps[0][1]}] + bq")
         a(f"{i3}nan = m != m")
-        a(f"{i3}mi = {taps[0][1]}")
-        for src, idx in taps[1:]:
-            a(f"{i3}v = {src}")
+        a(f"{i3}mi = {taps[0][2]}")
+        for _, src, idx in taps[1:]:
+            a(f"{i3}v = aq[{src}] + bq")
             a(f"{i3}gt = v > m")
             a(f"{i3}mi = {idx} if gt else mi")
             a(f"{i3}m = v if gt else m")
@@ -237,16 +298,31 @@ class _FwdWriter:
         # masked (max not > 0): ~ the first max of the ReLU output, its first element
         a(f"{i3}yk[i, j] = 0.0 if m <= 0 else m")
         a(f"{i3}if flag:")
-        a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][1]})")
+        a(f"{i3}    rk[i, j] = mi if m > 0 else ~({taps[0][2]})")
         a(f"{i3}anynan |= nan")
         # a window holding NaN (rare) has max NaN and routes to ~ its first NaN: the row is fixed up after
         # its branch-free loop (a NaN branch or a first-NaN compare inside it slowed the epilogue down), by
         # one compiled function for all shapes (pool_nan.py); its ints are made at run time (a literal
         # argument would compile it once per kernel)
-        a(f"{ind2}    if anynan:")
-        a(f"{ind2}        z = lo - lo")
-        a(f"{ind2}        fix_nan_row(aq, bq, yk, rk, flag, i, r0, z + {self.Wq}, z + {ps}, z + {pst}, z + {self.Wp}, "
-          f"z + {self.Wo})")
+        a(f"{ind}    if anynan:")
+        a(f"{ind}        z = lo - lo")
+        a(f"{ind}        fix_nan_row(aq, bq, yk, rk, flag, i, r0, z + {self.Wq}, z + {self.ps}, z + {pst}, "
+          f"z + {self.Wp}, z + {self.Wo})")
+
+
+def pool_wide_len(Hq: int, Wq: int, Wp: int) -> int:
+    """Length of the pooled wide rows of a pool epilogue (pooled (i, j) at i*Wp + j)."""
+    return (Hq - 1) * Wp + Wq
+
+
+def pool_loop_len(Hq: int, Wq: int, Wp: int) -> int:
+    """The inference pool loop's trip count: the pooled wide rows rounded up to 16 (the widest vector)."""
+    return round_up(pool_wide_len(Hq, Wq, Wp), 16)
+
+
+def pool_acc_len(PL: int, ps: int, pst: int, Hq: int, Wq: int, Wp: int) -> int:
+    """Accumulator row length the inference pool loop reads (past the PL the conv writes: zeroed first)."""
+    return max(PL, pst * (pool_loop_len(Hq, Wq, Wp) - 1) + (ps - 1) * (Wp + 1) + 1)
 
 
 # --------------------------------------------------------------------------------------------------
