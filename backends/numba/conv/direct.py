@@ -20,8 +20,8 @@ import numpy as np
 
 from graphc.backends.kernel_cache import aligned_empty, load_generated
 from graphc.backends.numba.conv import gen, winograd
-from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_t, pool_hw, scratch, shift_copies,
-                                              sum_partials)
+from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_rows, place_t, pool_hw, scratch,
+                                              shift_copies, sum_partials)
 from graphc.backends.numba.precompile import compile_for
 from graphc.backends.numba.threads import num_threads, parallel_for
 
@@ -302,12 +302,14 @@ def _row_split(xs, ws, Ho, epi, ps, pst, groups):
     KH times the channels: channel c*KH + kh is input channel c moved up kh rows, copied once straight
     into the kernel's flat planes. The kernel holds KB*CB*KH*KW weights in registers; over 9 taps it
     takes one output channel per pass, each loaded input vector feeding one FMA: ResNet's 7x7/2 first
-    layer at batch 1 (4x4 taps after space-to-depth) ran 1.43 ms, as 12 x 4 channels of 1x4 taps 0.92."""
+    layer (4x4 taps after space-to-depth) ran 1.59 ms at batch 1 and 25.3 at 16, as 12 x 4 channels of
+    1x4 taps 1.08 and 17.5 (the forward alone, the two alternating in one process)."""
     N, C, _, Wq = xs.shape
     K, _, KH, KW = ws.shape
     Wo = Wq - KW + 1
     plan = fwd_plan(K, C * KH, 1, KW, Ho, Wq, Ho, Wo, xs.dtype, epi, ps, pst, groups=groups)
     xb = scratch("fwd_x", (N, C * KH, plan.Lx), xs.dtype)
+    # numpy copies of whole shifted planes (xs is padded already): with place_rows, 20.2 ms instead of 17.2 at 16
     for kh in range(KH):
         xb[:, kh::KH, :Ho * Wq] = xs[:, :, kh:kh + Ho].reshape(N, C, Ho * Wq)
     xb[:, :, Ho * Wq:] = 0
@@ -472,8 +474,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
             if rows == 1:
                 place(x.reshape(xshape), xin, Hp, Wp, 1, top, left)
             else:                               # plane c*KH + kh: the padded image moved up kh rows
-                for kh in range(rows):
-                    place(x.reshape(xshape), xin[:, kh::rows], Ho, Wp, 1, top - kh, left)
+                place_rows(x.reshape(xshape), xin, rows, Ho, Wp, 1, top, left)
         flag = bool(flag)
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
         if wino is not None and not flag and serial:
@@ -510,11 +511,10 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     wf = w[:, :, ::-1, ::-1].reshape(G, Kg, Cg, KH, KW).transpose(0, 2, 1, 3, 4)
     wf = np.ascontiguousarray(wf).reshape(G * Cg, Kg, KH, KW)
     if _splits_rows(G * Cg, Kg, KH, KW, G, dil):
-        # the filter rows as channels, as the forward's (AlexNet's 5x5 conv2 at batch 8: 32 -> 23 ms)
+        # the filter rows as channels, as the forward's (AlexNet's 5x5 conv2 at batch 8: 32.4 -> 27.7 ms)
         plan = fwd_plan(G * Cg, Kg * KH, 1, KW, H, Wb, H, W, dy.dtype, "store")
         buf = scratch("dx_dy", (N, K * KH, plan.Lx), dy.dtype)
-        for kh in range(KH):
-            place(dy, buf[:, kh::KH], H, Wb, stride, EH - 1 - top - kh, EW - 1 - left)
+        place_rows(dy, buf, KH, H, Wb, stride, EH - 1 - top, EW - 1 - left)
         return _run_planes(buf, plan, wf.reshape(G * Cg, Kg * KH, 1, KW), None, out=out)[0]
     plan = fwd_plan(G * Cg, Kg, KH, KW, Hb, Wb, H, W, dy.dtype, "store", groups=G, dil=dil)
     buf = scratch("dx_dy", (N, K, plan.Lx), dy.dtype)

@@ -128,6 +128,13 @@ def place(src, dst, Hd, Wd, s, pt, pl):
         parallel_for(lambda lo, hi, k: place_k(src, dst, Hd, Wd, s, pt, pl, lo, hi), ntasks)
 
 
+def place_rows(src, dst, rows, Hd, Wd, s, pt, pl):
+    """place for a filter run with its rows as channels: plane c*rows + kh of dst is src's channel c placed
+    as by place but moved up kh rows (Hd rows kept)."""
+    for kh in range(rows):
+        place(src, dst[:, kh::rows], Hd, Wd, s, pt - kh, pl)
+
+
 @njit(cache=True, nogil=True)
 def place_t_k(src, dst, Hd, Wd, L, pt, pl, lo, hi):
     """Tasks lo..hi-1 of place_t (task t: channel t // N, image t % N)."""
