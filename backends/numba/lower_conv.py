@@ -1,6 +1,6 @@
 """Convolutions and the fused conv patterns, on the numba conv kernels (backends/numba/conv/).
 
-The strategy (direct or im2col) is looked up once per Numba thread count and passed explicitly, so a
+The strategy (direct, im2col or winograd) is looked up once per Numba thread count and passed explicitly, so a
 call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM for the host CPU name
 each time). Where the strategy is direct and the stride 1, the forward runs the prebound direct kernel
 (bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions write into
@@ -27,7 +27,8 @@ from graphc.ops.conv import geometry
 lowering, pattern_lowering = lowerings("numba")
 
 _NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
-_STRATEGY = "direct or im2col+GEMM, chosen per shape (a static rule, or timed in a tuning run and remembered)"
+_STRATEGY = ("direct, im2col+GEMM or Winograd F(4x4, 3x3) with GEMMs, chosen per shape (a static rule, or timed in "
+             "a tuning run and remembered)")
 _DEPTHWISE = "depthwise (groups == C): conv/depthwise.py per-channel stencil kernels"
 
 
@@ -130,7 +131,8 @@ def _forward(ctx, conv_attrs, relu, pool=None, clip=None):
     oy, oroute = res[0], (res[1] if save else None)
 
     def step():
-        if strategy() == "direct":
+        s = strategy()
+        if s == "direct" or (s == "winograd" and oroute is not None):     # (winograd saves no route)
             fast(values[xi], values[wi], values[bi] if bi is not None else None, y, route, flag)
             values[oy] = y
             if oroute is not None:

@@ -19,15 +19,17 @@ on both strategies; depthwise convs (groups == C) have their own memory-bound st
 depthwise.py.
 
 Semantics follow PyTorch: ReLU gradient 0 at 0 (route < 0 where a window's max is <= 0), max-pool ties go
-to the first element in row-major order, NaN propagates through max pooling and ReLU (numpy's rules). Two strategies
-compute them: ``direct`` (kernels generated per shape, direct.py + gen.py) and ``im2col`` (im2col +
-BLAS GEMM, im2col.py); ``strategy=None`` uses the remembered choice of strategy.py.
+to the first element in row-major order, NaN propagates through max pooling and ReLU (numpy's rules). Three strategies
+compute them: ``direct`` (kernels generated per shape, direct.py + gen.py), ``im2col`` (im2col +
+BLAS GEMM, im2col.py) and ``winograd`` (F(4x4, 3x3) with BLAS products, winograd_gemm.py: 3x3 stride-1
+forward convs and dL/dX; it hands the rest, and the route of a training pool, to direct);
+``strategy=None`` uses the remembered choice of strategy.py.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from graphc.backends.numba.conv import direct, im2col
+from graphc.backends.numba.conv import direct, im2col, winograd_gemm
 from graphc.backends.numba.conv.direct import bind_direct_fwd
 from graphc.backends.numba.conv.layout import (check_conv, check_geometry, check_groups, check_out, clear_scratch,
                                               dilation_pair, float_array, out_hw, pool_hw)
@@ -38,7 +40,7 @@ from graphc.errors import BackendError
 __all__ = ["conv2d", "conv2d_relu_maxpool", "conv2d_dx", "conv2d_dw", "bind_direct_fwd", "choose_conv_strategy",
            "clear_scratch", "STRATEGIES"]
 
-_IMPL = {"direct": direct, "im2col": im2col}
+_IMPL = {"direct": direct, "im2col": im2col, "winograd": winograd_gemm}
 
 
 def _geo(dilation, groups):
@@ -63,9 +65,7 @@ def conv2d(x, w, b, stride, pads, relu=False, strategy=None, dilation=1, groups=
                     x.dtype, "conv2d", (x, w, b))
     s = resolve_strategy(strategy, "conv2d", x.shape, w.shape, stride, pads, x.dtype, dilation=dil,
                          groups=int(groups))
-    if s == "direct":
-        return direct.forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
-    return im2col.forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
+    return _IMPL[s].forward(x, w, b, stride, pads, "store", relu=bool(relu), out=out, **geo)[0]
 
 
 def conv2d_relu_maxpool(x, w, b, stride, pads, pool_size, pool_stride, save_route=False, strategy=None,

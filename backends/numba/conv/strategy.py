@@ -1,4 +1,4 @@
-"""Which conv strategy (direct or im2col) runs a convolution of a given geometry.
+"""Which conv strategy (direct, im2col or winograd) runs a convolution of a given geometry.
 
 A cold start never times: a geometry with no remembered choice takes the static rule (`static_rule`,
 from timings of both strategies on MNIST- to small-ImageNet-sized layers), because timing both means
@@ -21,11 +21,12 @@ import numpy as np
 
 from graphc.backends.kernel_cache import LOCK, kernel_cache_dir, write_atomic
 from graphc.backends.numba.compile_stats import add_tuning
-from graphc.backends.numba.conv import direct, im2col
+from graphc.backends.numba.conv import direct, im2col, winograd_gemm
 from graphc.backends.numba.conv.layout import check_geometry, out_hw
 from graphc.errors import BackendError
 
-STRATEGIES = ("direct", "im2col")
+STRATEGIES = ("direct", "im2col", "winograd")
+_MODULES = {"direct": direct, "im2col": im2col, "winograd": winograd_gemm}
 
 _CHOICES: dict = {}
 _CHOICE_FILE = "conv_strategy.json"
@@ -87,16 +88,17 @@ def _time_candidates(fns: dict, repeats: int) -> dict:
 
 
 SMALL_BATCH_DIRECT = 2      # forward convs of at most this many images take "direct" untimed
-IM2COL_MARGIN = 1.15        # im2col must be this much faster than direct to be chosen
+IM2COL_MARGIN = 1.15        # another strategy must be this much faster than direct to be chosen
 
 
 def _pick(times: dict) -> str:
-    """The strategy to keep from {strategy: seconds (or ms)}: direct unless im2col beats it by more
-    than IM2COL_MARGIN (timings on a shared machine differ by tens of per cent; direct has no BLAS
-    thread pool to fight and no per-image serialisation)."""
-    if "direct" in times and "im2col" in times:
-        return "im2col" if times["im2col"] * IM2COL_MARGIN < times["direct"] else "direct"
-    return min(times, key=times.get)
+    """The strategy to keep from {strategy: seconds (or ms)}: direct unless the fastest other beats it
+    by more than IM2COL_MARGIN (timings on a shared machine differ by tens of per cent; direct has no
+    BLAS thread pool to fight, no per-image serialisation and no Winograd rounding)."""
+    best = min(times, key=times.get)
+    if "direct" in times and best != "direct":
+        return best if times[best] * IM2COL_MARGIN < times["direct"] else "direct"
+    return best
 
 
 _TUNING = []          # tuning(True/False) contexts in force (innermost last)
@@ -120,7 +122,7 @@ def tuning_on() -> bool:
     return os.environ.get("GRAPHC_CONV_TUNE", "") not in ("", "0")
 
 
-def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
+def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=None) -> str:
     """The strategy a geometry runs before it was ever timed. One-thread timings (best of 5, float32)
     over the zoo's MNIST and small-ImageNet layers: direct won every stride-1 forward and dL/dX
     (im2col/direct median 2.6-3.1x) and stride-1 dL/dW but 1x1 (0.75x); im2col won 1x1 filters at
@@ -141,6 +143,8 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
     batch 1 (its 1x1 convs on 14x14 and 7x7 planes), best of 8 x 10 runs side by side in one process,
     6.21 against 6.71 ms with SciPy's OpenBLAS on its AVX-512 kernels, 9.81 against 10.45 on its AVX2
     ones; from 1 input channel up it was slower (7.41)."""
+    if _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
+        return "winograd"
     one = tuple(w_shape[2:]) == (1, 1)
     if stride > 1 and (one or tuple(dil) != (1, 1)):
         return "im2col"
@@ -155,6 +159,30 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1) -> str:
     if op == "conv2d_dw" and one:
         return "im2col"
     return "direct"
+
+
+WINOGRAD_MIN_CHANNELS = 64   # ... input and output channels, and
+WINOGRAD_MIN_TILES = 64      # ... 4x4 output tiles over the batch, for Winograd (and at least 2 images)
+
+
+def _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
+    """Winograd F(4x4, 3x3) (winograd_gemm.py) for a float32 3x3 stride-1 forward, dL/dX or dL/dW with
+    many channels and tiles. Best of 5 on 2 threads, direct / winograd ms (forward; dL/dX alike): VGG16 b2's
+    64 ch on 224x224 + pool 29.9 / 16.3, 128 on 112 + pool 23.5 / 13.8, 256 on 56 20.2 / 13.2, 512 on 28
+    22.7 / 19.6 (13.5 with the whole batch in one pass); ResNet-18 b16's 64 on 56 11.4 / 8.7, 128 on 28
+    10.5 / 6.9, 256 on 14 9.7 / 8.6, 512 on 7 17.0 / 11.6. Slower: 512 on 14x14 at b2 (32 tiles: 7.4 /
+    7.9, the filter transform's 36 x 512 x 512 values outweigh), every batch-1 ResNet layer (64 on 56:
+    0.83 / 0.92). dL/dW, ResNet-18 b16: 64 on 56 15.1 / 12.4, 128 on 28 14.0 / 8.5, 256 on 14 12.5 / 7.3,
+    512 on 7 17.2 / 9.5; AlexNet b8's 192 -> 384 on 13 6.0 / 4.3. float64 keeps the direct kernel (its
+    exact sums; Winograd's rounding is larger)."""
+    if x_shape is None or np.dtype(dtype or np.float64) != np.float32:
+        return False
+    if not winograd_gemm.applies(x_shape, w_shape, stride, dil, groups):
+        return False
+    K, C = w_shape[0], w_shape[1]
+    N, H, W = x_shape[0], x_shape[2], x_shape[3]
+    tiles = N * -(-H // 4) * -(-W // 4)
+    return N >= 2 and min(C, K) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
 
 
 DEEP_1X1 = 256      # a 1x1 forward conv with this many input channels runs as a GEMM (im2col, no columns to build)
@@ -181,11 +209,13 @@ def _normalized(x_shape, w_shape, stride, pads, dtype, op, pool, dilation, group
     return x_shape, w_shape, stride, pads, np.dtype(dtype), pool, dil, groups
 
 
-def _remembered(got, tune):
+def _remembered(got, tune, candidates=STRATEGIES):
     """The strategy of a remembered entry, or None when a tuning run should time it (again)."""
     if not (isinstance(got, dict) and got.get("strategy") in STRATEGIES):
         return None
     ms = got.get("ms")
+    if isinstance(ms, dict) and any(k not in ms for k in candidates):
+        return None                      # timed before a strategy it could take existed (winograd)
     if ms is None:
         # an untimed entry (older versions recorded their rule's answer, e.g. {"rule": "batch <= 2"}):
         # not a measurement, so today's static rule answers (such a stale entry kept ResNet-18's
@@ -193,7 +223,7 @@ def _remembered(got, tune):
         return None
     if tune and _retime(got.get("load")):
         return None                      # timed on a busy machine that is quieter now
-    if isinstance(ms, dict) and all(isinstance(ms.get(k), (int, float)) for k in STRATEGIES):
+    if isinstance(ms, dict) and len(ms) > 1 and all(isinstance(v, (int, float)) for v in ms.values()):
         return _pick(ms)                 # entries recorded before the margin rule
     return got["strategy"]
 
@@ -219,7 +249,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     if got is not None:
         return got
     if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT \
-            and static_rule(op, stride, w_shape, dil, groups) == "direct":
+            and static_rule(op, stride, w_shape, dil, groups, x_shape, dtype) == "direct":
         # a timing taken under load picked im2col for MNIST's batch-1 layers, 3x slower than direct:
         # small forward batches keep the static rule's direct (its im2col cases, deep or 1x1 strided
         # filters, may be timed)
@@ -227,9 +257,10 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         return "direct"
     path = os.path.join(kernel_cache_dir(), _CHOICE_FILE)
     tune = tuning_on()
-    best = _remembered(_read_choices(path).get(key), tune)
+    best = _remembered(_read_choices(path).get(key), tune, _strategies_for(op, x_shape, w_shape, stride, pool, dil,
+                                                                         groups))
     if best is None and not tune:
-        best = static_rule(op, stride, w_shape, dil, groups)
+        best = static_rule(op, stride, w_shape, dil, groups, x_shape, dtype)
     if best is not None:
         _CHOICES[key] = best
         return best
@@ -255,7 +286,8 @@ def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), gro
     b = (rng.standard_normal(K) * 0.1).astype(dtype)
     dy = rng.standard_normal((N, K, Ho, Wo)).astype(dtype)
     fns = {}
-    for strat, impl in (("direct", direct), ("im2col", im2col)):
+    for strat in _strategies_for(op, x_shape, w_shape, stride, pool, dil, groups):
+        impl = _MODULES[strat]
         if op == "conv2d":
             fns[strat] = lambda m=impl: m.forward(x, w, b, stride, pads, "store", **geo)
         elif op == "conv2d_relu_maxpool":
@@ -266,6 +298,15 @@ def _candidates(op, x_shape, w_shape, stride, pads, dtype, pool, dil=(1, 1), gro
         else:
             fns[strat] = lambda m=impl: m.grad_weights(x, dy, stride, pads, (KH, KW), **geo)
     return fns
+
+
+def _strategies_for(op, x_shape, w_shape, stride, pool, dil, groups):
+    """The strategies that can run this conv (winograd: a 3x3 stride-1 forward, 2x2/2 pool if any, dL/dX
+    or dL/dW; else it would run the direct kernel under its name)."""
+    if not winograd_gemm.applies(x_shape, w_shape, stride, dil, groups) \
+            or (pool is not None and tuple(pool) != (2, 2)):
+        return ("direct", "im2col")
+    return STRATEGIES
 
 
 def _load_per_cpu():
