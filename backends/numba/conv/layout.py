@@ -21,9 +21,9 @@ _TLS = threading.local()
 # The tags of work arrays no conv call holds at the same time share one buffer (ResNet-18 batch 16 kept
 # 126 MB of work arrays, one per tag, against 54 MB pooled): "planes" holds a call's input placed in
 # padded planes, "work" what it holds beside them (the per-thread im2col columns, the dL/dW kernels'
-# placed dy, the direct kernels' accumulators). A tag not listed has a buffer of its own.
-_POOLS = {**dict.fromkeys(("fwd_x", "i2c_x", "dx_dy", "dw_x", "dw_xs", "i2c_dx"), "planes"),
-          **dict.fromkeys(("i2c_cols", "dw_dy", "fwd_acc"), "work")}
+# placed dy, the direct kernels' accumulators, the Winograd transforms' V). A tag not listed has a buffer of its own.
+_POOLS = {**dict.fromkeys(("fwd_x", "i2c_x", "dx_dy", "dw_x", "dw_xs", "i2c_dx", "wino_x"), "planes"),
+          **dict.fromkeys(("i2c_cols", "dw_dy", "fwd_acc", "wino_v"), "work")}
 
 
 def scratch(tag, shape, dtype):

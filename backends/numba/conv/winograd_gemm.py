@@ -311,15 +311,18 @@ _GG = np.kron(_G, _G)        # (36, 9): U[a*6 + b] = sum over taps (r, s) of G[a
 
 
 def transformed_filters(w, flip=False, out=None):
-    """U (36, K, C) of w (K, C, 3, 3), one GEMM; flip: of dL/dX's filters (36, C, K: w turned 180
+    """U (36, K, C) of w (K, C, 3, 3), a GEMM; flip: of dL/dX's filters (36, C, K: w turned 180
     degrees and transposed)."""
     K, C = w.shape[:2]
     shape = (36, C, K) if flip else (36, K, C)
     U = out if out is not None else scratch("wino_u", shape, w.dtype)
     taps = w.transpose(1, 0, 2, 3).reshape(C * K, 9) if flip else w.reshape(K * C, 9)
     gg = (_GG[:, ::-1] if flip else _GG).astype(w.dtype)
-    with _ONE_BLAS_THREAD:      # (OpenBLAS's own threads beside the waiting Numba workers: 12 ms, not 1)
-        np.matmul(gg, taps.T, out=U.reshape(36, -1))
+    flat = U.reshape(36, -1)
+    # the threads each a block of filters, one BLAS thread each (OpenBLAS's own threads beside the waiting
+    # Numba workers took 12 ms for 64 x 64 filters, not 0.05)
+    with _ONE_BLAS_THREAD:
+        parallel_for(lambda lo, hi, k: np.matmul(gg, taps[lo:hi].T, out=flat[:, lo:hi]), K * C)
     return U
 
 
