@@ -1,6 +1,7 @@
 """The winograd conv strategy (backends/numba/conv/winograd_gemm.py): Winograd F(4x4, 3x3) with BLAS
 products for 3x3 stride-1 forward convs, dL/dX and dL/dW, against the direct kernels (the oracle of the
 conv strategies, themselves tested against the reference backend) and the reference backend."""
+import numba
 import numpy as np
 import pytest
 
@@ -18,7 +19,9 @@ SHAPES = [(2, 5, 7, 9, 11, (1, 1, 1, 1)), (3, 4, 6, 8, 7, (0, 0, 0, 0)), (2, 3, 
 @pytest.fixture(params=["chunks", "whole"])
 def mode(request, monkeypatch):
     """Both ways run() goes over the batch: chunks of tile rows, or each step once over the whole batch."""
-    monkeypatch.setattr(wg, "WHOLE_RATIO", float("inf") if request.param == "chunks" else 0.0)
+    chunks = request.param == "chunks"
+    monkeypatch.setattr(wg, "WHOLE_RATIO", float("inf") if chunks else 0.0)
+    monkeypatch.setattr(wg, "DW_PARTIAL_BYTES", float("inf") if chunks else 0)
     monkeypatch.setattr(wg, "MIN_TILES", 1)
     monkeypatch.setattr(wg, "CHUNK_BYTES", 1)          # a chunk per tile row: several chunks per image
     return request.param
@@ -53,6 +56,23 @@ def test_forward_dx_dw_equal_direct_in_float64(shape, mode):
     H, W = x.shape[2:]
     _close(wg.grad_input(dy, w, 1, pads, (H, W)), direct.grad_input(dy, w, 1, pads, (H, W)), 1e-13)
     _close(wg.grad_weights(x, dy, 1, pads, (3, 3)), direct.grad_weights(x, dy, 1, pads, (3, 3)), 1e-13)
+
+
+def test_results_do_not_depend_on_the_thread_count(mode):
+    # chunks follow the thread count; each output, and dL/dW's partial sums (fixed groups), do not
+    x, w, b, dy = _data((3, 16, 16, 12, 12, (1, 1, 1, 1)), np.float32)
+    runs = []
+    before = numba.get_num_threads()
+    try:
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            runs.append((wg.forward(x, w, b, 1, (1, 1, 1, 1), "store")[0].copy(),
+                         wg.grad_input(dy, w, 1, (1, 1, 1, 1), (12, 12)).copy(),
+                         wg.grad_weights(x, dy, 1, (1, 1, 1, 1), (3, 3)).copy()))
+    finally:
+        numba.set_num_threads(before)
+    for a, b_ in zip(runs[0], runs[-1]):
+        assert np.array_equal(a, b_)
 
 
 def test_float32_rounding_stays_small():
@@ -97,14 +117,16 @@ def test_other_convs_and_training_pools_go_to_the_direct_kernel():
     assert np.array_equal(wg.forward(x, w, b, 2, pads, "store")[0], direct.forward(x, w, b, 2, pads, "store")[0])
 
 
-def test_a_kernel_discovery_records_and_computes_nothing():
+def test_a_kernel_discovery_records_and_computes_nothing(mode):
     x, w, b, dy = _data((2, 3, 4, 9, 9, (1, 1, 1, 1)), np.float32)
     with discovering() as found:
         wg.forward(x, w, b, 1, (1, 1, 1, 1), "store")
         wg.grad_input(dy, w, 1, (1, 1, 1, 1), (9, 9))
         wg.grad_weights(x, dy, 1, (1, 1, 1, 1), (3, 3))
     names = {d.py_func.__name__ for d, _, _ in found.values()}
-    assert {"_dy_k", "_dw_products_k", "_input_k"} <= names
+    want = {"_chunks_k", "_dw_chunks_k"} if mode == "chunks" else \
+        {"_input_k", "_products_k", "_output_k", "_dy_k", "_dw_products_k"}
+    assert want <= names, names
 
 
 def test_static_rule_takes_winograd_for_deep_float32_3x3_convs():

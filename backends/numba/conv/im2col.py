@@ -34,9 +34,10 @@ def _cols_band(xp, cols, r, KH, KW, s, Ho, Wo, dh, dw):
         row = cols[(c * KH + kh) * KW + kw]
         for i in range(Ho):
             src = xp[c, i * s + kh * dh]
-            if s == 1:
-                for j in range(Wo):
-                    row[i * Wo + j] = src[j + kw * dw]
+            if s == 1:                   # (unsigned offsets: a copy, not a gather; see layout.fill_plane)
+                d, o = np.uint64(i * Wo), np.uint64(kw * dw)
+                for j in range(np.uint64(Wo)):
+                    row[d + j] = src[o + j]
             else:
                 for j in range(Wo):
                     row[i * Wo + j] = src[j * s + kw * dw]

@@ -41,6 +41,8 @@ from graphc.backends.codegen import FASTMATH
 CHUNK_BYTES = 3 << 20        # a chunk's V and M together at most this big (~ a core's share of L3) ...
 MIN_TILES = 32               # ... but at least this many tiles (BLAS on thinner products runs slower)
 WHOLE_RATIO = 1.0            # chunks re-read the filters U; above this ratio to the batch's V and M: whole
+DW_PARTIAL_BYTES = 4 << 20   # dL/dW in chunks (a partial sum of the 36 x K x C point gradients per thread)
+                             # up to this size, else over the whole batch at once
 
 
 def applies(x_shape, w_shape, stride, dil=(1, 1), groups=1) -> bool:
@@ -125,19 +127,21 @@ def _a6(e0, e1, e2, e3, kc):
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
-def _dy_k(dyp, D, rows, kc, th, tw, k_lo, k_hi):
-    """Filters k_lo..k_hi-1 of D (36, K, N*th*tw), flat (planes plane_stride apart): A dY A^T of every
-    4x4 tile of dy, placed in zero planes dyp (N, K, 4th x 4tw) (rows first, as _input_k)."""
+def _dy_k(dyp, D, rows, kc, g0, R, th, tw, k_lo, k_hi):
+    """Filters k_lo..k_hi-1 of D (36, K, R*tw), flat (planes plane_stride apart): A dY A^T of every 4x4
+    tile in the batch's tile rows g0..g0+R-1 (as _input_k's) of dy, placed in zero planes dyp (N, K, 4th
+    x 4tw) (rows first, as _input_k)."""
     K = dyp.shape[1]
     Wd = 4 * tw
-    T = dyp.shape[0] * th * tw
+    T = R * tw
     w = _U(Wd)
     w2, w3 = w + w, _U(3) * w
     ct = _U(plane_stride(K * T))
     ct2, ct3, ct4, ct5 = ct + ct, _U(3) * ct, _U(4) * ct, _U(5) * ct
     one, four = _U(1), _U(4)
     for k in range(k_lo, k_hi):
-        for g in range(dyp.shape[0] * th):
+        for r in range(R):
+            g = g0 + r
             plane = dyp[g // th, k]
             top = _U(4 * (g % th) * Wd)
             for q in range(w):
@@ -146,7 +150,7 @@ def _dy_k(dyp, D, rows, kc, th, tw, k_lo, k_hi):
                 rows[q], rows[q + w], rows[q + w2], rows[q + w3], rows[q + four * w], rows[q + _U(5) * w] = t
             for a in range(6):
                 src = _U(a * Wd)
-                dst = _U(a * 6) * ct + _U(k * T + g * tw)
+                dst = _U(a * 6) * ct + _U(k * T + r * tw)
                 for j in range(_U(tw)):
                     q = src + four * j
                     t = _a6(rows[q], rows[q + one], rows[q + one + one], rows[q + _U(3)], kc)
@@ -162,6 +166,33 @@ def _dw_products_k(D, V, dU, T, lo, hi):
     sd, sv = plane_stride(K * T), plane_stride(C * T)
     for p in range(lo, hi):
         np.dot(D[p * sd:p * sd + K * T].reshape(K, T), V[p * sv:p * sv + C * T].reshape(C, T).T, dU[p])
+
+
+@njit(cache=True, nogil=True)
+def _dw_chunks_k(xp, dyp, V, D, rows, dU, tmp, kc, Wp, th, tw, R, G, g):
+    """Group g of G of the chunks of dL/dW (chunk c, R tile rows from c*R, belongs to group c % G): for
+    each, V and D of its rows (in cache), then dU[p] (K, C) += D[p] @ V[p]^T (the first one stores).
+    Groups are fixed by the count Numba may run, not the count it runs, so the sums do not depend on it."""
+    C, K = xp.shape[1], dyp.shape[1]
+    rows_all = xp.shape[0] * th
+    nc = (rows_all + R - 1) // R
+    first = True
+    for c in range(g, nc, G):
+        r = min(R, rows_all - c * R)
+        T = r * tw
+        _input_k(xp, V, rows, kc, c * R, r, th, tw, Wp, 0, C)
+        _dy_k(dyp, D, rows, kc, c * R, r, th, tw, 0, K)
+        sd, sv = plane_stride(K * T), plane_stride(C * T)
+        for p in range(36):
+            dp = D[p * sd:p * sd + K * T].reshape(K, T)
+            vp = V[p * sv:p * sv + C * T].reshape(C, T).T
+            if first:
+                np.dot(dp, vp, dU[p])
+            else:
+                np.dot(dp, vp, tmp)
+                dU[p] += tmp
+        first = False
+    return not first
 
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
@@ -276,7 +307,7 @@ def _compiled(fn, args) -> bool:
     """Compiles fn for these argument types once (False during a kernel discovery, which records it)."""
     key = (fn, tuple((a.dtype.str, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray) else type(a)
                      for a in args))
-    if key in _READY:
+    if key in _READY and not _discovering():     # (a discovery records even what is compiled)
         return True
     if not compile_for(fn, tuple(numba.typeof(a) for a in args)):
         return False
@@ -417,6 +448,53 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     return direct.grad_input(dy, w, stride, pads, in_hw, dil=dil, groups=groups, out=out)
 
 
+def _dw_whole(xp, dyp, rows, kc, Wp, th, tw):
+    """dU (36, K, C) over the whole batch at once: V and D of every tile (the threads splitting channels,
+    then filters), then one GEMM per point (the threads splitting points); None in a discovery."""
+    N, C, K = xp.shape[0], xp.shape[1], dyp.shape[1]
+    T = N * th * tw
+    V = scratch("wino_v", (36 * stride_of(C * T),), xp.dtype)
+    D = scratch("wino_m", (36 * stride_of(K * T),), xp.dtype)
+    dU = scratch("wino_u", (36, K, C), xp.dtype)
+    inputs = (xp, V, rows[0], kc, 0, N * th, th, tw, Wp)
+    grads = (dyp, D, rows[0], kc, 0, N * th, th, tw)
+    if not (_compiled(_input_k, inputs + (0, 0)) & _compiled(_dy_k, grads + (0, 0))
+            & _compiled(_dw_products_k, (D, V, dU, T, 0, 0))):
+        return None
+    parallel_for(lambda c0, c1, k: _input_k(xp, V, rows[k], *inputs[3:], c0, c1), C)
+    parallel_for(lambda k0, k1, k: _dy_k(dyp, D, rows[k], *grads[3:], k0, k1), K)
+    with _ONE_BLAS_THREAD:
+        parallel_for(lambda p0, p1, k: _dw_products_k(D, V, dU, T, p0, p1), 36)
+    return dU
+
+
+def _dw_chunked(xp, dyp, rows, kc, Wp, th, tw, G):
+    """dU (36, K, C) from chunks of tile rows (V and D of a chunk stay in cache), summed into G partial
+    sums (G fixed: the count of threads Numba may run), then added in order; None in a discovery."""
+    N, C, K = xp.shape[0], xp.shape[1], dyp.shape[1]
+    R = _rows_per_chunk(N * th, tw, C, K, xp.dtype.itemsize, 1)
+    T = R * tw
+    V = scratch("wino_v", (G, 36 * stride_of(C * T)), xp.dtype)
+    D = scratch("wino_m", (G, 36 * stride_of(K * T)), xp.dtype)
+    part = scratch("wino_u", (G, 36, K, C), xp.dtype)
+    tmp = scratch("wino_yt", (G, K, C), xp.dtype)
+    done = np.zeros(G, np.bool_)
+    args = (kc, Wp, th, tw, R, G)
+    if not _compiled(_dw_chunks_k, (xp, dyp, V[0], D[0], rows[0], part[0], tmp[0]) + args + (0,)):
+        return None
+
+    def task(g0, g1, k):
+        for g in range(g0, g1):
+            done[g] = _dw_chunks_k(xp, dyp, V[k], D[k], rows[k], part[g], tmp[k], *args, g)
+    with _ONE_BLAS_THREAD:
+        parallel_for(task, G)
+    dU = part[0]
+    for g in range(1, G):
+        if done[g]:
+            dU += part[g]
+    return dU
+
+
 def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     """dL/dW of a 3x3 stride-1 conv by Winograd: the gradient at the 36 points, dU[p] = sum over tiles of
     (A dY A^T)[p] V[p]^T (36 GEMMs over the batch's tiles), then dW = G^T dU G (the adjoint of the filter
@@ -435,17 +513,14 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     place(dy, dyp, 4 * th, 4 * tw, 1, 0, 0)
     nthreads = numba.config.NUMBA_NUM_THREADS
     rows = scratch("wino_rows", (nthreads, 6 * Wp), x.dtype)
-    V = scratch("wino_v", (36 * stride_of(C * T),), x.dtype)
-    D = scratch("wino_m", (36 * stride_of(K * T),), x.dtype)
-    dU = scratch("wino_u", (36, K, C), x.dtype)
     kc = tuple(np.array([2, 4, 5, 8], x.dtype))
-    inputs = (xp, V, rows[0], kc, 0, N * th, th, tw, Wp)
-    if not (_compiled(_input_k, inputs + (0, 0)) & _compiled(_dy_k, (dyp, D, rows[0], kc, th, tw, 0, 0))
-            & _compiled(_dw_products_k, (D, V, dU, T, 0, 0))):
-        return new_or(out, (K, C, 3, 3), x.dtype)        # a discovery: recorded, nothing to run
-    parallel_for(lambda c0, c1, k: _input_k(xp, V, rows[k], *inputs[3:], c0, c1), C)
-    parallel_for(lambda k0, k1, k: _dy_k(dyp, D, rows[k], kc, th, tw, k0, k1), K)
     dw = new_or(out, (K, C, 3, 3), x.dtype)
+    if 36 * K * C * x.dtype.itemsize <= DW_PARTIAL_BYTES:
+        dU = _dw_chunked(xp, dyp, rows, kc, Wp, th, tw, nthreads)
+    else:
+        dU = _dw_whole(xp, dyp, rows, kc, Wp, th, tw)
+    if dU is None:
+        return dw                    # a discovery: recorded, nothing to run
     flat, du = dw.reshape(K * C, 9), dU.reshape(36, K * C)
     gg = _GG.astype(x.dtype)
 
@@ -453,7 +528,6 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
         with np.errstate(invalid="ignore", over="ignore"):     # (non-finite: caught below)
             np.matmul(du[:, r0:r1].T, gg, out=flat[r0:r1])
     with _ONE_BLAS_THREAD:
-        parallel_for(lambda p0, p1, k: _dw_products_k(D, V, dU, T, p0, p1), 36)
         parallel_for(adjoint, K * C)
     if not _finite(dw):
         return direct.grad_weights(x, dy, stride, pads, k_hw, dil=dil, groups=groups, out=out)
