@@ -35,7 +35,7 @@ from graphc.backends.kernel_cache import BlasLimit
 from graphc.backends.numba.conv import direct
 from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch
 from graphc.backends.numba.precompile import _DISCOVERY, compile_for
-from graphc.backends.numba.threads import num_threads, parallel_for
+from graphc.backends.numba.threads import parallel_for
 from graphc.backends.codegen import FASTMATH
 
 CHUNK_BYTES = 3 << 20        # a chunk's V and M together at most this big (~ a core's share of L3) ...
@@ -317,6 +317,18 @@ def _compiled(fn, args) -> bool:
     return True
 
 
+def _blocks(fn, n):
+    """fn(lo, hi, k) over range(n) in NUMBA_NUM_THREADS fixed blocks, shared by the threads running now:
+    a block's work (its BLAS calls' shapes, which of its elements a vector loop's remainder takes) does
+    not depend on how many threads run, so neither do the results' bits."""
+    B = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+    def block(b0, b1, k):
+        for b in range(b0, b1):
+            fn(n * b // B, n * (b + 1) // B, k)
+    parallel_for(block, B)
+
+
 def _finite(a) -> bool:
     with np.errstate(invalid="ignore", over="ignore"):
         return bool(np.isfinite(a.sum()))
@@ -353,7 +365,7 @@ def transformed_filters(w, flip=False, out=None):
     # the threads each a block of filters, one BLAS thread each (OpenBLAS's own threads beside the waiting
     # Numba workers took 12 ms for 64 x 64 filters, not 0.05)
     with _ONE_BLAS_THREAD:
-        parallel_for(lambda lo, hi, k: np.matmul(gg, taps[lo:hi].T, out=flat[:, lo:hi]), K * C)
+        _blocks(lambda lo, hi, k: np.matmul(gg, taps[lo:hi].T, out=flat[:, lo:hi]), K * C)
     return U
 
 
@@ -371,11 +383,11 @@ def run(x, U, bias, pads, Ho, Wo, pool, lo, hi, y):
     b = bias if bias is not None else np.zeros(K, x.dtype)
     cst = np.array([2, 4, 5, 8], x.dtype)
     lo, hi = x.dtype.type(lo), x.dtype.type(hi)
-    nt = num_threads()
     nthreads = numba.config.NUMBA_NUM_THREADS
     rows = scratch("wino_rows", (nthreads, 6 * Wp), x.dtype)
     totals = np.zeros(nthreads, x.dtype)
-    R = _rows_per_chunk(N * th, tw, C, K, x.dtype.itemsize, nt)
+    R = _rows_per_chunk(N * th, tw, C, K, x.dtype.itemsize, nthreads)     # (not the count running now: the
+                                                                        # chunks, so the bits, would follow it)
     chunks = -(-N * th // R)
     if chunks * U.nbytes > WHOLE_RATIO * 36 * (C + K) * N * th * tw * x.dtype.itemsize:
         # re-reading the filters for every chunk would cost more than V and M of the whole batch
@@ -396,7 +408,7 @@ def run(x, U, bias, pads, Ho, Wo, pool, lo, hi, y):
         parallel_for(lambda c0, c1, k: _input_k(xp, V, rows[k], *inputs[3:], c0, c1), C)
         with _ONE_BLAS_THREAD:
             parallel_for(lambda p0, p1, k: _products_k(U, V, M, T, p0, p1), 36)
-        parallel_for(out_task, K)
+        _blocks(out_task, K)
         return _finite(totals)
     V = scratch("wino_v", (nthreads, 36 * stride_of(C * R * tw)), x.dtype)
     M = scratch("wino_m", (nthreads, 36 * stride_of(K * R * tw)), x.dtype)
@@ -528,7 +540,7 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
         with np.errstate(invalid="ignore", over="ignore"):     # (non-finite: caught below)
             np.matmul(du[:, r0:r1].T, gg, out=flat[r0:r1])
     with _ONE_BLAS_THREAD:
-        parallel_for(adjoint, K * C)
+        _blocks(adjoint, K * C)
     if not _finite(dw):
         return direct.grad_weights(x, dy, stride, pads, k_hw, dil=dil, groups=groups, out=out)
     return dw
