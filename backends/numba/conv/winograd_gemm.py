@@ -1,27 +1,33 @@
 """The winograd conv strategy: Winograd F(4x4, 3x3) with BLAS products, for 3x3 stride-1 convs with many
-channels (VGG's and ResNet's 64-512-channel layers) and their dL/dX.
+channels (VGG's, ResNet's and AlexNet's 64-512-channel layers): forward, dL/dX and dL/dW.
 
-Each 4x4 block of output pixels (a tile) is made from the 6x6 input patch around it: its transform
-V = B^T d B (36 values per channel), then for each of the 36 transform points p a product over the
-input channels, M[p] (K x tiles) = U[p] (K x C) @ V[p] (C x tiles), with the filters transformed once a
-call (U = G g G^T), and the output transform Y = A^T M A (+ bias, ReLU or a clip, or a 2x2/2 max pool,
-whose windows lie inside a tile). The products take 36 multiply-adds per 16 outputs against the direct
-kernel's 144, and run as BLAS GEMMs: one thread of OpenBLAS at 220 GFLOP/s on this machine's 64-512
-channel shapes (its AVX-512 kernels), where the direct kernel runs at its FMA peak of ~190.
+Forward: each 4x4 block of output pixels (a tile) is made from the 6x6 input patch around it: its
+transform V = B^T d B (36 values per channel), then for each of the 36 transform points p a product over
+the input channels, M[p] (K x tiles) = U[p] (K x C) @ V[p] (C x tiles), with the filters transformed
+once a call (U = G g G^T, a GEMM), and the output transform Y = A^T M A (+ bias, ReLU, or a 2x2/2 max
+pool, whose windows lie inside a tile). The products take 36 multiply-adds per 16 outputs against the
+direct kernel's 144, and run as BLAS GEMMs: one thread of OpenBLAS at ~200 GFLOP/s on these shapes
+(its AVX-512 kernels on this machine), where the direct kernel runs at its FMA peak of ~190.
+dL/dX is the forward of dy with the filters turned 180 degrees and transposed (pads 2 - p). dL/dW is
+the adjoint: dU[p] (K x C) = sum over tiles of D[p] (K x tiles) @ V[p]^T, D = A dY A^T of each 4x4 tile
+of dy, then dW = G^T dU G.
 
-Work is split into chunks of whole tile rows of one image (parallel_for, one BLAS thread each, the
-chunk's V and M in its thread's work arrays, a few MB, so that they stay in cache between the three
-steps).
+The batch's tile rows (over images) are cut into chunks, each transformed, multiplied (one BLAS thread)
+and transformed back by one thread while its V and M stay in cache; where every chunk re-reading U would
+move more memory than V and M of the whole batch (512 channels on 7x7 to 28x28 planes), each step runs
+once over the whole batch instead, the threads splitting channels, points, then filters. dL/dW sums
+chunks into fixed partial sums (or runs whole, for large K x C). Chunks and split work are sized by the
+threads Numba may run, not by those running now: results do not depend on the thread count.
 
 Rounding: the transforms add and subtract scaled inputs before the products, so float32 results differ
-from the direct sum by ~1e-5 of the largest output (the direct kernel's by ~1e-6): the strategy is
-chosen for float32 only (strategy.py); float64 runs it only when asked (errors ~1e-13). Non-finite
+from the direct sum by ~1e-6 of the largest output (the direct kernel's by ~1e-7): the strategy is
+chosen for float32 only (strategy.py); float64 runs it only when asked (errors ~1e-15). Non-finite
 values are not Winograd's to handle (an inf input makes NaN where the direct sum gives inf, a pooled
 window could drop a NaN): a call whose outputs before the epilogue hold a NaN or an inf is run again
 by the direct kernel.
 
 Layout: the input is placed in zero-padded planes (Hp x Wp, covering every tile's patch); U (36, K, C);
-a chunk's V (36, C, T) and M (36, K, T), T its tiles, row-major.
+V (36, C, T) and M (36, K, T) flat, T tiles row-major, planes plane_stride apart.
 """
 from __future__ import annotations
 
@@ -46,7 +52,7 @@ DW_PARTIAL_BYTES = 4 << 20   # dL/dW in chunks (a partial sum of the 36 x K x C 
 
 
 def applies(x_shape, w_shape, stride, dil=(1, 1), groups=1) -> bool:
-    """Whether this conv (forward, or dL/dX through forward_pads) is one for Winograd F(4x4, 3x3)."""
+    """Whether this conv (its forward, dL/dX and dL/dW) is one for Winograd F(4x4, 3x3)."""
     return (tuple(w_shape[2:]) == (3, 3) and int(stride) == 1 and tuple(dil) == (1, 1) and int(groups) == 1)
 
 
@@ -69,13 +75,11 @@ def _at(m0, m1, m2, m3, m4, m5, kc):
     return m0 + a + c, b + kc[0] * d, a + kc[1] * c, b + kc[3] * d + m5
 
 
-# The kernels index flat arrays with offsets from one base each: LLVM then proves that their stores and
-# loads do not overlap and vectorises the tile loops (as 2-D and 3-D views, it wanted a run-time overlap
-# check for each pair of the 36 loads and 16 stores, gave up and ran them scalar). The offsets are
-# unsigned: Numba wraps a negative signed index around, and that select, per element, made every load a
-# gather. The planes of one transform point are a cache line more than a multiple of 16 values apart
-# (plane_stride): 36 streams a power-of-two distance apart fell into one set of the L1 cache and evicted
-# each other (the output transform ran 4x slower).
+# The kernels index flat arrays with unsigned offsets: Numba wraps a negative signed index around, and
+# that select made every load of a vector loop a gather. The planes of one transform point are a cache
+# line more than a multiple of 16 values apart (plane_stride): 36 streams a multiple of 4 KiB apart fell
+# into one set of the L1 cache and evicted each other (the output transform of 112 tiles x 64 filters
+# took 0.31 ms, 0.09 with the planes apart).
 _U = np.uint64
 
 
