@@ -143,6 +143,14 @@ def test_static_rule_takes_winograd_for_deep_float32_3x3_convs():
     assert rule("conv2d", 1, (64, 64, 3, 3), x_shape=deep, dtype=np.float32, dil=(2, 2)) == "direct"
     assert conv_strategy._pick({"direct": 1.0, "im2col": 2.0, "winograd": 0.8}) == "winograd"
     assert conv_strategy._pick({"direct": 1.0, "im2col": 2.0, "winograd": 0.9}) == "direct"
+    # a tuning run times winograd where it can run the conv (a 2x2/2 pool, not a 3x3/2 one)
+    cands = conv_strategy._candidates
+    assert set(cands("conv2d_dw", deep, (64, 64, 3, 3), 1, (1, 1, 1, 1), np.float32, None)) == \
+        set(conv_strategy.STRATEGIES)
+    assert "winograd" in cands("conv2d_relu_maxpool", deep, (64, 64, 3, 3), 1, (1, 1, 1, 1), np.float32, (2, 2))
+    assert "winograd" not in cands("conv2d_relu_maxpool", deep, (64, 64, 3, 3), 1, (1, 1, 1, 1), np.float32,
+                                   (3, 2))
+    assert "winograd" not in cands("conv2d", deep, (64, 64, 5, 5), 1, (2, 2, 2, 2), np.float32, None)
     # a remembered timing from before winograd existed is not taken for a conv it can run
     old = {"strategy": "direct", "ms": {"direct": 1.0, "im2col": 2.0}, "load": 0.1}
     assert conv_strategy._remembered(old, False, conv_strategy.STRATEGIES) is None
