@@ -227,6 +227,28 @@ def test_discovery_records_calls_without_running_them(own_cache):
     np.testing.assert_array_equal(y, 2 * x + c)
 
 
+def test_kernels_compile_without_a_c_wrapper(own_cache):
+    """Every CPU kernel of the backend, generated ones too, compiles without Numba's C-callable wrapper
+    (kernel_cache.skip_cfunc_wrappers: compile time nobody uses); it keeps the CPython wrapper it is
+    called through and runs. A user's own @njit function is left alone."""
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("graphc.backends.numba.") and m is not None]
+    kernels = [v for m in mods for v in vars(m).values() if isinstance(v, numba.core.registry.CPUDispatcher)]
+    assert len(kernels) > 20 and all(k.targetoptions.get("no_cfunc_wrapper") for k in kernels)
+
+    def wrappers(disp):
+        cres = disp.overloads[disp.signatures[0]]
+        names = {f.name for f in cres.library.get_defined_functions()}
+        return cres.fndesc.llvm_cpython_wrapper_name in names, cres.fndesc.llvm_cfunc_wrapper_name in names
+
+    kern, c = _fresh_kernel("c")
+    x, y = np.ones(3), np.zeros(3)
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+    assert wrappers(kern) == (True, False)
+    users = numba.njit(lambda a: a + 1)
+    assert users(1.0) == 2.0 and wrappers(users) == (True, True)
+
+
 def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     kern, c = _fresh_kernel("w")
     x, y = np.ones(3), np.zeros(3)
