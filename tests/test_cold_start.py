@@ -387,16 +387,18 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     # every kernel the runs call was compiled with the others: the parallel loops' spin-wait kernel too
     # (discovery runs the steps on one thread, so no parallel call waits there)
     assert alone["late"] == [] and forked["late"] == []
-    # no function of graphc compiled twice in one process (one float32 program): e.g. the loss kernels'
-    # _label, once with a literal argument and once without
+    # no function of graphc compiled twice in one process (one float32 program), and the loss kernels'
+    # small helpers (_label, _row_max, ...) not at all: Numba inlines them (inline="always")
     twice = {f for f in alone["compiled"] if f.startswith("graphc") and alone["compiled"].count(f) > 1}
-    assert not twice and any(f.endswith("._label") for f in alone["compiled"]), alone["compiled"]
+    assert not twice and any(f.endswith(".sce_int_k") for f in alone["compiled"]), alone["compiled"]
+    assert not [f for f in alone["compiled"] if f.startswith("graphc.backends.numba.kernels.loss._")]
 
 
 def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
     """One group per kernel, and one for kernels sharing a callee bigger than the smaller of them
-    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); a small
-    shared callee (the loss kernels' _label) keeps its callers apart; the queue runs largest first."""
+    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); callees
+    Numba inlines (the loss kernels' _label, _row_max, ...) keep their callers apart and count in each
+    caller's cost; the queue runs largest first."""
     from graphc.backends.numba.conv import layout
     from graphc.backends.numba.kernels import loss
     small, _ = _fresh_kernel("q")
@@ -416,6 +418,9 @@ def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
     assert all(len(g) == 1 for g in rest) and {g[0] for g in rest} == {small, loss.sce_int_k, loss.sce_grad_int_k}
     costs = [precompile._cost(g) for g in groups]
     assert costs == sorted(costs, reverse=True) and groups[-1][0][0] is small
+    own = len(loss.sce_int_k.py_func.__code__.co_code)
+    inlined = sum(len(f.py_func.__code__.co_code) for f in (loss._label, loss._row_max, loss._log_sum_exp))
+    assert not precompile._callees(loss.sce_int_k.py_func) and precompile._size(loss.sce_int_k.py_func) == own + inlined
 
 
 def test_fused_pool_kernels_share_one_nan_fixup(own_cache):

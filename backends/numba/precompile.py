@@ -136,21 +136,37 @@ def job_spec(disp):
 _SIG_COST = 200          # a compilation's fixed cost, in bytes of bytecode (about 0.05 s, as a 200-byte kernel)
 
 
-def _callees(fn, found=None):
-    """The @njit functions `fn` calls by a global name, and theirs: the nested compilations a kernel
-    brings (an @njit callee is compiled apart, once per process, before its caller)."""
+def _called(fn):
+    """The @njit functions `fn` names as globals."""
     from numba.core.dispatcher import Dispatcher
+    g = getattr(fn, "__globals__", {})
+    return [g[n] for n in getattr(getattr(fn, "__code__", None), "co_names", ()) if isinstance(g.get(n), Dispatcher)]
+
+
+def _inlined(disp) -> bool:
+    """Whether Numba inlines this @njit function into its callers (inline="always"): compiled within
+    each of them, never apart."""
+    return disp.targetoptions.get("inline") == "always"
+
+
+def _callees(fn, found=None):
+    """The @njit functions `fn` calls by a global name, and theirs, that are compiled apart: the nested
+    compilations a kernel brings (such a callee is compiled once per process, before its caller). An
+    inlined one is compiled within its caller (_size counts it) and only looked into."""
     found = {} if found is None else found
-    for name in getattr(getattr(fn, "__code__", None), "co_names", ()):
-        f = getattr(fn, "__globals__", {}).get(name)
-        if isinstance(f, Dispatcher) and id(f) not in found:
+    for f in _called(fn):
+        if _inlined(f):
+            _callees(f.py_func, found)
+        elif id(f) not in found:
             found[id(f)] = f
             _callees(f.py_func, found)
     return found
 
 
 def _size(fn) -> int:
-    return len(getattr(getattr(fn, "__code__", None), "co_code", b""))
+    """The bytecode Numba compiles for `fn`: its own and its inlined callees'."""
+    own = len(getattr(getattr(fn, "__code__", None), "co_code", b""))
+    return own + sum(_size(f.py_func) for f in _called(fn) if _inlined(f))
 
 
 def _cost(group):
