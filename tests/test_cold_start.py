@@ -249,6 +249,27 @@ def test_kernels_compile_without_a_c_wrapper(own_cache):
     assert users(1.0) == 2.0 and wrappers(users) == (True, True)
 
 
+_HIGHLIGHT = """
+import os, sys
+import graphc.backends.numba
+from numba.core import errors
+print(type(errors.termcolor()).__name__, os.environ.get("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"))
+"""
+
+
+@pytest.mark.parametrize("user, scheme", [(None, "NOPColorScheme None"), ("", "HighlightColorScheme ")])
+def test_numba_is_imported_without_error_highlighting_unless_the_user_says(user, scheme):
+    """The backend imports Numba with its error highlighting off (kernel_cache.import_numba_unhighlighted:
+    typing marks up thousands of messages); the environment is left as it was, and a user's own
+    setting of the variable wins."""
+    pytest.importorskip("colorama")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"}
+    if user is not None:
+        env["NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"] = user
+    out = subprocess.run([sys.executable, "-c", _HIGHLIGHT], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == scheme.strip(), out.stderr[-2000:]
+
+
 def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     kern, c = _fresh_kernel("w")
     x, y = np.ones(3), np.zeros(3)
