@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 
 import numba
 import numpy as np
@@ -278,7 +277,7 @@ def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     assert spec is not None and spec[0] == "file"
     results = []
     prog = precompile._Progress(1, None, "")
-    worker = precompile._WorkerProc(deque([[(kern, sig, None, spec)]]), threading.Lock(), prog, results)
+    worker = precompile._WorkerProc(precompile._Queue([[(kern, sig, None, spec)]]), prog, results)
     tail = worker.join()
     assert results and results[0][1], tail
     assert not kern.overloads
@@ -297,9 +296,9 @@ def test_a_forked_worker_compiles_into_the_shared_disk_cache(own_cache):
     kernels = [_fresh_kernel("f") for _ in range(2)]
     x, y = np.ones(3), np.zeros(3)
     sig = (numba.typeof(x), numba.typeof(y))
-    queue = deque([[(k, sig, None, None)] for k, _ in kernels])      # no spec: no new process could find them
+    queue = precompile._Queue([[(k, sig, None, None)] for k, _ in kernels])      # no spec: no new process could find them
     results = []
-    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(2, None, ""), results)
+    (worker,) = precompile._start_workers(1, queue, precompile._Progress(2, None, ""), results)
     assert isinstance(worker.proc, precompile._Forked)
     tail = worker.join()
     assert [ok for _, ok in results] == [True, True], tail
@@ -323,8 +322,8 @@ def test_a_refused_fork_starts_a_new_process_instead(own_cache, monkeypatch):
     x, y = np.ones(3), np.zeros(3)
     sig = (numba.typeof(x), numba.typeof(y))
     results = []
-    queue = deque([[(kern, sig, None, precompile.job_spec(kern))]])
-    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(1, None, ""), results)
+    queue = precompile._Queue([[(kern, sig, None, precompile.job_spec(kern))]])
+    (worker,) = precompile._start_workers(1, queue, precompile._Progress(1, None, ""), results)
     assert not isinstance(worker.proc, precompile._Forked)
     tail = worker.join()
     assert results and results[0][1], tail
@@ -442,6 +441,21 @@ def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
     own = len(loss.sce_int_k.py_func.__code__.co_code)
     inlined = sum(len(f.py_func.__code__.co_code) for f in (loss._label, loss._row_max, loss._log_sum_exp))
     assert not precompile._callees(loss.sce_int_k.py_func) and precompile._size(loss.sce_int_k.py_func) == own + inlined
+
+
+def test_queue_keeps_kernels_sharing_a_callee_from_compiling_at_once():
+    """A process takes the first group whose callees compiled apart no other process is compiling at
+    that moment (it then finds the callee in the disk cache), else the first group."""
+    from graphc.backends.numba.conv import layout
+    from graphc.backends.numba.kernels import loss, reduce
+    grad, rows, other = ([(k, (), None, None)] for k in (loss.sce_grad_int_k, reduce.softmax_rows_k, layout.shift_copies_k))
+    q = precompile._Queue([grad, rows, other])                # the first two share softmax_row
+    assert q.take("a") is grad
+    assert q.take("b") is other                                # not rows while "a" compiles softmax_row
+    assert q.take("b") is rows                                 # nothing else left: no waiting
+    assert q.take("a") is None and q.take("b") is None
+    q = precompile._Queue([grad, rows, other])
+    assert q.take("a") is grad and q.take("a") is rows        # "a" is done with grad: no conflict
 
 
 def test_fused_pool_kernels_share_one_nan_fixup(own_cache):
