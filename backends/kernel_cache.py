@@ -99,6 +99,7 @@ def load_generated(src: str, prefix: str):
             discard_corrupt([importlib.util.cache_from_source(path)], e)
             spec.loader.exec_module(mod)
         guard_numba_cache(mod)
+        skip_cfunc_wrappers(mod)
         _MODULES[name] = mod.kernel
         return mod.kernel
 
@@ -120,6 +121,20 @@ def discard_corrupt(paths, err, what="a corrupted kernel cache entry") -> None:
         why = " ".join(f"{type(err).__name__}: {err}".split())[:200]
         warnings.warn_explicit(f"graphc: discarded {what} ({paths[0]}: {why}); the kernel is compiled "
                                "instead (further such entries are discarded silently)", RuntimeWarning, "graphc", 0)
+
+
+def skip_cfunc_wrappers(*modules) -> None:
+    """Numba compiles each CPU @njit function of these modules without its C-callable wrapper (the
+    ``no_cfunc_wrapper`` jit option; set here before their first compile so every kernel of the backend,
+    generated ones too, gets it in one place): graphc calls its kernels from Python (the CPython
+    wrapper) and from other @njit functions (directly), never through a C function pointer, and the
+    wrapper's IR, optimisation and machine code cost mnist_convnet's cold training step about 0.3 s of
+    its 5 s of compile CPU. The flag is not part of Numba's cache key: entries load either way."""
+    from numba.core.registry import CPUDispatcher
+    for mod in modules:
+        for obj in list(vars(mod).values()):
+            if isinstance(obj, CPUDispatcher):
+                obj.targetoptions.setdefault("no_cfunc_wrapper", True)
 
 
 def guard_numba_cache(*modules) -> None:
@@ -177,6 +192,24 @@ _SCIPY_HELD = [False]               # a SciPy BLAS loaded by someone else was he
 def rescan_blas():
     """Looks for loaded BLAS libraries again (Numba's np.dot loads SciPy's on its first compile)."""
     _BLAS_SCANNED[0] = False
+
+
+def import_numba_unhighlighted() -> None:
+    """Imports Numba, the first time, with its error-message highlighting off. Typing a kernel builds
+    an error message for every overload that does not match, and Numba's highlighting wraps stdout and
+    stderr in colorama for each: mnist_convnet's cold training step marks up 10,000 messages, 0.075 s
+    of CPU (7 us each; 0.04 us unhighlighted) for bold text nobody sees. Numba reads
+    ``NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING`` once, at import; it is set for that import only (as
+    the user's, if set), so child processes see the user's environment. A Numba imported before
+    graphc keeps its highlighting."""
+    key = "NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"
+    if "numba" in sys.modules or key in os.environ:
+        return
+    os.environ[key] = "1"
+    try:
+        import numba  # noqa: F401
+    finally:
+        os.environ.pop(key, None)
 
 
 def load_scipy_blas_single_threaded():

@@ -8,7 +8,6 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 
 import numba
 import numpy as np
@@ -227,6 +226,49 @@ def test_discovery_records_calls_without_running_them(own_cache):
     np.testing.assert_array_equal(y, 2 * x + c)
 
 
+def test_kernels_compile_without_a_c_wrapper(own_cache):
+    """Every CPU kernel of the backend, generated ones too, compiles without Numba's C-callable wrapper
+    (kernel_cache.skip_cfunc_wrappers: compile time nobody uses); it keeps the CPython wrapper it is
+    called through and runs. A user's own @njit function is left alone."""
+    mods = [m for n, m in list(sys.modules.items()) if n.startswith("graphc.backends.numba.") and m is not None]
+    kernels = [v for m in mods for v in vars(m).values() if isinstance(v, numba.core.registry.CPUDispatcher)]
+    assert len(kernels) > 20 and all(k.targetoptions.get("no_cfunc_wrapper") for k in kernels)
+
+    def wrappers(disp):
+        cres = disp.overloads[disp.signatures[0]]
+        names = {f.name for f in cres.library.get_defined_functions()}
+        return cres.fndesc.llvm_cpython_wrapper_name in names, cres.fndesc.llvm_cfunc_wrapper_name in names
+
+    kern, c = _fresh_kernel("c")
+    x, y = np.ones(3), np.zeros(3)
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + c)
+    assert wrappers(kern) == (True, False)
+    users = numba.njit(lambda a: a + 1)
+    assert users(1.0) == 2.0 and wrappers(users) == (True, True)
+
+
+_HIGHLIGHT = """
+import os, sys
+import graphc.backends.numba
+from numba.core import errors
+print(type(errors.termcolor()).__name__, os.environ.get("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"))
+"""
+
+
+@pytest.mark.parametrize("user, scheme", [(None, "NOPColorScheme None"), ("", "HighlightColorScheme ")])
+def test_numba_is_imported_without_error_highlighting_unless_the_user_says(user, scheme):
+    """The backend imports Numba with its error highlighting off (kernel_cache.import_numba_unhighlighted:
+    typing marks up thousands of messages); the environment is left as it was, and a user's own
+    setting of the variable wins."""
+    pytest.importorskip("colorama")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"}
+    if user is not None:
+        env["NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"] = user
+    out = subprocess.run([sys.executable, "-c", _HIGHLIGHT], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == scheme.strip(), out.stderr[-2000:]
+
+
 def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     kern, c = _fresh_kernel("w")
     x, y = np.ones(3), np.zeros(3)
@@ -235,7 +277,7 @@ def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
     assert spec is not None and spec[0] == "file"
     results = []
     prog = precompile._Progress(1, None, "")
-    worker = precompile._WorkerProc(deque([[(kern, sig, None, spec)]]), threading.Lock(), prog, results)
+    worker = precompile._WorkerProc(precompile._Queue([[(kern, sig, None, spec)]]), prog, results)
     tail = worker.join()
     assert results and results[0][1], tail
     assert not kern.overloads
@@ -254,9 +296,9 @@ def test_a_forked_worker_compiles_into_the_shared_disk_cache(own_cache):
     kernels = [_fresh_kernel("f") for _ in range(2)]
     x, y = np.ones(3), np.zeros(3)
     sig = (numba.typeof(x), numba.typeof(y))
-    queue = deque([[(k, sig, None, None)] for k, _ in kernels])      # no spec: no new process could find them
+    queue = precompile._Queue([[(k, sig, None, None)] for k, _ in kernels])      # no spec: no new process could find them
     results = []
-    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(2, None, ""), results)
+    (worker,) = precompile._start_workers(1, queue, precompile._Progress(2, None, ""), results)
     assert isinstance(worker.proc, precompile._Forked)
     tail = worker.join()
     assert [ok for _, ok in results] == [True, True], tail
@@ -280,8 +322,8 @@ def test_a_refused_fork_starts_a_new_process_instead(own_cache, monkeypatch):
     x, y = np.ones(3), np.zeros(3)
     sig = (numba.typeof(x), numba.typeof(y))
     results = []
-    queue = deque([[(kern, sig, None, precompile.job_spec(kern))]])
-    (worker,) = precompile._start_workers(1, queue, threading.Lock(), precompile._Progress(1, None, ""), results)
+    queue = precompile._Queue([[(kern, sig, None, precompile.job_spec(kern))]])
+    (worker,) = precompile._start_workers(1, queue, precompile._Progress(1, None, ""), results)
     assert not isinstance(worker.proc, precompile._Forked)
     tail = worker.join()
     assert results and results[0][1], tail
@@ -365,16 +407,18 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     # every kernel the runs call was compiled with the others: the parallel loops' spin-wait kernel too
     # (discovery runs the steps on one thread, so no parallel call waits there)
     assert alone["late"] == [] and forked["late"] == []
-    # no function of graphc compiled twice in one process (one float32 program): e.g. the loss kernels'
-    # _label, once with a literal argument and once without
+    # no function of graphc compiled twice in one process (one float32 program), and the loss kernels'
+    # small helpers (_label, _row_max, ...) not at all: Numba inlines them (inline="always")
     twice = {f for f in alone["compiled"] if f.startswith("graphc") and alone["compiled"].count(f) > 1}
-    assert not twice and any(f.endswith("._label") for f in alone["compiled"]), alone["compiled"]
+    assert not twice and any(f.endswith(".sce_int_k") for f in alone["compiled"]), alone["compiled"]
+    assert not [f for f in alone["compiled"] if f.startswith("graphc.backends.numba.kernels.loss._")]
 
 
 def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
     """One group per kernel, and one for kernels sharing a callee bigger than the smaller of them
-    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); a small
-    shared callee (the loss kernels' _label) keeps its callers apart; the queue runs largest first."""
+    (compiled once, in one process: conv/layout.py's place_k and place_t_k share fill_plane); callees
+    Numba inlines (the loss kernels' _label, _row_max, ...) keep their callers apart and count in each
+    caller's cost; the queue runs largest first."""
     from graphc.backends.numba.conv import layout
     from graphc.backends.numba.kernels import loss
     small, _ = _fresh_kernel("q")
@@ -394,6 +438,24 @@ def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):
     assert all(len(g) == 1 for g in rest) and {g[0] for g in rest} == {small, loss.sce_int_k, loss.sce_grad_int_k}
     costs = [precompile._cost(g) for g in groups]
     assert costs == sorted(costs, reverse=True) and groups[-1][0][0] is small
+    own = len(loss.sce_int_k.py_func.__code__.co_code)
+    inlined = sum(len(f.py_func.__code__.co_code) for f in (loss._label, loss._row_max, loss._log_sum_exp))
+    assert not precompile._callees(loss.sce_int_k.py_func) and precompile._size(loss.sce_int_k.py_func) == own + inlined
+
+
+def test_queue_keeps_kernels_sharing_a_callee_from_compiling_at_once():
+    """A process takes the first group whose callees compiled apart no other process is compiling at
+    that moment (it then finds the callee in the disk cache), else the first group."""
+    from graphc.backends.numba.conv import layout
+    from graphc.backends.numba.kernels import loss, reduce
+    grad, rows, other = ([(k, (), None, None)] for k in (loss.sce_grad_int_k, reduce.softmax_rows_k, layout.shift_copies_k))
+    q = precompile._Queue([grad, rows, other])                # the first two share softmax_row
+    assert q.take("a") is grad
+    assert q.take("b") is other                                # not rows while "a" compiles softmax_row
+    assert q.take("b") is rows                                 # nothing else left: no waiting
+    assert q.take("a") is None and q.take("b") is None
+    q = precompile._Queue([grad, rows, other])
+    assert q.take("a") is grad and q.take("a") is rows        # "a" is done with grad: no conflict
 
 
 def test_fused_pool_kernels_share_one_nan_fixup(own_cache):

@@ -11,8 +11,10 @@ Compile times: ``exe.compile_times``; ``exe.precompile(batch)`` binds and runs o
 import sys
 
 from graphc.backends import registry
-from graphc.backends.kernel_cache import guard_numba_cache, load_scipy_blas_single_threaded
+from graphc.backends.kernel_cache import (guard_numba_cache, import_numba_unhighlighted,
+                                          load_scipy_blas_single_threaded, skip_cfunc_wrappers)
 
+import_numba_unhighlighted()
 # before Numba's first compile, which loads SciPy's BLAS (numba.np.arraymath imports it) for its np.dot
 load_scipy_blas_single_threaded()
 from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_norm,  # noqa: F401
@@ -20,7 +22,10 @@ from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, 
 from graphc.backends.numba.executor import NumbaExecutable
 
 # every cached @njit kernel of the backend's modules (imported above) survives a corrupted cache entry
-guard_numba_cache(*[m for n, m in list(sys.modules.items()) if n.startswith(__name__ + ".") and m is not None])
+# and is compiled without a C wrapper
+_MODULES = [m for n, m in list(sys.modules.items()) if n.startswith(__name__ + ".") and m is not None]
+guard_numba_cache(*_MODULES)
+skip_cfunc_wrappers(*_MODULES)
 
 __all__ = ["NumbaExecutable", "lower", "kernel_table"]
 

@@ -9,7 +9,8 @@ with a "compiling N kernels" progress line.
 2. Each (kernel, types) found is loaded from Numba's disk cache when it is there.
 3. The rest is compiled: a queue, largest first (by bytecode), shared by this process and `workers`
    processes, each compiling under the same LLVM options and writing Numba's disk cache (kernels that
-   share a big @njit callee go to one process, which compiles it once); this process loads what they
+   share a big @njit callee go to one process, which compiles it once; kernels sharing a small one are
+   not started at once, so the later finds it in the disk cache); this process loads what they
    compiled between its own compilations. A kernel of a failed worker is compiled here. On Linux a worker is forked from
    this process (it has every module loaded and Numba's compiler set up, and finds a kernel by its
    place in the queue); elsewhere, or with ``GRAPHC_COMPILE_FORK=0``, it is a new Python process
@@ -136,21 +137,37 @@ def job_spec(disp):
 _SIG_COST = 200          # a compilation's fixed cost, in bytes of bytecode (about 0.05 s, as a 200-byte kernel)
 
 
-def _callees(fn, found=None):
-    """The @njit functions `fn` calls by a global name, and theirs: the nested compilations a kernel
-    brings (an @njit callee is compiled apart, once per process, before its caller)."""
+def _called(fn):
+    """The @njit functions `fn` names as globals."""
     from numba.core.dispatcher import Dispatcher
+    g = getattr(fn, "__globals__", {})
+    return [g[n] for n in getattr(getattr(fn, "__code__", None), "co_names", ()) if isinstance(g.get(n), Dispatcher)]
+
+
+def _inlined(disp) -> bool:
+    """Whether Numba inlines this @njit function into its callers (inline="always"): compiled within
+    each of them, never apart."""
+    return disp.targetoptions.get("inline") == "always"
+
+
+def _callees(fn, found=None):
+    """The @njit functions `fn` calls by a global name, and theirs, that are compiled apart: the nested
+    compilations a kernel brings (such a callee is compiled once per process, before its caller). An
+    inlined one is compiled within its caller (_size counts it) and only looked into."""
     found = {} if found is None else found
-    for name in getattr(getattr(fn, "__code__", None), "co_names", ()):
-        f = getattr(fn, "__globals__", {}).get(name)
-        if isinstance(f, Dispatcher) and id(f) not in found:
+    for f in _called(fn):
+        if _inlined(f):
+            _callees(f.py_func, found)
+        elif id(f) not in found:
             found[id(f)] = f
             _callees(f.py_func, found)
     return found
 
 
 def _size(fn) -> int:
-    return len(getattr(getattr(fn, "__code__", None), "co_code", b""))
+    """The bytecode Numba compiles for `fn`: its own and its inlined callees'."""
+    own = len(getattr(getattr(fn, "__code__", None), "co_code", b""))
+    return own + sum(_size(f.py_func) for f in _called(fn) if _inlined(f))
 
 
 def _cost(group):
@@ -173,7 +190,7 @@ def _groups(jobs):
     entries of one Numba cache index at once could lose one), and two kernels calling one @njit callee
     in one group when compiling that callee twice (once in each process) would cost more than the
     smaller of them: conv/layout.py's place_k and place_t_k share fill_plane, 0.36 s; the fused conv
-    kernels' small NaN fix-up is compiled in each process instead, so that they compile in parallel."""
+    kernels, which share a small NaN fix-up, stay apart (the _Queue does not start them at once)."""
     parent = list(range(len(jobs)))
 
     def root(i):
@@ -375,23 +392,48 @@ def _forked_main(groups, jobs_fd, replies_fd, close):
         os._exit(code)
 
 
+class _Queue:
+    """The groups to compile, largest first, shared by this process and the workers' feeding threads.
+    Each takes the first group that calls no @njit callee (compiled apart) of the group another process
+    is compiling at that moment, else the first group: a callee compiled meanwhile comes from the disk
+    cache (10 ms) instead of being compiled again (mnist_convnet's two fused conv+pool kernels share
+    the 0.15 s NaN fix-up, conv/pool_nan.py: started together, each process compiled it)."""
+
+    def __init__(self, groups):
+        self.groups = deque(groups)
+        self.callees = {id(g): {k for job in g for k in _callees(job[0].py_func)} for g in self.groups}
+        self.lock = threading.Lock()
+        self.busy = {}                      # taker -> the callees of the group it is compiling
+
+    def __iter__(self):
+        return iter(list(self.groups))
+
+    def take(self, who):
+        """The next group for `who` (None: none left); `who` is done with its previous one."""
+        with self.lock:
+            self.busy.pop(who, None)
+            if not self.groups:
+                return None
+            others = set().union(*self.busy.values())
+            group = next((g for g in self.groups if not self.callees[id(g)] & others), self.groups[0])
+            self.groups.remove(group)
+            self.busy[who] = self.callees[id(group)]
+            return group
+
+
 class _WorkerProc:
-    """A compile worker process fed one job at a time from the shared queue by a thread here: a new
+    """A compile worker process fed one job at a time from the shared _Queue by a thread here: a new
     Python process (compile_worker.py), or `proc`, a _Forked one, which is sent the position of each
     group in `positions` instead of where its kernels are."""
 
-    def __init__(self, queue, qlock, progress, results, proc=None, positions=None):
-        self.queue, self.qlock, self.progress, self.results = queue, qlock, progress, results
+    def __init__(self, queue, progress, results, proc=None, positions=None):
+        self.queue, self.progress, self.results = queue, progress, results
         self.positions = positions
         self.proc = proc or subprocess.Popen([sys.executable, "-m", "graphc.backends.numba.compile_worker"],
                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                              stderr=subprocess.DEVNULL, env=dict(os.environ))
         self.thread = threading.Thread(target=self._feed, daemon=True)
         self.thread.start()
-
-    def _next(self):
-        with self.qlock:
-            return self.queue.popleft() if self.queue else None
 
     def _message(self, group):
         if group is None:
@@ -403,7 +445,7 @@ class _WorkerProc:
     def _feed(self):
         try:
             while True:
-                group = self._next()
+                group = self.queue.take(self)
                 pickle.dump(self._message(group), self.proc.stdin)
                 self.proc.stdin.flush()
                 if group is None:
@@ -435,7 +477,7 @@ class _WorkerProc:
         return rest
 
 
-def _start_workers(n, queue, qlock, prog, results):
+def _start_workers(n, queue, prog, results):
     """n workers on the queue: forked from this process where it can (all forked before any feeding
     thread starts), else new Python processes."""
     if not n:
@@ -447,9 +489,9 @@ def _start_workers(n, queue, qlock, prog, results):
         with contextlib.suppress(OSError):          # a fork refused: new processes for the rest
             while len(forked) < n:
                 forked.append(_Forked(groups, [fd for f in forked for fd in f.fds()]))
-        return [_WorkerProc(queue, qlock, prog, results, proc=f, positions=positions) for f in forked] + \
-            [_WorkerProc(queue, qlock, prog, results) for _ in range(n - len(forked))]
-    return [_WorkerProc(queue, qlock, prog, results) for _ in range(n)]
+        return [_WorkerProc(queue, prog, results, proc=f, positions=positions) for f in forked] + \
+            [_WorkerProc(queue, prog, results) for _ in range(n - len(forked))]
+    return [_WorkerProc(queue, prog, results) for _ in range(n)]
 
 
 def compile_jobs(jobs, progress="auto", label="", idle=None):
@@ -459,12 +501,11 @@ def compile_jobs(jobs, progress="auto", label="", idle=None):
     from graphc.backends.numba.compile_stats import add_remote
     groups = _groups(jobs)
     local_only = [g for g in groups if any(job[3] is None for job in g)]     # no worker can find these
-    queue = deque(g for g in groups if all(job[3] is not None for job in g))
+    queue = _Queue(g for g in groups if all(job[3] is not None for job in g))
     nworkers = workers_for(len(jobs), idle, forked=can_fork())
     prog = _Progress(len(jobs), progress, label + (f" in {nworkers + 1} processes" if nworkers else ""))
-    qlock = threading.Lock()
     results, failed, taken = [], [], [0]      # results: (job, ok), appended by the workers' threads
-    procs = _start_workers(nworkers, queue, qlock, prog, results)
+    procs = _start_workers(nworkers, queue, prog, results)
 
     def load_results():
         while taken[0] < len(results):
@@ -473,8 +514,7 @@ def compile_jobs(jobs, progress="auto", label="", idle=None):
             if not (ok and load_cached(job[0], job[1])):
                 failed.append(job)
     while True:
-        with qlock:
-            group = local_only.pop(0) if local_only else (queue.popleft() if queue else None)
+        group = local_only.pop(0) if local_only else queue.take(None)
         if group is None:
             break
         for job in group:
