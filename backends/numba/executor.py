@@ -19,7 +19,7 @@ from graphc.backends.kernel_cache import BlasLimit, aligned_empty
 from graphc.backends.numba.compile_stats import add_tuning
 from graphc.backends.numba.kernels import PARALLEL_MIN
 from graphc.backends.numba.precompile import precompile_steps
-from graphc.backends.numba.threads import batch_split, discover_spin, num_threads, parallel_for
+from graphc.backends.numba.threads import batch_split, discover_spin, num_threads, parallel_for, set_num_threads
 from graphc.errors import BackendError
 
 RECHECK_RUNS = 200     # threads="auto": the count is chosen again once, this many runs after the first choice,
@@ -205,14 +205,14 @@ class NumbaExecutable(CompiledExecutable):
         prev = num_threads()
         threads = prev if threads is None else threads
         if threads != prev:
-            numba.set_num_threads(threads)
+            set_num_threads(threads)
         try:
             with self._blas:
                 for _, f in b.steps:
                     f()
         finally:
             if threads != prev:
-                numba.set_num_threads(prev)
+                set_num_threads(prev)
 
     def _first_run(self, b):
         # every kernel is found and loaded from the disk cache or compiled (in parallel; discovery on a

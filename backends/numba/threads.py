@@ -61,6 +61,19 @@ def num_threads():
     return t
 
 
+def set_num_threads(n):
+    """numba.set_num_threads(n) for a count already known to be valid (1..NUMBA_NUM_THREADS), without its
+    Python checks (1.6 -> 0.4 us a pair: the executor sets and restores its count around every run, a
+    batch-1 MNIST run takes ~33 us) once Numba's thread pool is up."""
+    if not _RAW_NUM_THREADS:
+        num_threads()                    # launches the pool, finds the raw calls
+    raw = getattr(getattr(numba.np.ufunc, "parallel", None), "_set_num_threads", None)
+    if _RAW_NUM_THREADS and callable(raw):
+        raw(n)
+    else:                                # pragma: no cover - another Numba: the public call
+        numba.set_num_threads(n)
+
+
 # between two reads of a spin: sched_yield (another runnable thread on this CPU, e.g. an OpenMP worker
 # of a prange kernel, gets the core: with x86's pause instead, spinning workers beside OpenMP's made
 # ResNet-18's batch-1 step 3x slower on 2 threads), or pause where there is no sched_yield
