@@ -653,3 +653,28 @@ def test_im2col_dw_images_per_gemm(inner, rng, monkeypatch):
     x = rand(rng, (N, C, H, W), np.float32)
     dy = rand(rng, (N, K) + conv_ref(x, rand(rng, (K, C, KH, KW), np.float32), None, s, pads).shape[2:], np.float32)
     close(nc.conv2d_dw(x, dy, s, pads, (KH, KW), strategy="im2col"), dw_ref(x, dy, s, pads, (KH, KW)), np.float32)
+
+
+@pytest.mark.parametrize("shape,Hd,Wd,pt,pl,extra", [((2, 3, 5, 6), 7, 8, 1, 1, 0), ((1, 2, 4, 4), 4, 4, -1, 0, 2),
+                                                     ((3, 1, 6, 5), 9, 6, 2, -2, 1), ((2, 2, 3, 3), 3, 3, 3, 0, 0)])
+def test_numpy_placement_equals_the_kernels(shape, Hd, Wd, pt, pl, extra, monkeypatch):
+    # layout.place / place_t take numpy's zero fill and copy from _SERIAL_BELOW to NUMPY_BELOW elements
+    # and place_k / place_t_k elsewhere: the same planes either way (negative offsets and rows past the
+    # plane dropped, extra channels, the tail after each plane and the whole rest zero), garbage in dst
+    # overwritten
+    from graphc.backends.numba.conv import layout
+    monkeypatch.setattr(layout, "_SERIAL_BELOW", 0)           # (these small shapes on the numpy path)
+    rng = np.random.default_rng(0)
+    src = rng.standard_normal(shape).astype(np.float32)
+    N, C = shape[:2]
+    L = Hd * Wd + 5
+    want = np.full((N, C + extra, L), np.nan, np.float32)
+    layout.place_k(src, want, Hd, Wd, 1, pt, pl, 0, N * (C + extra))
+    got = np.full_like(want, np.nan)
+    layout.place(src, got, Hd, Wd, 1, pt, pl)
+    assert np.array_equal(got, want)
+    want_t = np.full((C + extra, N * L + 7), np.nan, np.float32)
+    layout.place_t_k(src, want_t, Hd, Wd, L, pt, pl, 0, (C + extra) * N)
+    got_t = np.full_like(want_t, np.nan)
+    layout.place_t(src, got_t, Hd, Wd, L, pt, pl)
+    assert np.array_equal(got_t, want_t)
