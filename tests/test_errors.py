@@ -405,3 +405,28 @@ def test_param_given_an_array_as_its_shape_says_so_in_one_line():
     with pytest.raises(gc.ShapeError) as e:
         g.input("x", "x" * 500)
     assert len(str(e.value)) < 200
+
+
+def test_feeds_checked_again_after_a_feed_of_the_same_shape_was_accepted():
+    # check_feeds skips its shape and dtype checks for a feed shaped and typed like one it accepted
+    # before: every other feed still gets them, and label values are checked every time
+    from graphc.errors import FeedError
+    g = gc.Graph("feeds", dtype="float32")
+    x = g.input("x", (None, 4))
+    logits = g.dense(x, g.param("w", value=np.ones((3, 4))), name="logits")
+    exe = gc.compile(gc.nn.finish(g, logits))
+    ok = {"x": np.ones((2, 4), np.float32), "labels": np.array([0, 2])}
+    exe.run(ok)
+    exe.run(ok)
+    with pytest.raises(FeedShapeError):
+        exe.run({"x": np.ones((2, 5), np.float32), "labels": ok["labels"]})
+    with pytest.raises(FeedShapeError):                 # the batch dims disagree
+        exe.run({"x": ok["x"], "labels": np.array([0, 1, 2])})
+    with pytest.raises(FeedError, match="label 3"):      # (logits alone: the loss op is not what says it)
+        exe.run({"x": ok["x"], "labels": np.array([0, 3])}, outputs=["logits"])
+    with pytest.raises(FeedDTypeError):
+        exe.run({"x": ok["x"], "labels": np.array([0.0, 1.0])})
+    with pytest.raises(FeedError, match="NaN"):
+        exe.run({"x": np.full((2, 4), np.nan, np.float32), "labels": ok["labels"]}, check_finite=True)
+    got = exe.run({"x": np.ones((2, 4)), "labels": ok["labels"]})       # float64: cast, as before
+    assert np.isfinite(got["loss"])

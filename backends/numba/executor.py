@@ -96,6 +96,8 @@ class HostState(dict):
 
     def touched(self):
         """States handed out since the last call or still held by a caller (forgets the others)."""
+        if not self._handed:
+            return set()
         out = set(self._handed)
         alive = {n: [r for r in refs if r() is not None] for n, refs in self._handed.items()}
         self._handed = {n: refs for n, refs in alive.items() if refs}
