@@ -167,7 +167,8 @@ WINOGRAD_MIN_TILES = 64      # ... 4x4 output tiles over the batch, for Winograd
 
 def _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
     """Winograd F(4x4, 3x3) (winograd_gemm.py) for a float32 3x3 stride-1 forward, dL/dX or dL/dW with
-    many channels and tiles. Best of 5 on 2 threads, direct / winograd ms (forward; dL/dX alike): VGG16 b2's
+    many channels and tiles. Best of 5 on 2 threads (examples/conv_strategies.py times a geometry so),
+    direct / winograd ms (forward; dL/dX alike): VGG16 b2's
     64 ch on 224x224 + pool 29.9 / 16.3, 128 on 112 + pool 23.5 / 13.8, 256 on 56 20.2 / 13.2, 512 on 28
     22.7 / 19.6 (13.5 with the whole batch in one pass); ResNet-18 b16's 64 on 56 11.4 / 8.7, 128 on 28
     10.5 / 6.9, 256 on 14 9.7 / 8.6, 512 on 7 17.0 / 11.6. Slower: 512 on 14x14 at b2 (32 tiles: 7.4 /

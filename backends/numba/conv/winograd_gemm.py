@@ -527,7 +527,6 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
         return direct.grad_weights(x, dy, stride, pads, k_hw, dil=dil, groups=groups, out=out)
     Ho, Wo = dy.shape[2], dy.shape[3]
     th, tw = -(-Ho // 4), -(-Wo // 4)
-    T = N * th * tw
     Hp, Wp = 4 * th + 2, 4 * tw + 2
     xp = scratch("wino_x", (N, C, Hp * Wp), x.dtype)
     place(x, xp, Hp, Wp, 1, pads[0], pads[2])
