@@ -22,7 +22,7 @@ Semantics follow PyTorch: ReLU gradient 0 at 0 (route < 0 where a window's max i
 to the first element in row-major order, NaN propagates through max pooling and ReLU (numpy's rules). Three strategies
 compute them: ``direct`` (kernels generated per shape, direct.py + gen.py), ``im2col`` (im2col +
 BLAS GEMM, im2col.py) and ``winograd`` (F(4x4, 3x3) with BLAS products, winograd_gemm.py: 3x3 stride-1
-forward convs and dL/dX; it hands the rest, and the route of a training pool, to direct);
+forward convs, dL/dX and dL/dW; it hands the rest, and the route of a training pool, to direct);
 ``strategy=None`` uses the remembered choice of strategy.py.
 """
 from __future__ import annotations

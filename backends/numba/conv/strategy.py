@@ -173,7 +173,8 @@ def _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
     22.7 / 19.6 (13.5 with the whole batch in one pass); ResNet-18 b16's 64 on 56 11.4 / 8.7, 128 on 28
     10.5 / 6.9, 256 on 14 9.7 / 8.6, 512 on 7 17.0 / 11.6. Slower: 512 on 14x14 at b2 (32 tiles: 7.4 /
     7.9, the filter transform's 36 x 512 x 512 values outweigh), every batch-1 ResNet layer (64 on 56:
-    0.83 / 0.92). dL/dW, ResNet-18 b16: 64 on 56 15.1 / 12.4, 128 on 28 14.0 / 8.5, 256 on 14 12.5 / 7.3,
+    0.83 / 0.92). dL/dW, ResNet-18 b16: 64 on 56 15.1 / 12.4 (8.4 in chunks, with layout.fill_plane's
+    faster copy), 128 on 28 14.0 / 8.5, 256 on 14 12.5 / 7.3,
     512 on 7 17.2 / 9.5; AlexNet b8's 192 -> 384 on 13 6.0 / 4.3. float64 keeps the direct kernel (its
     exact sums; Winograd's rounding is larger)."""
     if x_shape is None or np.dtype(dtype or np.float64) != np.float32:
