@@ -150,6 +150,29 @@ class Executable:
             cache[key] = [n for n in self.input_types if n in need]
         return cache[key]
 
+    @staticmethod
+    def _check_feed(name, arr, shape, dtype, env):
+        """The feed's rank, dims (binding the symbolic ones in env) and kind of dtype; returns it."""
+        if arr.ndim != len(shape):
+            raise FeedShapeError(f"input {name!r} expects shape {shapes.fmt(shape)} (rank {len(shape)}), "
+                                 f"got {arr.shape}")
+        for want, got in zip(shape, arr.shape):
+            if isinstance(want, str):
+                if got == 0:
+                    raise FeedShapeError(f"input {name!r} is empty: its batch dim {want} is 0; feed at least one "
+                                         "sample (a mean over an empty batch is undefined)")
+                if env.setdefault(want, got) != got:
+                    raise FeedShapeError(f"input {name!r}: dim {want} is {got} here but {env[want]} in another "
+                                         "input; every input must share the batch size")
+            elif want != got:
+                raise FeedShapeError(f"input {name!r} expects shape {shapes.fmt(shape)}, got {arr.shape}")
+        kind = arr.dtype.kind
+        if dtype.startswith("int") and kind not in "iu":
+            raise FeedDTypeError(f"input {name!r} expects integer {dtype} data (class labels), got {arr.dtype}")
+        if dtype.startswith("float") and kind not in "fiub":
+            raise FeedDTypeError(f"input {name!r} expects numbers ({dtype}), got {arr.dtype}")
+        return arr
+
     def check_feeds(self, feeds, check_finite=False, outputs=None):
         """Validates feeds against the inputs; returns (cast feeds, symbolic-dim bindings).
         Inputs that `outputs` (default: the executable's outputs) do not depend on may be left out; fed
@@ -174,43 +197,20 @@ class Executable:
                 continue
             arr = feeds[name]
             seen = accepted.get(name)
-            if seen is not None and type(arr) is np.ndarray and arr.shape == seen[0] and arr.dtype == seen[1] \
-                    and all(env.setdefault(d, v) == v for d, v in seen[2]):
-                # the shape and dtype of a feed accepted before (a batch-1 run's checks and cast cost ~2 us
-                # of its ~30): only what depends on the values is checked again
-                if name in self.labels:
-                    check_labels(name, arr, *self.labels[name])
-                if check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(arr)).sum())} of "
-                                    "them)")
-                out[name] = arr
-                continue
-            arr = np.asarray(arr)
-            if arr.ndim != len(shape):
-                raise FeedShapeError(f"input {name!r} expects shape {shapes.fmt(shape)} (rank {len(shape)}), "
-                                     f"got {arr.shape}")
-            for want, got in zip(shape, arr.shape):
-                if isinstance(want, str):
-                    if got == 0:
-                        raise FeedShapeError(f"input {name!r} is empty: its batch dim {want} is 0; feed at least one "
-                                             "sample (a mean over an empty batch is undefined)")
-                    if env.setdefault(want, got) != got:
-                        raise FeedShapeError(f"input {name!r}: dim {want} is {got} here but {env[want]} in another "
-                                             "input; every input must share the batch size")
-                elif want != got:
-                    raise FeedShapeError(f"input {name!r} expects shape {shapes.fmt(shape)}, got {arr.shape}")
-            kind = arr.dtype.kind
-            if dtype.startswith("int") and kind not in "iu":
-                raise FeedDTypeError(f"input {name!r} expects integer {dtype} data (class labels), got {arr.dtype}")
-            if dtype.startswith("float") and kind not in "fiub":
-                raise FeedDTypeError(f"input {name!r} expects numbers ({dtype}), got {arr.dtype}")
+            # a feed shaped and typed like one accepted before skips the shape and dtype checks and the cast
+            # (a batch-1 run's cost ~2 us of its ~30): only what depends on the values is checked again
+            known = seen is not None and type(arr) is np.ndarray and arr.shape == seen[0] and arr.dtype == seen[1] \
+                and all(env.setdefault(d, v) == v for d, v in seen[2])
+            if not known:
+                arr = self._check_feed(name, np.asarray(arr), shape, dtype, env)
             if name in self.labels:           # before the cast: int32 labels must not wrap into range
                 check_labels(name, arr, *self.labels[name])
-            cast = self._cast(arr, dtype)
+            cast = arr if known else self._cast(arr, dtype)
             if check_finite and cast.dtype.kind == "f" and not np.isfinite(cast).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(cast)).sum())} of them)")
-            if cast is arr and type(arr) is np.ndarray:        # (no cast needed: the fast path may take it)
-                accepted[name] = (arr.shape, arr.dtype, [(d, g) for d, g in zip(shape, arr.shape) if isinstance(d, str)])
+            if not known and cast is arr and type(arr) is np.ndarray:
+                accepted[name] = (arr.shape, arr.dtype, [(d, g) for d, g in zip(shape, arr.shape)
+                                                         if isinstance(d, str)])
             out[name] = cast
         if outputs is None:        # a missing input whose batch size nothing else gives: say so now
             unbound = [n for n in self.needed_inputs() if n not in feeds

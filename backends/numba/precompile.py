@@ -54,11 +54,16 @@ def options_context(options):
     return _codegen_options(width, predicate)
 
 
+def discovering_here() -> bool:
+    """Whether a kernel discovery runs on this thread (its dispatcher calls are recorded, not run)."""
+    return _DISCOVERY["thread"] == threading.get_ident()
+
+
 def compile_for(disp, sig, options=None) -> bool:
     """Compiles `disp` for the argument types `sig` (under `options`) unless it has them; during a
     discovery on this thread, records it instead and returns False."""
     sig = tuple(sig)
-    if _DISCOVERY["thread"] == threading.get_ident():
+    if discovering_here():
         _DISCOVERY["found"].setdefault((id(disp), sig), (disp, sig, options))
         return False
     if sig not in disp.overloads:

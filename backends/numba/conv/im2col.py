@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from graphc.backends.kernel_cache import BlasLimit, rescan_blas
-from graphc.backends.numba.precompile import compile_for
+from graphc.backends.numba.precompile import compile_for, discovering_here
 from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch, sum_partials
 from graphc.backends.numba.threads import num_threads, parallel_for
 
@@ -226,18 +226,20 @@ def _arg_kinds(args):
                  if isinstance(a, np.ndarray) else type(a) for a in args)
 
 
-def _i2c_compiled(fn, args):
-    """First call of an im2col kernel for these types: compile it (it loads SciPy's BLAS), then
-    look for BLAS libraries again so that the thread limit reaches that one too."""
+def kernel_ready(fn, args) -> bool:
+    """Whether a kernel of im2col's or winograd_gemm's may run on these arguments: on its first call for
+    these types it is compiled (a np.dot in it loads SciPy's BLAS), then BLAS libraries are looked for
+    again so that the thread limit reaches that one too. False during a kernel discovery on this
+    thread, which records it (also when it is compiled already) and runs nothing."""
     key = (fn, _arg_kinds(args))
-    if key in _READY:
-        return
+    if key in _READY and not discovering_here():
+        return True
     sig = tuple(numba.typeof(a) for a in args)
-    if sig in fn.overloads:
-        _READY.add(key)
-    elif compile_for(fn, sig):
-        rescan_blas()
-        _READY.add(key)
+    if not compile_for(fn, sig):
+        return False
+    rescan_blas()
+    _READY.add(key)
+    return True
 
 
 def _padded_images(x, pads, tag):
@@ -282,15 +284,15 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
             else:
                 cols = scratch("i2c_cols", (N, C * KH * KW, Ho * Wo), x.dtype)
                 cargs = (xp, cols) + geo + (dh, dw)
-                _i2c_compiled(_cols_tasks, cargs + (0, 0))
+                kernel_ready(_cols_tasks, cargs + (0, 0))
                 parallel_for(lambda lo, hi, k: _cols_tasks(*cargs, lo, hi), N * C * KH)
             gargs = (wm,) + out + (cols, Wo) + epi_args + (nb,)
-            _i2c_compiled(_gemm_tasks, gargs + (0, 0))
+            kernel_ready(_gemm_tasks, gargs + (0, 0))
             parallel_for(lambda lo, hi, k: _gemm_tasks(*gargs, lo, hi), N * nb)
         else:
             cols = scratch("i2c_cols", (numba.config.NUMBA_NUM_THREADS, C * KH * KW, Ho * Wo), x.dtype)
             head, tail = (xp, wm) + out, geo + epi_args + (dh, dw, groups)
-            _i2c_compiled(_i2c_fwd, head + (cols[0],) + tail + (0, 0))
+            kernel_ready(_i2c_fwd, head + (cols[0],) + tail + (0, 0))
             parallel_for(lambda lo, hi, k: _i2c_fwd(*head, cols[k], *tail, lo, hi), N)
     return y, route
 
@@ -307,7 +309,7 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     # per group (Cg*KH*KW, K/G): the group's filters transposed, groups stacked along the rows
     wmt = w.reshape(groups, K // groups, Cg * KH * KW).transpose(0, 2, 1).reshape(C * KH * KW, K // groups)
     args = (dy, np.ascontiguousarray(wmt), dxp, KH, KW, stride, dil[0], dil[1], groups)
-    _i2c_compiled(_i2c_dx, args)
+    kernel_ready(_i2c_dx, args)
     with _ONE_BLAS_THREAD:
         _i2c_dx(*args)
     if pads == (0, 0, 0, 0):
@@ -333,7 +335,7 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     C //= groups
     part = np.empty((G, K, C * KH * KW), x.dtype)
     args = (xp, dy, part, cols, dyb, B, KH, KW, stride, dil[0], dil[1], groups)
-    _i2c_compiled(_i2c_dw, args)
+    kernel_ready(_i2c_dw, args)
     with _ONE_BLAS_THREAD:
         _i2c_dw(*args)
     return sum_partials(part, new_or(out, (K, C, KH, KW), x.dtype))

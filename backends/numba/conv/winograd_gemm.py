@@ -31,16 +31,15 @@ V (36, C, T) and M (36, K, T) flat, T tiles row-major, planes plane_stride apart
 """
 from __future__ import annotations
 
-import threading
-
 import numba
 import numpy as np
 from numba import njit
 
 from graphc.backends.kernel_cache import BlasLimit
 from graphc.backends.numba.conv import direct
+from graphc.backends.numba.conv.im2col import kernel_ready
 from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch
-from graphc.backends.numba.precompile import _DISCOVERY, compile_for
+from graphc.backends.numba.precompile import discovering_here
 from graphc.backends.numba.threads import parallel_for
 from graphc.backends.codegen import FASTMATH
 
@@ -310,23 +309,6 @@ def _chunks_k(xp, U, trans, bias, y, V, M, rows, yt, cst, Wp, th, tw, R, Ho, Wo,
 # ------------------------------------------------------------------------------------------ calls
 
 _ONE_BLAS_THREAD = BlasLimit(1)
-_READY = set()
-
-
-def _compiled(fn, args) -> bool:
-    """Compiles fn for these argument types once (False during a kernel discovery, which records it)."""
-    key = (fn, tuple((a.dtype.str, a.ndim, a.flags.c_contiguous) if isinstance(a, np.ndarray) else type(a)
-                     for a in args))
-    if key in _READY and not _discovering():     # (a discovery records even what is compiled)
-        return True
-    if not compile_for(fn, tuple(numba.typeof(a) for a in args)):
-        return False
-    from graphc.backends.kernel_cache import rescan_blas
-    rescan_blas()                  # the first np.dot compile loads SciPy's BLAS: hold it to one thread too
-    _READY.add(key)
-    return True
-
-
 def _blocks(fn, n):
     """fn(lo, hi, k) over range(n) in NUMBA_NUM_THREADS fixed blocks, shared by the threads running now:
     a block's work (its BLAS calls' shapes, which of its elements a vector loop's remainder takes) does
@@ -342,10 +324,6 @@ def _blocks(fn, n):
 def _finite(a) -> bool:
     with np.errstate(invalid="ignore", over="ignore"):
         return bool(np.isfinite(a.sum()))
-
-
-def _discovering() -> bool:
-    return _DISCOVERY["thread"] == threading.get_ident()
 
 
 def _rows_per_chunk(rows, tw, C, K, itemsize, threads):
@@ -409,8 +387,8 @@ def run(x, U, bias, pads, Ho, Wo, pool, lo, hi, y, trans=False):
         kc = tuple(cst)
         inputs = (xp, V, rows[0], kc, 0, N * th, th, tw, Wp)
         outputs = (M, b, y, yt, kc, 0, N * th, th, tw, Ho, Wo, bool(pool), lo, hi)
-        if not (_compiled(_input_k, inputs + (0, 0)) & _compiled(_products_k, (U, V, M, T, bool(trans), 0, 0))
-                & _compiled(_output_k, outputs + (0, 0))):
+        if not (kernel_ready(_input_k, inputs + (0, 0)) & kernel_ready(_output_k, outputs + (0, 0))
+                & kernel_ready(_products_k, (U, V, M, T, bool(trans), 0, 0))):
             return True              # a discovery: recorded, nothing to run
 
         def out_task(k0, k1, k):
@@ -425,7 +403,7 @@ def run(x, U, bias, pads, Ho, Wo, pool, lo, hi, y, trans=False):
     yt = scratch("wino_yt", (nthreads, 16 * stride_of(K * R * tw)), x.dtype)
     head = (xp, U, bool(trans), b, y)
     tail = (cst, Wp, th, tw, R, Ho, Wo, bool(pool), lo, hi)
-    if not _compiled(_chunks_k, head + (V[0], M[0], rows[0], yt[0]) + tail + (0, 0)):
+    if not kernel_ready(_chunks_k, head + (V[0], M[0], rows[0], yt[0]) + tail + (0, 0)):
         return True                  # a discovery: recorded, nothing to run
 
     def task(c0, c1, k):
@@ -450,7 +428,7 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
     else:
         y = new_or(out, (N, K, Ho, Wo), x.dtype)
     lo = 0.0 if (relu or pooled) else -np.inf
-    if run(x, transformed_filters(w), b, pads, Ho, Wo, pooled, lo, np.inf, y) or _discovering():
+    if run(x, transformed_filters(w), b, pads, Ho, Wo, pooled, lo, np.inf, y) or discovering_here():
         return y, None
     return direct.forward(x, w, b, stride, pads, epi, relu=relu, ps=ps, pst=pst, dil=dil, groups=groups, out=out)
 
@@ -465,7 +443,7 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     dx = new_or(out, (N, w.shape[1], H, W), dy.dtype)
     flipped = tuple(2 - p for p in pads)
     if run(dy, transformed_filters(w, flip=True), None, flipped, H, W, False, -np.inf, np.inf, dx, trans=True) \
-            or _discovering():
+            or discovering_here():
         return dx
     return direct.grad_input(dy, w, stride, pads, in_hw, dil=dil, groups=groups, out=out)
 
@@ -480,8 +458,8 @@ def _dw_whole(xp, dyp, rows, kc, Wp, th, tw):
     dU = scratch("wino_u", (36, K, C), xp.dtype)
     inputs = (xp, V, rows[0], kc, 0, N * th, th, tw, Wp)
     grads = (dyp, D, rows[0], kc, 0, N * th, th, tw)
-    if not (_compiled(_input_k, inputs + (0, 0)) & _compiled(_dy_k, grads + (0, 0))
-            & _compiled(_dw_products_k, (D, V, dU, T, 0, 0))):
+    if not (kernel_ready(_input_k, inputs + (0, 0)) & kernel_ready(_dy_k, grads + (0, 0))
+            & kernel_ready(_dw_products_k, (D, V, dU, T, 0, 0))):
         return None
     parallel_for(lambda c0, c1, k: _input_k(xp, V, rows[k], *inputs[3:], c0, c1), C)
     parallel_for(lambda k0, k1, k: _dy_k(dyp, D, rows[k], *grads[3:], k0, k1), K)
@@ -502,7 +480,7 @@ def _dw_chunked(xp, dyp, rows, kc, Wp, th, tw, G):
     tmp = scratch("wino_yt", (G, K, C), xp.dtype)
     done = np.zeros(G, np.bool_)
     args = (kc, Wp, th, tw, R, G)
-    if not _compiled(_dw_chunks_k, (xp, dyp, V[0], D[0], rows[0], part[0], tmp[0]) + args + (0,)):
+    if not kernel_ready(_dw_chunks_k, (xp, dyp, V[0], D[0], rows[0], part[0], tmp[0]) + args + (0,)):
         return None
 
     def task(g0, g1, k):
