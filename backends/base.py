@@ -484,13 +484,13 @@ class CompiledExecutable(Executable):
             self._state_gen += 1                 # it updated the running statistics
             return out
         want = list(self.outputs if outputs is None else outputs)
-        for o in want:
+        for o in () if outputs is None else want:
             if o not in self.graph:
                 raise GraphError(f"no value named {o!r} to fetch; outputs are {self.outputs}"
                                  + ("" if o not in self._fused_away else
                                     " (it was fused away: compile with keep=[...] or fuse=False)"))
-        stats = self.stat_updates(training)      # batch norm's running statistics, in a training run
-        want_all = want + [u for u in stats.values() if u not in want]
+        stats = self.stat_updates(training) if training else None   # batch norm's running statistics
+        want_all = want + [u for u in stats.values() if u not in want] if stats else want
         feeds, env = self.check_feeds(feeds, check_finite, outputs=want_all)   # inputs they need, no others
         b = self._execute(feeds, env, training, want_all)
         fetch = self._fetch

@@ -273,7 +273,14 @@ def _thread_calls(lc):
     return lc.get_num_threads, lc.set_num_threads
 
 
-_THREAD_CALLS: dict = {}
+_THREAD_CALLS: list = [None, ()]     # [the _BLAS_LIBS list's contents they are for, ((get, set), ...)]
+
+
+def _all_thread_calls():
+    libs = _blas_libs()
+    if _THREAD_CALLS[0] != libs:         # (compared by identity of its controllers: a rescan)
+        _THREAD_CALLS[:] = [list(libs), tuple(_thread_calls(lc) for lc in libs)]
+    return _THREAD_CALLS[1]
 
 
 class BlasLimit:
@@ -287,15 +294,13 @@ class BlasLimit:
 
     def __enter__(self):
         changed = []
-        if self.threads is not None:
-            for lc in _blas_libs():
-                calls = _THREAD_CALLS.get(id(lc))
-                if calls is None or calls[0] is not lc:
-                    calls = _THREAD_CALLS[id(lc)] = (lc,) + _thread_calls(lc)
-                n = calls[1]()
-                if n != self.threads:
-                    calls[2](self.threads)
-                    changed.append((calls[2], n))
+        t = self.threads
+        if t is not None:
+            for get, put in _all_thread_calls():
+                n = get()
+                if n != t:
+                    put(t)
+                    changed.append((put, n))
         self._saved.append(changed)
         return self
 

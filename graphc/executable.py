@@ -53,7 +53,8 @@ def _class_losses(graph):
 def check_labels(name, arr, k, loss, what="input", cls=FeedError):
     """FeedError (cls) naming the first label outside 0..k-1, its position and the valid range."""
     if arr.size <= 8:                 # (a batch-1 run: numpy's min and max cost 1.5 us each)
-        if all(0 <= v < k for v in arr.reshape(-1).tolist()):
+        vals = arr.ravel().tolist()
+        if min(vals) >= 0 and max(vals) < k:
             return
     elif arr.min() >= 0 and arr.max() < k:
         return
@@ -179,6 +180,21 @@ class Executable:
         ones are checked all the same (shapes, dtypes, label ranges)."""
         if not isinstance(feeds, dict):
             raise FeedError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
+        last = self.__dict__.get("_last_feeds")
+        # the same names and outputs as the last accepted call, each feed an array shaped and typed like
+        # that call's (which needed no cast): only what depends on the values is checked again (a batch-1
+        # MNIST run's cost ~2 us of its ~30)
+        if last is not None and last[0] == outputs and last[1] == tuple(feeds) and not check_finite:
+            for name, shape, dtype, labels in last[2]:
+                arr = feeds[name]
+                if type(arr) is not np.ndarray or arr.shape != shape or arr.dtype != dtype:
+                    break
+                if labels is not None:
+                    check_labels(name, arr, *labels)
+            else:
+                out = _Feeds(last[3])
+                out.update(feeds)
+                return out, dict(last[4])
         takes = self.__dict__.get("_takes")
         if takes is None:              # (formatted once: the error messages' list of the inputs)
             takes = self._takes = ", ".join(f"{n}{shapes.fmt(s)} {d}" for n, (s, d) in self.input_types.items())
@@ -191,26 +207,19 @@ class Executable:
         if unknown:
             raise FeedError(f"unknown feed name(s) {unknown}; the graph's inputs are {list(self.input_types)}")
         env, out = {}, _Feeds(takes)
-        accepted = self.__dict__.setdefault("_accepted_feeds", {})
+        seen = []                      # (name, shape, dtype, label check) of feeds used as given
         for name, (shape, dtype) in self.input_types.items():
             if name not in feeds:
                 continue
-            arr = feeds[name]
-            seen = accepted.get(name)
-            # a feed shaped and typed like one accepted before skips the shape and dtype checks and the cast
-            # (a batch-1 run's cost ~2 us of its ~30): only what depends on the values is checked again
-            known = seen is not None and type(arr) is np.ndarray and arr.shape == seen[0] and arr.dtype == seen[1] \
-                and all(env.setdefault(d, v) == v for d, v in seen[2])
-            if not known:
-                arr = self._check_feed(name, np.asarray(arr), shape, dtype, env)
-            if name in self.labels:           # before the cast: int32 labels must not wrap into range
-                check_labels(name, arr, *self.labels[name])
-            cast = arr if known else self._cast(arr, dtype)
+            arr = self._check_feed(name, np.asarray(feeds[name]), shape, dtype, env)
+            labels = self.labels.get(name)
+            if labels is not None:           # before the cast: int32 labels must not wrap into range
+                check_labels(name, arr, *labels)
+            cast = self._cast(arr, dtype)
             if check_finite and cast.dtype.kind == "f" and not np.isfinite(cast).all():
                 raise FeedError(f"input {name!r} holds NaN or inf values ({int((~np.isfinite(cast)).sum())} of them)")
-            if not known and cast is arr and type(arr) is np.ndarray:
-                accepted[name] = (arr.shape, arr.dtype, [(d, g) for d, g in zip(shape, arr.shape)
-                                                         if isinstance(d, str)])
+            if cast is arr and type(feeds[name]) is np.ndarray:
+                seen.append((name, arr.shape, arr.dtype, labels))
             out[name] = cast
         if outputs is None:        # a missing input whose batch size nothing else gives: say so now
             unbound = [n for n in self.needed_inputs() if n not in feeds
@@ -218,6 +227,8 @@ class Executable:
             if unbound:
                 raise FeedError(f"missing feed for input(s) {unbound} (needed by {self.outputs}); the graph takes "
                                 f"{takes}")
+        self._last_feeds = (None if outputs is None else list(outputs), tuple(feeds), seen, takes, dict(env)) \
+            if len(seen) == len(feeds) else None
         return out, env
 
     # ------------------------------------------------------------------ running

@@ -185,6 +185,19 @@ CONV_RELU = Chain("conv_relu", roles=(Role("conv", "conv"), Role("act", "relu"))
 CONV_CLIP = Chain("conv_clip", roles=(Role("conv", "conv"), Role("act", "clip")))
 
 
+# --- dropout: x * dropout_mask(x) -----------------------------------------------------------------------
+# One step, which at inference is a copy of x (the mask would be all ones) instead of a mask fill and a
+# product: a batch-1 mnist_convnet inference spent 1.4 us of its ~28 there. Where the backward pass
+# reads the mask too (training graphs) the mask is interior to nothing: the two nodes stay.
+
+def _of_its_own_input(g, m):
+    """The product is x * dropout_mask(x), in either order."""
+    return sorted(data(g, m["apply"])["inputs"]) == sorted((data(g, m["mask"])["inputs"][0], m["mask"]))
+
+
+DROPOUT = Chain("dropout", roles=(Role("mask", "dropout_mask"), Role("apply", "mul")), guard=_of_its_own_input)
+
+
 # --- elementwise chains ---------------------------------------------------------------------------------
 
 def _elementwise(g, n):
@@ -205,4 +218,4 @@ def _same_loop(g, a, b):
 ELEMENTWISE = Region("elementwise", member=_elementwise, join=_same_loop, role="ew")
 
 
-PATTERNS = [CONV_RELU_MAXPOOL, CONV_RELU, CONV_CLIP, ELEMENTWISE]
+PATTERNS = [CONV_RELU_MAXPOOL, CONV_RELU, CONV_CLIP, DROPOUT, ELEMENTWISE]

@@ -448,8 +448,12 @@ def test_sim_a_dropout_mask_matches_reference_draws():
     x = g.input("x", (None, 16))
     g.output(g.dropout(x, 0.5, seed=3, name="y"))
     feeds = _feeds(g)
-    check_run(g, feeds, fuse=(True,), training=True, fallbacks=["y.mask"])   # host draws, uploaded
-    check_run(g, feeds, fuse=(True,), training=False, fallbacks=["y.mask"])   # (inference: a device fill)
+    for training in (True, False):
+        # unfused: the mask's host draws, uploaded (inference: a device fill); fused (the dropout pattern):
+        # a device copy at inference, the same uploaded mask and a product kernel in training
+        check_run(g, feeds, fuse=(False,), training=training, fallbacks=["y.mask"])
+        exe, = check_run(g, feeds, fuse=(True,), training=training)
+        assert [d["attrs"]["pattern"] for _, d in exe.graph.nx.nodes(data=True) if d["op"] == "fused"] == ["dropout"]
 
 
 @needs_cuda

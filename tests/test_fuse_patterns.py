@@ -24,6 +24,9 @@ it (passes/fold_bn.py: conv_relu groups, and the folded weights' elementwise gro
 with batch norm or LRN changed (alexnet, googlenet(_lrn), mobilenet_v2, resnet, resnet18/34/50, vgg16_bn).
 And when the conv_clip pattern (conv -> clip, ReLU6) met the folded batch norms: only mobilenet_v2's
 inference graph changed (35 conv_clip groups where conv -> folded batch norm -> clip was unfused).
+And when the dropout pattern (x * dropout_mask(x), the mask read by nothing else) came: only inference
+graphs with dropout changed, each by one dropout group per dropout layer and nothing else (alexnet,
+googlenet(_lrn), mnist_convnet, mobilenet_v2, squeezenet1_0, vgg16, vgg16_bn).
 """
 from __future__ import annotations
 

@@ -315,6 +315,35 @@ def test_conv_relu_fused():
     assert "conv_relu" in _patterns(tr)
 
 
+@pytest.mark.parametrize("rate", [0.5, 0.0])
+def test_dropout_fused_at_inference(rate):
+    """x * dropout_mask(x) read by nothing else is one fused step: a copy of x at inference, the reference's
+    seeded mask and product in training (the same bits as the reference and as the unfused nodes), its
+    mode switching from run to run; in a training graph the backward reads the mask and nothing fuses."""
+    g = gc.Graph(f"drop{rate}")
+    x = g.input("x", (None, 40))
+    w = g.param("w", (40,), init="normal")
+    g.output(g.sum(g.relu(g.dropout(g.mul(x, w, name="xw"), rate, seed=3, name="y"), name="out"), name="loss"))
+    feeds = _feeds(g)
+    ref = gc.compile(g)
+    fused, plain = gc.compile(g, backend="numba"), gc.compile(g, backend="numba", fuse=False)
+    assert _patterns(fused) == ["dropout"] and _patterns(plain) == []
+    for exe in (fused, plain):
+        exe.load_state_dict(ref.state_dict())
+    for step in range(2):
+        for training in (True, False, True):
+            ref.step_count = fused.step_count = plain.step_count = step
+            want = ref.run(feeds, outputs=["out"], training=training)["out"]
+            for exe in (fused, plain):
+                got = exe.run(feeds, outputs=["out"], training=training)["out"]
+                np.testing.assert_array_equal(got, want, err_msg=f"training={training} step={step}")
+            if training and rate:
+                assert 0 < (want == 0).mean() < 1
+    assert {b.kinds["y"][0] for b in fused._bindings.values()} == {"dropout"}    # its own lowering, no fallback
+    (tr,) = check_train(g, fuse=(True,), steps=2)
+    assert "dropout" not in _patterns(tr)
+
+
 def test_first_layer_single_channel():
     g = _conv_pool_graph(c_in=1)
     check_train(g, fuse=(True,))

@@ -75,6 +75,39 @@ class HostState(dict):
     def __init__(self, d):
         super().__init__(d)
         self._handed = {}                # name -> weak references to the views handed out
+        self.version = 0                 # bumped by every change of an entry (not of an array's values)
+
+    def __setitem__(self, n, v):
+        dict.__setitem__(self, n, v)
+        self.version += 1
+
+    def __delitem__(self, n):
+        dict.__delitem__(self, n)
+        self.version += 1
+
+    def update(self, *a, **kw):
+        dict.update(self, *a, **kw)
+        self.version += 1
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def setdefault(self, n, default=None):
+        self.version += 1
+        return dict.setdefault(self, n, default)
+
+    def pop(self, *a):
+        self.version += 1
+        return dict.pop(self, *a)
+
+    def popitem(self):
+        self.version += 1
+        return dict.popitem(self)
+
+    def clear(self):
+        dict.clear(self)
+        self.version += 1
 
     def __getitem__(self, n):
         v = dict.__getitem__(self, n).view()
@@ -115,6 +148,7 @@ class NumbaExecutable(CompiledExecutable):
         self.progress = progress        # "auto": a line on stderr; a callable(done, total); None: silent
         self._blas = BlasLimit(blas_threads)
         self._bound_state = {}
+        self._pushed = None              # (exe.state, its version, bound states) at the last _push_state
         super().__init__(graph, dtype, pipeline, **options)
         if self.dtype not in (np.float32, np.float64):
             raise BackendError(f"the numba backend runs float32 or float64, not {self.dtype}")
@@ -175,14 +209,20 @@ class NumbaExecutable(CompiledExecutable):
 
     def _push_state(self):
         """Bindings hold the state arrays themselves (updates are written in place); if a user replaced
-        an entry of exe.state, its values are copied into the bound array (True when one was)."""
+        an entry of exe.state, its values are copied into the bound array (True when one was). Skipped
+        while exe.state's entries are as they were at the last look (its version)."""
+        state = self.state
+        mark = (id(state), state.version, len(self._bound_state))
+        if mark == self._pushed:
+            return False
         changed = False
         for n, arr in self._bound_state.items():
-            cur = self.state.raw(n)
+            cur = state.raw(n)
             if cur is not arr:
                 np.copyto(arr, np.asarray(cur, dtype=arr.dtype).reshape(arr.shape))
-                self.state[n] = arr
+                state[n] = arr
                 changed = True
+        self._pushed = (id(state), state.version, len(self._bound_state))
         return changed
 
     def _volatile_state(self):

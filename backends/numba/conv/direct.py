@@ -479,7 +479,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
         if wino is not None and not flag and serial:
             if not wino:
-                wino.append(winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, dtype))
+                wino.append(winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, xin.shape[2], dtype))
             if wino[0](xin, w3, b, y, weights_version):
                 return
         kern = ready.get(flag)

@@ -267,8 +267,10 @@ class _FwdWriter:
             a(f"{i3}        m = v if (v > m) | (v != v) else m")
         a(f"{i3}        m += bq")
         a(f"{i3}        pw[p] = 0.0 if m <= 0 else m")
+        # (a row length unknown to LLVM: it vectorises the copy, one masked iteration for a short row,
+        # where it unrolled a known one into scalar moves: mnist_convnet's first layer at batch 1, 4.0 -> 3.7 us)
         a(f"{i3}for i in range({self.Hq}):")
-        a(f"{i3}    for j in range({self.Wq}):")
+        a(f"{i3}    for j in range(yk.shape[1]):")
         a(f"{i3}        yk[i, j] = pw[i * {Wp} + j]")
 
     def _pool_route(self, ind):
