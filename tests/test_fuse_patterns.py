@@ -112,7 +112,7 @@ def test_recording_covers_every_case(recorded):
     assert sorted(recorded) == sorted(CASES)
     # the recording is not trivially empty: the conv patterns and their backward are all in it
     pats = {grp[0] for groups in recorded.values() for grp in groups}
-    assert pats == {"conv_relu", "conv_relu_maxpool", "conv_clip", "route_relu", "elementwise"}
+    assert pats == {"conv_relu", "conv_relu_maxpool", "conv_clip", "dropout", "route_relu", "elementwise"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -60,6 +60,12 @@ def test_matches_the_reference_and_follows_filter_changes(shape):
     w2 = w * 2.0                              # another array: followed at once
     run(x, w2, b, y, no_route, False)
     np.testing.assert_allclose(y, reference(x, w2, b, pads), rtol=1e-5, atol=1e-5)
+    ro = x.copy()
+    ro.flags.writeable = False
+    for xv in (np.asfortranarray(x), ro):     # not usable as the planes themselves: the padded copy, same bits
+        y3 = np.empty_like(y)
+        run(xv, w2, b, y3, no_route, False)
+        np.testing.assert_array_equal(y3, y)
     route = np.empty(ref.shape, np.int32)     # training (a route): the direct kernel, the same values
     y2 = np.empty_like(y)
     run(x, w2, b, y2, route, True)
