@@ -386,6 +386,19 @@ def _filters_and_bias(w, b, memo, dtype, w3shape, nob):
     return w3, b
 
 
+def _as_planes(x, memo, shape, dtype):
+    """x as its (N, C, L) planes without a copy (memo[2:4]: the last such x and its view), or None where
+    the kernels cannot read it as it is (not C-contiguous, aligned and writeable of dtype: a read-only or
+    unaligned array would make Numba compile another specialisation, without the codegen options)."""
+    if x is memo[2]:
+        return memo[3]
+    fl = x.flags
+    if fl.c_contiguous and fl.aligned and fl.writeable and x.dtype == dtype:
+        memo[2], memo[3] = x, x.reshape(shape)
+        return memo[3]
+    return None
+
+
 def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil, clip):
     """(plan, rows) of a prebound forward: rows = KH where a filter the kernel would take one output channel
     per pass (over 9 taps) runs with its rows as channels (AlexNet's 5x5 conv2 at batch 8, 29.8 -> 22.2 ms;
@@ -437,10 +450,9 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     # work[k]: thread k's work arrays
     work = list(zip(*(list(a) for a in plan.work(dtype, lambda name, shape: aligned_empty(shape, dtype)))))
     ntasks = N * plan.NKB
-    # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for
-    # calls under 1e7 FLOPs, once faster than waking a sleeping Python thread, is gone: its OpenMP
-    # workers, spinning after each call, stalled the next kernel's Python worker by up to 0.8 ms,
-    # and MobileNetV2 at batch 1 ran 10.0 ms on 2 threads instead of 7.8)
+    # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for calls
+    # under 1e7 FLOPs is gone: its OpenMP workers, spinning after each call, stalled the next kernel's Python
+    # worker by up to 0.8 ms, and MobileNetV2 at batch 1 ran 10.0 ms on 2 threads instead of 7.8)
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
@@ -450,8 +462,6 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         wino = []
     w3shape = (K, Cg * rows, KH * KW // rows)
     xshape = (N, C, H, W)
-    ok = (True, True, True)
-    unpadded = pads == (0, 0, 0, 0)
 
     memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
     ready = {}                                       # flag -> its kernel, compiled
@@ -471,25 +481,17 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
         w3, b = _filters_and_bias(w, b, memo, dtype, w3shape, nob)
         xin = None
         if inplace:
-            if x is memo[2]:
-                xin = memo[3]
-            else:
-                fl = x.flags
-                if (fl.c_contiguous, fl.aligned, fl.writeable) == ok and x.dtype == dtype:
-                    xin = x.reshape(N, C, Hp * Wp)
-                    memo[2], memo[3] = x, xin
-                else:
-                    xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
+            xin = _as_planes(x, memo, (N, C, Hp * Wp), dtype)
+            if xin is None:
+                xin = np.ascontiguousarray(x, dtype).reshape(N, C, Hp * Wp).copy()
         flag = bool(flag)
         serial = tiny or num_threads() == 1       # (batch-1 inference: no parallel call in the way)
         if wino is not None and not flag and serial:
-            if not wino:     # (its reads stay inside Hp x Wp planes: the unpadded image will do where it is one)
+            if not wino:     # (its reads stay inside Hp x Wp planes: an unpadded image will do as it is)
                 wino.append(winograd.WinogradPool(N, C, K, Hp, Wp, plan.Hq, plan.Wq, Hp * Wp, dtype))
-            fl = x.flags
-            if xin is None and unpadded and x.dtype == dtype and (fl.c_contiguous, fl.aligned, fl.writeable) == ok:
-                xw = x.reshape(N, C, Hp * Wp)     # no padded copy (mnist_convnet's layer 2 at batch 1: ~0.5 us)
-            else:
-                xw = xin = placed(x) if xin is None else xin
+            xw = xin if xin is not None or pads != (0, 0, 0, 0) else _as_planes(x, memo, (N, C, Hp * Wp), dtype)
+            if xw is None:
+                xw = xin = placed(x)
             if wino[0](xw, w3, b, y, weights_version):
                 return
         if xin is None:
