@@ -31,6 +31,7 @@ from graphc.executable import Executable, RunContext
 from graphc.ops.fused import members as fused_members
 from graphc.backends import codegen
 from graphc.backends import registry as registries
+from graphc.backends.kernel_cache import blas_in_use
 
 
 def scalar_consts(graph, inputs):
@@ -437,6 +438,7 @@ class CompiledExecutable(Executable):
         to_host, store = self._to_host, self._store
 
         def step():
+            blas_in_use()                 # (the reference's numpy may call BLAS)
             run.out_shape = shapes.resolve(shape, run.env)
             out = opdef.ref([to_host(values[i], s) for i, s in ins], attrs, run)
             for dst, v in zip(outs, out if isinstance(out, tuple) else (out,)):

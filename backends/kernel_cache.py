@@ -283,16 +283,34 @@ def _all_thread_calls():
     return _THREAD_CALLS[1]
 
 
+_LAZY: list = []          # the lazily entered BlasLimits, innermost last
+
+
 class BlasLimit:
     """``with BlasLimit(n):`` holds every loaded BLAS to n threads (None: leaves them alone), restoring
     their counts afterwards (a library at n already is left alone). OpenBLAS's spinning threads beside
-    Numba's workers made steps 2.4-2.9x slower (two thread pools on two cores fight)."""
+    Numba's workers made steps 2.4-2.9x slower (two thread pools on two cores fight).
 
-    def __init__(self, threads=1):
+    ``lazy=True`` (the numba executor's, around every run): nothing happens on entry; the first
+    ``blas_in_use()`` inside applies the limit (undone on exit). A run that calls no BLAS (a batch-1
+    MNIST inference: its small product is kernels/small_matmul.py's) is spared the four calls into
+    OpenBLAS, ~1 us of its ~26."""
+
+    def __init__(self, threads=1, lazy=False):
         self.threads = threads
+        self.lazy = lazy
         self._saved = []
 
     def __enter__(self):
+        if self.lazy:
+            self._saved.append(None)     # (applied by blas_in_use)
+            _LAZY.append(self)
+        else:
+            blas_in_use()                # (a lazy limit around this one first: its restore is the outer one)
+            self._saved.append(self._apply())
+        return self
+
+    def _apply(self):
         changed = []
         t = self.threads
         if t is not None:
@@ -301,12 +319,21 @@ class BlasLimit:
                 if n != t:
                     put(t)
                     changed.append((put, n))
-        self._saved.append(changed)
-        return self
+        return changed
 
     def __exit__(self, *exc):
-        for put, n in self._saved.pop():
+        if self.lazy:
+            _LAZY.pop()
+        for put, n in self._saved.pop() or ():
             put(n)
+
+
+def blas_in_use():
+    """Called before a BLAS call: applies the innermost lazily entered BlasLimit, once per entry."""
+    if _LAZY:
+        lim = _LAZY[-1]
+        if lim._saved[-1] is None:
+            lim._saved[-1] = lim._apply()
 
 
 def loaded(prefix):

@@ -149,6 +149,32 @@ def test_blas_limit_holds_every_blas_and_restores_it():
         assert counts() == before
 
 
+def test_a_lazy_blas_limit_holds_blas_from_its_first_use_to_its_end():
+    """BlasLimit(1, lazy=True) (around every numba run) leaves BLAS alone until blas_in_use() (a BLAS call
+    coming) or an eager limit inside; from then on to its own end every BLAS is at one thread."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from graphc.backends import kernel_cache
+
+    def counts():
+        return {d["filepath"]: d["num_threads"] for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"}
+    before = counts()
+    if not before or set(before.values()) == {1}:
+        pytest.skip("no multi-threaded BLAS that threadpoolctl sees")
+    lazy = kernel_cache.BlasLimit(1, lazy=True)
+    with lazy:
+        assert counts() == before
+        kernel_cache.blas_in_use()
+        assert set(counts().values()) == {1}
+    assert counts() == before
+    with lazy:
+        with kernel_cache.BlasLimit(1):
+            assert set(counts().values()) == {1}
+        assert set(counts().values()) == {1}          # (the lazy one restores, at its end)
+    assert counts() == before
+    kernel_cache.blas_in_use()                        # outside any: nothing
+    assert counts() == before
+
+
 def test_batch_split_slices_only_batch_arrays():
     got = []
     fn = nthreads.batch_split(lambda *a: got.append([np.shape(v) for v in a]), (np.zeros((6, 2)), np.zeros((1, 1)), 3), 6)

@@ -147,6 +147,34 @@ def test_matmul(ta, tb):
     check_grad(g, "y", ["a", "b"], fuse=(False,))
 
 
+def test_small_dense_products_call_no_blas(monkeypatch):
+    """A dense layer's product of at most SMALL_MACS multiply-adds runs kernels/small_matmul.py: numpy's
+    values, a row's bits whatever rows are beside it, and no BLAS call, so the run leaves BLAS's thread
+    count alone; a larger product calls BLAS, held to one thread from then to the run's end."""
+    from graphc.backends import kernel_cache
+    from graphc.backends.numba import lower_linalg
+    puts = []
+    monkeypatch.setattr(kernel_cache, "_all_thread_calls", lambda: ((lambda: 2, puts.append),))
+    g = gc.Graph("dense")
+    x = g.input("x", (None, 40))
+    w = g.param("w", (30, 40), init="normal")
+    g.output(g.matmul(x, w, trans_b=True, name="y"))
+    exe = gc.compile(g, backend="numba")
+    rng = np.random.default_rng(0)
+    big = lower_linalg.SMALL_MACS // (30 * 40) + 1
+    xs = rng.standard_normal((big, 40)).astype(np.float32)
+    want = xs.astype(np.float64) @ exe.state["w"].astype(np.float64).T
+    one, two = exe.run({"x": xs[:1]})["y"], exe.run({"x": xs[:2]})["y"]
+    assert puts == []
+    np.testing.assert_allclose(two, want[:2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(one[0], two[0])
+    exe.run({"x": xs})                                 # (its binding's first run: kernels found, compiled)
+    puts.clear()
+    got = exe.run({"x": xs})["y"]
+    assert puts == [1, 2]                              # held to one thread, restored
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------ conv and pool
 
 CONVS = [dict(stride=1, pad=1), dict(stride=2, pad=(0, 1, 1, 0)), dict(stride=1, pad=0, bias=False),

@@ -1,8 +1,8 @@
 """The numba CPU executable: host arrays over the shared executor (backends/base.py).
 
 Feeds are used where they lie (no copy); parameters and optimizer state are the executable's own
-arrays, updated in place by the kernels. During a run every loaded BLAS is held to one thread
-(kernel_cache.BlasLimit) and Numba's thread count is the one chosen for the binding
+arrays, updated in place by the kernels. During a run every loaded BLAS is held to one thread from
+its first BLAS call on (kernel_cache.BlasLimit, lazy) and Numba's thread count is the one chosen for the binding
 (``threads="auto"``: measured, see _choose_threads).
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ class NumbaExecutable(CompiledExecutable):
         self.parallel_min = parallel_min
         self.threads = threads
         self.progress = progress        # "auto": a line on stderr; a callable(done, total); None: silent
-        self._blas = BlasLimit(blas_threads)
+        self._blas = BlasLimit(blas_threads, lazy=True)     # (applied at a run's first BLAS call)
         self._bound_state = {}
         self._pushed = None              # (exe.state, its version, bound states) at the last _push_state
         super().__init__(graph, dtype, pipeline, **options)

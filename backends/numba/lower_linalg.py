@@ -1,7 +1,8 @@
-"""matmul: numpy.matmul (np.dot for a small 2-D product) into the planned buffer (OpenBLAS sgemm/dgemm;
-Numba's own np.dot would call the same BLAS through SciPy).
+"""matmul: numpy.matmul (np.dot for 2-D products) into the planned buffer (OpenBLAS sgemm/dgemm; Numba's
+own np.dot would call the same BLAS through SciPy). A 2-D a @ b.T of at most SMALL_MACS multiply-adds (a
+batch-1 dense layer) runs kernels/small_matmul.py instead: no BLAS call, so no BLAS limit in that run.
 
-BLAS is held to one thread during a run (its own threads beside graphc's fought for the cores), so a
+BLAS is held to one thread during a run (from its first BLAS call: blas_in_use) (its own threads beside graphc's fought for the cores), so a
 large 2-D product is split into blocks of rows (or of columns, for few rows) run on graphc's threads, as
 many blocks as Numba may run threads: the split does not depend on how many run it, so neither do the
 bits. AlexNet's training step at batch 8 spent 59 ms of its 329 in fully-connected products on one
@@ -9,12 +10,15 @@ thread."""
 import numba
 import numpy as np
 
+from graphc.backends.kernel_cache import blas_in_use
+from graphc.backends.numba.kernels.small_matmul import dot_rows
 from graphc.backends.numba.threads import parallel_for
 from graphc.backends.registry import lowerings
 
 lowering, pattern_lowering = lowerings("numba")
 
 SPLIT_FLOPS = 2e7           # a 2-D product of at least this many FLOPs is split over the threads
+SMALL_MACS = 1 << 16        # a 2-D a @ b.T of at most this many multiply-adds: no BLAS
 
 
 def _split(a, b, out):
@@ -46,25 +50,37 @@ def _t(x, transpose):
     return x.swapaxes(-1, -2) if transpose else x
 
 
-@lowering("matmul", kernel="numpy.matmul into the planned buffer (BLAS)")
+@lowering("matmul", kernel="numpy.matmul into the planned buffer (BLAS); small 2-D products: "
+                           "kernels/small_matmul.py")
 def matmul(ctx):
     out = ctx.out()
     ta, tb = ctx.attrs.get("trans_a", False), ctx.attrs.get("trans_b", False)
     mm = np.matmul
+    values, ai, bi = ctx.values, ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
+    sa, sb = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
+    flat = out.ndim == 2 and len(sa) == 2 and len(sb) == 2
+    inner = sa[0 if ta else 1]
+    if flat and tb and not ta and out.size * inner <= SMALL_MACS:      # (a dense layer: b stored (out, in))
+        def small_step():
+            dot_rows(values[ai], values[bi], out)
+        return small_step
     stat = ctx.static()
     if stat is not None:
         a, b = _t(stat[0], ta), _t(stat[1], tb)
         split = _split(a, b, out) if a.ndim == 2 and b.ndim == 2 else None
         if split is not None:
-            return split
+            def split_static():
+                blas_in_use()
+                split()
+            return split_static
 
         def step():
+            blas_in_use()
             mm(a, b, out=out)
         return step
-    values, ai, bi = ctx.values, ctx.index(ctx.inputs[0]), ctx.index(ctx.inputs[1])
-    sa, sb = ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1])
-    if out.ndim == 2 and len(sa) == 2 and len(sb) == 2 and 2 * out.size * sa[0 if ta else 1] >= SPLIT_FLOPS:
+    if flat and 2 * out.size * inner >= SPLIT_FLOPS:
         def split_step():
+            blas_in_use()
             a, b = _t(values[ai], ta), _t(values[bi], tb)
             run = _split(a, b, out)
             if run is None:
@@ -72,17 +88,17 @@ def matmul(ctx):
             else:
                 run()
         return split_step
-
-    if out.ndim == 2 and len(sa) == 2 and len(sb) == 2:
-        # a small 2-D product: np.dot, the same BLAS call with less of numpy's dispatch around it than
-        # np.matmul (a batch-1 dense layer of 1600 -> 10: 1.4 -> 1.1 us)
+    if flat:
+        # np.dot: the same BLAS call with less of numpy's dispatch around it than np.matmul (~0.3 us)
         dot = np.dot
 
         def step():
+            blas_in_use()
             a, b = values[ai], values[bi]
             dot(a.T if ta else a, b.T if tb else b, out=out)
         return step
 
     def step():
+        blas_in_use()
         mm(_t(values[ai], ta), _t(values[bi], tb), out=out)
     return step
