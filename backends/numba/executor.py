@@ -2,8 +2,8 @@
 
 Feeds are used where they lie (no copy); parameters and optimizer state are the executable's own
 arrays, updated in place by the kernels. During a run every loaded BLAS is held to one thread from
-its first BLAS call on (kernel_cache.BlasLimit, lazy) and Numba's thread count is the one chosen for the binding
-(``threads="auto"``: measured, see _choose_threads).
+its first BLAS call on (kernel_cache.BlasLimit, lazy) and Numba's thread count is the one chosen for
+the binding (``threads="auto"``: measured, see _choose_threads).
 """
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 own np.dot would call the same BLAS through SciPy). A 2-D a @ b.T of at most SMALL_MACS multiply-adds (a
 batch-1 dense layer) runs kernels/small_matmul.py instead: no BLAS call, so no BLAS limit in that run.
 
-BLAS is held to one thread during a run (from its first BLAS call: blas_in_use) (its own threads beside graphc's fought for the cores), so a
-large 2-D product is split into blocks of rows (or of columns, for few rows) run on graphc's threads, as
-many blocks as Numba may run threads: the split does not depend on how many run it, so neither do the
-bits. AlexNet's training step at batch 8 spent 59 ms of its 329 in fully-connected products on one
-thread."""
+BLAS is held to one thread from a run's first BLAS call (blas_in_use) to its end (its own threads beside
+graphc's fought for the cores), so a large 2-D product is split into blocks of rows (or of columns, for
+few rows) run on graphc's threads, as many blocks as Numba may run threads: the split does not depend on
+how many run it, so neither do the bits. AlexNet's training step at batch 8 spent 59 ms of its 329 in
+fully-connected products on one thread."""
 import numba
 import numpy as np
 
