@@ -34,7 +34,7 @@ def dropout_mask(ctx):
 def dropout(ctx):
     out, run, values, xi = ctx.out(), ctx.run, ctx.values, ctx.index(ctx.inputs[0])
     rate = float(ctx.members["mask"]["attrs"]["rate"])
-    mask = np.empty(out.shape, out.dtype) if rate else None      # (its own: a training run's, rare here)
+    mask = ctx.scratch(out.shape, out.dtype) if rate else None    # (a training run's, rare here)
     fill = _mask_step(ctx.members["mask"]["attrs"], run, mask) if rate else None
     copy, mul = np.copyto, np.multiply
 
