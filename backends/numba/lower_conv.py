@@ -2,8 +2,8 @@
 
 The strategy (direct, im2col or winograd) is looked up once per Numba thread count and passed explicitly, so a
 call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM for the host CPU name
-each time). Where the strategy is direct and the stride 1, the forward runs the prebound direct kernel
-(bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions write into
+each time). Where the strategy is direct and the stride 1 (or the conv one of conv/channels.py's), the forward
+runs the prebound direct kernel (bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions write into
 them too (out=: a result outside the plan lived on beside it, ResNet-18's conv gradients alone ~200 MB
 at batch 16), but for the fused conv + ReLU + max pool, whose conv function returns new arrays.
 Non-square strides fall back to the reference (the kernels take one stride for both axes).
@@ -57,11 +57,9 @@ def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 
 
 
 def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None):
-    """bind_direct_fwd for this node's geometry, or None (stride > 1 or a geometry it refuses). Filters that
-    are state (or made from it ahead of the run) change only with the executable's state version: kernels
-    may keep what they derive from them (winograd.py's transformed filters)."""
-    if stride != 1:
-        return None
+    """bind_direct_fwd for this node's geometry, or None (a geometry it refuses: most strided convs). Filters
+    that are state (or made from it ahead of the run) change only with the executable's state version: kernels
+    may keep what they derive from them (winograd.py's transformed filters, channels.py's laid-out ones)."""
     exe = ctx.exe
     version = (lambda: exe.state_version) if ctx.static([ctx.inputs[1]]) is not None else None
     try:

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 
 from graphc.backends.kernel_cache import aligned_empty, load_generated
-from graphc.backends.numba.conv import gen, winograd
+from graphc.backends.numba.conv import channels, gen, winograd
 from graphc.backends.numba.conv.layout import (new_or, out_hw, place, place_rows, place_t, pool_hw, scratch,
                                               shift_copies, sum_partials)
 from graphc.backends.numba.precompile import compile_for
@@ -342,6 +342,8 @@ def forward(x, w, b, stride, pads, epi, relu=False, ps=0, pst=0, save_route=Fals
             out=None):
     N, C, H, W = x.shape
     K = w.shape[0]
+    if epi == "store" and channels.applies(x.shape, w.shape, stride, pads, dil, groups, x.dtype):
+        return channels.forward(x, w, b, stride, pads, relu, dil, out), np.empty((1, 1, 1, 1), np.int32)
     if stride > 1:           # a dilated filter becomes a sparse dense one: its phases are not dilated
         xs, ws, (Ho, Wo) = _space_to_depth(x, dense_filter(w, dil), stride, pads)
         if groups == 1 and ws.shape[2] > 1 and ws.shape[2] * ws.shape[3] > ROW_SPLIT_TAPS:
@@ -421,24 +423,27 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. Returns None where the direct strategy needs more than a stride-1
-    kernel (stride > 1: space-to-depth per call).
+    kernel (stride > 1: space-to-depth per call). The geometries channels.py serves (store epilogue) run its
+    kernel, bound likewise (channels.Binding).
 
     ``weights_version``: a callable whose value changes whenever the filters' values may have changed
     (the executor's state version, for filters that are state); with it, calls without a route (on the
     calling thread) of the geometries winograd.py serves run its kernel (3x3 conv + ReLU + 2x2/2 pool,
     >= 8 input channels), the filters transformed again only when the version or the array changes."""
-    if int(stride) != 1:
-        return None
     dtype = np.dtype(dtype)
     N, C, H, W = (int(v) for v in x_shape)
     K, Cg, KH, KW = (int(v) for v in w_shape)
     pads = tuple(int(p) for p in pads)
     dil = tuple(int(d) for d in dil)
+    clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
+    if epi == "store" and channels.applies((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, int(groups), dtype):
+        return channels.Binding((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, dtype, clip, weights_version)
+    if int(stride) != 1:
+        return None
     top, bottom, left, right = pads
     Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, 1, pads)
     Hp, Wp = H + top + bottom, W + left + right
     ps, pst = (int(pool[0]), int(pool[1])) if epi == "pool" else (0, 0)
-    clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
     plan, rows = _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, int(groups), dil, clip)
     maxoff = plan.maxoff
     inplace = rows == 1 and pads == (0, 0, 0, 0) and plan.PL + maxoff <= Hp * Wp

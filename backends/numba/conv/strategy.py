@@ -21,7 +21,7 @@ import numpy as np
 
 from graphc.backends.kernel_cache import LOCK, kernel_cache_dir, write_atomic
 from graphc.backends.numba.compile_stats import add_tuning
-from graphc.backends.numba.conv import direct, im2col, winograd_gemm
+from graphc.backends.numba.conv import channels, direct, im2col, winograd_gemm
 from graphc.backends.numba.conv.layout import check_geometry, out_hw
 from graphc.errors import BackendError
 
@@ -122,7 +122,7 @@ def tuning_on() -> bool:
     return os.environ.get("GRAPHC_CONV_TUNE", "") not in ("", "0")
 
 
-def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=None) -> str:
+def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=None, pads=None) -> str:
     """The strategy a geometry runs before it was ever timed. One-thread timings (best of 5, float32)
     over the zoo's MNIST and small-ImageNet layers: direct won every stride-1 forward and dL/dX
     (im2col/direct median 2.6-3.1x) and stride-1 dL/dW but 1x1 (0.75x); im2col won 1x1 filters at
@@ -142,9 +142,14 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=N
     least DEEP_1X1 input channels is a plain GEMM on im2col (the image is its column matrix): MobileNetV2 at
     batch 1 (its 1x1 convs on 14x14 and 7x7 planes), best of 8 x 10 runs side by side in one process,
     6.21 against 6.71 ms with SciPy's OpenBLAS on its AVX-512 kernels, 9.81 against 10.45 on its AVX2
-    ones; from 1 input channel up it was slower (7.41)."""
+    ones; from 1 input channel up it was slower (7.41). A forward conv of one or two images that the
+    channel-vectorised direct kernel serves (strided with a deep patch, or on a small plane; conv/channels.py's
+    doc has the timings) is direct, ahead of these rules."""
     if _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
         return "winograd"
+    if op == "conv2d" and x_shape is not None and pads is not None \
+            and channels.applies(x_shape, w_shape, stride, pads, dil, groups, np.dtype(dtype or np.float32)):
+        return "direct"
     one = tuple(w_shape[2:]) == (1, 1)
     if stride > 1 and (one or tuple(dil) != (1, 1)):
         return "im2col"
@@ -251,7 +256,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     if got is not None:
         return got
     if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT \
-            and static_rule(op, stride, w_shape, dil, groups, x_shape, dtype) == "direct":
+            and static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, pads) == "direct":
         # a timing taken under load picked im2col for MNIST's batch-1 layers, 3x slower than direct:
         # small forward batches keep the static rule's direct (its im2col cases, deep or 1x1 strided
         # filters, may be timed)
@@ -262,7 +267,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     best = _remembered(_read_choices(path).get(key), tune, _strategies_for(op, x_shape, w_shape, stride, pool, dil,
                                                                          groups))
     if best is None and not tune:
-        best = static_rule(op, stride, w_shape, dil, groups, x_shape, dtype)
+        best = static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, pads)
     if best is not None:
         _CHOICES[key] = best
         return best

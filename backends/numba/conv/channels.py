@@ -1,0 +1,232 @@
+"""The direct forward conv with its vector lanes across output channels, for the convs that the plane kernels
+(gen.py: lanes across output positions) serve poorly at batch 1-2: strided convs with deep patches, and
+stride-1 convs on small planes.
+
+A strided conv needs no space-to-depth here (every input value is a scalar read, at any stride), and a 7x7
+plane fills 49 of the 64 lanes of the plane kernel's wide rows, but all of them here. One task: image n, a
+block of KV output channels (KV = 4 SIMD vectors), a block of R output rows. Its accumulators (R x Wo x KV,
+under 32 KiB: they stay in L1) take the whole reduction over input channels; for each input channel the
+block's filter taps (T x KV values, the filters laid out (K / KV, C, T, KV) once per filter version) are
+read from L1 for all R rows; output positions go P at a time, the P positions' input values (a few rows of
+scalars) loaded once and the loop over the KV channels vectorised. Measured on 2 threads at batch 1, ms
+(this / the kernel the conv took before / torch 2.13 eager's oneDNN), float32, best of 30 side by side:
+ResNet-18's 512 -> 512 3x3 on 7x7 0.60 / 1.12 (direct) / 0.81; its stride-2 3x3 convs 64 -> 128 on
+56x56 0.81 / 1.26 (im2col) / 0.43, 128 -> 256 on 28x28 0.45 / 0.67 / 0.33, 256 -> 512 on 14x14 0.46 /
+0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.15 / 0.44 / 0.09. Stride-1 3x3 on 14x14 and larger planes: as
+fast as the plane kernel (0.58 / 0.61 on 14x14, 0.69 / 0.66 on 56x56), so those keep it; 1x1 stride-2
+convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at 128, 0.21 / 0.13 at 64), and so does
+ResNet's 7x7 first layer of 3 channels (too shallow: 2.6 against the row-split plane kernel's 1.4).
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
+from graphc.backends.kernel_cache import aligned_empty
+from graphc.backends.numba.conv.gen import HEADER, round_up
+from graphc.backends.numba.conv.layout import out_hw, place, scratch
+from graphc.backends.numba.threads import num_threads, parallel_for
+
+MAX_BATCH = 2            # images: a larger batch fills the plane kernels' lanes, and its strided convs
+                         # take im2col's GEMMs over several images
+MIN_PATCH = 256          # input channels x taps: a shallower conv keeps its strategy (see the module doc)
+SMALL_PLANE_FILL = 0.8   # a stride-1 conv whose plane kernel fills fewer of its lanes than this comes here
+ACC_BYTES = 32 << 10     # a task's accumulators at most (L1: 48 KiB on Zen 5 and recent Intel cores)
+POSITIONS = 7            # output positions per pass of the vector loop (ResNet's planes are 7 x 2^k wide)
+VECTORS = 4              # SIMD vectors of output channels per task
+
+
+def _lanes(dtype) -> int:
+    return 64 // np.dtype(dtype).itemsize
+
+
+def plane_fill(Ho, Wo, Wp, dtype) -> float:
+    """The share of the plane kernel's lanes holding output positions (its wide rows are Wp wide and
+    rounded up to whole vectors)."""
+    return Ho * Wo / round_up((Ho - 1) * Wp + Wo, _lanes(dtype))
+
+
+def applies(x_shape, w_shape, stride, pads, dil=(1, 1), groups=1, dtype=np.float32) -> bool:
+    """Whether a forward conv (store epilogue) of this geometry runs here (see the module doc)."""
+    N, C, H, W = x_shape
+    K, Cg, KH, KW = w_shape
+    if groups != 1 or N > MAX_BATCH or K < 2 * _lanes(dtype) or Cg * KH * KW < MIN_PATCH:
+        return False
+    top, bottom, left, right = pads
+    Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, stride, pads)
+    if Ho < 1 or Wo < 1:
+        return False
+    if stride > 1:
+        return True
+    return plane_fill(Ho, Wo, W + left + right, dtype) < SMALL_PLANE_FILL
+
+
+class Plan:
+    """The geometry of one call: KV channels and R rows per task, P positions per pass."""
+
+    def __init__(self, N, C, K, KH, KW, Hp, Wp, Ho, Wo, stride, dil, dtype, clip=None):
+        self.N, self.C, self.K, self.KH, self.KW = N, C, K, KH, KW
+        self.Hp, self.Wp, self.Ho, self.Wo, self.s, self.dil = Hp, Wp, Ho, Wo, stride, tuple(dil)
+        self.dtype, self.clip = np.dtype(dtype), clip
+        self.KV = min(VECTORS * _lanes(dtype), round_up(K, _lanes(dtype)))
+        self.NKV = -(-K // self.KV)
+        self.P = min(POSITIONS, Wo)
+        self.NRB = -(-Wo // self.P)
+        row = self.NRB * self.P * self.KV * self.dtype.itemsize
+        nr = -(-Ho // max(1, ACC_BYTES // row))
+        self.R = -(-Ho // nr)
+        self.NR = -(-Ho // self.R)
+        self.ntasks = N * self.NKV * self.NR
+        self.acc_len = self.R * self.NRB * self.P * self.KV
+
+    def source(self) -> str:
+        return gen_kernel(C=self.C, K=self.K, KH=self.KH, KW=self.KW, Wp=self.Wp, Ho=self.Ho, Wo=self.Wo, s=self.s,
+                          dil=self.dil, KV=self.KV, P=self.P, R=self.R, clip=self.clip is not None)
+
+    def weights(self, w, out):
+        """The filters w (K, C, KH, KW) laid out into out (NKV, C * T * KV): block kb, channel c, tap t holds
+        filters kb*KV .. kb*KV + KV - 1 (zeros past K)."""
+        K, C, KH, KW = w.shape
+        o = out.reshape(self.NKV, C, KH * KW, self.KV)
+        full = K // self.KV
+        if full:
+            o[:full] = w[:full * self.KV].reshape(full, self.KV, C, KH * KW).transpose(0, 2, 3, 1)
+        if full < self.NKV:
+            o[full:] = 0
+            o[full, :, :, :K - full * self.KV] = w[full * self.KV:].reshape(-1, C, KH * KW).transpose(1, 2, 0)
+
+
+def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, clip=False) -> str:
+    """``kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi)``: tasks lo..hi-1 (image, block of KV output
+    channels, block of R rows) of ``y (N, K, Ho, Wo)`` = the correlation of the padded flat planes ``x (N, C,
+    >= Hp*Wp)`` (rows Wp wide) with ``wt (NKV, C*KH*KW*KV)`` (Plan.weights) + ``b (NKV*KV,)``, at stride s,
+    taps dil apart; ``flag``: then the ReLU, or with ``clip`` the clip to [clo, chi] (NaN passes through
+    both, as in gen.py's store epilogue); ``acc``: the
+    calling thread's (R*NRB*P*KV,) scratch. A last block of positions that would pass the row's end starts
+    earlier instead, overlapping the one before (the same sums, the same bits)."""
+    T = KH * KW
+    NKV, NRB, NR = -(-K // KV), -(-Wo // P), -(-Ho // R)
+    span = (P - 1) * s + (KW - 1) * dil[1] + 1        # input columns the P positions read, per filter row
+    L = [HEADER, f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)",
+         "def kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi):"]
+    a = L.append
+    a("    for t in range(lo, hi):")
+    a(f"        n = t // {NKV * NR}")
+    a(f"        r = t - n * {NKV * NR}")
+    a(f"        kb = r // {NR}")
+    a(f"        i0 = (r - kb * {NR}) * {R}")
+    a(f"        i1 = i0 + {R} if i0 + {R} < {Ho} else {Ho}")
+    a("        xn = x[n]")
+    a("        wk = wt[kb]")
+    a(f"        for q in range((i1 - i0) * {NRB * P * KV}):")
+    a("            acc[q] = 0.0")
+    a(f"        for c in range({C}):")
+    a("            xc = xn[c]")
+    a(f"            wc = wk[c * {T * KV}:]")
+    a("            for i in range(i0, i1):")
+    a(f"                for rb in range({NRB}):")
+    ind = "                    "
+    a(f"{ind}j0 = rb * {P} if rb * {P} + {P} <= {Wo} else {Wo - P}")
+    a(f"{ind}ac = acc[((i - i0) * {NRB} + rb) * {P * KV}:]")
+    a(f"{ind}e = i * {s * Wp} + j0 * {s}")
+    for kh in range(KH):
+        for m in range(span):
+            a(f"{ind}s{kh}_{m} = xc[e + {kh * dil[0] * Wp + m}]")
+    a(f"{ind}for kk in range({KV}):")
+    for t in range(T):
+        a(f"{ind}    v{t} = wc[{t * KV} + kk]")
+    for j in range(P):
+        terms = " + ".join(f"s{kh}_{j * s + kw * dil[1]} * v{kh * KW + kw}" for kh in range(KH) for kw in range(KW))
+        a(f"{ind}    ac[{j * KV} + kk] += {terms}")
+    # the epilogue: bias, the clip under the flag, the store (P x KV values a task per row; small beside the sums)
+    a("        for i in range(i0, i1):")
+    a(f"            for rb in range({NRB}):")
+    a(f"                j0 = rb * {P} if rb * {P} + {P} <= {Wo} else {Wo - P}")
+    a(f"                ac = acc[((i - i0) * {NRB} + rb) * {P * KV}:]")
+    a(f"                for kk in range({KV}):")
+    a(f"                    k = kb * {KV} + kk")
+    a(f"                    if k < {K}:")
+    a("                        bk = b[k]")
+    a("                        yk = y[n, k, i]")
+    a(f"                        for j in range({P}):")
+    a(f"                            v = ac[j * {KV} + kk] + bk")
+    act = "min(max(v, clo), chi)" if clip else "(0.0 if v < 0 else v)"
+    a(f"                            yk[j0 + j] = {act} if flag else v")
+    return "\n".join(L) + "\n"
+
+
+class Binding:
+    """A prebound forward of one geometry: ``run(x, w, b, y, route, flag)`` as direct.bind_direct_fwd's (flag:
+    ReLU, or the clip when bound with one; route unused). ``weights_version``: a callable whose value changes
+    whenever the filters' values may have changed: the laid-out filters are kept until then (made again for
+    another filter array); without it they are made every call."""
+
+    def __init__(self, x_shape, w_shape, stride, pads, dil, dtype, clip=None, weights_version=None):
+        from graphc.backends.numba.conv.direct import load_kernel
+        N, C, H, W = x_shape
+        K, _, KH, KW = w_shape
+        top, bottom, left, right = pads
+        Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, stride, pads)
+        self.dtype = np.dtype(dtype)
+        self.plan = p = Plan(N, C, K, KH, KW, H + top + bottom, W + left + right, Ho, Wo, stride, dil, dtype, clip)
+        self.pads, self.x_shape = tuple(pads), tuple(x_shape)
+        self.kern = load_kernel(p.source(), predicate=False)
+        self.wt = aligned_empty((p.NKV, C * KH * KW * p.KV), dtype)
+        self.bias = np.zeros(p.NKV * p.KV, dtype)
+        self.acc = [aligned_empty(p.acc_len + 16, dtype) for _ in range(_max_threads())]
+        lo, hi = clip if clip is not None else (0.0, np.inf)
+        self.clo, self.chi = self.dtype.type(lo), self.dtype.type(hi)
+        self.version = weights_version
+        self.memo = (None, None)
+        self.serial = 2 * N * K * C * KH * KW * Ho * Wo < 5e6
+
+    def planes(self, x):
+        """x as the kernel's (N, C, >= Hp*Wp) flat padded planes: itself where unpadded and readable so."""
+        p = self.plan
+        if x.dtype != self.dtype or not (x.flags.writeable and x.flags.aligned):
+            x = np.array(x, self.dtype)
+        if self.pads == (0, 0, 0, 0) and x.flags.c_contiguous:
+            return x.reshape(p.N, p.C, p.Hp * p.Wp)
+        xb = scratch("fwd_x", (p.N, p.C, p.Hp * p.Wp), self.dtype)
+        place(x.reshape(self.x_shape), xb, p.Hp, p.Wp, 1, self.pads[0], self.pads[2])
+        return xb
+
+    def __call__(self, x, w, b, y, route, flag):
+        from graphc.backends.numba.conv.direct import ensure_compiled
+        p = self.plan
+        v = self.version() if self.version is not None else None
+        if self.memo[0] is not w or v is None or self.memo[1] != v:
+            p.weights(np.asarray(w, self.dtype), self.wt)
+            self.memo = (w, v)
+        self.bias[:p.K] = 0 if b is None else b
+        args = (self.planes(x), self.wt, self.bias, y, bool(flag), self.clo, self.chi)
+        ensure_compiled(self.kern, args + (self.acc[0], 0, 0), self.dtype)
+        if self.serial or num_threads() == 1:
+            self.kern(*args, self.acc[0], 0, p.ntasks)
+        else:
+            parallel_for(lambda lo, hi, k: self.kern(*args, self.acc[k], lo, hi), p.ntasks)
+
+
+def _max_threads() -> int:
+    import numba
+    return numba.config.NUMBA_NUM_THREADS
+
+
+_TLS = threading.local()
+
+
+def forward(x, w, b, stride, pads, relu=False, dil=(1, 1), out=None):
+    """y = conv(x, w) + b (then ReLU when relu) into out (or a new array), for the geometries of applies():
+    direct.forward's path for them. The filters are laid out again every call; each thread keeps its own
+    bindings (their work arrays)."""
+    bindings = _TLS.__dict__.setdefault("bindings", {})
+    key = (x.shape, w.shape, int(stride), tuple(pads), tuple(dil), x.dtype.str)
+    run = bindings.get(key)
+    if run is None:
+        run = bindings[key] = Binding(x.shape, w.shape, int(stride), tuple(pads), tuple(dil), x.dtype)
+    p = run.plan
+    y = out if out is not None else np.empty((p.N, p.K, p.Ho, p.Wo), x.dtype)
+    run(x, w, b, y, None, relu)
+    return y

@@ -1,0 +1,107 @@
+"""The channel-vectorised direct forward (backends/numba/conv/channels.py) against a float64 numpy reference:
+strided convs with deep patches, small planes, dilated taps, output channels that fill no whole block of lanes,
+two images, float64; its prebound form (the filters laid out once per version, the clip, NaN); and where the
+strategy rule sends convs to it. (The networks it serves are checked against the reference backend in
+tests/test_numba_cnn.py: ResNet-18, MobileNetV2 and GoogLeNet at batch 2 run their strided convs here.)"""
+import numpy as np
+import pytest
+
+from graphc.backends.numba import conv as nc
+from graphc.backends.numba.conv import channels, direct
+from graphc.backends.numba.conv import strategy as conv_strategy
+
+
+def conv_ref(x, w, b, s, pads, dil=(1, 1)):
+    """Direct sum over the taps in float64 (zero padding pads = (top, bottom, left, right))."""
+    t, bt, l, r = pads
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (t, bt), (l, r)))
+    K, C, KH, KW = w.shape
+    Ho = (xp.shape[2] - (KH - 1) * dil[0] - 1) // s + 1
+    Wo = (xp.shape[3] - (KW - 1) * dil[1] - 1) // s + 1
+    y = np.zeros((x.shape[0], K, Ho, Wo))
+    for kh in range(KH):
+        for kw in range(KW):
+            win = xp[:, :, kh * dil[0]:kh * dil[0] + s * (Ho - 1) + 1:s, kw * dil[1]:kw * dil[1] + s * (Wo - 1) + 1:s]
+            y += np.einsum("kc,nchw->nkhw", w[:, :, kh, kw].astype(np.float64), win)
+    return y + (0 if b is None else b.astype(np.float64)[None, :, None, None])
+
+
+# N, C, K, H, W, KH, KW, stride, pads, dilation, dtype
+CASES = {
+    "strided_3x3_asym_pads": (1, 64, 40, 9, 8, 3, 3, 2, (1, 0, 2, 1), (1, 1), np.float32),
+    "strided_1x1_two_images": (2, 256, 48, 6, 7, 1, 1, 2, (0, 0, 0, 0), (1, 1), np.float64),
+    "small_plane_3x3": (1, 32, 64, 7, 7, 3, 3, 1, (1, 1, 1, 1), (1, 1), np.float32),
+    "small_plane_dilated": (1, 40, 33, 5, 6, 3, 3, 1, (2, 2, 2, 2), (2, 2), np.float32),
+    "small_plane_1x1_f64": (1, 300, 20, 5, 5, 1, 1, 1, (0, 0, 0, 0), (1, 1), np.float64),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_matches_reference(case):
+    N, C, K, H, W, KH, KW, s, pads, dil, dt = CASES[case]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, C, H, W)).astype(dt)
+    w = rng.standard_normal((K, C, KH, KW)).astype(dt)
+    b = rng.standard_normal(K).astype(dt)
+    assert channels.applies(x.shape, w.shape, s, pads, dil, 1, dt)          # (else this tests another kernel)
+    want = conv_ref(x, w, b, s, pads, dil)
+    tol = dict(rtol=1e-5, atol=1e-4) if dt == np.float32 else dict(rtol=1e-12, atol=1e-11)
+    for relu in (False, True):
+        got = direct.forward(x, w, b, s, pads, "store", relu=relu, dil=dil)[0]
+        assert got.dtype == dt
+        np.testing.assert_allclose(got, np.maximum(want, 0) if relu else want, **tol)
+    # the strategy a cold start takes for it is direct, so conv2d runs it too
+    assert nc.choose_conv_strategy(x.shape, w.shape, s, pads, dt, dilation=dil) == "direct"
+    out = np.empty(want.shape, dt)
+    assert nc.conv2d(x, w, None, s, pads, dilation=dil, out=out) is out
+    np.testing.assert_allclose(out, want - b.astype(np.float64)[None, :, None, None], **tol)
+
+
+def test_bound_forward_clip_nan_and_filter_versions():
+    """The prebound form: the clip (ReLU6) under the flag, NaN passed through, the laid-out filters kept
+    while the version holds and made again when it changes, or for another filter array."""
+    N, C, K, H, W, KH, KW, s, pads, dil, dt = CASES["strided_3x3_asym_pads"]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((N, C, H, W)).astype(dt)
+    w = rng.standard_normal((K, C, KH, KW)).astype(dt)
+    b = rng.standard_normal(K).astype(dt)
+    version = [0]
+    run = direct.bind_direct_fwd(x.shape, w.shape, True, s, pads, dt, "store", clip=(0.0, 6.0),
+                                 weights_version=lambda: version[0])
+    assert isinstance(run, channels.Binding)
+    y = np.empty(conv_ref(x, w, b, s, pads).shape, dt)
+    run(x, w, b, y, None, True)
+    np.testing.assert_allclose(y, np.clip(conv_ref(x, w, b, s, pads), 0, 6), rtol=1e-5, atol=1e-4)
+    run(x, w, b, y, None, False)
+    np.testing.assert_allclose(y, conv_ref(x, w, b, s, pads), rtol=1e-5, atol=1e-4)
+    w *= 2                                   # in place, the version unchanged: the kept layout still answers
+    run(x, w, None, y, None, False)
+    np.testing.assert_allclose(y, conv_ref(x, w / 2, None, s, pads), rtol=1e-5, atol=1e-4)
+    version[0] += 1                          # a new version: laid out again
+    run(x, w, None, y, None, False)
+    np.testing.assert_allclose(y, conv_ref(x, w, None, s, pads), rtol=1e-5, atol=1e-4)
+    w2 = -w                                  # another array: laid out again
+    run(x, w2, None, y, None, False)
+    np.testing.assert_allclose(y, conv_ref(x, w2, None, s, pads), rtol=1e-5, atol=1e-4)
+    x[0, 3, 4, 5] = np.nan                   # NaN reaches exactly the outputs whose window holds it, clip or not
+    want = conv_ref(x, w2, b, s, pads)
+    run(x, w2, b, y, None, True)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    assert np.isnan(want).sum() == K      # (one window position, stride 2)
+
+
+def test_where_the_rule_sends_convs():
+    """ResNet-18 at 224x224, batch 1: its strided 3x3 convs, its deep strided 1x1 and its 3x3 convs on 7x7
+    planes come here; its first layer (3 channels), the 3x3 convs on 14x14 planes and up, batch 16 and the
+    shallow strided 1x1 do not."""
+    f32 = np.float32
+    yes = [((1, 64, 56, 56), (128, 64, 3, 3), 2, (1, 1, 1, 1)), ((1, 256, 14, 14), (512, 256, 1, 1), 2, (0,) * 4),
+           ((1, 512, 7, 7), (512, 512, 3, 3), 1, (1, 1, 1, 1)), ((2, 256, 14, 14), (512, 256, 3, 3), 2, (1,) * 4)]
+    no = [((1, 3, 224, 224), (64, 3, 7, 7), 2, (3,) * 4), ((1, 256, 14, 14), (256, 256, 3, 3), 1, (1,) * 4),
+          ((16, 256, 14, 14), (512, 256, 3, 3), 2, (1,) * 4), ((1, 128, 28, 28), (256, 128, 1, 1), 2, (0,) * 4)]
+    for xs, ws, s, pads in yes:
+        assert channels.applies(xs, ws, s, pads, (1, 1), 1, f32), (xs, ws)
+        assert conv_strategy.static_rule("conv2d", s, ws, x_shape=xs, dtype=f32, pads=pads) == "direct"
+    for xs, ws, s, pads in no:
+        assert not channels.applies(xs, ws, s, pads, (1, 1), 1, f32), (xs, ws)
+    assert not channels.applies((1, 64, 7, 7), (64, 4, 3, 3), 1, (1,) * 4, (1, 1), 16, f32)      # grouped
