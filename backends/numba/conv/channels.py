@@ -5,17 +5,17 @@ stride-1 convs on small planes.
 A strided conv needs no space-to-depth here (every input value is a scalar read, at any stride), and a 7x7
 plane fills 49 of the 64 lanes of the plane kernel's wide rows, but all of them here. One task: image n, a
 block of KV output channels (KV = 4 SIMD vectors), a block of R output rows. Its accumulators (R x Wo x KV,
-under 32 KiB: they stay in L1) take the whole reduction over input channels; for each input channel the
+at most 16 KiB: they stay in L1) take the whole reduction over input channels; for each input channel the
 block's filter taps (T x KV values, the filters laid out (K / KV, C, T, KV) once per filter version) are
 read from L1 for all R rows; output positions go P at a time, the P positions' input values (a few rows of
 scalars) loaded once and the loop over the KV channels vectorised. Measured on 2 threads at batch 1, ms
 (this / the kernel the conv took before / torch 2.13 eager's oneDNN), float32, best of 30 side by side:
 ResNet-18's 512 -> 512 3x3 on 7x7 0.60 / 1.12 (direct) / 0.81; its stride-2 3x3 convs 64 -> 128 on
 56x56 0.81 / 1.26 (im2col) / 0.43, 128 -> 256 on 28x28 0.45 / 0.67 / 0.33, 256 -> 512 on 14x14 0.46 /
-0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.15 / 0.44 / 0.09. Stride-1 3x3 on 14x14 and larger planes: as
-fast as the plane kernel (0.58 / 0.61 on 14x14, 0.69 / 0.66 on 56x56), so those keep it; 1x1 stride-2
-convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at 128, 0.21 / 0.13 at 64), and so does
-ResNet's 7x7 first layer of 3 channels (too shallow: 2.6 against the row-split plane kernel's 1.4).
+0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.15 / 0.44 / 0.09; its 7x7 stride-2 first layer (3 -> 64, one
+filter row a pass) 0.88 / 1.00 (direct, by space-to-depth and rows as channels) / 0.56. Stride-1 3x3 on 14x14
+and larger planes: as fast as the plane kernel (0.58 / 0.61 on 14x14, 0.69 / 0.66 on 56x56), so those keep
+it; 1x1 stride-2 convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at 128, 0.21 / 0.13 at 64).
 """
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ MAX_BATCH = 2            # images: a larger batch fills the plane kernels' lanes
                          # take im2col's GEMMs over several images
 MIN_PATCH = 256          # input channels x taps: a shallower conv keeps its strategy (see the module doc)
 SMALL_PLANE_FILL = 0.8   # a stride-1 conv whose plane kernel fills fewer of its lanes than this comes here
-ACC_BYTES = 32 << 10     # a task's accumulators at most (L1: 48 KiB on Zen 5 and recent Intel cores)
+ACC_BYTES = 16 << 10     # a task's accumulators at most, in L1 beside the filters and input rows (64 -> 128 on 56x56
+                         # with 2 rows a task: 0.47 ms, with 4 (28 KiB): 0.65)
 POSITIONS = 7            # output positions per pass of the vector loop (ResNet's planes are 7 x 2^k wide)
 VECTORS = 4              # SIMD vectors of output channels per task
+ROW_PASS_TAPS = 9        # a filter of more taps is taken one filter row per pass
 
 
 def _lanes(dtype) -> int:
@@ -52,15 +54,15 @@ def applies(x_shape, w_shape, stride, pads, dil=(1, 1), groups=1, dtype=np.float
     """Whether a forward conv (store epilogue) of this geometry runs here (see the module doc)."""
     N, C, H, W = x_shape
     K, Cg, KH, KW = w_shape
-    if groups != 1 or N > MAX_BATCH or K < 2 * _lanes(dtype) or Cg * KH * KW < MIN_PATCH:
+    if groups != 1 or N > MAX_BATCH or K < 2 * _lanes(dtype):
         return False
     top, bottom, left, right = pads
     Ho, Wo = out_hw(H, W, (KH - 1) * dil[0] + 1, (KW - 1) * dil[1] + 1, stride, pads)
     if Ho < 1 or Wo < 1:
         return False
     if stride > 1:
-        return True
-    return plane_fill(Ho, Wo, W + left + right, dtype) < SMALL_PLANE_FILL
+        return Cg * KH * KW >= MIN_PATCH or KH * KW > ROW_PASS_TAPS
+    return Cg * KH * KW >= MIN_PATCH and plane_fill(Ho, Wo, W + left + right, dtype) < SMALL_PLANE_FILL
 
 
 class Plan:
@@ -72,7 +74,9 @@ class Plan:
         self.dtype, self.clip = np.dtype(dtype), clip
         self.KV = min(VECTORS * _lanes(dtype), round_up(K, _lanes(dtype)))
         self.NKV = -(-K // self.KV)
-        self.P = min(POSITIONS, Wo)
+        # (one filter row a pass: twice the positions, to read each weight vector for more of them: ResNet's
+        # first layer 0.88 ms with 14, 1.18 with 7)
+        self.P = min(POSITIONS * (2 if KH * KW > ROW_PASS_TAPS else 1), Wo)
         self.NRB = -(-Wo // self.P)
         row = self.NRB * self.P * self.KV * self.dtype.itemsize
         nr = -(-Ho // max(1, ACC_BYTES // row))
@@ -122,23 +126,34 @@ def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, clip=False) -> str
     a("        wk = wt[kb]")
     a(f"        for q in range((i1 - i0) * {NRB * P * KV}):")
     a("            acc[q] = 0.0")
+    # filters of many taps (ResNet's 7x7 first layer) take one filter row per pass: the whole filter's
+    # weights and input values in registers at once spilled most of them (2.6 ms instead of 1.0)
+    rows = 1 if T > ROW_PASS_TAPS else KH
     a(f"        for c in range({C}):")
     a("            xc = xn[c]")
-    a(f"            wc = wk[c * {T * KV}:]")
-    a("            for i in range(i0, i1):")
-    a(f"                for rb in range({NRB}):")
-    ind = "                    "
+    ind = "            "
+    if rows == 1:
+        a(f"            for kh in range({KH}):")
+        a(f"                wc = wk[(c * {KH} + kh) * {KW * KV}:]")
+        a(f"                o = kh * {dil[0] * Wp}")
+        ind += "    "
+    else:
+        a(f"            wc = wk[c * {T * KV}:]")
+        a("            o = 0")
+    a(f"{ind}for i in range(i0, i1):")
+    a(f"{ind}    for rb in range({NRB}):")
+    ind += "        "
     a(f"{ind}j0 = rb * {P} if rb * {P} + {P} <= {Wo} else {Wo - P}")
     a(f"{ind}ac = acc[((i - i0) * {NRB} + rb) * {P * KV}:]")
-    a(f"{ind}e = i * {s * Wp} + j0 * {s}")
-    for kh in range(KH):
+    a(f"{ind}e = i * {s * Wp} + j0 * {s} + o")
+    for kh in range(rows):
         for m in range(span):
             a(f"{ind}s{kh}_{m} = xc[e + {kh * dil[0] * Wp + m}]")
     a(f"{ind}for kk in range({KV}):")
-    for t in range(T):
+    for t in range(rows * KW):
         a(f"{ind}    v{t} = wc[{t * KV} + kk]")
     for j in range(P):
-        terms = " + ".join(f"s{kh}_{j * s + kw * dil[1]} * v{kh * KW + kw}" for kh in range(KH) for kw in range(KW))
+        terms = " + ".join(f"s{kh}_{j * s + kw * dil[1]} * v{kh * KW + kw}" for kh in range(rows) for kw in range(KW))
         a(f"{ind}    ac[{j * KV} + kk] += {terms}")
     # the epilogue: bias, the clip under the flag, the store (P x KV values a task per row; small beside the sums)
     a("        for i in range(i0, i1):")
