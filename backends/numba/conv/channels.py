@@ -13,8 +13,9 @@ scalars) loaded once and the loop over the KV channels vectorised. Measured on 2
 ResNet-18's 512 -> 512 3x3 on 7x7 0.60 / 1.12 (direct) / 0.81; its stride-2 3x3 convs 64 -> 128 on
 56x56 0.81 / 1.26 (im2col) / 0.43, 128 -> 256 on 28x28 0.45 / 0.67 / 0.33, 256 -> 512 on 14x14 0.46 /
 0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.15 / 0.44 / 0.09; its 7x7 stride-2 first layer (3 -> 64, one
-filter row a pass) 0.88 / 1.00 (direct, by space-to-depth and rows as channels) / 0.56. Stride-1 3x3 on 14x14
-and larger planes: as fast as the plane kernel (0.58 / 0.61 on 14x14, 0.69 / 0.66 on 56x56), so those keep
+filter row a pass) 0.88 / 1.00 (direct, by space-to-depth and rows as channels) / 0.56; 3x3 on 14x14,
+256 -> 256 0.52 / 0.58 (direct), 512 -> 512 at batch 2 (VGG16) 4.15 / 4.53. Stride-1 3x3 on 28x28 and
+larger planes: no faster than the plane kernel (0.60 / 0.61 on 28x28, 0.73 / 0.62 on 56x56), so those keep
 it; 1x1 stride-2 convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at 128, 0.21 / 0.13 at 64).
 """
 from __future__ import annotations
@@ -32,7 +33,8 @@ from graphc.backends.numba.threads import num_threads, parallel_for
 MAX_BATCH = 2            # images: a larger batch fills the plane kernels' lanes, and its strided convs
                          # take im2col's GEMMs over several images
 MIN_PATCH = 256          # input channels x taps: a shallower conv keeps its strategy (see the module doc)
-SMALL_PLANE_FILL = 0.8   # a stride-1 conv whose plane kernel fills fewer of its lanes than this comes here
+SMALL_PLANE_FILL = 0.9   # a stride-1 conv whose plane kernel fills fewer of its lanes than this comes here
+                         # (a 3x3 one with padding 1: 7x7 and 14x14 planes, not 28x28 and up)
 ACC_BYTES = 16 << 10     # a task's accumulators at most, in L1 beside the filters and input rows (64 -> 128 on 56x56
                          # with 2 rows a task: 0.47 ms, with 4 (28 KiB): 0.65)
 POSITIONS = 7            # output positions per pass of the vector loop (ResNet's planes are 7 x 2^k wide)

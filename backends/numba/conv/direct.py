@@ -422,9 +422,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     allocations -- costs 20-35 us, more than a batch-1 MNIST layer).
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
-    layout are copied first. Returns None where the direct strategy needs more than a stride-1
-    kernel (stride > 1: space-to-depth per call). The geometries channels.py serves (store epilogue) run its
-    kernel, bound likewise (channels.Binding).
+    layout are copied first. The geometries channels.py serves (store epilogue) run its kernel
+    (channels.Binding); None where another needs more than a stride-1 kernel (space-to-depth per call).
 
     ``weights_version``: a callable whose value changes whenever the filters' values may have changed
     (the executor's state version, for filters that are state); with it, calls without a route (on the
@@ -433,8 +432,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     dtype = np.dtype(dtype)
     N, C, H, W = (int(v) for v in x_shape)
     K, Cg, KH, KW = (int(v) for v in w_shape)
-    pads = tuple(int(p) for p in pads)
-    dil = tuple(int(d) for d in dil)
+    pads, dil = tuple(int(p) for p in pads), tuple(int(d) for d in dil)
     clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
     if epi == "store" and channels.applies((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, int(groups), dtype):
         return channels.Binding((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, dtype, clip, weights_version)
@@ -455,9 +453,8 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     # work[k]: thread k's work arrays
     work = list(zip(*(list(a) for a in plan.work(dtype, lambda name, shape: aligned_empty(shape, dtype)))))
     ntasks = N * plan.NKB
-    # the calling thread alone for a tiny call, else threads.parallel_for. (A Numba-parallel variant for calls
-    # under 1e7 FLOPs is gone: its OpenMP workers, spinning after each call, stalled the next kernel's Python
-    # worker by up to 0.8 ms, and MobileNetV2 at batch 1 ran 10.0 ms on 2 threads instead of 7.8)
+    # the calling thread alone for a tiny call, else threads.parallel_for (a Numba-parallel variant's spinning
+    # OpenMP workers stalled the next kernel's Python worker by up to 0.8 ms: MobileNetV2 b1 10.0 ms, not 7.8)
     flops = 2 * N * K * Cg * KH * KW * Ho * Wo
     tiny = flops < TINY_CALL_FLOPS
     nob = np.zeros(K, dtype)
