@@ -32,7 +32,7 @@ CASES = {
     "strided_1x1_two_images": (2, 256, 48, 6, 7, 1, 1, 2, (0, 0, 0, 0), (1, 1), np.float64),
     "small_plane_3x3": (1, 32, 64, 7, 7, 3, 3, 1, (1, 1, 1, 1), (1, 1), np.float32),
     "small_plane_dilated": (1, 40, 33, 5, 6, 3, 3, 1, (2, 2, 2, 2), (2, 2), np.float32),
-    "small_plane_1x1_f64": (1, 300, 20, 5, 5, 1, 1, 1, (0, 0, 0, 0), (1, 1), np.float64),
+    "small_plane_3x3_f64": (1, 40, 20, 5, 5, 3, 3, 1, (1, 1, 1, 1), (1, 1), np.float64),
     "strided_5x5_one_row_a_pass": (1, 3, 40, 17, 16, 5, 5, 2, (2, 2, 2, 1), (1, 1), np.float32),
 }
 
@@ -94,12 +94,12 @@ def test_bound_forward_clip_nan_and_filter_versions():
 def test_where_the_rule_sends_convs():
     """ResNet-18 at 224x224, batch 1: its strided convs (the 7x7 first layer, the 3x3 ones, the deep 1x1) and
     its 3x3 convs on 7x7 and 14x14 planes come here; the 3x3 convs on 28x28 planes and up, batch 16 and the
-    shallow strided 1x1 do not."""
+    shallow strided 1x1 do not, nor MobileNetV2's 1x1 convs on 7x7 planes (plain GEMMs)."""
     f32 = np.float32
     yes = [((1, 64, 56, 56), (128, 64, 3, 3), 2, (1, 1, 1, 1)), ((1, 256, 14, 14), (512, 256, 1, 1), 2, (0,) * 4),
            ((1, 512, 7, 7), (512, 512, 3, 3), 1, (1, 1, 1, 1)), ((2, 256, 14, 14), (512, 256, 3, 3), 2, (1,) * 4),
            ((1, 3, 224, 224), (64, 3, 7, 7), 2, (3,) * 4), ((1, 256, 14, 14), (256, 256, 3, 3), 1, (1,) * 4)]
-    no = [((1, 128, 28, 28), (128, 128, 3, 3), 1, (1,) * 4),
+    no = [((1, 128, 28, 28), (128, 128, 3, 3), 1, (1,) * 4), ((1, 320, 7, 7), (1280, 320, 1, 1), 1, (0,) * 4),
           ((16, 256, 14, 14), (512, 256, 3, 3), 2, (1,) * 4), ((1, 128, 28, 28), (256, 128, 1, 1), 2, (0,) * 4)]
     for xs, ws, s, pads in yes:
         assert channels.applies(xs, ws, s, pads, (1, 1), 1, f32), (xs, ws)
