@@ -107,3 +107,16 @@ def test_where_the_rule_sends_convs():
     for xs, ws, s, pads in no:
         assert not channels.applies(xs, ws, s, pads, (1, 1), 1, f32), (xs, ws)
     assert not channels.applies((1, 64, 7, 7), (64, 4, 3, 3), 1, (1,) * 4, (1, 1), 16, f32)      # grouped
+
+
+def test_training_steps_keep_the_other_kernels():
+    """A training step's filters change every step, and the channel kernels' filter layout would be made again
+    each time: there the rules without them answer (im2col for a deep strided conv, the plane kernel for a 7x7
+    plane)."""
+    f32 = np.float32
+    assert nc.choose_conv_strategy((1, 64, 56, 56), (128, 64, 3, 3), 2, (1,) * 4, f32) == "direct"
+    assert nc.choose_conv_strategy((1, 64, 56, 56), (128, 64, 3, 3), 2, (1,) * 4, f32, static_filters=False) == "im2col"
+    xs, ws = (1, 512, 7, 7), (512, 512, 3, 3)
+    assert isinstance(direct.bind_direct_fwd(xs, ws, True, 1, (1,) * 4, f32, "store"), channels.Binding)
+    plane = direct.bind_direct_fwd(xs, ws, True, 1, (1,) * 4, f32, "store", channels_ok=False)
+    assert plane is not None and not isinstance(plane, channels.Binding)

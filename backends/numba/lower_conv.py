@@ -2,10 +2,11 @@
 
 The strategy (direct, im2col or winograd) is looked up once per Numba thread count and passed explicitly, so a
 call skips the conv module's per-call strategy lookup (~0.1-0.5 ms: it asks LLVM for the host CPU name
-each time). Where the strategy is direct and the stride 1 (or the conv one of conv/channels.py's), the forward
-runs the prebound direct kernel (bind_direct_fwd) writing straight into the planned buffers; otherwise the conv functions write into
-them too (out=: a result outside the plan lived on beside it, ResNet-18's conv gradients alone ~200 MB
-at batch 16), but for the fused conv + ReLU + max pool, whose conv function returns new arrays.
+each time). Where the strategy is direct and the stride 1 (or the conv one of conv/channels.py's, outside
+training steps), the forward runs the prebound direct kernel (bind_direct_fwd) writing straight into the
+planned buffers; otherwise the conv functions write into them too (out=: a result outside the plan lived on
+beside it, ResNet-18's conv gradients alone ~200 MB at batch 16), but for the fused conv + ReLU + max pool,
+whose conv function returns new arrays.
 Non-square strides fall back to the reference (the kernels take one stride for both axes).
 
 Grouped and dilated convs take the same strategies (groups and dilation passed through); depthwise convs
@@ -42,7 +43,7 @@ def _geo(attrs):
     return geometry(attrs)[2:]
 
 
-def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 1)):
+def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 1), static_filters=True):
     """strategy(): the conv strategy for the current Numba thread count (chosen once per count)."""
     chosen = {}
 
@@ -51,12 +52,12 @@ def _chooser(op, x_shape, w_shape, stride, pads, dtype, pool=None, geo=((1, 1), 
         got = chosen.get(t)
         if got is None:
             got = chosen[t] = nconv.choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op=op, pool=pool,
-                                                         dilation=geo[0], groups=geo[1])
+                                                         dilation=geo[0], groups=geo[1], static_filters=static_filters)
         return got
     return strategy
 
 
-def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None):
+def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None, static_filters=True):
     """bind_direct_fwd for this node's geometry, or None (a geometry it refuses: most strided convs). Filters
     that are state (or made from it ahead of the run) change only with the executable's state version: kernels
     may keep what they derive from them (winograd.py's transformed filters, channels.py's laid-out ones)."""
@@ -65,7 +66,7 @@ def _prebound(ctx, stride, pads, epi, pool=None, geo=((1, 1), 1), clip=None):
     try:
         return nconv.bind_direct_fwd(ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), len(ctx.inputs) == 3,
                                      stride, pads, ctx.dtype, epi, pool or (0, 0), *geo, clip=clip,
-                                     weights_version=version)
+                                     weights_version=version, channels_ok=static_filters)
     except BackendError:        # a geometry it refuses: the general path says why, or copes
         return None
 
@@ -104,8 +105,9 @@ def _forward(ctx, conv_attrs, relu, pool=None, clip=None):
     save = pool is not None and len(ctx.result_index) > 1
     res = [None if r is None else ctx.index(r) for r in ctx.results]     # None: a result nothing reads
     op = "conv2d" if pool is None else "conv2d_relu_maxpool"
+    static = not ctx.binding.inplace          # (a training step's filters change every step)
     strategy = _chooser(op, ctx.shape_of(ctx.inputs[0]), ctx.shape_of(ctx.inputs[1]), stride, pads, ctx.dtype, pool,
-                        geo)
+                        geo, static)
     y, route = ctx.out(0), (ctx.out(1) if save else _NO_ROUTE)
     if pool is None:
         def general():
@@ -122,7 +124,7 @@ def _forward(ctx, conv_attrs, relu, pool=None, clip=None):
             for i, v in zip(res, out if save else (out,)):
                 if i is not None:
                     values[i] = v
-    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo, clip)
+    fast = _prebound(ctx, stride, pads, "store" if pool is None else "pool", pool, geo, clip, static)
     if fast is None or route.dtype != np.int32 or not route.flags.c_contiguous:
         return general
     flag = save if pool is not None else (relu or clip is not None)

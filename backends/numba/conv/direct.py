@@ -412,7 +412,7 @@ def _bound_plan(K, Cg, KH, KW, Hp, Wp, Ho, Wo, dtype, epi, ps, pst, groups, dil,
 
 
 def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(0, 0), dil=(1, 1), groups=1,
-                    clip=None, weights_version=None):
+                    clip=None, weights_version=None, channels_ok=True):
     """A prebound direct forward for one shape: ``run(x, w, b, y, route, flag)`` writes into the
     caller's ``y`` (N, K, Ho, Wo) or, for epi "pool", ``y`` (N, K, Hq, Wq) and (when flag) the int32
     ``route`` (shaped like y; any (1,1,1,1) int32 array otherwise); flag = ReLU for "store" (with
@@ -423,7 +423,7 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     The kernel reads the filter bank where it lies (generated with ``wlayout="kct"``). y and route
     must be C-contiguous, aligned, writeable, of ``dtype``/int32; x, w, b of another dtype or
     layout are copied first. The geometries channels.py serves (store epilogue) run its kernel
-    (channels.Binding); None where another needs more than a stride-1 kernel (space-to-depth per call).
+    (channels.Binding) unless not ``channels_ok``; None where another needs more than a stride-1 kernel.
 
     ``weights_version``: a callable whose value changes whenever the filters' values may have changed
     (the executor's state version, for filters that are state); with it, calls without a route (on the
@@ -434,8 +434,9 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
     K, Cg, KH, KW = (int(v) for v in w_shape)
     pads, dil = tuple(int(p) for p in pads), tuple(int(d) for d in dil)
     clip = None if clip is None or epi != "store" else (float(clip[0]), float(clip[1]))
-    if epi == "store" and channels.applies((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, int(groups), dtype):
-        return channels.Binding((N, C, H, W), (K, Cg, KH, KW), int(stride), pads, dil, dtype, clip, weights_version)
+    xshape, ws = (N, C, H, W), (K, Cg, KH, KW)
+    if channels_ok and epi == "store" and channels.applies(xshape, ws, int(stride), pads, dil, int(groups), dtype):
+        return channels.Binding(xshape, ws, int(stride), pads, dil, dtype, clip, weights_version)
     if int(stride) != 1:
         return None
     top, bottom, left, right = pads
@@ -463,7 +464,6 @@ def bind_direct_fwd(x_shape, w_shape, has_bias, stride, pads, dtype, epi, pool=(
                                                                       plan.Wq, Wp, dtype.itemsize, K):
         wino = []
     w3shape = (K, Cg * rows, KH * KW // rows)
-    xshape = (N, C, H, W)
 
     memo = [None, None, None, None, None, None]     # w, its (K, C, T) view, x, its flat view, b, b
     ready = {}                                       # flag -> its kernel, compiled

@@ -236,13 +236,16 @@ def _remembered(got, tune, candidates=STRATEGIES):
 
 
 def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", pool=None,
-                         repeats=5, dilation=(1, 1), groups=1) -> str:
+                         repeats=5, dilation=(1, 1), groups=1, static_filters=True) -> str:
     """``"direct"`` or ``"im2col"`` for this convolution: the remembered choice (``conv_strategy.json``
     in the kernel cache directory), else the static rule; in a tuning run (``tuning()``,
     ``$GRAPHC_CONV_TUNE=1``) a geometry never timed is timed (best of ``repeats`` interleaved runs
     after a warm-up call each) and remembered.  ``op`` is one of ``"conv2d"``,
     ``"conv2d_relu_maxpool"`` (with ``pool=(size, stride)``), ``"conv2d_dx"``, ``"conv2d_dw"``;
     ``dilation`` (dh, dw) and ``groups`` as conv2d's (w_shape is (K, C / groups, KH, KW)).
+    ``static_filters=False``: the filters change every call (a training step), so the static rule leaves
+    out the channel kernels (conv/channels.py), whose filter layout would be made again each call (1.8 ms
+    for a 512 x 512 x 3 x 3 bank: ResNet-18's training step at batch 2 took 130 ms with them, 122 without).
     ``$GRAPHC_CONV_STRATEGY`` forces a strategy everywhere."""
     forced = os.environ.get("GRAPHC_CONV_STRATEGY")
     if forced:
@@ -251,12 +254,14 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
         return forced
     x_shape, w_shape, stride, pads, dtype, pool, dil, groups = _normalized(x_shape, w_shape, stride, pads, dtype,
                                                                           op, pool, dilation, groups)
-    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups)
+    key = _choice_key(op, x_shape, w_shape, stride, pads, dtype, pool, dil, groups) \
+        + ("" if static_filters else "|changing-filters")
+    rule_pads = pads if static_filters else None         # (static_rule's channel rule needs them)
     got = _CHOICES.get(key)
     if got is not None:
         return got
     if op in ("conv2d", "conv2d_relu_maxpool") and x_shape[0] <= SMALL_BATCH_DIRECT \
-            and static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, pads) == "direct":
+            and static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, rule_pads) == "direct":
         # a timing taken under load picked im2col for MNIST's batch-1 layers, 3x slower than direct:
         # small forward batches keep the static rule's direct (its im2col cases, deep or 1x1 strided
         # filters, may be timed)
@@ -267,7 +272,7 @@ def choose_conv_strategy(x_shape, w_shape, stride, pads, dtype, op="conv2d", poo
     best = _remembered(_read_choices(path).get(key), tune, _strategies_for(op, x_shape, w_shape, stride, pool, dil,
                                                                          groups))
     if best is None and not tune:
-        best = static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, pads)
+        best = static_rule(op, stride, w_shape, dil, groups, x_shape, dtype, rule_pads)
     if best is not None:
         _CHOICES[key] = best
         return best
