@@ -31,6 +31,8 @@ _NO_ROUTE = np.empty((1, 1, 1, 1), np.int32)
 _STRATEGY = ("direct, im2col+GEMM or Winograd F(4x4, 3x3) with GEMMs, chosen per shape (a static rule, or timed in "
              "a tuning run and remembered)")
 _DEPTHWISE = "depthwise (groups == C): conv/depthwise.py per-channel stencil kernels"
+_CHANNELS = ("direct at batch 1-2 outside training steps, for strided convs with deep patches or large filters and "
+             "3x3 convs on small planes: conv/channels.py (lanes across output channels)")
 
 
 def _square_stride(attrs):
@@ -142,13 +144,13 @@ def _forward(ctx, conv_attrs, relu, pool=None, clip=None):
     return step
 
 
-@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}; groups and dilation too); {_DEPTHWISE}; "
+@lowering("conv", kernel=f"numba conv.conv2d ({_STRATEGY}; groups and dilation too; {_CHANNELS}); {_DEPTHWISE}; "
                          "non-square strides (not depthwise): fallback")
 def conv(ctx):
     return _depthwise_forward(ctx, ctx.attrs, None) or _forward(ctx, ctx.attrs, relu=False)
 
 
-@pattern_lowering("conv_relu", kernel=f"numba conv.conv2d with the ReLU in the epilogue ({_STRATEGY}); "
+@pattern_lowering("conv_relu", kernel=f"numba conv.conv2d with the ReLU in the epilogue ({_STRATEGY}; {_CHANNELS}); "
                                       f"{_DEPTHWISE}, the ReLU in their epilogue")
 def conv_relu(ctx):
     attrs = ctx.members["conv"]["attrs"]
@@ -156,7 +158,7 @@ def conv_relu(ctx):
 
 
 @pattern_lowering("conv_clip", kernel=f"{_DEPTHWISE}, the clip (ReLU6) in their epilogue; other convs: "
-                                      f"numba conv.conv2d ({_STRATEGY}), the clip in the direct kernel's "
+                                      f"numba conv.conv2d ({_STRATEGY}; {_CHANNELS}), the clip in the direct kernel's "
                                       "epilogue, after im2col in place")
 def conv_clip(ctx):
     attrs, act = ctx.members["conv"]["attrs"], ctx.members["act"]["attrs"]
