@@ -40,6 +40,7 @@ ACC_BYTES = 16 << 10     # a task's accumulators at most, in L1 beside the filte
 POSITIONS = 7            # output positions per pass of the vector loop (ResNet's planes are 7 x 2^k wide)
 VECTORS = 4              # SIMD vectors of output channels per task
 ROW_PASS_TAPS = 9        # a filter of more taps is taken one filter row per pass
+IMAGE_CHANNELS = 4       # at most this many input channels: an image (a first layer)
 
 
 def _lanes(dtype) -> int:
@@ -63,7 +64,9 @@ def applies(x_shape, w_shape, stride, pads, dil=(1, 1), groups=1, dtype=np.float
     if Ho < 1 or Wo < 1:
         return False
     if stride > 1:
-        return Cg * KH * KW >= MIN_PATCH or KH * KW > ROW_PASS_TAPS
+        # (and a 3x3 first layer: MobileNetV2's 3 -> 32 on 224x224, 0.27 ms against direct's 0.26 by
+        # space-to-depth, but with its clip in the epilogue instead of a pass of its own)
+        return Cg * KH * KW >= MIN_PATCH or KH * KW > ROW_PASS_TAPS or (Cg <= IMAGE_CHANNELS and KH * KW >= 9)
     # (a 1x1 conv is a plain GEMM to im2col, faster on a 7x7 plane: MobileNetV2's 320 -> 1280 0.21 against 0.25)
     return KH * KW > 1 and Cg * KH * KW >= MIN_PATCH and plane_fill(Ho, Wo, W + left + right, dtype) < SMALL_PLANE_FILL
 
@@ -77,9 +80,10 @@ class Plan:
         self.dtype, self.clip = np.dtype(dtype), clip
         self.KV = min(VECTORS * _lanes(dtype), round_up(K, _lanes(dtype)))
         self.NKV = -(-K // self.KV)
-        # (one filter row a pass: twice the positions, to read each weight vector for more of them: ResNet's
-        # first layer 0.88 ms with 14, 1.18 with 7)
-        self.P = min(POSITIONS * (2 if KH * KW > ROW_PASS_TAPS else 1), Wo)
+        # one filter row a pass for many taps, or few channels (first layers), with twice the positions, to read
+        # each weight vector for more of them: ResNet's first layer 0.88 ms with 14, 1.18 with 7
+        self.row_pass = KH * KW > ROW_PASS_TAPS or C * KH * KW < MIN_PATCH
+        self.P = min(POSITIONS * (2 if self.row_pass else 1), Wo)
         self.NRB = -(-Wo // self.P)
         row = self.NRB * self.P * self.KV * self.dtype.itemsize
         nr = -(-Ho // max(1, ACC_BYTES // row))
@@ -90,7 +94,8 @@ class Plan:
 
     def source(self) -> str:
         return gen_kernel(C=self.C, K=self.K, KH=self.KH, KW=self.KW, Wp=self.Wp, Ho=self.Ho, Wo=self.Wo, s=self.s,
-                          dil=self.dil, KV=self.KV, P=self.P, R=self.R, clip=self.clip is not None)
+                          dil=self.dil, KV=self.KV, P=self.P, R=self.R, row_pass=self.row_pass,
+                          clip=self.clip is not None)
 
     def weights(self, w, out):
         """The filters w (K, C, KH, KW) laid out into out (NKV, C * T * KV): block kb, channel c, tap t holds
@@ -105,7 +110,7 @@ class Plan:
             o[full, :, :, :K - full * self.KV] = w[full * self.KV:].reshape(-1, C, KH * KW).transpose(1, 2, 0)
 
 
-def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, clip=False) -> str:
+def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, row_pass=False, clip=False) -> str:
     """``kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi)``: tasks lo..hi-1 (image, block of KV output
     channels, block of R rows) of ``y (N, K, Ho, Wo)`` = the correlation of the padded flat planes ``x (N, C,
     >= Hp*Wp)`` (rows Wp wide) with ``wt (NKV, C*KH*KW*KV)`` (Plan.weights) + ``b (NKV*KV,)``, at stride s,
@@ -131,7 +136,7 @@ def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, clip=False) -> str
     a("            acc[q] = 0.0")
     # filters of many taps (ResNet's 7x7 first layer) take one filter row per pass: the whole filter's
     # weights and input values in registers at once spilled most of them (2.6 ms instead of 1.0)
-    rows = 1 if T > ROW_PASS_TAPS else KH
+    rows = 1 if row_pass else KH
     a(f"        for c in range({C}):")
     a("            xc = xn[c]")
     ind = "            "
