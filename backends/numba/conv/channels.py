@@ -1,6 +1,8 @@
 """The direct forward conv with its vector lanes across output channels, for the convs that the plane kernels
-(gen.py: lanes across output positions) serve poorly at batch 1-2: strided convs with deep patches, and
-stride-1 convs on small planes.
+(gen.py: lanes across output positions) serve poorly at batch 1-2: strided convs with deep patches or large
+filters, 3x3 first layers, and stride-1 convs on small planes. Training steps do not run it (their filters
+change every step, and laying out a 512 x 512 x 3 x 3 bank takes 1.8 ms: strategy.choose_conv_strategy's
+static_filters).
 
 A strided conv needs no space-to-depth here (every input value is a scalar read, at any stride), and a 7x7
 plane fills 49 of the 64 lanes of the plane kernel's wide rows, but all of them here. One task: image n, a
@@ -9,19 +11,21 @@ at most 16 KiB: they stay in L1) take the whole reduction over input channels; f
 block's filter taps (T x KV values, the filters laid out (K / KV, C, T, KV) once per filter version) are
 read from L1 for all R rows; output positions go P at a time, the P positions' input values (a few rows of
 scalars) loaded once and the loop over the KV channels vectorised. Measured on 2 threads at batch 1, ms
-(this / the kernel the conv took before / torch 2.13 eager's oneDNN), float32, best of 30 side by side:
-ResNet-18's 512 -> 512 3x3 on 7x7 0.60 / 1.12 (direct) / 0.81; its stride-2 3x3 convs 64 -> 128 on
-56x56 0.81 / 1.26 (im2col) / 0.43, 128 -> 256 on 28x28 0.45 / 0.67 / 0.33, 256 -> 512 on 14x14 0.46 /
-0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.15 / 0.44 / 0.09; its 7x7 stride-2 first layer (3 -> 64, one
-filter row a pass) 0.88 / 1.00 (direct, by space-to-depth and rows as channels) / 0.56; 3x3 on 14x14,
-256 -> 256 0.52 / 0.58 (direct), 512 -> 512 at batch 2 (VGG16) 4.15 / 4.53. Stride-1 3x3 on 28x28 and
-larger planes: no faster than the plane kernel (0.60 / 0.61 on 28x28, 0.73 / 0.62 on 56x56), so those keep
-it; 1x1 stride-2 convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at 128, 0.21 / 0.13 at 64).
+(this / the kernel the conv took before / torch 2.13 eager's oneDNN), float32, best of 30-40, torch in the
+same process: ResNet-18's 512 -> 512 3x3 on 7x7 0.53-0.64 / 1.12 (direct) / 0.81; its stride-2 3x3 convs
+64 -> 128 on 56x56 0.47 / 0.90-1.26 (im2col) / 0.31-0.43, 128 -> 256 on 28x28 0.45 / 0.67 / 0.33,
+256 -> 512 on 14x14 0.46 / 0.95 / 0.45; the 1x1 stride-2 256 -> 512 0.11-0.15 / 0.43 / 0.09; its 7x7
+stride-2 first layer (3 -> 64, one filter row a pass) 0.88 / 1.00 (direct, by space-to-depth and rows as
+channels) / 0.56; 3x3 on 14x14, 256 -> 256 0.52 / 0.58 (direct), 512 -> 512 at batch 2 (VGG16) 4.15 / 4.53.
+Stride-1 3x3 on 28x28 and larger planes: no faster than the plane kernel (0.60 / 0.61 on 28x28, 0.73 / 0.62
+on 56x56), so those keep it; 1x1 stride-2 convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at
+128, 0.21 / 0.13 at 64), and so do 1x1 stride-1 ones (plain GEMMs).
 """
 from __future__ import annotations
 
 import threading
 
+import numba
 import numpy as np
 
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
@@ -187,7 +191,7 @@ class Binding:
     another filter array); without it they are made every call."""
 
     def __init__(self, x_shape, w_shape, stride, pads, dil, dtype, clip=None, weights_version=None):
-        from graphc.backends.numba.conv.direct import load_kernel
+        from graphc.backends.numba.conv.direct import TINY_CALL_FLOPS, load_kernel
         N, C, H, W = x_shape
         K, _, KH, KW = w_shape
         top, bottom, left, right = pads
@@ -198,12 +202,12 @@ class Binding:
         self.kern = load_kernel(p.source(), predicate=False)
         self.wt = aligned_empty((p.NKV, C * KH * KW * p.KV), dtype)
         self.bias = np.zeros(p.NKV * p.KV, dtype)
-        self.acc = [aligned_empty(p.acc_len + 16, dtype) for _ in range(_max_threads())]
+        self.acc = [aligned_empty(p.acc_len + 16, dtype) for _ in range(numba.config.NUMBA_NUM_THREADS)]
         lo, hi = clip if clip is not None else (0.0, np.inf)
         self.clo, self.chi = self.dtype.type(lo), self.dtype.type(hi)
         self.version = weights_version
         self.memo = (None, None)
-        self.serial = 2 * N * K * C * KH * KW * Ho * Wo < 5e6
+        self.serial = 2 * N * K * C * KH * KW * Ho * Wo < TINY_CALL_FLOPS      # (on the calling thread)
 
     def planes(self, x):
         """x as the kernel's (N, C, >= Hp*Wp) flat padded planes: itself where unpadded and readable so."""
@@ -230,11 +234,6 @@ class Binding:
             self.kern(*args, self.acc[0], 0, p.ntasks)
         else:
             parallel_for(lambda lo, hi, k: self.kern(*args, self.acc[k], lo, hi), p.ntasks)
-
-
-def _max_threads() -> int:
-    import numba
-    return numba.config.NUMBA_NUM_THREADS
 
 
 _TLS = threading.local()
