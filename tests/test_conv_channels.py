@@ -1,8 +1,8 @@
 """The channel-vectorised direct forward (backends/numba/conv/channels.py) against a float64 numpy reference:
 strided convs with deep patches, small planes, dilated taps, output channels that fill no whole block of lanes,
 two images, float64; its prebound form (the filters laid out once per version, the clip, NaN); and where the
-strategy rule sends convs to it. (The networks it serves are checked against the reference backend in
-tests/test_numba_cnn.py: ResNet-18, MobileNetV2 and GoogLeNet at batch 2 run their strided convs here.)"""
+strategy rule sends convs to it (not in training steps); ResNet-18 at batch 1 on it against the reference
+backend."""
 import numpy as np
 import pytest
 
@@ -123,3 +123,24 @@ def test_training_steps_keep_the_other_kernels():
     assert isinstance(direct.bind_direct_fwd(xs, ws, True, 1, (1,) * 4, f32, "store"), channels.Binding)
     plane = direct.bind_direct_fwd(xs, ws, True, 1, (1,) * 4, f32, "store", channels_ok=False)
     assert plane is not None and not isinstance(plane, channels.Binding)
+
+
+def test_resnet18_at_batch_one_as_the_reference(monkeypatch):
+    """ResNet-18 at 32x32, batch 1, inference on numba (its first layer, strided convs and small-plane 3x3 convs
+    on the channel kernels, batch norm folded) gives the reference's logits; after load_state_dict with other
+    weights, the laid-out filters follow them."""
+    import graphc as gc
+    from graphc import models
+    calls = []
+    run = channels.Binding.__call__
+    monkeypatch.setattr(channels.Binding, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
+    g = models.load("resnet18", num_classes=10, image_size=32)
+    x = {"x": np.random.default_rng(0).normal(size=(1, 3, 32, 32)).astype(np.float32), "labels": np.array([3])}
+    ref, nb = gc.compile(g, keep=["logits"]), gc.compile(g, backend="numba", keep=["logits"])
+    for round_ in range(2):
+        want, got = ref.run(x, outputs=["logits"])["logits"], nb.run(x, outputs=["logits"])["logits"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+        state = {k: (v * np.float32(0.9) if k.endswith("weight") else v) for k, v in ref.state_dict().items()}
+        ref.load_state_dict(state)
+        nb.load_state_dict(state)
+    assert len(calls) >= 10            # (its convs ran on the channel kernels: this tests them)
