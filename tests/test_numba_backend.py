@@ -175,6 +175,33 @@ def test_small_dense_products_call_no_blas(monkeypatch):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_few_row_products_with_large_weights_split_without_blas(monkeypatch):
+    """A dense layer of at most FEW_ROWS rows whose weights fill SPLIT_WEIGHT_BYTES (a batch-1 classifier)
+    runs kernels/small_matmul.py in blocks of outputs on the threads: numpy's values, no BLAS call, and the
+    same bits on one thread or all of them, and for a row whatever rows are beside it."""
+    from graphc.backends import kernel_cache
+    from graphc.backends.numba import lower_linalg
+    puts = []
+    monkeypatch.setattr(kernel_cache, "_all_thread_calls", lambda: ((lambda: 2, puts.append),))
+    K = 256
+    N = lower_linalg.SPLIT_WEIGHT_BYTES // (4 * K) + 3           # (odd: the blocks differ in size)
+    g = gc.Graph("classifier")
+    x = g.input("x", (None, K))
+    g.output(g.matmul(x, g.param("w", (N, K), init="normal"), trans_b=True, name="y"))
+    rng = np.random.default_rng(1)
+    xs = rng.standard_normal((lower_linalg.FEW_ROWS, K)).astype(np.float32)
+    runs = {}
+    for threads in ("auto", 1):
+        exe = gc.compile(g, backend="numba", threads=threads)
+        runs[threads] = [exe.run({"x": xs[:n]})["y"] for n in (1, lower_linalg.FEW_ROWS)]
+    want = xs.astype(np.float64) @ exe.state["w"].astype(np.float64).T
+    assert puts == []
+    np.testing.assert_allclose(runs["auto"][1], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(runs["auto"][0][0], runs["auto"][1][0])
+    for a, b in zip(runs["auto"], runs[1]):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------------------ conv and pool
 
 CONVS = [dict(stride=1, pad=1), dict(stride=2, pad=(0, 1, 1, 0)), dict(stride=1, pad=0, bias=False),

@@ -1,6 +1,9 @@
 """matmul: numpy.matmul (np.dot for 2-D products) into the planned buffer (OpenBLAS sgemm/dgemm; Numba's
 own np.dot would call the same BLAS through SciPy). A 2-D a @ b.T of at most SMALL_MACS multiply-adds (a
-batch-1 dense layer) runs kernels/small_matmul.py instead: no BLAS call, so no BLAS limit in that run.
+batch-1 dense layer) runs kernels/small_matmul.py instead: no BLAS call, so no BLAS limit in that run. So
+does one of at most FEW_ROWS rows whose weights b fill SPLIT_WEIGHT_BYTES, in blocks of outputs on graphc's
+threads: such a product reads its weights from memory, on one core at ~16 GB/s (MobileNetV2's 1280 -> 1000
+classifier at batch 1 took 0.31 ms in the network on one BLAS thread, 0.06 alone with its weights in cache).
 
 BLAS is held to one thread from a run's first BLAS call (blas_in_use) to its end (its own threads beside
 graphc's fought for the cores), so a large 2-D product is split into blocks of rows (or of columns, for
@@ -19,6 +22,8 @@ lowering, pattern_lowering = lowerings("numba")
 
 SPLIT_FLOPS = 2e7           # a 2-D product of at least this many FLOPs is split over the threads
 SMALL_MACS = 1 << 16        # a 2-D a @ b.T of at most this many multiply-adds: no BLAS
+FEW_ROWS = 4                # a 2-D a @ b.T of at most this many rows ...
+SPLIT_WEIGHT_BYTES = 1 << 20  # ... and b of at least this many bytes: no BLAS, blocks of outputs on the threads
 
 
 def _split(a, b, out):
@@ -45,13 +50,29 @@ def _split(a, b, out):
     return lambda: parallel_for(block, parts)
 
 
+def _rows_split(values, ai, bi, out):
+    """out = a @ b.T by kernels/small_matmul.py, in as many blocks of output columns as Numba may run
+    threads (each output the same sum whoever computes it: the bits do not depend on the thread count)."""
+    parts = numba.config.NUMBA_NUM_THREADS
+    cols = [out.shape[1] * p // parts for p in range(parts + 1)]
+
+    def block(lo, hi, k):
+        a, bt = values[ai], values[bi]
+        for p in range(lo, hi):
+            dot_rows(a, bt[cols[p]:cols[p + 1]], out[:, cols[p]:cols[p + 1]])
+
+    def step():
+        parallel_for(block, parts)
+    return step
+
+
 def _t(x, transpose):
     """x with its last two dims swapped (batched operands too)."""
     return x.swapaxes(-1, -2) if transpose else x
 
 
-@lowering("matmul", kernel="numpy.matmul into the planned buffer (BLAS); small 2-D products: "
-                           "kernels/small_matmul.py")
+@lowering("matmul", kernel="numpy.matmul into the planned buffer (BLAS); small 2-D products and "
+                           "few-row products with large weights (split over the threads): kernels/small_matmul.py")
 def matmul(ctx):
     out = ctx.out()
     ta, tb = ctx.attrs.get("trans_a", False), ctx.attrs.get("trans_b", False)
@@ -64,6 +85,8 @@ def matmul(ctx):
         def small_step():
             dot_rows(values[ai], values[bi], out)
         return small_step
+    if flat and tb and not ta and out.shape[0] <= FEW_ROWS and out.shape[1] * inner * out.itemsize >= SPLIT_WEIGHT_BYTES:
+        return _rows_split(values, ai, bi, out)
     stat = ctx.static()
     if stat is not None:
         a, b = _t(stat[0], ta), _t(stat[1], tb)

@@ -9,11 +9,12 @@ from graphc.backends.codegen import FASTMATH
 
 @njit(fastmath=FASTMATH, cache=True, nogil=True)
 def dot_rows(a, bt, out):
-    """out[i, j] = sum_k a[i, k] * bt[j, k]: a @ bt.T (bt: a dense layer's weights as stored, (out, in))."""
-    for i in range(a.shape[0]):
-        ai = a[i]
-        for j in range(bt.shape[0]):
-            bj = bt[j]
+    """out[i, j] = sum_k a[i, k] * bt[j, k]: a @ bt.T (bt: a dense layer's weights as stored, (out, in)).
+    Each row of bt is read once for every row of a (the weights of a batch-1 layer come from memory)."""
+    for j in range(bt.shape[0]):
+        bj = bt[j]
+        for i in range(a.shape[0]):
+            ai = a[i]
             s = out.dtype.type(0)
             for k in range(a.shape[1]):
                 s += ai[k] * bj[k]
