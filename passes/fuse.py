@@ -1,7 +1,7 @@
 """Fusion: groups of nodes become one ``fused`` node (graphc.ops.fused) that a backend runs as one kernel.
 
 *What* is grouped is declared in passes/patterns.py, each pattern once (conv_relu_maxpool with its
-saved route and its route_relu backward, conv_relu, conv_clip, dropout, elementwise); this file is the one matcher that
+saved route and its route_relu backward, conv_relu, conv_clip, dropout, pad_maxpool, elementwise); this file is the one matcher that
 applies every declaration:
 
 - the patterns' ``prepare`` rewrites run first (each once);

@@ -370,6 +370,26 @@ def test_sim_a_shape_ops_and_reductions_with_grads():
 
 
 @needs_cuda
+def test_sim_b_padded_max_pool_one_kernel():
+    """maxpool(pad=...) (pad2d(-inf) + maxpool) runs as the pad_maxpool pattern at inference: one pool over
+    the unpadded input, windows clipped at its edges, exactly the reference's values (NaN and -inf too) and
+    the unfused kernels'; on the device."""
+    g = gc.Graph("padpool")
+    x = g.input("x", (None, 2, 7, 6))
+    g.output(g.maxpool(x, 3, 2, pad=1, ceil_mode=True, name="a"), g.maxpool(x, (3, 2), (2, 1), pad=(1, 0), name="b"))
+    feeds = _feeds(g)
+    feeds["x"][0, 0, 0, 0], feeds["x"][1, 1, 6, 5], feeds["x"][1, 0, 3, 3] = np.nan, -np.inf, np.nan
+    ref = gc.compile(g).run(feeds)
+    fused, unfused = (gc.compile(g, backend="cuda", fuse=fz) for fz in (True, False))
+    assert _kinds(fused) == ["pad_maxpool", "pad_maxpool"] and _kinds(unfused) == [], _kinds(fused)
+    got, want = fused.run(feeds), unfused.run(feeds)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)      # (NaN where the reference has NaN)
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert fused.fallbacks() == [], fused.fallbacks()
+
+
+@needs_cuda
 def test_sim_a_pooling_ops_routes_and_grads():
     g = gc.Graph("pools")
     x = g.input("x", (None, 2, 7, 7))

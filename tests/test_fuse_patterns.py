@@ -27,6 +27,11 @@ inference graph changed (35 conv_clip groups where conv -> folded batch norm -> 
 And when the dropout pattern (x * dropout_mask(x), the mask read by nothing else) came: only inference
 graphs with dropout changed, each by one dropout group per dropout layer and nothing else (alexnet,
 googlenet(_lrn), mnist_convnet, mobilenet_v2, squeezenet1_0, vgg16, vgg16_bn).
+And when the pad_maxpool pattern (a -inf pad2d into a max pool) came: only graphs with a padded or ceil-mode
+max pool whose padded value nothing else reads changed, each by one pad_maxpool group per such pool and
+nothing else (the inference graphs of googlenet(_lrn), inception, inception_block, resnet18/34/50 and
+squeezenet1_0, and inception_block's training graphs, whose pooled branch reads the input, which takes
+no gradient).
 """
 from __future__ import annotations
 
@@ -112,7 +117,8 @@ def test_recording_covers_every_case(recorded):
     assert sorted(recorded) == sorted(CASES)
     # the recording is not trivially empty: the conv patterns and their backward are all in it
     pats = {grp[0] for groups in recorded.values() for grp in groups}
-    assert pats == {"conv_relu", "conv_relu_maxpool", "conv_clip", "dropout", "route_relu", "elementwise"}
+    assert pats == {"conv_relu", "conv_relu_maxpool", "conv_clip", "dropout", "route_relu", "elementwise",
+                    "pad_maxpool"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -625,3 +625,34 @@ def test_batch1_padded_max_pool_shares_planes_between_threads():
         _close(runs[t][1], ref_losses, f"{t} threads: losses", np.float32)
     np.testing.assert_array_equal(runs[1][0], runs[2][0])
     assert runs[1][1] == runs[2][1]
+
+
+@pytest.mark.parametrize("size,stride,pad,ceil", [(3, 2, 1, False), (3, 2, 1, True), (2, 2, 1, False),
+                                                   ((3, 2), (2, 1), (1, 0), True)], ids=["3s2p1", "ceil", "2s2p1", "rect"])
+def test_padded_max_pool_fuses_into_one_kernel_at_inference(size, stride, pad, ceil):
+    """maxpool(pad=...) is pad2d(-inf) + maxpool; at inference the pad_maxpool pattern runs them as one
+    kernel over the unpadded input (windows clipped at its edges): the reference's values, NaN and -inf
+    included, and the unfused kernels' bits (-0.0 beside 0.0: the first of equal maxima, where the reference's
+    np.max may take either), on 1 thread and 2. A training graph reads the
+    padded value in the backward pass, so there the pad stays its own node (gradients checked)."""
+    g = gc.Graph("pad_maxpool")
+    x = g.input("x", (None, 3, 9, 8))
+    g.output(g.maxpool(x, size, stride, pad=pad, ceil_mode=ceil, name="y"))
+    xs = np.random.default_rng(0).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    xs[0, 0, 0, 0], xs[1, 1, 4, 4], xs[1, 2, 8, 7] = np.nan, np.nan, -np.inf
+    xs[0, 2, :2, :2], xs[1, 0, :3, :] = -0.0, 0.0
+    xs[1, 0, 0, :3] = -0.0
+    want = gc.compile(g).run({"x": xs})["y"]
+    unfused = gc.compile(g, backend="numba", fuse=False, progress=None).run({"x": xs})["y"]
+    for t in (1, 2):
+        exe = gc.compile(g, backend="numba", threads=t, parallel_min=1, progress=None)
+        assert _patterns(exe) == ["pad_maxpool"]
+        got = exe.run({"x": xs})["y"]
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got.view(np.int32), unfused.view(np.int32))
+    h = gc.Graph("pad_maxpool_grad")
+    xv = h.input("x", (None, 3, 9, 8))
+    h.output(h.maxpool(xv, size, stride, pad=pad, ceil_mode=ceil, name="y"))
+    check_grad(h, "y", ["x"], fuse=(True,))
+    trained = gc.compile(gc.grad(h, wrt=["x"], loss="the_loss"), backend="numba", progress=None)
+    assert "pad_maxpool" not in _patterns(trained)

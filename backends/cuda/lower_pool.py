@@ -31,6 +31,14 @@ def maxpool(ctx):
                         a["stride"])
 
 
+@pattern_lowering("pad_maxpool", kernel="kernels/pool.py maxpool over the unpadded input (windows clipped at its "
+                                        "edges: the -inf padding never wins)")
+def pad_maxpool(ctx):
+    a = ctx.members["pool"]["attrs"]
+    return maxpool_step(ctx.array(ctx.inputs[0]), ctx.out(), None, ctx.shape_of(ctx.inputs[0]), a["size"], a["stride"],
+                        ctx.members["pad"]["attrs"]["pads"])
+
+
 @lowering("maxpool_argmax", kernel="kernels/pool.py maxpool (+ a route fix-up for relu=True)")
 def maxpool_argmax(ctx):
     a, route = ctx.attrs, ctx.out()

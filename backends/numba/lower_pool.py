@@ -49,6 +49,17 @@ def maxpool(ctx):
     return ctx.call(kern, ctx.inputs, (y, np.empty((1, 1, 1, 1), np.int32)))
 
 
+@pattern_lowering("pad_maxpool", kernel=_GENERATED.format("pad_maxpool_source") + ": no padded copy, "
+                                        "windows clipped at the edges")
+def pad_maxpool(ctx):
+    y = ctx.out()
+    top, _, left, _ = ctx.members["pad"]["attrs"]["pads"]
+    kh, kw, sh, sw = _window(ctx.members["pool"]["attrs"])
+    kern = _forward_pool(ctx, pool_kernels.pad_maxpool_source, kh, kw, sh, sw, int(top), int(left),
+                         elements=y.size * kh * kw, planes=y.shape[:2])
+    return ctx.call(kern, ctx.inputs, (y, np.empty((1, 1, 1, 1), np.int32)))
+
+
 @lowering("maxpool_argmax", kernel=_GENERATED.format("maxpool_source"))
 def maxpool_argmax(ctx):
     route = ctx.out()

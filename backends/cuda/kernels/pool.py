@@ -8,6 +8,8 @@ conv-pool kernel) computed, window positions inside the plane (route_scatter ref
 definition); the scatter checks the bound anyway."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from graphc.backends.cuda.kernels.device import (check_shape, dummy, empty, factory, fdtype, fill_step, flat,
@@ -17,9 +19,11 @@ from graphc.errors import BackendError
 cuda = None                     # numba.cuda (bound by device.kernel)
 
 
-@factory("maxpool", "fa, fa, ia, i64*10")
+@factory("maxpool", "fa, fa, ia, i64*12")
 def _mk_maxpool(nbt):
-    def maxpool(x, y, route, NC, H, W, Ho, Wo, PH, PW, sh, sw, save_route):
+    def maxpool(x, y, route, NC, H, W, Ho, Wo, PH, PW, sh, sw, TH, TW, save_route):
+        # TH, TW: -inf padding above and left of x (the pad_maxpool pattern; 0 otherwise): a window's taps
+        # outside x are padding, which never wins, so they are skipped
         start = cuda.grid(1)
         step = cuda.gridsize(1)
         for o in range(start, NC * Ho * Wo, step):
@@ -28,18 +32,22 @@ def _mk_maxpool(nbt):
             oh = q % Ho
             nc = q // Ho
             base = nc * H * W
-            h0 = oh * sh
-            w0 = ow * sw
-            bi = h0 * W + w0
-            best = x[base + bi]
-            for i in range(PH):
-                for j in range(PW):
+            h0 = oh * sh - TH
+            w0 = ow * sw - TW
+            bi = -1
+            best = x[base]
+            # (conditional expressions: numba.cuda's min/max builtins need a device to compile to PTX)
+            for i in range(0 if h0 >= 0 else -h0, PH if h0 + PH <= H else H - h0):
+                for j in range(0 if w0 >= 0 else -w0, PW if w0 + PW <= W else W - w0):
                     idx = (h0 + i) * W + w0 + j
                     v = x[base + idx]
-                    if v > best or (v != v and best == best):
+                    if bi < 0 or v > best or (v != v and best == best):
                         best = v
                         bi = idx
-            y[o] = best
+            if bi < 0:
+                y[o] = -math.inf           # (a window wholly in the padding; no route is saved with padding)
+            else:
+                y[o] = best
             if save_route != 0:
                 route[o] = bi
     return maxpool
@@ -138,15 +146,16 @@ def pooled_hw(H, W, size, stride, what):
     return Ho, Wo, PH, PW, sh, sw
 
 
-def maxpool_step(x, y, route, x_shape, size, stride):
+def maxpool_step(x, y, route, x_shape, size, stride, pads=(0, 0, 0, 0)):
     """y = max pool of x (N, C, H, W), route (int32, flat in-plane index of each window's first max) when
-    given; flat arrays."""
+    given; flat arrays. pads (top, bottom, left, right): x taken as padded with -inf (no route then)."""
     N, C, H, W = x_shape
-    Ho, Wo, PH, PW, sh, sw = pooled_hw(H, W, size, stride, "maxpool2d")
+    top, bottom, left, right = (int(p) for p in pads)
+    Ho, Wo, PH, PW, sh, sw = pooled_hw(H + top + bottom, W + left + right, size, stride, "maxpool2d")
     save = route is not None
     dt = np.dtype(y.dtype)
     return launch1d("maxpool", dt, N * C * Ho * Wo, x, y, route if save else dummy(np.int32), N * C, H, W, Ho, Wo,
-                    PH, PW, sh, sw, int(save))
+                    PH, PW, sh, sw, top, left, int(save))
 
 
 def route_scatter_step(dy, route, dz, dy_shape, in_hw):

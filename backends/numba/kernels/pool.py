@@ -123,6 +123,46 @@ def maxpool_source(kh, kw, sh, sw, save, relu, parallel):
     return "\n".join(L) + "\n"
 
 
+def pad_maxpool_source(kh, kw, sh, sw, top, left, parallel):
+    """kernel(x, y, route): y = the max pool of x padded with -inf (top rows, left columns; the bottom and
+    right padding follow from y's size), without the padded copy: the windows inside x, a run of columns
+    jlo..jhi-1 of each row whose windows' rows are inside, are maxpool_source's unrolled ones (no branch in
+    that loop), the others take their taps inside x (a -inf pad never wins; NaN: the first NaN, as there).
+    route unused (inference: a training graph keeps pad2d and maxpool apart)."""
+    L = [_HEADER + f"@njit(fastmath={FASTMATH_SRC}, inline='always')",
+         "def edge(xp, r0, c0, H, W):",
+         "    best = xp.dtype.type(-np.inf)",
+         f"    for a in range(max(0, -r0), min({kh}, H - r0)):",
+         f"        for b in range(max(0, -c0), min({kw}, W - c0)):",
+         "            v = xp[r0 + a, c0 + b]",
+         "            if v != v:",
+         "                return v",
+         "            if v > best:",
+         "                best = v",
+         "    return best",
+         ""]
+    L += _head(parallel, "x, y, route")[0].split("\n")[-2:]
+    L += ["    N, C, H, W = x.shape", "    Ho, Wo = y.shape[2], y.shape[3]",
+          f"    jlo = min(Wo, ({left} + {sw - 1}) // {sw})",
+          f"    jhi = max(jlo, min(Wo, (W - {kw} + {left}) // {sw} + 1))"]
+    L += _plane_loop(parallel)
+    L += ["        xp = x[n, c]", "        yp = y[n, c]",
+          "        for i in range(Ho):", f"            r0 = i * {sh} - {top}",
+          f"            inside = r0 >= 0 and r0 + {kh} <= H",
+          "            for j in range(Wo if not inside else 0):",
+          f"                yp[i, j] = edge(xp, r0, j * {sw} - {left}, H, W)",
+          "            if inside:",
+          "                for j in range(jlo):",
+          f"                    yp[i, j] = edge(xp, r0, j * {sw} - {left}, H, W)",
+          "                for j in range(jhi, Wo):",
+          f"                    yp[i, j] = edge(xp, r0, j * {sw} - {left}, H, W)",
+          "                for j in range(jlo, jhi):",
+          f"                    c0 = j * {sw} - {left}"]
+    L += ["    " + s for s in _window_max(kh, kw, lambda a, b: [])]
+    L += ["                    yp[i, j] = best"]
+    return "\n".join(L) + "\n"
+
+
 def _routed_value(ind):
     """r, v = the window's route and the value it adds: dy at r, or dy * 0 at ~r for a route < 0 (a
     window the ReLU masked: 0, NaN where dy is not finite, as the unfused maxpool_route * gt)."""
