@@ -115,7 +115,7 @@ def route_scatter(dy, route, hw, size=None, stride=None):
     sh, sw = stride or (0, 0)
     kern = kernel_cache.load_generated(pool_kernels.route_scatter_source(kh, kw, sh, sw, False, False), "graphc_pool_")
     dx = np.empty(dy.shape[:2] + tuple(hw), dy.dtype)
-    kern(dy, route.astype(np.int32), dx, np.empty((1, 1), np.float64))
+    kern(dy, route.astype(np.int32), dx.reshape(dx.shape[:2] + (-1,)), np.empty((1, 1), np.float64))
     return dx
 
 

@@ -89,6 +89,8 @@ def _route_scatter(ctx, window, dz, db):
     kern = _generated(ctx, pool_kernels.route_scatter_source, kh, kw, sh, sw, db is not None, elements=dz.size,
                       batch=dz.shape[0])
     plane_sums = np.empty(dz.shape[:2] if db is not None else (1, 1), np.float64)
+    assert dz.flags.c_contiguous                                # (a planned buffer): the reshape is a view
+    dz = dz.reshape(dz.shape[:2] + (-1,))                       # the planes flat
     if db is None:
         return ctx.call(kern, ctx.inputs, (dz, plane_sums))
     scatter = ctx.call(kern, ctx.inputs, (dz, plane_sums))

@@ -170,43 +170,21 @@ def _routed_value(ind):
             f"{ind}v = v * 0.0 if neg else v", f"{ind}r = ~r if neg else r"]
 
 
-def _scatter_disjoint(kh, kw, sh, sw):
-    """Non-overlapping windows: every dx element written once, in order, branch-free."""
-    L = ["        for i in range(Ho):"]
-    for a in range(sh):
-        L.append(f"            row = i * {sh} + {a}")
-        if a >= kh:
-            L += ["            for q in range(W):", "                xp[row, q] = 0.0"]
-            continue
-        L += ["            base = row * W", "            for j in range(Wo):"] + _routed_value("                ")
-        for b in range(sw):
-            col = f"j * {sw} + {b}"
-            if b < kw:
-                L.append(f"                xp[row, {col}] = v if r == base + {col} else 0.0")
-            else:
-                L.append(f"                xp[row, {col}] = 0.0")
-        L += [f"            for q in range(Wo * {sw}, W):", "                xp[row, q] = 0.0"]
-    L += [f"        for row in range(Ho * {sh}, H):", "            for q in range(W):",
-          "                xp[row, q] = 0.0"]
-    return L
-
-
 def route_scatter_source(kh, kw, sh, sw, want_db, parallel):
-    """kernel(dy, route, dx, dbp): dx = dy added at the routed positions (dy * 0 at ~route where it is
-    < 0); dbp (N, C) = each plane's sum of those when want_db. Non-overlapping windows (sh >= kh,
-    sw >= kw) write every dx element once, branch-free (comparing positions with the route: no index
-    from it); overlapping ones (or an unknown geometry, given as 0s) zero, then add at the route, which
-    is a maxpool_argmax value (route_scatter takes no other), so inside the plane: checked anyway."""
-    L = _head(parallel, "dy, route, dx, dbp") + ["    N, C, Ho, Wo = dy.shape", "    H, W = dx.shape[2], dx.shape[3]"]
+    """kernel(dy, route, dx, dbp): dx (N, C, H * W: the planes flat) = dy added at the routed positions
+    (dy * 0 at ~route where it is < 0); dbp (N, C) = each plane's sum of those when want_db. The plane is
+    zeroed, then each window's value stored at its route, a maxpool_argmax value (route_scatter takes no
+    other), so inside the plane: checked anyway. Non-overlapping windows (sh >= kh, sw >= kw) store it
+    (-0.0 kept), overlapping ones (or an unknown geometry, given as 0s) add it. An earlier form wrote every
+    element of each window, branch-free, comparing positions with the route: mnist_convnet b128's 2x2 pool
+    (32 x 26 x 26 planes) took 9.0 ms on a Zen 3 core against 2.1 for this one."""
+    disjoint = bool(kh) and sh >= kh and sw >= kw
+    L = _head(parallel, "dy, route, dx, dbp") + ["    N, C, Ho, Wo = dy.shape", "    HW = dx.shape[2]"]
     L += _plane_loop(parallel)
-    L += ["        rp = route[n, c]", "        dp = dy[n, c]", "        xp = dx[n, c]"]
-    if kh and sh >= kh and sw >= kw:
-        L += _scatter_disjoint(kh, kw, sh, sw)
-    else:
-        L += ["        for p in range(H):", "            for q in range(W):", "                xp[p, q] = 0.0",
-              "        for i in range(Ho):", "            for j in range(Wo):"] + _routed_value("                ")
-        L += ["                if r < H * W:", "                    p = r // W",
-              "                    xp[p, r - p * W] += v"]
+    L += ["        rp = route[n, c]", "        dp = dy[n, c]", "        xf = dx[n, c]",
+          "        for p in range(HW):", "            xf[p] = 0.0",
+          "        for i in range(Ho):", "            for j in range(Wo):"] + _routed_value("                ")
+    L += ["                if r < HW:", f"                    xf[r] {'=' if disjoint else '+='} v"]
     if want_db:
         L += ["        acc = 0.0", "        for i in range(Ho):", "            for j in range(Wo):",
               "                acc += dp[i, j] if rp[i, j] >= 0 else dp[i, j] * 0.0", "        dbp[n, c] = acc"]
