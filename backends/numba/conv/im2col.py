@@ -3,7 +3,8 @@ over serial nogil kernels); im2col of each image into a per-thread buffer, a BLA
 inside @njit; BLAS held to one thread meanwhile: two thread pools on two cores fight), and the
 epilogue straight from the product. With fewer images than threads (batch 1) the columns are built in
 parallel first and each image's GEMM is split over blocks of filters. dL/dX (col2im) and dL/dW
-(per-thread partial sums) are Numba-parallel loops over images. Dilated filters read taps ``dil``
+(per-thread partial sums) run one image, or group of images, per task too (serial kernels: Numba's
+parallel loops cost 5-20 s to compile cold on a Zen 3 core). Dilated filters read taps ``dil``
 apart in im2col (and col2im); grouped convs run one GEMM per group on the group's rows of the column
 matrix.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from graphc.backends.kernel_cache import BlasLimit, rescan_blas
 from graphc.backends.numba.precompile import compile_for, discovering_here
@@ -160,14 +161,14 @@ def _gemm_tasks(wm, b, y, route, cols, Wo, epi, flag, ps, pst, nb, lo, hi):
         _epilogue(np.dot(wm[k0:k1], cols[n]), k0, y[n], _route_of(route, n), b, Wo, epi, flag, ps, pst)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _i2c_dx(dy, wmt, dxp, KH, KW, s, dh=1, dw=1, G=1):
-    """dL/dX by GEMM + col2im, one image per task: dcols = wmt (C*KH*KW, K) @ dy[n] (K, Ho*Wo),
+@njit(cache=True, nogil=True)
+def _i2c_dx(dy, wmt, dxp, KH, KW, s, dh, dw, G, lo, hi):
+    """dL/dX by GEMM + col2im, images lo..hi-1 (one per task): dcols = wmt (C*KH*KW, K) @ dy[n] (K, Ho*Wo),
     summed into the padded gradient plane dxp[n] (C, Hp, Wp). G groups: wmt (C*KH*KW, K/G), the
     groups' transposed filters stacked."""
     N, K, Ho, Wo = dy.shape
     C = dxp.shape[1]
-    for n in prange(N):
+    for n in range(lo, hi):
         dcols = _group_dot(wmt, dy[n].reshape(K, Ho * Wo), G)
         plane = dxp[n]
         plane[:, :, :] = 0
@@ -181,11 +182,11 @@ def _i2c_dx(dy, wmt, dxp, KH, KW, s, dh=1, dw=1, G=1):
                             dst[j * s + kw * dw] += row[i * Wo + j]
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _i2c_dw(xp, dy, part, cols, dyb, B, KH, KW, s, dh=1, dw=1, groups=1):
+@njit(cache=True, nogil=True)
+def _i2c_dw(xp, dy, part, cl_buf, db_buf, B, KH, KW, s, dh, dw, groups, lo, hi):
     """dL/dW by im2col + GEMM: part[g] (K, C*KH*KW) = sum over the images of task g (g, g + G, ...) of
     dy[n] (K, Ho*Wo) @ cols(xp[n]).T; the caller sums part over its first axis. B images per GEMM, their
-    columns side by side in cols[thread] and dy rows in dyb[thread] (flat): the inner dimension is
+    columns side by side in cl_buf and dy rows in db_buf (the running thread's, flat): the inner dimension is
     B*Ho*Wo, not Ho*Wo (49 on 7x7 planes), and part[g] is added to once per B images, not per image.
     With groups, part[g] is (K, C/groups*KH*KW): filters of a group meet only its rows of cols."""
     N, K, Ho, Wo = dy.shape
@@ -193,24 +194,26 @@ def _i2c_dw(xp, dy, part, cols, dyb, B, KH, KW, s, dh=1, dw=1, groups=1):
     P = Ho * Wo
     Kg, R = K // groups, part.shape[2]
     RC = R * groups
-    for g in prange(G):
-        t = numba.get_thread_id()
+    for g in range(lo, hi):
         acc = part[g]
         mine = (N - g + G - 1) // G                      # images g, g + G, ...
         for j in range(0, mine, B):
             nb = min(B, mine - j)
-            cl = cols[t][:RC * nb * P].reshape(RC, nb * P)
-            db = dyb[t][:K * nb * P].reshape(K, nb * P)
+            cl = cl_buf[:RC * nb * P].reshape(RC, nb * P)
+            db = db_buf[:K * nb * P].reshape(K, nb * P)
             for b in range(nb):
                 n = g + (j + b) * G
                 _cols_of(xp[n], cl[:, b * P:(b + 1) * P], KH, KW, s, Ho, Wo, dh, dw)
-                db[:, b * P:(b + 1) * P] = dy[n].reshape(K, P)
+                dn = dy[n].reshape(K, P)
+                for k in range(K):         # (loops, not array expressions: those doubled the compile time)
+                    for p in range(P):
+                        db[k, b * P + p] = dn[k, p]
             for q in range(groups):
                 prod = np.dot(db[q * Kg:(q + 1) * Kg], cl[q * R:(q + 1) * R].T)
-                if j == 0:
-                    acc[q * Kg:(q + 1) * Kg] = prod
-                else:
-                    acc[q * Kg:(q + 1) * Kg] += prod
+                for k in range(Kg):
+                    ak = acc[q * Kg + k]
+                    for r in range(R):
+                        ak[r] = prod[k, r] if j == 0 else ak[r] + prod[k, r]
 
 
 _ONE_BLAS_THREAD = BlasLimit(1)
@@ -309,9 +312,9 @@ def grad_input(dy, w, stride, pads, in_hw, dil=(1, 1), groups=1, out=None):
     # per group (Cg*KH*KW, K/G): the group's filters transposed, groups stacked along the rows
     wmt = w.reshape(groups, K // groups, Cg * KH * KW).transpose(0, 2, 1).reshape(C * KH * KW, K // groups)
     args = (dy, np.ascontiguousarray(wmt), dxp, KH, KW, stride, dil[0], dil[1], groups)
-    kernel_ready(_i2c_dx, args)
-    with _ONE_BLAS_THREAD:
-        _i2c_dx(*args)
+    if kernel_ready(_i2c_dx, args + (0, 0)):
+        with _ONE_BLAS_THREAD:
+            parallel_for(lambda lo, hi, k: _i2c_dx(*args, lo, hi), N)
     if pads == (0, 0, 0, 0):
         return dxp
     dx = new_or(out, (N, C, H, W), dy.dtype)
@@ -334,10 +337,10 @@ def grad_weights(x, dy, stride, pads, k_hw, dil=(1, 1), groups=1, out=None):
     dyb = scratch("i2c_dyb", (nt, K * B * P), x.dtype)
     C //= groups
     part = np.empty((G, K, C * KH * KW), x.dtype)
-    args = (xp, dy, part, cols, dyb, B, KH, KW, stride, dil[0], dil[1], groups)
-    kernel_ready(_i2c_dw, args)
-    with _ONE_BLAS_THREAD:
-        _i2c_dw(*args)
+    head, tail = (xp, dy, part), (B, KH, KW, stride, dil[0], dil[1], groups)
+    if kernel_ready(_i2c_dw, head + (cols[0], dyb[0]) + tail + (0, 0)):
+        with _ONE_BLAS_THREAD:
+            parallel_for(lambda lo, hi, k: _i2c_dw(*head, cols[k], dyb[k], *tail, lo, hi), G)
     return sum_partials(part, new_or(out, (K, C, KH, KW), x.dtype))
 
 
