@@ -465,14 +465,21 @@ def test_strategy_rules_small_batch_and_margin(monkeypatch):
     conv_strategy._CHOICES.clear()
 
 
-def test_static_rule_strided_dw():
+@pytest.mark.parametrize("avx512", [True, False])
+def test_static_rule_strided_dw(monkeypatch, avx512):
     """A strided, ungrouped dL/dW with a deep patch (channels x taps >= 512) takes im2col; a shallow one
-    (a first layer on RGB) and grouped ones stay direct."""
+    (a first layer on RGB) and grouped ones stay direct. At stride 1 a deep one is direct on an AVX-512
+    host, im2col without AVX-512 (dL/dX too; a 1-channel first layer, 1 x 9 taps, and the forward stay
+    direct)."""
+    monkeypatch.setattr(conv_strategy, "AVX512", avx512)
     rule = conv_strategy.static_rule
     assert rule("conv2d_dw", 2, (128, 64, 3, 3)) == "im2col"
     assert rule("conv2d_dw", 2, (64, 3, 7, 7)) == "direct"
     assert rule("conv2d_dw", 2, (64, 64, 3, 3), groups=2) == "direct"
-    assert rule("conv2d_dw", 1, (128, 64, 3, 3)) == "direct"
+    deep = "direct" if avx512 else "im2col"
+    assert rule("conv2d_dw", 1, (64, 32, 3, 3)) == rule("conv2d_dx", 1, (16, 6, 5, 5)) == deep
+    assert rule("conv2d_dw", 1, (32, 1, 3, 3)) == rule("conv2d", 1, (64, 32, 3, 3)) == "direct"
+    assert rule("conv2d_dx", 1, (64, 32, 3, 3), groups=2) == rule("conv2d_dx", 1, (64, 32, 3, 3), (2, 2)) == "direct"
 
 
 @pytest.mark.parametrize("ks", [3, 5])

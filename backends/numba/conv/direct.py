@@ -42,7 +42,7 @@ def load_kernel(src: str, predicate: bool = True):
     return k
 
 
-def _host_has_avx512() -> bool:
+def host_has_avx512() -> bool:
     if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
         return False              # compiling for another CPU: leave LLVM's choices alone
     try:
@@ -53,7 +53,7 @@ def _host_has_avx512() -> bool:
         return False
 
 
-_AVX512 = _host_has_avx512()
+_AVX512 = host_has_avx512()
 
 
 def forced_vector_width(dtype) -> int:

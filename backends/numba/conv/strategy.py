@@ -144,7 +144,8 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=N
     6.21 against 6.71 ms with SciPy's OpenBLAS on its AVX-512 kernels, 9.81 against 10.45 on its AVX2
     ones; from 1 input channel up it was slower (7.41). A forward conv of one or two images that the
     channel-vectorised direct kernel serves (strided with a deep patch, or on a small plane; conv/channels.py's
-    doc has the timings) is direct, ahead of these rules."""
+    doc has the timings) is direct, ahead of these rules. These timings were taken on AVX-512 hosts; without
+    AVX-512 a stride-1 dL/dW or dL/dX with a deep patch goes to im2col (_avx2_gradient_gemm)."""
     if _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
         return "winograd"
     if op == "conv2d" and x_shape is not None and pads is not None \
@@ -155,7 +156,7 @@ def static_rule(op, stride, w_shape, dil=(1, 1), groups=1, x_shape=None, dtype=N
         return "im2col"
     if op == "conv2d" and one and groups == 1 and w_shape[1] >= DEEP_1X1:
         return "im2col"
-    if _deep_strided_forward(op, stride, w_shape):
+    if _deep_strided_forward(op, stride, w_shape) or _avx2_gradient_gemm(op, stride, w_shape, dil, groups):
         return "im2col"
     if stride > 1 and op == "conv2d_dw" and groups == 1 and w_shape[1] * w_shape[2] * w_shape[3] >= 512:
         return "im2col"
@@ -190,6 +191,23 @@ def _winograd_pays(op, stride, w_shape, dil, groups, x_shape, dtype):
     N, H, W = x_shape[0], x_shape[2], x_shape[3]
     tiles = N * -(-H // 4) * -(-W // 4)
     return N >= 2 and min(C, K) >= WINOGRAD_MIN_CHANNELS and tiles >= WINOGRAD_MIN_TILES
+
+
+AVX512 = direct.host_has_avx512()
+AVX2_DEEP_PATCH = 128   # without AVX-512, a stride-1 gradient conv with a patch this deep runs on im2col
+
+
+def _avx2_gradient_gemm(op, stride, w_shape, dil, groups):
+    """On a host without AVX-512 (8-float vectors, 16 vector registers) the direct kernels' dL/dW and dL/dX
+    fall behind im2col's BLAS GEMMs once the patch (channels x taps) is deep. AMD EPYC Zen 3 (znver3), 2
+    threads, best of 7-11, direct / im2col ms (examples/conv_strategies.py): mnist_convnet b128's 32 -> 64
+    3x3 on 13x13 dL/dW 20.6 / 9.95, dL/dX 14.5 / 10.5; lenet5 b64's 6 -> 16 5x5 on 14x14 1.61 / 1.48,
+    1.71 / 1.44; AlexNet b8's 64 -> 192 5x5 on 27x27 67.4 / 38.0, 48.0 / 35.4. There the forward stays
+    direct (mnist's 32 -> 64 + ReLU + pool: 8.1 / 10.3) and so does a first layer's dL/dW (1 x 9 taps:
+    1.93 / 2.46). With AVX-512 (Zen 4 and 5) the direct kernels won these (see static_rule)."""
+    return not AVX512 and op in ("conv2d_dw", "conv2d_dx") and stride == 1 and groups == 1 \
+        and tuple(dil) == (1, 1) and tuple(w_shape[2:]) != (1, 1) \
+        and w_shape[1] * w_shape[2] * w_shape[3] >= AVX2_DEEP_PATCH
 
 
 DEEP_1X1 = 256      # a 1x1 forward conv with this many input channels runs as a GEMM (im2col, no columns to build)
