@@ -3,8 +3,10 @@ over serial nogil kernels); im2col of each image into a per-thread buffer, a BLA
 inside @njit; BLAS held to one thread meanwhile: two thread pools on two cores fight), and the
 epilogue straight from the product. With fewer images than threads (batch 1) the columns are built in
 parallel first and each image's GEMM is split over blocks of filters. dL/dX (col2im) and dL/dW
-(per-thread partial sums) run one image, or group of images, per task too (serial kernels: Numba's
-parallel loops cost 5-20 s to compile cold on a Zen 3 core). Dilated filters read taps ``dil``
+(per-thread partial sums) run one image, or group of images, per task too: as Numba-parallel loops they
+were the slowest kernels to compile (mnist_convnet's training step, where a CPU without AVX-512 runs its
+gradients on im2col: first step 11.3-12.1 s from empty caches with them, 10.6-10.8 s without, on a Zen 3;
+`python examples/first_step_time.py`). Dilated filters read taps ``dil``
 apart in im2col (and col2im); grouped convs run one GEMM per group on the group's rows of the column
 matrix.
 """
