@@ -2,8 +2,9 @@
 own np.dot would call the same BLAS through SciPy). A 2-D a @ b.T of at most SMALL_MACS multiply-adds (a
 batch-1 dense layer) runs kernels/small_matmul.py instead: no BLAS call, so no BLAS limit in that run. So
 does one of at most FEW_ROWS rows whose weights b fill SPLIT_WEIGHT_BYTES, in blocks of outputs on graphc's
-threads: such a product reads its weights from memory, on one core at ~16 GB/s (MobileNetV2's 1280 -> 1000
-classifier at batch 1 took 0.31 ms in the network on one BLAS thread, 0.06 alone with its weights in cache).
+threads: such a product reads its weights from memory, which one core does at a fraction of the machine's
+bandwidth (MobileNetV2's 1280 -> 1000 classifier, the fc.matmul row of `graphc bench mobilenet_v2 --batch 1`:
+0.31 ms on one BLAS thread, 0.16 split, on a Zen 4).
 
 BLAS is held to one thread from a run's first BLAS call (blas_in_use) to its end (its own threads beside
 graphc's fought for the cores), so a large 2-D product is split into blocks of rows (or of columns, for
@@ -61,9 +62,7 @@ def _rows_split(values, ai, bi, out):
         for p in range(lo, hi):
             dot_rows(a, bt[cols[p]:cols[p + 1]], out[:, cols[p]:cols[p + 1]])
 
-    def step():
-        parallel_for(block, parts)
-    return step
+    return lambda: parallel_for(block, parts)
 
 
 def _t(x, transpose):
