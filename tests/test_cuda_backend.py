@@ -9,16 +9,15 @@ How the simulator is switched on (as tests/test_cuda_kernels.py does): numba rea
 when numba.cuda is first imported, and other test files import numba in the main pytest process, so
 this module never sets it in-process. When CUDA can run here (the simulator was on before numba.cuda was
 imported, or a GPU exists) the tests run in this process; otherwise the driver tests re-run this file in
-two child ``python -m pytest`` processes with NUMBA_ENABLE_CUDASIM=1 (the "sim_a" and "sim_b" halves,
-side by side), and the in-process tests skip. The no-GPU test and the PTX check run in children without
-the simulator.
+three child ``python -m pytest`` processes with NUMBA_ENABLE_CUDASIM=1 (the "sim_a", "sim_b" and "sim_c"
+thirds, of about equal time, side by side with test_cuda_kernels.py's child: tests/cuda_children.py), and
+the in-process tests skip. The no-GPU test and the PTX check run in children without the simulator.
 
 Shapes are tiny (batch 2, 6x6 images, 1-3 channels): the simulator runs every CUDA thread as a Python
 thread (a training step of the tiny conv net takes about 3 s).
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -31,6 +30,7 @@ import pytest
 import graphc as gc
 from graphc import models
 from graphc.backends.cuda import kernels as ck
+import cuda_children as children
 import nan_graphs
 from tie_graphs import (assert_exact, conv_pool_ties, plateau_max, plateau_pool, plateau_route, pool_ties,
                         relu_max_ties, route_ties)
@@ -54,61 +54,12 @@ needs_cuda = pytest.mark.skipif(not RUN_HERE, reason=f"{HERE_REASON}: these test
 
 # ============================================================================ drivers (parent process)
 
-def _child_env(sim):
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-_CHILDREN: dict = {}
-
-
-@atexit.register
-def _reap_children():
-    for proc in _CHILDREN.values():
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _child(name, cmd, sim):
-    if name not in _CHILDREN:
-        _CHILDREN[name] = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(sim), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
-    return _CHILDREN[name]
-
-
-def _sim_child(half):
-    return _child(half, [sys.executable, "-m", "pytest", THIS, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                         "-k", f"{half} and not in_cuda_simulator"], sim=True)
-
-
-def _ptx_child():
-    return _child("ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False)
-
-
-def _wait(proc, timeout):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"child timed out after {timeout} s:\n{(out + err)[-4000:]}")
-    return proc.returncode, out, err
-
-
-@pytest.mark.parametrize("half", ["sim_a", "sim_b"])
+@pytest.mark.parametrize("half", ["sim_a", "sim_b", "sim_c"])
 def test_backend_in_cuda_simulator(request, half):
     if RUN_HERE:
         pytest.skip(f"the backend tests ran in this process ({HERE_REASON.split(';')[0]})")
-    # start every child at once: they run side by side
-    for h in ("sim_a", "sim_b"):
-        _sim_child(h)
-    if any("ptx" in getattr(it, "name", "") for it in request.session.items):
-        _ptx_child()
-    rc, out, err = _wait(_sim_child(half), 600)
+    children.start_for_session(request.session)     # every child at once: they run side by side
+    rc, out, err = children.wait(half, 600)
     tail = (out + err)[-8000:]
     assert rc == 0, f"simulator child {half} failed (rc={rc}):\n{tail}"
     m = re.search(r"(\d+) passed", out)
@@ -142,7 +93,7 @@ print(json.dumps(res))
 
 
 def test_cuda_backend_without_gpu_or_simulator_raises_clear_error():
-    r = subprocess.run([sys.executable, "-c", _NO_GPU_SCRIPT], cwd=ROOT, env=_child_env(False),
+    r = subprocess.run([sys.executable, "-c", _NO_GPU_SCRIPT], cwd=ROOT, env=children.child_env(False),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -155,7 +106,7 @@ def test_cuda_backend_without_gpu_or_simulator_raises_clear_error():
 
 def test_bench_cuda_without_gpu_says_why_in_one_line():
     r = subprocess.run([sys.executable, "-m", "graphc.cli", "bench", "seed_cnn", "--backend", "cuda"], cwd=ROOT,
-                       env=_child_env(False), capture_output=True, text=True, timeout=120)
+                       env=children.child_env(False), capture_output=True, text=True, timeout=120)
     if r.returncode == 0:
         pytest.skip("a CUDA GPU is usable here: the benchmark ran")
     err = r.stderr.strip()
@@ -200,8 +151,15 @@ print(json.dumps(out))
 """
 
 
+for _half in ("sim_a", "sim_b", "sim_c"):
+    children.register(_half, children.pytest_child(THIS, f"{_half} and not in_cuda_simulator"), sim=True,
+                      driver="test_backend_in_cuda_simulator")
+children.register("backend_ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False,
+                  driver="test_generated_kernels_compile_to_ptx")
+
+
 def test_generated_kernels_compile_to_ptx():
-    rc, out, err = _wait(_ptx_child(), 600)
+    rc, out, err = children.wait("backend_ptx", 600)
     assert rc == 0, f"a CUDA toolkit is installed and a kernel failed to compile to PTX:\n{(out + err)[-4000:]}"
     rep = json.loads(out.strip().splitlines()[-1])
     if "skip" in rep:
@@ -432,14 +390,15 @@ def test_sim_a_losses_softmax_and_grads():
 @needs_cuda
 def test_sim_b_data_parallel_step_on_one_rank_is_the_plain_step():
     """The allreduce nodes run on the host (no kernel): with one rank they are copies, so the data-parallel
-    step (several buckets) equals the plain step exactly (tests/test_mpi.py runs two ranks on the CPU)."""
+    step (several buckets) equals the plain step exactly (tests/test_mpi.py runs two ranks on the CPU). The
+    tiny conv net's 189 parameters in buckets of 200-300 bytes: three buckets (lenet5 took 4 minutes here)."""
     from graphc import distributed as dist
-    g = models.lenet5()
-    rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((2, 1, 28, 28)).astype(np.float32), "labels": rng.integers(0, 10, 2)}
+    g = tiny_convnet()
+    feeds = _feeds(g)
     plain = gc.compile(g, "cuda", optimizer=gc.optim.SGD(0.1))
     dp = gc.compile(g, "cuda", optimizer=gc.optim.SGD(0.1),
-                    distributed=dist.DataParallel(dist.LocalComm(), first_bucket_mb=0.01, bucket_mb=0.05))
+                    distributed=dist.DataParallel(dist.LocalComm(), first_bucket_mb=0.0002, bucket_mb=0.0003))
+    assert sum(d["op"] == "allreduce" for _, d in dp.graph.nx.nodes(data=True)) >= 3
     assert plain.step(feeds) == dp.step(feeds)
     for k in plain.state:
         np.testing.assert_array_equal(plain.state[k], dp.state[k])
@@ -710,7 +669,7 @@ def test_sim_b_pattern_without_a_cuda_lowering_runs_on_the_host():
 
 
 @needs_cuda
-def test_sim_b_cnn_op_set_matches_reference():
+def test_sim_a_cnn_op_set_matches_reference():
     """Batch norm (both modes, running statistics), grouped/dilated conv, LRN, attribute elementwise ops,
     ceil-mode/padded pools, reflect padding, global max pool: forward, a training run and an SGD step.
     Every op runs on the device (no fallbacks)."""
@@ -790,7 +749,7 @@ def test_sim_b_folded_batch_norm_follows_the_state():
 
 
 @needs_cuda
-def test_sim_a_norm_ops_float64_on_the_device():
+def test_sim_c_norm_ops_float64_on_the_device():
     g, feeds = norm_net("float64")
     ref, exe = gc.compile(g), gc.compile(g, backend="cuda")
     for training in (False, True, False):
@@ -813,7 +772,7 @@ def _nan_check(g, cases, fuse=True, what=""):
 
 
 @needs_cuda
-def test_sim_a_nan_losses_elementwise_and_pools_follow_the_reference():
+def test_sim_c_nan_losses_elementwise_and_pools_follow_the_reference():
     """Saturated softmaxes (0 * -inf), inf/NaN logits, float32-overflowing squares (float64 terms and
     sums), float32 elementwise chains, max pools holding NaN (NaN, routed to the first NaN)."""
     for which in nan_graphs.LOSSES:

@@ -21,7 +21,6 @@ Shapes are tiny: the simulator runs every CUDA thread as a Python thread.
 """
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
@@ -35,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THIS = os.path.abspath(__file__)
 
 
+import cuda_children as children  # noqa: E402
 from graphc.backends.cuda import kernels as ck  # noqa: E402
 from graphc.errors import BackendError  # noqa: E402
 
@@ -51,51 +51,6 @@ def _decide_here():
 RUN_HERE, HERE_REASON = _decide_here()
 needs_cuda = pytest.mark.skipif(not RUN_HERE, reason=f"{HERE_REASON}: these tests run in the simulator child "
                                                      f"started by test_kernels_in_cuda_simulator")
-
-
-def _child_env(sim):
-    env = dict(os.environ)
-    env.pop("NUMBA_ENABLE_CUDASIM", None)
-    if sim:
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
-# =========================================================================================================
-# drivers (parent process)
-# =========================================================================================================
-
-_CHILDREN: dict = {}
-
-
-@atexit.register
-def _reap_children():
-    for proc in _CHILDREN.values():
-        if proc.poll() is None:
-            proc.kill()
-
-
-def _child(name, cmd, sim):
-    """Start (once) a child process; the simulator child and the PTX child run side by side."""
-    if name not in _CHILDREN:
-        _CHILDREN[name] = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(sim), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True)
-    return _CHILDREN[name]
-
-
-def _ptx_child():
-    return _child("ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False)
-
-
-def _wait(proc, timeout):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"child timed out after {timeout} s:\n{(out + err)[-4000:]}")
-    return proc.returncode, out, err
 
 
 _NOT_IN_CHILD = ("test_kernels_in_cuda_simulator", "ptx", "cuda_status")     # the child's -k leaves these out
@@ -119,11 +74,8 @@ def _tests_the_child_runs():
 def test_kernels_in_cuda_simulator(request):
     if RUN_HERE:
         pytest.skip(f"kernel tests ran in this process ({HERE_REASON.split(';')[0]})")
-    if any(getattr(it, "name", "") == "test_every_kernel_compiles_to_ptx" for it in request.session.items):
-        _ptx_child()     # compile PTX meanwhile: the simulator child leaves a core idle much of the time
-    proc = _child("sim", [sys.executable, "-m", "pytest", THIS, "-o", "addopts=", "-q", "-p", "no:cacheprovider",
-                          "-k", " and ".join(f"not {k}" for k in _NOT_IN_CHILD)], sim=True)
-    rc, out, err = _wait(proc, 600)
+    children.start_for_session(request.session)     # with the PTX check and test_cuda_backend.py's children
+    rc, out, err = children.wait("kernels_sim", 600)
     tail = (out + err)[-8000:]
     assert rc == 0, f"simulator child failed (rc={rc}):\n{tail}"
     m = re.search(r"(\d+) passed", out)
@@ -153,7 +105,7 @@ print(json.dumps({"imported_early": imported_early, "ok": ok, "reason": reason, 
 
 
 def _status_child(sim):
-    r = subprocess.run([sys.executable, "-c", _STATUS_SCRIPT, ROOT], cwd=ROOT, env=_child_env(sim),
+    r = subprocess.run([sys.executable, "-c", _STATUS_SCRIPT, ROOT], cwd=ROOT, env=children.child_env(sim),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -231,13 +183,19 @@ print(json.dumps({"seconds": time.time() - t, "ptxas": ptxas, "res": out}))
 """
 
 
+children.register("kernels_sim", children.pytest_child(THIS, " and ".join(f"not {k}" for k in _NOT_IN_CHILD)), sim=True,
+                  driver="test_kernels_in_cuda_simulator")
+children.register("kernels_ptx", [sys.executable, "-c", _PTX_SCRIPT, ROOT], sim=False,
+                  driver="test_every_kernel_compiles_to_ptx")
+
+
 #: kernels that accumulate in float64 on purpose, as the reference: sums (a float32 partial sum overflows
 #: where the sum does not; memory-bound, so the wider adds do not show) and the cross-entropy rows
 F64_BY_DESIGN = ("reduce_keep_mid", "reduce_mid", "xent_rows", "xent_dense_rows")
 
 
 def test_every_kernel_compiles_to_ptx():
-    rc, out, err = _wait(_ptx_child(), 900)
+    rc, out, err = children.wait("kernels_ptx", 900)
     assert rc == 0, f"a CUDA toolkit is installed and a kernel failed to compile to PTX:\n{(out + err)[-4000:]}"
     rep = json.loads(out.strip().splitlines()[-1])
     if "skip" in rep:
