@@ -11,6 +11,7 @@ import uuid
 
 import numba
 import numpy as np
+from numba.core import types
 import pytest
 
 import graphc as gc
@@ -293,6 +294,44 @@ def test_numba_is_imported_without_error_highlighting_unless_the_user_says(user,
         env["NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING"] = user
     out = subprocess.run([sys.executable, "-c", _HIGHLIGHT], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == scheme.strip(), out.stderr[-2000:]
+
+
+def _memo_entries():
+    """(function type, context, args, remembered signature) of every call the typing memo holds."""
+    import gc as pygc
+    from numba.core.types.functions import BaseFunction
+    return [(f, ctx, args, sig) for f in pygc.get_objects() if issubclass(type(f), BaseFunction)
+            for (ctx, _target, args), sig in list(f.__dict__.get("_graphc_typing_memo", {}).items())]
+
+
+def test_typing_memo_answers_what_numba_would(own_cache):
+    """The typing memo (backends/numba/typing_memo.py) is installed with the backend, remembers the
+    calls a compile resolved (float32 products, literal-indexed subscripts, integer arithmetic), and
+    every remembered signature is the one Numba's own resolution gives now, for every kernel this
+    test session compiled so far."""
+    from graphc.backends.numba import typing_memo
+    original = typing_memo.original_get_call_type()
+    assert original is not None
+    kern, c = _fresh_kernel("memo")
+    x, y = np.ones(5, np.float32), np.zeros(5, np.float32)
+    kern(x, y)
+    np.testing.assert_array_equal(y, 2 * x + np.float32(c))
+    entries = _memo_entries()
+    store = (types.Array(types.float32, 1, "C"), types.intp, types.float64)     # y[i] = 2.0 * x[i] + c
+    assert any(args == store for _, _, args, _ in entries)
+    again, _ = _fresh_kernel("memo")                 # the same calls on the same types: all remembered
+    again(x, y)
+    assert len(_memo_entries()) == len(entries)
+    wrong = [(f, args, sig) for f, ctx, args, sig in entries if original(f, ctx, args, {}) != sig]
+    assert not wrong, wrong[:3]
+
+
+def test_typing_memo_can_be_turned_off():
+    code = ("import graphc.backends.numba; from graphc.backends.numba import typing_memo; "
+            "print(typing_memo.original_get_call_type() is None)")
+    env = dict(os.environ, GRAPHC_NUMBA_TYPING_MEMO="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
 
 
 def test_a_worker_process_compiles_into_the_shared_disk_cache(own_cache):
