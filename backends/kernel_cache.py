@@ -137,6 +137,28 @@ def skip_cfunc_wrappers(*modules) -> None:
                 obj.targetoptions.setdefault("no_cfunc_wrapper", True)
 
 
+_SYMBOLS_READY: list = []
+
+
+def _runtime_symbols_ready(target_context) -> None:
+    """What a cached kernel's machine code links against, without the rest of Numba's start-up.
+
+    Numba's own cache load first refreshes the target context: it imports some 40 modules of
+    implementations and installs their registries (0.2-0.25 s of a warm start's ~0.85 s on a Zen 5),
+    which only a compile needs; Numba's compiler refreshes the context itself when it compiles. Of that
+    refresh, loading machine code needs the symbols it registers with LLVM: the NRT's (allocation,
+    reference counts) and the hash secret numba.cpython.hashing adds on import. The others a kernel can
+    name (Numba's C helpers, exception classes, libm, SVML, the parallel layer's on a parallel kernel's
+    reload) are registered when Numba is imported, the CPU context made, or the kernel rebuilt. A symbol
+    missing here would abort the process inside LLVM (``Symbol not found``), not raise, so every Numba
+    import site that registers symbols (``ll.add_symbol``) was checked, for Numba 0.68."""
+    if not _SYMBOLS_READY:
+        from numba.core.runtime import rtsys
+        import numba.cpython.hashing  # noqa: F401   (registers _numba_hashsecret_* on import)
+        rtsys.initialize(target_context)
+        _SYMBOLS_READY.append(True)
+
+
 def guard_numba_cache(*modules) -> None:
     """Makes the cached @njit functions of these modules survive a corrupted Numba cache entry: a load
     or save that fails (UnpicklingError, EOFError, ...) deletes that function's index and data files
@@ -153,7 +175,9 @@ def guard_numba_cache(*modules) -> None:
 
             def load_overload(self, sig, target_context):
                 try:
-                    return super().load_overload(sig, target_context)
+                    _runtime_symbols_ready(target_context)
+                    with self._guard_against_spurious_io_errors():
+                        return self._load_overload(sig, target_context)
                 except Exception as e:       # None: Numba compiles (and save_overload stores it anew)
                     self._discard(e)
                     return None

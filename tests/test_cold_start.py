@@ -436,17 +436,18 @@ for k in sorted(exe.params):
     h.update(np.ascontiguousarray(exe.params[k]).tobytes())
 k = exe.compile_times["bindings"][0]["kernels"]
 print("RESULT " + json.dumps({"losses": [repr(v) for v in losses], "params": h.hexdigest(), "kernels": k, "late": late,
-                              "compiled": compiled}))
+                              "compiled": compiled, "numba_impls_loaded": "numba.np.arraymath" in sys.modules}))
 """
 
 
-def _train_cold(tmp_path, runs):
+def _train_cold(tmp_path, runs, caches=None):
     """For each {name: environment}, two training steps in a fresh process (all at once) on new, empty
-    kernel caches: {name: {losses, params (a hash), kernels (the precompile stats)}}."""
+    kernel caches (or on the caches of the earlier runs named in `caches` {name: earlier name}):
+    {name: {losses, params (a hash), kernels (the precompile stats), ...}}."""
     procs = {}
     for name, extra in runs.items():
-        env = dict(os.environ, GRAPHC_CACHE_DIR=str(tmp_path / name / "kernels"),
-                   NUMBA_CACHE_DIR=str(tmp_path / name / "numba"), **extra)
+        where = tmp_path / (caches or {}).get(name, name)
+        env = dict(os.environ, GRAPHC_CACHE_DIR=str(where / "kernels"), NUMBA_CACHE_DIR=str(where / "numba"), **extra)
         procs[name] = subprocess.Popen([sys.executable, "-c", _TRAIN_COLD], env=env, stdout=subprocess.PIPE,
                                        stderr=subprocess.PIPE, text=True)
     out = {}
@@ -477,6 +478,12 @@ def test_forked_workers_train_bit_identically_to_one_process(tmp_path):
     twice = {f for f in alone["compiled"] if f.startswith("graphc") and alone["compiled"].count(f) > 1}
     assert not twice and any(f.endswith(".sce_int_k") for f in alone["compiled"]), alone["compiled"]
     assert not [f for f in alone["compiled"] if f.startswith("graphc.backends.numba.kernels.loss._")]
+    # warm: every kernel loaded from the disk cache, the same bits, and none of Numba's implementation
+    # registries loaded (only a compile needs them: kernel_cache._runtime_symbols_ready)
+    warm = _train_cold(tmp_path, {"warm": {}}, caches={"warm": "alone"})["warm"]
+    assert warm["kernels"]["cached"] == warm["kernels"]["kernels"] and warm["compiled"] == []
+    assert warm["losses"] == alone["losses"] and warm["params"] == alone["params"]
+    assert alone["numba_impls_loaded"] and not warm["numba_impls_loaded"]
 
 
 def test_queue_groups_kernels_by_a_big_shared_callee_largest_first(own_cache):

@@ -488,6 +488,10 @@ def _start_workers(n, queue, prog, results):
     if not n:
         return []
     if can_fork():
+        # Numba's implementations loaded here once, inherited by every fork (a cache load no longer
+        # loads them: kernel_cache._runtime_symbols_ready); else each process would, 0.2-0.25 s apiece
+        from numba.core.registry import cpu_target
+        cpu_target.target_context.refresh()
         groups = list(queue)
         positions = {id(g): k for k, g in enumerate(groups)}
         forked = []
