@@ -305,10 +305,10 @@ def _memo_entries():
 
 
 def test_typing_memo_answers_what_numba_would(own_cache):
-    """The typing memo (backends/numba/typing_memo.py) is installed with the backend, remembers the
-    calls a compile resolved (float32 products, literal-indexed subscripts, integer arithmetic), and
-    every remembered signature is the one Numba's own resolution gives now, for every kernel this
-    test session compiled so far."""
+    """The typing memo (backends/numba/typing_memo.py) is installed with the backend and remembers the
+    calls a compile resolved (here the float32 store y[i] = ...); a second kernel making the same calls
+    adds nothing to it; and every remembered signature, of every kernel this test process compiled so
+    far, is the one Numba's own resolution gives now."""
     from graphc.backends.numba import typing_memo
     original = typing_memo.original_get_call_type()
     assert original is not None
