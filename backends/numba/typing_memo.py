@@ -3,10 +3,10 @@
 Typing a kernel resolves every call, operator and subscript in it (``a * b``, ``x[i, j]``) through
 ``BaseFunction.get_call_type``. That tries each of the function's templates in turn (operator.mul has
 dozens) and builds an error message for every template that does not match; Numba keeps no record of
-what it found, so the 500th ``float32 * float32`` of a cold start costs what the first did. In
-mnist_convnet's cold training step, 92% of the ~1,650 resolutions repeat an earlier one, and typing
-took 1.7-1.8 s of the 16 kernels' ~8 s of compile CPU (0.8-1.0 s with this memo; measured in one
-process, ``GRAPHC_COMPILE_WORKERS=0``, with timers around Numba's passes).
+what it found, so the 500th ``float32 * float32`` of a cold start costs what the first did. Compiling
+mnist_convnet's training step (16 kernels) in one process (``GRAPHC_COMPILE_WORKERS=0``) resolves about
+3,500 calls, 95% of them repeats of an earlier one, and typing took 1.7-1.8 s of its ~8 s of compile
+CPU, 0.8-1.0 s with this memo (a scratch count, and timers around Numba's passes).
 
 What is remembered is only a success, keyed by the typing context, the target in force and the exact
 argument types (literal values included): a template's own caches (compiled @overload bodies, the
