@@ -301,16 +301,16 @@ def _memo_entries():
     import gc as pygc
     from numba.core.types.functions import BaseFunction
     return [(f, ctx, args, sig) for f in pygc.get_objects() if issubclass(type(f), BaseFunction)
-            for (ctx, _target, args), sig in list(f.__dict__.get("_graphc_typing_memo", {}).items())]
+            for (ctx, _target, args), sig in list(f.__dict__.get("_graphc_call_types", {}).items())]
 
 
-def test_typing_memo_answers_what_numba_would(own_cache):
-    """The typing memo (backends/numba/typing_memo.py) is installed with the backend and remembers the
+def test_compile_memo_answers_what_numba_would(own_cache):
+    """The typing memo (backends/numba/compile_memo.py) is installed with the backend and remembers the
     calls a compile resolved (here the float32 store y[i] = ...); a second kernel making the same calls
     adds nothing to it; and every remembered signature, of every kernel this test process compiled so
     far, is the one Numba's own resolution gives now."""
-    from graphc.backends.numba import typing_memo
-    original = typing_memo.original_get_call_type()
+    from graphc.backends.numba import compile_memo
+    original = compile_memo.original_get_call_type()
     assert original is not None
     kern, c = _fresh_kernel("memo")
     x, y = np.ones(5, np.float32), np.zeros(5, np.float32)
@@ -326,10 +326,29 @@ def test_typing_memo_answers_what_numba_would(own_cache):
     assert not wrong, wrong[:3]
 
 
-def test_typing_memo_can_be_turned_off():
-    code = ("import graphc.backends.numba; from graphc.backends.numba import typing_memo; "
-            "print(typing_memo.original_get_call_type() is None)")
-    env = dict(os.environ, GRAPHC_NUMBA_TYPING_MEMO="0")
+def test_compile_memo_gives_llvm_type_sizes_as_llvm_does():
+    """The ABI-size memo answers, for plain and nested types, a pointer and a named struct (never
+    remembered: its text does not show its body), what llvmlite computes from the type itself, asked
+    once or again."""
+    from llvmlite import ir
+    from numba.core.base import BaseContext
+    from numba.core.registry import cpu_target
+    assert hasattr(BaseContext.get_abi_sizeof, "__wrapped__")
+    ctx = cpu_target.target_context
+    named = ir.global_context.get_identified_type("graphc_test_memo_struct")
+    if named.is_opaque:
+        named.set_body(ir.IntType(8), ir.DoubleType(), ir.IntType(16))
+    kinds = [ir.IntType(8), ir.FloatType(), ir.ArrayType(ir.DoubleType(), 7), ir.IntType(8).as_pointer(),
+             ir.LiteralStructType([ir.IntType(32), ir.ArrayType(ir.IntType(64), 3), ir.FloatType()]), named]
+    for ty in kinds + kinds:
+        assert ctx.get_abi_sizeof(ty) == ty.get_abi_size(ctx.target_data)
+    assert ctx.get_abi_sizeof(kinds[4]) == 40 and ctx.get_abi_sizeof(named) == 24
+
+
+def test_compile_memo_can_be_turned_off():
+    code = ("import graphc.backends.numba; from graphc.backends.numba import compile_memo; "
+            "print(compile_memo.original_get_call_type() is None)")
+    env = dict(os.environ, GRAPHC_NUMBA_COMPILE_MEMO="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.stdout.strip() == "True", out.stderr[-2000:]
 

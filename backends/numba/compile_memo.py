@@ -1,4 +1,7 @@
-"""Numba's typing of calls, remembered: the same function on the same argument types is resolved once.
+"""Two questions Numba asks over and over while it compiles, answered once per process: the type of a
+call, and the ABI size of an LLVM type.
+
+**Calls.** The same function on the same argument types is resolved once.
 
 Typing a kernel resolves every call, operator and subscript in it (``a * b``, ``x[i, j]``) through
 ``BaseFunction.get_call_type``. That tries each of the function's templates in turn (operator.mul has
@@ -14,8 +17,15 @@ implementation key for lowering) were filled by that first resolution, so the an
 one Numba would compute. Failures and calls with keyword arguments go to Numba each time. The optimised
 LLVM IR of every kernel in that step is the same with and without the memo (compared after Numba's
 module passes, its unique name suffixes aside). It applies to every Numba compile in the process, a
-user's own @njit functions included (the same types come out, sooner); ``GRAPHC_NUMBA_TYPING_MEMO=0``
+user's own @njit functions included (the same types come out, sooner); ``GRAPHC_NUMBA_COMPILE_MEMO=0``
 turns it off, and a Numba whose ``get_call_type`` does not look as expected is left alone.
+
+**ABI sizes.** Lowering asks the size of each variable's LLVM type (for debug information that is off
+by default), and llvmlite answers each question by printing a module holding one global of that type and
+parsing it with LLVM: about 400 parses, 0.3 s of the step's profile, for a few dozen distinct types. The
+size of a type under one data layout follows from the type's text, so it is remembered by that text,
+except for types that name a struct (``%name``), whose body the text does not show. The same switch
+turns this off.
 """
 from __future__ import annotations
 
@@ -26,25 +36,29 @@ _INSTALLED: list = []       # [the original get_call_type] once installed
 
 
 def install() -> bool:
-    """Puts the memo in front of Numba's ``BaseFunction.get_call_type`` (once per process); False where
-    it is turned off or Numba's method does not have the expected shape."""
+    """Puts the memos in front of Numba's ``BaseFunction.get_call_type`` and ``BaseContext.get_abi_sizeof``
+    (once per process); False where they are turned off or Numba's methods do not have the expected
+    shape."""
     if _INSTALLED:
         return True
-    if os.environ.get("GRAPHC_NUMBA_TYPING_MEMO", "1") == "0":
+    if os.environ.get("GRAPHC_NUMBA_COMPILE_MEMO", "1") == "0":
         return False
+    from numba.core.base import BaseContext
     from numba.core.target_extension import get_local_target
     from numba.core.types.functions import BaseFunction
     original = BaseFunction.get_call_type
-    if list(inspect.signature(original).parameters) != ["self", "context", "args", "kws"]:
+    sizeof = BaseContext.get_abi_sizeof
+    if list(inspect.signature(original).parameters) != ["self", "context", "args", "kws"] or \
+            list(inspect.signature(sizeof).parameters) != ["self", "ty"]:
         return False
 
     def get_call_type(self, context, args, kws):
         if kws:
             return original(self, context, args, kws)
         try:
-            memo = self.__dict__["_graphc_typing_memo"]
+            memo = self.__dict__["_graphc_call_types"]
         except KeyError:
-            memo = self.__dict__["_graphc_typing_memo"] = {}
+            memo = self.__dict__["_graphc_call_types"] = {}
         # the context itself (not its id: a dead one's id can be reused) and the target, which orders
         # the templates (a CUDA overload is preferred under the CUDA target)
         key = (context, get_local_target(context), args)
@@ -59,8 +73,23 @@ def install() -> bool:
             memo[key] = sig
         return sig
 
+    sizes = {}
+
+    def get_abi_sizeof(self, ty):
+        key = str(ty)
+        if "%" in key:              # a named struct: its text does not show its body
+            return sizeof(self, ty)
+        key = (self.target_data, key)      # held here, so no other layout can take its address
+        try:
+            return sizes[key]
+        except KeyError:
+            size = sizes[key] = sizeof(self, ty)
+            return size
+
     get_call_type.__wrapped__ = original
     BaseFunction.get_call_type = get_call_type
+    get_abi_sizeof.__wrapped__ = sizeof
+    BaseContext.get_abi_sizeof = get_abi_sizeof
     _INSTALLED.append(original)
     return True
 
