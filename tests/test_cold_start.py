@@ -584,6 +584,58 @@ def test_precompile_reports_progress_and_compiles_what_steps_call(capsys, monkey
     assert "graphc: compiling 1 kernels" in err and "compiled 1 kernels" in err
 
 
+def test_precompile_compiles_with_the_heap_frozen_and_unfreezes_it(monkeypatch, own_cache):
+    """The heap as it was stays out of the collector's scans during a compile (precompile.heap_frozen);
+    what the compile makes is still collected, and the heap is unfrozen after."""
+    import gc as pygc
+    import weakref
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "0")
+    (kern, _), x, y = _fresh_kernel("g"), np.ones(2), np.zeros(2)
+    real, seen = precompile.compile_for, []
+
+    class Node:
+        pass
+
+    def spy(disp, sig, options=None):
+        a, b = Node(), Node()
+        a.other, b.other = b, a                 # a cycle made during the compile, then dropped
+        ref = weakref.ref(a)
+        del a, b
+        pygc.collect()
+        seen.append((pygc.get_freeze_count(), ref() is None))
+        return real(disp, sig, options)
+    monkeypatch.setattr(precompile, "compile_for", spy)
+    assert pygc.get_freeze_count() == 0
+    precompile.precompile_steps([lambda: kern(x, y)], progress=False)
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1]
+    assert pygc.get_freeze_count() == 0 and kern.overloads
+
+
+def test_a_heap_frozen_by_the_user_stays_frozen(monkeypatch, own_cache):
+    import gc as pygc
+    monkeypatch.setenv("GRAPHC_COMPILE_WORKERS", "0")
+    (kern, _), x, y = _fresh_kernel("u"), np.ones(2), np.zeros(2)
+    pygc.freeze()
+    try:
+        frozen = pygc.get_freeze_count()
+        precompile.precompile_steps([lambda: kern(x, y)], progress=False)
+        assert pygc.get_freeze_count() > frozen // 2 and kern.overloads      # (frozen objects that died left)
+    finally:
+        pygc.unfreeze()
+
+
+def test_a_new_worker_process_freezes_the_heap_of_its_imports():
+    import gc as pygc
+    import io
+    import pickle
+    from graphc.backends.numba import compile_worker
+    seen, out = [], io.StringIO()
+    jobs = io.BytesIO(pickle.dumps("job") + pickle.dumps(None))
+    compile_worker.serve(jobs, out, lambda job: seen.append(pygc.get_freeze_count()) or [])
+    assert seen and seen[0] > 0 and pygc.get_freeze_count() == 0
+    assert out.getvalue().startswith("ok\nstats ")
+
+
 def test_workers_follow_idle_cpus(monkeypatch):
     monkeypatch.delenv("GRAPHC_COMPILE_WORKERS", raising=False)
     monkeypatch.setattr(precompile.os, "cpu_count", lambda: 4)
@@ -621,14 +673,28 @@ def test_cold_start_takes_the_static_rule_and_times_only_when_tuning(monkeypatch
 
 
 def test_compile_recorder_breaks_a_compile_down(own_cache):
+    """Wall, CPU, LLVM, typing and the collector's pauses of each compile (a full collection forced at
+    the compile's start is counted in it)."""
+    import gc as pygc
+    from numba.core import event
     kern, _ = _fresh_kernel("r")
+
+    class Collect(event.Listener):
+        def on_start(self, ev):
+            pygc.collect()
+
+        def on_end(self, ev):
+            pass
     rec = CompileRecorder().start()
-    kern(np.ones(2), np.zeros(2))
+    with event.install_listener("numba:compile", Collect()):
+        kern(np.ones(2), np.zeros(2))
     bd = rec.stop().breakdown()
     assert bd["totals"]["kernels"] == 1 and bd["totals"]["cpu_s"] > 0
     assert bd["kernels"][0]["kernel"] == kern.py_func.__module__ + ".kernel"
+    assert 0 < bd["kernels"][0]["gc_s"] < bd["kernels"][0]["wall_s"] and bd["totals"]["gc_s"] == bd["kernels"][0]["gc_s"]
+    assert rec._on_gc not in pygc.callbacks
     lines = format_breakdown(bd)
-    assert "1 kernels compiled" in lines[0] and "conv strategy timing" in lines[1]
+    assert "1 kernels compiled" in lines[0] and "garbage collection" in lines[0] and "conv strategy timing" in lines[1]
 
 
 def test_thread_count_is_chosen_again_once_later(monkeypatch):

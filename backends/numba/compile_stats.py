@@ -9,10 +9,12 @@ caches) and prints the breakdown.
 
 Numba announces each compilation as a "numba:compile" event (loads from the disk cache are not
 compilations) and each stretch under its LLVM lock as "numba:llvm_lock"; nested compilations (a
-kernel's callees) are counted inside their caller.
+kernel's callees) are counted inside their caller. The garbage collector's pauses within each are
+timed too (gc.callbacks).
 """
 from __future__ import annotations
 
+import gc
 import time
 
 # what the generated kernels' module names start with -> the kind of kernel (one per shape/geometry)
@@ -48,9 +50,10 @@ class CompileRecorder:
     """Listens to Numba's compile events between start() and stop()."""
 
     def __init__(self):
-        self.rows = []                  # (depth, dispatcher, args, wall, cpu, llvm wall)
+        self.rows = []                  # (depth, dispatcher, args, wall, cpu, llvm wall, gc wall)
         self._stack = []
         self._llvm = []
+        self._gc = [0.0, 0.0]           # when the running collection started, seconds of collections
         self._listener = None
         self._tuning0 = dict(TUNING)
         self._remote0 = len(REMOTE)
@@ -63,22 +66,24 @@ class CompileRecorder:
         class _Listener(event.Listener):
             def on_start(self, ev):
                 if ev.kind == "numba:compile":
-                    rec._stack.append((ev.data, time.perf_counter(), time.process_time(), len(rec._llvm)))
+                    rec._stack.append((ev.data, time.perf_counter(), time.process_time(), len(rec._llvm),
+                                       rec._gc[1]))
                 else:
                     rec._llvm.append([time.perf_counter(), None])
 
             def on_end(self, ev):
                 if ev.kind == "numba:compile":
-                    data, t0, c0, k = rec._stack.pop()
+                    data, t0, c0, k, g0 = rec._stack.pop()
                     llvm = sum(e - s for s, e in rec._llvm[k:] if e is not None)
                     rec.rows.append((len(rec._stack), data.get("dispatcher"), data.get("args"),
-                                     time.perf_counter() - t0, time.process_time() - c0, llvm))
+                                     time.perf_counter() - t0, time.process_time() - c0, llvm, rec._gc[1] - g0))
                 elif rec._llvm and rec._llvm[-1][1] is None:
                     rec._llvm[-1][1] = time.perf_counter()
 
         self._listener = _Listener()
         for kind in ("numba:compile", "numba:llvm_lock"):
             event.register(kind, self._listener)
+        gc.callbacks.append(self._on_gc)
         self._tuning0 = dict(TUNING)
         self._remote0 = len(REMOTE)
         return self
@@ -89,7 +94,15 @@ class CompileRecorder:
             for kind in ("numba:compile", "numba:llvm_lock"):
                 event.unregister(kind, self._listener)
             self._listener = None
+            if self._on_gc in gc.callbacks:
+                gc.callbacks.remove(self._on_gc)
         return self
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc[0] = time.perf_counter()
+        else:
+            self._gc[1] += time.perf_counter() - self._gc[0]
 
     @staticmethod
     def _typing_s(disp, args):
@@ -105,7 +118,7 @@ class CompileRecorder:
     def kernel_rows(self):
         """One dict per top-level compilation of this process (callees counted in their caller)."""
         rows, nested = [], 0
-        for depth, disp, args, wall, cpu, llvm in self.rows:
+        for depth, disp, args, wall, cpu, llvm, gc_s in self.rows:
             if depth:
                 nested += 1
                 continue
@@ -115,7 +128,8 @@ class CompileRecorder:
             rows.append({"kernel": f"{module}.{getattr(fn, '__name__', '?')}", "kind": kernel_kind(module),
                          "parallel": bool(getattr(disp, "targetoptions", {}).get("parallel")),
                          "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "llvm_s": round(llvm, 3),
-                         "typing_s": None if typing is None else round(typing, 3), "nested": nested})
+                         "typing_s": None if typing is None else round(typing, 3), "gc_s": round(gc_s, 3),
+                         "nested": nested})
             nested = 0
         return rows
 
@@ -126,6 +140,7 @@ class CompileRecorder:
         rows = self.kernel_rows() + [dict(r, process="worker") for r in remote]
         by_kind = {}
         tot = {"kernels": 0, "signatures": len(rows), "wall_s": 0.0, "cpu_s": 0.0, "llvm_s": 0.0, "typing_s": 0.0,
+               "gc_s": 0.0,
                "parallel_kernels": 0, "generated_kernels": 0, "nested_compiles": 0, "in_workers": len(remote)}
         seen = set()
         for r in rows:
@@ -137,6 +152,7 @@ class CompileRecorder:
             for k in ("wall_s", "cpu_s", "llvm_s"):
                 tot[k] += r[k]
             tot["typing_s"] += r["typing_s"] or 0.0
+            tot["gc_s"] += r.get("gc_s") or 0.0
             tot["nested_compiles"] += r.get("nested", 0)
             k = by_kind.setdefault(r["kind"], {"count": 0, "wall_s": 0.0, "cpu_s": 0.0})
             k["count"] += 1
@@ -157,7 +173,7 @@ def format_breakdown(bd, indent="  "):
              f"compile workers, {t['generated_kernels']} "
              f"generated per shape/geometry, {t['parallel_kernels']} Numba-parallel, {t['nested_compiles']} "
              f"nested callees): {t['wall_s']:.2f} s wall, {t['cpu_s']:.2f} s CPU; typing {t['typing_s']:.2f} s, "
-             f"LLVM {t['llvm_s']:.2f} s",
+             f"LLVM {t['llvm_s']:.2f} s, garbage collection {t.get('gc_s', 0.0):.2f} s",
              f"{indent}tuning: conv strategy timing {tu['strategy_s']:.2f} s ({tu['strategies_timed']} timed), "
              f"thread-count timing {tu['threads_s']:.2f} s ({tu['threads_timed']} bindings)"]
     for kind, v in bd["by_kind"].items():

@@ -25,24 +25,27 @@ def kernel_of(spec):
 def serve(jobs, out, kernels):
     """The worker's loop: pickled jobs read from `jobs` until a None or the end, each turned by
     `kernels(job)` into [(dispatcher, argument types, LLVM options)] and compiled (into Numba's disk
-    cache); "ok" or "error ..." written to `out` per job, then a "stats" line."""
+    cache); "ok" or "error ..." written to `out` per job, then a "stats" line. The heap of its imports
+    is left out of the garbage collector's scans (precompile.heap_frozen; a forked worker's is so
+    already)."""
     from graphc.backends.numba.compile_stats import CompileRecorder
-    from graphc.backends.numba.precompile import compile_for
+    from graphc.backends.numba.precompile import compile_for, heap_frozen
     rec = CompileRecorder().start()
-    while True:
-        try:
-            job = pickle.load(jobs)
-        except EOFError:
-            break
-        if job is None:
-            break
-        try:
-            for disp, sig, options in kernels(job):      # every signature of one kernel
-                compile_for(disp, sig, options)
-            out.write("ok\n")
-        except Exception as e:           # the parent compiles them itself
-            out.write("error " + " ".join(f"{type(e).__name__}: {e}".split())[:300] + "\n")
-        out.flush()
+    with heap_frozen():
+        while True:
+            try:
+                job = pickle.load(jobs)
+            except EOFError:
+                break
+            if job is None:
+                break
+            try:
+                for disp, sig, options in kernels(job):      # every signature of one kernel
+                    compile_for(disp, sig, options)
+                out.write("ok\n")
+            except Exception as e:           # the parent compiles them itself
+                out.write("error " + " ".join(f"{type(e).__name__}: {e}".split())[:300] + "\n")
+            out.flush()
     out.write("stats " + json.dumps(rec.stop().kernel_rows()) + "\n")
     out.flush()
 

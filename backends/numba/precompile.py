@@ -23,6 +23,7 @@ Whatever discovery misses (a step that raised on garbage) is compiled when the r
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import pickle
@@ -72,6 +73,29 @@ def compile_for(disp, sig, options=None) -> bool:
                 with options_context(options):
                     disp.compile(sig)
     return True
+
+
+# ------------------------------------------------------------------------------- garbage collector
+
+@contextlib.contextmanager
+def heap_frozen():
+    """Within the block, the objects that exist on entry are left out of the garbage collector's scans
+    (gc.freeze; gc.unfreeze on exit), unless something froze objects already (then nothing changes).
+    A compile makes and drops millions of objects; about one young collection in a hundred sets off a
+    full one, which walks the whole heap: Numba's modules and registries, the caller's data. In a cold
+    mnist_convnet training step each of the two compiling processes made three, 0.35-0.50 s of its
+    2.3-3.4 s of CPU; 0.08-0.10 s with the heap frozen (scratch gc.callbacks timers), and the first
+    step came 0.4 s sooner (median of 8 pairs). Young and full collections still run over what the
+    compile made, so its garbage is freed as before. A worker forked within the block inherits the
+    frozen heap (and its collections do not copy the parent's pages)."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -545,8 +569,13 @@ def compile_jobs(jobs, progress="auto", label="", idle=None):
 
 def precompile_steps(steps, progress="auto", label=""):
     """Discovers the kernels `steps` call (callables run once in discovery, fallbacks skipped), loads
-    those in the disk cache and compiles the rest in parallel. Returns {"kernels", "cached",
-    "compiled", "workers", "seconds", ...}."""
+    those in the disk cache and compiles the rest in parallel, with the heap as it was frozen
+    (heap_frozen). Returns {"kernels", "cached", "compiled", "workers", "seconds", ...}."""
+    with heap_frozen():
+        return _precompile_steps(steps, progress, label)
+
+
+def _precompile_steps(steps, progress, label):
     t0 = time.perf_counter()
     cpu0 = _cpu_times()
     cpu0 = None if cpu0 is None else cpu0 + (t0,)
