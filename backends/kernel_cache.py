@@ -210,7 +210,7 @@ def aligned_empty(shape, dtype, align=64):
 
 _BLAS_LIBS: list = []
 _BLAS_SCANNED = [False, False]      # scanned; SciPy's BLAS was loaded then
-_SCIPY_HELD = [False]               # a SciPy BLAS loaded by someone else was held to one thread
+_SCIPY_HELD = [False]               # SciPy's BLAS is at one thread (loaded so here, or held so after)
 
 
 def rescan_blas():
@@ -237,12 +237,13 @@ def import_numba_unhighlighted() -> None:
 
 
 def load_scipy_blas_single_threaded():
-    """Loads SciPy's BLAS (the one Numba's np.dot calls; Numba loads it on its first compile) with
-    OpenBLAS set up for one thread; one loaded already is held to one thread from now on. An OpenBLAS
-    started with two threads kept a server thread spinning on the other core during graphc's runs
-    although every call was held to one thread: with it, ResNet-18's conv kernels ran at half speed on
-    2 threads in a batch-16 training step (layer4's 3x3 conv 31 ms, 16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
-    library can still be given more threads later (threadpoolctl)."""
+    """Loads SciPy's BLAS (the one Numba's np.dot calls) with OpenBLAS set up for one thread; one loaded
+    already is held to one thread from now on. An OpenBLAS started with two threads kept a server thread
+    spinning on the other core during graphc's runs although every call was held to one thread: with it,
+    ResNet-18's conv kernels ran at half speed on 2 threads in a batch-16 training step (layer4's 3x3 conv
+    31 ms, 16 ms without). The environment is restored at once (OpenBLAS reads it when loaded), and the
+    library can still be given more threads later (threadpoolctl). Cheap once done: it runs before
+    every Numba compile (load_scipy_blas_before_numba)."""
     if "scipy.linalg" in sys.modules:
         # loaded by someone else, maybe with two threads: held to one from now on (once used with
         # two, its thread spun beside graphc's even under a BlasLimit: ResNet-18's training step
@@ -258,6 +259,7 @@ def load_scipy_blas_single_threaded():
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
     try:
         import scipy.linalg.cython_blas  # noqa: F401
+        _SCIPY_HELD[0] = True
     except ImportError:         # no SciPy: Numba's np.dot says so when it compiles
         pass
     finally:
@@ -266,6 +268,30 @@ def load_scipy_blas_single_threaded():
         else:
             os.environ["OPENBLAS_NUM_THREADS"] = saved
     rescan_blas()
+
+
+def load_scipy_blas_before_numba() -> None:
+    """SciPy's BLAS loaded single-threaded (load_scipy_blas_single_threaded) just before Numba would load
+    it, not when the backend is imported: Numba's refresh of a target context, which starts each of its
+    compiles (and precompile's, before workers fork), imports numba.np.arraymath, and that imports
+    scipy.linalg to check for a BLAS. (A kernel that calls BLAS also loads it, at run time, when it was
+    not compiled in the process: conv/im2col.kernel_ready loads it first.) A start whose kernels are all
+    in the disk cache and call no BLAS, as mnist_convnet's training step, never imports scipy.linalg:
+    0.15-0.2 s of its ~0.7 s (SciPy's array API layer copies numpy's namespace and imports f2py)."""
+    if _REFRESH_WRAPPED:
+        return
+    from numba.core.base import BaseContext
+    original = BaseContext.refresh
+
+    def refresh(self):
+        load_scipy_blas_single_threaded()
+        return original(self)
+    refresh.__doc__ = original.__doc__
+    BaseContext.refresh = refresh
+    _REFRESH_WRAPPED.append(original)
+
+
+_REFRESH_WRAPPED: list = []
 
 
 def _blas_libs():

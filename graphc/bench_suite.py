@@ -113,8 +113,9 @@ def blas_kernels():
     environment. They matter: $OPENBLAS_CORETYPE=Haswell (set on some machines for old OpenBLAS builds) runs
     AVX2 kernels on AVX-512 CPUs, one-thread SGEMM 115-133 GFLOP/s against 193-242 on an AMD EPYC (Zen 5)."""
     try:
-        import graphc.backends.numba  # noqa: F401  (loads SciPy's BLAS as the backend does)
+        from graphc.backends.kernel_cache import load_scipy_blas_single_threaded
         from threadpoolctl import threadpool_info
+        load_scipy_blas_single_threaded()       # as the numba backend does before Numba needs it
         libs = [i for i in threadpool_info() if i.get("user_api") == "blas"]
     except Exception:   # noqa: BLE001 - only a label
         return None

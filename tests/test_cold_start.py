@@ -101,9 +101,9 @@ def test_openmp_workers_spin_briefly_unless_the_user_says(user_env, expect):
 
 
 def test_scipy_blas_is_loaded_single_threaded_and_the_environment_restored():
-    """Numba's np.dot calls SciPy's OpenBLAS: the numba backend loads it set up for one thread (a
-    two-thread OpenBLAS kept a thread spinning on the other core during runs), without changing the
-    environment; one loaded before is held to one thread."""
+    """Numba's np.dot calls SciPy's OpenBLAS: load_scipy_blas_single_threaded loads it set up for one
+    thread (a two-thread OpenBLAS kept a thread spinning on the other core during runs), without changing
+    the environment; one loaded before is held to one thread."""
     pytest.importorskip("scipy")
     pytest.importorskip("threadpoolctl")
     _blas_threads_after_load("")
@@ -126,6 +126,35 @@ def _blas_threads_after_load(first):
     if n == "0":
         pytest.skip("SciPy's BLAS is not a separate scipy.libs OpenBLAS here")
     assert threads == "1" and envvar == "None", out.stdout
+
+
+def test_scipy_blas_waits_for_numba_to_need_it_and_comes_single_threaded():
+    """The numba backend does not import scipy.linalg; Numba's first compile (its refresh imports it) and
+    a BLAS kernel of im2col (kernel_ready, before it is compiled, loaded or run) get it single-threaded
+    first, the environment left as it was."""
+    pytest.importorskip("scipy")
+    pytest.importorskip("threadpoolctl")
+    compile_first = ("import numba\n@numba.njit\ndef f(x):\n    return x + 1\n"
+                     "assert f(1) == 2\n")
+    kernel_first = ("import numpy as np\nfrom graphc.backends.numba import precompile\n"
+                    "from graphc.backends.numba.conv import im2col\n"
+                    "a = np.ones((2, 3), np.float32)\n"
+                    "with precompile.discovering() as found:\n"
+                    "    assert not im2col.kernel_ready(im2col._gemm_tasks, (a, a.T.copy(), a, 1, 0, 0))\n"
+                    "assert len(found) == 1\n")
+    for trigger in (compile_first, kernel_first):
+        code = ("import os, sys, threadpoolctl\nimport graphc.backends.numba\n"
+                "assert 'scipy.linalg' not in sys.modules\n" + trigger +
+                "assert 'scipy.linalg' in sys.modules\n"
+                "libs = [d for d in threadpoolctl.threadpool_info() if 'scipy.libs' in d['filepath']]\n"
+                "print(len(libs), libs[0]['num_threads'] if libs else -1, os.environ.get('OPENBLAS_NUM_THREADS'))\n")
+        env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+        n, threads, envvar = out.stdout.split()
+        if n == "0":
+            pytest.skip("SciPy's BLAS is not a separate scipy.libs OpenBLAS here")
+        assert threads == "1" and envvar == "None", (trigger, out.stdout)
 
 
 def test_blas_limit_holds_every_blas_and_restores_it():

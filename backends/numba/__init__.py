@@ -12,13 +12,12 @@ import sys
 
 from graphc.backends import registry
 from graphc.backends.kernel_cache import (guard_numba_cache, import_numba_unhighlighted,
-                                          load_scipy_blas_single_threaded, skip_cfunc_wrappers)
+                                          load_scipy_blas_before_numba, skip_cfunc_wrappers)
 from graphc.backends.numba import compile_memo
 
 import_numba_unhighlighted()
 compile_memo.install()       # a call's types and an LLVM type's size found once per process, not per use
-# before Numba's first compile, which loads SciPy's BLAS (numba.np.arraymath imports it) for its np.dot
-load_scipy_blas_single_threaded()
+load_scipy_blas_before_numba()   # single-threaded, before Numba's first compile would load it
 from graphc.backends.numba import (lower_conv, lower_elementwise, lower_linalg, lower_loss, lower_norm,  # noqa: F401
                                    lower_pool, lower_reduce, lower_shape, lower_sources)
 from graphc.backends.numba.executor import NumbaExecutable

@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from graphc.backends.kernel_cache import BlasLimit, rescan_blas
+from graphc.backends.kernel_cache import BlasLimit, load_scipy_blas_single_threaded, rescan_blas
 from graphc.backends.numba.precompile import compile_for, discovering_here
 from graphc.backends.numba.conv.layout import new_or, out_hw, place, pool_hw, scratch, sum_partials
 from graphc.backends.numba.threads import num_threads, parallel_for
@@ -239,6 +239,7 @@ def kernel_ready(fn, args) -> bool:
     key = (fn, _arg_kinds(args))
     if key in _READY and not discovering_here():
         return True
+    load_scipy_blas_single_threaded()        # before a cached kernel's first BLAS call would load it
     sig = tuple(numba.typeof(a) for a in args)
     if not compile_for(fn, sig):
         return False
