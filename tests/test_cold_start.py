@@ -157,6 +157,19 @@ def test_scipy_blas_waits_for_numba_to_need_it_and_comes_single_threaded():
         assert threads == "1" and envvar == "None", (trigger, out.stdout)
 
 
+def test_without_scipy_numba_compiles_and_scipy_is_looked_for_once():
+    code = ("import sys\nsys.modules['scipy'] = None\n"           # an import of scipy raises ImportError
+            "import graphc.backends.numba\nfrom graphc.backends import kernel_cache\nimport numba\n"
+            "@numba.njit\ndef f(x):\n    return x + 1\n"
+            "assert f(1) == 2 and kernel_cache._SCIPY_HELD[0] is None\n"
+            "import builtins\nreal = builtins.__import__\n"
+            "def no_scipy(name, *a, **k):\n    assert not name.startswith('scipy'), name\n    return real(name, *a, **k)\n"
+            "builtins.__import__ = no_scipy\n"
+            "kernel_cache.load_scipy_blas_single_threaded()\nprint('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
 def test_blas_limit_holds_every_blas_and_restores_it():
     """BlasLimit(1) (around every numba run): each loaded BLAS at one thread inside, as threadpoolctl sees
     it (the OpenBLAS calls are made directly, not through threadpoolctl), its own count after; nested."""
