@@ -85,8 +85,9 @@ def heap_frozen():
     full one, which walks the whole heap: Numba's modules and registries, the caller's data. In a cold
     mnist_convnet training step each of the two compiling processes made three, 0.35-0.50 s of its
     2.3-3.4 s of CPU; 0.08-0.10 s with the heap frozen (scratch gc.callbacks timers), and the first
-    step came 0.4 s sooner (median of 8 pairs). Young and full collections still run over what the
-    compile made, so its garbage is freed as before. A worker forked within the block inherits the
+    step came 0.19 s sooner (median of 40 alternating pairs' differences; examples/first_step_time.py).
+    Young and full collections still run over what the compile made, so its garbage is freed as before
+    (the same RSS after a cold resnet18 training step). A worker forked within the block inherits the
     frozen heap (and its collections do not copy the parent's pages)."""
     if gc.get_freeze_count():
         yield
