@@ -513,8 +513,9 @@ def _start_workers(n, queue, prog, results):
     if not n:
         return []
     if can_fork():
-        # Numba's implementations loaded here once, inherited by every fork (a cache load no longer
-        # loads them: kernel_cache._runtime_symbols_ready); else each process would, 0.2-0.25 s apiece
+        # Numba's implementations (and with them SciPy's BLAS, kernel_cache.load_scipy_blas_before_numba)
+        # loaded here once, inherited by every fork (a cache load no longer loads them:
+        # kernel_cache._runtime_symbols_ready); else each process would, 0.3-0.4 s apiece
         from numba.core.registry import cpu_target
         cpu_target.target_context.refresh()
         groups = list(queue)
