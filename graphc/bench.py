@@ -3,7 +3,8 @@
 What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:function":
 
 - the whole step (inference run, or training step = forward + backward + update), median of `repeats`
-  after warm-up;
+  after warm-up; with peers, timed side by side with theirs (blocks in turn over the same minutes:
+  bench_peers' module doc);
 - a per-kernel table from the executable's profiling run (every kernel call timed on its own): name,
   the ops fused into it, shapes, median ms, GFLOP/s, share of the step;
 - compile time, cold (a fresh process with empty kernel caches: GRAPHC_CACHE_DIR and NUMBA_CACHE_DIR
@@ -23,7 +24,8 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 
 Returns a dict (also written to json_path) with at least: model, backend, batch, mode, step_ms,
 compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms,
-rss_peak_mb, rss_step_mb}}, graphc_process {step_ms, rss_peak_mb, rss_step_mb} (with compare).
+rss_peak_mb, rss_step_mb, ratio}}, graphc_process {step_ms, rss_peak_mb, rss_step_mb} and side_by_side
+{step_ms, repeats, rounds} (with compare; None when no peer could be timed).
 """
 from __future__ import annotations
 
@@ -430,7 +432,11 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
         t0 = time.perf_counter()
         _step_fn(exe, feeds, train)()
         repeats = bench_peers.repeats_for(time.perf_counter() - t0, repeats, budget_s)
-    step_ms = _median_ms(_step_fn(exe, feeds, train), repeats, warmup)
+    # with peers, graphc's step is timed side by side with theirs (bench_peers' module doc), else alone
+    peers, own, side = bench_peers.compare(src, g, exe, feeds, compare, batch, train, repeats,
+                                           _step_fn(exe, feeds, train), budget_s, timeout, backend,
+                                           fuse) if compare else ({}, None, None)
+    step_ms = side["step_ms"] if side else _median_ms(_step_fn(exe, feeds, train), repeats, warmup)
     if hasattr(exe, "profile"):
         rows = exe.profile(feeds, train=train, repeats=max(5, repeats // 2), warmup=1)
     else:
@@ -441,14 +447,13 @@ def run_bench(model, backend="numba", batch=None, train=False, fuse=True, compar
     ctimes = (compile_times(src.spec, backend, batch, train, fuse, fold_bn, timeout) if measure_compile
               else {"cold": None, "warm": None})
     ctimes["this_process"] = {"compile_s": lower_s, "first_step_s": first_s}
-    peers, own = bench_peers.compare(src, g, exe, feeds, compare, batch, train, repeats, step_ms, budget_s,
-                                     timeout, backend, fuse) if compare else ({}, None)
     result = {
         "model": model, "backend": backend, "batch": batch, "mode": mode, "fuse": bool(fuse),
         "fold_bn": sorted(exe.folded_bn()) if hasattr(exe, "folded_bn") else [],
         "step_ms": step_ms, "compile_s": ctimes, "roofline_gflops": roof, "bandwidth_gbps": bw,
         "kernels": kernels, "kernel_count": len(kernels), "kernel_ms_sum": sum(k["ms"] for k in kernels),
-        "compare": peers, "graphc_process": own, "weights": src.note, "repeats": repeats,
+        "compare": peers, "graphc_process": own, "side_by_side": side, "weights": src.note,
+        "repeats": side["repeats"] if side else repeats,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "command": f"graphc bench {model} --backend {backend} --batch {batch}" + (" --train" if train else "")
                    + ("" if fuse else " --no-fuse") + ("" if fold_bn else " --no-fold-bn") + (f" --compare {','.join(compare)}" if compare else "")
@@ -517,8 +522,10 @@ def report(r):
             extra += "  (fallback)"
         lines.append(f"{k['name'][:34]:34s} {ops[:34]:34s} {k['shapes'][:38]:38s} {k['ms']:8.3f} "
                      f"{k['gflops']:8.1f} {k.get('gbps', 0.0):7.1f} {100 * k['share']:5.1f}%{extra}")
+    side = r.get("side_by_side")
     lines.append(f"{r['kernel_count']} kernels, {r['kernel_ms_sum']:.3f} ms summed; whole step median "
-                 f"{r['step_ms']:.3f} ms")
+                 f"{r['step_ms']:.3f} ms" + (f" (side by side with the peers: {side['repeats']} steps in "
+                                             f"{side['rounds']} rounds)" if side else ""))
     lines += compile_lines(r["compile_s"])
     if r.get("roofline_gflops"):
         lines.append(f"roofline: numpy SGEMM {r['roofline_gflops']:.1f} GFLOP/s"

@@ -13,6 +13,14 @@ measured) on the same model, batch, feeds (seed 0) and initial weights:
 - "jax": reported absent (no graph translation for it yet).
 - graphc itself, for memory: a fresh process runs the benchmarked step (kernels from the disk cache).
 
+Side by side: the timed steps of graphc (in the benchmarking process) and of every peer (in its process,
+kept waiting between blocks) come in ROUNDS rounds, each one block of steps of each in turn, the order
+reversed every other round; each one's step time is the median over all its blocks, and a ratio divides
+two medians of the same minutes. (These machines drift between a faster and a slower phase within
+minutes, up to 1.6x apart: timed one after the other, graphc in one phase and torch in the next, the same
+ResNet-18 batch-1 step gave ratios from 0.85x to 1.57x in one afternoon.) A block whose steps are short
+starts with one untimed step: the caches and threads the other process just used.
+
 Memory, in every one of these processes (the peak resident set size: VmHWM on Linux, where ru_maxrss
 would report the parent's size in a child; ru_maxrss elsewhere): "rss_peak_mb", the peak after warm-up
 (imports, compile and warm-up included), and "rss_step_mb", the peak over the timed steps alone (the
@@ -26,14 +34,17 @@ which also replaces the float initializers of every weight slot): a temporary co
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
+import queue
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -82,24 +93,59 @@ def repeats_for(seconds_per_step, repeats, budget_s):
     return max(3, min(repeats, int(budget_s / max(seconds_per_step, 1e-6))))
 
 
-def measure(step, repeats, warmup=3, budget_s=None):
-    """Warm-up, the peak RSS so far, then the timed steps with the peak reset before them:
-    {"step_ms" (median), "repeats", "rss_peak_mb", "rss_step_mb" (None where it cannot be reset)}.
-    With budget_s the timed steps stop once they have taken that long (after at least 3)."""
+def _warm_up(step, warmup):
+    """Runs `step` `warmup` times (at least once); the mean seconds of a step."""
     warm = []
     for _ in range(max(1, warmup)):
         t0 = time.perf_counter()
         step()
         warm.append(time.perf_counter() - t0)
-    out = {"rss_peak_mb": maxrss_mb()}
-    was_reset = reset_peak()
-    ts, start = [], time.perf_counter()
-    for _ in range(repeats_for(float(np.mean(warm)), repeats, budget_s)):
+    return float(np.mean(warm))
+
+
+def timed_steps(step, n, settle):
+    """Seconds of each of `n` runs of `step`, after one untimed run when `settle`."""
+    if settle:
+        step()
+    ts = []
+    for _ in range(n):
         t0 = time.perf_counter()
         step()
         ts.append(time.perf_counter() - t0)
-        if budget_s and len(ts) >= 3 and t0 + ts[-1] - start > budget_s:
-            break
+    return ts
+
+
+SETTLE_BELOW_S = 0.1     # a block of steps shorter than this starts with an untimed one (module doc)
+READY, TIMES, RUN, END = "GRAPHC_PEER_READY ", "GRAPHC_PEER_TIMES ", "run", "end"
+
+
+def measure(step, repeats, warmup=3, budget_s=None, driven=False):
+    """Warm-up, the peak RSS so far, then the timed steps with the peak reset before them:
+    {"step_ms" (median), "repeats", "rss_peak_mb", "rss_step_mb" (None where it cannot be reset)}.
+    With budget_s the timed steps stop once they have taken that long (after at least 3). `driven`:
+    the timed steps come in blocks when the parent asks (side by side, module doc): this process prints
+    READY and the mean step seconds, then for each line "run N" on stdin times N steps and prints
+    TIMES and their seconds, until "end" (or the end of stdin)."""
+    step_s = _warm_up(step, warmup)
+    out = {"rss_peak_mb": maxrss_mb()}
+    was_reset = reset_peak()
+    ts, start = [], time.perf_counter()
+    if driven:
+        print(READY + json.dumps(step_s), flush=True)
+        for line in sys.stdin:
+            words = line.split()
+            if not words or words[0] != RUN:
+                break
+            block = timed_steps(step, int(words[1]), step_s < SETTLE_BELOW_S)
+            ts += block
+            print(TIMES + json.dumps(block), flush=True)
+    else:
+        for _ in range(repeats_for(step_s, repeats, budget_s)):
+            ts += timed_steps(step, 1, False)
+            if budget_s and len(ts) >= 3 and time.perf_counter() - start > budget_s:
+                break
+    if not ts:
+        raise GraphError("no steps were timed (the benchmark ended before its rounds)")
     out.update(step_ms=1e3 * float(np.median(ts)), repeats=len(ts), rss_step_mb=maxrss_mb() if was_reset else None)
     return out
 
@@ -200,6 +246,108 @@ def run_child(spec, timeout=PEER_TIMEOUT):
     return {"error": (stderr.strip().splitlines() or [f"no output (exit status {p.returncode})"])[-1]}
 
 
+class PeerProcess:
+    """A peer's process timed side by side (module doc): started with the spec's "driven" flag, it
+    warms up and waits; `run(n)` times n steps there, `finish()` ends it and returns its result (as
+    run_child's). Its whole life, compile and rounds included, is capped at `timeout` seconds."""
+
+    def __init__(self, spec, timeout=PEER_TIMEOUT):
+        cmd = [sys.executable, "-c", "import sys; from graphc.bench_peers import child_main; child_main(sys.argv[1])",
+               json.dumps(dict(spec, driven=True))]
+        self.timeout, self.deadline, self.result = timeout, time.monotonic() + timeout, None
+        self.stderr = tempfile.TemporaryFile(mode="w+")      # a file: a chatty peer cannot fill a pipe and stall
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                     start_new_session=True, env=peer_environment())
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.step_s = self._expect(READY)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _expect(self, prefix):
+        """The JSON after `prefix` on the next such line; None once the process has ended (self.result
+        says how) or ran past its cap (killed)."""
+        while self.result is None:
+            try:
+                line = self.lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
+            except queue.Empty:
+                self._kill()
+                self.result = {"error": f"over the {self.timeout:g} s cap (compile included); not timed"}
+                break
+            if line is None:
+                self.proc.wait()
+                self.stderr.seek(0)
+                last = self.stderr.read().strip().splitlines()
+                self.result = {"error": (last or [f"no output (exit status {self.proc.returncode})"])[-1]}
+            elif line.startswith(TAG):
+                self.result = json.loads(line[len(TAG):])
+            elif line.startswith(prefix):
+                return json.loads(line[len(prefix):])
+        return None
+
+    def _send(self, line):
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):        # it has ended: _expect reads why
+            pass
+
+    def run(self, n):
+        """The seconds of n timed steps in the peer's process; None once it has ended (see finish)."""
+        if self.result is not None:
+            return None
+        self._send(f"{RUN} {int(n)}")
+        return self._expect(TIMES)
+
+    def finish(self):
+        if self.result is None:
+            self._send(END)
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
+            self._expect(TAG)
+        self._kill()
+        self.stderr.close()
+        return self.result
+
+    def _kill(self):
+        if self.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=max(0.0, min(5.0, self.deadline - time.monotonic())))
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except OSError:
+                self.proc.kill()
+            self.proc.wait()
+
+
+def side_by_side(graphc_step, graphc_step_s, peers, repeats, budget_s=None, rounds=None):
+    """Times graphc's step (here) and each of `peers` ({key: PeerProcess}) in rounds (module doc):
+    {key or "graphc": [[seconds of each timed step] for each block]}. Each gets repeats_for(step, repeats, budget_s)
+    steps in all, split evenly over the rounds (one block a round, at least one step); a peer that ends
+    meanwhile leaves the rounds (its result says why)."""
+    rounds = rounds or ROUNDS
+    runs = {"graphc": lambda n: timed_steps(graphc_step, n, graphc_step_s < SETTLE_BELOW_S)}
+    runs.update((k, p.run) for k, p in peers.items())
+    steps = {"graphc": graphc_step_s, **{k: p.step_s for k, p in peers.items()}}
+    block = {k: max(1, -(-repeats_for(s, repeats, budget_s) // rounds)) for k, s in steps.items()}
+    times = {k: [] for k in runs}
+    for r in range(rounds):
+        for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            got = runs[k](block[k])
+            if got is None:
+                del runs[k]
+            else:
+                times[k].append(got)
+    return times
+
+
+ROUNDS = 5
+
+
 def _model_and_feeds(a):
     from graphc.bench import _load, make_feeds
     g = _load(a["model"])
@@ -245,7 +393,7 @@ def _torch_child(a):
 
     step()
     out["compile_s"] = time.perf_counter() - t0
-    out.update(measure(step, a["repeats"], 3, a.get("budget_s")))
+    out.update(measure(step, a["repeats"], 3, a.get("budget_s"), a.get("driven", False)))
     out["version"], out["threads"] = torch.__version__, torch.get_num_threads()
     if out["threads"] > 1 and a["peer"] == "torch_eager":
         # for context (graphc picks its thread count by measurement): torch on one thread
@@ -284,7 +432,7 @@ def _onnxruntime_child(a):
     if checks:
         out["same_outputs"] = all(ok for ok, _ in checks)
         out["max_abs_err"] = max(err for _, err in checks)
-    out.update(measure(lambda: sess.run(names, inputs), a["repeats"], 3, a.get("budget_s")))
+    out.update(measure(lambda: sess.run(names, inputs), a["repeats"], 3, a.get("budget_s"), a.get("driven", False)))
     return out
 
 
@@ -335,9 +483,12 @@ def _onnxruntime_spec(src, g, feeds, expect, threads):
     return {"onnx": path, "data": data, "feeds": names, "expect": outs, "threads": threads}
 
 
-def compare(src, g, exe, feeds, peers, batch, train, repeats, step_ms, budget_s=None, timeout=PEER_TIMEOUT,
+def compare(src, g, exe, feeds, peers, batch, train, repeats, step_fn, budget_s=None, timeout=PEER_TIMEOUT,
             backend="numba", fuse=True):
-    """({peer: result}, graphc's own step process {step_ms, rss_*}) for `graphc bench --compare`."""
+    """({peer: result}, graphc's own step process {step_ms, rss_*}, graphc's side-by-side timing
+    {step_ms, repeats, rounds} or None) for `graphc bench --compare`: every peer that can be timed is
+    started and warmed up one after another, then all are timed side by side with graphc's `step_fn`
+    (module doc); each ratio is graphc's median over the rounds / the peer's."""
     keys = [PEERS.get(c, c) for c in peers]
     outs = []
     if "onnxruntime" in keys and not train:
@@ -345,29 +496,47 @@ def compare(src, g, exe, feeds, peers, batch, train, repeats, step_ms, budget_s=
         outs = export_outputs(g)
     ref_loss, expect = _reference(g, feeds, outs)
     base = {"model": src.spec, "batch": batch, "train": train, "repeats": repeats, "budget_s": budget_s}
-    results = {}
-    for c, key in zip(peers, keys):
-        if key not in CHILDREN or key == "graphc":
-            results[c] = {"error": f"unknown peer {c!r}; choose from torch, torch_compile, onnxruntime, jax"}
-            continue
-        if key == "onnxruntime" and train:
-            res = {"skipped": "onnxruntime times inference only (no training step in its CPU package)"}
-        elif key == "onnxruntime":
-            try:
-                spec = _onnxruntime_spec(src, g, feeds, expect, graphc_threads(exe))
-            except GraphError as e:                 # e.g. an op the exporter does not write
-                res = {"error": f"cannot export the model to ONNX: {' '.join(str(e).split())}"}
-            else:
-                res = run_child(dict(base, peer=key, **spec), timeout)
-        else:
-            res = run_child(dict(base, peer=key), timeout)
-        if "step_ms" in res and step_ms:
-            res["ratio"] = step_ms / res["step_ms"]       # graphc time / peer time (< 1: graphc faster)
+    results, procs = {}, {}
+    try:
+        for c, key in zip(peers, keys):
+            if key not in CHILDREN or key == "graphc":
+                results[c] = {"error": f"unknown peer {c!r}; choose from torch, torch_compile, onnxruntime, jax"}
+                continue
+            spec = dict(base, peer=key)
+            if key == "onnxruntime" and train:
+                results[key] = {"skipped": "onnxruntime times inference only (no training step in its CPU package)"}
+                continue
+            if key == "onnxruntime":
+                try:
+                    spec.update(_onnxruntime_spec(src, g, feeds, expect, graphc_threads(exe)))
+                except GraphError as e:                 # e.g. an op the exporter does not write
+                    results[key] = {"error": f"cannot export the model to ONNX: {' '.join(str(e).split())}"}
+                    continue
+            procs[key] = PeerProcess(spec, timeout)
+            results[key] = None
+        ready = {k: p for k, p in procs.items() if p.result is None}
+        side = None
+        if ready:
+            step_fn()                           # graphc warm again (the peers' start-up ran meanwhile)
+            t0 = time.perf_counter()
+            step_fn()
+            blocks = side_by_side(step_fn, time.perf_counter() - t0, ready, repeats, budget_s)
+            mine = [t for b in blocks["graphc"] for t in b]
+            side = {"step_ms": 1e3 * float(np.median(mine)), "repeats": len(mine), "rounds": ROUNDS,
+                    "block_ms": {k: [round(1e3 * float(np.median(b)), 4) for b in v] for k, v in blocks.items()}}
+        for key, p in procs.items():
+            results[key] = p.finish()
+    finally:
+        for p in procs.values():
+            if p.proc.poll() is None:
+                p.finish()
+    for key, res in results.items():
+        if side and "step_ms" in res:
+            res["ratio"] = side["step_ms"] / res["step_ms"]       # graphc time / peer time (< 1: graphc faster)
         if "loss_eval" in res and ref_loss is not None:
             res["same_model"] = bool(abs(res["loss_eval"] - ref_loss) <= 1e-3 * max(1.0, abs(ref_loss)))
-        results[key] = res
     own = run_child(dict(base, peer="graphc", backend=backend, fuse=fuse), timeout)
-    return results, own
+    return results, own, side
 
 
 # ------------------------------------------------------------------------------------ the report

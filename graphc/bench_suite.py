@@ -1,8 +1,9 @@
 """`graphc bench --suite`: the fixed benchmark table behind the README's "Speed" section.
 
 Every entry is one `graphc bench` run (graphc/bench.py) with torch eager, torch.compile and onnxruntime
-timed in the same run, each in its own process, plus graphc's cold/warm compile times and the peak
-memory (RSS) of every step process:
+timed in the same run, each in its own process and side by side with graphc (blocks of steps in turn
+over the same minutes, graphc/bench_peers.py), plus graphc's cold/warm compile times and the peak memory
+(RSS) of every step process:
 
     graphc bench --suite --json suite.json                      # all entries; the markdown table at the end
     graphc bench --suite --only resnet18-train-b16,vgg16-infer-b2

@@ -94,6 +94,58 @@ def test_a_capped_child_is_reported_not_timed():
     assert "step_ms" not in res and "over the 0.01 s cap" in res["error"]
 
 
+# ------------------------------------------------------------------------------ side by side
+
+class _FakePeer:
+    """A stand-in for a PeerProcess: each block takes a fixed time per step and is logged; it can end
+    after a number of blocks (run returns None, as a peer whose process ended)."""
+
+    def __init__(self, name, step_s, log, blocks=None):
+        self.name, self.step_s, self.log, self.left = name, step_s, log, blocks
+
+    def run(self, n):
+        if self.left == 0:
+            return None
+        self.left = None if self.left is None else self.left - 1
+        self.log.append((self.name, n))
+        return [self.step_s] * n
+
+
+def test_side_by_side_takes_turns_and_splits_each_ones_steps_over_the_rounds():
+    log = []
+    peers = {"a": _FakePeer("a", 0.001, log), "b": _FakePeer("b", 1.0, log, blocks=2)}
+    times = bench_peers.side_by_side(lambda: log.append(("graphc", None)), 0.001, peers, repeats=20, budget_s=4.0,
+                                     rounds=4)
+    assert len(times["graphc"]) == 4 and all(len(b) == 5 for b in times["graphc"])    # 20 steps, 4 rounds
+    assert [len(b) for b in times["a"]] == [5] * 4
+    assert [len(b) for b in times["b"]] == [1, 1]          # 1 s steps: 4 in the budget, 1 a round; then it ended
+    # the turns (graphc's block: its 6 steps in a row, the first untimed), the order reversed every other round
+    turns = [w for i, (w, _) in enumerate(log) if i == 0 or log[i - 1][0] != w or w != "graphc"]
+    assert turns == ["graphc", "a", "b", "b", "a", "graphc", "a", "a", "graphc"]   # graphc ends round 2, starts round 3
+    assert sum(w == "graphc" for w, _ in log) == 4 * 6
+
+
+def test_a_peer_process_is_timed_in_blocks_when_asked():
+    pytest.importorskip("torch")
+    spec = {"peer": "torch_eager", "model": "mlp", "batch": 2, "train": False, "repeats": 3}
+    p = bench_peers.PeerProcess(spec, timeout=300)
+    assert p.result is None and p.step_s > 0                       # warmed up, waiting
+    first, second = p.run(2), p.run(3)
+    assert len(first) == 2 and len(second) == 3 and all(t > 0 for t in first + second)
+    res = p.finish()
+    assert res["repeats"] == 5 and res["step_ms"] > 0 and res["rss_peak_mb"] > 0
+    assert p.proc.poll() is not None and p.run(1) is None         # ended: no more blocks
+
+
+def test_a_peer_process_that_fails_or_runs_past_its_cap_says_why():
+    p = bench_peers.PeerProcess({"peer": "torch_eager", "model": "no_such_model", "batch": 2, "train": False,
+                                 "repeats": 3}, timeout=300)
+    assert p.step_s is None and p.run(1) is None and "error" in p.finish()
+    p = bench_peers.PeerProcess({"peer": "torch_compile", "model": "mlp", "batch": 2, "train": False, "repeats": 3},
+                                timeout=0.01)
+    assert p.step_s is None and "over the 0.01 s cap" in p.finish()["error"] and p.proc.poll() is not None
+
+
 # ------------------------------------------------------------------- a fake table, end to end
 
 @pytest.fixture(scope="module")
@@ -128,6 +180,12 @@ def test_suite_writes_every_entry_to_json(suite_run):
         torch = e["peers"]["torch_eager"]
         if "note" not in torch:
             assert torch["agrees"] is True and torch["rss_peak_mb"] > 0
+            # timed side by side with graphc: the ratio is of the two medians over the same rounds
+            side = e["detail"]["side_by_side"]
+            assert side["rounds"] == bench_peers.ROUNDS and len(side["block_ms"]["torch_eager"]) == side["rounds"]
+            assert e["graphc"]["step_ms"] == side["step_ms"] == e["detail"]["step_ms"]
+            assert torch["ratio"] == pytest.approx(side["step_ms"] / torch["step_ms"])
+            assert torch["repeats"] >= side["rounds"] and side["repeats"] >= side["rounds"]
 
 
 def test_suite_prints_a_line_per_entry_and_the_markdown_table(suite_run, capsys):
