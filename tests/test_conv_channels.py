@@ -92,6 +92,31 @@ def test_bound_forward_clip_nan_and_filter_versions():
     assert np.isnan(want).sum() == K      # (one window position, stride 2)
 
 
+def test_prefetching_the_filters_ahead_changes_no_bit(monkeypatch):
+    """Filter banks of PREFETCH_MIN_BYTES and more have each input channel's pass prefetch the block of the
+    channel PREFETCH_AHEAD on (conv/prefetch.py): the same sums, bit for bit, as the kernel without, and
+    the reference's; the last channels, with none ahead, prefetch their own."""
+    N, C, K, H, W, KH, KW, s, pads, dil, dt = CASES["small_plane_3x3"]
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((N, C, H, W)).astype(dt)
+    w = rng.standard_normal((K, C, KH, KW)).astype(dt)
+    b = rng.standard_normal(K).astype(dt)
+    got = {}
+    for limit in (1 << 62, 0):
+        monkeypatch.setattr(channels, "PREFETCH_MIN_BYTES", limit)
+        run = channels.Binding(x.shape, w.shape, s, pads, dil, dt)
+        assert run.plan.ahead == (channels.PREFETCH_AHEAD if limit == 0 else 0)
+        assert ("prefetch(wk" in run.plan.source()) == (limit == 0)
+        got[limit] = np.empty((N, K, H, W), dt)
+        run(x, w, b, got[limit], None, True)
+    np.testing.assert_array_equal(got[0], got[1 << 62])
+    np.testing.assert_allclose(got[0], np.maximum(conv_ref(x, w, b, s, pads, dil), 0), rtol=1e-5, atol=1e-4)
+    # ResNet-18's 512 -> 512 filters at batch 1 (9.4 MB laid out) prefetch by default; a 1x1 256 -> 512 (0.5 MB) not
+    monkeypatch.undo()
+    assert channels.Plan(1, 512, 512, 3, 3, 9, 9, 7, 7, 1, (1, 1), np.float32).ahead == channels.PREFETCH_AHEAD
+    assert channels.Plan(1, 256, 512, 1, 1, 14, 14, 7, 7, 2, (1, 1), np.float32).ahead == 0
+
+
 def test_where_the_rule_sends_convs():
     """ResNet-18 at 224x224, batch 1: its strided convs (the 7x7 first layer, the 3x3 ones, the deep 1x1) and
     its 3x3 convs on 7x7 and 14x14 planes come here; the 3x3 convs on 28x28 planes and up, batch 16 and the

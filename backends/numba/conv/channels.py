@@ -20,6 +20,13 @@ channels) / 0.56; 3x3 on 14x14, 256 -> 256 0.52 / 0.58 (direct), 512 -> 512 at b
 Stride-1 3x3 on 28x28 and larger planes: no faster than the plane kernel (0.60 / 0.61 on 28x28, 0.73 / 0.62
 on 56x56), so those keep it; 1x1 stride-2 convs of fewer than 256 input channels keep im2col (0.11 / 0.12 at
 128, 0.21 / 0.13 at 64), and so do 1x1 stride-1 ones (plain GEMMs).
+
+A filter bank of 1 MB and more (laid out) is read from memory in a network at batch 1 (ResNet-18's 47 MB of
+filters do not stay in a 32 MB L3), so each input channel's pass first prefetches the block of the channel
+two ahead (conv/prefetch.py). ResNet-18 at batch 1, two executables in one process alternating blocks of
+15 runs (16-20 pairs, 2 threads, 2026-12-02, Zen 5): with / without 0.92 and 0.92-0.93 (three runs, at
+20-23 ms a step), 0.96, 0.97 and 0.98 (three, at 17-18 ms); outputs bit for bit the same. VGG16 at
+batch 2 (two such convs): 1.02 and 0.98 (noise).
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import numpy as np
 
 from graphc.backends.codegen import FASTMATH_SRC as FASTMATH
 from graphc.backends.kernel_cache import aligned_empty
-from graphc.backends.numba.conv.gen import HEADER, round_up
+from graphc.backends.numba.conv.gen import HEADER, helper_import, round_up
 from graphc.backends.numba.conv.layout import out_hw, place, scratch
 from graphc.backends.numba.threads import num_threads, parallel_for
 
@@ -45,6 +52,8 @@ POSITIONS = 7            # output positions per pass of the vector loop (ResNet'
 VECTORS = 4              # SIMD vectors of output channels per task
 ROW_PASS_TAPS = 9        # a filter of more taps is taken one filter row per pass
 IMAGE_CHANNELS = 4       # at most this many input channels: an image (a first layer)
+PREFETCH_MIN_BYTES = 1 << 20   # laid-out filters of at least this size (a core's L2 here) are prefetched,
+PREFETCH_AHEAD = 2       # ... this many input channels' blocks ahead (conv/prefetch.py; 2 and 4 alike)
 
 
 def _lanes(dtype) -> int:
@@ -95,11 +104,13 @@ class Plan:
         self.NR = -(-Ho // self.R)
         self.ntasks = N * self.NKV * self.NR
         self.acc_len = self.R * self.NRB * self.P * self.KV
+        big = self.NKV * C * KH * KW * self.KV * self.dtype.itemsize >= PREFETCH_MIN_BYTES
+        self.ahead = PREFETCH_AHEAD if big and C > 1 else 0
 
     def source(self) -> str:
         return gen_kernel(C=self.C, K=self.K, KH=self.KH, KW=self.KW, Wp=self.Wp, Ho=self.Ho, Wo=self.Wo, s=self.s,
                           dil=self.dil, KV=self.KV, P=self.P, R=self.R, row_pass=self.row_pass,
-                          clip=self.clip is not None)
+                          clip=self.clip is not None, ahead=self.ahead, line=64 // self.dtype.itemsize)
 
     def weights(self, w, out):
         """The filters w (K, C, KH, KW) laid out into out (NKV, C * T * KV): block kb, channel c, tap t holds
@@ -114,19 +125,21 @@ class Plan:
             o[full, :, :, :K - full * self.KV] = w[full * self.KV:].reshape(-1, C, KH * KW).transpose(1, 2, 0)
 
 
-def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, row_pass=False, clip=False) -> str:
+def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, row_pass=False, clip=False, ahead=0, line=16) -> str:
     """``kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi)``: tasks lo..hi-1 (image, block of KV output
     channels, block of R rows) of ``y (N, K, Ho, Wo)`` = the correlation of the padded flat planes ``x (N, C,
     >= Hp*Wp)`` (rows Wp wide) with ``wt (NKV, C*KH*KW*KV)`` (Plan.weights) + ``b (NKV*KV,)``, at stride s,
     taps dil apart; ``flag``: then the ReLU, or with ``clip`` the clip to [clo, chi] (NaN passes through
     both, as in gen.py's store epilogue); ``acc``: the
     calling thread's (R*NRB*P*KV,) scratch. A last block of positions that would pass the row's end starts
-    earlier instead, overlapping the one before (the same sums, the same bits)."""
+    earlier instead, overlapping the one before (the same sums, the same bits). ``ahead``: each input
+    channel's pass first prefetches the filter block of the channel that many ahead (``line`` values a
+    cache line; the same sums, the same bits)."""
     T = KH * KW
     NKV, NRB, NR = -(-K // KV), -(-Wo // P), -(-Ho // R)
     span = (P - 1) * s + (KW - 1) * dil[1] + 1        # input columns the P positions read, per filter row
-    L = [HEADER, f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)",
-         "def kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi):"]
+    L = [HEADER + (helper_import("prefetch", "prefetch") if ahead else ""),
+         f"@njit(fastmath={FASTMATH}, cache=True, nogil=True)", "def kernel(x, wt, b, y, flag, clo, chi, acc, lo, hi):"]
     a = L.append
     a("    for t in range(lo, hi):")
     a(f"        n = t // {NKV * NR}")
@@ -143,6 +156,10 @@ def gen_kernel(*, C, K, KH, KW, Wp, Ho, Wo, s, dil, KV, P, R, row_pass=False, cl
     rows = 1 if row_pass else KH
     a(f"        for c in range({C}):")
     a("            xc = xn[c]")
+    if ahead:       # the filter block of channel c + ahead (the last channels: their own, in cache by then)
+        a(f"            ca = c + {ahead} if c + {ahead} < {C} else c")
+        a(f"            for q in range(0, {T * KV}, {line}):")
+        a(f"                prefetch(wk, ca * {T * KV} + q)")
     ind = "            "
     if rows == 1:
         a(f"            for kh in range({KH}):")

@@ -39,12 +39,13 @@ from numba import njit
 
 
 @functools.lru_cache(maxsize=None)
-def _pool_nan_import() -> str:
-    """The import of pool_nan.fix_nan_row, with the hash of that file: Numba's cache of a generated kernel
-    holds its callees' machine code but checks only the kernel's own file, so their text is in it."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pool_nan.py"), "rb") as f:
+def helper_import(module: str, name: str) -> str:
+    """The import of `name` from this package's `module` (pool_nan, prefetch), with the hash of that file:
+    Numba's cache of a generated kernel holds its callees' machine code but checks only the kernel's own
+    file, so their text is in it."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), module + ".py"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    return f"from graphc.backends.numba.conv.pool_nan import fix_nan_row  # pool_nan.py {digest}\n"
+    return f"from graphc.backends.numba.conv.{module} import {name}  # {module}.py {digest}\n"
 
 
 def round_up(v: int, m: int) -> int:
@@ -113,7 +114,7 @@ def gen_conv_fwd(*, C: int, KB: int, NKB: int, K: int, KH: int, KW: int, Wp: int
     a = w.lines.append
     a(HEADER)
     if epi == "pool" and route:
-        a(_pool_nan_import())
+        a(helper_import("pool_nan", "fix_nan_row"))
     # one function, each piece written once (the task body inline, one epilogue looped over the KB
     # channels, ReLU and route stores under run-time flags): Numba's typing and lowering cost grows
     # with the source, and a separate task function was optimised twice (alone and inlined)
