@@ -24,9 +24,10 @@ on 56x56), so those keep it; 1x1 stride-2 convs of fewer than 256 input channels
 A filter bank of 1 MB and more (laid out) is read from memory in a network at batch 1 (ResNet-18's 47 MB of
 filters do not stay in a 32 MB L3), so each input channel's pass first prefetches the block of the channel
 two ahead (conv/prefetch.py). ResNet-18 at batch 1, two executables in one process alternating blocks of
-15 runs (16-20 pairs, 2 threads, 2026-12-02, Zen 5): with / without 0.92 and 0.92-0.93 (three runs, at
-20-23 ms a step), 0.96, 0.97 and 0.98 (three, at 17-18 ms); outputs bit for bit the same. VGG16 at
-batch 2 (two such convs): 1.02 and 0.98 (noise).
+15 runs (16-20 pairs, 2 threads, 2026-12-02, Zen 5), the median ratio with / without: 0.96, 0.97 and 0.98
+at 17-18 ms a step; a scratch version of the same change, in a slower minute (20-24 ms a step), 0.92 with
+2 channels ahead (twice), 0.92 with 4, 0.93 with 8. Outputs bit for bit the same. VGG16 at batch 2 (two
+such convs): 1.02 and 0.98 (noise).
 """
 from __future__ import annotations
 
