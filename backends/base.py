@@ -97,8 +97,9 @@ class Binding:
         self.threads = None
         self.thread_times = {}
         self.thread_trials = []     # thread counts the next runs try (numba: the count is chosen online)
-        self.runs_since_choice = 0  # (numba: the count is chosen once more, later)
-        self.recheck = False
+        self.runs_since_choice = 0  # (numba: the count is chosen again, later: after recheck[0] runs)
+        self.recheck = ()
+        self.trial_warmups = 0      # (numba: the next trial runs are warm-ups, not timed)
         self.compile_stats = None   # what the backend's precompile found, loaded and compiled
 
     def slot(self, name):

@@ -269,7 +269,12 @@ def test_thread_count_is_chosen_online_without_extra_runs():
     exe._run_steps = lambda b, threads=None: calls.append(threads) or orig(b, threads)
     exe.step(feeds)
     assert len(calls) == 1                   # the first step runs the program once
-    for _ in range(6):
+    b = exe._last_binding[3]
+    if numba.config.NUMBA_NUM_THREADS > 1:
+        exe.step(feeds)                      # the first run on each count: a warm-up round, not timed
+        maxt = numba.config.NUMBA_NUM_THREADS
+        assert calls == [maxt, 1] and b.thread_times == {} and b.trial_warmups == 0 and len(b.thread_trials) == 6
+    for _ in range(7):                       # then up to three timed rounds
         exe.step(feeds)
     b = exe._last_binding[3]
     assert not b.thread_trials and b.threads in (1, numba.config.NUMBA_NUM_THREADS)
@@ -739,11 +744,13 @@ def test_compile_recorder_breaks_a_compile_down(own_cache):
     assert "1 kernels compiled" in lines[0] and "garbage collection" in lines[0] and "conv strategy timing" in lines[1]
 
 
-def test_thread_count_is_chosen_again_once_later(monkeypatch):
-    """threads="auto": RECHECK_RUNS runs after the first choice the counts are tried again (a busy moment
-    during the first runs must not decide for good), then never again; results stay the reference's."""
+def test_thread_count_is_chosen_again_later(monkeypatch):
+    """threads="auto": RECHECK_RUNS[0] runs after the first choice the counts are tried again (a busy moment
+    during the first runs must not decide for good), and so on for each of RECHECK_RUNS, then never
+    again; results stay the reference's."""
     from graphc.backends.numba import executor
-    monkeypatch.setattr(executor, "RECHECK_RUNS", 4)
+    assert executor.RECHECK_RUNS == (20, 200)
+    monkeypatch.setattr(executor, "RECHECK_RUNS", (4,))
     g = _small_cnn()
     feeds = {"x": np.ones((2, 2, 10, 10), np.float32), "labels": np.array([0, 1])}
     exe = gc.compile(g, backend="numba", progress=None)

@@ -22,8 +22,9 @@ from graphc.backends.numba.precompile import precompile_steps
 from graphc.backends.numba.threads import batch_split, discover_spin, num_threads, parallel_for, set_num_threads
 from graphc.errors import BackendError
 
-RECHECK_RUNS = 200     # threads="auto": the count is chosen again once, this many runs after the first choice,
-                       # for programs under 100 ms a run
+RECHECK_RUNS = (20, 200)   # threads="auto": the count is chosen again this many runs after the choice before,
+                           # for programs under 100 ms a run
+SLOW_RUN_S = 0.5           # threads="auto": a program whose run on all threads takes longer keeps them, untried
 
 
 class NumbaContext(LowerContext):
@@ -271,16 +272,21 @@ class NumbaExecutable(CompiledExecutable):
         if not b.thread_trials:
             self._run_steps(b, b.threads)
             b.runs_since_choice += 1
-            if b.runs_since_choice == RECHECK_RUNS and b.recheck and max(b.thread_times.values(), default=1e9) < 100:
-                # once more, later: a busy moment during the first runs kept MobileNetV2 at batch 1 on
-                # one thread (10.9 ms instead of 7.6) for a whole benchmark
-                b.recheck = False
+            if b.recheck and b.runs_since_choice == b.recheck[0] and max(b.thread_times.values(), default=1e9) < 100:
+                # again, later: a busy moment during the first runs kept MobileNetV2 at batch 1 on one thread
+                # (10.9 ms instead of 7.6) for a whole benchmark, and ResNet-18 (33 ms instead of 20)
+                b.recheck = b.recheck[1:]
                 b.thread_times, b.thread_trials = {}, [numba.config.NUMBA_NUM_THREADS, 1] * 3
             return
         n = b.thread_trials.pop(0)
         t0 = time.perf_counter()
         self._run_steps(b, n)
-        b.thread_times.setdefault(n, []).append(time.perf_counter() - t0)
+        if b.trial_warmups:             # (not a trial: see _start_thread_choice)
+            b.trial_warmups -= 1
+            if time.perf_counter() - t0 > SLOW_RUN_S:
+                b.thread_trials, b.trial_warmups = [], 0    # a slow program: all threads, no trial on one
+        else:
+            b.thread_times.setdefault(n, []).append(time.perf_counter() - t0)
         self._thread_choice(b)
 
     def _precompile(self, b):
@@ -298,28 +304,36 @@ class NumbaExecutable(CompiledExecutable):
 
     def _start_thread_choice(self, b):
         """threads="auto": the binding's first runs alternate all Numba threads and one (three rounds at
-        most), then it keeps the faster. Results do not depend on the count (every parallel kernel
-        splits work whose sums do not depend on how it is split), so the choice is made on real runs
-        and costs nothing. On a quiet 2-core machine two threads win on big batches; on a loaded,
-        shared one a parallel region waiting for a descheduled worker made a batch-128 training step
-        2.6x slower than one thread (176 ms vs 68 ms measured), and batch-1 kernels 50x slower."""
+        most, after a round whose times are not kept), then it keeps the faster, and chooses again
+        RECHECK_RUNS runs later. Results do not depend on the count (every parallel kernel splits work
+        whose sums do not depend on how it is split), so the choice is made on real runs and costs
+        nothing. On a quiet 2-core machine two threads win on big batches; on a loaded, shared one a
+        parallel region waiting for a descheduled worker made a batch-128 training step 2.6x slower
+        than one thread (176 ms vs 68 ms measured), and batch-1 kernels 50x slower. The first run on
+        each count pays once for what was never touched (ResNet-18 at batch 1: 60 ms on one thread,
+        then 35; its first run on two, after the compile, more), so it is no trial: with it as one, one
+        slow run on two threads against two on one decided (MobileNetV2 at batch 1 went to one thread
+        in 2 of 3 processes, at 13-15 ms a run instead of 10-11)."""
         maxt = numba.config.NUMBA_NUM_THREADS
         b.thread_times = {}
-        b.runs_since_choice, b.recheck = 0, self.threads == "auto"
+        b.runs_since_choice, b.recheck = 0, RECHECK_RUNS if self.threads == "auto" else ()
+        b.trial_warmups = 0
         if self.threads != "auto":
             b.threads, b.thread_trials = max(1, min(int(self.threads), maxt)), []
         elif maxt == 1 or not b.steps:
             b.threads, b.thread_trials = 1, []
         else:
-            b.threads, b.thread_trials = maxt, [maxt, 1] * 3
+            b.threads, b.thread_trials, b.trial_warmups = maxt, [maxt, 1] * 4, 2
 
     def _thread_choice(self, b):
-        """After each trial run: stop when a program is slow (over 0.5 s a run: all threads) or one count
-        clearly wins (1.3x, after two rounds); keep the faster."""
+        """After each trial run: stop when a program is slow (over SLOW_RUN_S a run: all threads) or one
+        count clearly wins (1.3x, after two rounds); keep the faster."""
+        if b.trial_warmups:
+            return
         times = b.thread_times
         maxt = numba.config.NUMBA_NUM_THREADS
         rounds = min(len(times.get(maxt, ())), len(times.get(1, ())))
-        if max(times.get(maxt, [0.0])) > 0.5 and rounds == 0:
+        if max(times.get(maxt, [0.0])) > SLOW_RUN_S and rounds == 0:
             b.thread_trials = []
         elif rounds >= 2:
             a, c = min(times[maxt]), min(times[1])
