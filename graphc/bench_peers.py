@@ -116,6 +116,7 @@ def timed_steps(step, n, settle):
 
 
 SETTLE_BELOW_S = 0.1     # a block of steps shorter than this starts with an untimed one (module doc)
+ROUNDS = 5               # side by side: rounds of one block each (module doc)
 READY, TIMES, RUN, END = "GRAPHC_PEER_READY ", "GRAPHC_PEER_TIMES ", "run", "end"
 
 
@@ -326,9 +327,9 @@ class PeerProcess:
 
 def side_by_side(graphc_step, graphc_step_s, peers, repeats, budget_s=None, rounds=None):
     """Times graphc's step (here) and each of `peers` ({key: PeerProcess}) in rounds (module doc):
-    {key or "graphc": [[seconds of each timed step] for each block]}. Each gets repeats_for(step, repeats, budget_s)
-    steps in all, split evenly over the rounds (one block a round, at least one step); a peer that ends
-    meanwhile leaves the rounds (its result says why)."""
+    {key or "graphc": [[seconds of each timed step] for each block]}. Each gets
+    repeats_for(its step, repeats, budget_s) steps in all, split evenly over the rounds (one block a
+    round, at least one step); a peer that ends meanwhile leaves the rounds (its result says why)."""
     rounds = rounds or ROUNDS
     runs = {"graphc": lambda n: timed_steps(graphc_step, n, graphc_step_s < SETTLE_BELOW_S)}
     runs.update((k, p.run) for k, p in peers.items())
@@ -343,9 +344,6 @@ def side_by_side(graphc_step, graphc_step_s, peers, repeats, budget_s=None, roun
             else:
                 times[k].append(got)
     return times
-
-
-ROUNDS = 5
 
 
 def _model_and_feeds(a):
