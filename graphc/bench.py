@@ -25,7 +25,7 @@ What it measures, for a zoo model (graphc.models.<name>()) or "path/file.py:func
 Returns a dict (also written to json_path) with at least: model, backend, batch, mode, step_ms,
 compile_s {cold, warm}, roofline_gflops, kernels [{name, ops, ms, gflops}], compare {peer: {step_ms,
 rss_peak_mb, rss_step_mb, ratio}}, graphc_process {step_ms, rss_peak_mb, rss_step_mb} and side_by_side
-{step_ms, repeats, rounds} (with compare; None when no peer could be timed).
+{step_ms, repeats, rounds, block_ms} (with compare; None when no peer could be timed).
 """
 from __future__ import annotations
 

@@ -484,7 +484,7 @@ def _onnxruntime_spec(src, g, feeds, expect, threads):
 def compare(src, g, exe, feeds, peers, batch, train, repeats, step_fn, budget_s=None, timeout=PEER_TIMEOUT,
             backend="numba", fuse=True):
     """({peer: result}, graphc's own step process {step_ms, rss_*}, graphc's side-by-side timing
-    {step_ms, repeats, rounds} or None) for `graphc bench --compare`: every peer that can be timed is
+    {step_ms, repeats, rounds, block_ms} or None) for `graphc bench --compare`: every peer that can be timed is
     started and warmed up one after another, then all are timed side by side with graphc's `step_fn`
     (module doc); each ratio is graphc's median over the rounds / the peer's."""
     keys = [PEERS.get(c, c) for c in peers]

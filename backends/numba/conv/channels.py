@@ -24,10 +24,11 @@ on 56x56), so those keep it; 1x1 stride-2 convs of fewer than 256 input channels
 A filter bank of 1 MB and more (laid out) is read from memory in a network at batch 1 (ResNet-18's 47 MB of
 filters do not stay in a 32 MB L3), so each input channel's pass first prefetches the block of the channel
 two ahead (conv/prefetch.py). ResNet-18 at batch 1, two executables in one process alternating blocks of
-15 runs (16-20 pairs, 2 threads, 2026-12-02, Zen 5), the median ratio with / without: 0.96, 0.97 and 0.98
-at 17-18 ms a step; a scratch version of the same change, in a slower minute (20-24 ms a step), 0.92 with
-2 channels ahead (twice), 0.92 with 4, 0.93 with 8. Outputs bit for bit the same. VGG16 at batch 2 (two
-such convs): 1.02 and 0.98 (noise).
+15 runs on 2 threads (`python examples/setting_ab.py resnet18 --batch 1 graphc.backends.numba.conv.channels
+PREFETCH_MIN_BYTES 4611686018427387904 1048576`, 2026-12-02, Zen 5), the median per-round ratio with /
+without: 0.936 at 21-22 ms a step; the same kind of A/B in scratch scripts: 0.96, 0.97 and 0.98 at 17-18
+ms, and (a scratch copy of the change) 0.92 with 2 channels ahead (twice), 0.92 with 4, 0.93 with 8 at
+20-24 ms. Outputs bit for bit the same. VGG16 at batch 2 (two such convs): 1.02 and 0.98 (noise).
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@ longer fit the caches beside the others (47 MB of filters, a 32 MB L3), so conv/
 reads them from memory, one input channel's block (2.3 KB) at a time, each a few hundred cycles of FMAs
 apart: the CPU's own prefetcher did not keep up. Its 512 -> 512 3x3 on 7x7 took 1.44 ms on 2 threads
 with its filters evicted (a 64 MB array read between calls) against 0.65 ms with them in cache. Asking
-for the block two channels ahead: 256 -> 256 on 14x14 with evicted filters 1.25 -> 1.00 ms, and the
-whole batch-1 step 2-8% faster, the same bits (channels.py's doc).
+for the block two channels ahead (a scratch copy of channels.py's kernel): 256 -> 256 on 14x14 with
+evicted filters 1.25 -> 1.00 ms; the whole batch-1 step 2-8% faster, the same bits (channels.py's doc).
 """
 from llvmlite import ir
 from numba import types
