@@ -226,25 +226,42 @@ def peer_environment():
     return env
 
 
-def run_child(spec, timeout=PEER_TIMEOUT):
-    """Runs one peer process (its own session, so torch.compile's workers go with it on a timeout)."""
+def _start_child(spec, **pipes):
+    """A peer's process for `spec` (child_main), in its own session, so torch.compile's workers go with
+    it when it is killed (_kill_group)."""
     cmd = [sys.executable, "-c", "import sys; from graphc.bench_peers import child_main; child_main(sys.argv[1])",
            json.dumps(spec)]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                         env=peer_environment())
+    return subprocess.Popen(cmd, text=True, start_new_session=True, env=peer_environment(), **pipes)
+
+
+def _kill_group(p):
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except OSError:
+        p.kill()
+
+
+def _over_cap(timeout):
+    return {"error": f"over the {timeout:g} s cap (compile included); not timed"}
+
+
+def _no_result(stderr_text, returncode):
+    return {"error": (stderr_text.strip().splitlines() or [f"no output (exit status {returncode})"])[-1]}
+
+
+def run_child(spec, timeout=PEER_TIMEOUT):
+    """Runs one peer process to its end; its result."""
+    p = _start_child(spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except OSError:
-            p.kill()
+        _kill_group(p)
         p.communicate()
-        return {"error": f"over the {timeout:g} s cap (compile included); not timed"}
+        return _over_cap(timeout)
     for line in stdout.splitlines():
         if line.startswith(TAG):
             return json.loads(line[len(TAG):])
-    return {"error": (stderr.strip().splitlines() or [f"no output (exit status {p.returncode})"])[-1]}
+    return _no_result(stderr, p.returncode)
 
 
 class PeerProcess:
@@ -253,12 +270,10 @@ class PeerProcess:
     run_child's). Its whole life, compile and rounds included, is capped at `timeout` seconds."""
 
     def __init__(self, spec, timeout=PEER_TIMEOUT):
-        cmd = [sys.executable, "-c", "import sys; from graphc.bench_peers import child_main; child_main(sys.argv[1])",
-               json.dumps(dict(spec, driven=True))]
         self.timeout, self.deadline, self.result = timeout, time.monotonic() + timeout, None
         self.stderr = tempfile.TemporaryFile(mode="w+")      # a file: a chatty peer cannot fill a pipe and stall
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     start_new_session=True, env=peer_environment())
+        self.proc = _start_child(dict(spec, driven=True), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=self.stderr)
         self.lines = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.step_s = self._expect(READY)
@@ -276,13 +291,12 @@ class PeerProcess:
                 line = self.lines.get(timeout=max(0.0, self.deadline - time.monotonic()))
             except queue.Empty:
                 self._kill()
-                self.result = {"error": f"over the {self.timeout:g} s cap (compile included); not timed"}
+                self.result = _over_cap(self.timeout)
                 break
             if line is None:
                 self.proc.wait()
                 self.stderr.seek(0)
-                last = self.stderr.read().strip().splitlines()
-                self.result = {"error": (last or [f"no output (exit status {self.proc.returncode})"])[-1]}
+                self.result = _no_result(self.stderr.read(), self.proc.returncode)
             elif line.startswith(TAG):
                 self.result = json.loads(line[len(TAG):])
             elif line.startswith(prefix):
@@ -318,10 +332,7 @@ class PeerProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=max(0.0, min(5.0, self.deadline - time.monotonic())))
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except OSError:
-                self.proc.kill()
+            _kill_group(self.proc)
             self.proc.wait()
 
 

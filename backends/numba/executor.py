@@ -313,7 +313,8 @@ class NumbaExecutable(CompiledExecutable):
         each count pays once for what was never touched (ResNet-18 at batch 1: 60 ms on one thread,
         then 35; its first run on two, after the compile, more), so it is no trial: with it as one, one
         slow run on two threads against two on one decided (MobileNetV2 at batch 1 went to one thread
-        in 2 of 3 processes, at 13-15 ms a run instead of 10-11)."""
+        in 2 of 3 processes, at 13-15 ms a run instead of 10-11; a scratch script: 3 fresh processes, 10
+        runs each; with the warm-up round 1 of 3, where the two counts measured 12.8 and 11.5 ms)."""
         maxt = numba.config.NUMBA_NUM_THREADS
         b.thread_times = {}
         b.runs_since_choice, b.recheck = 0, RECHECK_RUNS if self.threads == "auto" else ()
