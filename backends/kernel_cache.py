@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import io
 import importlib.util
 import ctypes
 import os
@@ -174,13 +175,20 @@ def guard_numba_cache(*modules) -> None:
                 discard_corrupt([f._index_path] + glob.glob(base + ".*.nbc"), err, what)
 
             def load_overload(self, sig, target_context):
+                # what is written to sys.stderr meanwhile is held back: unpickling some garbage makes
+                # CPython print "SystemError: deallocated bytearray object has exported buffers" as it
+                # raises MemoryError (a second line beside graphc's warning); kept if the load succeeds
+                held = io.StringIO()
                 try:
                     _runtime_symbols_ready(target_context)
-                    with self._guard_against_spurious_io_errors():
-                        return self._load_overload(sig, target_context)
+                    with self._guard_against_spurious_io_errors(), contextlib.redirect_stderr(held):
+                        cres = self._load_overload(sig, target_context)
                 except Exception as e:       # None: Numba compiles (and save_overload stores it anew)
                     self._discard(e)
                     return None
+                if held.getvalue():
+                    sys.stderr.write(held.getvalue())
+                return cres
 
             def save_overload(self, sig, data):
                 try:

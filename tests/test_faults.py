@@ -266,6 +266,28 @@ CACHE_CHILD = textwrap.dedent("""
 """)
 
 
+def test_garbage_that_upsets_pickle_itself_gives_one_warning_line(tmp_path):
+    """Some garbage makes CPython's unpickler print "SystemError: deallocated bytearray object has exported
+    buffers" on stderr while it raises MemoryError (these 200 bytes do, on CPython 3.11; os.urandom's did
+    now and then): the run still prints graphc's one warning line and nothing else."""
+    import random
+    env = {**os.environ, "GRAPHC_CACHE_DIR": str(tmp_path / "cache"), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+
+    def child():
+        r = subprocess.run([sys.executable, "-c", CACHE_CHILD], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return [ln for ln in r.stdout.splitlines() if ln.startswith("out")], \
+            [ln for ln in r.stderr.splitlines() if ln.strip()]
+    want, err = child()
+    assert len(want) == 1 and not err, err
+    data = list((tmp_path / "numba").rglob("*.nbc"))
+    assert data
+    for p in data:
+        p.write_bytes(random.Random(454).randbytes(200))
+    got, err = child()
+    assert got == want and len(err) == 1 and "discarded a corrupted kernel cache entry" in err[0], err
+
+
 def test_corrupted_numba_and_python_caches_are_rewritten(tmp_path):
     """Beyond test_hardening's test_03 (truncated indexes of generated kernels): garbage data files
     behind intact indexes, of the generated kernels and of the backend's own @njit kernels (loss,
